@@ -1,0 +1,177 @@
+"""The quantized checkpoint folder written by `slim-edge quantize`.
+
+    OUT/
+      quant_config.json   {"slim_edge_checkpoint": 1, "config": QuantConfig, "plan": [...], "summary", "training"}
+      model.safetensors   <module>.qweight  uint8 [rows, row_bytes]: the GGUF blocks of the planned format
+                          <module>.bias     f32 [rows]: the linear's bias incl. Tequila's dead-weight bias
+                          every other tensor (norms, embeddings) in f32, as in the HF state dict
+      config.json, tokenizer files, chat template: copied from the base model
+      report.md, report.json
+
+The folder is built under a temporary name and renamed into place: it is whole or absent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SlimEdgeError
+from .formats import get_format
+from .qlinear import QuantLinear
+from .quantize import PlanEntry, QuantConfig
+
+CHECKPOINT_VERSION = 1
+BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
+              "slim_edge_source.json")
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise SlimEdgeError(f"{out} already exists; pass --force to replace it or choose another -o")
+
+
+def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    skip = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            blob = mod.export()
+            tensors[f"{name}.qweight"] = torch.from_numpy(blob["qweight"])
+            if "bias" in blob:
+                tensors[f"{name}.bias"] = torch.from_numpy(blob["bias"])
+            skip.update({f"{name}.weight", f"{name}.bias", f"{name}.scale"})
+    seen: dict[int, str] = {}
+    for k, v in model.state_dict().items():
+        if k in skip:
+            continue
+        if v.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) are stored once
+            continue
+        seen[v.data_ptr()] = k
+        tensors[k] = v.detach().float().cpu().contiguous()
+    return tensors
+
+
+def save_quantized(model: nn.Module, plan: list[PlanEntry], config: QuantConfig, base: Path, out: Path,
+                   extra: dict | None = None, force: bool = False, report_md: str = "") -> Path:
+    from safetensors.torch import save_file
+
+    check_output(out, force)
+    tensors = quantized_state(model)
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise SlimEdgeError(f"not enough disk space in {out.parent}: need {need >> 20} MiB, "
+                            f"{free >> 20} MiB free; free some space or choose another -o")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "slim-edge"})
+        for f in BASE_FILES:
+            if (base / f).is_file():
+                shutil.copy2(base / f, tmp / f)
+        meta = {"slim_edge_checkpoint": CHECKPOINT_VERSION, "config": config.to_json(),
+                "plan": [e.to_json() for e in plan], "base_model": str(base), **(extra or {})}
+        (tmp / "quant_config.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "report.json").write_text(json.dumps(extra or {}, indent=1))
+        (tmp / "report.md").write_text(report_md)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_meta(folder: Path) -> dict:
+    folder = Path(folder)
+    path = folder / "quant_config.json"
+    if not path.is_file():
+        raise SlimEdgeError(f"{folder} is not a slim-edge checkpoint (no quant_config.json); "
+                            f"make one with `slim-edge quantize MODEL -o {folder}`")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SlimEdgeError(f"{path} is corrupt ({e}); re-run slim-edge quantize") from None
+    if meta.get("slim_edge_checkpoint") != CHECKPOINT_VERSION:
+        raise SlimEdgeError(f"{path}: checkpoint version {meta.get('slim_edge_checkpoint')!r} is not "
+                            f"supported (expected {CHECKPOINT_VERSION})")
+    return meta
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncation and bad headers
+        raise SlimEdgeError(f"{path} is missing or corrupt ({e}); re-run slim-edge quantize") from None
+
+
+def dequantized_weights(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Float weights of every quantized linear, exactly as the exported GGUF stores them."""
+    out = {}
+    for e in meta["plan"]:
+        if e["mode"] == "keep":
+            continue
+        key = f"{e['name']}.qweight"
+        if key not in tensors:
+            raise SlimEdgeError(f"checkpoint has no tensor {key} although its plan lists it; "
+                                f"the folder is incomplete: re-run slim-edge quantize")
+        fmt = get_format(e["format"])
+        raw = tensors[key].numpy()
+        rows, k = e["shape"]
+        if raw.shape != (rows, fmt.row_bytes(k)):
+            raise SlimEdgeError(f"{key}: {raw.shape} bytes do not match the plan ({rows} rows x "
+                                f"{fmt.row_bytes(k)} bytes of {fmt.name}); the checkpoint does not match its config")
+        out[e["name"]] = torch.from_numpy(fmt.dequantize(raw, k))
+    return out
+
+
+def load_quantized(folder, device: str = "cpu"):
+    """(model, tokenizer): the quantized model as plain nn.Linear layers holding the exact weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    QuantConfig.from_json(meta["config"])
+    tensors = read_tensors(folder)
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    weights = dequantized_weights(meta, tensors)
+    for name, w in weights.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        bias = tensors.get(f"{name}.bias")
+        lin = nn.Linear(old.in_features, old.out_features, bias=bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        setattr(parent, child, lin)
+    rest = {k: v for k, v in tensors.items() if not k.endswith(".qweight") and
+            k.rpartition(".")[0] not in weights}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [m for m in missing if m.rpartition(".")[0] not in weights and not
+               (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SlimEdgeError(f"checkpoint does not match its config: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}; re-run slim-edge quantize")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.to(device).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    return model, tok
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()

@@ -1,0 +1,95 @@
+"""`slim-edge quantize` as a library call: load, plan, PTQ-initialise, QAT, save."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import check_output, save_quantized
+from .errors import SlimEdgeError
+from .models import architecture_of, load_model
+from .quantize import QuantConfig, format_plan, plan_summary, quantize_, make_plan
+from .train import _batches, calibration_tokens, distill_loss, seed_everything, train
+
+
+def pick_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimEdgeError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+@torch.no_grad()
+def distill_eval(student, teacher, ids, config: QuantConfig, device: str, n_batches: int = 4) -> float:
+    """Mean distillation loss on fixed batches (seeded apart from training's stream)."""
+    rng = np.random.default_rng(10_000 + config.seed)
+    batches = _batches(ids, config.batch_size, config.seq_len, rng)
+    kind = "kl" if config.distill == "none" else config.distill
+    total = 0.0
+    for _ in range(n_batches):
+        x, y = next(batches)
+        x, y = x.to(device), y.to(device)
+        total += float(distill_loss(student(x).logits, teacher(x).logits, y, kind)[0])
+    return total / n_batches
+
+
+def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = False, resume: bool = False,
+                 device: str | None = None, checkpoint_every: int = 50, progress: bool = True,
+                 dry_run: bool = False) -> dict:
+    out = Path(out)
+    if not resume:
+        check_output(out, force)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not resume and not force:
+        raise SlimEdgeError(f"{partial} holds an unfinished run; pass --resume to continue it or --force "
+                            f"to start over")
+    device = pick_device(device)
+    seed_everything(config.seed)
+    t_start = time.perf_counter()
+    teacher, tok, folder = load_model(model, device=device)
+    arch = architecture_of(teacher.config)
+    plan = make_plan(teacher, config)
+    print(format_plan(plan), file=sys.stderr)
+    if dry_run:
+        return {"plan": [e.to_json() for e in plan], "summary": plan_summary(plan)}
+    student = copy.deepcopy(teacher)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    quantize_(student, config, plan)
+    ids, source = calibration_tokens(tok, config.calib)
+    print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
+    t_ptq = time.perf_counter() - t_start
+    loss_ptq = distill_eval(student, teacher, ids, config, device)
+    log_lines = []
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "plan.json").write_text(json.dumps([e.to_json() for e in plan], indent=1))
+    state = None
+    if config.steps > 0:
+        state = train(student, teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
+                      device=device, progress=progress, log=log_lines.append)
+    loss_qat = distill_eval(student, teacher, ids, config, device)
+    summary = plan_summary(plan)
+    report = {
+        "model": str(model), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
+        "calibration": source, "plan_summary": summary,
+        "distill_loss": {"ptq": loss_ptq, "final": loss_qat},
+        "training": {"steps": config.steps, "seconds": round(state.seconds, 1) if state else 0.0,
+                     "tokens": state.tokens if state else 0, "ptq_seconds": round(t_ptq, 1),
+                     "log": log_lines[:: max(1, len(log_lines) // 200)]},
+    }
+    md = (f"# slim-edge quantize: {model} -> {config.scheme}\n\n"
+          f"- calibration text: {source}\n- device: {device}, steps: {config.steps}\n"
+          f"- distillation loss: PTQ {loss_ptq:.4f} -> final {loss_qat:.4f}\n"
+          f"- {summary['bits_per_weight']:.3f} bits per weight over {summary['weights'] / 1e6:.1f} M weights\n\n"
+          f"```\n{format_plan(plan)}\n```\n")
+    save_quantized(student.cpu(), plan, config, folder, out, extra=report, force=True, report_md=md)
+    import shutil
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"slim-edge: distillation loss PTQ {loss_ptq:.4f} -> {loss_qat:.4f}; wrote {out}", file=sys.stderr)
+    return report

@@ -1,0 +1,136 @@
+"""The torch side of a format: fake quantization that equals the exported bytes exactly.
+
+Forward value: float32(v) * float32(fp16(d)), the same product `Format.dequantize` computes, so the
+trained model *is* the exported model. Gradients: straight-through for the weight and LSQ-style for
+the scale (dq/dd = v - w/d), carried by a term that is exactly zero in the forward pass.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import get_format
+from .formats.base import Format
+from .formats.stq1_0 import quad_layout
+
+FP16_MAX = 65504.0
+FP16_TINY = 2.0 ** -24
+
+
+def to_fp16_exact(d: torch.Tensor) -> torch.Tensor:
+    """Scale as stored (fp16, back in fp32), with a straight-through gradient."""
+    d = d.clamp(FP16_TINY, FP16_MAX)
+    return d + (d.to(torch.float16).to(torch.float32) - d).detach()
+
+
+def grid_values(z: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | None) -> torch.Tensor:
+    """Integer grid values (as float) for z = w / d, shape [rows, blocks, block]."""
+    if mode == "sherry":
+        rows, nb, b = z.shape
+        q = z.reshape(rows, nb, b)[:, :, quads]  # [rows, blocks, groups, 4]
+        zero = q.abs().argmin(dim=-1, keepdim=True)
+        v = torch.where(q >= 0, 1.0, -1.0).scatter(-1, zero, 0.0)
+        out = torch.empty_like(z)
+        out[:, :, quads] = v
+        return out
+    lo, hi = (-1, 1) if mode == "ternary" else (fmt.levels[0], fmt.levels[-1])
+    if fmt.name == "q2_0c":  # odd levels {-3,-1,1,3}: 2*floor(z/2)+1
+        return (2 * torch.floor(z * 0.5) + 1).clamp(lo, hi)
+    # round half away from zero, like C's roundf
+    return (torch.sign(z) * torch.floor(z.abs() + 0.5)).clamp(lo, hi)
+
+
+def fake_quant(w: torch.Tensor, d: torch.Tensor, fmt: Format, mode: str, quads=None,
+               return_values: bool = False):
+    rows, k = w.shape
+    d16 = to_fp16_exact(d)  # [rows, blocks]
+    wb = w.reshape(rows, k // fmt.block_size, fmt.block_size)
+    z = wb / d16[..., None]
+    v = grid_values(z.detach(), fmt, mode, quads)
+    exact = (v * d16.detach()[..., None])
+    surrogate = (z + (v - z).detach()) * d16[..., None]
+    q = exact + (surrogate - surrogate.detach())
+    q = q.reshape(rows, k)
+    return (q, v.reshape(rows, k)) if return_values else q
+
+
+def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int = 41) -> torch.Tensor:
+    """PTQ scale per block: MSE search over d = c * absmax / max_level, then one closed-form refit."""
+    rows, k = w.shape
+    wb = w.detach().float().reshape(rows, k // fmt.block_size, fmt.block_size)
+    top = 1.0 if mode in ("ternary", "sherry") else float(max(abs(fmt.levels[0]), fmt.levels[-1]))
+    amax = wb.abs().amax(-1).clamp_min(1e-8)
+    best_err = torch.full_like(amax, math.inf)
+    best = amax / top
+    for c in torch.linspace(0.15, 1.0, n_grid):
+        d = (amax / top * c).to(torch.float16).float().clamp_min(FP16_TINY)
+        v = grid_values(wb / d[..., None], fmt, mode, quads)
+        err = ((v * d[..., None] - wb) ** 2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, d, best)
+    # least-squares scale for the chosen values (optimal for fixed values)
+    v = grid_values(wb / best[..., None], fmt, mode, quads)
+    num, den = (v * wb).sum(-1), (v * v).sum(-1)
+    refit = torch.where(den > 0, num / den.clamp_min(1e-12), best)
+    err_refit = ((grid_values(wb / refit.clamp_min(FP16_TINY)[..., None], fmt, mode, quads)
+                  * refit[..., None] - wb) ** 2).sum(-1)
+    return torch.where((refit > 0) & (err_refit <= best_err), refit, best).clamp_min(FP16_TINY)
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear whose weight trains on a format's grid; `arenas` is Sherry's residual weight λ_t."""
+
+    def __init__(self, linear: nn.Linear, fmt: str, mode: str, tequila_lambda: float = 0.0):
+        super().__init__()
+        self.fmt = get_format(fmt)
+        self.mode = mode
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone().float())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone().float())
+        quads = torch.as_tensor(quad_layout(self.fmt.block_size)) if mode == "sherry" else None
+        self.register_buffer("quads", quads, persistent=False)
+        self.scale = nn.Parameter(init_scale(self.weight, self.fmt, mode, quads))
+        self.tequila_lambda = tequila_lambda
+        self.arenas = 0.0
+
+    def quantized(self, return_values: bool = False):
+        return fake_quant(self.weight, self.scale, self.fmt, self.mode, self.quads, return_values)
+
+    def tequila_bias(self, values: torch.Tensor) -> torch.Tensor | None:
+        if not self.tequila_lambda:
+            return None
+        return self.tequila_lambda * (self.weight * (values == 0)).sum(dim=1)
+
+    def effective_bias(self, values):
+        tb = self.tequila_bias(values)
+        if tb is None:
+            return self.bias
+        return tb if self.bias is None else self.bias + tb
+
+    def forward(self, x):
+        wq, values = self.quantized(return_values=True)
+        b = self.effective_bias(values)
+        # the same call nn.Linear makes, so a reloaded model gives identical logits
+        y = F.linear(x, wq.to(x.dtype), None if b is None else b.to(x.dtype))
+        if self.arenas:
+            y = y + self.arenas * F.linear(x, self.weight.to(x.dtype))
+        return y
+
+    @torch.no_grad()
+    def export(self) -> dict[str, np.ndarray]:
+        """Packed blocks (the GGUF bytes), the fp16 scales and the Tequila bias (if any)."""
+        _, values = self.quantized(return_values=True)
+        d16 = self.scale.clamp(FP16_TINY, FP16_MAX).to(torch.float16)
+        out = {"qweight": self.fmt.pack(values.to(torch.int8).cpu().numpy(), d16.cpu().numpy())}
+        tb = self.effective_bias(values)
+        if tb is not None:
+            out["bias"] = tb.detach().float().cpu().numpy()
+        return out
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, format={self.fmt.name}, mode={self.mode}"

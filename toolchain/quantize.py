@@ -1,0 +1,157 @@
+"""`quantize_(model, QuantConfig(...))`: plan every linear layer, then swap in QuantLinear in place.
+
+The plan is decided before training: each weight trains on the exact grid it will be exported in.
+A row length that no format of the scheme divides keeps the tensor in f16, and the plan says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import SlimEdgeError
+from .formats import get_format
+from .qlinear import QuantLinear
+from .schemes import get_scheme
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class QuantConfig:
+    scheme: str = "sherry"
+    target: str | None = None  # override the scheme's primary format (e.g. tq1_0 for ternary)
+    keep: tuple[str, ...] = ("embed_tokens", "lm_head")  # module-name fragments left in high precision
+    tequila_lambda: float = 1e-3
+    # training
+    steps: int = 0
+    lr: float = 5e-5
+    scale_lr: float = 1e-3
+    batch_size: int = 4
+    seq_len: int = 256
+    warmup: int = 0  # steps of linear lr warm-up (default: 5% of steps)
+    distill: str = "cakld"  # cakld | kl | none
+    arenas_lambda: float = 1.0
+    arenas_warmup: float = 0.1  # fraction of steps spent ramping λ up
+    calib: str = "wiki"
+    seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        scheme = get_scheme(self.scheme)
+        if self.target is not None:
+            fmt = get_format(self.target)
+            allowed = {"ternary": ("tq2_0", "tq1_0", "q2_0"), "tequila": ("tq2_0", "tq1_0", "q2_0")}.get(
+                scheme.name, scheme.formats)
+            if fmt.name not in allowed:
+                raise SlimEdgeError(f"--target {fmt.name} cannot hold scheme {scheme.name}'s values; "
+                                    f"choose one of: {', '.join(allowed)}")
+        if self.distill not in ("cakld", "kl", "none"):
+            raise SlimEdgeError(f"--distill {self.distill!r}: choose cakld, kl or none")
+        self.keep = tuple(self.keep)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        scheme = get_scheme(self.scheme)
+        if self.target is None:
+            return scheme.formats
+        return (self.target,) + tuple(f for f in scheme.formats if f != self.target)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "QuantConfig":
+        version = data.get("version")
+        if version != CONFIG_VERSION:
+            raise SlimEdgeError(f"quantization config version {version!r} is not supported "
+                                f"(this slim-edge reads version {CONFIG_VERSION}); re-run slim-edge quantize")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class PlanEntry:
+    name: str  # module name, e.g. model.layers.0.self_attn.q_proj
+    shape: tuple[int, int]  # (out_features, in_features)
+    format: str
+    mode: str  # grid | ternary | sherry | keep
+    reason: str = ""
+
+    @property
+    def bits_per_weight(self) -> float:
+        return get_format(self.format).bits_per_weight
+
+    def to_json(self):
+        return {**dataclasses.asdict(self), "shape": list(self.shape), "type_id": get_format(self.format).type_id,
+                "bpw": round(self.bits_per_weight, 4)}
+
+
+def make_plan(model: nn.Module, config: QuantConfig) -> list[PlanEntry]:
+    scheme = get_scheme(config.scheme)
+    plan = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, QuantLinear)) or any(k in name for k in config.keep):
+            continue
+        shape = (mod.out_features, mod.in_features)
+        for i, fname in enumerate(config.formats):
+            if mod.in_features % get_format(fname).block_size == 0:
+                reason = "" if i == 0 else (f"row length {mod.in_features} is not a multiple of "
+                                            f"{config.formats[0]}'s block {get_format(config.formats[0]).block_size}")
+                plan.append(PlanEntry(name, shape, fname, scheme.values, reason))
+                break
+        else:
+            plan.append(PlanEntry(name, shape, "f16", "keep",
+                                  f"no {scheme.name} format divides row length {mod.in_features}"))
+    if not plan:
+        raise SlimEdgeError("the model has no linear layers to quantize (after --keep); nothing to do")
+    return plan
+
+
+def quantize_(model: nn.Module, config: QuantConfig, plan: list[PlanEntry] | None = None) -> list[PlanEntry]:
+    """Replace each planned nn.Linear by a QuantLinear initialised from its weights (PTQ)."""
+    plan = plan or make_plan(model, config)
+    scheme = get_scheme(config.scheme)
+    for entry in plan:
+        if entry.mode == "keep":
+            continue
+        parent_name, _, child = entry.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        q = QuantLinear(linear, entry.format, entry.mode,
+                        tequila_lambda=config.tequila_lambda if scheme.tequila else 0.0)
+        setattr(parent, child, q.to(linear.weight.device))
+    return plan
+
+
+def plan_summary(plan: list[PlanEntry], model: nn.Module | None = None) -> dict:
+    n = sum(e.shape[0] * e.shape[1] for e in plan)
+    bits = sum(e.shape[0] * e.shape[1] * e.bits_per_weight for e in plan)
+    by_format: dict[str, int] = {}
+    for e in plan:
+        by_format[e.format] = by_format.get(e.format, 0) + 1
+    return {"tensors": len(plan), "weights": n, "bits_per_weight": round(bits / max(n, 1), 4),
+            "by_format": by_format}
+
+
+def format_plan(plan: list[PlanEntry]) -> str:
+    """A compact table: identical rows (same shape, format, reason) across layers are folded."""
+    import re
+    groups: dict[tuple, list[str]] = {}
+    for e in plan:
+        key = (re.sub(r"\.\d+\.", ".N.", e.name), e.shape, e.format, e.mode, e.reason)
+        groups.setdefault(key, []).append(e.name)
+    lines = [f"{'tensor':42} {'shape':>12} {'format':>7} {'bpw':>6} {'n':>4}  note"]
+    for (name, shape, fmt, mode, reason), names in groups.items():
+        lines.append(f"{name:42} {shape[0]:>5}x{shape[1]:<6} {fmt:>7} {get_format(fmt).bits_per_weight:6.3f} "
+                     f"{len(names):>4}  {reason}")
+    s = plan_summary(plan)
+    lines.append(f"{s['tensors']} tensors, {s['weights'] / 1e6:.1f} M weights, "
+                 f"{s['bits_per_weight']:.3f} bits per weight in the quantized linears")
+    return "\n".join(lines)
+
+
+def dump_plan(plan: list[PlanEntry]) -> str:
+    return json.dumps([e.to_json() for e in plan], indent=1)

@@ -1,0 +1,1032 @@
+"""The pinned llama.cpp runtime: fetch the vendored tree, apply runtime_patches/, build, find, bind.
+
+    sdist llama-cpp-python 0.3.36 (sha256 pinned) ── vendor/llama.cpp @ 0c1e57098
+        └─ + runtime_patches/NNNN-*.patch, in name order
+            └─ cmake ─> <cache>/runtime/<target>-<key12>/{bin,lib}/   (.complete is written last)
+
+The cache key hashes everything that changes the binaries: the pin, the patch series (names and
+bytes), the target and its flags. The cache root is $SLIM_EDGE_CACHE, else $XDG_CACHE_HOME/slim-edge,
+else ~/.cache/slim-edge. The Python bindings (llama-cpp-python, same pin, so the ctypes structs
+match) load our libllama.so through LLAMA_CPP_LIB_PATH: see `load_bindings`.
+
+This module also holds `slim-edge gguf retag`, which rewrites the type id of tensors written by
+older AngelSlim exporters (STQ1_0 stored as 42, an id upstream later gave to Q2_0).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from .errors import SlimEdgeError
+
+
+@dataclass(frozen=True)
+class Pin:
+    package: str
+    version: str
+    sha256: str  # of the sdist
+    commit: str  # llama.cpp commit named in the sdist's CHANGELOG
+    ggml_version: str
+
+    @property
+    def sdist_name(self) -> str:
+        return f"{self.package.replace('-', '_')}-{self.version}.tar.gz"
+
+    @property
+    def vendor_prefix(self) -> str:
+        return f"{self.package.replace('-', '_')}-{self.version}/vendor/llama.cpp/"
+
+
+PIN = Pin(
+    package="llama-cpp-python",
+    version="0.3.36",
+    sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+    commit="0c1e57098",
+    ggml_version="0.25.3",
+)
+
+TARGETS = ("host", "linux-arm64", "android-arm64")
+ISAS = ("avx2", "avx512", "native")
+# llama-cli pulls in the server and mtmd libraries; llama-completion is the plain prompt -> text tool
+DEFAULT_TOOLS = ("llama-cli", "llama-completion", "llama-bench", "llama-perplexity", "llama-quantize",
+                 "llama-imatrix")
+DEFAULT_ARM_ARCH = "armv8.2-a+dotprod"
+ANDROID_PLATFORM = "android-28"
+QEMU_CPU = "cortex-a76"  # has dotprod, lacks i8mm: the floor the aarch64 build targets
+PATCH_GLOB = "[0-9][0-9][0-9][0-9]-*.patch"
+PATCH_DIR = Path(__file__).resolve().parent.parent / "runtime_patches"
+MARKER = ".complete"
+_X86_ISA = {  # GGML_* options set explicitly with GGML_NATIVE=OFF, so a cached build is reproducible
+    "avx2": dict(SSE42=1, AVX=1, AVX2=1, BMI2=1, FMA=1, F16C=1, AVX_VNNI=0,
+                 AVX512=0, AVX512_VBMI=0, AVX512_VNNI=0, AVX512_BF16=0),
+    "avx512": dict(SSE42=1, AVX=1, AVX2=1, BMI2=1, FMA=1, F16C=1, AVX_VNNI=0,
+                   AVX512=1, AVX512_VBMI=1, AVX512_VNNI=1, AVX512_BF16=1),
+}
+_DEBIAN = {  # program -> Debian package that provides it
+    "cmake": "cmake", "cc": "build-essential", "c++": "build-essential", "make": "build-essential",
+    "aarch64-linux-gnu-gcc": "g++-aarch64-linux-gnu", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+    "qemu-aarch64": "qemu-user", "patch": "patch", "pip": "python3-pip",
+}
+
+
+# --- cache and the pinned source -----------------------------------------------------------
+
+
+def cache_root() -> Path:
+    if os.environ.get("SLIM_EDGE_CACHE"):
+        return Path(os.environ["SLIM_EDGE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "slim-edge"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def require(program: str, why: str) -> str:
+    """Path of `program` on PATH, or a SlimEdgeError naming the Debian package to install."""
+    found = shutil.which(program)
+    if found is None:
+        pkg = _DEBIAN.get(program, program)
+        raise SlimEdgeError(
+            f"{program} not found on PATH (needed {why}); install it: sudo apt-get install {pkg}")
+    return found
+
+
+def fetch_sdist(quiet: bool = False) -> Path:
+    """The pinned sdist in <cache>/downloads/, downloaded with pip on first use, sha256-checked."""
+    dest = cache_root() / "downloads" / PIN.sdist_name
+    if dest.exists():
+        verify_sdist(dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    spec = f"{PIN.package}=={PIN.version}"
+    if not quiet:
+        _log(f"downloading {spec} (sdist, {PIN.sdist_name}) with pip ...")
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", "-d", tmp, spec]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / PIN.sdist_name
+        if proc.returncode != 0 or not got.exists():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+            raise SlimEdgeError(
+                f"could not download {spec} with pip (exit {proc.returncode}):\n{tail}\n"
+                f"offline? copy {PIN.sdist_name} (sha256 {PIN.sha256}) to {dest}")
+        verify_sdist(got)
+        os.replace(got, dest)
+    return dest
+
+
+def verify_sdist(path: Path) -> None:
+    """The pin: the sdist's sha256, and the llama.cpp commit its CHANGELOG names for this version."""
+    digest = _sha256_file(path)
+    if digest != PIN.sha256:
+        raise SlimEdgeError(
+            f"{path}: sha256 is {digest}, the pin is {PIN.sha256} ({PIN.package} {PIN.version}); "
+            f"delete the file and run again to download it afresh")
+    commit = changelog_commit(path)
+    if commit is None or not (commit.startswith(PIN.commit) or PIN.commit.startswith(commit)):
+        raise SlimEdgeError(
+            f"{path}: CHANGELOG names llama.cpp commit {commit!r} for {PIN.version}, the pin is "
+            f"{PIN.commit}; the sdist is not the pinned one")
+
+
+def changelog_commit(sdist: Path) -> str | None:
+    name = f"{PIN.package.replace('-', '_')}-{PIN.version}/CHANGELOG.md"
+    with tarfile.open(sdist, "r:gz") as tar:
+        member = tar.extractfile(name)
+        text = member.read().decode() if member else ""
+    section = re.search(rf"^## \[{re.escape(PIN.version)}\]\n(.*?)(?=^## \[|\Z)", text, re.M | re.S)
+    m = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section.group(1)) if section else None
+    return m.group(1) if m else None
+
+
+def extract_tree(dest: Path, sdist: Path | None = None) -> Path:
+    """Write the pristine vendor/llama.cpp tree of the pinned sdist to `dest` (which must not exist)."""
+    sdist = sdist or fetch_sdist()
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise SlimEdgeError(f"{dest} exists and is not empty; pick a new directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    prefix = PIN.vendor_prefix
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = []
+        for m in tar:
+            if m.name.startswith(prefix) and len(m.name) > len(prefix):
+                m.name = m.name[len(prefix):]
+                members.append(m)
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **kw)
+    return dest
+
+
+# --- the patch series -------------------------------------------------------------------------
+
+
+def patch_series(patch_dir: Path | None = None) -> list[Path]:
+    """runtime_patches/NNNN-*.patch in name order (possibly none)."""
+    d = Path(patch_dir) if patch_dir is not None else PATCH_DIR
+    return sorted(d.glob(PATCH_GLOB), key=lambda p: p.name)
+
+
+def series_sha256(patches: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in patches:
+        data = p.read_bytes()
+        h.update(f"{p.name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def apply_patches(tree: Path, patches: list[Path]) -> None:
+    """Apply each patch with `git apply` (strict, no fuzz), else `patch -p1 --forward --fuzz=0`."""
+    tree = Path(tree).resolve()
+    git = shutil.which("git")
+    if not git and patches:
+        require("patch", "to apply runtime_patches/")
+    # keep git from finding a repository above the tree (it would apply relative to that root)
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tree.parent), LC_ALL="C")
+    for p in patches:
+        p = Path(p).resolve()
+        if git:
+            cmd = [git, "apply", "--whitespace=nowarn", str(p)]
+        else:
+            cmd = ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "--no-backup-if-mismatch",
+                   "-r", "-", "-i", str(p)]
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            out = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise SlimEdgeError(
+                f"patch {p.name} does not apply to llama.cpp {PIN.commit} "
+                f"({' '.join(cmd[:2])} exit {proc.returncode}):\n{out}\n"
+                f"fix or regenerate {p} against the pristine tree (`slim-edge runtime source DIR "
+                f"--pristine`)")
+
+
+def prepare_source(dest: Path, patches: list[Path] | None = None, pristine: bool = False) -> Path:
+    """The pinned tree at `dest`, with the patch series applied unless `pristine`."""
+    extract_tree(dest)
+    if not pristine:
+        apply_patches(dest, patch_series() if patches is None else patches)
+    return Path(dest)
+
+
+# --- build configuration and its key ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that changes the binaries, besides the pin and the patches."""
+    target: str = "host"
+    isa: str = "avx2"  # host only
+    arm_arch: str = DEFAULT_ARM_ARCH  # aarch64 only
+    tools: tuple[str, ...] = DEFAULT_TOOLS
+    build_type: str = "Release"
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise SlimEdgeError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.isa not in ISAS:
+            raise SlimEdgeError(f"unknown --isa {self.isa!r}; choose one of {', '.join(ISAS)}")
+        if self.target == "host" and platform.machine() not in ("x86_64", "AMD64") and self.isa != "native":
+            object.__setattr__(self, "isa", "native")  # the explicit ISA table is for x86 hosts
+        object.__setattr__(self, "tools", tuple(sorted(set(self.tools))))
+
+    @property
+    def flavor(self) -> str:
+        """host | aarch64-static (Debian cross compiler, also what android-arm64 runs without an NDK) | ndk."""
+        if self.target == "host":
+            return "host"
+        if self.target == "android-arm64" and os.environ.get("ANDROID_NDK"):
+            return "ndk"
+        return "aarch64-static"
+
+    @property
+    def dir_target(self) -> str:
+        # without an NDK, android-arm64 *is* the static linux-arm64 build: share one cache entry
+        return "linux-arm64" if self.flavor == "aarch64-static" else self.target
+
+    def key_material(self, patches: list[Path]) -> dict:
+        m = {
+            "pin": dataclasses.asdict(PIN),
+            "series_sha256": series_sha256(patches),
+            "target": self.dir_target,
+            "flavor": self.flavor,
+            "tools": list(self.tools),
+            "build_type": self.build_type,
+            "cmake": self.cmake_args(),
+        }
+        if self.flavor == "ndk":
+            m["ndk"] = _ndk_revision()
+        if self.flavor == "host" and self.isa == "native":
+            m["cpu"] = _cpu_fingerprint()  # a -march=native build must not travel to another CPU
+        return m
+
+    def key(self, patches: list[Path]) -> str:
+        blob = json.dumps(self.key_material(patches), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def cmake_args(self) -> list[str]:
+        """-D options only (no paths of this machine), so they can go into the key."""
+        d = {
+            "CMAKE_BUILD_TYPE": self.build_type,
+            "LLAMA_BUILD_TESTS": any(t.startswith("test-") for t in self.tools),
+            "LLAMA_BUILD_EXAMPLES": False,
+            "LLAMA_BUILD_TOOLS": True,
+            "LLAMA_BUILD_SERVER": "llama-cli" in self.tools or "llama-server" in self.tools,
+            "LLAMA_BUILD_APP": False,
+            "LLAMA_BUILD_UI": False,  # no npm, and no UI download at build time
+            "LLAMA_USE_PREBUILT_UI": False,
+            "LLAMA_OPENSSL": False,  # this tree's successor of LLAMA_CURL (which is now ignored)
+            "GGML_CPU_KLEIDIAI": False,  # downloads at configure time
+            "GGML_BACKEND_DL": False,
+            "GGML_CPU_ALL_VARIANTS": False,
+            "LLAMA_BUILD_NUMBER": 0,
+            "LLAMA_BUILD_COMMIT": PIN.commit,
+        }
+        if self.flavor == "host":
+            d.update(BUILD_SHARED_LIBS=True, CMAKE_BUILD_WITH_INSTALL_RPATH=True,
+                     CMAKE_INSTALL_RPATH="$ORIGIN/../lib;$ORIGIN")
+            if self.isa == "native":
+                d["GGML_NATIVE"] = True
+            else:
+                d["GGML_NATIVE"] = False
+                d.update({f"GGML_{k}": bool(v) for k, v in _X86_ISA[self.isa].items()})
+        elif self.flavor == "aarch64-static":
+            d.update(CMAKE_SYSTEM_NAME="Linux", CMAKE_SYSTEM_PROCESSOR="aarch64",
+                     CMAKE_C_COMPILER="aarch64-linux-gnu-gcc", CMAKE_CXX_COMPILER="aarch64-linux-gnu-g++",
+                     CMAKE_FIND_ROOT_PATH="/usr/aarch64-linux-gnu",
+                     CMAKE_FIND_ROOT_PATH_MODE_PROGRAM="NEVER", CMAKE_FIND_ROOT_PATH_MODE_LIBRARY="ONLY",
+                     CMAKE_FIND_ROOT_PATH_MODE_INCLUDE="ONLY", CMAKE_FIND_ROOT_PATH_MODE_PACKAGE="ONLY",
+                     BUILD_SHARED_LIBS=False, CMAKE_EXE_LINKER_FLAGS="-static",
+                     GGML_NATIVE=False, GGML_CPU_ARM_ARCH=self.arm_arch)
+        else:  # ndk; the toolchain file path is added at build time (it is a path of this machine)
+            d.update(ANDROID_ABI="arm64-v8a", ANDROID_PLATFORM=ANDROID_PLATFORM, BUILD_SHARED_LIBS=False,
+                     GGML_NATIVE=False, GGML_OPENMP=False, GGML_LLAMAFILE=False,
+                     GGML_CPU_ARM_ARCH=self.arm_arch)
+        return [f"-D{k}={_cmake_value(v)}" for k, v in sorted(d.items())]
+
+    def required_programs(self) -> list[tuple[str, str]]:
+        progs = [("cmake", "to configure llama.cpp")]
+        if self.flavor == "host":
+            progs += [("cc", "to compile llama.cpp for the host"), ("c++", "to compile llama.cpp")]
+        elif self.flavor == "aarch64-static":
+            progs += [("aarch64-linux-gnu-gcc", f"to cross-compile llama.cpp for {self.target}"),
+                      ("aarch64-linux-gnu-g++", f"to cross-compile llama.cpp for {self.target}")]
+        if not shutil.which("ninja"):
+            progs.append(("make", "to run the build (ninja is not installed)"))
+        return progs
+
+
+def _cmake_value(v) -> str:
+    return ("ON" if v else "OFF") if isinstance(v, bool) else str(v)
+
+
+def _ndk_revision() -> str:
+    ndk = Path(os.environ["ANDROID_NDK"])
+    props = ndk / "source.properties"
+    if not (ndk / "build/cmake/android.toolchain.cmake").exists():
+        raise SlimEdgeError(f"ANDROID_NDK={ndk} has no build/cmake/android.toolchain.cmake; point it at an "
+                            f"unpacked Android NDK, or unset it to get the static aarch64 build")
+    m = re.search(r"Pkg\.Revision\s*=\s*(\S+)", props.read_text()) if props.exists() else None
+    return m.group(1) if m else "unknown"
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:16]
+
+
+# --- a built runtime --------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    target: str
+    key: str
+    root: Path
+    tools: dict[str, Path]
+    config: BuildConfig = field(repr=False)
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.root / "bin"
+
+    @property
+    def lib_dir(self) -> Path:
+        return self.root / "lib"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "build.log"
+
+    def tool(self, name: str) -> Path:
+        if name not in self.tools:
+            raise SlimEdgeError(f"{name} is not part of this runtime ({', '.join(self.tools)}); build it with "
+                                f"`slim-edge runtime build --target {self.target} --tool {name}`")
+        return self.tools[name]
+
+    def argv(self, name: str, cpu: str = QEMU_CPU) -> list[str]:
+        """Command prefix that runs `name` here: directly on the host, under qemu-aarch64 for arm64."""
+        path = str(self.tool(name))
+        if self.config.flavor == "host" or platform.machine() in ("aarch64", "arm64"):
+            return [path]
+        return emulator(cpu) + [path]
+
+    def env(self) -> dict[str, str]:
+        """Environment for the Python bindings (see `load_bindings`)."""
+        if self.config.flavor != "host":
+            raise SlimEdgeError(f"the Python bindings load host libraries; {self.target} has none "
+                                f"(use --target host)")
+        e = {"LLAMA_CPP_LIB_PATH": str(self.lib_dir)}
+        if (self.lib_dir / "libmtmd.so").exists():
+            e["MTMD_CPP_LIB"] = str(self.lib_dir)
+        return e
+
+    def to_json(self) -> dict:
+        return {
+            "target": self.target, "key": self.key, "root": str(self.root), "bin": str(self.bin_dir),
+            "lib": str(self.lib_dir), "tools": {k: str(v) for k, v in sorted(self.tools.items())},
+            "llama_cpp_commit": PIN.commit, "flavor": self.config.flavor,
+            "isa": self.config.isa if self.config.flavor == "host" else None,
+            "arm_arch": None if self.config.flavor == "host" else self.config.arm_arch,
+            "log": str(self.log),
+        }
+
+
+def emulator(cpu: str = QEMU_CPU) -> list[str]:
+    """qemu-aarch64 with an explicit CPU (binfmt_misc is often not mounted, so call it directly)."""
+    return [require("qemu-aarch64", "to run aarch64 binaries on this x86 host"), "-cpu", cpu]
+
+
+def _runtime_dir(config: BuildConfig, key: str) -> Path:
+    return cache_root() / "runtime" / f"{config.dir_target}-{key[:12]}"
+
+
+def _load_finished(root: Path, config: BuildConfig, key: str) -> Runtime | None:
+    marker = root / MARKER
+    if not marker.exists() or marker.read_text().strip() != key:
+        return None
+    manifest = json.loads((root / "runtime.json").read_text())
+    tools = {k: root / v for k, v in manifest["tools"].items()}
+    if not all(p.exists() for p in tools.values()):
+        return None
+    return Runtime(config.target, key, root, tools, config)
+
+
+def find_runtime(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_ARM_ARCH,
+                 tools: tuple[str, ...] | None = None, patches: list[Path] | None = None) -> Runtime:
+    """The finished build for this configuration and the current patch series, else a SlimEdgeError."""
+    config = BuildConfig(target, isa, arm_arch, tuple(tools or DEFAULT_TOOLS))
+    patches = patch_series() if patches is None else patches
+    key = config.key(patches)
+    rt = _load_finished(_runtime_dir(config, key), config, key)
+    if rt is None:
+        flags = f" --isa {config.isa}" if config.flavor == "host" and config.isa != "avx2" else ""
+        raise SlimEdgeError(
+            f"no llama.cpp runtime built for target {target} with the current {len(patches)} patch(es) "
+            f"(key {key[:12]}); run `slim-edge runtime build --target {target}{flags}`")
+    return rt
+
+
+def ensure_runtime(target: str = "host", **kw) -> Runtime:
+    """find_runtime, building first when needed."""
+    try:
+        return find_runtime(target, **{k: v for k, v in kw.items() if k in ("isa", "arm_arch", "tools", "patches")})
+    except SlimEdgeError:
+        return build(target, **kw)
+
+
+# --- the build --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"waiting for another slim-edge build holding {path} ...")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_ARM_ARCH,
+          tools: tuple[str, ...] | None = None, patches: list[Path] | None = None, jobs: int | None = None,
+          force: bool = False, keep_build: bool = False, progress: bool = True) -> Runtime:
+    """Build (or reuse) the patched runtime for `target`; returns where its tools and libraries are."""
+    config = BuildConfig(target, isa, arm_arch, tuple(tools or DEFAULT_TOOLS))
+    patches = patch_series() if patches is None else [Path(p) for p in patches]
+    for prog, why in config.required_programs():
+        require(prog, why)
+    ndk_toolchain = None
+    if config.flavor == "ndk":
+        _ndk_revision()
+        ndk_toolchain = Path(os.environ["ANDROID_NDK"]) / "build/cmake/android.toolchain.cmake"
+    key = config.key(patches)
+    root = _runtime_dir(config, key)
+    with _locked(root.parent / f"{root.name}.lock"):
+        if force and root.exists():
+            shutil.rmtree(root)
+        done = _load_finished(root, config, key)
+        if done is not None:
+            return done
+        (root / MARKER).unlink(missing_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        src, bld = root / "src", root / "build"
+        if not (src / ".slim-edge-patched").exists():  # a killed run may have left half a tree
+            shutil.rmtree(src, ignore_errors=True)
+            sdist = fetch_sdist(quiet=not progress)
+            if progress:
+                _log(f"extracting llama.cpp {PIN.commit} and applying {len(patches)} patch(es) ...")
+            extract_tree(src, sdist)
+            apply_patches(src, patches)
+            (src / ".slim-edge-patched").write_text("\n".join(p.name for p in patches) + "\n")
+        args = config.cmake_args()
+        if ndk_toolchain:
+            args.append(f"-DCMAKE_TOOLCHAIN_FILE={ndk_toolchain}")
+        if shutil.which("ccache"):
+            args.append("-DGGML_CCACHE=ON")
+        else:
+            args.append("-DGGML_CCACHE=OFF")
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else ["-G", "Unix Makefiles"]
+        if (bld / "CMakeCache.txt").exists() and gen[1] not in (bld / "CMakeCache.txt").read_text():
+            shutil.rmtree(bld)
+        env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(root), LC_ALL="C",
+                   # paths under the cache become relative for ccache, so a new patch series (a new
+                   # <target>-<key> dir) still hits the cache for every file the patches leave alone
+                   CCACHE_BASEDIR=str(root.parent), CCACHE_NOHASHDIR="1")
+        log = root / "build.log"
+        build_targets = list(config.tools) + (["llama", "ggml"] if config.flavor == "host" else [])
+        jobs = jobs or os.cpu_count() or 2
+        with open(log, "w") as logf:
+            logf.write(f"# slim-edge runtime build {config} key {key}\n")
+            _run_logged(["cmake", "-S", str(src), "-B", str(bld), *gen, *args], env, logf, log,
+                        "configuring", progress)
+            _run_logged(["cmake", "--build", str(bld), "-j", str(jobs), "--target", *build_targets],
+                        env, logf, log, f"building {target} ({len(build_targets)} targets, -j{jobs})", progress)
+        rt = _install(root, bld, config, key)
+        manifest = {**rt.to_json(), "tools": {k: str(v.relative_to(root)) for k, v in rt.tools.items()},
+                    "patches": [p.name for p in patches], "key_material": config.key_material(patches),
+                    "build_seconds": round(time.time() - t0, 1)}
+        (root / "runtime.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if not keep_build:
+            shutil.rmtree(bld, ignore_errors=True)
+            shutil.rmtree(src, ignore_errors=True)
+        _write_marker(root / MARKER, key)
+        if progress:
+            _log(f"built llama.cpp {PIN.commit} + {len(patches)} patch(es) for {target} in "
+                 f"{time.time() - t0:.0f} s: {rt.bin_dir}")
+        return rt
+
+
+def _run_logged(cmd: list[str], env: dict, logf, log: Path, what: str, progress: bool) -> None:
+    """Run `cmd` with its output in the log; a progress bar on a terminal, a line per 10 % elsewhere."""
+    logf.write(f"\n$ {' '.join(cmd)}\n")
+    logf.flush()
+    bar, last_decile = None, -1
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(desc=what, total=None, unit="step", file=sys.stderr, leave=False, mininterval=0.5)
+    elif progress:
+        _log(f"{what} ... (log: {log})")
+    tail: deque[str] = deque(maxlen=40)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1)
+    try:
+        for line in proc.stdout:
+            logf.write(line)
+            tail.append(line.rstrip("\n"))
+            m = re.match(r"\[(\d+)/(\d+)\]", line) or re.match(r"\[\s*(\d+)%\]", line)  # ninja, make
+            if not m or not progress:
+                continue
+            done, total = int(m.group(1)), int(m.group(2)) if m.lastindex == 2 else 100
+            if bar is not None:
+                bar.total, bar.n = total, done
+                bar.refresh()
+            elif done * 10 // total > last_decile:
+                last_decile = done * 10 // total
+                _log(f"{what}: {done}/{total}")
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        logf.flush()
+    if rc != 0:
+        raise SlimEdgeError(f"{what} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail)
+                            + f"\nfull log: {log}")
+
+
+def _install(root: Path, bld: Path, config: BuildConfig, key: str) -> Runtime:
+    out_bin, out_lib = root / "bin", root / "lib"
+    for d in (out_bin, out_lib):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+    tools = {}
+    for t in config.tools:
+        src = bld / "bin" / t
+        if not src.exists():
+            raise SlimEdgeError(f"the build finished but {src} is missing; see {root / 'build.log'}")
+        shutil.copy2(src, out_bin / t)
+        tools[t] = out_bin / t
+    if config.flavor == "host":
+        for lib in sorted((bld / "bin").glob("lib*.so*")):
+            shutil.copy2(lib, out_lib / lib.name, follow_symlinks=False)
+        if not (out_lib / "libllama.so").exists():
+            raise SlimEdgeError(f"the build produced no libllama.so in {bld / 'bin'}; see {root / 'build.log'}")
+    return Runtime(config.target, key, root, tools, config)
+
+
+def _write_marker(path: Path, key: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(key + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# --- Python bindings --------------------------------------------------------------------------
+
+_CTX_DEFAULTS = {"n_ctx": 512, "n_batch": 2048, "n_ubatch": 512, "n_seq_max": 1, "type_k": 1, "type_v": 1,
+                 "offload_kqv": True, "no_perf": True, "swa_full": True, "kv_unified": False, "n_samplers": 0}
+_MODEL_DEFAULTS = {"n_gpu_layers": -1, "vocab_only": False, "use_extra_bufts": True, "load_mtp": False}
+
+
+def load_bindings(runtime: Runtime | None = None):
+    """Import llama_cpp (llama-cpp-python, pinned) bound to our patched libllama.so; returns the module.
+
+    LLAMA_CPP_LIB_PATH is read once, at import: call this before anything imports llama_cpp.
+    The struct check compares the C defaults against the Python ctypes structs field by field;
+    a layout mismatch (bindings and library from different commits) shifts the trailing fields.
+    """
+    rt = runtime or find_runtime("host")
+    lib = rt.lib_dir.resolve()
+    if "llama_cpp" not in sys.modules:
+        os.environ.update(rt.env())
+    try:
+        import llama_cpp
+    except ModuleNotFoundError:
+        raise SlimEdgeError(
+            f"llama_cpp is not installed; install the pinned bindings without their own build: "
+            f"CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install --no-cache-dir {PIN.package}=={PIN.version}") from None
+    if getattr(llama_cpp, "__version__", None) != PIN.version:
+        raise SlimEdgeError(f"llama_cpp {llama_cpp.__version__} is installed, the pin is {PIN.version} "
+                            f"(its ctypes structs must match llama.cpp {PIN.commit}); "
+                            f"pip install {PIN.package}=={PIN.version}")
+    loaded = Path(llama_cpp.llama_cpp._lib._name).resolve()
+    if loaded.parent != lib:
+        raise SlimEdgeError(f"llama_cpp was already imported with {loaded}, not {lib / 'libllama.so'}; "
+                            f"call load_bindings() before importing llama_cpp, or export "
+                            f"LLAMA_CPP_LIB_PATH={lib}")
+    stray = [p for p in loaded_libraries() if re.match(r"lib(llama|ggml)", p.name) and p.parent.resolve() != lib]
+    if stray:
+        raise SlimEdgeError(f"another llama.cpp build is loaded in this process: {', '.join(map(str, stray))}")
+    _check_structs(llama_cpp)
+    return llama_cpp
+
+
+def loaded_libraries() -> list[Path]:
+    """Shared objects mapped into this process (Linux), for checking which libggml was loaded."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    return sorted({Path(l.split(None, 5)[5]) for l in maps.splitlines() if ".so" in l and len(l.split(None, 5)) == 6})
+
+
+def _check_structs(llama_cpp) -> None:
+    for fn, want in (("llama_context_default_params", _CTX_DEFAULTS), ("llama_model_default_params", _MODEL_DEFAULTS)):
+        got = getattr(llama_cpp, fn)()
+        bad = {k: getattr(got, k) for k, v in want.items() if getattr(got, k) != v}
+        if bad:
+            raise SlimEdgeError(f"{fn}() through the bindings gives {bad}, llama.cpp {PIN.commit} sets "
+                                f"{ {k: want[k] for k in bad} }: the bindings and libllama.so come from different "
+                                f"commits; reinstall {PIN.package}=={PIN.version} and rebuild the runtime")
+
+
+# --- GGUF retag -------------------------------------------------------------------------------
+#
+#   GGUF v2/v3, little-endian:  magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv
+#   KV:      string key | u32 value type | value        (string = u64 length + bytes)
+#   tensor:  string name | u32 n_dims | u64 dims[n_dims] | u32 type | u64 offset
+#   data starts at the next multiple of general.alignment (default 32); offsets are relative to it.
+
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] is the row length
+    type_id: int
+    offset: int  # relative to the data section
+    type_pos: int  # absolute file position of the u32 type field
+    span: int = 0  # bytes from this tensor's offset to the next one (or the end of the file)
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class GGUFTable:
+    version: int
+    alignment: int
+    data_start: int
+    file_size: int
+    tensors: list[TensorEntry]
+
+
+class _Reader:
+    def __init__(self, f, path):
+        self.f, self.path = f, path
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise SlimEdgeError(f"{self.path}: truncated GGUF (wanted {n} bytes at {self.f.tell() - len(b)})")
+        return b
+
+    def unpack(self, fmt: str):
+        return struct.unpack("<" + fmt, self.read(struct.calcsize("<" + fmt)))[0]
+
+    def string(self) -> str:
+        return self.read(self.unpack("Q")).decode("utf-8", errors="replace")
+
+    def skip_value(self, vtype: int):
+        """Skip one value; returns it when it is a scalar (for general.alignment)."""
+        if vtype in _SCALAR:
+            return self.unpack(_SCALAR[vtype])
+        if vtype == _STRING:
+            self.f.seek(self.unpack("Q"), 1)
+            return None
+        if vtype == _ARRAY:
+            itype, count = self.unpack("I"), self.unpack("Q")
+            if itype in _SCALAR:
+                self.f.seek(count * struct.calcsize(_SCALAR[itype]), 1)
+            else:
+                for _ in range(count):
+                    self.skip_value(itype)
+            return None
+        raise SlimEdgeError(f"{self.path}: unknown GGUF value type {vtype} at {self.f.tell() - 4}")
+
+
+def read_tensor_table(path: Path) -> GGUFTable:
+    """Header, KV pairs (skipped) and the tensor-info table; no type id is rejected."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        r = _Reader(f, path)
+        if r.read(4) != b"GGUF":
+            raise SlimEdgeError(f"{path}: not a GGUF file (the first 4 bytes are not 'GGUF')")
+        version = r.unpack("I")
+        if version & 0xFFFF == 0:
+            raise SlimEdgeError(f"{path}: big-endian GGUF (version field {version:#x}); only little-endian "
+                                f"files can be retagged")
+        if version not in (2, 3):
+            raise SlimEdgeError(f"{path}: GGUF version {version}; retag reads versions 2 and 3")
+        n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key = r.string()
+            value = r.skip_value(r.unpack("I"))
+            if key == "general.alignment" and value is not None:
+                alignment = int(value)
+        tensors = []
+        for _ in range(n_tensors):
+            name = r.string()
+            n_dims = r.unpack("I")
+            shape = tuple(r.unpack("Q") for _ in range(n_dims))
+            type_pos = f.tell()
+            type_id, offset = r.unpack("I"), r.unpack("Q")
+            tensors.append(TensorEntry(name, shape, type_id, offset, type_pos))
+        data_start = -(-f.tell() // alignment) * alignment
+    by_offset = sorted(tensors, key=lambda t: t.offset)
+    for t, nxt in zip(by_offset, by_offset[1:] + [None]):
+        end = nxt.offset if nxt is not None else size - data_start
+        t.span = end - t.offset
+        if t.span < 0:
+            raise SlimEdgeError(f"{path}: tensor {t.name!r} at offset {t.offset} lies past the end of the file")
+    return GGUFTable(version, alignment, data_start, size, tensors)
+
+
+def _layout(type_id: int):
+    from .formats import BY_ID
+    return BY_ID.get(type_id)
+
+
+def _fits(t: TensorEntry, fmt, alignment: int) -> bool:
+    """The tensor's data span is this format's size, up to the alignment padding."""
+    if fmt is None or not t.shape or t.shape[0] % fmt.block_size:
+        return False
+    nbytes = t.n_elements // fmt.block_size * fmt.type_size
+    return nbytes <= t.span < nbytes + alignment
+
+
+@dataclass
+class RetagPlan:
+    path: Path
+    from_id: int
+    to_id: int
+    retag: list[TensorEntry]
+    keep: list[TensorEntry]  # carry from_id and have its layout: genuine, left alone
+
+    def to_json(self) -> dict:
+        return {"input": str(self.path), "from": self.from_id, "to": self.to_id,
+                "retagged": [t.name for t in self.retag], "kept": [t.name for t in self.keep]}
+
+
+def plan_retag(path: Path, from_id: int = 42, to_id: int = 43) -> RetagPlan:
+    """Which tensors typed `from_id` are really `to_id`, told apart by bytes per element."""
+    new, old = _layout(to_id), _layout(from_id)
+    if new is None:
+        raise SlimEdgeError(f"--to {to_id}: no known format has GGUF type id {to_id}, so its byte layout "
+                            f"cannot be checked; known ids: {sorted(_known_ids())}")
+    if from_id == to_id:
+        raise SlimEdgeError(f"--from and --to are both {from_id}; nothing to retag")
+    table = read_tensor_table(path)
+    retag, keep = [], []
+    for t in table.tensors:
+        if t.type_id != from_id:
+            continue
+        is_new, is_old = _fits(t, new, table.alignment), _fits(t, old, table.alignment)
+        if is_new and not is_old:
+            retag.append(t)
+        elif is_old and not is_new:
+            keep.append(t)
+        else:
+            old_desc = f"{old.name} {old.type_size} B / {old.block_size}" if old else f"type {from_id}: unknown"
+            raise SlimEdgeError(
+                f"{path}: tensor {t.name!r} (shape {list(t.shape)}, type {from_id}) spans {t.span} bytes, which "
+                f"{'fits both' if is_new else 'fits neither'} {new.name} ({new.type_size} B / {new.block_size}) "
+                f"and {old_desc}; the file is not an AngelSlim {new.name} export, left unchanged")
+    return RetagPlan(Path(path), from_id, to_id, retag, keep)
+
+
+def _known_ids():
+    from .formats import BY_ID
+    return BY_ID.keys()
+
+
+def retag(path: Path, out: Path | None = None, *, from_id: int = 42, to_id: int = 43, force: bool = False,
+          in_place: bool = False, dry_run: bool = False) -> tuple[RetagPlan, Path | None]:
+    """Rewrite the type field of every tensor `plan_retag` picks; nothing else changes, byte for byte.
+
+    Writes a copy next to the output, patches it, fsyncs and renames it over the output, so a crash
+    never leaves a half-written file. Returns (plan, output path or None when nothing was written).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlimEdgeError(f"{path}: no such file")
+    if in_place and out is not None and Path(out).resolve() != path.resolve():
+        raise SlimEdgeError(f"--in-place and -o {out} disagree; give one of them")
+    if in_place:
+        out = path
+    elif out is None:
+        out = path.with_name(path.stem + "-retag" + path.suffix)
+    out = Path(out)
+    if not in_place and out.resolve() == path.resolve():
+        raise SlimEdgeError(f"-o {out} is the input file; use --in-place to rewrite it")
+    plan = plan_retag(path, from_id, to_id)
+    if dry_run or not plan.retag:
+        return plan, None
+    if out.exists() and not in_place and not force:
+        raise SlimEdgeError(f"{out} exists; pass --force to overwrite it, or -o another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".retag-tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(path, tmp)
+        shutil.copymode(path, tmp)
+        with open(tmp, "r+b") as f:
+            for t in plan.retag:
+                f.seek(t.type_pos)
+                if struct.unpack("<I", f.read(4))[0] != from_id:
+                    raise SlimEdgeError(f"{path} changed while retagging (type of {t.name!r}); run again")
+                f.seek(t.type_pos)
+                f.write(struct.pack("<I", to_id))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return plan, out
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+app = typer.Typer(help="Build and locate the patched llama.cpp runtime (pinned: llama-cpp-python "
+                       f"{PIN.version} = llama.cpp {PIN.commit}).", no_args_is_help=True)
+gguf_app = typer.Typer(help="Low-level GGUF fixes.", no_args_is_help=True)
+
+
+@gguf_app.callback()
+def _gguf_group():
+    """Low-level GGUF fixes (a group even with one command, so `slim-edge gguf retag` keeps its name)."""
+
+TargetOpt = Annotated[str, typer.Option("--target", "-t", help=f"one of {', '.join(TARGETS)}")]
+IsaOpt = Annotated[str, typer.Option("--isa", help="host x86 ISA: avx2 (AVX2+FMA+F16C), avx512 (+VNNI, "
+                                                   "BF16, VBMI) or native (-march=native, not portable)")]
+NativeOpt = Annotated[bool, typer.Option("--native", help="same as --isa native")]
+ArmOpt = Annotated[str, typer.Option("--arm-arch", help="aarch64 -march for linux-arm64/android-arm64")]
+ToolOpt = Annotated[Optional[list[str]], typer.Option(
+    "--tool", help=f"build these instead of the default set ({', '.join(DEFAULT_TOOLS)}); repeatable")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+
+
+def _isa(isa: str, native: bool) -> str:
+    return "native" if native else isa
+
+
+def _report(rt: Runtime, as_json: bool) -> None:
+    _log(f"llama.cpp {PIN.commit} runtime for {rt.target}: tools in {rt.bin_dir}"
+         + (f", libraries in {rt.lib_dir}" if rt.config.flavor == "host" else ""))
+    if as_json:
+        print(json.dumps(rt.to_json(), indent=2))
+
+
+@app.command("build")
+def build_cmd(target: TargetOpt = "host", isa: IsaOpt = "avx2", native: NativeOpt = False,
+              arm_arch: ArmOpt = DEFAULT_ARM_ARCH, tool: ToolOpt = None,
+              jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="parallel compile jobs")] = None,
+              force: Annotated[bool, typer.Option("--force", help="rebuild even if cached")] = False,
+              keep_build: Annotated[bool, typer.Option("--keep-build", help="keep src/ and build/")] = False,
+              as_json: JsonOpt = False):
+    """Build the patched llama.cpp tools (cached by pin + patch series + target + flags).
+
+    Examples:
+      slim-edge runtime build                         # host, AVX2, shared libllama for the bindings
+      slim-edge runtime build --target linux-arm64    # static aarch64, runs under qemu and on phones
+      slim-edge runtime build --isa avx512 --json
+    """
+    rt = build(target, isa=_isa(isa, native), arm_arch=arm_arch, tools=tuple(tool) if tool else None,
+               jobs=jobs, force=force, keep_build=keep_build)
+    _report(rt, as_json)
+
+
+@app.command("where")
+def where_cmd(target: TargetOpt = "host", isa: IsaOpt = "avx2", native: NativeOpt = False,
+              arm_arch: ArmOpt = DEFAULT_ARM_ARCH, tool: ToolOpt = None, as_json: JsonOpt = False):
+    """Print where the built tools are, without building.
+
+    Example:  slim-edge runtime where --target linux-arm64 --json
+    """
+    rt = find_runtime(target, isa=_isa(isa, native), arm_arch=arm_arch, tools=tuple(tool) if tool else None)
+    _report(rt, as_json)
+
+
+@app.command("python-env")
+def python_env_cmd(isa: IsaOpt = "avx2", native: NativeOpt = False):
+    """Print the export line that makes `import llama_cpp` load the patched host library.
+
+    Example:  eval "$(slim-edge runtime python-env)"
+    """
+    rt = find_runtime("host", isa=_isa(isa, native))
+    for k, v in rt.env().items():
+        print(f"export {k}={v}")
+
+
+@app.command("source")
+def source_cmd(dest: Annotated[Path, typer.Argument(help="new directory for the tree")],
+               pristine: Annotated[bool, typer.Option("--pristine", help="do not apply the patches")] = False):
+    """Write the pinned llama.cpp tree (patched unless --pristine), e.g. to write a new patch.
+
+    Example:  slim-edge runtime source /tmp/llama.cpp --pristine
+    """
+    patches = patch_series()
+    prepare_source(dest, patches, pristine=pristine)
+    _log(f"llama.cpp {PIN.commit}" + ("" if pristine else f" + {len(patches)} patch(es)") + f" in {dest}")
+
+
+@gguf_app.command("retag")
+def retag_cmd(file: Annotated[Path, typer.Argument(help="GGUF file to fix")],
+              from_id: Annotated[int, typer.Option("--from", help="type id the old file stores")] = 42,
+              to_id: Annotated[int, typer.Option("--to", help="type id to write")] = 43,
+              out: Annotated[Optional[Path], typer.Option("-o", "--output", help="output file "
+                                                          "(default: FILE with -retag before .gguf)")] = None,
+              in_place: Annotated[bool, typer.Option("--in-place", help="replace FILE (atomically)")] = False,
+              force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
+              dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would change")] = False,
+              as_json: JsonOpt = False):
+    """Retag STQ1_0 tensors stored under type 42 (older AngelSlim exports) as 43.
+
+    Only tensors typed --from whose data is laid out as --to (STQ1_0: 42 bytes per 256 weights, vs
+    Q2_0: 18 bytes per 64) change; genuine Q2_0 tensors and all other bytes stay as they are.
+
+    Examples:
+      slim-edge gguf retag model.gguf --dry-run
+      slim-edge gguf retag model.gguf -o model-stq1_0.gguf
+      slim-edge gguf retag model.gguf --in-place
+    """
+    plan, written = retag(file, out, from_id=from_id, to_id=to_id, force=force, in_place=in_place,
+                          dry_run=dry_run)
+    for t in plan.retag:
+        _log(f"  {t.name:40s} {list(t.shape)}  {from_id} -> {to_id}")
+    if plan.keep:
+        _log(f"  kept {len(plan.keep)} tensor(s) typed {from_id} whose bytes match type {from_id}")
+    if dry_run:
+        _log(f"dry run: would retag {len(plan.retag)} tensor(s) {from_id} -> {to_id}; nothing written")
+    elif written is None:
+        _log(f"nothing to retag in {file}: no tensor typed {from_id} has the {to_id} layout; nothing written")
+    else:
+        _log(f"retagged {len(plan.retag)} tensor(s) {from_id} -> {to_id}: {written}")
+    if as_json:
+        print(json.dumps({**plan.to_json(), "output": str(written) if written else None, "dry_run": dry_run},
+                         indent=2))

@@ -1,0 +1,199 @@
+"""QAT with distillation from the full-precision model.
+
+Loss = CE + KD, with KD from CAKLD (confidence-aware KL, BitDistiller): per token,
+conf = p_teacher(label); kd = conf * KL(student || teacher) + (1 - conf) * KL(teacher || student).
+Sherry's Arenas weight λ_t ramps linearly 0 -> λ_max over the warm-up, then cosine-decays to 0 at
+the last step, so the final model has no residual branch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import SlimEdgeError
+from .qlinear import QuantLinear
+from .quantize import QuantConfig
+
+
+def arenas_lambda(step: int, total: int, lam_max: float, warmup_frac: float) -> float:
+    if total <= 0 or lam_max == 0:
+        return 0.0
+    warm = max(1, int(round(warmup_frac * total)))
+    if step < warm:
+        return lam_max * step / warm
+    if step >= total - 1:
+        return 0.0
+    t = (step - warm) / max(1, total - 1 - warm)
+    return lam_max * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def learning_rate(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def distill_loss(student_logits, teacher_logits, labels, kind: str):
+    """Mean over tokens of CE + KD; returns (loss, ce, kd) with kd = 0 for kind == 'none'."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    ce = F.nll_loss(s.flatten(0, 1), labels.flatten())
+    if kind == "none":
+        return ce, ce.detach(), torch.zeros(())
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    kl_ts = (t.exp() * (t - s)).sum(-1)  # KL(teacher || student)
+    if kind == "kl":
+        kd = kl_ts.mean()
+    else:
+        kl_st = (s.exp() * (s - t)).sum(-1)  # KL(student || teacher)
+        conf = t.gather(-1, labels[..., None]).squeeze(-1).exp()
+        kd = (conf * kl_st + (1 - conf) * kl_ts).mean()
+    return ce + kd, ce.detach(), kd.detach()
+
+
+def calibration_tokens(tokenizer, calib: str) -> tuple[torch.Tensor, str]:
+    """Token ids of the training text, and where it came from."""
+    path = Path(calib).expanduser()
+    if path.suffix or path.exists() or os.sep in calib:
+        if not path.is_file():
+            raise SlimEdgeError(f"--calib {calib}: no such file; pass a UTF-8 text file or a built-in "
+                                f"corpus name (wiki, lee, pydoc)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SlimEdgeError(f"--calib {calib}: cannot read it as UTF-8 text ({e})") from None
+        source = f"file {path}"
+    else:
+        from .evals.corpora import get_text  # type: ignore[import-not-found]
+        text, source = get_text(calib, split="train")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if len(ids) < 64:
+        raise SlimEdgeError(f"--calib {calib}: only {len(ids)} tokens; give at least a few thousand")
+    return ids, source
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    first_loss: float | None = None
+    last_loss: float | None = None
+
+
+def _batches(ids: torch.Tensor, batch: int, seq: int, rng: np.random.Generator):
+    seq = min(seq, len(ids) - 1)
+    while True:
+        starts = rng.integers(0, len(ids) - seq - 1, size=batch)
+        x = torch.stack([ids[s:s + seq + 1] for s in starts])
+        yield x[:, :-1], x[:, 1:]
+
+
+def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: Path | None = None,
+          every: int = 0, device: str = "cpu", progress: bool = True, log=None) -> TrainState:
+    """QAT for config.steps steps; resumes from ckpt_path when it exists. Ctrl-C saves and stops."""
+    from tqdm.auto import tqdm
+
+    qlayers = [m for m in student.modules() if isinstance(m, QuantLinear)]
+    weights = [m.weight for m in qlayers] + [m.bias for m in qlayers if m.bias is not None]
+    scales = [m.scale for m in qlayers]
+    qparams = {id(p) for p in weights + scales}
+    others = [p for n, p in student.named_parameters()
+              if id(p) not in qparams and "embed" not in n and "lm_head" not in n]
+    for n, p in student.named_parameters():
+        p.requires_grad_(id(p) in qparams or any(p is o for o in others))
+    opt = torch.optim.AdamW([
+        {"params": weights + others, "lr": config.lr, "weight_decay": 0.0},
+        {"params": scales, "lr": config.scale_lr, "weight_decay": 0.0},
+    ], betas=(0.9, 0.95))
+    state = TrainState()
+    rng = np.random.default_rng(config.seed)
+    if ckpt_path is not None and ckpt_path.is_file():
+        blob = torch.load(ckpt_path, map_location=device, weights_only=False)
+        student.load_state_dict(blob["model"], strict=False)
+        opt.load_state_dict(blob["optimizer"])
+        state = TrainState(**blob["state"])
+        rng.bit_generator.state = blob["rng"]
+        print(f"slim-edge: resumed from {ckpt_path} at step {state.step}", file=sys.stderr)
+    total = config.steps
+    warmup = config.warmup or max(1, total // 20)
+    base_lrs = [config.lr, config.scale_lr]
+    batches = _batches(ids, config.batch_size, config.seq_len, rng)
+    teacher.eval()
+    student.train()
+
+    def save():
+        if ckpt_path is None:
+            return
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": {k: v for k, v in student.state_dict().items()},
+                    "optimizer": opt.state_dict(), "state": vars(state), "rng": rng.bit_generator.state}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    interrupted = []
+    old = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+    bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        while state.step < total and not interrupted:
+            # replay the data stream up to the resumed step is unnecessary: the rng state was saved
+            x, y = next(batches)
+            x, y = x.to(device), y.to(device)
+            lam = arenas_lambda(state.step, total, config.arenas_lambda, config.arenas_warmup)
+            for m in qlayers:
+                m.arenas = lam if m.mode == "sherry" else 0.0
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = learning_rate(state.step, total, base, warmup)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                t_logits = teacher(x).logits if config.distill != "none" else None
+            s_logits = student(x).logits
+            loss, ce, kd = distill_loss(s_logits, t_logits, y, config.distill)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights + others, 1.0)
+            opt.step()
+            state.seconds += time.perf_counter() - t0
+            state.step += 1
+            state.tokens += x.numel()
+            val = float(loss)
+            if not math.isfinite(val):
+                raise SlimEdgeError(f"training diverged at step {state.step} (loss {val}); "
+                                    f"lower --lr (now {config.lr}) or --scale-lr (now {config.scale_lr})")
+            state.first_loss = val if state.first_loss is None else state.first_loss
+            state.last_loss = val
+            bar.set_postfix(loss=f"{val:.3f}", ce=f"{float(ce):.3f}", kd=f"{float(kd):.3f}",
+                            lr=f"{opt.param_groups[0]['lr']:.1e}", tok_s=f"{state.tokens / state.seconds:.0f}")
+            bar.update(1)
+            if log is not None:
+                log({"step": state.step, "loss": val, "ce": float(ce), "kd": float(kd), "arenas": lam,
+                     "lr": opt.param_groups[0]["lr"]})
+            if every and state.step % every == 0:
+                save()
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, old)
+        for m in qlayers:
+            m.arenas = 0.0
+    if interrupted:
+        save()
+        raise SlimEdgeError(f"interrupted at step {state.step}/{total}; the training state is saved in "
+                            f"{ckpt_path}: run the same command with --resume to continue")
+    student.eval()
+    return state
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
