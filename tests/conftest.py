@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random HF models whose dimensions are multiples of every block size (512)."""
+"""Shared fixtures."""
 from __future__ import annotations
 
 import os
@@ -6,64 +6,14 @@ from pathlib import Path
 
 import pytest
 
-# keep every cache of the test run inside the user's cache, never in the repo
+from tiny_models import make_tiny_model
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-
-def _byte_tokenizer(folder: Path):
-    """A byte-level BPE tokenizer with 256 byte tokens and no merges, saved as an HF fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0],
-                                   bos_token=sorted(alphabet)[1])
-    fast.save_pretrained(folder)
-    return fast
-
-
-def make_tiny_model(folder: Path, arch: str = "llama", hidden: int = 512, layers: int = 2, seed: int = 0,
-                    intermediate: int = 1024, vocab: int = 256) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
-                  tie_word_embeddings=True, rms_norm_eps=1e-5)
-    if arch == "llama":
-        from transformers import LlamaConfig as C
-        config = C(**common)
-    elif arch == "qwen2":
-        from transformers import Qwen2Config as C
-        config = C(**common)
-    elif arch == "qwen3":
-        from transformers import Qwen3Config as C
-        config = C(head_dim=hidden // 4, **common)
-    elif arch == "hunyuan-dense":
-        from transformers import HunYuanDenseV1Config as C
-        config = C(head_dim=hidden // 4, **common)
-    else:
-        raise ValueError(arch)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # larger-than-default weights so that quantization error is visible
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    _byte_tokenizer(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", layers=1)
 
 
 @pytest.fixture(scope="session")

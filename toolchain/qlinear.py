@@ -58,10 +58,13 @@ def fake_quant(w: torch.Tensor, d: torch.Tensor, fmt: Format, mode: str, quads=N
     return (q, v.reshape(rows, k)) if return_values else q
 
 
-def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int = 41) -> torch.Tensor:
+def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int = 24) -> torch.Tensor:
     """PTQ scale per block: MSE search over d = c * absmax / max_level, then one closed-form refit."""
     rows, k = w.shape
     wb = w.detach().float().reshape(rows, k // fmt.block_size, fmt.block_size)
+    if mode == "sherry":  # the values do not depend on d: the kept-weight mean is L2-optimal
+        v = grid_values(wb, fmt, mode, quads)
+        return ((v * wb).sum(-1) / (v * v).sum(-1).clamp_min(1)).clamp_min(FP16_TINY)
     top = 1.0 if mode in ("ternary", "sherry") else float(max(abs(fmt.levels[0]), fmt.levels[-1]))
     amax = wb.abs().amax(-1).clamp_min(1e-8)
     best_err = torch.full_like(amax, math.inf)

@@ -23,11 +23,13 @@ import os
 import platform
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ class Pin:
     version: str
     sha256: str  # of the sdist
     commit: str  # llama.cpp commit named in the sdist's CHANGELOG
+    commit_full: str  # HEAD of the vendor/llama.cpp submodule, whose git dir the sdist also ships
     ggml_version: str
 
     @property
@@ -61,6 +64,7 @@ PIN = Pin(
     version="0.3.36",
     sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
     commit="0c1e57098",
+    commit_full="0c1e57098bba43ac29e6e3b677cdceebdd22334f",
     ggml_version="0.25.3",
 )
 
@@ -152,18 +156,30 @@ def verify_sdist(path: Path) -> None:
         raise SlimEdgeError(
             f"{path}: sha256 is {digest}, the pin is {PIN.sha256} ({PIN.package} {PIN.version}); "
             f"delete the file and run again to download it afresh")
-    commit = changelog_commit(path)
+    commit, head = changelog_commit(path), submodule_head(path)
     if commit is None or not (commit.startswith(PIN.commit) or PIN.commit.startswith(commit)):
         raise SlimEdgeError(
             f"{path}: CHANGELOG names llama.cpp commit {commit!r} for {PIN.version}, the pin is "
             f"{PIN.commit}; the sdist is not the pinned one")
+    if head != PIN.commit_full:
+        raise SlimEdgeError(f"{path}: vendor/llama.cpp is at {head!r}, the pin is {PIN.commit_full}")
+
+
+def _sdist_text(sdist: Path, member: str) -> str:
+    with tarfile.open(sdist, "r:gz") as tar:
+        try:
+            f = tar.extractfile(f"{PIN.package.replace('-', '_')}-{PIN.version}/{member}")
+        except KeyError:
+            return ""
+        return f.read().decode() if f else ""
+
+
+def submodule_head(sdist: Path) -> str:
+    return _sdist_text(sdist, ".git/modules/vendor/llama.cpp/HEAD").strip()
 
 
 def changelog_commit(sdist: Path) -> str | None:
-    name = f"{PIN.package.replace('-', '_')}-{PIN.version}/CHANGELOG.md"
-    with tarfile.open(sdist, "r:gz") as tar:
-        member = tar.extractfile(name)
-        text = member.read().decode() if member else ""
+    text = _sdist_text(sdist, "CHANGELOG.md")
     section = re.search(rf"^## \[{re.escape(PIN.version)}\]\n(.*?)(?=^## \[|\Z)", text, re.M | re.S)
     m = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section.group(1)) if section else None
     return m.group(1) if m else None
@@ -180,8 +196,11 @@ def extract_tree(dest: Path, sdist: Path | None = None) -> Path:
     with tarfile.open(sdist, "r:gz") as tar:
         members = []
         for m in tar:
-            if m.name.startswith(prefix) and len(m.name) > len(prefix):
-                m.name = m.name[len(prefix):]
+            rel = m.name[len(prefix):] if m.name.startswith(prefix) else ""
+            # vendor/llama.cpp/.git is a submodule gitfile pointing into the sdist's own .git: outside
+            # the sdist it is a broken repository that makes `git apply` and cmake's git calls fail
+            if rel and rel.split("/")[0] != ".git":
+                m.name = rel
                 members.append(m)
         kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(dest, members=members, **kw)
@@ -400,6 +419,9 @@ class Runtime:
     def argv(self, name: str, cpu: str = QEMU_CPU) -> list[str]:
         """Command prefix that runs `name` here: directly on the host, under qemu-aarch64 for arm64."""
         path = str(self.tool(name))
+        if self.config.flavor == "ndk":
+            raise SlimEdgeError(f"{name} was built with the Android NDK (bionic) and runs only on the phone; "
+                                f"push it with adb, or unset ANDROID_NDK for a static build qemu can run")
         if self.config.flavor == "host" or platform.machine() in ("aarch64", "arm64"):
             return [path]
         return emulator(cpu) + [path]
@@ -438,8 +460,10 @@ def _load_finished(root: Path, config: BuildConfig, key: str) -> Runtime | None:
     marker = root / MARKER
     if not marker.exists() or marker.read_text().strip() != key:
         return None
-    manifest = json.loads((root / "runtime.json").read_text())
-    tools = {k: root / v for k, v in manifest["tools"].items()}
+    try:
+        tools = {k: root / v for k, v in json.loads((root / "runtime.json").read_text())["tools"].items()}
+    except (OSError, ValueError, KeyError):
+        return None
     if not all(p.exists() for p in tools.values()):
         return None
     return Runtime(config.target, key, root, tools, config)
@@ -535,7 +559,7 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
         log = root / "build.log"
         build_targets = list(config.tools) + (["llama", "ggml"] if config.flavor == "host" else [])
         jobs = jobs or os.cpu_count() or 2
-        with open(log, "w") as logf:
+        with open(log, "w", buffering=1) as logf:  # line-buffered: `tail -f` shows progress
             logf.write(f"# slim-edge runtime build {config} key {key}\n")
             _run_logged(["cmake", "-S", str(src), "-B", str(bld), *gen, *args], env, logf, log,
                         "configuring", progress)
@@ -567,8 +591,12 @@ def _run_logged(cmd: list[str], env: dict, logf, log: Path, what: str, progress:
     elif progress:
         _log(f"{what} ... (log: {log})")
     tail: deque[str] = deque(maxlen=40)
+    # its own process group, so an interrupted build takes its compilers down with it
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1)
+                            errors="replace", bufsize=1, start_new_session=True)
+    old_term = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         for line in proc.stdout:
             logf.write(line)
@@ -585,16 +613,23 @@ def _run_logged(cmd: list[str], env: dict, logf, log: Path, what: str, progress:
                 _log(f"{what}: {done}/{total}")
         rc = proc.wait()
     except BaseException:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
         raise
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, old_term)
         if bar is not None:
             bar.close()
         logf.flush()
     if rc != 0:
         raise SlimEdgeError(f"{what} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail)
                             + f"\nfull log: {log}")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _install(root: Path, bld: Path, config: BuildConfig, key: str) -> Runtime:
@@ -951,9 +986,12 @@ def build_cmd(target: TargetOpt = "host", isa: IsaOpt = "avx2", native: NativeOp
               as_json: JsonOpt = False):
     """Build the patched llama.cpp tools (cached by pin + patch series + target + flags).
 
+    host: AVX2 tools plus the shared libllama the Python bindings load; linux-arm64: static aarch64
+    tools that run under qemu-aarch64 and from /data/local/tmp on a phone.
+
     Examples:
-      slim-edge runtime build                         # host, AVX2, shared libllama for the bindings
-      slim-edge runtime build --target linux-arm64    # static aarch64, runs under qemu and on phones
+      slim-edge runtime build
+      slim-edge runtime build --target linux-arm64
       slim-edge runtime build --isa avx512 --json
     """
     rt = build(target, isa=_isa(isa, native), arm_arch=arm_arch, tools=tuple(tool) if tool else None,

@@ -155,9 +155,11 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = learning_rate(state.step, total, base, warmup)
             t0 = time.perf_counter()
-            with torch.no_grad():
-                t_logits = teacher(x).logits if config.distill != "none" else None
-            s_logits = student(x).logits
+            # bf16 autocast on GPUs speeds training; exactness lives in the exported values, not here
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+                with torch.no_grad():
+                    t_logits = teacher(x).logits if config.distill != "none" else None
+                s_logits = student(x).logits
             loss, ce, kd = distill_loss(s_logits, t_logits, y, config.distill)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -166,7 +168,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
             state.seconds += time.perf_counter() - t0
             state.step += 1
             state.tokens += x.numel()
-            val = float(loss)
+            val = loss.item()
             if not math.isfinite(val):
                 raise SlimEdgeError(f"training diverged at step {state.step} (loss {val}); "
                                     f"lower --lr (now {config.lr}) or --scale-lr (now {config.scale_lr})")

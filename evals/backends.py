@@ -1,0 +1,149 @@
+"""Two ways to run a causal LM on given token ids: PyTorch (HF model) and the runtime (GGUF through
+llama-cpp-python). Both expose the same small interface, so perplexity, KL divergence and generation
+code never asks which one it holds.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from slim_edge.errors import SlimEdgeError
+
+
+class TorchLM:
+    """An HF causal LM and its tokenizer, float32 on CPU unless the model says otherwise."""
+    kind = "torch"
+
+    def __init__(self, model, tokenizer, name: str = "torch"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.n_vocab = int(model.get_output_embeddings().weight.shape[0])
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        with_special = tokenizer.encode("a", add_special_tokens=True)
+        self.add_bos = self.bos_id is not None and len(with_special) > 1 and with_special[0] == self.bos_id
+        import inspect
+
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def tokenize(self, text: str) -> list[int]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) or getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode"):
+            return list(backend.encode(text, add_special_tokens=False).ids)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def logits(self, tokens, first: int = 0) -> np.ndarray:
+        """float32 [len(tokens) - first, n_vocab]: the logits at positions first .. len(tokens) - 1."""
+        import torch
+
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
+        # only the kept positions go through the LM head (halves the memory for scoring)
+        keep = {"logits_to_keep": len(tokens) - first} if self._keeps_logits else {}
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, use_cache=False, **keep)
+        return out.logits[0, -(len(tokens) - first):].float().numpy()
+
+    def greedy(self, prompt: list[int], n_new: int, stop_at_eos: bool = True) -> list[int]:
+        import inspect
+
+        import torch
+
+        # transformers 5.x renamed past_key_values to cache
+        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        out, kv = [], {}
+        ids = torch.as_tensor([prompt], dtype=torch.long)
+        with torch.inference_mode():
+            for _ in range(n_new):
+                r = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kv)
+                kv = {key: getattr(r, key)}
+                tok = int(torch.argmax(r.logits[0, -1]))
+                out.append(tok)
+                if stop_at_eos and tok == self.eos_id:
+                    break
+                ids = torch.tensor([[tok]])
+        return out
+
+
+class LlamaCppLM:
+    """A GGUF file run by the pinned llama.cpp through llama-cpp-python, all logits kept."""
+    kind = "gguf"
+
+    def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int = 2, name: str | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise SlimEdgeError(f"GGUF file {path} does not exist; pass a .gguf written by slim-edge export")
+        llama_cpp = bindings()
+        self.path = path
+        self.name = name or path.name
+        try:
+            self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                                       n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise SlimEdgeError(f"llama.cpp could not load {path} ({e}); check that the runtime was built with "
+                                f"the patches for its tensor types (slim-edge runtime build)") from None
+        self.n_ctx = n_ctx
+        self.n_vocab = int(self.llm.n_vocab())
+        self.bos_id = int(self.llm.token_bos())
+        self.eos_id = int(self.llm.token_eos())
+        self.add_bos = bool(self.llm._model.add_bos_token())
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def detokenize(self, ids) -> str:
+        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    def logits(self, tokens, first: int = 0) -> np.ndarray:
+        tokens = [int(t) for t in tokens]
+        if len(tokens) > self.n_ctx:
+            raise SlimEdgeError(f"{len(tokens)} tokens do not fit the runtime context of {self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return np.array(self.llm.scores[first:len(tokens)], dtype=np.float32)
+
+    def greedy(self, prompt: list[int], n_new: int, stop_at_eos: bool = True) -> list[int]:
+        if len(prompt) + n_new > self.n_ctx:
+            raise SlimEdgeError(f"prompt ({len(prompt)}) + {n_new} new tokens exceed the context of {self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(list(prompt))
+        out = []
+        for _ in range(n_new):
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(tok)
+            if stop_at_eos and tok == self.eos_id:
+                break
+            self.llm.eval([tok])
+        return out
+
+
+_BINDINGS = None
+
+
+def bindings():
+    """llama_cpp bound to slim-edge's patched runtime; without a built runtime, the bindings' own
+    stock library (which loads stock tensor types only) with a note on stderr."""
+    global _BINDINGS
+    if _BINDINGS is not None:
+        return _BINDINGS
+    try:
+        from slim_edge.runtime import load_bindings
+
+        _BINDINGS = load_bindings()
+    except SlimEdgeError as e:
+        if "runtime built" not in str(e) and "no llama.cpp runtime" not in str(e):
+            raise
+        try:
+            import llama_cpp
+        except (ImportError, OSError):
+            raise SlimEdgeError(f"{e}; the Python bindings are not usable either: "
+                                f"pip install llama-cpp-python==0.3.36") from None
+        print(f"slim-edge: {e}. Using llama-cpp-python's own stock library meanwhile "
+              f"(slim-edge's custom tensor types will not load).", file=sys.stderr)
+        _BINDINGS = llama_cpp
+    return _BINDINGS

@@ -1,0 +1,545 @@
+"""`slim-edge bench`: time to first token and decode speed on a device, against 4-bit and FP16.
+
+For each GGUF file, llama-bench measures prefill at several prompt lengths (pp128...pp1024) and
+decode (tg128), at each thread count, with repetitions; every sample is kept. Time to first token
+at prompt length p is the time llama-bench took to process p prompt tokens (p / prefill rate). On
+the host it is also measured end to end through the llama_cpp Python bindings on a real chat
+prompt (create_chat_completion with max_tokens=1, plus llama_perf_context's t_p_eval_ms).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from slim_edge.devices import get_device
+from slim_edge.devices.base import Device, DeviceInfo, check_fits, find_runtime_dirs
+from slim_edge.devices.parse import big_cores, cpu_mask, parse_llama_bench
+from slim_edge.devices.qemu_arm64 import EMULATED_LABEL
+from slim_edge.errors import SlimEdgeError
+
+SCHEMA = "slim-edge.bench/1"
+# llama-quantize type names for --baselines values.
+BASELINE_TYPES = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "f16": "F16", "q4_k_s": "Q4_K_S"}
+FP_FILE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}  # general.file_type values of unquantized files
+
+CHAT_MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant that answers briefly."},
+    {"role": "user", "content": "I am flying to Lisbon next week for three days. What should I pack for "
+                                "the trip, and which neighbourhoods are worth walking around in the evening?"},
+]
+
+
+@dataclass
+class BenchConfig:
+    prompt_lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
+    n_gen: int = 128
+    threads: list[int] = field(default_factory=lambda: [1, 2])
+    repetitions: int = 5
+    delay: int = 0
+    pin_big_cores: bool = True
+    chat_ttft: bool = True
+    timeout: float | None = None
+
+    def __post_init__(self):
+        if not self.prompt_lengths or any(p <= 0 for p in self.prompt_lengths):
+            raise SlimEdgeError(f"Prompt lengths must be positive integers; got {self.prompt_lengths}. "
+                                "Example: -p 128,256,512,1024.")
+        if not self.threads or any(t <= 0 for t in self.threads):
+            raise SlimEdgeError(f"Thread counts must be positive integers; got {self.threads}. Example: -t 1,2.")
+        if self.repetitions < 1:
+            raise SlimEdgeError(f"--repetitions must be at least 1; got {self.repetitions}.")
+        if self.n_gen < 1:
+            raise SlimEdgeError(f"--n-gen must be at least 1; got {self.n_gen}.")
+        if self.delay < 0:
+            raise SlimEdgeError(f"--delay must be 0 or more seconds; got {self.delay}.")
+
+
+@dataclass
+class ModelResult:
+    name: str
+    path: str
+    file_size: int
+    model_type: str = ""
+    peak_rss_kb: int | None = None
+    peak_rss_method: str | None = None
+    prefill: list[dict] = field(default_factory=list)  # per (n_prompt, n_threads)
+    decode: list[dict] = field(default_factory=list)   # per (n_gen, n_threads)
+    chat_ttft: list[dict] = field(default_factory=list)  # host only, per n_threads
+    rows: list[dict] = field(default_factory=list)     # raw llama-bench rows, with samples_ns
+
+
+@dataclass
+class BenchResult:
+    device: DeviceInfo
+    config: BenchConfig
+    models: list[ModelResult]
+    runtime: dict
+    cpu_mask: str | None = None
+    created: str = ""
+    compare: dict | None = None
+
+    @property
+    def emulated(self) -> bool:
+        return self.device.emulated
+
+    def to_json(self) -> dict:
+        d = {
+            "schema": SCHEMA,
+            "created": self.created,
+            "label": EMULATED_LABEL if self.emulated else None,
+            "device": self.device.to_json(),
+            "runtime": self.runtime,
+            "cpu_mask": self.cpu_mask,
+            "config": asdict(self.config),
+            "models": [asdict(m) | {"label": EMULATED_LABEL if self.emulated else None} for m in self.models],
+            "compare": self.compare,
+            "host": {"python": platform.python_version(), "platform": platform.platform()},
+        }
+        return d
+
+    def markdown(self) -> str:
+        return markdown_table(self)
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+def llama_bench_argv(bench: str, model: str, cfg: BenchConfig, threads: int, mask: str | None) -> list[str]:
+    argv = [bench, "-m", model, "-p", ",".join(map(str, cfg.prompt_lengths)), "-n", str(cfg.n_gen),
+            "-t", str(threads), "-r", str(cfg.repetitions), "-o", "jsonl"]
+    if cfg.delay:
+        argv += ["--delay", str(cfg.delay)]
+    if mask:
+        argv += ["-C", mask]
+    return argv
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """llama-bench rows -> (prefill entries with TTFT, decode entries), all samples kept."""
+    prefill, decode = [], []
+    for r in rows:
+        samples_ns = [float(x) for x in r.get("samples_ns", [])]
+        samples_ts = [float(x) for x in r.get("samples_ts", [])]
+        base = {"n_threads": int(r.get("n_threads", 0)), "tps_mean": float(r["avg_ts"]),
+                "tps_std": float(r.get("stddev_ts", 0.0)), "samples_ns": samples_ns, "samples_ts": samples_ts}
+        if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
+            ttft_ms = [ns / 1e6 for ns in samples_ns] or [r["n_prompt"] / float(r["avg_ts"]) * 1e3]
+            mean, std = _mean_std(ttft_ms)
+            prefill.append({"n_prompt": int(r["n_prompt"]), **base, "ttft_ms_mean": mean, "ttft_ms_std": std,
+                            "ttft_ms_samples": ttft_ms})
+        elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
+            decode.append({"n_gen": int(r["n_gen"]), **base})
+    prefill.sort(key=lambda e: (e["n_threads"], e["n_prompt"]))
+    decode.sort(key=lambda e: e["n_threads"])
+    return prefill, decode
+
+
+def compare_to(result: BenchResult, baseline: str) -> dict:
+    """Ratios of every model against the model named (or formatted) `baseline`: t/s ratio > 1 and
+    TTFT ratio < 1 mean faster than the baseline."""
+    key = baseline.lower()
+    matches = [m for m in result.models if m.name.lower() == key] or \
+              [m for m in result.models if key in m.name.lower().replace("-", "_").replace(".", "_")]
+    if len(matches) != 1:
+        names = ", ".join(m.name for m in result.models)
+        what = "matches none" if not matches else f"matches {len(matches)} ({', '.join(m.name for m in matches)})"
+        raise SlimEdgeError(f"--compare {baseline!r} {what} of the benchmarked models ({names}). "
+                            "Pass the exact model name (the file name without .gguf).")
+    base = matches[0]
+    bp = {(e["n_prompt"], e["n_threads"]): e for e in base.prefill}
+    bd = {(e["n_gen"], e["n_threads"]): e for e in base.decode}
+    rows = []
+    for m in result.models:
+        for e in m.prefill:
+            b = bp.get((e["n_prompt"], e["n_threads"]))
+            if b:
+                rows.append({"model": m.name, "test": f"pp{e['n_prompt']}", "n_threads": e["n_threads"],
+                             "tps_ratio": e["tps_mean"] / b["tps_mean"],
+                             "ttft_ratio": e["ttft_ms_mean"] / b["ttft_ms_mean"]})
+        for e in m.decode:
+            b = bd.get((e["n_gen"], e["n_threads"]))
+            if b:
+                rows.append({"model": m.name, "test": f"tg{e['n_gen']}", "n_threads": e["n_threads"],
+                             "tps_ratio": e["tps_mean"] / b["tps_mean"], "ttft_ratio": None})
+    return {"baseline": base.name, "rows": rows}
+
+
+def _mib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def markdown_table(result: BenchResult) -> str:
+    """A llama-bench-style table (one row per test), the compare ratios, and provenance lines."""
+    lines = []
+    if result.emulated:
+        lines += [f"**{EMULATED_LABEL}** — {result.device.arch}", ""]
+    note = " note |" if result.emulated else ""
+    lines += ["| model | size | threads | test | t/s | TTFT ms | peak mem |" + note,
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" --- |" if note else "")]
+    tail = f" {EMULATED_LABEL} |" if result.emulated else ""
+    for m in result.models:
+        mem = "n/a" if m.peak_rss_kb is None else f"{m.peak_rss_kb / 1024:.1f} MiB"
+        for e in m.prefill:
+            lines.append(f"| {m.name} | {_mib(m.file_size)} | {e['n_threads']} | pp{e['n_prompt']} | "
+                         f"{e['tps_mean']:.2f} ± {e['tps_std']:.2f} | {e['ttft_ms_mean']:.1f} ± {e['ttft_ms_std']:.1f} "
+                         f"| {mem} |" + tail)
+        for e in m.decode:
+            lines.append(f"| {m.name} | {_mib(m.file_size)} | {e['n_threads']} | tg{e['n_gen']} | "
+                         f"{e['tps_mean']:.2f} ± {e['tps_std']:.2f} | | {mem} |" + tail)
+    chats = [(m, c) for m in result.models for c in m.chat_ttft]
+    if chats:
+        lines += ["", "Time to first token on a real chat prompt (llama_cpp create_chat_completion, max_tokens=1):",
+                  "", "| model | threads | prompt tokens | TTFT ms (wall) | t_p_eval ms |" + note,
+                  "| --- | ---: | ---: | ---: | ---: |" + (" --- |" if note else "")]
+        for m, c in chats:
+            lines.append(f"| {m.name} | {c['n_threads']} | {c['n_prompt_tokens']} | {c['wall_ms_mean']:.1f} ± "
+                         f"{c['wall_ms_std']:.1f} | {c['t_p_eval_ms_mean']:.1f} ± {c['t_p_eval_ms_std']:.1f} |" + tail)
+    if result.compare:
+        lines += ["", f"Ratios against {result.compare['baseline']} (t/s: >1 is faster; TTFT: <1 is faster):", "",
+                  "| model | test | threads | t/s ratio | TTFT ratio |", "| --- | ---: | ---: | ---: | ---: |"]
+        for r in result.compare["rows"]:
+            tt = "" if r["ttft_ratio"] is None else f"{r['ttft_ratio']:.2f}x"
+            lines.append(f"| {r['model']} | {r['test']} | {r['n_threads']} | {r['tps_ratio']:.2f}x | {tt} |")
+    d = result.device
+    methods = sorted({m.peak_rss_method for m in result.models if m.peak_rss_method})
+    lines += ["", f"device: {d.device} · {d.soc} · {d.model or d.arch}"
+              + (f" · Android {d.android_version}" if d.android_version else "")
+              + f" · features: {' '.join(d.cpu_features_of_interest) or 'n/a'}"
+              + (f" · cpu mask {result.cpu_mask}" if result.cpu_mask else ""),
+              f"runtime: {result.runtime.get('target')} · build {result.runtime.get('build_commit')} "
+              f"({result.runtime.get('build_number')}) · peak memory by {', '.join(methods) or 'n/a'}"]
+    return "\n".join(lines) + "\n"
+
+
+# -- baselines ---------------------------------------------------------------------------------
+def gguf_file_type(path: Path) -> int | None:
+    """general.file_type of a GGUF, or None when it cannot be read (e.g. custom tensor types)."""
+    try:
+        import gguf
+
+        f = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+        return int(f.parts[f.data[0]][0]) if f is not None else None
+    except Exception:
+        return None
+
+
+def find_fp_model(models: list[Path]) -> Path | None:
+    for m in models:
+        if gguf_file_type(m) in FP_FILE_TYPES:
+            return m
+    return None
+
+
+def build_baselines(fp_model: Path, kinds: list[str], out_dir: Path | None = None,
+                    llama_quantize: Path | None = None) -> list[Path]:
+    """Quantize `fp_model` to each baseline kind with the runtime's llama-quantize, reusing files that
+    already exist. An F16 source is its own f16 baseline."""
+    unknown = [k for k in kinds if k not in BASELINE_TYPES]
+    if unknown:
+        raise SlimEdgeError(f"Unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINE_TYPES)}.")
+    if not fp_model.is_file():
+        raise SlimEdgeError(f"FP model {fp_model} does not exist. Pass an F16/F32/BF16 GGUF with --fp-model.")
+    out_dir = out_dir or fp_model.parent
+    stem = fp_model.name[:-5] if fp_model.name.endswith(".gguf") else fp_model.name
+    for suffix in ("-f16", "-f32", "-bf16", ".f16", ".f32", ".bf16", "-F16", "-F32", "-BF16"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    out = []
+    for kind in kinds:
+        if kind == "f16" and gguf_file_type(fp_model) == 1:
+            out.append(fp_model)
+            continue
+        dst = out_dir / f"{stem}-{kind}.gguf"
+        if not dst.is_file():
+            if llama_quantize is None:
+                bin_dir, lib_dir = find_runtime_dirs("host")
+                llama_quantize = bin_dir / "llama-quantize"
+            else:
+                lib_dir = llama_quantize.parent
+            tmp = dst.with_name(dst.name + ".tmp")
+            env = {**os.environ, "LD_LIBRARY_PATH": str(lib_dir)}
+            p = subprocess.run([str(llama_quantize), str(fp_model), str(tmp), BASELINE_TYPES[kind]],
+                               capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise SlimEdgeError(f"llama-quantize {BASELINE_TYPES[kind]} of {fp_model} failed "
+                                    f"(exit {p.returncode}): {p.stderr.strip()[-800:]}")
+            tmp.rename(dst)
+        out.append(dst)
+    return out
+
+
+# -- host chat TTFT through the Python bindings ------------------------------------------------
+_CHAT_TTFT_SCRIPT = r"""
+import json, statistics, sys, time
+import llama_cpp
+args = json.loads(sys.argv[1])
+llm = llama_cpp.Llama(model_path=args["model"], n_ctx=args["n_ctx"], n_threads=args["threads"],
+                      n_threads_batch=args["threads"], n_batch=512, verbose=False)
+prompt_tokens = None
+wall, peval, npeval = [], [], []
+for i in range(args["reps"] + 1):  # the first call warms up and is dropped
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+    t0 = time.perf_counter()
+    out = llm.create_chat_completion(messages=args["messages"], max_tokens=1, temperature=0.0)
+    dt = (time.perf_counter() - t0) * 1e3
+    perf = llama_cpp.llama_perf_context(llm.ctx)
+    prompt_tokens = out["usage"]["prompt_tokens"]
+    if i:
+        wall.append(dt); peval.append(perf.t_p_eval_ms); npeval.append(perf.n_p_eval)
+print(json.dumps({"n_prompt_tokens": prompt_tokens, "wall_ms": wall, "t_p_eval_ms": peval, "n_p_eval": npeval}))
+"""
+
+
+def measure_chat_ttft(model: Path, threads: int, reps: int, lib_dir: Path | None = None,
+                      n_ctx: int = 2048) -> dict:
+    """TTFT of one chat turn through llama_cpp (in a child process, so LLAMA_CPP_LIB_PATH can
+    point at the runtime's libllama.so)."""
+    env = dict(os.environ)
+    if lib_dir is not None and (lib_dir / "libllama.so").exists():
+        env["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
+        env["LD_LIBRARY_PATH"] = str(lib_dir) + os.pathsep + env.get("LD_LIBRARY_PATH", "")
+    args = {"model": str(model), "threads": threads, "reps": reps, "n_ctx": n_ctx, "messages": CHAT_MESSAGES}
+    p = subprocess.run([sys.executable, "-c", _CHAT_TTFT_SCRIPT, json.dumps(args)],
+                       capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SlimEdgeError(f"Chat TTFT through llama_cpp failed for {model.name}: {p.stderr.strip()[-600:]}")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    wm, ws = _mean_std(r["wall_ms"])
+    pm, ps = _mean_std(r["t_p_eval_ms"])
+    return {"n_threads": threads, "n_prompt_tokens": r["n_prompt_tokens"], "wall_ms_mean": wm, "wall_ms_std": ws,
+            "t_p_eval_ms_mean": pm, "t_p_eval_ms_std": ps, "wall_ms_samples": r["wall_ms"],
+            "t_p_eval_ms_samples": r["t_p_eval_ms"], "n_p_eval": r["n_p_eval"],
+            "source": "llama_cpp create_chat_completion(max_tokens=1) + llama_perf_context"}
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+def run_bench(models: list[Path | str], device: Device | str = "host", config: BenchConfig | None = None,
+              *, compare: str | None = None, progress: bool = True, log=None) -> BenchResult:
+    """Benchmark each GGUF in `models` on `device` and return every measurement.
+
+    >>> result = run_bench(["tiny-q4_0.gguf", "tiny-f16.gguf"], "host", BenchConfig(threads=[1]))
+    >>> print(result.markdown())
+    """
+    from tqdm import tqdm
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    cfg = config or BenchConfig()
+    paths = [Path(m) for m in models]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SlimEdgeError(f"Model file(s) not found: {', '.join(missing)}. Pass paths to GGUF files.")
+    names = [p.name[:-5] if p.name.endswith(".gguf") else p.name for p in paths]
+    if len(set(names)) != len(names):
+        raise SlimEdgeError(f"Two models share a name ({', '.join(names)}); rename one so results stay apart.")
+    dev = get_device(device) if isinstance(device, str) else device
+
+    dev.check_connection()
+    info = dev.info()
+    # Storage only matters where files are copied; RAM always.
+    check_fits(info if dev.copies_files else replace(info, storage_available_kb=None), paths)
+    dev.ensure_workdir()
+    if dev.copies_files:
+        dev.shell_ok(f"mkdir -p {dev.remote_path('results')}")
+    tools, env = dev.stage_runtime(("llama-bench",))
+    log(f"[bench] {info.device}: {info.soc} {info.model} ({info.arch}); staging {len(paths)} model(s)")
+    staged = dev.stage(paths, subdir="models")
+    mask = None
+    if cfg.pin_big_cores and info.max_freqs_khz:
+        cores = big_cores(info.max_freqs_khz, max(cfg.threads))
+        if len(cores) < len(info.max_freqs_khz):
+            mask = cpu_mask(cores)
+            log(f"[bench] pinning to cores {cores} (mask {mask}, highest cpuinfo_max_freq)")
+
+    results, runtime = [], {"target": dev.runtime_target}
+    jobs = [(p, n, t) for p, n in zip(paths, names) for t in cfg.threads]
+    bar = tqdm(total=len(jobs), desc="bench", unit="run", file=sys.stderr, disable=not progress)
+    by_name: dict[str, ModelResult] = {}
+    for i, (path, name, threads) in enumerate(jobs):
+        bar.set_postfix_str(f"{name} t={threads}")
+        if i and cfg.delay:  # cool-down between runs (llama-bench --delay covers tests within one)
+            time.sleep(cfg.delay)
+        argv = llama_bench_argv(tools["llama-bench"], staged[path], cfg, threads, mask)
+        if dev.copies_files:  # llama-bench writes its JSONL on the device; pull it back
+            remote_out = f"results/{name}-t{threads}.jsonl"
+            res = dev.run_measured(argv, env=env, timeout=cfg.timeout, use_gnu_time=info.has_gnu_time,
+                                   stdout_file=remote_out)
+            with tempfile.TemporaryDirectory() as tmp:
+                pulled = dev.pull(remote_out, Path(tmp) / "out.jsonl") if res.returncode == 0 else None
+                text = pulled.read_text() if pulled else ""
+        else:
+            res = dev.run_measured(argv, env=env, timeout=cfg.timeout, use_gnu_time=info.has_gnu_time)
+            text = res.stdout
+        rows = parse_llama_bench(text)
+        if res.returncode != 0 or not rows:
+            raise SlimEdgeError(f"llama-bench failed on {info.device} for {path.name} (exit {res.returncode}): "
+                                f"{res.stderr.strip()[-1200:]}")
+        mr = by_name.get(name)
+        if mr is None:
+            mr = by_name[name] = ModelResult(name=name, path=str(path), file_size=path.stat().st_size,
+                                             model_type=str(rows[0].get("model_type", "")))
+            results.append(mr)
+        mr.rows += rows
+        if res.peak_rss_kb is not None and (mr.peak_rss_kb is None or res.peak_rss_kb > mr.peak_rss_kb):
+            mr.peak_rss_kb, mr.peak_rss_method = res.peak_rss_kb, res.peak_rss_method
+        runtime.update(build_commit=rows[0].get("build_commit"), build_number=rows[0].get("build_number"),
+                       backends=rows[0].get("backends"), cpu_info=rows[0].get("cpu_info"))
+        bar.update(1)
+    bar.close()
+
+    for mr in results:
+        mr.prefill, mr.decode = summarize_rows(mr.rows)
+
+    if dev.name == "host" and cfg.chat_ttft:
+        if llama_cpp_available():
+            _, lib_dir = dev.runtime_dirs()
+            for mr in tqdm(results, desc="chat TTFT", file=sys.stderr, disable=not progress):
+                for t in cfg.threads:
+                    mr.chat_ttft.append(measure_chat_ttft(Path(mr.path), t, cfg.repetitions, lib_dir))
+        else:
+            log("[bench] llama_cpp is not installed: skipping the chat-prompt TTFT (pip install 'slim-edge[runtime]')")
+
+    result = BenchResult(device=info, config=cfg, models=results, runtime=runtime, cpu_mask=mask,
+                         created=datetime.now().isoformat(timespec="seconds"))
+    if compare:
+        result.compare = compare_to(result, compare)
+    return result
+
+
+# -- output ------------------------------------------------------------------------------------
+def default_output_dir() -> Path:
+    return Path("results") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_results(result: BenchResult, out_dir: Path, *, force: bool = False, plots: bool = True) -> dict[str, Path]:
+    """Write bench.md, bench.json and the PNG plots into `out_dir` atomically: everything goes to a
+    temporary sibling folder that is renamed into place at the end. An existing folder is refused
+    unless force=True."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise SlimEdgeError(f"Results folder {out_dir} already exists. Pass --force to replace it, "
+                            "or choose another with -o.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / "bench.md").write_text(result.markdown())
+        (tmp / "bench.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        names = ["bench.md", "bench.json"]
+        if plots:
+            from slim_edge.evals.plots import plot_decode, plot_ttft
+
+            plot_ttft(result, tmp / "ttft.png")
+            plot_decode(result, tmp / "decode.png")
+            names += ["ttft.png", "decode.png"]
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {n: out_dir / n for n in names}
+
+
+# -- the command -------------------------------------------------------------------------------
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SlimEdgeError(f"{what} must be comma-separated integers, e.g. 1,2; got {text!r}.")
+
+
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="GGUF files to benchmark (slim-edge files and baselines).")],
+    device: Annotated[str, typer.Option("--device", "-d", help="host | android | ssh | qemu-arm64")] = "host",
+    serial: Annotated[Optional[str], typer.Option(help="android: adb serial when several phones are attached.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="ssh: user@address of the board.")] = None,
+    port: Annotated[int, typer.Option(help="ssh: port.")] = 22,
+    identity: Annotated[Optional[Path], typer.Option(help="ssh: private key file.")] = None,
+    prompt_lengths: Annotated[str, typer.Option("--prompt-lengths", "-p",
+                                                help="Prompt lengths for prefill and TTFT.")] = "128,256,512,1024",
+    n_gen: Annotated[int, typer.Option("--n-gen", "-n", help="Tokens generated in the decode test.")] = 128,
+    threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts.")] = "1,2",
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 5,
+    delay: Annotated[int, typer.Option(help="Cool-down seconds between tests and runs.")] = 0,
+    baselines: Annotated[Optional[str], typer.Option(help="Build and add baselines, e.g. q4_0,q4_k_m,f16.")] = None,
+    fp_model: Annotated[Optional[Path], typer.Option(help="F16/F32 GGUF the baselines are quantized from.")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="Print ratios against this model, e.g. q4_0.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+                                                   help="Results folder (default results/bench-<timestamp>).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing results folder.")] = False,
+    cleanup: Annotated[bool, typer.Option(help="Remove the device's working folder afterwards.")] = False,
+    pin: Annotated[bool, typer.Option(help="Pin threads to the fastest cores (android/ssh).")] = True,
+    chat_ttft: Annotated[bool, typer.Option(help="host: also time a chat prompt through llama_cpp.")] = True,
+) -> BenchResult:
+    """Measure time to first token and decode speed of GGUF models on a device.
+
+    Examples:
+
+        slim-edge bench model-stq1_0.gguf --baselines q4_0,f16 --fp-model model-f16.gguf --compare q4_0
+
+        slim-edge bench model-q2_0.gguf model-q4_0.gguf --device android --serial R58M12345 -t 2,4 --delay 10
+
+        slim-edge bench model-q2_0.gguf --device ssh --host pi@192.168.1.20 --identity ~/.ssh/id_ed25519
+
+        slim-edge bench tiny.gguf --device qemu-arm64 -p 16 -n 8 -r 1   # emulated, not a speed figure
+
+    Writes bench.md (table), bench.json (every sample, device info, runtime commit, CPU features)
+    and ttft.png / decode.png into the results folder; prints the table to stdout.
+    """
+    cfg = BenchConfig(prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"), n_gen=n_gen,
+                      threads=_ints(threads, "--threads"), repetitions=repetitions, delay=delay,
+                      pin_big_cores=pin, chat_ttft=chat_ttft)
+    out_dir = output or default_output_dir()
+    if out_dir.exists() and not force:  # refuse before spending minutes measuring
+        raise SlimEdgeError(f"Results folder {out_dir} already exists. Pass --force to replace it, "
+                            "or choose another with -o.")
+    models = list(models)
+    if baselines:
+        kinds = [k.strip().lower() for k in baselines.split(",") if k.strip()]
+        src = fp_model or find_fp_model(models)
+        if src is None:
+            raise SlimEdgeError("--baselines needs an unquantized (F16/F32/BF16) GGUF to quantize from: pass "
+                                "--fp-model PATH or include one among the models.")
+        for b in build_baselines(src, kinds):
+            if b.resolve() not in {m.resolve() for m in models}:
+                models.append(b)
+    dev = get_device(device, serial=serial, host=host, port=port,
+                     identity=str(identity.expanduser()) if identity else None)
+    try:
+        result = run_bench(models, dev, cfg, compare=compare)
+    finally:
+        if cleanup:
+            dev.cleanup()
+    files = write_results(result, out_dir, force=force)
+    typer.echo(result.markdown())
+    typer.echo(f"results: {', '.join(str(p) for p in files.values())}", err=True)
+    return result

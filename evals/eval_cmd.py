@@ -1,0 +1,203 @@
+"""`slim-edge eval`: perplexity, KL divergence against a reference, and a generation check, for GGUF
+files (through the runtime) and checkpoints (through PyTorch), on the same tokens.
+
+All models see the same token ids: the text is tokenized once, by the reference's tokenizer (else the
+first model's), and cut into chunks as llama-perplexity does (see perplexity.py). Models are loaded
+together and every chunk is run through each of them, so only one chunk of logits per model is held.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from slim_edge.errors import SlimEdgeError
+from slim_edge.evals import corpora
+from slim_edge.evals.backends import LlamaCppLM, TorchLM
+from slim_edge.evals.generation import generation_check
+from slim_edge.evals.kld import concat_stats, summarize, token_stats
+from slim_edge.evals.perplexity import chunk_nll, make_chunks, ppl_from_nll, scored_logits
+
+
+def load_lm(spec: str, ctx: int = 512, threads: int = 2):
+    """A GGUF file (runtime), a slim-edge checkpoint folder, an HF folder or an embedded model name."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise SlimEdgeError(f"{path} is not a GGUF file (starts with {magic!r}); pass a .gguf file, a "
+                                f"checkpoint folder or an HF model folder")
+        return LlamaCppLM(path, n_ctx=ctx, n_threads=threads)
+    if path.suffix == ".gguf":
+        raise SlimEdgeError(f"GGUF file {path} does not exist; export one with slim-edge export")
+    import torch
+
+    torch.set_num_threads(threads)
+    if (path / "quant_config.json").is_file():
+        try:
+            from slim_edge import load_quantized
+        except ImportError:
+            from slim_edge.checkpoint import load_quantized
+        model, tok = load_quantized(path)
+        return TorchLM(model, tok, name=path.name)
+    from slim_edge.models import load_model
+
+    model, tok, _ = load_model(spec)
+    return TorchLM(model, tok, name=spec if not path.exists() else path.name)
+
+
+def evaluate(models: list[str], reference: str | None = None, corpus: str = "lee", split: str = "eval",
+             ctx: int = 512, max_chunks: int | None = None, gen_tokens: int = 64, threads: int = 2,
+             train_text: str | None = None, progress: bool = True) -> dict:
+    """PPL of each model (and of the reference), and with a reference its KLD, ΔPPL and same-top-1 %,
+    on `split` of `corpus`; plus a greedy generation check of `gen_tokens` tokens (0 = skip).
+
+    `train_text` (the corpus or file a model was trained on) is checked to share no text with the
+    evaluation text. Returns a JSON-ready dict.
+    """
+    if not models and reference is None:
+        raise SlimEdgeError("nothing to evaluate: pass at least one MODEL")
+    text = corpora.get_text(corpus, split)
+    if train_text is not None:
+        train = corpora.get_text(train_text, "train")
+        corpora.check_disjoint(train, text)
+    specs = ([reference] if reference is not None else []) + list(models)
+    # the runtime's context must also hold a prompt and its generated tokens
+    lms = [load_lm(s, max(ctx, gen_tokens + 64), threads) for s in specs]
+    ref = lms[0] if reference is not None else None
+    tokenizer_lm = lms[0]
+    for lm, spec in zip(lms[1:], specs[1:]):
+        if lm.n_vocab != tokenizer_lm.n_vocab:
+            raise SlimEdgeError(f"{spec} has a vocabulary of {lm.n_vocab} tokens, {specs[0]} of "
+                                f"{tokenizer_lm.n_vocab}: models compared on the same tokens need the same tokenizer")
+    ids = tokenizer_lm.tokenize(text.text)
+    _check_tokenizers(lms, tokenizer_lm, text.text)
+    chunks = make_chunks(ids, ctx, max_chunks, tokenizer_lm.add_bos, tokenizer_lm.bos_id)
+
+    nll = [[] for _ in lms]
+    stats = [[] for _ in lms]
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(chunks.n_chunk), desc="eval", unit="chunk", disable=not progress, file=sys.stderr):
+        base = None
+        for j, lm in enumerate(lms):
+            logits = scored_logits(lm, chunks.tokens[i], chunks.first)
+            nll[j].append(chunk_nll(logits, chunks.targets[i]))
+            if ref is not None:
+                if j == 0:
+                    base = logits
+                else:
+                    stats[j].append(token_stats(base, logits, chunks.targets[i]))
+            del logits
+
+    rows = []
+    for j, (lm, spec) in enumerate(zip(lms, specs)):
+        ppl, err = ppl_from_nll(np.concatenate(nll[j]))
+        row = {"model": spec, "name": lm.name, "backend": lm.kind, "is_reference": ref is not None and j == 0,
+               "ppl": ppl, "ppl_err": err}
+        if stats[j]:
+            s = summarize(concat_stats(stats[j]))
+            row.update({k: v for k, v in s.items() if k not in ("tokens", "ppl", "ppl_err")})
+        if gen_tokens > 0:
+            g = generation_check(lm, gen_tokens, progress=progress)
+            row["repeat_rate"] = g["repeat_rate"]
+            row["loops"] = g["loops"]
+            row["generation"] = g
+        rows.append(row)
+    return {
+        "corpus": text.name, "split": text.split, "provenance": text.provenance, "corpus_sha256": text.sha256,
+        "ctx": ctx, "chunks": chunks.n_chunk, "text_tokens": chunks.n_text_tokens, "scored_tokens": chunks.n_scored,
+        "tokenized_by": specs[0], "add_bos": chunks.add_bos, "reference": reference, "models": rows,
+    }
+
+
+def _check_tokenizers(lms, tokenizer_lm, text: str, probe_chars: int = 4000) -> None:
+    """Warn when a model's own tokenizer splits the text differently from the one used for all."""
+    probe = text[:probe_chars]
+    want = tokenizer_lm.tokenize(probe)
+    for lm in lms:
+        if lm is not tokenizer_lm and lm.tokenize(probe) != want:
+            print(f"slim-edge: note: {lm.name}'s own tokenizer splits the text differently from "
+                  f"{tokenizer_lm.name}'s; all models are scored on {tokenizer_lm.name}'s tokens", file=sys.stderr)
+
+
+def format_table(result: dict) -> str:
+    """llama-perplexity-style summary, one row per model."""
+    head = (f"corpus {result['provenance']}\n"
+            f"{result['text_tokens']} tokens (by {result['tokenized_by']}'s tokenizer), {result['chunks']} chunks of "
+            f"{result['ctx']}, {result['scored_tokens']} scored tokens (second half of each chunk)\n")
+    has_kld = any("mean_kld" in r for r in result["models"])
+    has_gen = any("repeat_rate" in r for r in result["models"])
+    cols = ["model", "backend", "PPL", "± err"]
+    if has_kld:
+        cols += ["ΔPPL", "± err", "mean KLD", "median KLD", "p99 KLD", "same top-1 %"]
+    if has_gen:
+        cols += ["repeat-4 %", "loops"]
+    table = [cols]
+    for r in result["models"]:
+        name = r["name"] + (" (reference)" if r["is_reference"] else "")
+        row = [name, r["backend"], f"{r['ppl']:.4f}", f"{r['ppl_err']:.4f}"]
+        if has_kld:
+            if "mean_kld" in r:
+                row += [f"{r['delta_ppl']:+.4f}", f"{r['delta_ppl_err']:.4f}", f"{r['mean_kld']:.6f}",
+                        f"{r['median_kld']:.6f}", f"{r['p99_kld']:.6f}", f"{r['same_top_pct']:.3f}"]
+            else:
+                row += ["—"] * 6
+        if has_gen:
+            row += [f"{100 * r['repeat_rate']:.1f}", f"{r['loops']}/{len(r['generation']['continuations'])}"] \
+                if "repeat_rate" in r else ["—", "—"]
+        table.append(row)
+    widths = [max(len(t[c]) for t in table) for c in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(t, widths)))
+             for t in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return head + "\n".join(lines)
+
+
+ModelsArg = Annotated[list[str], typer.Argument(
+    help="GGUF files (run by the runtime), slim-edge checkpoint folders, HF folders or 'smollm2-135m'")]
+
+
+def eval_command(
+    models: ModelsArg,
+    reference: Annotated[Optional[str], typer.Option(
+        "--reference", "-r", help="full-precision model to compare against (KLD, ΔPPL, same top-1)")] = None,
+    corpus: Annotated[str, typer.Option(help="lee | wiki | pydoc, or a UTF-8 text file")] = "lee",
+    split: Annotated[str, typer.Option(help="eval (held out) | train, for the built-in corpora")] = "eval",
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="tokens per chunk; the second half is scored")] = 512,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", help="evaluate at most this many chunks")] = None,
+    gen_tokens: Annotated[int, typer.Option(help="greedy tokens per prompt for the loop check (0 = skip)")] = 64,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads for torch and the runtime")] = 2,
+    train_text: Annotated[Optional[str], typer.Option(
+        help="the text the models were trained on (corpus name or file): refuse overlapping eval text")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="also write the results as JSON to this file ('-' = JSON to stdout, no table)")] = None,
+):
+    """Perplexity, KL divergence against a reference, and a generation loop check.
+
+    Numbers follow llama-perplexity: chunks of --ctx tokens, the second half of each scored, KLD =
+    KL(reference ‖ model) per token. GGUF files run through the pinned llama.cpp runtime, folders
+    through PyTorch, all on the same token ids.
+
+    Examples:
+
+      slim-edge eval runs/sherry/model.gguf --reference smollm2-135m
+
+      slim-edge eval runs/seq2 runs/seq2/model.gguf -r smollm2-135m --corpus wiki --chunks 40
+
+      slim-edge eval smollm2-135m --corpus notes.txt --ctx 256 --gen-tokens 0 --json results.json
+    """
+    result = evaluate(models, reference=reference, corpus=corpus, split=split, ctx=ctx, max_chunks=chunks,
+                      gen_tokens=gen_tokens, threads=threads, train_text=train_text)
+    if json_out is not None and str(json_out) == "-":
+        print(json.dumps(result, indent=1))
+        return
+    print(format_table(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"slim-edge: wrote {json_out}", file=sys.stderr)

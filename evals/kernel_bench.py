@@ -1,0 +1,214 @@
+"""Kernel benchmark: prefill (pp512) and decode (tg128) of every 1-4 bit type in real model shapes.
+
+    python -m slim_edge.evals.kernel_bench [--shape llama-3.2-1b|1.8b] [--bin-dir DIR] [-r 3] [-t 1,2]
+
+One F16 GGUF with random normal weights is written per shape (llama architecture, a filler vocabulary
+of the real size), then llama-quantize makes each type with the embedding and the output head pinned to
+Q6_K, so only the linear layers differ. llama-bench times them; memory read bandwidth is measured with
+a numpy read loop, and the decode bound is bandwidth / bytes read per token (all weights but the
+token embedding, which is gathered, not read). Markdown goes to stdout, JSON beside it with --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {
+    # hidden, layers, heads, kv heads, ffn, vocab
+    "llama-3.2-1b": dict(hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn=8192, vocab=128256),
+    "1.8b": dict(hidden=2048, n_layers=32, n_heads=16, n_kv_heads=4, ffn=6144, vocab=120818),
+}
+TYPES = ["STQ1_0", "Q2_0C", "TQ1_0", "TQ2_0", "Q2_0", "Q4_0", "Q4_K_M", "F16"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def write_random_f16(path: Path, hidden, n_layers, n_heads, n_kv_heads, ffn, vocab, seed=0) -> Path:
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    kv = hidden // n_heads * n_kv_heads
+
+    def w(rows, cols):
+        # random normal, never zero (a zero matrix would take fast paths real models never take)
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
+
+    def norm():
+        return (1.0 + 0.01 * rng.standard_normal(hidden)).astype(np.float32)
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"t{i}" for i in range(vocab - len(tokens))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (vocab - 259)
+    wr = gguf.GGUFWriter(str(path), "llama")
+    wr.add_name(f"random {path.stem}")
+    wr.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    wr.add_context_length(4096)
+    wr.add_embedding_length(hidden)
+    wr.add_block_count(n_layers)
+    wr.add_feed_forward_length(ffn)
+    wr.add_head_count(n_heads)
+    wr.add_head_count_kv(n_kv_heads)
+    wr.add_rope_dimension_count(hidden // n_heads)
+    wr.add_rope_freq_base(500000.0)
+    wr.add_layer_norm_rms_eps(1e-5)
+    wr.add_vocab_size(vocab)
+    wr.add_tokenizer_model("llama")
+    wr.add_token_list(tokens)
+    wr.add_token_scores([0.0] * vocab)
+    wr.add_token_types(types)
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    wr.add_unk_token_id(0)
+    wr.add_tensor("token_embd.weight", w(vocab, hidden))
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        wr.add_tensor(p + "attn_norm.weight", norm())
+        wr.add_tensor(p + "attn_q.weight", w(hidden, hidden))
+        wr.add_tensor(p + "attn_k.weight", w(kv, hidden))
+        wr.add_tensor(p + "attn_v.weight", w(kv, hidden))
+        wr.add_tensor(p + "attn_output.weight", w(hidden, hidden))
+        wr.add_tensor(p + "ffn_norm.weight", norm())
+        wr.add_tensor(p + "ffn_gate.weight", w(ffn, hidden))
+        wr.add_tensor(p + "ffn_up.weight", w(ffn, hidden))
+        wr.add_tensor(p + "ffn_down.weight", w(hidden, ffn))
+    wr.add_tensor("output_norm.weight", norm())
+    wr.add_tensor("output.weight", w(vocab, hidden))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path
+
+
+def read_bandwidth_gbs(threads: int = 1, mib: int = 1024, reps: int = 5) -> float:
+    """Best-of-reps read bandwidth: a sum over a buffer far larger than the caches, in `threads` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bufs = [np.ones(mib * 2**20 // 8 // threads, np.float64) for _ in range(threads)]
+    best = 0.0
+    with ThreadPoolExecutor(threads) as ex:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            list(ex.map(np.sum, bufs))  # numpy releases the GIL in the reduction
+            best = max(best, mib * 2**20 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def decode_bytes(path: Path) -> int:
+    """Bytes of weights read per decoded token: every tensor but the (gathered) token embedding."""
+    from slim_edge.runtime import read_tensor_table  # PyPI gguf's reader rejects type ids 43/44
+
+    return sum(t.span for t in read_tensor_table(path).tensors if t.name != "token_embd.weight")
+
+
+def quantize(qbin: Path, f16: Path, kind: str, out: Path) -> Path:
+    if kind == "F16":
+        return f16
+    if not out.exists():
+        log(f"llama-quantize {kind} -> {out.name}")
+        tmp = out.with_name(out.name + ".tmp")
+        subprocess.run([str(qbin), "--token-embedding-type", "q6_K", "--output-tensor-type", "q6_K",
+                        str(f16), str(tmp), kind], check=True, capture_output=True)
+        tmp.rename(out)
+    return out
+
+
+def llama_bench(bench: Path, model: Path, threads: int, reps: int) -> dict[str, float]:
+    p = subprocess.run([str(bench), "-m", str(model), "-p", "512", "-n", "128", "-t", str(threads),
+                        "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True)
+    out = {}
+    for row in json.loads(p.stdout):
+        key = "pp512" if row["n_prompt"] else "tg128"
+        out[key], out[key + "_std"] = row["avg_ts"], row["stddev_ts"]
+    return out
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name"))
+        flags = next(ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags"))
+        isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512vbmi") if f in flags]
+    except (OSError, StopIteration):
+        isa = []
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "machine": platform.machine(),
+            "load_avg_at_start": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", action="append", choices=list(SHAPES), help="default: llama-3.2-1b")
+    ap.add_argument("--bin-dir", type=Path, help="llama-bench/llama-quantize; default: slim-edge's host runtime")
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "slim-edge" / "kernel-bench")
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("-t", "--threads", default="1,2")
+    ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
+    a = ap.parse_args(argv)
+
+    if a.bin_dir is None:
+        from slim_edge import runtime
+        a.bin_dir = runtime.find_runtime("host", tools=("llama-bench", "llama-quantize")).bin_dir
+    qbin, bench = a.bin_dir / "llama-quantize", a.bin_dir / "llama-bench"
+    threads = [int(t) for t in a.threads.split(",")]
+    types = a.types.split(",")
+    bw = {t: read_bandwidth_gbs(t) for t in threads}
+    log(f"read bandwidth GB/s: {bw}")
+    result = {"schema": "slim-edge.kernel-bench/1", "machine": machine(), "bandwidth_gbs": bw, "shapes": {}}
+    md = []
+    for shape in a.shape or ["llama-3.2-1b"]:
+        d = a.work / shape
+        d.mkdir(parents=True, exist_ok=True)
+        f16 = d / "f16.gguf"
+        if not f16.exists():
+            log(f"writing random F16 {shape} ...")
+            write_random_f16(d / "f16.tmp.gguf", **SHAPES[shape]).rename(f16)
+        rows = {}
+        for kind in types:
+            model = quantize(qbin, f16, kind, d / f"{kind.lower()}.gguf")
+            rows[kind] = {"mib": model.stat().st_size / 2**20, "decode_bytes": decode_bytes(model)}
+            for t in threads:
+                log(f"llama-bench {shape} {kind} t={t} ...")
+                r = llama_bench(bench, model, t, a.reps)
+                rows[kind][f"t{t}"] = {**r, "decode_bound": bw[t] * 1e9 / rows[kind]["decode_bytes"]}
+        for kind, row in rows.items():
+            for t in threads:
+                x = row[f"t{t}"]
+                for base in ("Q4_0", "TQ2_0"):
+                    if base in rows:
+                        b = rows[base][f"t{t}"]
+                        x[f"pp_vs_{base}"] = x["pp512"] / b["pp512"]
+                        x[f"tg_vs_{base}"] = x["tg128"] / b["tg128"]
+        result["shapes"][shape] = rows
+        md.append(f"### {shape} ({SHAPES[shape]})\n")
+        md.append("| type | MiB | threads | pp512 t/s | tg128 t/s | tg/Q4_0 | tg/TQ2_0 | pp/Q4_0 | decode bound t/s | % of bound |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for kind, row in rows.items():
+            for t in threads:
+                x = row[f"t{t}"]
+                md.append(f"| {kind} | {row['mib']:.0f} | {t} | {x['pp512']:.1f} ± {x['pp512_std']:.1f} | "
+                          f"{x['tg128']:.1f} ± {x['tg128_std']:.1f} | {x.get('tg_vs_Q4_0', float('nan')):.2f} | "
+                          f"{x.get('tg_vs_TQ2_0', float('nan')):.2f} | {x.get('pp_vs_Q4_0', float('nan')):.2f} | "
+                          f"{x['decode_bound']:.1f} | {100 * x['tg128'] / x['decode_bound']:.0f} |")
+        md.append("")
+    text = "\n".join(md)
+    print(text)
+    if a.out:
+        a.out.with_suffix(".md").write_text(text + "\n")
+        a.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

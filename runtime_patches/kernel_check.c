@@ -1,0 +1,281 @@
+// kernel_check: drive the patched ggml's quantize / dequantize / vec_dot / mul_mat from files, and a
+// self-test that needs no files (run it on any machine: AVX-512, NEON with and without dotprod, ...).
+//
+//   kernel_check quantize   TYPE N_PER_ROW IN.f32 OUT.bin [IMATRIX.f32]   reference quantizer (ggml_quantize_chunk)
+//   kernel_check dequantize TYPE N_PER_ROW IN.bin OUT.f32                 type_traits.to_float
+//   kernel_check vecdot     TYPE K W.bin X.f32 OUT.f32                    per row and column: the CPU vec_dot, then
+//                                                                         the exact dot of the dequantized row with
+//                                                                         the dequantized quantized activations
+//                                                                         (OUT = [2, N, M] float32)
+//   kernel_check mulmat     TYPE K W.bin X.f32 OUT.f32 [THREADS]         ggml_mul_mat on the CPU backend, OUT = [N, M]
+//   kernel_check selftest   [TYPE ...]                                    random rows: vec_dot and mul_mat against the
+//                                                                         exact reference; exit status 1 on a mismatch
+//   kernel_check bench      TYPE K M [REPS]                               ns per weight of vec_dot (one thread)
+//
+// Files are raw little-endian arrays; W.bin holds M rows of ggml_row_size(TYPE, K) bytes, X.f32 holds N rows of K.
+// Build: cc -O2 kernel_check.c -I<tree>/ggml/include -L<build>/bin -lggml -lggml-base -lggml-cpu -lm
+#include "ggml.h"
+#include "ggml-cpu.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static void die(const char * msg, const char * arg) {
+    fprintf(stderr, "kernel_check: %s%s%s\n", msg, arg ? ": " : "", arg ? arg : "");
+    exit(2);
+}
+
+static enum ggml_type type_by_name(const char * name) {
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char * n = ggml_type_name((enum ggml_type) t);
+        if (n && ggml_blck_size((enum ggml_type) t) > 0 && strcasecmp(n, name) == 0) {
+            return (enum ggml_type) t;
+        }
+    }
+    die("unknown type", name);
+    return GGML_TYPE_COUNT;
+}
+
+static void * read_file(const char * path, size_t * size) {
+    FILE * f = fopen(path, "rb");
+    if (!f) die("cannot open", path);
+    fseek(f, 0, SEEK_END);
+    *size = (size_t) ftell(f);
+    fseek(f, 0, SEEK_SET);
+    void * buf = malloc(*size ? *size : 1);
+    if (fread(buf, 1, *size, f) != *size) die("cannot read", path);
+    fclose(f);
+    return buf;
+}
+
+static void write_file(const char * path, const void * buf, size_t size) {
+    FILE * f = fopen(path, "wb");
+    if (!f || fwrite(buf, 1, size, f) != size) die("cannot write", path);
+    fclose(f);
+}
+
+// activations as the kernel sees them: quantized to vec_dot_type, then back to float (exactly)
+static void dequantize_activations(enum ggml_type vt, const void * q, float * out, int64_t k) {
+    if (vt == GGML_TYPE_Q8_K) {
+        // block_q8_K: float d, int8 qs[256], int16 bsums[16]
+        const size_t bs = ggml_type_size(GGML_TYPE_Q8_K);
+        if (bs != 4 + 256 + 32) die("unexpected block_q8_K size", NULL);
+        for (int64_t i = 0; i < k / 256; ++i) {
+            const uint8_t * b = (const uint8_t *) q + i*bs;
+            float d;
+            memcpy(&d, b, 4);
+            for (int j = 0; j < 256; ++j) out[i*256 + j] = d * (float) (int8_t) b[4 + j];
+        }
+    } else if (ggml_get_type_traits(vt)->to_float) {
+        ggml_get_type_traits(vt)->to_float(q, out, k);
+    } else {
+        die("no dequantizer for vec_dot_type", ggml_type_name(vt));
+    }
+}
+
+// kernel results and the exact reference for W [m, k] (raw) times X [n, k] (float)
+static void vecdot(enum ggml_type type, int64_t k, const void * w, int64_t m, const float * x, int64_t n,
+                   float * out_kernel, float * out_ref, double * out_abs) {
+    const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(type);
+    const enum ggml_type vt = tc->vec_dot_type;
+    const size_t wrow = ggml_row_size(type, k);
+    const size_t xrow = ggml_row_size(vt, k);
+    void  * xq = malloc(xrow);
+    float * xd = malloc(k*sizeof(float));
+    float * wd = malloc(k*sizeof(float));
+    for (int64_t c = 0; c < n; ++c) {
+        ggml_get_type_traits_cpu(vt)->from_float(x + c*k, xq, k);
+        dequantize_activations(vt, xq, xd, k);
+        for (int64_t r = 0; r < m; ++r) {
+            const void * wr = (const char *) w + r*wrow;
+            float s = 0.0f;
+            tc->vec_dot((int) k, &s, 0, wr, 0, xq, 0, 1);
+            ggml_get_type_traits(type)->to_float(wr, wd, k);
+            double ref = 0.0, mag = 0.0;
+            for (int64_t j = 0; j < k; ++j) {
+                ref += (double) wd[j] * (double) xd[j];
+                mag += fabs((double) wd[j] * (double) xd[j]);
+            }
+            out_kernel[c*m + r] = s;
+            if (out_ref) out_ref[c*m + r] = (float) ref;
+            if (out_abs) out_abs[c*m + r] = mag;
+        }
+    }
+    free(xq); free(xd); free(wd);
+}
+
+static void mulmat(enum ggml_type type, int64_t k, const void * w, int64_t m, const float * x, int64_t n,
+                   float * out, int n_threads) {
+    const size_t mem = ggml_row_size(type, k)*m + (size_t) (k*n + m*n)*sizeof(float) + 64*ggml_tensor_overhead()
+                     + ggml_graph_overhead() + (1 << 20);
+    struct ggml_init_params params = { mem, NULL, false };
+    struct ggml_context * ctx = ggml_init(params);
+    struct ggml_tensor * tw = ggml_new_tensor_2d(ctx, type, k, m);
+    struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
+    memcpy(tw->data, w, ggml_nbytes(tw));
+    memcpy(tx->data, x, ggml_nbytes(tx));
+    struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);  // [m, n]
+    struct ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, ty);
+    if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) die("mul_mat failed", NULL);
+    memcpy(out, ty->data, ggml_nbytes(ty));
+    ggml_free(ctx);
+}
+
+static uint64_t rng_state = 0x853c49e6748fea9bULL;
+static float randn(void) {
+    // xorshift64* + Box-Muller: deterministic and identical on every machine
+    double u[2];
+    for (int i = 0; i < 2; ++i) {
+        rng_state ^= rng_state >> 12; rng_state ^= rng_state << 25; rng_state ^= rng_state >> 27;
+        u[i] = ((rng_state * 2685821657736338717ULL) >> 11) * (1.0/9007199254740992.0);
+    }
+    return (float) (sqrt(-2.0*log(u[0] + 1e-300)) * cos(6.283185307179586*u[1]));
+}
+
+static int selftest_type(enum ggml_type type) {
+    const int64_t blk = ggml_blck_size(type);
+    int fails = 0;
+    const int64_t ks[] = { blk, 2*blk, 1024 > blk ? 1024 : 2*blk, 4096, 4096 + blk };
+    for (size_t ik = 0; ik < sizeof(ks)/sizeof(ks[0]); ++ik) {
+        const int64_t k = ks[ik], m = 7, n = 3;
+        if (k % blk) continue;
+        float * wf = malloc(m*k*sizeof(float));
+        float * x  = malloc(n*k*sizeof(float));
+        for (int64_t i = 0; i < m*k; ++i) wf[i] = randn();
+        for (int64_t i = 0; i < n*k; ++i) x[i] = randn() * (i % 97 == 0 ? 8.0f : 1.0f);
+        // edge rows: all zero, all +max / -max, one outlier
+        for (int64_t j = 0; j < k; ++j) {
+            wf[0*k + j] = 0.0f;
+            wf[1*k + j] = (j & 1) ? -4.0f : 4.0f;
+            wf[2*k + j] = j == k/3 ? 100.0f : 0.01f * randn();
+        }
+        void * w = malloc(m*ggml_row_size(type, k));
+        ggml_quantize_chunk(type, wf, w, 0, m, k, NULL);
+        float  * kern = malloc(n*m*sizeof(float));
+        float  * ref  = malloc(n*m*sizeof(float));
+        double * mag  = malloc(n*m*sizeof(double));
+        float  * mm   = malloc(n*m*sizeof(float));
+        vecdot(type, k, w, m, x, n, kern, ref, mag);
+        mulmat(type, k, w, m, x, n, mm, 2);
+        for (int64_t i = 0; i < n*m; ++i) {
+            const double tol = 1e-5*mag[i] + 1e-6;
+            if (fabs(kern[i] - ref[i]) > tol || fabs(mm[i] - ref[i]) > tol) {
+                if (fails < 5) {
+                    fprintf(stderr, "  %s k=%lld out %lld: vec_dot %.6g mul_mat %.6g exact %.6g (tol %.3g)\n",
+                            ggml_type_name(type), (long long) k, (long long) i, kern[i], mm[i], ref[i], tol);
+                }
+                fails++;
+            }
+        }
+        free(wf); free(x); free(w); free(kern); free(ref); free(mag); free(mm);
+    }
+    printf("%-8s %s\n", ggml_type_name(type), fails ? "FAIL" : "ok");
+    return fails;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9*ts.tv_nsec;
+}
+
+int main(int argc, char ** argv) {
+    ggml_cpu_init();
+    if (argc < 2) die("usage: kernel_check quantize|dequantize|vecdot|mulmat|selftest|bench ...", NULL);
+    const char * mode = argv[1];
+
+    if (strcmp(mode, "selftest") == 0) {
+        const char * def[] = { "stq1_0", "q2_0c", "q2_0" };
+        int fails = 0;
+        printf("cpu: avx2=%d avx512=%d avx512_vnni=%d neon=%d dotprod=%d\n", ggml_cpu_has_avx2(),
+               ggml_cpu_has_avx512(), ggml_cpu_has_avx512_vnni(), ggml_cpu_has_neon(), ggml_cpu_has_dotprod());
+        if (argc > 2) {
+            for (int i = 2; i < argc; ++i) fails += selftest_type(type_by_name(argv[i]));
+        } else {
+            for (size_t i = 0; i < sizeof(def)/sizeof(def[0]); ++i) fails += selftest_type(type_by_name(def[i]));
+        }
+        printf("%s\n", fails ? "FAILED" : "PASSED");
+        return fails ? 1 : 0;
+    }
+
+    if (argc < 4) die("missing arguments", mode);
+    const enum ggml_type type = type_by_name(argv[2]);
+    const int64_t k = atoll(argv[3]);
+    if (k <= 0 || k % ggml_blck_size(type)) die("row length is not a multiple of the block size", argv[3]);
+
+    if (strcmp(mode, "quantize") == 0) {
+        if (argc < 6) die("quantize TYPE N_PER_ROW IN.f32 OUT.bin [IMATRIX.f32]", NULL);
+        size_t sz, szw = 0;
+        float * x = read_file(argv[4], &sz);
+        const int64_t rows = sz / sizeof(float) / k;
+        float * imatrix = argc > 6 ? read_file(argv[6], &szw) : NULL;
+        if (imatrix && szw != (size_t) k*sizeof(float)) die("imatrix must hold N_PER_ROW floats", argv[6]);
+        const size_t out_size = rows*ggml_row_size(type, k);
+        void * out = malloc(out_size);
+        const size_t n = ggml_quantize_chunk(type, x, out, 0, rows, k, imatrix);
+        if (n != out_size) die("unexpected quantized size", NULL);
+        write_file(argv[5], out, out_size);
+        return 0;
+    }
+    if (strcmp(mode, "dequantize") == 0) {
+        if (argc < 6) die("dequantize TYPE N_PER_ROW IN.bin OUT.f32", NULL);
+        size_t sz;
+        void * q = read_file(argv[4], &sz);
+        const int64_t rows = sz / ggml_row_size(type, k);
+        float * out = malloc(rows*k*sizeof(float));
+        ggml_get_type_traits(type)->to_float(q, out, rows*k);
+        write_file(argv[5], out, rows*k*sizeof(float));
+        return 0;
+    }
+    if (strcmp(mode, "vecdot") == 0 || strcmp(mode, "mulmat") == 0) {
+        if (argc < 7) die("vecdot|mulmat TYPE K W.bin X.f32 OUT.f32", NULL);
+        size_t szw, szx;
+        void  * w = read_file(argv[4], &szw);
+        float * x = read_file(argv[5], &szx);
+        const int64_t m = szw / ggml_row_size(type, k), n = szx / sizeof(float) / k;
+        if (strcmp(mode, "vecdot") == 0) {
+            float * out = malloc(2*n*m*sizeof(float));
+            vecdot(type, k, w, m, x, n, out, out + n*m, NULL);
+            write_file(argv[6], out, 2*n*m*sizeof(float));
+        } else {
+            float * out = malloc(n*m*sizeof(float));
+            mulmat(type, k, w, m, x, n, out, argc > 7 ? atoi(argv[7]) : 2);
+            write_file(argv[6], out, n*m*sizeof(float));
+        }
+        return 0;
+    }
+    if (strcmp(mode, "bench") == 0) {
+        const int64_t m = argc > 4 ? atoll(argv[4]) : 2048;
+        const int reps = argc > 5 ? atoi(argv[5]) : 20;
+        float * wf = malloc(m*k*sizeof(float));
+        float * x  = malloc(k*sizeof(float));
+        for (int64_t i = 0; i < m*k; ++i) wf[i] = randn();
+        for (int64_t i = 0; i < k; ++i) x[i] = randn();
+        void * w = malloc(m*ggml_row_size(type, k));
+        ggml_quantize_chunk(type, wf, w, 0, m, k, NULL);
+        const struct ggml_type_traits_cpu * tc = ggml_get_type_traits_cpu(type);
+        void * xq = malloc(ggml_row_size(tc->vec_dot_type, k));
+        ggml_get_type_traits_cpu(tc->vec_dot_type)->from_float(x, xq, k);
+        float s = 0.0f, acc = 0.0f;
+        double best = 1e30;
+        for (int r = 0; r < reps; ++r) {
+            const double t0 = now_s();
+            for (int64_t i = 0; i < m; ++i) {
+                tc->vec_dot((int) k, &s, 0, (const char *) w + i*ggml_row_size(type, k), 0, xq, 0, 1);
+                acc += s;
+            }
+            const double t = now_s() - t0;
+            if (t < best) best = t;
+        }
+        printf("%s k=%lld m=%lld: %.4f ns/weight  %.2f GB/s of weights  (checksum %g)\n", ggml_type_name(type),
+               (long long) k, (long long) m, 1e9*best/(double) (m*k), m*ggml_row_size(type, k)/best/1e9, acc);
+        return 0;
+    }
+    die("unknown mode", mode);
+    return 2;
+}

@@ -1,0 +1,145 @@
+"""Every parser on captured output of real devices (devices/captured/), exact values."""
+
+import pytest
+
+from slim_edge.devices import parse
+from slim_edge.devices.base import PROBE_SCRIPT, info_from_probe
+from slim_edge.errors import SlimEdgeError
+
+
+def test_getprop_snapdragon_8_gen_3(captured):
+    props = parse.parse_getprop(captured("getprop_sm8650_oneplus12.txt"))
+    assert props["ro.soc.model"] == "SM8650"
+    assert props["ro.board.platform"] == "pineapple"
+    assert props["ro.product.model"] == "PJD110"
+    assert props["ro.build.version.release"] == "15"
+    assert props["ro.product.cpu.abi"] == "arm64-v8a"
+    assert parse.soc_name(props) == "QTI SM8650"
+    assert len(props) == 14
+
+
+def test_getprop_dimensity_8100(captured):
+    props = parse.parse_getprop(captured("getprop_mt6895_realme_gt_neo3.txt"))
+    assert parse.soc_name(props) == "Mediatek MT6895"
+    assert props["ro.product.cpu.abilist"] == "arm64-v8a,armeabi-v7a,armeabi"
+    assert props["ro.build.version.release"] == "12"
+    assert props["dalvik.vm.isa.arm64.variant"] == "cortex-a55"
+
+
+def test_soc_name_falls_back_to_board_platform():
+    assert parse.soc_name({"ro.board.platform": "kalama"}) == "kalama"
+    assert parse.soc_name({}) == "unknown"
+
+
+def test_cpuinfo_sm8550(captured):
+    info = parse.parse_cpuinfo(captured("cpuinfo_sm8550.txt"))
+    assert [c["processor"] for c in info["cpus"]] == list(range(8))
+    # Cortex-A510 x3, A715 x2, A710 x2, X3 x1
+    assert [c["part"] for c in info["cpus"]] == ["0xd46"] * 3 + ["0xd4d"] * 2 + ["0xd47"] * 2 + ["0xd4e"]
+    assert "i8mm" in info["features"] and "asimddp" in info["features"] and "sve" not in info["features"]
+    assert len(info["features"]) == 36
+    assert parse.features_of_interest(info["features"]) == ["asimd", "asimddp", "asimdhp", "i8mm"]
+
+
+def test_cpuinfo_pixel8_has_sve2(captured):
+    info = parse.parse_cpuinfo(captured("cpuinfo_pixel8_tensor_g3.txt"))
+    assert len(info["cpus"]) == 9
+    assert info["cpus"][8]["part"] == "0xd4e"
+    assert parse.features_of_interest(info["features"]) == ["asimd", "asimddp", "asimdhp", "i8mm", "sve", "sve2"]
+
+
+def test_cpuinfo_sdm845_has_no_dotprod(captured):
+    info = parse.parse_cpuinfo(captured("cpuinfo_galaxy_s9_sdm845.txt"))
+    assert info["hardware"] == "Qualcomm Technologies, Inc SDM845"
+    assert parse.features_of_interest(info["features"]) == ["asimd", "asimdhp"]
+
+
+def test_max_freqs_and_big_core_mask_pixel8(captured):
+    freqs = parse.parse_max_freqs(captured("cpufreq_pixel8_tensor_g3.txt"))
+    assert freqs == {0: 1704000, 1: 1704000, 2: 1704000, 3: 1704000,
+                     4: 2367000, 5: 2367000, 6: 2367000, 7: 2367000, 8: 2914000}
+    assert parse.big_cores(freqs, 1) == [8]
+    assert parse.cpu_mask(parse.big_cores(freqs, 1)) == "0x100"
+    assert parse.big_cores(freqs, 2) == [4, 5, 6, 7, 8]
+    assert parse.cpu_mask(parse.big_cores(freqs, 4)) == "0x1f0"
+    assert parse.big_cores(freqs, 6) == list(range(9))
+
+
+def test_max_freqs_and_big_core_mask_sdm845(captured):
+    freqs = parse.parse_max_freqs(captured("cpufreq_galaxy_s9_sdm845.txt"))
+    assert set(freqs.values()) == {1766400, 2803200}
+    assert parse.big_cores(freqs, 4) == [4, 5, 6, 7]
+    assert parse.cpu_mask([4, 5, 6, 7]) == "0xf0"
+    assert parse.big_cores({}, 2) == []
+
+
+def test_thermal_zones():
+    text = ("/sys/class/thermal/thermal_zone0/type:cpu-0-0-usr\n/sys/class/thermal/thermal_zone1/type:battery\n"
+            "/sys/class/thermal/thermal_zone2/type:broken\n/sys/class/thermal/thermal_zone0/temp:44500\n"
+            "/sys/class/thermal/thermal_zone1/temp:35\n/sys/class/thermal/thermal_zone2/temp:-273000\n")
+    assert parse.parse_thermal(text) == {"thermal_zone0 cpu-0-0-usr": 44.5, "thermal_zone1 battery": 35.0}
+
+
+def test_meminfo(captured):
+    mem = parse.parse_meminfo(captured("meminfo_devvm.txt"))
+    assert mem == {"MemTotal": 24683656, "MemFree": 19792532, "MemAvailable": 22144068,
+                   "Buffers": 93624, "Cached": 2319236}
+
+
+def test_df(captured):
+    assert parse.parse_df_available_kb(captured("df_devvm.txt")) == 80215684
+    wrapped = ("Filesystem     1K-blocks     Used Available Use% Mounted on\n/dev/block/dm-50\n"
+               "               230481612 61236408 169114132  27% /data\n")
+    assert parse.parse_df_available_kb(wrapped) == 169114132
+    with pytest.raises(SlimEdgeError, match="df output"):
+        parse.parse_df_available_kb("df: /nowhere: No such file or directory\n")
+
+
+def test_adb_devices(captured):
+    assert parse.parse_adb_devices(captured("adb_devices_unauthorized.txt")) == [("R58M41XYZ12", "unauthorized")]
+    assert parse.parse_adb_devices(captured("adb_devices_none.txt")) == []
+    assert parse.parse_adb_devices(captured("adb_devices_two.txt")) == [("R58M41XYZ12", "device"),
+                                                                       ("emulator-5554", "device")]
+    assert parse.parse_adb_devices("* daemon not running; starting now at tcp:5037\n* daemon started successfully\n"
+                                   "List of devices attached\n") == []
+
+
+def test_sha256sum():
+    text = ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855  /data/local/tmp/slim-edge/models/a.gguf\n"
+            "sha256sum: /data/local/tmp/slim-edge/models/b.gguf: No such file or directory\n")
+    assert parse.parse_sha256sum(text) == {
+        "a.gguf": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+
+
+def test_peak_rss():
+    assert parse.parse_peak_rss_kb("noise\nSLIM_EDGE_VMHWM_KB=123456\n") == (123456, "VmHWM")
+    gnu = "\tMaximum resident set size (kbytes): 98765\n\tAverage resident set size (kbytes): 0\n"
+    assert parse.parse_peak_rss_kb(gnu) == (98765, "GNU time -v")
+    assert parse.parse_peak_rss_kb("SLIM_EDGE_VMHWM_KB=0\n") == (None, None)
+
+
+def test_sections_and_probe_on_captured_phone(captured):
+    text = "\n".join([
+        "@@uname", "aarch64",
+        "@@getprop", captured("getprop_sm8650_oneplus12.txt"),
+        "@@cpuinfo", captured("cpuinfo_pixel8_tensor_g3.txt"),
+        "@@maxfreq", captured("cpufreq_pixel8_tensor_g3.txt"),
+        "@@thermal", "/sys/class/thermal/thermal_zone0/type:cpu-0-0-usr\n/sys/class/thermal/thermal_zone0/temp:41200",
+        "@@meminfo", captured("meminfo_devvm.txt"),
+        "@@df", captured("df_devvm.txt"),
+        "@@time", "", "@@nproc", "9",
+    ])
+    info = info_from_probe("android", text)
+    assert info.arch == "aarch64"
+    assert info.soc == "QTI SM8650"
+    assert info.model == "OnePlus PJD110"
+    assert info.android_version == "15"
+    assert info.abi == "arm64-v8a"
+    assert info.n_cpus == 9
+    assert info.big_cores == [8]
+    assert info.thermal_c == {"thermal_zone0 cpu-0-0-usr": 41.2}
+    assert info.mem_available_kb == 22144068
+    assert info.storage_available_kb == 80215684
+    assert "sve2" in info.cpu_features_of_interest
+    assert not info.has_gnu_time and not info.emulated
+    assert "@@getprop" in PROBE_SCRIPT and "cpuinfo_max_freq" in PROBE_SCRIPT

@@ -1,0 +1,149 @@
+"""Builds of the patched ggml plus runtime_patches/kernel_check.c, cached per patch series and flavor.
+
+    ~/.cache/slim-edge/test-builds/<flavor>-<key12>/kernel_check     key = sha256(series, kernel_check.c, flags)
+
+Only the ggml libraries are built (a few minutes on 2 cores), from the tree that
+`slim_edge.runtime.prepare_source` extracts and patches; the full runtime (`slim-edge runtime build`)
+is not needed. aarch64 flavors are static and run under qemu-aarch64 with the named CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slim_edge import runtime
+
+KERNEL_CHECK = Path(__file__).resolve().parents[2] / "runtime_patches" / "kernel_check.c"
+COMMON = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_OPENMP=OFF", "-DGGML_NATIVE=OFF",
+          "-DGGML_CPU_KLEIDIAI=OFF", "-DGGML_BACKEND_DL=OFF", "-DGGML_LLAMAFILE=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+          "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+          "-DLLAMA_OPENSSL=OFF"]
+AARCH64 = ["-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+           "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
+           "-DCMAKE_FIND_ROOT_PATH=/usr/aarch64-linux-gnu", "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER"]
+
+
+@dataclass(frozen=True)
+class Flavor:
+    name: str
+    cmake: tuple[str, ...]
+    cc: str
+    qemu_cpu: str | None = None  # run under qemu-aarch64 -cpu <this>
+
+    @property
+    def programs(self) -> list[str]:
+        return [self.cc, "cmake"] + (["qemu-aarch64"] if self.qemu_cpu else [])
+
+
+FLAVORS = {
+    "host-avx2": Flavor("host-avx2", ("-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                                      "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF"), "c++"),
+    # -cpu cortex-a76 has dotprod (sdot); cortex-a53 has not and must take the plain NEON path
+    "arm64-dotprod": Flavor("arm64-dotprod", (*AARCH64, "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod"),
+                            "aarch64-linux-gnu-g++", "cortex-a76"),
+    "arm64-v8": Flavor("arm64-v8", (*AARCH64, "-DGGML_CPU_ARM_ARCH=armv8-a"), "aarch64-linux-gnu-g++", "cortex-a53"),
+}
+
+
+def _key(flavor: Flavor, patches: list[Path]) -> str:
+    h = hashlib.sha256()
+    h.update(runtime.series_sha256(patches).encode())
+    h.update(KERNEL_CHECK.read_bytes())
+    h.update(repr((flavor.name, COMMON, flavor.cmake)).encode())
+    return h.hexdigest()[:12]
+
+
+def build_kernel_check(flavor: Flavor) -> Path:
+    patches = runtime.patch_series()
+    root = runtime.cache_root() / "test-builds" / f"{flavor.name}-{_key(flavor, patches)}"
+    exe = root / "kernel_check"
+    if exe.exists():
+        return exe
+    shutil.rmtree(root, ignore_errors=True)
+    src, bld = root / "src", root / "build"
+    runtime.extract_tree(src)
+    # the sdist's tree carries a submodule `.git` file (gitdir: ../../.git/modules/...) that makes
+    # `git apply` fail with "not a git repository"; runtime.apply_patches does not remove it yet
+    (src / ".git").unlink(missing_ok=True)
+    runtime.apply_patches(src, patches)
+    env = dict(os.environ, LC_ALL="C")
+    launcher = ["-DGGML_CCACHE=ON"] if shutil.which("ccache") else ["-DGGML_CCACHE=OFF"]
+    jobs = str(min(2, os.cpu_count() or 1))
+    log = root / "build.log"
+    with open(log, "w") as f:
+        for cmd in (["cmake", "-S", str(src), "-B", str(bld), *COMMON, *flavor.cmake, *launcher],
+                    ["cmake", "--build", str(bld), "-j", jobs, "--target", "ggml-base", "ggml-cpu", "ggml"]):
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode != 0:
+                pytest.fail(f"building ggml ({flavor.name}) failed: see {log}")
+        libs = [next(bld.rglob(f"libggml{s}.a")) for s in ("", "-cpu", "-base")]
+        cmd = [flavor.cc, "-O2", "-x", "c", str(KERNEL_CHECK), "-x", "none", f"-I{src / 'ggml' / 'include'}",
+               *map(str, libs), "-lm", "-lpthread", "-o", str(exe) + ".tmp"]
+        if flavor.qemu_cpu:
+            cmd.insert(1, "-static")
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+            pytest.fail(f"compiling kernel_check ({flavor.name}) failed: see {log}")
+    os.replace(str(exe) + ".tmp", exe)
+    shutil.rmtree(bld, ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)
+    return exe
+
+
+class KernelCheck:
+    """Runs kernel_check (under qemu for aarch64 flavors) on numpy arrays through temporary files."""
+
+    def __init__(self, exe: Path, flavor: Flavor, tmp: Path):
+        self.argv = ([shutil.which("qemu-aarch64"), "-cpu", flavor.qemu_cpu] if flavor.qemu_cpu else []) + [str(exe)]
+        self.flavor, self.tmp = flavor, tmp
+
+    def run(self, *args) -> str:
+        proc = subprocess.run([*self.argv, *map(str, args)], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"kernel_check {' '.join(map(str, args))} failed:\n{proc.stdout}{proc.stderr}"
+        return proc.stdout
+
+    def _files(self, *arrays):
+        paths = []
+        for a in arrays:
+            p = self.tmp / f"in{len(paths)}.bin"
+            np.ascontiguousarray(a).tofile(p)
+            paths.append(p)
+        return paths
+
+    def quantize(self, type_name: str, x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        files = self._files(x.astype(np.float32), *([] if weights is None else [weights.astype(np.float32)]))
+        self.run("quantize", type_name, x.shape[-1], files[0], self.tmp / "out.bin", *files[1:])
+        return np.fromfile(self.tmp / "out.bin", np.uint8).reshape(x.shape[0], -1)
+
+    def dequantize(self, type_name: str, raw: np.ndarray, n: int) -> np.ndarray:
+        (p,) = self._files(raw)
+        self.run("dequantize", type_name, n, p, self.tmp / "out.f32")
+        return np.fromfile(self.tmp / "out.f32", np.float32).reshape(raw.shape[0], n)
+
+    def vecdot(self, type_name: str, raw: np.ndarray, x: np.ndarray):
+        """(kernel, exact-with-quantized-activations), each [n_cols, n_rows]."""
+        pw, px = self._files(raw, x.astype(np.float32))
+        self.run("vecdot", type_name, x.shape[1], pw, px, self.tmp / "out.f32")
+        out = np.fromfile(self.tmp / "out.f32", np.float32).reshape(2, x.shape[0], raw.shape[0])
+        return out[0], out[1]
+
+    def mulmat(self, type_name: str, raw: np.ndarray, x: np.ndarray, threads: int = 2) -> np.ndarray:
+        pw, px = self._files(raw, x.astype(np.float32))
+        self.run("mulmat", type_name, x.shape[1], pw, px, self.tmp / "out.f32", threads)
+        return np.fromfile(self.tmp / "out.f32", np.float32).reshape(x.shape[0], raw.shape[0])
+
+
+@pytest.fixture(scope="session",
+                params=[pytest.param(n, marks=[pytest.mark.cross] if f.qemu_cpu else []) for n, f in FLAVORS.items()])
+def kernel_check(request, tmp_path_factory):
+    flavor = FLAVORS[request.param]
+    missing = [p for p in flavor.programs if not shutil.which(p)]
+    if missing:
+        pytest.skip(f"{flavor.name} needs {', '.join(missing)}")
+    exe = build_kernel_check(flavor)
+    return KernelCheck(exe, flavor, tmp_path_factory.mktemp(flavor.name))

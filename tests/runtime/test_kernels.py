@@ -1,0 +1,85 @@
+"""The patched ggml against slim-edge's numpy references, on every CPU path this machine can run.
+
+Flavors (conftest.py): host-avx2; arm64-dotprod under qemu -cpu cortex-a76 (sdot path); arm64-v8 under
+qemu -cpu cortex-a53 (plain NEON path). AVX-512 cannot run here: build kernel_check against an
+AVX-512 ggml and run `kernel_check selftest` on such a machine.
+"""
+import numpy as np
+import pytest
+
+from slim_edge.formats import get_format
+
+pytestmark = pytest.mark.runtime
+
+NEW = ("stq1_0", "q2_0c")
+K = 1024  # a multiple of every block size involved (64, 256, 512)
+
+
+def edge_rows(n: int, rng) -> np.ndarray:
+    rows = [
+        np.zeros(n),                                    # all zero
+        np.full(n, 3.5),                                # all +max
+        np.full(n, -3.5),                               # all -max
+        np.where(np.arange(n) % 2, -2.0, 2.0),          # +-max alternating
+        np.where(np.arange(n) == n // 3, 50.0, 0.01 * rng.standard_normal(n)),  # one outlier
+        np.round(rng.standard_normal(n)),               # many exact ties in |x|
+        rng.standard_normal(n) * 1e-6,                  # tiny scale (fp16 subnormal d)
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
+def weight_rows(rng, rows=24) -> np.ndarray:
+    x = rng.standard_normal((rows, K)).astype(np.float32)
+    x[:, ::37] *= 6  # heavier tails than a Gaussian
+    return np.concatenate([x, edge_rows(K, rng)])
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("imatrix", [False, True], ids=["plain", "imatrix"])
+def test_reference_quantize_is_bit_exact(kernel_check, name, imatrix):
+    rng = np.random.default_rng(1)
+    x = weight_rows(rng)
+    w = rng.uniform(0, 4, K).astype(np.float32) ** 2 if imatrix else None
+    if imatrix:
+        w[::91] = 0  # zero importance must not break the scale
+    got = kernel_check.quantize(name, x, w)
+    want = get_format(name).quantize(x, w)
+    bad = np.nonzero((got != want).any(axis=1))[0]
+    assert bad.size == 0, f"rows {bad.tolist()} differ; first: {got[bad[0]][:16]} vs {want[bad[0]][:16]}"
+
+
+@pytest.mark.parametrize("name", NEW + ("q2_0",))
+def test_dequantize_is_bit_exact(kernel_check, name):
+    rng = np.random.default_rng(2)
+    raw = get_format(name).quantize(weight_rows(rng, rows=8))
+    got = kernel_check.dequantize(name, raw, K)
+    want = get_format(name).dequantize(raw, K)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", NEW + ("q2_0",))
+def test_vec_dot_and_mul_mat(kernel_check, name):
+    fmt = get_format(name)
+    rng = np.random.default_rng(3)
+    raw = fmt.quantize(weight_rows(rng, rows=12))
+    w = fmt.dequantize(raw, K).astype(np.float64)
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    x[1, ::29] *= 10  # activation outliers
+    kern, exact = kernel_check.vecdot(name, raw, x)
+    mag = np.abs(x.astype(np.float64)) @ np.abs(w).T
+    # against the exact dot with the 8-bit activations the kernel saw: only fp32 rounding may differ
+    assert np.all(np.abs(kern - exact) <= 1e-5 * mag + 1e-6), np.max(np.abs(kern - exact) / (mag + 1e-9))
+    # against float activations (the numpy reference): only the 8-bit activation error, which for a
+    # 256-block is at most about 1/254 of max|x| per element (Q8_0: of a 32-block), so well under 5 % of mag
+    ref = x.astype(np.float64) @ w.T
+    mm = kernel_check.mulmat(name, raw, x)
+    for out in (kern, mm):
+        err = np.abs(out - ref)
+        assert np.all(err <= 0.05 * mag + 1e-6), np.max(err / (mag + 1e-9))
+    assert np.all(np.abs(mm - exact) <= 1e-5 * mag + 1e-6)  # mul_mat runs the same kernel
+
+
+def test_selftest(kernel_check):
+    """The driver's own check (the one to run on machines pytest cannot reach, e.g. AVX-512)."""
+    out = kernel_check.run("selftest", *NEW, "q2_0")
+    assert "PASSED" in out, out

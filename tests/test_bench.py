@@ -1,0 +1,147 @@
+"""slim-edge bench: pure pieces on captured llama-bench output, and the host end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slim_edge.devices import parse
+from slim_edge.devices.base import DeviceInfo
+from slim_edge.errors import SlimEdgeError
+from slim_edge.evals.bench import (BenchConfig, BenchResult, ModelResult, compare_to, llama_bench_argv,
+                                   summarize_rows, write_results)
+
+CAPTURED = Path(__file__).resolve().parents[1] / "devices" / "captured"
+
+
+def _jsonl(name):
+    return "".join(ln for ln in (CAPTURED / name).read_text().splitlines(keepends=True) if not ln.startswith("#"))
+
+
+def test_llama_bench_argv():
+    cfg = BenchConfig(prompt_lengths=[128, 512], n_gen=64, threads=[1, 4], repetitions=3, delay=5)
+    assert llama_bench_argv("/w/bin/llama-bench", "/w/models/m.gguf", cfg, 4, "0xf0") == [
+        "/w/bin/llama-bench", "-m", "/w/models/m.gguf", "-p", "128,512", "-n", "64", "-t", "4", "-r", "3",
+        "-o", "jsonl", "--delay", "5", "-C", "0xf0"]
+    assert llama_bench_argv("lb", "m", BenchConfig(), 2, None) == [
+        "lb", "-m", "m", "-p", "128,256,512,1024", "-n", "128", "-t", "2", "-r", "5", "-o", "jsonl"]
+
+
+@pytest.mark.parametrize("kw, msg", [({"prompt_lengths": [0]}, "Prompt lengths"), ({"threads": []}, "Thread counts"),
+                                     ({"repetitions": 0}, "repetitions"), ({"delay": -1}, "delay")])
+def test_config_refuses_bad_values(kw, msg):
+    with pytest.raises(SlimEdgeError, match=msg):
+        BenchConfig(**kw)
+
+
+def _result_from_capture(emulated=False):
+    rows = parse.parse_llama_bench(_jsonl("llama_bench_host_tiny.jsonl"))
+    models = {}
+    for r in rows:
+        name = Path(r["model_filename"]).name[:-5]
+        models.setdefault(name, ModelResult(name=name, path=r["model_filename"], file_size=r["model_size"]))
+        models[name].rows.append(r)
+    for m in models.values():
+        m.prefill, m.decode = summarize_rows(m.rows)
+    info = DeviceInfo(device="host", arch="x86_64", soc="test", emulated=emulated)
+    return BenchResult(device=info, config=BenchConfig(), models=list(models.values()),
+                       runtime={"target": "host", "build_commit": rows[0]["build_commit"]})
+
+
+def test_parse_and_summarize_captured_llama_bench():
+    rows = parse.parse_llama_bench(_jsonl("llama_bench_host_tiny.jsonl"))
+    assert [(Path(r["model_filename"]).name, r["n_prompt"], r["n_gen"]) for r in rows] == [
+        ("tiny-q4_0.gguf", 16, 0), ("tiny-q4_0.gguf", 32, 0), ("tiny-q4_0.gguf", 0, 8)]
+    assert all(len(r["samples_ns"]) == 3 for r in rows)
+    prefill, decode = summarize_rows(rows)
+    p16 = prefill[0]
+    assert p16["n_prompt"] == 16 and p16["n_threads"] == rows[0]["n_threads"]
+    assert p16["samples_ns"] == [float(x) for x in rows[0]["samples_ns"]]
+    assert p16["ttft_ms_mean"] == pytest.approx(np.mean(rows[0]["samples_ns"]) / 1e6)
+    assert p16["ttft_ms_std"] == pytest.approx(np.std(rows[0]["samples_ns"], ddof=1) / 1e6)
+    assert p16["ttft_ms_mean"] == pytest.approx(16 / rows[0]["avg_ts"] * 1e3, rel=0.2)  # p / prefill rate
+    assert p16["tps_mean"] == rows[0]["avg_ts"] and decode[0]["tps_std"] == rows[2]["stddev_ts"]
+    # JSON array form (-o json) gives the same rows
+    assert parse.parse_llama_bench(json.dumps(rows)) == rows
+
+
+def test_markdown_and_compare_from_capture():
+    result = _result_from_capture()
+    table = result.markdown()
+    body = [ln for ln in table.splitlines() if ln.startswith("| tiny")]
+    assert [ln.split("|")[4].strip() for ln in body] == ["pp16", "pp32", "tg8"]
+    result.compare = compare_to(result, "q4_0")
+    assert {r["tps_ratio"] for r in result.compare["rows"]} == {1.0}
+    with pytest.raises(SlimEdgeError, match="--compare 'q8_0' matches none"):
+        compare_to(result, "q8_0")
+    emulated = _result_from_capture(emulated=True).markdown()
+    assert emulated.startswith("**emulated, not a speed figure**")
+    assert all(ln.endswith("emulated, not a speed figure |") for ln in emulated.splitlines() if ln.startswith("| tiny"))
+
+
+def test_write_results_is_atomic_and_refuses_to_overwrite(tmp_path):
+    result = _result_from_capture()
+    out = tmp_path / "r"
+    files = write_results(result, out, plots=False)
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md"]
+    with pytest.raises(SlimEdgeError, match="already exists.*--force"):
+        write_results(result, out, plots=False)
+    (out / "stale.txt").write_text("x")
+    write_results(result, out, force=True, plots=False)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporary folders left behind
+    assert json.loads(files["bench.json"].read_text())["schema"] == "slim-edge.bench/1"
+
+
+def _png_checks(path: Path, min_colours: int = 50):
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    h, w = img.shape[:2]
+    assert (w, h) == (960, 600)  # 8x5 inches at 120 dpi
+    colours = np.unique((img[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) >= min_colours  # not blank: lines, bars, text, antialiasing
+
+
+@pytest.mark.runtime
+def test_host_end_to_end_through_the_command(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from slim_edge.evals.bench import bench, llama_cpp_available
+    from slim_edge.evals.tiny_gguf import tiny_models
+    from slim_edge.runtime import ensure_runtime
+
+    ensure_runtime("host")
+    models = tiny_models(tmp_path / "m", ("q4_0",))
+    app = typer.Typer()
+    app.command()(bench)
+    out = tmp_path / "results"
+    args = [str(models["q4_0"]), "--baselines", "q8_0,f16", "--fp-model", str(models["f16"]),
+            "-p", "16,64", "-n", "8", "-t", "1,2", "-r", "2", "--compare", "f16", "-o", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    names = ["tiny-q4_0", "tiny-q8_0", "tiny-f16"]
+    data = json.loads((out / "bench.json").read_text())
+    assert [m["name"] for m in data["models"]] == names
+    for m in data["models"]:
+        assert m["file_size"] > 0 and m["peak_rss_kb"] > 0 and m["peak_rss_method"] == "wait4 ru_maxrss"
+        assert [(e["n_prompt"], e["n_threads"]) for e in m["prefill"]] == [(16, 1), (64, 1), (16, 2), (64, 2)]
+        assert all(e["tps_mean"] > 0 and e["ttft_ms_mean"] > 0 and len(e["samples_ns"]) == 2 for e in m["prefill"])
+        assert all(e["tps_mean"] > 0 and e["n_gen"] == 8 for e in m["decode"])
+        if llama_cpp_available():
+            assert [c["n_threads"] for c in m["chat_ttft"]] == [1, 2]
+            assert all(c["wall_ms_mean"] > 0 and c["n_prompt_tokens"] > 16 for c in m["chat_ttft"])
+    assert data["label"] is None and data["device"]["device"] == "host"
+    assert data["runtime"]["build_commit"] and data["device"]["cpu_features"]
+    assert data["compare"]["baseline"] == "tiny-f16"
+    table = (out / "bench.md").read_text()
+    rows = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| tiny")]
+    assert [n for n in dict.fromkeys(rows)] == names
+    assert "Ratios against tiny-f16" in r.output
+    _png_checks(out / "ttft.png")
+    _png_checks(out / "decode.png")
+    # a second run into the same folder is refused before measuring anything
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "already exists" in str(again.exception)

@@ -1,0 +1,171 @@
+"""quantize: plans, QAT on tiny random models for every scheme, exact reload, clean errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slim_edge.checkpoint import load_quantized, read_meta
+from slim_edge.cli import app
+from slim_edge.errors import SlimEdgeError
+from slim_edge.models import load_model
+from slim_edge.pipeline import run_quantize
+from slim_edge.qlinear import QuantLinear
+from slim_edge.quantize import QuantConfig, make_plan, quantize_
+from slim_edge.train import arenas_lambda, distill_loss
+
+from tiny_models import make_tiny_model
+
+FAST = dict(batch_size=2, seq_len=64, lr=1e-3, scale_lr=1e-3)
+
+
+@pytest.mark.parametrize("scheme", ["seq2", "sherry", "tequila", "ternary", "q2"])
+def test_qat_lowers_loss_and_reloads_exactly(scheme, tiny_llama, tiny_text, tmp_path):
+    out = tmp_path / scheme
+    config = QuantConfig(scheme=scheme, steps=20, calib=str(tiny_text), **FAST)
+    report = run_quantize(str(tiny_llama), config, out, progress=False)
+    loss = report["distill_loss"]
+    assert loss["final"] < 0.9 * loss["ptq"], loss
+    # the saved checkpoint reloads to identical logits of the trained fake-quant model
+    student, tok = load_quantized(out)
+    x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    meta = read_meta(out)
+    ref, _, _ = load_model(str(tiny_llama))
+    cfg = QuantConfig.from_json(meta["config"])
+    quantize_(ref, cfg)
+    sd = {}
+    from safetensors.torch import load_file
+    tensors = load_file(str(out / "model.safetensors"))
+    # rebuild the trained fake-quant model from the saved codes: QuantLinear with the saved values
+    from slim_edge.checkpoint import dequantized_weights
+    deq = dequantized_weights(meta, tensors)
+    for name, w in deq.items():
+        assert np.array_equal(w.numpy(), student.get_submodule(name).weight.detach().numpy())
+    with torch.no_grad():
+        a = student(x).logits
+        b = load_quantized(out)[0](x).logits
+    assert torch.equal(a, b)
+    plan = meta["plan"]
+    assert {e["format"] for e in plan} <= {"q2_0c", "q2_0", "stq1_0", "tq2_0"}
+
+
+def test_trained_model_logits_equal_reloaded(tiny_llama, tiny_text, tmp_path):
+    """The in-memory QAT model (fake quant, Arenas off) and the reloaded checkpoint agree bit for bit."""
+    import copy
+    from slim_edge.checkpoint import save_quantized
+    from slim_edge.train import calibration_tokens, train
+
+    for scheme in ("sherry", "tequila"):
+        teacher, tok, folder = load_model(str(tiny_llama))
+        config = QuantConfig(scheme=scheme, steps=5, calib=str(tiny_text), **FAST)
+        student = copy.deepcopy(teacher)
+        plan = quantize_(student, config)
+        ids, _ = calibration_tokens(tok, config.calib)
+        train(student, teacher, ids, config, progress=False)
+        out = save_quantized(student, plan, config, folder, tmp_path / scheme)
+        x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert torch.equal(student(x).logits, load_quantized(out)[0](x).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "hunyuan-dense"])
+def test_architectures(arch, tmp_path, tiny_text):
+    folder = make_tiny_model(tmp_path / arch, arch, hidden=512, layers=1)
+    out = tmp_path / f"{arch}-q"
+    report = run_quantize(str(folder), QuantConfig(scheme="seq2", steps=2, calib=str(tiny_text), **FAST), out,
+                          progress=False)
+    assert report["plan_summary"]["by_format"] == {"q2_0c": 7}
+    model, _ = load_quantized(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_fallback_plan_is_decided_before_training(tmp_path):
+    folder = make_tiny_model(tmp_path / "m", "llama", hidden=576, intermediate=1536, layers=1)
+    model, _, _ = load_model(str(folder))
+    plan = {e.name.split(".")[-1]: e for e in make_plan(model, QuantConfig(scheme="sherry"))}
+    assert plan["down_proj"].format == "stq1_0"  # 1536 = 6 * 256
+    assert plan["q_proj"].format == "q2_0" and "576" in plan["q_proj"].reason
+    plan = {e.name.split(".")[-1]: e for e in make_plan(model, QuantConfig(scheme="seq2"))}
+    assert plan["down_proj"].format == "q2_0c" and plan["gate_proj"].format == "q2_0"
+    quantize_(model, QuantConfig(scheme="sherry"))
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and q.fmt.name == "q2_0" and q.mode == "sherry"
+
+
+def test_arenas_schedule():
+    total = 100
+    lam = [arenas_lambda(s, total, 1.0, 0.1) for s in range(total)]
+    assert lam[0] == 0.0 and lam[5] == pytest.approx(0.5) and lam[10] == pytest.approx(1.0)
+    assert lam[-1] == 0.0 and all(a >= b for a, b in zip(lam[10:], lam[11:]))
+
+
+def test_cakld_matches_definition():
+    torch.manual_seed(0)
+    s, t = torch.randn(1, 3, 7), torch.randn(1, 3, 7)
+    y = torch.tensor([[1, 4, 6]])
+    loss, ce, kd = distill_loss(s, t, y, "cakld")
+    ls, lt = s.log_softmax(-1), t.log_softmax(-1)
+    expect = 0.0
+    for i in range(3):
+        conf = lt[0, i, y[0, i]].exp()
+        kl_st = (ls[0, i].exp() * (ls[0, i] - lt[0, i])).sum()
+        kl_ts = (lt[0, i].exp() * (lt[0, i] - ls[0, i])).sum()
+        expect += conf * kl_st + (1 - conf) * kl_ts
+    assert float(kd) == pytest.approx(float(expect / 3), rel=1e-5)
+    assert float(ce) == pytest.approx(float(-ls[0, torch.arange(3), y[0]].mean()), rel=1e-5)
+
+
+def test_config_roundtrip():
+    c = QuantConfig(scheme="ternary", target="tq1_0", steps=7)
+    assert QuantConfig.from_json(json.loads(json.dumps(c.to_json()))) == c
+    with pytest.raises(SlimEdgeError, match="version"):
+        QuantConfig.from_json({**c.to_json(), "version": 99})
+    with pytest.raises(SlimEdgeError, match="cannot hold"):
+        QuantConfig(scheme="sherry", target="q4_0")
+
+
+runner = CliRunner()
+
+
+def _cli(*args):
+    from slim_edge.cli import main  # noqa: F401  (main maps SlimEdgeError to exit 2)
+    return runner.invoke(app, list(args))
+
+
+def test_cli_errors_are_clean(tmp_path, tiny_llama, tiny_text):
+    r = _cli("quantize", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
+    assert isinstance(r.exception, SlimEdgeError) and "neither a folder" in str(r.exception)
+    (tmp_path / "empty").mkdir()
+    r = _cli("quantize", str(tmp_path / "empty"), "-o", str(tmp_path / "o"))
+    assert "no config.json" in str(r.exception)
+    (tmp_path / "exists").mkdir()
+    r = _cli("quantize", str(tiny_llama), "-o", str(tmp_path / "exists"))
+    assert "already exists" in str(r.exception) and "--force" in str(r.exception)
+    r = _cli("quantize", str(tiny_llama), "--scheme", "int3", "-o", str(tmp_path / "o"))
+    assert "unknown scheme 'int3'" in str(r.exception)
+    r = _cli("quantize", str(tiny_llama), "--calib", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o"))
+    assert "no such file" in str(r.exception)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00 not utf8 \xc3")
+    r = _cli("quantize", str(tiny_llama), "--calib", str(bad), "-o", str(tmp_path / "o"))
+    assert "UTF-8" in str(r.exception)
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_unsupported_architecture(tmp_path):
+    folder = make_tiny_model(tmp_path / "m", "llama", layers=1)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SlimEdgeError, match="LlamaForCausalLM, Qwen2ForCausalLM"):
+        load_model(str(folder))
+
+
+def test_dry_run_prints_plan(tiny_llama, tmp_path):
+    r = _cli("quantize", str(tiny_llama), "--scheme", "sherry", "--dry-run", "--json", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["summary"]["by_format"] == {"stq1_0": 7}
+    assert data["summary"]["bits_per_weight"] == pytest.approx(1.3125)

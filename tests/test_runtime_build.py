@@ -1,0 +1,312 @@
+"""The pinned runtime: the pin, the patch series, the cache key, the builds and their errors."""
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from slim_edge import runtime as rt
+from slim_edge.errors import SlimEdgeError
+
+
+@pytest.fixture(scope="module")
+def sdist():
+    try:
+        return rt.fetch_sdist(quiet=True)
+    except SlimEdgeError as e:  # offline and not cached
+        pytest.skip(f"pinned sdist unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def pristine(sdist, tmp_path_factory):
+    return rt.extract_tree(tmp_path_factory.mktemp("pristine") / "llama.cpp", sdist)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIM_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ANDROID_NDK", raising=False)
+    return tmp_path / "cache"
+
+
+# --- the pin -------------------------------------------------------------------------------------
+
+
+def test_pin(sdist):
+    assert rt._sha256_file(sdist) == rt.PIN.sha256
+    assert rt.changelog_commit(sdist) == rt.PIN.commit == "0c1e57098"
+    assert rt.submodule_head(sdist) == rt.PIN.commit_full
+    assert rt.PIN.commit_full.startswith(rt.PIN.commit)
+    rt.verify_sdist(sdist)
+
+
+def test_pin_rejects_other_bytes(tmp_path):
+    fake = tmp_path / rt.PIN.sdist_name
+    fake.write_bytes(b"not the sdist")
+    with pytest.raises(SlimEdgeError, match=f"sha256 is .* the pin is {rt.PIN.sha256}"):
+        rt.verify_sdist(fake)
+
+
+def test_pristine_tree_is_the_pinned_commit(pristine):
+    assert not (pristine / ".git").exists()  # the submodule gitfile would point nowhere
+    ggml_h = (pristine / "ggml/include/ggml.h").read_text()
+    assert re.search(r"GGML_TYPE_Q2_0\s*=\s*42,", ggml_h)
+    assert re.search(r"GGML_TYPE_COUNT\s*=\s*43,", ggml_h)
+    cm = (pristine / "ggml/CMakeLists.txt").read_text()
+    version = ".".join(re.search(rf"set\(GGML_VERSION_{p} (\d+)\)", cm).group(1) for p in ("MAJOR", "MINOR", "PATCH"))
+    assert version == rt.PIN.ggml_version
+
+
+def test_cmake_options_exist_in_the_tree(pristine):
+    """Every project option we set is declared by the pinned tree (a renamed option is silently ignored)."""
+    text = "\n".join(p.read_text(errors="replace") for p in pristine.rglob("CMakeLists.txt"))
+    text += "\n".join(p.read_text(errors="replace") for p in pristine.rglob("*.cmake"))
+    configs = [rt.BuildConfig("host"), rt.BuildConfig("host", isa="avx512"), rt.BuildConfig("linux-arm64")]
+    names = {a[2:].split("=")[0] for c in configs for a in c.cmake_args()}
+    ours = sorted(n for n in names if not n.startswith(("CMAKE_", "ANDROID_", "BUILD_SHARED_LIBS")))
+    missing = [n for n in ours if not re.search(rf"(option\(\s*{n}\b|set\(\s*{n}\b|DEFINED {n}\b)", text)]
+    assert missing == []
+
+
+def test_patch_series_applies_to_the_pristine_tree(pristine, tmp_path):
+    tree = tmp_path / "tree"
+    rt.prepare_source(tree, rt.patch_series())
+    patches = rt.patch_series()
+    # the series is applied in name order, each patch once
+    assert [p.name for p in patches] == sorted(p.name for p in patches)
+    if not patches:
+        assert (tree / "ggml/include/ggml.h").read_bytes() == (pristine / "ggml/include/ggml.h").read_bytes()
+
+
+# --- patches, keys, the cache ---------------------------------------------------------------------
+
+
+def _tiny_tree(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.txt").write_text("one\ntwo\nthree\n")
+    return tree
+
+
+GOOD = """--- a/a.txt
++++ b/a.txt
+@@ -1,3 +1,3 @@
+ one
+-two
++TWO
+ three
+"""
+BAD = GOOD.replace(" three", " four")
+
+
+@pytest.mark.parametrize("use_git", [True, False])
+def test_failing_patch_is_named(tmp_path, monkeypatch, use_git):
+    if not use_git:
+        real = rt.shutil.which
+        monkeypatch.setattr(rt.shutil, "which", lambda p: None if p == "git" else real(p))
+    tree = _tiny_tree(tmp_path)
+    pdir = tmp_path / "patches"
+    pdir.mkdir()
+    (pdir / "0001-good.patch").write_text(GOOD)
+    (pdir / "0002-bad.patch").write_text(BAD.replace("-two\n+TWO", "-TWO\n+2"))
+    series = rt.patch_series(pdir)
+    assert [p.name for p in series] == ["0001-good.patch", "0002-bad.patch"]
+    with pytest.raises(SlimEdgeError, match=r"patch 0002-bad\.patch does not apply"):
+        rt.apply_patches(tree, series)
+    assert (tree / "a.txt").read_text() == "one\nTWO\nthree\n"  # the good one went in
+
+
+def test_series_ignores_other_files(tmp_path):
+    for name in ("0001-a.patch", "README.md", "notes.patch", "01-short.patch", "0002-b.patch"):
+        (tmp_path / name).write_text(GOOD)
+    assert [p.name for p in rt.patch_series(tmp_path)] == ["0001-a.patch", "0002-b.patch"]
+    assert rt.patch_series(tmp_path / "empty") == []
+
+
+def test_cache_key(tmp_path, cache, monkeypatch):
+    pdir = tmp_path / "p"
+    pdir.mkdir()
+    (pdir / "0001-x.patch").write_text(GOOD)
+    host = rt.BuildConfig("host")
+    k = host.key(rt.patch_series(pdir))
+    assert k == rt.BuildConfig("host").key(rt.patch_series(pdir))  # stable
+    monkeypatch.setenv("SLIM_EDGE_CACHE", str(tmp_path / "elsewhere"))
+    assert k == host.key(rt.patch_series(pdir))  # no machine paths in the key
+    (pdir / "0001-x.patch").write_text(GOOD + "\n")
+    assert host.key(rt.patch_series(pdir)) != k  # a patch's bytes
+    k1 = host.key(rt.patch_series(pdir))
+    (pdir / "0001-x.patch").rename(pdir / "0001-y.patch")
+    assert host.key(rt.patch_series(pdir)) != k1  # its name
+    assert host.key([]) != k1
+    keys = {c.key([]) for c in (host, rt.BuildConfig("host", isa="avx512"), rt.BuildConfig("linux-arm64"),
+                               rt.BuildConfig("host", tools=("llama-bench",)),
+                               rt.BuildConfig("linux-arm64", arm_arch="armv8.6-a+dotprod+i8mm"))}
+    assert len(keys) == 5
+    # tool order does not matter; android-arm64 without an NDK is the static linux-arm64 build
+    assert rt.BuildConfig(tools=("b", "a")).key([]) == rt.BuildConfig(tools=("a", "b")).key([])
+    a, lx = rt.BuildConfig("android-arm64"), rt.BuildConfig("linux-arm64")
+    assert a.key([]) == lx.key([]) and rt._runtime_dir(a, a.key([])) == rt._runtime_dir(lx, lx.key([]))
+    assert rt._runtime_dir(host, k).parent == tmp_path / "elsewhere" / "runtime"
+    assert rt._runtime_dir(host, k).name == f"host-{k[:12]}"
+
+
+def test_unfinished_build_is_not_found(cache):
+    config = rt.BuildConfig("linux-arm64")
+    key = config.key(rt.patch_series())
+    root = rt._runtime_dir(config, key)
+    (root / "bin").mkdir(parents=True)
+    for t in config.tools:
+        (root / "bin" / t).write_text("")
+    (root / "runtime.json").write_text(json.dumps({"tools": {t: f"bin/{t}" for t in config.tools}}))
+    with pytest.raises(SlimEdgeError, match="run `slim-edge runtime build --target linux-arm64`"):
+        rt.find_runtime("linux-arm64")  # no marker: a killed build
+    (root / rt.MARKER).write_text("0" * 64 + "\n")
+    with pytest.raises(SlimEdgeError):
+        rt.find_runtime("linux-arm64")  # a marker for another key
+    (root / rt.MARKER).write_text(key + "\n")
+    assert rt.find_runtime("linux-arm64").tool("llama-bench") == root / "bin" / "llama-bench"
+    assert rt.find_runtime("android-arm64").root == root
+
+
+def test_bad_target_and_isa():
+    with pytest.raises(SlimEdgeError, match="unknown target 'ios'.*host, linux-arm64, android-arm64"):
+        rt.BuildConfig("ios")
+    with pytest.raises(SlimEdgeError, match="unknown --isa 'sse'"):
+        rt.BuildConfig("host", isa="sse")
+
+
+def _path_with(tmp_path, *programs):
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    for p in programs:
+        os.symlink(rt.shutil.which(p), d / p)
+    return str(d)
+
+
+def test_missing_tools_name_the_debian_package(tmp_path, cache, monkeypatch):
+    only_cmake = _path_with(tmp_path, "cmake", "ninja")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(SlimEdgeError, match=r"cmake not found on PATH.*apt-get install cmake"):
+        rt.build("host")
+    with pytest.raises(SlimEdgeError, match=r"qemu-aarch64 not found.*apt-get install qemu-user"):
+        rt.emulator()
+    monkeypatch.setenv("PATH", only_cmake)
+    with pytest.raises(SlimEdgeError, match=r"\bcc not found.*apt-get install build-essential"):
+        rt.build("host")
+    with pytest.raises(SlimEdgeError, match=r"aarch64-linux-gnu-gcc not found.*apt-get install g\+\+-aarch64-linux-gnu"):
+        rt.build("linux-arm64")
+    assert not (cache / "downloads").exists()  # nothing was fetched before the check
+
+
+def test_ndk_must_be_real(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("ANDROID_NDK", str(tmp_path))
+    with pytest.raises(SlimEdgeError, match="no build/cmake/android.toolchain.cmake"):
+        rt.build("android-arm64")
+
+
+# --- real builds ------------------------------------------------------------------------------------
+
+
+def _elf(path: Path) -> tuple[int, bool]:
+    """(e_machine, has PT_INTERP) of a 64-bit little-endian ELF."""
+    data = path.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2
+    machine = struct.unpack_from("<H", data, 18)[0]
+    phoff, phentsize, phnum = struct.unpack_from("<Q", data, 32)[0], *struct.unpack_from("<HH", data, 54)
+    types = [struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)]
+    return machine, 3 in types
+
+
+def _run(argv, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def host_runtime():
+    return rt.ensure_runtime("host")
+
+
+@pytest.mark.runtime
+def test_host_tools_run(host_runtime):
+    r = _run(host_runtime.argv("llama-cli") + ["--version"])
+    assert r.returncode == 0, r.stderr
+    assert f"commit {rt.PIN.commit}" in r.stdout + r.stderr
+    r = _run(host_runtime.argv("llama-quantize") + ["--help"])
+    assert "Q2_0" in r.stdout + r.stderr and "TQ1_0" in r.stdout + r.stderr
+    for t in rt.DEFAULT_TOOLS:
+        assert _elf(host_runtime.tool(t))[0] == 62  # x86-64
+    assert (host_runtime.lib_dir / "libllama.so").exists()
+
+
+@pytest.mark.runtime
+def test_cli_where_reports_paths(host_runtime):
+    r = CliRunner().invoke(rt.app, ["where", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["lib"] == str(host_runtime.lib_dir)
+    assert set(info["tools"]) == set(rt.DEFAULT_TOOLS)
+    r = CliRunner().invoke(rt.app, ["python-env"])
+    assert f"export LLAMA_CPP_LIB_PATH={host_runtime.lib_dir}" in r.stdout
+
+
+LOAD = """
+import json, sys
+from slim_edge.runtime import load_bindings, loaded_libraries
+llama_cpp = load_bindings()
+print(json.dumps({"lib": llama_cpp.llama_cpp._lib._name,
+                  "maps": [str(p) for p in loaded_libraries() if "ggml" in p.name or "llama" in p.name],
+                  "info": llama_cpp.llama_print_system_info().decode()}))
+"""
+
+
+@pytest.mark.runtime
+def test_bindings_load_our_library(host_runtime):
+    pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (CMAKE_ARGS=-DLLAMA_BUILD=OFF)")
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}
+    r = _run([sys.executable, "-c", LOAD], env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    lib = host_runtime.lib_dir.resolve()
+    assert Path(out["lib"]).resolve() == lib / "libllama.so"
+    names = {Path(p).name.split(".so")[0] for p in out["maps"]}
+    assert {"libllama", "libggml", "libggml-base", "libggml-cpu"} <= names
+    assert all(Path(p).resolve().parent == lib for p in out["maps"])
+    assert "AVX2 = 1" in out["info"]
+
+
+@pytest.mark.runtime
+def test_bindings_refuse_a_foreign_library(host_runtime, tmp_path):
+    pytest.importorskip("llama_cpp")
+    code = ("import os, shutil, sys; from slim_edge import runtime as rt\n"
+            f"d = sys.argv[1]; shutil.copytree({str(host_runtime.lib_dir)!r}, d, symlinks=True)\n"
+            "os.environ['LLAMA_CPP_LIB_PATH'] = d\nimport llama_cpp\n"
+            "try:\n    rt.load_bindings()\nexcept rt.SlimEdgeError as e:\n    print('REFUSED', e)\n")
+    r = _run([sys.executable, "-c", code, str(tmp_path / "other")])
+    assert "REFUSED llama_cpp was already imported with" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.cross
+def test_static_arm64_runs_under_qemu():
+    arm = rt.ensure_runtime("linux-arm64")
+    for t in rt.DEFAULT_TOOLS:
+        machine, dynamic = _elf(arm.tool(t))
+        assert machine == 183 and not dynamic  # AArch64, statically linked: runs from /data/local/tmp
+    argv = arm.argv("llama-cli")
+    assert argv[:3] == [rt.shutil.which("qemu-aarch64"), "-cpu", "cortex-a76"]
+    r = _run(argv + ["--version"])
+    assert r.returncode == 0, r.stderr
+    assert f"commit {rt.PIN.commit}" in r.stdout + r.stderr
+    assert "aarch64" in r.stdout + r.stderr
+
+
+def test_failed_step_shows_the_log_tail(tmp_path):
+    log = tmp_path / "build.log"
+    with open(log, "w") as f, pytest.raises(SlimEdgeError, match=r"(?s)building x failed \(exit 3\).*boom.*full log"):
+        rt._run_logged(["sh", "-c", "echo '[1/2] cc a.c'; echo boom; exit 3"], dict(os.environ), f, log,
+                       "building x", progress=False)
+    assert "boom" in log.read_text()
