@@ -72,6 +72,89 @@ def quantize(
         print(json.dumps(report, indent=1))
 
 
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="a checkpoint folder from `slim-edge quantize`, or (with --type) "
+                                              "an HF folder / 'smollm2-135m' for a baseline")],
+    gguf: Annotated[Optional[Path], typer.Option("--gguf", help="GGUF file to write (default: named by the "
+                                                               "GGUF convention, in the current folder)")] = None,
+    type_: Annotated[Optional[str], typer.Option("--type", help="baseline from the FP model: f16 | q8_0 | q4_0 | "
+                                                               "q4_k_m")] = None,
+    token_embedding_type: Annotated[str, typer.Option(help="f16 | q8_0 | q4_0")] = "q8_0",
+    output_tensor_type: Annotated[str, typer.Option(help="untied output head: f16 | q8_0 | q4_0")] = "q8_0",
+    tensor_type: Annotated[Optional[list[str]], typer.Option(help="REGEX=TYPE for unquantized tensors "
+                                                                  "(repeatable)")] = None,
+    force: Force = False,
+    as_json: JsonOut = False,
+):
+    """Write the trained codes exactly as GGUF tensors (or an F16/Q8_0/Q4 baseline with --type).
+
+    Examples:
+
+      slim-edge export runs/sherry --gguf sherry.gguf
+
+      slim-edge export smollm2-135m --type q4_k_m --gguf smollm2-q4_k_m.gguf
+    """
+    from .converters.gguf_export import export_baseline, export_checkpoint
+    from .converters.model_card import write_card
+
+    if type_ is not None:
+        out = gguf or Path(f"{Path(source).name}-{type_.upper()}.gguf")
+        summary = export_baseline(source, out, type_, force=force)
+    else:
+        from .checkpoint import read_meta
+        meta = read_meta(Path(source))
+        out = gguf or Path(f"{Path(source).name}-{meta['config']['scheme']}.gguf")
+        summary = export_checkpoint(Path(source), out, token_embedding_type=token_embedding_type,
+                                    output_tensor_type=output_tensor_type, overrides=tensor_type, force=force)
+    summary["model_card"] = str(write_card(out, summary, source, force=force))
+    print(json.dumps(summary, indent=1) if as_json else
+          f"wrote {out} ({summary['bytes'] / 2**20:.1f} MiB); model card {summary['model_card']}")
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="a GGUF file")],
+    runtime: Annotated[str, typer.Option(help="stock | patched: which runtime to check the types against")]
+    = "stock",
+    as_json: JsonOut = False,
+):
+    """Per-tensor types, bits per weight, size, metadata, and which runtime the file needs.
+
+    Example:  slim-edge inspect sherry.gguf --runtime stock
+    """
+    from .converters.inspect import format_report, inspect_gguf
+
+    report = inspect_gguf(file, runtime)
+    print(json.dumps(report, indent=1) if as_json else format_report(report))
+
+
+@app.command()
+def demo(
+    steps: Annotated[int, typer.Option(help="QAT steps per scheme (the default fits ~15 min on 2 cores)")] = 60,
+    output: Annotated[Path, typer.Option("-o", help="results folder")] = Path("results/demo"),
+    force: Force = False,
+):
+    """The main job on the embedded SmolLM2-135M: quantize (seq2, sherry) -> export -> runtime build ->
+    eval -> bench against Q4_0, Q4_K_M and F16 -> one summary table and plots."""
+    from .demo import run_demo
+
+    run_demo(steps=steps, out=output, force=force)
+
+
+def _mount():
+    from .runtime import app as runtime_app, gguf_app
+    app.add_typer(runtime_app, name="runtime")
+    app.add_typer(gguf_app, name="gguf")
+    from .evals.bench import bench
+    app.command(name="bench")(bench)
+    from .evals.eval_cmd import eval_command
+    app.command(name="eval")(eval_command)
+
+
+_mount()
+
+
 def main():
     try:
         app()

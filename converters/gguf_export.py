@@ -1,0 +1,251 @@
+"""`slim-edge export`: a checkpoint's trained codes written exactly as GGUF tensors.
+
+Architecture metadata, tokenizer and chat template come from the official converter of the pinned
+llama.cpp tree (convert_hf_to_gguf.py, run on the dequantized model in f32); then every quantized
+linear is replaced by its packed blocks from the checkpoint, in the converter's row order (llama's
+q/k rows are permuted for rope, found by exact comparison with the converter's f32 tensor).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SlimEdgeError
+from ..formats import FORMATS, get_format
+from ..models import cache_dir
+from .gguf_types import FILE_TYPES, patch_types, raw_tensor
+
+EXPORT_FORMAT_VERSION = 1
+EMBED_TYPES = ("f16", "q8_0", "q4_0")
+BASELINE_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
+
+
+def converter_tree() -> Path:
+    """The pristine pinned tree (for convert_hf_to_gguf.py and its gguf-py), extracted once."""
+    from ..runtime import PIN, extract_tree
+
+    dest = cache_dir("src", f"llama.cpp-{PIN.commit}")
+    if (dest / ".complete").is_file():
+        return dest
+    tmp = Path(tempfile.mkdtemp(prefix=".src-", dir=dest.parent if dest.parent.exists() else None))
+    shutil.rmtree(tmp)
+    extract_tree(tmp)
+    (tmp / ".complete").write_text("")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def run_converter(hf_folder: Path, out: Path, outtype: str = "f32") -> None:
+    script = converter_tree() / "convert_hf_to_gguf.py"
+    cmd = [sys.executable, str(script), str(hf_folder), "--outtype", outtype, "--outfile", str(out)]
+    print(f"slim-edge: converting with the pinned convert_hf_to_gguf.py ({outtype})", file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
+        raise SlimEdgeError(f"convert_hf_to_gguf.py failed on {hf_folder} (exit {proc.returncode}):\n{tail}")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.suffix != ".gguf":
+        raise SlimEdgeError(f"--gguf {out}: the output file must end in .gguf")
+    if out.exists() and not force:
+        raise SlimEdgeError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _copy_metadata(reader, writer, skip=()) -> None:
+    from gguf import GGUFValueType
+
+    for field in reader.fields.values():
+        name = field.name
+        if name.startswith("GGUF.") or name in ("general.architecture", *skip):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+
+
+def _permutation(rows: int, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's llama rope permutation of q/k rows, as an index array."""
+    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+
+
+def _row_order(converted: np.ndarray, ours: np.ndarray, config: dict, name: str) -> np.ndarray:
+    rows = ours.shape[0]
+    candidates = [np.arange(rows)]
+    for heads in (config.get("num_attention_heads"), config.get("num_key_value_heads")):
+        if heads and rows % (2 * heads) == 0:
+            candidates.append(_permutation(rows, heads))
+    for perm in candidates:
+        if np.array_equal(converted.reshape(ours.shape), ours[perm]):
+            return perm
+    raise SlimEdgeError(f"{name}: the converter's tensor matches no known row order of the checkpoint's; "
+                        f"this architecture's conversion is not supported by exact export yet")
+
+
+def default_name(meta: dict, label: str) -> str:
+    """GGUF naming convention: <BaseName>-<SizeLabel>-<FineTune>-<Encoding>.gguf."""
+    src = meta.get("general.name") or "model"
+    base = re.sub(r"[^A-Za-z0-9.]+", "-", str(src)).strip("-") or "model"
+    return f"{base}-{label.upper()}.gguf"
+
+
+def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_0",
+                      output_tensor_type: str = "q8_0", overrides: list[str] | None = None,
+                      force: bool = False) -> dict:
+    """Write the checkpoint as GGUF; returns a summary (types, sizes, metadata)."""
+    import gguf
+    import torch
+
+    from ..checkpoint import load_quantized, read_meta, read_tensors
+
+    ckpt, out = Path(ckpt), Path(out)
+    meta = read_meta(ckpt)
+    _check_out(out, force)
+    for t in (token_embedding_type, output_tensor_type):
+        if t not in EMBED_TYPES:
+            raise SlimEdgeError(f"embedding/output type {t!r} is not supported; choose one of {', '.join(EMBED_TYPES)}")
+    rules = _parse_overrides(overrides or [])
+    tensors = read_tensors(ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    plan = {e["name"]: e for e in meta["plan"] if e["mode"] != "keep"}
+    with tempfile.TemporaryDirectory(prefix=".slim-edge-export-", dir=out.parent) as tmpd:
+        tmp = Path(tmpd)
+        model, tok = load_quantized(ckpt)
+        model.save_pretrained(tmp / "hf")
+        tok.save_pretrained(tmp / "hf")
+        del model
+        run_converter(tmp / "hf", tmp / "f32.gguf")
+        reader = gguf.GGUFReader(tmp / "f32.gguf")
+        arch = str(reader.fields["general.architecture"].contents())
+        n_layers = int(config["num_hidden_layers"])
+        name_map = gguf.get_tensor_name_map(
+            next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
+        to_gguf = {}
+        for hf_name in plan:
+            g = name_map.get_name(hf_name + ".weight", try_suffixes=(".weight",))
+            if g is None:
+                raise SlimEdgeError(f"no GGUF name for {hf_name} in architecture {arch}")
+            to_gguf[g] = hf_name
+        writer = gguf.GGUFWriter(tmp / "out.gguf", arch)
+        _copy_metadata(reader, writer, skip=("general.file_type",))
+        real, types, bias_perm = {}, {}, {}
+        for t in reader.tensors:
+            name = t.name
+            data = np.asarray(t.data)
+            if name in to_gguf:
+                hf = to_gguf[name]
+                e = plan[hf]
+                fmt = get_format(e["format"])
+                rows, k = e["shape"]
+                packed = tensors[f"{hf}.qweight"].numpy()
+                perm = _row_order(data, fmt.dequantize(packed, k), config, hf)
+                bias_perm[name.rsplit(".", 1)[0] + ".bias"] = perm
+                writer.add_tensor(name, raw_tensor(fmt.name, packed[perm]))
+                real[name] = (fmt.type_id, k)
+                types[name] = fmt.name
+            elif name in bias_perm or (name.endswith(".bias") and name.rsplit(".", 1)[0] + ".weight" in to_gguf):
+                writer.add_tensor(name, data.astype(np.float32))
+                types[name] = "f32"
+            elif data.ndim == 2 and (name.startswith("token_embd") or name.startswith("output.")):
+                want = _override(rules, name) or (token_embedding_type if name.startswith("token_embd")
+                                                  else output_tensor_type)
+                fmt = FORMATS[want]
+                x = data.astype(np.float32)
+                if want == "f16":
+                    writer.add_tensor(name, x.astype(np.float16))
+                else:
+                    writer.add_tensor(name, raw_tensor(want, fmt.quantize(x)))
+                    real[name] = (fmt.type_id, x.shape[1])
+                types[name] = want
+            else:
+                writer.add_tensor(name, data.astype(np.float32) if data.dtype != np.float16 else data)
+                types[name] = "f32" if data.dtype != np.float16 else "f16"
+        primary = max(set(e["format"] for e in plan.values()),
+                      key=lambda f: sum(p["shape"][0] * p["shape"][1] for p in plan.values() if p["format"] == f))
+        writer.add_uint32("general.file_type", FILE_TYPES.get(primary, 0))
+        used = sorted({v for v in types.values()})
+        custom = [f for f in used if f in FORMATS and not FORMATS[f].stock]
+        slim = {
+            "slim_edge.export_format_version": EXPORT_FORMAT_VERSION,
+            "slim_edge.scheme": meta["config"]["scheme"],
+            "slim_edge.plan": json.dumps(meta["plan"]),
+            "slim_edge.type_ids": json.dumps({f: FORMATS[f].type_id for f in used if f in FORMATS}),
+            "slim_edge.runtime": ("slim-edge patched llama.cpp (types: " + ", ".join(custom) + ")") if custom
+            else "stock llama.cpp",
+            "slim_edge.training": json.dumps({k: meta.get(k) for k in ("training", "distill_loss", "calibration")
+                                              if k in meta} | {"steps": meta["config"]["steps"]}),
+        }
+        for k, v in slim.items():
+            (writer.add_uint32 if isinstance(v, int) else writer.add_string)(k, v)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        patch_types(tmp / "out.gguf", real)
+        os.replace(tmp / "out.gguf", out)
+    size = out.stat().st_size
+    n_lin = sum(e["shape"][0] * e["shape"][1] for e in plan.values())
+    bits = sum(e["shape"][0] * e["shape"][1] * get_format(e["format"]).bits_per_weight for e in plan.values())
+    summary = {"file": str(out), "bytes": size, "scheme": meta["config"]["scheme"], "types": types,
+               "linear_bits_per_weight": bits / max(n_lin, 1), "needs_patched_runtime": bool(custom),
+               "custom_types": custom}
+    return summary
+
+
+def _parse_overrides(rules: list[str]) -> list[tuple[re.Pattern, str]]:
+    out = []
+    for r in rules:
+        pat, sep, typ = r.rpartition("=")
+        if not sep or typ not in EMBED_TYPES:
+            raise SlimEdgeError(f"--tensor-type {r!r}: write REGEX=TYPE with TYPE in {', '.join(EMBED_TYPES)} "
+                                f"(quantized linears keep their trained type)")
+        try:
+            out.append((re.compile(pat), typ))
+        except re.error as e:
+            raise SlimEdgeError(f"--tensor-type {r!r}: bad regex ({e})") from None
+    return out
+
+
+def _override(rules, name: str) -> str | None:
+    for pat, typ in rules:
+        if pat.search(name):
+            return typ
+    return None
+
+
+def export_baseline(model: str, out: Path, type_: str, force: bool = False) -> dict:
+    """F16/Q8_0 straight from the converter; Q4_0/Q4_K_M through the runtime's llama-quantize."""
+    from ..models import resolve
+
+    out = Path(out)
+    if type_ not in BASELINE_TYPES:
+        raise SlimEdgeError(f"--type {type_!r}: choose one of {', '.join(BASELINE_TYPES)}")
+    _check_out(out, force)
+    folder = resolve(model)
+    with tempfile.TemporaryDirectory(prefix=".slim-edge-export-", dir=out.parent) as tmpd:
+        tmp = Path(tmpd)
+        if type_ in ("f16", "q8_0"):
+            run_converter(folder, tmp / "out.gguf", type_)
+        else:
+            from ..runtime import ensure_runtime
+
+            run_converter(folder, tmp / "f16.gguf", "f16")
+            rt = ensure_runtime("host")
+            cmd = rt.argv("llama-quantize") + [str(tmp / "f16.gguf"), str(tmp / "out.gguf"), type_.upper()]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SlimEdgeError(f"llama-quantize failed (exit {proc.returncode}):\n{proc.stderr[-1500:]}")
+        os.replace(tmp / "out.gguf", out)
+    return {"file": str(out), "bytes": out.stat().st_size, "type": type_, "needs_patched_runtime": False}

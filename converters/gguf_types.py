@@ -1,0 +1,72 @@
+"""The one place that bridges gguf-py and slim-edge's type ids.
+
+PyPI gguf 0.19.0 knows neither Q2_0 (42) nor STQ1_0 (43) nor Q2_0C (44): GGUFWriter needs a
+GGML_QUANT_SIZES entry and GGUFReader rejects ids outside its enum. So quantized tensors are written
+as raw I8 bytes of shape [rows, row_bytes], and then the tensor-info entry is patched in place:
+
+    name | n_dims: u32 | dims: u64 * n_dims | type: u32 | offset: u64
+
+dims[0] becomes the row length in weights and type the real id. Sizes are unchanged, so no offset
+moves and the header keeps its length. Reading goes through `slim_edge.runtime.read_tensor_table`,
+which accepts any id.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SlimEdgeError
+from ..formats import BY_ID, FORMATS
+from ..runtime import read_tensor_table
+
+I8 = 24  # GGML_TYPE_I8: one byte per element, block 1
+# AngelSlim's first 1.25-bit files stored STQ1_0 as 42, which upstream later gave to Q2_0
+LEGACY_IDS = {42: "STQ1_0 in AngelSlim files before llama.cpp PR #22836 took 43 (= Q2_0 in the pinned tree)"}
+# llama_ftype values for general.file_type (llama.h of the pinned tree + runtime_patches/0002)
+FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "tq1_0": 36, "tq2_0": 37, "q2_0": 41, "stq1_0": 42, "q2_0c": 43}
+
+
+def raw_tensor(fmt_name: str, packed: np.ndarray) -> np.ndarray:
+    """Bytes [rows, row_bytes] as the I8 array that GGUFWriter accepts for any id."""
+    return np.ascontiguousarray(packed, np.uint8).view(np.int8)
+
+
+def patch_types(path: Path, real: dict[str, tuple[int, int]]) -> None:
+    """Set type id and row length (in weights) of each named tensor written by `raw_tensor`."""
+    table = read_tensor_table(path)
+    by_name = {t.name: t for t in table.tensors}
+    with open(path, "r+b") as f:
+        for name, (type_id, row_len) in real.items():
+            t = by_name.get(name)
+            if t is None:
+                raise SlimEdgeError(f"{path}: tensor {name!r} was not written; this is a bug in slim-edge")
+            fmt = BY_ID[type_id]
+            if t.type_id != I8 or t.shape[0] != row_len // fmt.block_size * fmt.type_size:
+                raise SlimEdgeError(f"{path}: tensor {name!r} is not raw bytes of a {fmt.name} row of {row_len}")
+            f.seek(t.type_pos - 8 * len(t.shape))
+            f.write(struct.pack("<Q", row_len))
+            f.seek(t.type_pos)
+            f.write(struct.pack("<I", type_id))
+
+
+def tensor_bytes(path: Path, name: str) -> tuple[int, tuple[int, ...], np.ndarray]:
+    """(type id, ggml shape, raw bytes) of one tensor, for any id."""
+    table = read_tensor_table(path)
+    for t in table.tensors:
+        if t.name == name:
+            fmt = BY_ID.get(t.type_id)
+            if t.type_id == 0:
+                nbytes = t.n_elements * 4
+            elif fmt is None:
+                raise SlimEdgeError(f"{path}: tensor {name!r} has type {t.type_id}, which slim-edge cannot read")
+            else:
+                nbytes = t.n_elements // fmt.block_size * fmt.type_size
+            raw = np.fromfile(path, np.uint8, count=nbytes, offset=table.data_start + t.offset)
+            return t.type_id, t.shape, raw
+    raise SlimEdgeError(f"{path}: no tensor named {name!r}")
+
+
+def known_names() -> dict[int, str]:
+    return {f.type_id: f.name.upper() for f in FORMATS.values()}

@@ -1,0 +1,95 @@
+"""`slim-edge inspect`: what a GGUF holds and which runtime can load it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import SlimEdgeError
+from ..formats import BY_ID
+from ..runtime import read_tensor_table
+from .gguf_types import LEGACY_IDS
+
+STOCK_MAX_ID = 42  # GGML_TYPE_COUNT = 43 in the pinned tree
+OTHER_TYPES = {0: ("F32", 32.0), 1: ("F16", 16.0), 12: ("Q4_K", 4.5), 14: ("Q6_K", 6.5625), 10: ("Q2_K", 2.625),
+               11: ("Q3_K", 3.4375), 13: ("Q5_K", 5.5), 3: ("Q4_1", 5.0), 30: ("BF16", 16.0), 24: ("I8", 8.0)}
+
+
+def _metadata(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    try:
+        r = GGUFReader(path)
+    except Exception:  # gguf-py rejects unknown type ids while reading tensors; fall back to no metadata
+        return {}
+    out = {}
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name.startswith("tokenizer.ggml.") and f.name != "tokenizer.ggml.model":
+            continue
+        try:
+            v = f.contents()
+        except Exception:
+            continue
+        out[f.name] = v if not isinstance(v, list) or len(v) < 16 else f"[{len(v)} items]"
+    return out
+
+
+def inspect_gguf(path: Path, runtime: str = "stock") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SlimEdgeError(f"{path}: no such file")
+    if runtime not in ("stock", "patched"):
+        raise SlimEdgeError(f"--runtime {runtime!r}: choose stock or patched")
+    table = read_tensor_table(path)
+    tensors, unknown, legacy = [], [], []
+    total_bits = total_n = 0
+    for t in table.tensors:
+        fmt = BY_ID.get(t.type_id)
+        name, bpw = (fmt.name.upper(), fmt.bits_per_weight) if fmt else OTHER_TYPES.get(t.type_id, (f"type {t.type_id}", None))
+        if bpw is None:
+            bpw = t.span * 8 / max(t.n_elements, 1)
+        known = t.type_id <= STOCK_MAX_ID if runtime == "stock" else t.type_id <= 44
+        if t.type_id in LEGACY_IDS and fmt is not None and abs(t.span * 8 / t.n_elements - fmt.bits_per_weight) > 0.5:
+            legacy.append(t.name)
+        if not known:
+            unknown.append(t.name)
+        tensors.append({"name": t.name, "shape": list(t.shape), "type": name, "type_id": t.type_id,
+                        "bpw": round(bpw, 4), "bytes": t.span})
+        total_bits += bpw * t.n_elements
+        total_n += t.n_elements
+    meta = _metadata(path)
+    needs = "stock llama.cpp" if not any(x["type_id"] > STOCK_MAX_ID for x in tensors) else \
+        "slim-edge's patched llama.cpp (slim-edge runtime build)"
+    advice = []
+    if legacy:
+        advice.append(f"{len(legacy)} tensors carry type 42 with STQ1_0's byte layout (an older AngelSlim file): "
+                      f"run `slim-edge gguf retag {path}`")
+    if unknown:
+        advice.append(f"{len(unknown)} tensors use types the {runtime} runtime does not know; "
+                      f"it needs {needs}")
+    return {"file": str(path), "bytes": table.file_size, "tensors": tensors, "n_tensors": len(tensors),
+            "bits_per_weight": total_bits / max(total_n, 1), "metadata": meta, "needs": needs,
+            "runtime": runtime, "loads": not unknown and not legacy, "advice": advice}
+
+
+def format_report(r: dict) -> str:
+    counts: dict[str, int] = {}
+    for t in r["tensors"]:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    lines = [f"{r['file']}: {r['bytes'] / 2**20:.1f} MiB, {r['n_tensors']} tensors, "
+             f"{r['bits_per_weight']:.3f} bits per weight overall",
+             "types: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())),
+             f"needs: {r['needs']}",
+             f"loads in the {r['runtime']} runtime: {'yes' if r['loads'] else 'no'}"]
+    lines += [f"  ! {a}" for a in r["advice"]]
+    for k in ("general.name", "general.architecture", "slim_edge.scheme", "slim_edge.runtime", "slim_edge.type_ids"):
+        if k in r["metadata"]:
+            lines.append(f"{k}: {r['metadata'][k]}")
+    lines.append("")
+    lines.append(f"{'tensor':40} {'type':>8} {'bpw':>7}  shape")
+    for t in r["tensors"]:
+        lines.append(f"{t['name']:40} {t['type']:>8} {t['bpw']:7.3f}  {t['shape']}")
+    return "\n".join(lines)
+
+
+def dumps(r: dict) -> str:
+    return json.dumps(r, indent=1, default=str)
