@@ -170,6 +170,11 @@ class Device:
         self.check_info(info)
         return info
 
+    def thermal(self) -> dict[str, float]:
+        """Current thermal zone readings in degrees C (empty where the kernel exposes none)."""
+        cmd = "grep . /sys/class/thermal/thermal_zone*/type /sys/class/thermal/thermal_zone*/temp 2>/dev/null"
+        return parse.parse_thermal(self.shell(cmd, timeout=60).stdout)
+
     def check_info(self, info: DeviceInfo) -> None:
         """Device-specific refusals (e.g. not arm64)."""
 

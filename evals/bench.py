@@ -79,6 +79,7 @@ class ModelResult:
     prefill: list[dict] = field(default_factory=list)  # per (n_prompt, n_threads)
     decode: list[dict] = field(default_factory=list)   # per (n_gen, n_threads)
     chat_ttft: list[dict] = field(default_factory=list)  # host only, per n_threads
+    thermal_after_c: list[dict] = field(default_factory=list)  # zone readings after each run
     rows: list[dict] = field(default_factory=list)     # raw llama-bench rows, with samples_ns
 
 
@@ -223,7 +224,8 @@ def markdown_table(result: BenchResult) -> str:
     lines += ["", f"device: {d.device} · {d.soc} · {d.model or d.arch}"
               + (f" · Android {d.android_version}" if d.android_version else "")
               + f" · features: {' '.join(d.cpu_features_of_interest) or 'n/a'}"
-              + (f" · cpu mask {result.cpu_mask}" if result.cpu_mask else ""),
+              + (f" · cpu mask {result.cpu_mask}" if result.cpu_mask else "")
+              + (f" · hottest zone at start {max(d.thermal_c.values()):.1f} °C" if d.thermal_c else ""),
               f"runtime: {result.runtime.get('target')} · build {result.runtime.get('build_commit')} "
               f"({result.runtime.get('build_number')}) · peak memory by {', '.join(methods) or 'n/a'}"]
     return "\n".join(lines) + "\n"
@@ -407,6 +409,8 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
         mr.rows += rows
         if res.peak_rss_kb is not None and (mr.peak_rss_kb is None or res.peak_rss_kb > mr.peak_rss_kb):
             mr.peak_rss_kb, mr.peak_rss_method = res.peak_rss_kb, res.peak_rss_method
+        if info.thermal_c:
+            mr.thermal_after_c.append({"n_threads": threads, "zones": dev.thermal()})
         runtime.update(build_commit=rows[0].get("build_commit"), build_number=rows[0].get("build_number"),
                        backends=rows[0].get("backends"), cpu_info=rows[0].get("cpu_info"))
         bar.update(1)

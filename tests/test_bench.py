@@ -60,7 +60,8 @@ def test_parse_and_summarize_captured_llama_bench():
     assert p16["samples_ns"] == [float(x) for x in rows[0]["samples_ns"]]
     assert p16["ttft_ms_mean"] == pytest.approx(np.mean(rows[0]["samples_ns"]) / 1e6)
     assert p16["ttft_ms_std"] == pytest.approx(np.std(rows[0]["samples_ns"], ddof=1) / 1e6)
-    assert p16["ttft_ms_mean"] == pytest.approx(16 / rows[0]["avg_ts"] * 1e3, rel=0.2)  # p / prefill rate
+    # each TTFT sample is prompt length / that sample's prefill rate
+    assert p16["ttft_ms_samples"] == pytest.approx([16 / ts * 1e3 for ts in rows[0]["samples_ts"]], rel=1e-4)
     assert p16["tps_mean"] == rows[0]["avg_ts"] and decode[0]["tps_std"] == rows[2]["stddev_ts"]
     # JSON array form (-o json) gives the same rows
     assert parse.parse_llama_bench(json.dumps(rows)) == rows
