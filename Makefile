@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEBIAN_PACKAGES := cmake build-essential ccache g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user openssh-server adb
-# the Python bindings of the pinned runtime, without their own library build: ours is loaded at run time
-BINDINGS_ENV := CMAKE_ARGS="-DLLAMA_BUILD=OFF"
+# the Python bindings of the pinned runtime with their own stock library (the "unpatched" runtime);
+# slim-edge points them at its patched library through LLAMA_CPP_LIB_PATH when a file needs it
+BINDINGS_ENV := CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_CPU_KLEIDIAI=OFF -DLLAMA_CURL=OFF"
 
 .PHONY: setup system-deps test test-fast lint demo clean
 

@@ -106,7 +106,6 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
                       force: bool = False) -> dict:
     """Write the checkpoint as GGUF; returns a summary (types, sizes, metadata)."""
     import gguf
-    import torch
 
     from ..checkpoint import load_quantized, read_meta, read_tensors
 

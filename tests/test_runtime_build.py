@@ -1,4 +1,5 @@
 """The pinned runtime: the pin, the patch series, the cache key, the builds and their errors."""
+import importlib.util
 import json
 import os
 import re
@@ -254,6 +255,12 @@ def test_cli_where_reports_paths(host_runtime):
     assert f"export LLAMA_CPP_LIB_PATH={host_runtime.lib_dir}" in r.stdout
 
 
+def _need_bindings():
+    # find_spec, not importorskip: importing llama_cpp here would load a library into pytest itself
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install llama-cpp-python==0.3.36")
+
+
 LOAD = """
 import json, sys
 from slim_edge.runtime import load_bindings, loaded_libraries
@@ -266,13 +273,13 @@ print(json.dumps({"lib": llama_cpp.llama_cpp._lib._name,
 
 @pytest.mark.runtime
 def test_bindings_load_our_library(host_runtime):
-    pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (CMAKE_ARGS=-DLLAMA_BUILD=OFF)")
+    _need_bindings()
     env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}
     r = _run([sys.executable, "-c", LOAD], env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     lib = host_runtime.lib_dir.resolve()
-    assert Path(out["lib"]).resolve() == lib / "libllama.so"
+    assert Path(out["lib"]) == host_runtime.lib_dir / "libllama.so"
     names = {Path(p).name.split(".so")[0] for p in out["maps"]}
     assert {"libllama", "libggml", "libggml-base", "libggml-cpu"} <= names
     assert all(Path(p).resolve().parent == lib for p in out["maps"])
@@ -281,7 +288,7 @@ def test_bindings_load_our_library(host_runtime):
 
 @pytest.mark.runtime
 def test_bindings_refuse_a_foreign_library(host_runtime, tmp_path):
-    pytest.importorskip("llama_cpp")
+    _need_bindings()
     code = ("import os, shutil, sys; from slim_edge import runtime as rt\n"
             f"d = sys.argv[1]; shutil.copytree({str(host_runtime.lib_dir)!r}, d, symlinks=True)\n"
             "os.environ['LLAMA_CPP_LIB_PATH'] = d\nimport llama_cpp\n"

@@ -2,7 +2,8 @@
 
     sdist llama-cpp-python 0.3.36 (sha256 pinned) ── vendor/llama.cpp @ 0c1e57098
         └─ + runtime_patches/NNNN-*.patch, in name order
-            └─ cmake ─> <cache>/runtime/<target>-<key12>/{bin,lib}/   (.complete is written last)
+            └─ cmake in <cache>/runtime/.work-<target>/ (a fixed path, so ccache hits across keys)
+                └─> <cache>/runtime/<target>-<key12>/{bin,lib}/   (.complete is written last)
 
 The cache key hashes everything that changes the binaries: the pin, the patch series (names and
 bytes), the target and its flags. The cache root is $SLIM_EDGE_CACHE, else $XDG_CACHE_HOME/slim-edge,
@@ -524,7 +525,10 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
         ndk_toolchain = Path(os.environ["ANDROID_NDK"]) / "build/cmake/android.toolchain.cmake"
     key = config.key(patches)
     root = _runtime_dir(config, key)
-    with _locked(root.parent / f"{root.name}.lock"):
+    # one work dir per target, reused by every key: libllama is a unity build whose generated sources
+    # #include absolute paths, so only a fixed source path lets ccache reuse them after a patch edit
+    work = root.parent / f".work-{config.dir_target}"
+    with _locked(root.parent / f"{root.name}.lock"), _locked(work.parent / f"{work.name}.lock"):
         if force and root.exists():
             shutil.rmtree(root)
         done = _load_finished(root, config, key)
@@ -533,29 +537,28 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
         (root / MARKER).unlink(missing_ok=True)
         root.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        src, bld = root / "src", root / "build"
-        if not (src / ".slim-edge-patched").exists():  # a killed run may have left half a tree
-            shutil.rmtree(src, ignore_errors=True)
+        src, bld = work / "src", work / "build"
+        stamp = work / "key"
+        # resume a killed build of this key; any other key starts from a fresh tree and build dir
+        # (ninja compares mtimes, so reusing objects across patch series could keep stale ones)
+        if force or not stamp.exists() or stamp.read_text().strip() != key:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
             sdist = fetch_sdist(quiet=not progress)
             if progress:
                 _log(f"extracting llama.cpp {PIN.commit} and applying {len(patches)} patch(es) ...")
             extract_tree(src, sdist)
             apply_patches(src, patches)
-            (src / ".slim-edge-patched").write_text("\n".join(p.name for p in patches) + "\n")
+            stamp.write_text(key + "\n")
         args = config.cmake_args()
         if ndk_toolchain:
             args.append(f"-DCMAKE_TOOLCHAIN_FILE={ndk_toolchain}")
-        if shutil.which("ccache"):
-            args.append("-DGGML_CCACHE=ON")
-        else:
-            args.append("-DGGML_CCACHE=OFF")
+        args.append("-DGGML_CCACHE=" + ("ON" if shutil.which("ccache") else "OFF"))
         gen = ["-G", "Ninja"] if shutil.which("ninja") else ["-G", "Unix Makefiles"]
         if (bld / "CMakeCache.txt").exists() and gen[1] not in (bld / "CMakeCache.txt").read_text():
             shutil.rmtree(bld)
-        env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(root), LC_ALL="C",
-                   # paths under the cache become relative for ccache, so a new patch series (a new
-                   # <target>-<key> dir) still hits the cache for every file the patches leave alone
-                   CCACHE_BASEDIR=str(root.parent), CCACHE_NOHASHDIR="1")
+        env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(work), LC_ALL="C",
+                   CCACHE_BASEDIR=str(work), CCACHE_NOHASHDIR="1")
         log = root / "build.log"
         build_targets = list(config.tools) + (["llama", "ggml"] if config.flavor == "host" else [])
         jobs = jobs or os.cpu_count() or 2
@@ -570,9 +573,10 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
                     "patches": [p.name for p in patches], "key_material": config.key_material(patches),
                     "build_seconds": round(time.time() - t0, 1)}
         (root / "runtime.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if not keep_build:
-            shutil.rmtree(bld, ignore_errors=True)
-            shutil.rmtree(src, ignore_errors=True)
+        if keep_build:
+            _log(f"kept the patched tree and build dir: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
         _write_marker(root / MARKER, key)
         if progress:
             _log(f"built llama.cpp {PIN.commit} + {len(patches)} patch(es) for {target} in "
@@ -690,6 +694,9 @@ def load_bindings(runtime: Runtime | None = None):
         raise SlimEdgeError(
             f"llama_cpp is not installed; install the pinned bindings without their own build: "
             f"CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install --no-cache-dir {PIN.package}=={PIN.version}") from None
+    except (OSError, RuntimeError) as e:  # the library failed to load
+        raise SlimEdgeError(f"import llama_cpp with LLAMA_CPP_LIB_PATH={os.environ.get('LLAMA_CPP_LIB_PATH')} "
+                            f"failed: {e}; rebuild with `slim-edge runtime build --force`") from None
     if getattr(llama_cpp, "__version__", None) != PIN.version:
         raise SlimEdgeError(f"llama_cpp {llama_cpp.__version__} is installed, the pin is {PIN.version} "
                             f"(its ctypes structs must match llama.cpp {PIN.commit}); "
@@ -982,7 +989,7 @@ def build_cmd(target: TargetOpt = "host", isa: IsaOpt = "avx2", native: NativeOp
               arm_arch: ArmOpt = DEFAULT_ARM_ARCH, tool: ToolOpt = None,
               jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="parallel compile jobs")] = None,
               force: Annotated[bool, typer.Option("--force", help="rebuild even if cached")] = False,
-              keep_build: Annotated[bool, typer.Option("--keep-build", help="keep src/ and build/")] = False,
+              keep_build: Annotated[bool, typer.Option("--keep-build", help="keep the patched tree and build dir (<cache>/runtime/.work-<target>)")] = False,
               as_json: JsonOpt = False):
     """Build the patched llama.cpp tools (cached by pin + patch series + target + flags).
 
