@@ -4,11 +4,10 @@ import struct
 import gguf
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from slim_edge.errors import SlimEdgeError
 from slim_edge.formats import get_format
 from slim_edge.runtime import gguf_app, plan_retag, read_tensor_table, retag
+from typer.testing import CliRunner
 
 STQ, Q2 = get_format("stq1_0"), get_format("q2_0")
 PLACEHOLDER = gguf.GGMLQuantizationType.TQ2_0  # any stock id: gguf 0.19.0 knows neither 42 nor 43

@@ -282,7 +282,7 @@ class BuildConfig:
 
     @property
     def flavor(self) -> str:
-        """host | aarch64-static (Debian cross compiler, also what android-arm64 runs without an NDK) | ndk."""
+        """host | aarch64-static (Debian cross compiler; android-arm64 without an NDK too) | ndk."""
         if self.target == "host":
             return "host"
         if self.target == "android-arm64" and os.environ.get("ANDROID_NDK"):
@@ -382,7 +382,8 @@ def _ndk_revision() -> str:
 
 def _cpu_fingerprint() -> str:
     try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith(("flags", "Features")))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith(("flags", "Features")))
     except (OSError, StopIteration):
         flags = platform.processor()
     return hashlib.sha256(flags.encode()).hexdigest()[:16]
@@ -413,7 +414,7 @@ class Runtime:
 
     def tool(self, name: str) -> Path:
         if name not in self.tools:
-            raise SlimEdgeError(f"{name} is not part of this runtime ({', '.join(self.tools)}); build it with "
+            raise SlimEdgeError(f"{name} is not part of this runtime ({', '.join(self.tools)}); build it: "
                                 f"`slim-edge runtime build --target {self.target} --tool {name}`")
         return self.tools[name]
 
@@ -488,7 +489,7 @@ def find_runtime(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEF
 def ensure_runtime(target: str = "host", **kw) -> Runtime:
     """find_runtime, building first when needed."""
     try:
-        return find_runtime(target, **{k: v for k, v in kw.items() if k in ("isa", "arm_arch", "tools", "patches")})
+        return find_runtime(target, **{k: kw[k] for k in ("isa", "arm_arch", "tools", "patches") if k in kw})
     except SlimEdgeError:
         return build(target, **kw)
 
@@ -566,8 +567,9 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
             logf.write(f"# slim-edge runtime build {config} key {key}\n")
             _run_logged(["cmake", "-S", str(src), "-B", str(bld), *gen, *args], env, logf, log,
                         "configuring", progress)
+            what = f"building {target} ({len(build_targets)} targets, -j{jobs})"
             _run_logged(["cmake", "--build", str(bld), "-j", str(jobs), "--target", *build_targets],
-                        env, logf, log, f"building {target} ({len(build_targets)} targets, -j{jobs})", progress)
+                        env, logf, log, what, progress)
         rt = _install(root, bld, config, key)
         manifest = {**rt.to_json(), "tools": {k: str(v.relative_to(root)) for k, v in rt.tools.items()},
                     "patches": [p.name for p in patches], "key_material": config.key_material(patches),
@@ -652,7 +654,7 @@ def _install(root: Path, bld: Path, config: BuildConfig, key: str) -> Runtime:
         for lib in sorted((bld / "bin").glob("lib*.so*")):
             shutil.copy2(lib, out_lib / lib.name, follow_symlinks=False)
         if not (out_lib / "libllama.so").exists():
-            raise SlimEdgeError(f"the build produced no libllama.so in {bld / 'bin'}; see {root / 'build.log'}")
+            raise SlimEdgeError(f"the build made no libllama.so in {bld / 'bin'}; see {root / 'build.log'}")
     return Runtime(config.target, key, root, tools, config)
 
 
@@ -695,7 +697,8 @@ def load_bindings(runtime: Runtime | None = None):
             f"llama_cpp is not installed; install the pinned bindings without their own build: "
             f"CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install --no-cache-dir {PIN.package}=={PIN.version}") from None
     except (OSError, RuntimeError) as e:  # the library failed to load
-        raise SlimEdgeError(f"import llama_cpp with LLAMA_CPP_LIB_PATH={os.environ.get('LLAMA_CPP_LIB_PATH')} "
+        where = os.environ.get("LLAMA_CPP_LIB_PATH")
+        raise SlimEdgeError(f"import llama_cpp with LLAMA_CPP_LIB_PATH={where} "
                             f"failed: {e}; rebuild with `slim-edge runtime build --force`") from None
     if getattr(llama_cpp, "__version__", None) != PIN.version:
         raise SlimEdgeError(f"llama_cpp {llama_cpp.__version__} is installed, the pin is {PIN.version} "
@@ -706,9 +709,10 @@ def load_bindings(runtime: Runtime | None = None):
         raise SlimEdgeError(f"llama_cpp was already imported with {loaded}, not {lib / 'libllama.so'}; "
                             f"call load_bindings() before importing llama_cpp, or export "
                             f"LLAMA_CPP_LIB_PATH={lib}")
-    stray = [p for p in loaded_libraries() if re.match(r"lib(llama|ggml)", p.name) and p.parent.resolve() != lib]
+    stray = [str(p) for p in loaded_libraries()
+             if re.match(r"lib(llama|ggml)", p.name) and p.parent.resolve() != lib]
     if stray:
-        raise SlimEdgeError(f"another llama.cpp build is loaded in this process: {', '.join(map(str, stray))}")
+        raise SlimEdgeError(f"another llama.cpp build is loaded in this process: {', '.join(stray)}")
     _check_structs(llama_cpp)
     return llama_cpp
 
@@ -719,17 +723,21 @@ def loaded_libraries() -> list[Path]:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return []
-    return sorted({Path(l.split(None, 5)[5]) for l in maps.splitlines() if ".so" in l and len(l.split(None, 5)) == 6})
+    fields = (line.split(None, 5) for line in maps.splitlines())
+    return sorted({Path(f[5]) for f in fields if len(f) == 6 and ".so" in f[5]})
 
 
 def _check_structs(llama_cpp) -> None:
-    for fn, want in (("llama_context_default_params", _CTX_DEFAULTS), ("llama_model_default_params", _MODEL_DEFAULTS)):
+    checks = (("llama_context_default_params", _CTX_DEFAULTS),
+              ("llama_model_default_params", _MODEL_DEFAULTS))
+    for fn, want in checks:
         got = getattr(llama_cpp, fn)()
         bad = {k: getattr(got, k) for k, v in want.items() if getattr(got, k) != v}
         if bad:
             raise SlimEdgeError(f"{fn}() through the bindings gives {bad}, llama.cpp {PIN.commit} sets "
-                                f"{ {k: want[k] for k in bad} }: the bindings and libllama.so come from different "
-                                f"commits; reinstall {PIN.package}=={PIN.version} and rebuild the runtime")
+                                f"{ {k: want[k] for k in bad} }: the bindings and libllama.so come from "
+                                f"different commits; reinstall {PIN.package}=={PIN.version} and rebuild "
+                                f"the runtime")
 
 
 # --- GGUF retag -------------------------------------------------------------------------------
@@ -838,7 +846,8 @@ def read_tensor_table(path: Path) -> GGUFTable:
         end = nxt.offset if nxt is not None else size - data_start
         t.span = end - t.offset
         if t.span < 0:
-            raise SlimEdgeError(f"{path}: tensor {t.name!r} at offset {t.offset} lies past the end of the file")
+            raise SlimEdgeError(f"{path}: tensor {t.name!r} at offset {t.offset} lies past the end of the "
+                                f"file; the file is truncated")
     return GGUFTable(version, alignment, data_start, size, tensors)
 
 
@@ -887,11 +896,12 @@ def plan_retag(path: Path, from_id: int = 42, to_id: int = 43) -> RetagPlan:
         elif is_old and not is_new:
             keep.append(t)
         else:
-            old_desc = f"{old.name} {old.type_size} B / {old.block_size}" if old else f"type {from_id}: unknown"
+            old_desc = f"{old.name} ({old.type_size} B / {old.block_size})" if old else f"type {from_id}"
             raise SlimEdgeError(
-                f"{path}: tensor {t.name!r} (shape {list(t.shape)}, type {from_id}) spans {t.span} bytes, which "
-                f"{'fits both' if is_new else 'fits neither'} {new.name} ({new.type_size} B / {new.block_size}) "
-                f"and {old_desc}; the file is not an AngelSlim {new.name} export, left unchanged")
+                f"{path}: tensor {t.name!r} (shape {list(t.shape)}, type {from_id}) spans {t.span} bytes, "
+                f"which {'fits both' if is_new else 'fits neither'} {new.name} "
+                f"({new.type_size} B / {new.block_size}) and {old_desc}; the file is not an AngelSlim "
+                f"{new.name} export, left unchanged")
     return RetagPlan(Path(path), from_id, to_id, retag, keep)
 
 
@@ -987,9 +997,10 @@ def _report(rt: Runtime, as_json: bool) -> None:
 @app.command("build")
 def build_cmd(target: TargetOpt = "host", isa: IsaOpt = "avx2", native: NativeOpt = False,
               arm_arch: ArmOpt = DEFAULT_ARM_ARCH, tool: ToolOpt = None,
-              jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="parallel compile jobs")] = None,
+              jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="compile jobs")] = None,
               force: Annotated[bool, typer.Option("--force", help="rebuild even if cached")] = False,
-              keep_build: Annotated[bool, typer.Option("--keep-build", help="keep the patched tree and build dir (<cache>/runtime/.work-<target>)")] = False,
+              keep_build: Annotated[bool, typer.Option(
+                  "--keep-build", help="keep the tree and build dir (.work-<target> in the cache)")] = False,
               as_json: JsonOpt = False):
     """Build the patched llama.cpp tools (cached by pin + patch series + target + flags).
 
@@ -1030,7 +1041,7 @@ def python_env_cmd(isa: IsaOpt = "avx2", native: NativeOpt = False):
 
 @app.command("source")
 def source_cmd(dest: Annotated[Path, typer.Argument(help="new directory for the tree")],
-               pristine: Annotated[bool, typer.Option("--pristine", help="do not apply the patches")] = False):
+               pristine: Annotated[bool, typer.Option("--pristine", help="leave the patches out")] = False):
     """Write the pinned llama.cpp tree (patched unless --pristine), e.g. to write a new patch.
 
     Example:  slim-edge runtime source /tmp/llama.cpp --pristine
