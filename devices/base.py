@@ -284,9 +284,9 @@ def find_runtime_dirs(target: str) -> tuple[Path, Path]:
 def _as_dirs(built, target: str) -> tuple[Path, Path]:
     if isinstance(built, (tuple, list)) and len(built) >= 2:
         return Path(built[0]), Path(built[1])
-    for b, l in (("bin_dir", "lib_dir"), ("bin", "lib")):
+    for b, lib in (("bin_dir", "lib_dir"), ("bin", "lib")):
         if hasattr(built, b):
-            return Path(getattr(built, b)), Path(getattr(built, l, getattr(built, b)))
+            return Path(getattr(built, b)), Path(getattr(built, lib, getattr(built, b)))
     if isinstance(built, (str, Path)):
         root = Path(built)
         return root / "bin", (root / "lib" if (root / "lib").is_dir() else root / "bin")

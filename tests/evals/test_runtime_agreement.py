@@ -20,7 +20,13 @@ def smollm2_f16(tmp_path_factory):
     from slim_edge import runtime
     from slim_edge.models import cache_dir, resolve
 
-    pytest.importorskip("llama_cpp")
+    from slim_edge.errors import SlimEdgeError
+    from slim_edge.evals.backends import bindings
+
+    try:
+        bindings()  # slim-edge's runtime; never import llama_cpp directly (the library is chosen at import)
+    except SlimEdgeError as e:
+        pytest.skip(str(e))
     out = cache_dir("evals", "smollm2-135m-f16.gguf")
     if not out.is_file():
         folder = resolve("smollm2-135m")
