@@ -69,7 +69,8 @@ def test_export_is_bit_exact(scheme, tiny_smol, tiny_text, tmp_path):
 
 def test_export_refuses_to_overwrite(tiny_smol, tiny_text, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run_quantize(str(tiny_smol), QuantConfig(scheme="q2", steps=0, calib=str(tiny_text)), ckpt, progress=False)
+    run_quantize(str(tiny_smol), QuantConfig(scheme="q2", steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
+                 ckpt, progress=False)
     out = tmp_path / "m.gguf"
     out.write_bytes(b"keep me")
     with pytest.raises(SlimEdgeError, match="already exists.*--force"):
@@ -83,3 +84,28 @@ def test_export_refuses_to_overwrite(tiny_smol, tiny_text, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
     with pytest.raises(SlimEdgeError, match="not a slim-edge checkpoint"):
         export_checkpoint(tmp_path, tmp_path / "y.gguf")
+
+
+@pytest.mark.runtime
+def test_stock_type_export_runs_in_unpatched_bindings(tiny_smol, tiny_text, tmp_path):
+    """ternary -> TQ2_0 + Q2_0: the stock llama-cpp-python 0.3.36 library (no LLAMA_CPP_LIB_PATH) loads it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ckpt"
+    run_quantize(str(tiny_smol), QuantConfig(scheme="ternary", steps=0, batch_size=1, seq_len=32,
+                                             calib=str(tiny_text)), ckpt, progress=False)
+    out = tmp_path / "t.gguf"
+    assert export_checkpoint(ckpt, out)["needs_patched_runtime"] is False
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}
+    code = ("import json, sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, verbose=False); "
+            "toks = llm.tokenize(b'The capital of France is'); llm.eval(toks); "
+            "out = [int(t) for t, _ in zip(llm.generate(toks, temp=0.0, reset=True), range(8))]; "
+            "print(json.dumps({'lib': str(llama_cpp.llama_cpp._lib._name), 'n': len(out), 'vocab': llm.n_vocab()}))")
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["n"] == 8 and r["vocab"] == 49152
+    assert "site-packages" in r["lib"] or "llama_cpp" in r["lib"]

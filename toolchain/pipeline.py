@@ -73,7 +73,7 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     if config.steps > 0:
         state = train(student, teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
                       device=device, progress=progress, log=log_lines.append)
-    loss_qat = distill_eval(student, teacher, ids, config, device)
+    loss_qat = distill_eval(student, teacher, ids, config, device) if config.steps > 0 else loss_ptq
     summary = plan_summary(plan)
     report = {
         "model": str(model), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,

@@ -102,6 +102,16 @@ class Format:
         return lv[idx].astype(np.int8)
 
 
+def absmax_roundf(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's absmax references (Q2_0, TQ1_0, TQ2_0): d = max|x|, roundf(x * (1/d)); (values, fp16 d)."""
+    d = np.abs(blocks).max(axis=1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    x = blocks * inv[:, None]
+    q = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+    return q.astype(np.int8), d.astype(np.float16)
+
+
 def fp16_bytes(d: np.ndarray) -> np.ndarray:
     return np.asarray(d, np.float16).reshape(-1, 1).view(np.uint8)
 

@@ -8,7 +8,7 @@ tensors export to it bit-exactly and run on the unpatched runtime.
 """
 import numpy as np
 
-from .base import Format, fp16_bytes, fp16_from, pack_2bit, unpack_2bit
+from .base import Format, absmax_roundf, fp16_bytes, fp16_from, pack_2bit, unpack_2bit
 
 
 class Q2_0(Format):
@@ -19,13 +19,7 @@ class Q2_0(Format):
         return (unpack_2bit(raw[:, 2:], lanes=1).astype(np.int8) - 1), fp16_from(raw[:, :2])
 
     def quantize_blocks(self, blocks, weights=None):
-        # quantize_row_q2_0_ref: d = absmax, roundf(x / d) clamped to [-1, 2] (so +2 never occurs)
-        d = np.abs(blocks).max(axis=1)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-        x = blocks * inv[:, None]
-        q = (np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))).clip(-1, 2)
-        return self.encode(q.astype(np.int8), d.astype(np.float16))
-
+        # quantize_row_q2_0_ref: d = absmax, roundf(x / d) (clamped to [-1, 2], so +2 never occurs)
+        return self.encode(*absmax_roundf(blocks))
 
 FORMAT = Q2_0("q2_0", type_id=42, block_size=64, type_size=2 + 64 // 4, levels=(-1, 0, 1, 2))

@@ -9,7 +9,7 @@
 """
 import numpy as np
 
-from .base import Format, fp16_bytes, fp16_from
+from .base import Format, absmax_roundf, fp16_bytes, fp16_from
 
 _POW5 = np.array([81, 27, 9, 3, 1], np.uint16)
 
@@ -41,12 +41,7 @@ class TQ1_0(Format):
         return (t.astype(np.int8) - 1), fp16_from(raw[:, 52:])
 
     def quantize_blocks(self, blocks, weights=None):
-        d = np.abs(blocks).max(axis=1)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-        x = blocks * inv[:, None]
-        q = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
-        return self.encode(q.astype(np.int8), d.astype(np.float16))
+        return self.encode(*absmax_roundf(blocks))
 
 
 FORMAT = TQ1_0("tq1_0", type_id=34, block_size=256, type_size=2 + 4 * 13, levels=(-1, 0, 1))

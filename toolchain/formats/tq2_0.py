@@ -6,7 +6,7 @@
 """
 import numpy as np
 
-from .base import Format, fp16_bytes, fp16_from, pack_2bit, unpack_2bit
+from .base import Format, absmax_roundf, fp16_bytes, fp16_from, pack_2bit, unpack_2bit
 
 
 class TQ2_0(Format):
@@ -18,12 +18,7 @@ class TQ2_0(Format):
 
     def quantize_blocks(self, blocks, weights=None):
         # quantize_row_tq2_0_ref: d = absmax, roundf(x / d)
-        d = np.abs(blocks).max(axis=1)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-        x = blocks * inv[:, None]
-        q = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
-        return self.encode(q.astype(np.int8), d.astype(np.float16))
+        return self.encode(*absmax_roundf(blocks))
 
 
 FORMAT = TQ2_0("tq2_0", type_id=35, block_size=256, type_size=64 + 2, levels=(-1, 0, 1))
