@@ -318,3 +318,12 @@ def test_failed_step_shows_the_log_tail(tmp_path):
         rt._run_logged(["sh", "-c", "echo '[1/2] cc a.c'; echo boom; exit 3"], dict(os.environ), f, log,
                        "building x", progress=False)
     assert "boom" in log.read_text()
+
+
+def test_work_dir_is_fixed_per_target_with_a_spare_while_busy(tmp_path):
+    with rt._work_dir(tmp_path, ".work-host") as first:
+        assert first == tmp_path / ".work-host"  # the same path every time: ccache hits across keys
+        with rt._work_dir(tmp_path, ".work-host") as second:
+            assert second == tmp_path / ".work-host-1"  # another key builds meanwhile
+    with rt._work_dir(tmp_path, ".work-host") as again:
+        assert again == first

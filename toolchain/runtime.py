@@ -347,7 +347,9 @@ class BuildConfig:
                      CMAKE_FIND_ROOT_PATH_MODE_PROGRAM="NEVER", CMAKE_FIND_ROOT_PATH_MODE_LIBRARY="ONLY",
                      CMAKE_FIND_ROOT_PATH_MODE_INCLUDE="ONLY", CMAKE_FIND_ROOT_PATH_MODE_PACKAGE="ONLY",
                      BUILD_SHARED_LIBS=False, CMAKE_EXE_LINKER_FLAGS="-static",
-                     GGML_NATIVE=False, GGML_CPU_ARM_ARCH=self.arm_arch)
+                     # FindOpenMP hands the linker libgomp.so, which -static refuses; ggml's own
+                     # thread pool is what the NDK build (and upstream's Android docs) use anyway
+                     GGML_OPENMP=False, GGML_NATIVE=False, GGML_CPU_ARM_ARCH=self.arm_arch)
         else:  # ndk; the toolchain file path is added at build time (it is a path of this machine)
             d.update(ANDROID_ABI="arm64-v8a", ANDROID_PLATFORM=ANDROID_PLATFORM, BUILD_SHARED_LIBS=False,
                      GGML_NATIVE=False, GGML_OPENMP=False, GGML_LLAMAFILE=False,
@@ -512,6 +514,26 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _work_dir(parent: Path, name: str) -> Iterator[Path]:
+    """The target's work dir, or a numbered sibling while another key of the same target builds there."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        path = parent / (name if i == 0 else f"{name}-{i}")
+        with open(parent / f"{path.name}.lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            try:
+                yield path
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+            return
+    with _locked(parent / f"{name}.lock"):
+        yield parent / name
+
+
 def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_ARM_ARCH,
           tools: tuple[str, ...] | None = None, patches: list[Path] | None = None, jobs: int | None = None,
           force: bool = False, keep_build: bool = False, progress: bool = True) -> Runtime:
@@ -528,8 +550,8 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
     root = _runtime_dir(config, key)
     # one work dir per target, reused by every key: libllama is a unity build whose generated sources
     # #include absolute paths, so only a fixed source path lets ccache reuse them after a patch edit
-    work = root.parent / f".work-{config.dir_target}"
-    with _locked(root.parent / f"{root.name}.lock"), _locked(work.parent / f"{work.name}.lock"):
+    work_name = f".work-{config.dir_target}"
+    with _locked(root.parent / f"{root.name}.lock"), _work_dir(root.parent, work_name) as work:
         if force and root.exists():
             shutil.rmtree(root)
         done = _load_finished(root, config, key)
