@@ -18,7 +18,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -171,7 +170,3 @@ def load_quantized(folder, device: str = "cpu"):
     model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     return model, tok
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

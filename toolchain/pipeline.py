@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,6 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
           f"- {summary['bits_per_weight']:.3f} bits per weight over {summary['weights'] / 1e6:.1f} M weights\n\n"
           f"```\n{format_plan(plan)}\n```\n")
     save_quantized(student.cpu(), plan, config, folder, out, extra=report, force=True, report_md=md)
-    import shutil
     shutil.rmtree(partial, ignore_errors=True)
     print(f"slim-edge: distillation loss PTQ {loss_ptq:.4f} -> {loss_qat:.4f}; wrote {out}", file=sys.stderr)
     return report
