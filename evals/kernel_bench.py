@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from slim_edge.evals.tiny_gguf import add_llama_tensors
+
 SHAPES = {
     # hidden, layers, heads, kv heads, ffn, vocab
     "llama-3.2-1b": dict(hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn=8192, vocab=128256),
@@ -69,20 +71,7 @@ def write_random_f16(path: Path, hidden, n_layers, n_heads, n_kv_heads, ffn, voc
     wr.add_bos_token_id(1)
     wr.add_eos_token_id(2)
     wr.add_unk_token_id(0)
-    wr.add_tensor("token_embd.weight", w(vocab, hidden))
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        wr.add_tensor(p + "attn_norm.weight", norm())
-        wr.add_tensor(p + "attn_q.weight", w(hidden, hidden))
-        wr.add_tensor(p + "attn_k.weight", w(kv, hidden))
-        wr.add_tensor(p + "attn_v.weight", w(kv, hidden))
-        wr.add_tensor(p + "attn_output.weight", w(hidden, hidden))
-        wr.add_tensor(p + "ffn_norm.weight", norm())
-        wr.add_tensor(p + "ffn_gate.weight", w(ffn, hidden))
-        wr.add_tensor(p + "ffn_up.weight", w(ffn, hidden))
-        wr.add_tensor(p + "ffn_down.weight", w(hidden, ffn))
-    wr.add_tensor("output_norm.weight", norm())
-    wr.add_tensor("output.weight", w(vocab, hidden))
+    add_llama_tensors(wr, w, norm, n_layers, hidden, kv, ffn, vocab)
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()

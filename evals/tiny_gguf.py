@@ -83,20 +83,7 @@ def write_tiny_llama_gguf(path: str | Path, *, hidden: int = 256, n_layers: int 
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
 
-    writer.add_tensor("token_embd.weight", w(len(tokens), hidden))
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        writer.add_tensor(p + "attn_norm.weight", norm())
-        writer.add_tensor(p + "attn_q.weight", w(hidden, hidden))
-        writer.add_tensor(p + "attn_k.weight", w(kv_dim, hidden))
-        writer.add_tensor(p + "attn_v.weight", w(kv_dim, hidden))
-        writer.add_tensor(p + "attn_output.weight", w(hidden, hidden))
-        writer.add_tensor(p + "ffn_norm.weight", norm())
-        writer.add_tensor(p + "ffn_gate.weight", w(ffn, hidden))
-        writer.add_tensor(p + "ffn_up.weight", w(ffn, hidden))
-        writer.add_tensor(p + "ffn_down.weight", w(hidden, ffn))
-    writer.add_tensor("output_norm.weight", norm())
-    writer.add_tensor("output.weight", w(len(tokens), hidden))
+    add_llama_tensors(writer, w, norm, n_layers, hidden, kv_dim, ffn, len(tokens))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -117,3 +104,21 @@ def tiny_models(out_dir: str | Path, kinds: tuple[str, ...] = ("q4_0",), **dims)
         write_tiny_llama_gguf(f16, **dims)
     built = build_baselines(f16, [k for k in kinds if k != "f16"], out_dir)
     return {"f16": f16, **dict(zip([k for k in kinds if k != "f16"], built))}
+
+
+def add_llama_tensors(writer, w, norm, n_layers: int, hidden: int, kv_dim: int, ffn: int, vocab: int) -> None:
+    """The llama architecture's tensors in llama.cpp's names; `w(rows, cols)` and `norm()` make the data."""
+    writer.add_tensor("token_embd.weight", w(vocab, hidden))
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        writer.add_tensor(p + "attn_norm.weight", norm())
+        writer.add_tensor(p + "attn_q.weight", w(hidden, hidden))
+        writer.add_tensor(p + "attn_k.weight", w(kv_dim, hidden))
+        writer.add_tensor(p + "attn_v.weight", w(kv_dim, hidden))
+        writer.add_tensor(p + "attn_output.weight", w(hidden, hidden))
+        writer.add_tensor(p + "ffn_norm.weight", norm())
+        writer.add_tensor(p + "ffn_gate.weight", w(ffn, hidden))
+        writer.add_tensor(p + "ffn_up.weight", w(ffn, hidden))
+        writer.add_tensor(p + "ffn_down.weight", w(hidden, ffn))
+    writer.add_tensor("output_norm.weight", norm())
+    writer.add_tensor("output.weight", w(vocab, hidden))
