@@ -48,12 +48,7 @@ def plot_ttft(result, path: Path) -> Path:
     ax.set_ylabel("time to first token (ms)")
     ax.set_xscale("log", base=2)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(_title(result, "Time to first token"), fontsize=10)
-    _stamp(ax, result)
-    fig.tight_layout()
-    _save(fig, path, result)
-    return path
+    return _finish(fig, ax, result, "Time to first token", path)
 
 
 def plot_decode(result, path: Path) -> Path:
@@ -75,8 +70,13 @@ def plot_decode(result, path: Path) -> Path:
     n_gen = next((e["n_gen"] for m in result.models for e in m.decode), "")
     ax.set_ylabel(f"decode tokens/s (tg{n_gen})")
     ax.grid(True, axis="y", alpha=0.3)
+    return _finish(fig, ax, result, "Decode speed", path)
+
+
+def _finish(fig, ax, result, title: str, path: Path) -> Path:
+    """Legend, titled and stamped (emulated runs say so), laid out and saved."""
     ax.legend(fontsize=8)
-    ax.set_title(_title(result, "Decode speed"), fontsize=10)
+    ax.set_title(_title(result, title), fontsize=10)
     _stamp(ax, result)
     fig.tight_layout()
     _save(fig, path, result)
