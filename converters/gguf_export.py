@@ -25,7 +25,8 @@ from .gguf_types import FILE_TYPES, patch_types, raw_tensor
 
 EXPORT_FORMAT_VERSION = 1
 EMBED_TYPES = ("f16", "q8_0", "q4_0")
-BASELINE_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
+# f16 and q8_0 come from the converter, the others from llama-quantize of the F16 file
+BASELINE_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m", "q4_k_s", "q2_k", "tq2_0", "tq1_0")
 
 
 def converter_tree() -> Path:
@@ -224,8 +225,23 @@ def _override(rules, name: str) -> str | None:
     return None
 
 
+def llama_quantize(src: Path, dst: Path, type_: str) -> None:
+    """`llama-quantize SRC DST TYPE` with the patched host runtime, written to a temporary file first."""
+    from ..runtime import ensure_runtime
+
+    rt = ensure_runtime("host")
+    tmp = dst.with_name(dst.name + ".tmp")
+    proc = subprocess.run(rt.argv("llama-quantize") + [str(src), str(tmp), type_.upper()],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise SlimEdgeError(f"llama-quantize {type_.upper()} of {src} failed (exit {proc.returncode}):\n"
+                            f"{proc.stderr.strip()[-1500:]}")
+    os.replace(tmp, dst)
+
+
 def export_baseline(model: str, out: Path, type_: str, force: bool = False) -> dict:
-    """F16/Q8_0 straight from the converter; Q4_0/Q4_K_M through the runtime's llama-quantize."""
+    """F16/Q8_0 straight from the converter; the other types through the runtime's llama-quantize."""
     from ..models import resolve
 
     out = Path(out)
@@ -238,13 +254,7 @@ def export_baseline(model: str, out: Path, type_: str, force: bool = False) -> d
         if type_ in ("f16", "q8_0"):
             run_converter(folder, tmp / "out.gguf", type_)
         else:
-            from ..runtime import ensure_runtime
-
             run_converter(folder, tmp / "f16.gguf", "f16")
-            rt = ensure_runtime("host")
-            cmd = rt.argv("llama-quantize") + [str(tmp / "f16.gguf"), str(tmp / "out.gguf"), type_.upper()]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SlimEdgeError(f"llama-quantize failed (exit {proc.returncode}):\n{proc.stderr[-1500:]}")
+            llama_quantize(tmp / "f16.gguf", tmp / "out.gguf", type_)
         os.replace(tmp / "out.gguf", out)
     return {"file": str(out), "bytes": out.stat().st_size, "type": type_, "needs_patched_runtime": False}

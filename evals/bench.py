@@ -26,7 +26,7 @@ from typing import Annotated, Optional
 import typer
 
 from slim_edge.devices import get_device
-from slim_edge.devices.base import Device, DeviceInfo, check_fits, find_runtime_dirs
+from slim_edge.devices.base import Device, DeviceInfo, check_fits
 from slim_edge.devices.parse import big_cores, cpu_mask, parse_llama_bench
 from slim_edge.devices.qemu_arm64 import EMULATED_LABEL
 from slim_edge.errors import SlimEdgeError
@@ -250,10 +250,11 @@ def find_fp_model(models: list[Path]) -> Path | None:
     return None
 
 
-def build_baselines(fp_model: Path, kinds: list[str], out_dir: Path | None = None,
-                    llama_quantize: Path | None = None) -> list[Path]:
+def build_baselines(fp_model: Path, kinds: list[str], out_dir: Path | None = None) -> list[Path]:
     """Quantize `fp_model` to each baseline kind with the runtime's llama-quantize, reusing files that
     already exist. An F16 source is its own f16 baseline."""
+    from slim_edge.converters.gguf_export import llama_quantize
+
     unknown = [k for k in kinds if k not in BASELINE_TYPES]
     if unknown:
         raise SlimEdgeError(f"Unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINE_TYPES)}.")
@@ -271,20 +272,7 @@ def build_baselines(fp_model: Path, kinds: list[str], out_dir: Path | None = Non
             continue
         dst = out_dir / f"{stem}-{kind}.gguf"
         if not dst.is_file():
-            if llama_quantize is None:
-                bin_dir, lib_dir = find_runtime_dirs("host")
-                llama_quantize = bin_dir / "llama-quantize"
-            else:
-                lib_dir = llama_quantize.parent
-            tmp = dst.with_name(dst.name + ".tmp")
-            env = {**os.environ, "LD_LIBRARY_PATH": str(lib_dir)}
-            p = subprocess.run([str(llama_quantize), str(fp_model), str(tmp), BASELINE_TYPES[kind]],
-                               capture_output=True, text=True, env=env)
-            if p.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                raise SlimEdgeError(f"llama-quantize {BASELINE_TYPES[kind]} of {fp_model} failed "
-                                    f"(exit {p.returncode}): {p.stderr.strip()[-800:]}")
-            tmp.rename(dst)
+            llama_quantize(fp_model, dst, BASELINE_TYPES[kind])
         out.append(dst)
     return out
 
