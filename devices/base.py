@@ -17,13 +17,18 @@ from slim_edge.errors import SlimEdgeError
 
 from . import parse
 
+# One `N type temp` line per thermal zone, the shape people paste from phones; temp stays empty where
+# the read fails (some zones refuse it even to adb's shell user).
+THERMAL_COMMAND = ('for z in /sys/class/thermal/thermal_zone*; do [ -d "$z" ] || continue; '
+                   'echo "${z##*thermal_zone} $(cat "$z/type" 2>/dev/null) $(cat "$z/temp" 2>/dev/null)"; done')
+
 # Prints one section per fact; every command may fail (no getprop off Android, no cpufreq in VMs).
 PROBE_SCRIPT = r"""
 echo @@uname; uname -m
 echo @@getprop; getprop 2>/dev/null
 echo @@cpuinfo; cat /proc/cpuinfo 2>/dev/null
 echo @@maxfreq; grep . /sys/devices/system/cpu/cpu*/cpufreq/cpuinfo_max_freq 2>/dev/null
-echo @@thermal; grep . /sys/class/thermal/thermal_zone*/type /sys/class/thermal/thermal_zone*/temp 2>/dev/null
+echo @@thermal; {thermal}
 echo @@meminfo; cat /proc/meminfo 2>/dev/null
 echo @@df; d={workdir_parent}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; df -k "$d" 2>/dev/null
 echo @@time; ls /usr/bin/time /system/bin/time 2>/dev/null
@@ -165,15 +170,15 @@ class Device:
 
     def info(self) -> DeviceInfo:
         parent = self.workdir.rsplit("/", 1)[0] or "/"
-        res = self.shell(PROBE_SCRIPT.format(workdir_parent=shlex.quote(parent)), timeout=120)
+        res = self.shell(PROBE_SCRIPT.format(workdir_parent=shlex.quote(parent), thermal=THERMAL_COMMAND),
+                         timeout=120)
         info = info_from_probe(self.name, res.stdout, emulated=self.emulated)
         self.check_info(info)
         return info
 
     def thermal(self) -> dict[str, float]:
         """Current thermal zone readings in degrees C (empty where the kernel exposes none)."""
-        cmd = "grep . /sys/class/thermal/thermal_zone*/type /sys/class/thermal/thermal_zone*/temp 2>/dev/null"
-        return parse.parse_thermal(self.shell(cmd, timeout=60).stdout)
+        return parse.parse_thermal(self.shell(THERMAL_COMMAND, timeout=60).stdout)
 
     def check_info(self, info: DeviceInfo) -> None:
         """Device-specific refusals (e.g. not arm64)."""

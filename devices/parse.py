@@ -119,26 +119,30 @@ def cpu_mask(cpus: list[int]) -> str:
     return hex(mask)
 
 
-def parse_thermal(text: str) -> dict[str, float]:
-    """`grep . /sys/class/thermal/thermal_zone*/type .../temp` -> {"zoneN type": degrees C}.
+# Zones that are not temperatures: Qualcomm's battery-current-limiter zones report millivolts (vbat, vph),
+# milliamps (ibat), a trip level (bcl) or the battery's state of charge (soc, socd); seen on SM4375 and SM8250.
+_NOT_TEMPERATURE = re.compile(r"bcl|ibat|vbat|vph|^socd?$", re.IGNORECASE)
+_ZONE_LINE = re.compile(r"^(\d+)\s+(.+?)(?:\s+(-?\d+))?\s*$")
 
-    Zones with no reading or an impossible one (sensors report -273000 when broken) are dropped;
-    millidegrees are converted (values above 1000 are millidegrees, as the kernel ABI says)."""
-    types, temps = {}, {}
-    for path, value in parse_sysfs_grep(text).items():
-        m = re.search(r"/(thermal_zone\d+)/(type|temp)$", path)
-        if not m:
-            continue
-        (types if m.group(2) == "type" else temps)[m.group(1)] = value
+
+def parse_thermal(text: str) -> dict[str, float]:
+    """Thermal zones -> {"thermal_zoneN type": degrees C}, e.g. {"thermal_zone36 cpu-1-0-usr": 42.6}.
+
+    Reads the `N type temp` lines of base.THERMAL_COMMAND, the shape phone owners paste (temp missing
+    where the read failed). Values of 1000 and more are millidegrees, as the kernel ABI says; smaller
+    ones are taken as degrees. Dropped: zones without a reading, zones that are not temperatures, and
+    disconnected sensors (phones report -40000 or -40960, some kernels -273000), i.e. anything outside
+    (-40, 150] degrees."""
+    zones = {}
+    for line in text.splitlines():
+        m = _ZONE_LINE.match(line.strip())
+        if m and m.group(3) is not None:
+            zones[int(m.group(1))] = (m.group(2), int(m.group(3)))
     out = {}
-    for zone in sorted(temps, key=lambda z: int(z[len("thermal_zone"):])):
-        try:
-            raw = float(temps[zone])
-        except ValueError:
-            continue
-        celsius = raw / 1000 if abs(raw) >= 1000 else raw
-        if -40 <= celsius <= 150:
-            out[f"{zone} {types.get(zone, '?')}"] = round(celsius, 1)
+    for zone, (kind, raw) in sorted(zones.items()):
+        celsius = raw / 1000 if abs(raw) >= 1000 else float(raw)
+        if -40 < celsius <= 150 and not _NOT_TEMPERATURE.search(kind):
+            out[f"thermal_zone{zone} {kind}"] = round(celsius, 1)
     return out
 
 
@@ -208,26 +212,30 @@ def parse_peak_rss_kb(stderr: str) -> tuple[int | None, str | None]:
 
 
 def parse_llama_bench(text: str) -> list[dict]:
-    """llama-bench `-o json` (one array) or `-o jsonl` (one object per line) -> list of rows.
+    """llama-bench `-o jsonl` (one object per line) or `-o json` (one array) -> list of rows.
 
-    Lines that are not JSON (log lines that slipped into stdout) are skipped in JSONL mode."""
-    text = text.strip()
-    if not text:
-        return []
-    if text.startswith("["):
+    Lines that are not JSON are skipped: backends log to the console before the results (a Galaxy S26
+    build prints nine OpenCL/Hexagon lines ahead of the array, see devices/captured/)."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith("[")]
+    decoder = json.JSONDecoder()
+    for i in starts:
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SlimEdgeError(f"llama-bench printed JSON that does not parse ({e}); rerun with -o jsonl.")
-        return [r for r in rows if isinstance(r, dict)]
+            rows, _ = decoder.raw_decode("".join(lines[i:]).lstrip())
+        except json.JSONDecodeError:
+            continue  # a log line that happens to start with "["
+        if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
+            return rows
     rows = []
-    for line in text.splitlines():
+    for line in lines:
         line = line.strip()
         if line.startswith("{"):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
+    if not rows and any(lines[i].strip() == "[" or lines[i].lstrip().startswith("[{") for i in starts):
+        raise SlimEdgeError("llama-bench printed a JSON array that does not parse (cut short?); rerun with -o jsonl.")
     return rows
 
 

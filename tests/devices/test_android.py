@@ -1,15 +1,16 @@
 """The adb command lines the android backend builds, and its errors (no adb, no phone, unauthorized)."""
 
+import hashlib
 import os
 import shlex
 import stat
 
 import pytest
 
-from slim_edge.devices import get_device
+from slim_edge.devices import android, get_device
 from slim_edge.devices.android import (WORKDIR, AndroidDevice, adb_devices_argv, adb_pull_argv, adb_push_argv,
                                        adb_shell_argv, choose_serial)
-from slim_edge.devices.base import DeviceInfo, VMHWM_WRAPPER
+from slim_edge.devices.base import THERMAL_COMMAND, DeviceInfo, RunResult, VMHWM_WRAPPER
 from slim_edge.errors import SlimEdgeError
 
 
@@ -31,7 +32,6 @@ class Recorder(AndroidDevice):
         self.lines = []
 
     def shell(self, command, *, timeout=None):
-        from slim_edge.devices.base import RunResult
         self.lines.append(adb_shell_argv(self.serial, command))
         return RunResult(self.lines[-1], 0, "", "SLIM_EDGE_VMHWM_KB=2048\n")
 
@@ -56,6 +56,50 @@ def test_cleanup_and_hash_command_lines():
                          "'/data/local/tmp/slim-edge/models/b c.gguf' 2>/dev/null"],
         ["adb", "shell", "rm -rf /data/local/tmp/slim-edge"],
     ]
+
+
+def test_probe_and_thermal_command_lines(captured):
+    class Phone(Recorder):  # answers the thermal loop with the Motorola SM4375 capture
+        def shell(self, command, *, timeout=None):
+            res = super().shell(command, timeout=timeout)
+            res.stdout = captured("thermal_moto_sm4375.txt") if command == THERMAL_COMMAND else ""
+            return res
+
+    dev = Phone("R58M41XYZ12")
+    dev.info()
+    probe = dev.lines[0][4]
+    assert dev.lines[0][:4] == ["adb", "-s", "R58M41XYZ12", "shell"]
+    assert "echo @@df; d=/data/local/tmp; while" in probe and f"echo @@thermal; {THERMAL_COMMAND}\n" in probe
+    zones = dev.thermal()
+    assert dev.lines[1] == ["adb", "-s", "R58M41XYZ12", "shell",
+                            'for z in /sys/class/thermal/thermal_zone*; do [ -d "$z" ] || continue; '
+                            'echo "${z##*thermal_zone} $(cat "$z/type" 2>/dev/null) $(cat "$z/temp" 2>/dev/null)"; done']
+    assert len(zones) == 77 and zones["thermal_zone36 cpu-1-0-usr"] == 42.6
+
+
+def test_push_skips_same_hash_and_pull(monkeypatch, tmp_path):
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"on the phone already")
+    b.write_bytes(b"new")
+    local = []
+    monkeypatch.setattr(android, "local_run", lambda argv, **kw: local.append(argv) or RunResult(argv, 0, "", ""))
+
+    class Phone(Recorder):  # the phone holds a.gguf with the same sha256
+        def shell(self, command, *, timeout=None):
+            res = super().shell(command, timeout=timeout)
+            if command.startswith("sha256sum"):
+                res.stdout = f"{hashlib.sha256(a.read_bytes()).hexdigest()}  {WORKDIR}/models/a.gguf\n"
+            return res
+
+    dev = Phone("R58M41XYZ12")
+    assert dev.push([a, b], subdir="models") == {"models/a.gguf": False, "models/b.gguf": True}
+    dev.pull("results/b-t2.jsonl", tmp_path / "out.jsonl")
+    assert [ln[4] for ln in dev.lines] == [
+        "mkdir -p /data/local/tmp/slim-edge/models",
+        "sha256sum /data/local/tmp/slim-edge/models/a.gguf /data/local/tmp/slim-edge/models/b.gguf 2>/dev/null"]
+    assert local == [["adb", "-s", "R58M41XYZ12", "push", str(b), "/data/local/tmp/slim-edge/models/b.gguf"],
+                     ["adb", "-s", "R58M41XYZ12", "pull", "/data/local/tmp/slim-edge/results/b-t2.jsonl",
+                      str(tmp_path / "out.jsonl")]]
 
 
 def test_choose_serial(captured):

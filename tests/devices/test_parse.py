@@ -5,6 +5,7 @@ import pytest
 from slim_edge.devices import parse
 from slim_edge.devices.base import PROBE_SCRIPT, info_from_probe
 from slim_edge.errors import SlimEdgeError
+from slim_edge.evals.bench import summarize_rows
 
 
 def test_getprop_snapdragon_8_gen_3(captured):
@@ -73,11 +74,23 @@ def test_max_freqs_and_big_core_mask_sdm845(captured):
     assert parse.big_cores({}, 2) == []
 
 
-def test_thermal_zones():
-    text = ("/sys/class/thermal/thermal_zone0/type:cpu-0-0-usr\n/sys/class/thermal/thermal_zone1/type:battery\n"
-            "/sys/class/thermal/thermal_zone2/type:broken\n/sys/class/thermal/thermal_zone0/temp:44500\n"
-            "/sys/class/thermal/thermal_zone1/temp:35\n/sys/class/thermal/thermal_zone2/temp:-273000\n")
-    assert parse.parse_thermal(text) == {"thermal_zone0 cpu-0-0-usr": 44.5, "thermal_zone1 battery": 35.0}
+def test_thermal_zones_motorola_sm4375(captured):
+    zones = parse.parse_thermal(captured("thermal_moto_sm4375.txt"))
+    # 93 zones: 6 gave no reading, 7 are not temperatures (ibat x2, bcl x3, socd, vbat), 3 are disconnected
+    # sensors (-40000, -40960 x2)
+    assert len(zones) == 77
+    assert max(zones.items(), key=lambda kv: kv[1]) == ("thermal_zone36 cpu-1-0-usr", 42.6)
+    assert [v for k, v in zones.items() if "-usr" in k and " cpu-" in k] == [
+        39.1, 38.7, 38.0, 38.4, 38.0, 38.7, 42.6, 41.1, 42.2, 40.7]  # 6 little-core sensors, 4 on the 2 big cores
+    assert zones["thermal_zone3 modem-lte-sub6-pa1"] == 27.0
+    assert zones["thermal_zone67 pm7250b_tz"] == 30.7
+    assert zones["thermal_zone89 qcom_battery"] == zones["thermal_zone92 battery"] == 29.7
+    assert zones["thermal_zone90 front_temp"] == 32.4 and zones["thermal_zone91 back_temp"] == 32.5
+    for gone in ("thermal_zone0 modem-mmw-pa1-step", "thermal_zone20 modem-mmw-pa1-usr",  # no reading
+                 "thermal_zone68 pm7250b-ibat-lvl0", "thermal_zone70 pm7250b-bcl-lvl0",  # mA, trip level
+                 "thermal_zone73 socd", "thermal_zone88 vbat",  # state of charge, mV
+                 "thermal_zone74 conn-therm-usr", "thermal_zone85 qtm_n_therm"):  # -40000, -40960
+        assert gone not in zones
 
 
 def test_meminfo(captured):
@@ -118,13 +131,33 @@ def test_peak_rss():
     assert parse.parse_peak_rss_kb("SLIM_EDGE_VMHWM_KB=0\n") == (None, None)
 
 
+def test_llama_bench_json_galaxy_s26(captured):
+    # -o json as the phone printed it: backend log lines first, then the array
+    rows = parse.parse_llama_bench(captured("llama_bench_json_galaxy_s26_sm8850_htp.txt"))
+    assert [(r["n_prompt"], r["n_gen"], r["avg_ts"]) for r in rows] == [(1024, 0, 4190.935295), (0, 256, 77.197416)]
+    assert {r["model_type"] for r in rows} == {"qwen3 0.6B Q4_K - Medium"}
+    assert rows[0]["backends"] == "OpenCL,HTP" and rows[0]["gpu_info"] == "QUALCOMM Adreno(TM) 840, Hexagon"
+    assert rows[0]["build_number"] == 11469 and rows[0]["n_threads"] == 4
+    assert rows[1]["samples_ts"] == [77.2815, 77.4307, 77.0974, 76.6359, 77.5415]
+    prefill, decode = summarize_rows(rows)
+    assert prefill[0]["n_prompt"] == 1024 and prefill[0]["ttft_ms_mean"] == pytest.approx(244.49, abs=0.01)
+    assert decode[0]["tps_mean"] == 77.197416
+
+
+def test_llama_bench_cut_short(captured):
+    text = captured("llama_bench_json_galaxy_s26_sm8850_htp.txt")
+    with pytest.raises(SlimEdgeError, match="does not parse"):
+        parse.parse_llama_bench(text[: len(text) // 2])
+    assert parse.parse_llama_bench("[Start thinking]\n") == []
+
+
 def test_sections_and_probe_on_captured_phone(captured):
     text = "\n".join([
         "@@uname", "aarch64",
         "@@getprop", captured("getprop_sm8650_oneplus12.txt"),
         "@@cpuinfo", captured("cpuinfo_pixel8_tensor_g3.txt"),
         "@@maxfreq", captured("cpufreq_pixel8_tensor_g3.txt"),
-        "@@thermal", "/sys/class/thermal/thermal_zone0/type:cpu-0-0-usr\n/sys/class/thermal/thermal_zone0/temp:41200",
+        "@@thermal", captured("thermal_moto_sm4375.txt"),
         "@@meminfo", captured("meminfo_devvm.txt"),
         "@@df", captured("df_devvm.txt"),
         "@@time", "", "@@nproc", "9",
@@ -137,9 +170,9 @@ def test_sections_and_probe_on_captured_phone(captured):
     assert info.abi == "arm64-v8a"
     assert info.n_cpus == 9
     assert info.big_cores == [8]
-    assert info.thermal_c == {"thermal_zone0 cpu-0-0-usr": 41.2}
+    assert len(info.thermal_c) == 77 and info.thermal_c["thermal_zone36 cpu-1-0-usr"] == 42.6
     assert info.mem_available_kb == 22144068
     assert info.storage_available_kb == 80215684
     assert "sve2" in info.cpu_features_of_interest
     assert not info.has_gnu_time and not info.emulated
-    assert "@@getprop" in PROBE_SCRIPT and "cpuinfo_max_freq" in PROBE_SCRIPT
+    assert "@@getprop" in PROBE_SCRIPT and "cpuinfo_max_freq" in PROBE_SCRIPT and "{thermal}" in PROBE_SCRIPT
