@@ -50,6 +50,7 @@ class BenchConfig:
     threads: list[int] = field(default_factory=lambda: [1, 2])
     repetitions: int = 5
     delay: int = 0
+    cool_to: float | None = None  # before each run, wait until the hottest zone reads below this (°C)
     pin_big_cores: bool = True
     chat_ttft: bool = True
     timeout: float | None = None
@@ -66,6 +67,21 @@ class BenchConfig:
             raise SlimEdgeError(f"--n-gen must be at least 1; got {self.n_gen}.")
         if self.delay < 0:
             raise SlimEdgeError(f"--delay must be 0 or more seconds; got {self.delay}.")
+        if self.cool_to is not None and not 20 <= self.cool_to <= 90:
+            raise SlimEdgeError(f"--cool-to takes a temperature in °C between 20 and 90; got {self.cool_to}.")
+
+
+def wait_cool(read_zones, limit_c: float, timeout_s: float = 300.0, poll_s: float = 5.0,
+              sleep=time.sleep, clock=time.monotonic) -> tuple[float, float | None]:
+    """Poll `read_zones()` ({zone: °C}) until the hottest zone is below `limit_c` or `timeout_s` passes.
+    Returns (seconds waited, last hottest reading); a device without zones returns at once."""
+    t0 = clock()
+    while True:
+        zones = read_zones()
+        hottest = max(zones.values()) if zones else None
+        if hottest is None or hottest < limit_c or clock() - t0 >= timeout_s:
+            return clock() - t0, hottest
+        sleep(poll_s)
 
 
 @dataclass
@@ -374,6 +390,10 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
         bar.set_postfix_str(f"{name} t={threads}")
         if i and cfg.delay:  # cool-down between runs (llama-bench --delay covers tests within one)
             time.sleep(cfg.delay)
+        if cfg.cool_to is not None and info.thermal_c:
+            waited, hottest = wait_cool(dev.thermal, cfg.cool_to)
+            if waited >= 1:
+                log(f"[bench] cooled for {waited:.0f} s; hottest zone now {hottest:.1f} °C")
         argv = llama_bench_argv(tools["llama-bench"], staged[path], cfg, threads, mask)
         if dev.copies_files:  # llama-bench writes its JSONL on the device; pull it back
             remote_out = f"results/{name}-t{threads}.jsonl"
@@ -482,6 +502,8 @@ def bench(
     threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts.")] = "1,2",
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 5,
     delay: Annotated[int, typer.Option(help="Cool-down seconds between tests and runs.")] = 0,
+    cool_to: Annotated[Optional[float], typer.Option(help="Before each run wait (up to 5 min) until the hottest "
+                                                          "thermal zone reads below this many °C, e.g. 40.")] = None,
     baselines: Annotated[Optional[str], typer.Option(help="Build and add baselines, e.g. q4_0,q4_k_m,f16.")] = None,
     fp_model: Annotated[Optional[Path], typer.Option(help="F16/F32 GGUF the baselines are quantized from.")] = None,
     compare: Annotated[Optional[str], typer.Option(help="Print ratios against this model, e.g. q4_0.")] = None,
@@ -498,7 +520,7 @@ def bench(
 
         slim-edge bench model-stq1_0.gguf --baselines q4_0,f16 --fp-model model-f16.gguf --compare q4_0
 
-        slim-edge bench model-q2_0.gguf model-q4_0.gguf --device android --serial R58M12345 -t 2,4 --delay 10
+        slim-edge bench model-q2_0.gguf model-q4_0.gguf --device android --serial R58M12345 -t 2,4 --cool-to 40
 
         slim-edge bench model-q2_0.gguf --device ssh --host pi@192.168.1.20 --identity ~/.ssh/id_ed25519
 
@@ -509,7 +531,7 @@ def bench(
     """
     cfg = BenchConfig(prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"), n_gen=n_gen,
                       threads=_ints(threads, "--threads"), repetitions=repetitions, delay=delay,
-                      pin_big_cores=pin, chat_ttft=chat_ttft)
+                      cool_to=cool_to, pin_big_cores=pin, chat_ttft=chat_ttft)
     out_dir = output or default_output_dir()
     if out_dir.exists() and not force:  # refuse before spending minutes measuring
         raise SlimEdgeError(f"Results folder {out_dir} already exists. Pass --force to replace it, "

@@ -9,7 +9,7 @@ import pytest
 from slim_edge.devices import parse
 from slim_edge.devices.base import DeviceInfo
 from slim_edge.errors import SlimEdgeError
-from slim_edge.evals.bench import (BenchConfig, BenchResult, ModelResult, compare_to, llama_bench_argv,
+from slim_edge.evals.bench import (wait_cool, BenchConfig, BenchResult, ModelResult, compare_to, llama_bench_argv,
                                    summarize_rows, write_results)
 
 CAPTURED = Path(__file__).resolve().parents[1] / "devices" / "captured"
@@ -29,7 +29,8 @@ def test_llama_bench_argv():
 
 
 @pytest.mark.parametrize("kw, msg", [({"prompt_lengths": [0]}, "Prompt lengths"), ({"threads": []}, "Thread counts"),
-                                     ({"repetitions": 0}, "repetitions"), ({"delay": -1}, "delay")])
+                                     ({"repetitions": 0}, "repetitions"), ({"delay": -1}, "delay"),
+                                     ({"cool_to": 400.0}, "cool-to")])
 def test_config_refuses_bad_values(kw, msg):
     with pytest.raises(SlimEdgeError, match=msg):
         BenchConfig(**kw)
@@ -146,3 +147,26 @@ def test_host_end_to_end_through_the_command(tmp_path):
     # a second run into the same folder is refused before measuring anything
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and "already exists" in str(again.exception)
+
+
+def test_wait_cool_polls_the_real_motorola_zones_until_below_the_limit():
+    """A phone cooling by 1 °C per poll from the captured Motorola (SM4375) readings: hottest 42.6 °C."""
+    text = (Path(__file__).resolve().parents[1] / "devices" / "captured" / "thermal_moto_sm4375.txt").read_text()
+    zones = parse.parse_thermal("\n".join(ln for ln in text.splitlines() if not ln.startswith("#")))
+    assert max(zones.values()) == pytest.approx(42.6)
+    now, polls = [0.0], []
+
+    def read():
+        polls.append(now[0])
+        return {k: v - len(polls) + 1 for k, v in zones.items()}
+
+    def sleep(s):
+        now[0] += s
+
+    waited, hottest = wait_cool(read, 40.0, poll_s=5.0, sleep=sleep, clock=lambda: now[0])
+    assert (waited, len(polls)) == (15.0, 4) and hottest == pytest.approx(39.6)
+    now[0], polls[:] = 0.0, []
+    waited, hottest = wait_cool(read, 20.0, timeout_s=30.0, poll_s=10.0, sleep=sleep, clock=lambda: now[0])
+    assert waited == 30.0 and hottest == pytest.approx(42.6 - 3)  # gave up after the timeout
+    waited, hottest = wait_cool(dict, 40.0, sleep=sleep)  # a device without zones: no wait
+    assert hottest is None and waited < 1
