@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The x86 measurements of issue 3 on a lent many-core host, in three steps (each fits a 10-minute call):
+#
+#   evals/device_x86.sh prepare SRC.tar.gz WHEELS_DIR OUT   # kernels (device_kernels.sh) + tools + models
+#   evals/device_x86.sh bench SHAPE OUT                     # llama-bench, 4 lanes of 2 types on own cores
+#
+# SRC.tar.gz: `slim-edge runtime source DIR` packed (the patched llama.cpp); WHEELS_DIR: gguf and slim_edge
+# wheels. Work goes to /tmp/x86 (kept while the machine is). Each lane runs its types at 1 and 2 threads
+# pinned to two physical cores of its own, so lanes share only memory bandwidth (the table says so);
+# merge the lanes here with `python -m slim_edge.evals.kernel_bench --merge OUT/*.json --out TABLE`.
+set -euo pipefail
+W=/tmp/x86
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+# one logical CPU per physical core, in order
+physical_cpus() {
+    for c in /sys/devices/system/cpu/cpu[0-9]*; do
+        sib=$(cat "$c/topology/thread_siblings_list"); echo "${sib%%[,-]*}"
+    done | sort -n -u
+}
+
+case "$1" in
+prepare)
+    src=$2 whl=$3 out=$4
+    mkdir -p "$W/src" "$out"
+    tar xzf "$src" -C "$W/src" --strip-components=1
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$whl"/*.whl
+    { lscpu; echo; physical_cpus | tr '\n' ' '; echo; } > "$out/lscpu.txt"
+    # the kernels first, alone: their microbenchmark wants an idle machine
+    "$here/evals/device_kernels.sh" "$W/src" "$out/kernels" > "$out/kernels.txt" 2>&1 || echo "kernel selftest FAILED"
+    cat "$out/kernels.txt"
+    cmake -S "$W/src" -B "$W/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON \
+        -DLLAMA_OPENSSL=OFF -DGGML_CPU_KLEIDIAI=OFF -DGGML_BACKEND_DL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        > "$out/build.log" 2>&1
+    cmake --build "$W/build" -j "$(nproc)" --target llama-bench llama-quantize >> "$out/build.log" 2>&1
+    PYTHONPATH=$W/site python3 -m slim_edge.evals.kernel_bench --prepare --bin-dir "$W/build/bin" --work "$W/models" \
+        --shape llama-3.2-1b --shape 1.8b 2>&1 | tail -20
+    ;;
+bench)
+    shape=$2 out=$3
+    mkdir -p "$out"
+    mapfile -t cpus < <(physical_cpus)
+    lanes=("STQ1_0,Q4_0" "Q2_0C,TQ2_0" "TQ1_0,Q2_0" "Q4_K_M,F16")
+    pids=()
+    for i in "${!lanes[@]}"; do
+        a=${cpus[$((2 * i + 2))]} b=${cpus[$((2 * i + 3))]}  # leave the first two cores to the system
+        PYTHONPATH=$W/site taskset -c "$a,$b" python3 -m slim_edge.evals.kernel_bench --bin-dir "$W/build/bin" \
+            --work "$W/models" --shape "$shape" --types "${lanes[$i]}" -t 1,2 -r 2 \
+            --out "$out/$shape-lane$i" > "$out/$shape-lane$i.log" 2>&1 &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+    tail -n 3 "$out"/*.log
+    ;;
+*)
+    echo "usage: $0 prepare SRC.tar.gz WHEELS_DIR OUT | bench SHAPE OUT" >&2; exit 2 ;;
+esac
