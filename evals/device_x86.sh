@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The x86 measurements of issue 3 on a lent many-core host, in three steps (each fits a 10-minute call):
 #
-#   evals/device_x86.sh prepare SRC.tar.gz WHEELS_DIR OUT   # kernels (device_kernels.sh) + tools + models
+#   evals/device_x86.sh prepare SRC.tar.gz WHEELS_DIR OUT   # kernels (device_kernels.sh; SKIP_KERNELS=1: not)
+#                                                           # + llama-bench/llama-quantize + the models
 #   evals/device_x86.sh bench SHAPE OUT                     # llama-bench, 4 lanes of 2 types on own cores
 #
 # SRC.tar.gz: `slim-edge runtime source DIR` packed (the patched llama.cpp); WHEELS_DIR: gguf and slim_edge
@@ -27,8 +28,10 @@ prepare)
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$whl"/*.whl
     { lscpu; echo; physical_cpus | tr '\n' ' '; echo; } > "$out/lscpu.txt"
     # the kernels first, alone: their microbenchmark wants an idle machine
-    "$here/evals/device_kernels.sh" "$W/src" "$out/kernels" > "$out/kernels.txt" 2>&1 || echo "kernel selftest FAILED"
-    cat "$out/kernels.txt"
+    if [[ -z "${SKIP_KERNELS:-}" ]]; then
+        "$here/evals/device_kernels.sh" "$W/src" "$out/kernels" > "$out/kernels.txt" 2>&1 || echo "kernel selftest FAILED"
+        cat "$out/kernels.txt"
+    fi
     cmake -S "$W/src" -B "$W/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON \
         -DLLAMA_OPENSSL=OFF -DGGML_CPU_KLEIDIAI=OFF -DGGML_BACKEND_DL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
@@ -44,7 +47,8 @@ bench)
     lanes=("STQ1_0,Q4_0" "Q2_0C,TQ2_0" "TQ1_0,Q2_0" "Q4_K_M,F16")
     pids=()
     for i in "${!lanes[@]}"; do
-        a=${cpus[$((2 * i + 2))]} b=${cpus[$((2 * i + 3))]}  # leave the first two cores to the system
+        o=${CPU_OFFSET:-2}  # by default leave the first two cores to the system
+        a=${cpus[$((2 * i + o))]} b=${cpus[$((2 * i + o + 1))]}
         PYTHONPATH=$W/site taskset -c "$a,$b" python3 -m slim_edge.evals.kernel_bench --bin-dir "$W/build/bin" \
             --work "$W/models" --shape "$shape" --types "${lanes[$i]}" -t 1,2 -r 2 \
             --out "$out/$shape-lane$i" > "$out/$shape-lane$i.log" 2>&1 &

@@ -4,7 +4,9 @@
 
 Only the ggml libraries are built (a few minutes on 2 cores), from the tree that
 `slim_edge.runtime.prepare_source` extracts and patches; the full runtime (`slim-edge runtime build`)
-is not needed. aarch64 flavors are static and run under qemu-aarch64 with the named CPU.
+is not needed. aarch64 flavors are static and run under qemu-aarch64 with the named CPU. A host flavor
+whose instructions this CPU lacks (/proc/cpuinfo flags) is still built, then its tests are skipped;
+evals/device_kernels.sh builds and runs the same flavors on another machine.
 """
 from __future__ import annotations
 
@@ -36,20 +38,39 @@ class Flavor:
     cmake: tuple[str, ...]
     cc: str
     qemu_cpu: str | None = None  # run under qemu-aarch64 -cpu <this>
+    cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo flags the host needs to run it
 
     @property
     def programs(self) -> list[str]:
         return [self.cc, "cmake"] + (["qemu-aarch64"] if self.qemu_cpu else [])
 
 
+X86_AVX2 = ("-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON")
+X86_AVX2_FLAGS = ("avx2", "fma", "f16c", "bmi2")
 FLAVORS = {
-    "host-avx2": Flavor("host-avx2", ("-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-                                      "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF"), "c++"),
+    "host-avx2": Flavor("host-avx2", (*X86_AVX2, "-DGGML_AVX512=OFF"), "c++", cpu_flags=X86_AVX2_FLAGS),
+    # GGML_AVX512 compiles with -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw
+    "host-avx512": Flavor("host-avx512", (*X86_AVX2, "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=OFF",
+                                          "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=OFF"), "c++",
+                          cpu_flags=(*X86_AVX2_FLAGS, "avx512f", "avx512cd", "avx512dq", "avx512bw", "avx512vl",
+                                     "avx512_vnni")),
     # -cpu cortex-a76 has dotprod (sdot); cortex-a53 has not and must take the plain NEON path
     "arm64-dotprod": Flavor("arm64-dotprod", (*AARCH64, "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod"),
                             "aarch64-linux-gnu-g++", "cortex-a76"),
     "arm64-v8": Flavor("arm64-v8", (*AARCH64, "-DGGML_CPU_ARM_ARCH=armv8-a"), "aarch64-linux-gnu-g++", "cortex-a53"),
 }
+
+
+def missing_cpu_flags(flavor: Flavor) -> list[str]:
+    """The flags in `flavor.cpu_flags` that /proc/cpuinfo does not list."""
+    if not flavor.cpu_flags:
+        return []
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return list(flavor.cpu_flags)
+    have = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return [f for f in flavor.cpu_flags if f not in have]
 
 
 def _key(flavor: Flavor, patches: list[Path]) -> str:
@@ -145,5 +166,8 @@ def kernel_check(request, tmp_path_factory):
     missing = [p for p in flavor.programs if not shutil.which(p)]
     if missing:
         pytest.skip(f"{flavor.name} needs {', '.join(missing)}")
-    exe = build_kernel_check(flavor)
+    exe = build_kernel_check(flavor)  # also where the CPU cannot run it: proves that it compiles
+    lacking = missing_cpu_flags(flavor)
+    if lacking:
+        pytest.skip(f"{flavor.name} built, but this CPU lacks {' '.join(lacking)} (/proc/cpuinfo flags)")
     return KernelCheck(exe, flavor, tmp_path_factory.mktemp(flavor.name))

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Build the patched ggml twice (host-avx2, host-avx512: the flags of tests/runtime/conftest.py) with
+# runtime_patches/kernel_check.c, then run `kernel_check selftest` and the vec_dot microbenchmark of
+# evals/reports/kernel_bench_x86.md on this machine. For hosts pytest does not reach (AVX-512 VNNI).
+#
+#   evals/device_kernels.sh PATCHED_LLAMA_CPP_DIR OUT_DIR
+#
+# PATCHED_LLAMA_CPP_DIR: e.g. `slim-edge runtime source DIR`. OUT_DIR gets five files: cpu.txt, and per
+# flavor FLAVOR.log (the build) and FLAVOR.txt (selftest, each type's best ns/weight, every bench line);
+# build trees go to a temporary directory. A flavor the CPU cannot run is built, then skipped (the reason
+# is in its .txt). Exit status 1 if a selftest fails.
+set -euo pipefail
+
+src=$(cd "$1" && pwd)
+mkdir -p "$2"
+out=$(cd "$2" && pwd)
+check_c="$(cd "$(dirname "$0")/.." && pwd)/runtime_patches/kernel_check.c"
+jobs=$(nproc)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# keep in sync with COMMON and FLAVORS in tests/runtime/conftest.py
+common=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=OFF
+        -DGGML_CPU_KLEIDIAI=OFF -DGGML_BACKEND_DL=OFF -DGGML_LLAMAFILE=OFF -DLLAMA_BUILD_TESTS=OFF
+        -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
+        -DGGML_CCACHE=OFF)
+avx2=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+declare -A flags=(
+    [host-avx2]="${avx2[*]} -DGGML_AVX512=OFF"
+    [host-avx512]="${avx2[*]} -DGGML_AVX512=ON -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=OFF"
+)
+declare -A needs=([host-avx2]="avx2 fma f16c bmi2"
+                  [host-avx512]="avx2 fma f16c bmi2 avx512f avx512cd avx512dq avx512bw avx512vl avx512_vnni")
+
+cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+{ grep -m1 'model name' /proc/cpuinfo || true; nproc; echo "$cpu_flags" | tr ' ' '\n' | grep -E '^(avx|fma|f16c)' | sort | tr '\n' ' '; echo; } > "$out/cpu.txt"
+
+pin=""
+command -v taskset > /dev/null && pin="taskset -c $(( $(nproc) - 1 ))"
+
+status=0
+for flavor in host-avx2 host-avx512; do
+    log="$out/$flavor.log"
+    res="$out/$flavor.txt"
+    bld="$work/$flavor"
+    echo "== $flavor: building (log: $log)"
+    # shellcheck disable=SC2086  # the flags are words
+    { cmake -S "$src" -B "$bld" "${common[@]}" ${flags[$flavor]} &&
+      cmake --build "$bld" -j "$jobs" --target ggml-base ggml-cpu ggml &&
+      "${CXX:-c++}" -O2 -x c "$check_c" -x none -I"$src/ggml/include" \
+          "$(find "$bld" -name libggml.a)" "$(find "$bld" -name libggml-cpu.a)" "$(find "$bld" -name libggml-base.a)" \
+          -lm -lpthread -o "$bld/kernel_check"; } > "$log" 2>&1 || { echo "build failed: see $log"; exit 1; }
+
+    missing=""
+    for f in ${needs[$flavor]}; do [[ "$cpu_flags" == *" $f "* ]] || missing+=" $f"; done
+    if [[ -n "$missing" ]]; then
+        echo "skipped: this CPU lacks$missing" | tee "$res"
+        continue
+    fi
+    "$bld/kernel_check" selftest stq1_0 q2_0c q2_0 | tee "$res" || status=1
+    # the timing of evals/reports/kernel_bench_x86.md, five rounds on one core, then each type's best
+    for _ in 1 2 3 4 5; do
+        for t in stq1_0 q2_0c q2_0 tq2_0 tq1_0 q4_0; do
+            $pin "$bld/kernel_check" bench "$t" 2048 4096 30
+        done
+    done > "$work/bench.txt"
+    { echo "best of 5 rounds:"; sort -k1,1 -k4,4g "$work/bench.txt" | awk '!seen[$1]++ {print $1, $4, "ns/weight"}'; } | tee -a "$res"
+    cat "$work/bench.txt" >> "$res"
+done
+exit $status
