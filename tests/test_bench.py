@@ -128,7 +128,7 @@ def test_host_end_to_end_through_the_command(tmp_path):
     data = json.loads((out / "bench.json").read_text())
     assert [m["name"] for m in data["models"]] == names
     for m in data["models"]:
-        assert m["file_size"] > 0 and m["peak_rss_kb"] > 0 and m["peak_rss_method"] == "wait4 ru_maxrss"
+        assert m["file_size"] > 0 and m["peak_rss_kb"] > 0 and m["peak_rss_method"] == "VmHWM"
         assert [(e["n_prompt"], e["n_threads"]) for e in m["prefill"]] == [(16, 1), (64, 1), (16, 2), (64, 2)]
         assert all(e["tps_mean"] > 0 and e["ttft_ms_mean"] > 0 and len(e["samples_ns"]) == 2 for e in m["prefill"])
         assert all(e["tps_mean"] > 0 and e["n_gen"] == 8 for e in m["decode"])

@@ -38,7 +38,7 @@ def test_bench_under_qemu_is_labelled_emulated(tmp_path):
     (m,) = result.models
     assert m.prefill[0]["n_prompt"] == 16 and m.prefill[0]["tps_mean"] > 0
     assert m.decode[0]["n_gen"] == 8 and m.decode[0]["tps_mean"] > 0
-    assert m.peak_rss_method == "wait4 ru_maxrss of the qemu process"
+    assert m.peak_rss_method == "VmHWM of the qemu process"
     files = write_results(result, tmp_path / "out")
     table = files["bench.md"].read_text()
     assert table.startswith(f"**{EMULATED_LABEL}**")
