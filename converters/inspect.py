@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..errors import SlimEdgeError
 from ..formats import BY_ID
-from ..runtime import read_tensor_table
+from .gguf_read import read_tensor_table
 from .gguf_types import LEGACY_IDS
 
 STOCK_MAX_ID = 42  # GGML_TYPE_COUNT = 43 in the pinned tree
@@ -14,23 +15,11 @@ OTHER_TYPES = {0: ("F32", 32.0), 1: ("F16", 16.0), 12: ("Q4_K", 4.5), 14: ("Q6_K
                11: ("Q3_K", 3.4375), 13: ("Q5_K", 5.5), 3: ("Q4_1", 5.0), 30: ("BF16", 16.0), 24: ("I8", 8.0)}
 
 
-def _metadata(path: Path) -> dict:
-    from gguf import GGUFReader
-
-    try:
-        r = GGUFReader(path)
-    except Exception:  # gguf-py rejects unknown type ids while reading tensors; fall back to no metadata
-        return {}
-    out = {}
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name.startswith("tokenizer.ggml.") and f.name != "tokenizer.ggml.model":
-            continue
-        try:
-            v = f.contents()
-        except Exception:
-            continue
-        out[f.name] = v if not isinstance(v, list) or len(v) < 16 else f"[{len(v)} items]"
-    return out
+def _shown(value):
+    """Metadata as inspect prints it: long arrays (the tokenizer's vocabulary, merges) by their length."""
+    if isinstance(value, list) and len(value) >= 16:
+        return f"[{len(value)} items]"
+    return value
 
 
 def inspect_gguf(path: Path, runtime: str = "stock") -> dict:
@@ -39,16 +28,22 @@ def inspect_gguf(path: Path, runtime: str = "stock") -> dict:
         raise SlimEdgeError(f"{path}: no such file")
     if runtime not in ("stock", "patched"):
         raise SlimEdgeError(f"--runtime {runtime!r}: choose stock or patched")
-    table = read_tensor_table(path)
+    table = read_tensor_table(path, metadata=True)
     tensors, unknown, legacy = [], [], []
     total_bits = total_n = 0
     for t in table.tensors:
         fmt = BY_ID.get(t.type_id)
         name, bpw = (fmt.name.upper(), fmt.bits_per_weight) if fmt else OTHER_TYPES.get(t.type_id, (f"type {t.type_id}", None))
+        is_legacy = (t.type_id in LEGACY_IDS and fmt is not None
+                     and abs(t.span * 8 / t.n_elements - fmt.bits_per_weight) > 0.5)
         if bpw is None:
             bpw = t.span * 8 / max(t.n_elements, 1)
+        elif t.span * 8 < bpw * t.n_elements and not is_legacy:
+            raise SlimEdgeError(f"{path}: tensor {t.name!r} ({name}, {t.n_elements} weights) needs "
+                                f"{math.ceil(bpw * t.n_elements / 8)} bytes of data, the file holds {t.span}; "
+                                f"the file is truncated (re-download or re-export it)")
         known = t.type_id <= STOCK_MAX_ID if runtime == "stock" else t.type_id <= 44
-        if t.type_id in LEGACY_IDS and fmt is not None and abs(t.span * 8 / t.n_elements - fmt.bits_per_weight) > 0.5:
+        if is_legacy:
             legacy.append(t.name)
         if not known:
             unknown.append(t.name)
@@ -56,7 +51,7 @@ def inspect_gguf(path: Path, runtime: str = "stock") -> dict:
                         "bpw": round(bpw, 4), "bytes": t.span})
         total_bits += bpw * t.n_elements
         total_n += t.n_elements
-    meta = _metadata(path)
+    meta = {k: _shown(v) for k, v in table.metadata.items()}
     needs = "stock llama.cpp" if not any(x["type_id"] > STOCK_MAX_ID for x in tensors) else \
         "slim-edge's patched llama.cpp (slim-edge runtime build)"
     advice = []
@@ -81,9 +76,11 @@ def format_report(r: dict) -> str:
              f"needs: {r['needs']}",
              f"loads in the {r['runtime']} runtime: {'yes' if r['loads'] else 'no'}"]
     lines += [f"  ! {a}" for a in r["advice"]]
-    for k in ("general.name", "general.architecture", "slim_edge.scheme", "slim_edge.runtime", "slim_edge.type_ids"):
-        if k in r["metadata"]:
-            lines.append(f"{k}: {r['metadata'][k]}")
+    lines.append("")
+    lines.append(f"metadata ({len(r['metadata'])} keys; --json prints them whole):")
+    for k, v in r["metadata"].items():
+        v = str(v)
+        lines.append(f"  {k}: {v if len(v) <= 100 else v[:80] + f'... ({len(v)} chars)'}")
     lines.append("")
     lines.append(f"{'tensor':40} {'type':>8} {'bpw':>7}  shape")
     for t in r["tensors"]:

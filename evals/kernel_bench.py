@@ -1,6 +1,7 @@
 """Kernel benchmark: prefill (pp512) and decode (tg128) of every 1-4 bit type in real model shapes.
 
     python -m slim_edge.evals.kernel_bench [--shape llama-3.2-1b|1.8b] [--bin-dir DIR] [-r 3] [-t 1,2]
+    python -m slim_edge.evals.kernel_bench --merge lane1.json lane2.json --out table   # runs split by --types
 
 One F16 GGUF with random normal weights is written per shape (llama architecture, a filler vocabulary
 of the real size), then llama-quantize makes each type with the embedding and the output head pinned to
@@ -95,7 +96,7 @@ def read_bandwidth_gbs(threads: int = 1, mib: int = 1024, reps: int = 5) -> floa
 
 def decode_bytes(path: Path) -> int:
     """Bytes of weights read per decoded token: every tensor but the (gathered) token embedding."""
-    from slim_edge.runtime import read_tensor_table  # PyPI gguf's reader rejects type ids 43/44
+    from slim_edge.converters.gguf_read import read_tensor_table  # PyPI gguf's reader rejects 43/44
 
     return sum(t.span for t in read_tensor_table(path).tensors if t.name != "token_embd.weight")
 
@@ -135,6 +136,48 @@ def machine() -> dict:
             "load_avg_at_start": os.getloadavg()}
 
 
+def add_ratios(rows: dict, threads: list[int]) -> None:
+    for row in rows.values():
+        for t in threads:
+            x = row[f"t{t}"]
+            for base in ("Q4_0", "TQ2_0"):
+                if base in rows:
+                    b = rows[base][f"t{t}"]
+                    x[f"pp_vs_{base}"] = x["pp512"] / b["pp512"]
+                    x[f"tg_vs_{base}"] = x["tg128"] / b["tg128"]
+
+
+def to_markdown(result: dict) -> str:
+    md = []
+    for shape, rows in result["shapes"].items():
+        threads = sorted({int(k[1:]) for row in rows.values() for k in row if k[:1] == "t" and k[1:].isdigit()})
+        add_ratios(rows, threads)
+        md.append(f"### {shape} ({SHAPES[shape]})\n")
+        md.append("| type | MiB | threads | pp512 t/s | tg128 t/s | tg/Q4_0 | tg/TQ2_0 | pp/Q4_0 | decode bound t/s "
+                  "| % of bound |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for kind in [k for k in TYPES if k in rows] + [k for k in rows if k not in TYPES]:
+            row = rows[kind]
+            for t in threads:
+                x = row[f"t{t}"]
+                md.append(f"| {kind} | {row['mib']:.0f} | {t} | {x['pp512']:.1f} ± {x['pp512_std']:.1f} | "
+                          f"{x['tg128']:.1f} ± {x['tg128_std']:.1f} | {x.get('tg_vs_Q4_0', float('nan')):.2f} | "
+                          f"{x.get('tg_vs_TQ2_0', float('nan')):.2f} | {x.get('pp_vs_Q4_0', float('nan')):.2f} | "
+                          f"{x['decode_bound']:.1f} | {100 * x['tg128'] / x['decode_bound']:.0f} |")
+        md.append("")
+    return "\n".join(md)
+
+
+def merge(paths: list[Path]) -> dict:
+    """One result from several runs that each measured some types (lanes pinned to their own cores)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    out = {**parts[0], "shapes": {}, "lanes": [{"file": str(p), "machine": r["machine"]} for p, r in zip(paths, parts)]}
+    for r in parts:
+        for shape, rows in r["shapes"].items():
+            out["shapes"].setdefault(shape, {}).update(rows)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", action="append", choices=list(SHAPES), help="default: llama-3.2-1b")
@@ -143,19 +186,36 @@ def main(argv=None) -> int:
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("-t", "--threads", default="1,2")
     ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("--prepare", action="store_true", help="only write the models, measure nothing")
+    ap.add_argument("--merge", type=Path, nargs="+", help="combine the JSON of runs over disjoint --types")
     ap.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
     a = ap.parse_args(argv)
 
+    if a.merge:
+        result = merge(a.merge)
+    else:
+        result = measure(a)
+        if result is None:
+            return 0
+    text = to_markdown(result)
+    print(text)
+    if a.out:
+        # OUT may hold dots (llama-3.2-1b): append the suffixes rather than replace one
+        Path(f"{a.out}.md").write_text(text + "\n")
+        Path(f"{a.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def measure(a) -> dict | None:
     if a.bin_dir is None:
         from slim_edge import runtime
         a.bin_dir = runtime.find_runtime("host", tools=("llama-bench", "llama-quantize")).bin_dir
     qbin, bench = a.bin_dir / "llama-quantize", a.bin_dir / "llama-bench"
     threads = [int(t) for t in a.threads.split(",")]
     types = a.types.split(",")
-    bw = {t: read_bandwidth_gbs(t) for t in threads}
+    bw = {} if a.prepare else {t: read_bandwidth_gbs(t) for t in threads}
     log(f"read bandwidth GB/s: {bw}")
     result = {"schema": "slim-edge.kernel-bench/1", "machine": machine(), "bandwidth_gbs": bw, "shapes": {}}
-    md = []
     for shape in a.shape or ["llama-3.2-1b"]:
         d = a.work / shape
         d.mkdir(parents=True, exist_ok=True)
@@ -166,37 +226,15 @@ def main(argv=None) -> int:
         rows = {}
         for kind in types:
             model = quantize(qbin, f16, kind, d / f"{kind.lower()}.gguf")
+            if a.prepare:
+                continue
             rows[kind] = {"mib": model.stat().st_size / 2**20, "decode_bytes": decode_bytes(model)}
             for t in threads:
                 log(f"llama-bench {shape} {kind} t={t} ...")
                 r = llama_bench(bench, model, t, a.reps)
                 rows[kind][f"t{t}"] = {**r, "decode_bound": bw[t] * 1e9 / rows[kind]["decode_bytes"]}
-        for kind, row in rows.items():
-            for t in threads:
-                x = row[f"t{t}"]
-                for base in ("Q4_0", "TQ2_0"):
-                    if base in rows:
-                        b = rows[base][f"t{t}"]
-                        x[f"pp_vs_{base}"] = x["pp512"] / b["pp512"]
-                        x[f"tg_vs_{base}"] = x["tg128"] / b["tg128"]
         result["shapes"][shape] = rows
-        md.append(f"### {shape} ({SHAPES[shape]})\n")
-        md.append("| type | MiB | threads | pp512 t/s | tg128 t/s | tg/Q4_0 | tg/TQ2_0 | pp/Q4_0 | decode bound t/s | % of bound |")
-        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for kind, row in rows.items():
-            for t in threads:
-                x = row[f"t{t}"]
-                md.append(f"| {kind} | {row['mib']:.0f} | {t} | {x['pp512']:.1f} ± {x['pp512_std']:.1f} | "
-                          f"{x['tg128']:.1f} ± {x['tg128_std']:.1f} | {x.get('tg_vs_Q4_0', float('nan')):.2f} | "
-                          f"{x.get('tg_vs_TQ2_0', float('nan')):.2f} | {x.get('pp_vs_Q4_0', float('nan')):.2f} | "
-                          f"{x['decode_bound']:.1f} | {100 * x['tg128'] / x['decode_bound']:.0f} |")
-        md.append("")
-    text = "\n".join(md)
-    print(text)
-    if a.out:
-        a.out.with_suffix(".md").write_text(text + "\n")
-        a.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return None if a.prepare else result
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""export --gguf: the GGUF holds exactly the trained codes; inspect; clean errors."""
+"""export --gguf: the GGUF holds exactly the trained codes; its metadata; inspect; clean errors."""
+import json
 import shutil
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
 from slim_edge.checkpoint import dequantized_weights, read_meta
-from slim_edge.converters.gguf_export import export_checkpoint
-from slim_edge.converters.gguf_types import tensor_bytes
+from slim_edge.converters.gguf_export import EXPORT_FORMAT_VERSION, export_checkpoint
+from slim_edge.converters.gguf_read import read_tensor_table
+from slim_edge.converters.gguf_types import tensor_bytes, tensor_values
 from slim_edge.converters.inspect import inspect_gguf
 from slim_edge.errors import SlimEdgeError
 from slim_edge.formats import get_format
@@ -32,32 +36,62 @@ def tiny_smol(tmp_path_factory):
     return folder
 
 
-def _gguf_name(hf: str) -> str:
+def _gguf_name(hf: str, kind: str = "weight") -> str:
     parts = hf.split(".")
-    return f"blk.{parts[2]}.{GGUF_NAMES[parts[-1]]}.weight"
+    return f"blk.{parts[2]}.{GGUF_NAMES[parts[-1]]}.{kind}"
 
 
-@pytest.mark.parametrize("scheme", ["seq2", "sherry", "tequila", "ternary", "q2"])
-def test_export_is_bit_exact(scheme, tiny_smol, tiny_text, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    run_quantize(str(tiny_smol), QuantConfig(scheme=scheme, steps=2, batch_size=1, seq_len=32, calib=str(tiny_text)),
-                 ckpt, progress=False)
-    out = tmp_path / "m.gguf"
-    summary = export_checkpoint(ckpt, out)
+def check_bit_exact(ckpt: Path, out: Path, torch_weights: dict | None = None) -> int:
+    """Every quantized linear of the checkpoint is in the GGUF bit for bit (rows possibly in rope order):
+    the same blocks, and their dequantized values equal the checkpoint's weights and, when given, the
+    PyTorch quantized weights (and biases). Returns the number of tensors checked."""
     meta = read_meta(ckpt)
     tensors = load_file(str(ckpt / "model.safetensors"))
     deq = dequantized_weights(meta, tensors)
+    table = read_tensor_table(out)
+    checked = 0
     for e in meta["plan"]:
+        if e["mode"] == "keep":
+            continue
         fmt = get_format(e["format"])
-        type_id, shape, raw = tensor_bytes(out, _gguf_name(e["name"]))
+        type_id, shape, raw = tensor_bytes(out, _gguf_name(e["name"]), table)
         assert type_id == fmt.type_id and shape == (e["shape"][1], e["shape"][0])
         ours = tensors[e["name"] + ".qweight"].numpy()
         got = raw.reshape(ours.shape)
-        # same blocks, rows possibly in rope order: match every GGUF row to a checkpoint row, bit for bit
+        # match every GGUF row to a checkpoint row, bit for bit
         rows = {r.tobytes(): i for i, r in enumerate(ours)}
         order = [rows[r.tobytes()] for r in got]
         assert sorted(order) == list(range(len(ours)))
-        assert np.array_equal(fmt.dequantize(got, e["shape"][1]), deq[e["name"]].numpy()[order])
+        values = fmt.dequantize(got, e["shape"][1])
+        assert np.array_equal(values, deq[e["name"]].numpy()[order])
+        if torch_weights is not None:
+            w, b = torch_weights[e["name"]]
+            assert np.array_equal(values, w[order]), e["name"]
+            if b is not None:
+                assert np.array_equal(tensor_values(out, _gguf_name(e["name"], "bias"), table), b[order]), e["name"]
+        checked += 1
+    return checked
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tiny_smol, tiny_text, tmp_path_factory):
+    """scheme -> (checkpoint, GGUF, export summary) after 2 QAT steps on the tiny model, made on first use."""
+    made = {}
+
+    def get(scheme: str):
+        if scheme not in made:
+            d = tmp_path_factory.mktemp(f"tiny-{scheme}")
+            run_quantize(str(tiny_smol), QuantConfig(scheme=scheme, steps=2, batch_size=1, seq_len=32,
+                                                     calib=str(tiny_text)), d / "ckpt", progress=False)
+            made[scheme] = (d / "ckpt", d / "m.gguf", export_checkpoint(d / "ckpt", d / "m.gguf"))
+        return made[scheme]
+    return get
+
+
+@pytest.mark.parametrize("scheme", ["seq2", "sherry", "tequila", "ternary", "q2"])
+def test_export_is_bit_exact(scheme, tiny_exports):
+    ckpt, out, summary = tiny_exports(scheme)
+    assert check_bit_exact(ckpt, out) == 7
     if scheme == "tequila":
         assert any(n.endswith(".bias") for n in summary["types"])
     info = inspect_gguf(out, "stock")
@@ -65,6 +99,46 @@ def test_export_is_bit_exact(scheme, tiny_smol, tiny_text, tmp_path):
     assert info["loads"] is (not custom)
     assert summary["needs_patched_runtime"] is custom
     assert inspect_gguf(out, "patched")["loads"]
+
+
+@pytest.mark.parametrize("scheme,type_id", [("seq2", 44), ("sherry", 43), ("q2", 42)])
+def test_metadata_of_custom_ids_reads_back(scheme, type_id, tiny_exports, tiny_smol, tmp_path):
+    """slim-edge's reader gives the metadata that export wrote, where gguf-py 0.19.0 refuses the file."""
+    import gguf
+
+    ckpt, out, summary = tiny_exports(scheme)
+    table = read_tensor_table(out, metadata=True)
+    assert {t.type_id for t in table.tensors if t.name.endswith("ffn_down.weight")} == {type_id}
+    if type_id != 42:  # PyPI gguf 0.19.0 knows neither 43 nor 44
+        with pytest.raises(Exception):
+            gguf.GGUFReader(out)
+    meta, ckpt_meta = table.metadata, read_meta(ckpt)
+    assert meta["general.architecture"] == "llama"
+    assert meta["slim_edge.export_format_version"] == EXPORT_FORMAT_VERSION
+    assert meta["slim_edge.scheme"] == scheme
+    assert json.loads(meta["slim_edge.plan"]) == ckpt_meta["plan"]
+    used = set(summary["types"].values()) - {"f32"}
+    assert json.loads(meta["slim_edge.type_ids"]) == {f: get_format(f).type_id for f in used}
+    assert json.loads(meta["slim_edge.training"])["steps"] == 2
+    assert meta["slim_edge.runtime"].startswith("slim-edge patched" if type_id != 42 else "stock")
+    assert table.kv_types["slim_edge.export_format_version"] == "uint32"
+    vocab = json.loads((tiny_smol / "tokenizer.json").read_text())["model"]
+    assert meta["llama.vocab_size"] == len(meta["tokenizer.ggml.tokens"]) == 49152
+    assert table.kv_types["tokenizer.ggml.tokens"] == "array[string]"
+    assert len(meta["tokenizer.ggml.token_type"]) == 49152
+    assert len(meta["tokenizer.ggml.merges"]) == len(vocab["merges"])
+    by_id = {i: tok for tok, i in vocab["vocab"].items()}
+    assert all(meta["tokenizer.ggml.tokens"][i] == by_id[i] for i in (0, 1, 2, 100, 49151))
+    # every key and value, against gguf-py on a copy of the header that declares no tensors
+    header = bytearray(out.read_bytes()[:table.info_start])
+    struct.pack_into("<Q", header, 8, 0)
+    (tmp_path / "header.gguf").write_bytes(header)
+    fields = {f.name: f for f in gguf.GGUFReader(tmp_path / "header.gguf").fields.values()
+              if not f.name.startswith("GGUF.")}
+    assert list(fields) == list(meta)
+    assert all(fields[k].contents() == v for k, v in meta.items())
+    assert isinstance(meta["general.name"], str) and meta["general.name"]
+    assert inspect_gguf(out, "patched")["metadata"]["slim_edge.scheme"] == scheme
 
 
 def test_export_refuses_to_overwrite(tiny_smol, tiny_text, tmp_path):
@@ -108,3 +182,57 @@ def test_stock_type_export_runs_in_unpatched_bindings(tiny_smol, tiny_text, tmp_
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["n"] == 8 and r["vocab"] == 49152
+
+
+# --- the real model -----------------------------------------------------------------------------
+
+SMOL_SCHEMES = ["seq2", "sherry", "tequila", "ternary", "q2"]
+
+
+@pytest.fixture(scope="module")
+def smol_ptq(tiny_text, tmp_path_factory):
+    """scheme -> (checkpoint, GGUF, PyTorch weights) of SmolLM2-135M at PTQ (`slim-edge quantize --steps 0`),
+    made on first use. Only the first and the last block are quantized (the other 28 go through --keep):
+    they hold every linear shape, so every format and fallback of each scheme, at 1/15 of the PTQ time.
+    The PyTorch weights are the QuantLinear forward weights (and Tequila biases), recomputed from the FP
+    model: PTQ is deterministic."""
+    import torch
+
+    from slim_edge.models import load_model
+    from slim_edge.qlinear import QuantLinear
+    from slim_edge.schemes import get_scheme
+
+    fp, _, _ = load_model("smollm2-135m")
+    n = fp.config.num_hidden_layers
+    keep = ("embed_tokens", "lm_head") + tuple(f"layers.{i}." for i in range(1, n - 1))
+    made = {}
+
+    def get(scheme: str):
+        if scheme not in made:
+            d = tmp_path_factory.mktemp(f"smol-{scheme}")
+            config = QuantConfig(scheme=scheme, steps=0, keep=keep, batch_size=1, seq_len=32, calib=str(tiny_text))
+            run_quantize("smollm2-135m", config, d / "ckpt", progress=False)
+            export_checkpoint(d / "ckpt", d / "m.gguf")
+            lam = config.tequila_lambda if get_scheme(scheme).tequila else 0.0
+            weights = {}
+            with torch.no_grad():
+                for e in read_meta(d / "ckpt")["plan"]:
+                    q = QuantLinear(fp.get_submodule(e["name"]), e["format"], e["mode"], tequila_lambda=lam)
+                    w, values = q.quantized(return_values=True)
+                    b = q.effective_bias(values)
+                    weights[e["name"]] = (w.numpy(), None if b is None else b.numpy())
+            made[scheme] = (d / "ckpt", d / "m.gguf", weights)
+        return made[scheme]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", SMOL_SCHEMES)
+def test_smollm2_ptq_export_is_bit_exact(scheme, smol_ptq):
+    ckpt, out, weights = smol_ptq(scheme)
+    plan = read_meta(ckpt)["plan"]
+    assert {e["name"].split(".")[2] for e in plan} == {"0", "29"} and len(plan) == 14
+    assert check_bit_exact(ckpt, out, weights) == 14
+    formats = {e["format"] for e in plan}
+    assert formats == {"seq2": {"q2_0c", "q2_0"}, "sherry": {"stq1_0", "q2_0"}, "tequila": {"tq2_0", "q2_0"},
+                       "ternary": {"tq2_0", "q2_0"}, "q2": {"q2_0"}}[scheme]

@@ -144,7 +144,8 @@ def demo(
 
 
 def _mount():
-    from .runtime import app as runtime_app, gguf_app
+    from .converters.gguf_retag import gguf_app
+    from .runtime import app as runtime_app
     app.add_typer(runtime_app, name="runtime")
     app.add_typer(gguf_app, name="gguf")
     from .evals.bench import bench

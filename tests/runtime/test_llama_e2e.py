@@ -1,8 +1,8 @@
 """The patched llama.cpp end to end: llama-quantize writes STQ1_0 / Q2_0C, llama-completion runs them.
 
 A tiny random-weight llama (hidden 512, FFN 1024: multiples of both block sizes, 256 and 512) is
-quantized by the runtime's own llama-quantize; the tensor table is read back with slim_edge.runtime's
-parser (PyPI gguf 0.19 rejects ids 43/44), then the model generates a few tokens.
+quantized by the runtime's own llama-quantize; the tensor table is read back with slim-edge's own GGUF
+reader (PyPI gguf 0.19 rejects ids 43/44), then the model generates a few tokens.
 """
 import json
 import subprocess
@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from slim_edge import runtime
+from slim_edge.converters.gguf_read import read_tensor_table
 from slim_edge.evals.tiny_gguf import write_tiny_llama_gguf
 
 pytestmark = pytest.mark.runtime
@@ -41,7 +42,7 @@ def test_quantize_and_generate(host, f16, tmp_path, ftype, type_id):
     q = run([*host.argv("llama-quantize"), f16, out, ftype, "2"])
     assert "fallback" not in q.stdout + q.stderr  # every linear layer's rows are whole blocks
 
-    types = {t.name: t.type_id for t in runtime.read_tensor_table(out).tensors}
+    types = {t.name: t.type_id for t in read_tensor_table(out).tensors}
     linear = {n: t for n, t in types.items() if n.split(".")[-2] in LINEAR}
     assert len(linear) == 2 * len(LINEAR)
     assert set(linear.values()) == {type_id}, linear

@@ -1,0 +1,189 @@
+"""`slim-edge gguf retag`: rewrite the type id of tensors written by older AngelSlim exporters.
+
+Their first 1.25-bit files store STQ1_0 as type 42, an id upstream later gave to Q2_0, so loaders
+read the blocks with the wrong layout ("invalid ggml type" or garbage). The two layouts differ in
+bytes per weight (STQ1_0: 42 bytes per 256 weights, Q2_0: 18 per 64), so each tensor's data span
+says which one it holds. Only the u32 type fields of the STQ1_0 tensors change (see gguf_read for
+where they sit); every other byte stays as it is.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import SlimEdgeError
+from ..formats import BY_ID
+from .gguf_read import TensorEntry, read_tensor_table
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _layout(type_id: int):
+    return BY_ID.get(type_id)
+
+
+def _fits(t: TensorEntry, fmt, alignment: int) -> bool:
+    """The tensor's data span is this format's size, up to the alignment padding."""
+    if fmt is None or not t.shape or t.shape[0] % fmt.block_size:
+        return False
+    nbytes = t.n_elements // fmt.block_size * fmt.type_size
+    return nbytes <= t.span < nbytes + alignment
+
+
+@dataclass
+class RetagPlan:
+    path: Path
+    from_id: int
+    to_id: int
+    retag: list[TensorEntry]
+    keep: list[TensorEntry]  # carry from_id and have its layout: genuine, left alone
+
+    def to_json(self) -> dict:
+        return {"input": str(self.path), "from": self.from_id, "to": self.to_id,
+                "retagged": [t.name for t in self.retag], "kept": [t.name for t in self.keep]}
+
+
+def plan_retag(path: Path, from_id: int = 42, to_id: int = 43) -> RetagPlan:
+    """Which tensors typed `from_id` are really `to_id`, told apart by bytes per element."""
+    new, old = _layout(to_id), _layout(from_id)
+    if new is None:
+        raise SlimEdgeError(f"--to {to_id}: no known format has GGUF type id {to_id}, so its byte layout "
+                            f"cannot be checked; known ids: {sorted(_known_ids())}")
+    if from_id == to_id:
+        raise SlimEdgeError(f"--from and --to are both {from_id}; nothing to retag")
+    table = read_tensor_table(path)
+    retag, keep = [], []
+    for t in table.tensors:
+        if t.type_id != from_id:
+            continue
+        is_new, is_old = _fits(t, new, table.alignment), _fits(t, old, table.alignment)
+        if is_new and not is_old:
+            retag.append(t)
+        elif is_old and not is_new:
+            keep.append(t)
+        else:
+            old_desc = f"{old.name} ({old.type_size} B / {old.block_size})" if old else f"type {from_id}"
+            raise SlimEdgeError(
+                f"{path}: tensor {t.name!r} (shape {list(t.shape)}, type {from_id}) spans {t.span} bytes, "
+                f"which {'fits both' if is_new else 'fits neither'} {new.name} "
+                f"({new.type_size} B / {new.block_size}) and {old_desc}; the file is not an AngelSlim "
+                f"{new.name} export, left unchanged")
+    return RetagPlan(Path(path), from_id, to_id, retag, keep)
+
+
+def _known_ids():
+    return BY_ID.keys()
+
+
+def retag(path: Path, out: Path | None = None, *, from_id: int = 42, to_id: int = 43, force: bool = False,
+          in_place: bool = False, dry_run: bool = False) -> tuple[RetagPlan, Path | None]:
+    """Rewrite the type field of every tensor `plan_retag` picks; nothing else changes, byte for byte.
+
+    Writes a copy next to the output, patches it, fsyncs and renames it over the output, so a crash
+    never leaves a half-written file. Returns (plan, output path or None when nothing was written).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlimEdgeError(f"{path}: no such file")
+    if in_place and out is not None and Path(out).resolve() != path.resolve():
+        raise SlimEdgeError(f"--in-place and -o {out} disagree; give one of them")
+    if in_place:
+        out = path
+    elif out is None:
+        out = path.with_name(path.stem + "-retag" + path.suffix)
+    out = Path(out)
+    if not in_place and out.resolve() == path.resolve():
+        raise SlimEdgeError(f"-o {out} is the input file; use --in-place to rewrite it")
+    plan = plan_retag(path, from_id, to_id)
+    if dry_run or not plan.retag:
+        return plan, None
+    if out.exists() and not in_place and not force:
+        raise SlimEdgeError(f"{out} exists; pass --force to overwrite it, or -o another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".retag-tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(path, tmp)
+        shutil.copymode(path, tmp)
+        with open(tmp, "r+b") as f:
+            for t in plan.retag:
+                f.seek(t.type_pos)
+                if struct.unpack("<I", f.read(4))[0] != from_id:
+                    raise SlimEdgeError(f"{path} changed while retagging (type of {t.name!r}); run again")
+                f.seek(t.type_pos)
+                f.write(struct.pack("<I", to_id))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return plan, out
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+gguf_app = typer.Typer(help="Low-level GGUF fixes.", no_args_is_help=True)
+
+
+@gguf_app.callback()
+def _gguf_group():
+    """Low-level GGUF fixes (a group even with one command, so `slim-edge gguf retag` keeps its name)."""
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+
+
+@gguf_app.command("retag")
+def retag_cmd(file: Annotated[Path, typer.Argument(help="GGUF file to fix")],
+              from_id: Annotated[int, typer.Option("--from", help="type id the old file stores")] = 42,
+              to_id: Annotated[int, typer.Option("--to", help="type id to write")] = 43,
+              out: Annotated[Optional[Path], typer.Option("-o", "--output", help="output file "
+                                                          "(default: FILE with -retag before .gguf)")] = None,
+              in_place: Annotated[bool, typer.Option("--in-place", help="replace FILE (atomically)")] = False,
+              force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
+              dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would change")] = False,
+              as_json: JsonOpt = False):
+    """Retag STQ1_0 tensors stored under type 42 (older AngelSlim exports) as 43.
+
+    Only tensors typed --from whose data is laid out as --to (STQ1_0: 42 bytes per 256 weights, vs
+    Q2_0: 18 bytes per 64) change; genuine Q2_0 tensors and all other bytes stay as they are.
+
+    Examples:
+      slim-edge gguf retag model.gguf --dry-run
+      slim-edge gguf retag model.gguf -o model-stq1_0.gguf
+      slim-edge gguf retag model.gguf --in-place
+    """
+    plan, written = retag(file, out, from_id=from_id, to_id=to_id, force=force, in_place=in_place,
+                          dry_run=dry_run)
+    for t in plan.retag:
+        _log(f"  {t.name:40s} {list(t.shape)}  {from_id} -> {to_id}")
+    if plan.keep:
+        _log(f"  kept {len(plan.keep)} tensor(s) typed {from_id} whose bytes match type {from_id}")
+    if dry_run:
+        _log(f"dry run: would retag {len(plan.retag)} tensor(s) {from_id} -> {to_id}; nothing written")
+    elif written is None:
+        _log(f"nothing to retag in {file}: no tensor typed {from_id} has the {to_id} layout; nothing written")
+    else:
+        _log(f"retagged {len(plan.retag)} tensor(s) {from_id} -> {to_id}: {written}")
+    if as_json:
+        print(json.dumps({**plan.to_json(), "output": str(written) if written else None, "dry_run": dry_run},
+                         indent=2))
