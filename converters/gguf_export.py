@@ -123,10 +123,12 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
     with tempfile.TemporaryDirectory(prefix=".slim-edge-export-", dir=out.parent) as tmpd:
         tmp = Path(tmpd)
         model, tok = load_quantized(ckpt)
-        model.save_pretrained(tmp / "hf")
-        tok.save_pretrained(tmp / "hf")
+        # the converter names the model after its folder: use the base model's, as the baselines do
+        hf = tmp / (Path(str(meta.get("base_model") or "")).name or "model")
+        model.save_pretrained(hf)
+        tok.save_pretrained(hf)
         del model
-        run_converter(tmp / "hf", tmp / "f32.gguf")
+        run_converter(hf, tmp / "f32.gguf")
         reader = gguf.GGUFReader(tmp / "f32.gguf")
         arch = str(reader.fields["general.architecture"].contents())
         n_layers = int(config["num_hidden_layers"])
