@@ -176,3 +176,12 @@ def test_sections_and_probe_on_captured_phone(captured):
     assert "sve2" in info.cpu_features_of_interest
     assert not info.has_gnu_time and not info.emulated
     assert "@@getprop" in PROBE_SCRIPT and "cpuinfo_max_freq" in PROBE_SCRIPT and "{thermal}" in PROBE_SCRIPT
+
+
+def test_cpuinfo_dimensity_7300(captured):
+    """A Dimensity phone (no Hardware line on newer kernels, ' : ' separators as Termux prints them)."""
+    info = parse.parse_cpuinfo(captured("cpuinfo_dimensity7300_partial.txt"))
+    assert [c["processor"] for c in info["cpus"]] == [0, 1, 2, 3, 4]
+    assert [c["part"] for c in info["cpus"]] == ["0xd05"] * 4 + ["0xd41"]  # Cortex-A55 x4, Cortex-A78
+    assert len(info["features"]) == 16
+    assert parse.features_of_interest(info["features"]) == ["asimd", "asimddp", "asimdhp"]
