@@ -5,6 +5,7 @@ quantized by the runtime's own llama-quantize; the tensor table is read back wit
 reader (PyPI gguf 0.19 rejects ids 43/44), then the model generates a few tokens.
 """
 import json
+import re
 import subprocess
 
 import pytest
@@ -60,13 +61,40 @@ def test_quantize_and_generate(host, f16, tmp_path, ftype, type_id):
     assert all(r["avg_ts"] > 0 for r in rows)
     assert all(r["model_type"].startswith("llama") and ftype in r["model_type"] for r in rows), rows
 
-def test_perplexity_runs(host, f16, tmp_path):
-    """llama-perplexity over a short text: a finite number, whatever the random weights make of it."""
-    out = tmp_path / "tiny-STQ1_0.gguf"
-    run([*host.argv("llama-quantize"), f16, out, "STQ1_0", "2"])
-    text = tmp_path / "text.txt"
-    text.write_text("the model is small and fast on the phone, and the token is the model. " * 40)
-    proc = run([*host.argv("llama-perplexity"), "-m", out, "-f", text, "-c", "128", "-b", "128", "-t", "2"])
-    assert "Final estimate: PPL = " in proc.stdout + proc.stderr
-    ppl = float((proc.stdout + proc.stderr).split("Final estimate: PPL = ")[1].split()[0])
-    assert 1.0 < ppl < 1e6
+def perplexity_of(argv, chunks: int, timeout=600) -> float:
+    """llama-perplexity's estimate after `chunks` chunks ('[4]522.4660,'). llama.cpp's asynchronous logger
+    sometimes loses its last lines at exit, so a run whose output lacks that figure is run again."""
+    for _ in range(3):
+        proc = run(argv, timeout)
+        found = re.findall(rf"\[{chunks}\](\d+\.\d+)", proc.stdout + proc.stderr)
+        if found:
+            return float(found[-1])
+    raise AssertionError(f"no [{chunks}] figure in three runs:\n{(proc.stdout + proc.stderr)[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def lee_text(tmp_path_factory):
+    from slim_edge.evals.corpora import get_text
+
+    path = tmp_path_factory.mktemp("text") / "lee.txt"
+    path.write_text(get_text("lee", "eval").text[:20000])
+    return path
+
+
+@pytest.mark.cross
+@pytest.mark.parametrize("ftype", ["STQ1_0", "Q2_0C"])
+def test_perplexity_is_the_same_on_x86_and_arm(host, f16, lee_text, tmp_path, ftype):
+    """Real news text through a model whose every linear layer is STQ1_0 (or Q2_0C): the AVX2 build and
+    the static aarch64 build (dotprod kernels, under qemu-aarch64 -cpu cortex-a76) agree within 1e-3.
+
+    Not to 3 decimals: measured 522.3744 (x86) against 522.4660 (ARM) for STQ1_0, and even the stock F16
+    file differs in the third decimal (605.8844 / 605.8824): the two builds sum floats in other orders,
+    and the 8-bit requantization of activations between layers amplifies last-bit differences."""
+    arm = runtime.ensure_runtime("linux-arm64")
+    out = tmp_path / f"tiny-{ftype}.gguf"
+    run([*host.argv("llama-quantize"), f16, out, ftype, "2"])
+    args = ["-m", out, "-f", lee_text, "-c", "128", "--chunks", "4", "-t", "2"]
+    x86 = perplexity_of([*host.argv("llama-perplexity"), *args], chunks=4)
+    a76 = perplexity_of([*arm.argv("llama-perplexity", cpu="cortex-a76"), *args], chunks=4, timeout=1200)
+    assert 10 < x86 < 1e4  # random weights over a 512-token vocabulary: near 512, not inf or nan
+    assert abs(x86 / a76 - 1) < 1e-3, (x86, a76)
