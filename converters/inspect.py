@@ -90,3 +90,11 @@ def format_report(r: dict) -> str:
 
 def dumps(r: dict) -> str:
     return json.dumps(r, indent=1, default=str)
+
+
+def linear_bpw(path) -> float:
+    """Bits per weight over the 2-D tensors of the transformer blocks (the linear layers), weighted by size."""
+    info = inspect_gguf(path, "patched")
+    lin = [t for t in info["tensors"] if t["name"].startswith("blk.") and len(t["shape"]) == 2]
+    n = sum(t["shape"][0] * t["shape"][1] for t in lin)
+    return sum(t["bpw"] * t["shape"][0] * t["shape"][1] for t in lin) / max(n, 1)

@@ -108,15 +108,6 @@ def parse_extra(spec: str) -> Row:
     return Row(label, Path(path), cmd, "extra")
 
 
-def linear_bpw(path: Path) -> float:
-    from slim_edge.converters.inspect import inspect_gguf
-
-    info = inspect_gguf(path, "patched")
-    lin = [t for t in info["tensors"] if t["name"].startswith("blk.") and len(t["shape"]) == 2]
-    n = sum(t["shape"][0] * t["shape"][1] for t in lin)
-    return sum(t["bpw"] * t["shape"][0] * t["shape"][1] for t in lin) / max(n, 1)
-
-
 def to_markdown(result: dict) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -151,6 +142,7 @@ def main(output: Path = typer.Option(..., "-o", help="report path without suffix
          force: bool = typer.Option(False, "--force", help="overwrite an existing report")):
     from importlib.metadata import version
 
+    from slim_edge.converters.inspect import linear_bpw
     from slim_edge.evals.eval_cmd import evaluate
 
     md, js = output.with_suffix(".md"), output.with_suffix(".json")

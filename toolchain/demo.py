@@ -88,16 +88,13 @@ def run_demo(steps: int = 44, out: Path = Path("results/demo"), force: bool = Fa
 
 
 def _summary_rows(ggufs: dict[str, Path], ev: dict, bench: dict) -> list[dict]:
-    from .converters.inspect import inspect_gguf
+    from .converters.inspect import linear_bpw
 
     by_model = {Path(r["model"]).name: r for r in ev["models"]}
     bench_by = {m["name"]: m for m in bench["models"]}
     rows = []
     for key, path in ggufs.items():
-        info = inspect_gguf(path, "patched")
-        lin = [t for t in info["tensors"] if t["name"].startswith("blk.") and len(t["shape"]) == 2]
-        n = sum(t["shape"][0] * t["shape"][1] for t in lin)
-        bpw = sum(t["bpw"] * t["shape"][0] * t["shape"][1] for t in lin) / max(n, 1)
+        bpw = linear_bpw(path)
         e = by_model.get(path.name, {})
         b = bench_by.get(path.stem, {})
         pre = {p["n_prompt"]: p for p in b.get("prefill", [])}
