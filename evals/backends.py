@@ -42,12 +42,12 @@ class TorchLM:
         """float32 [len(tokens) - first, n_vocab]: the logits at positions first .. len(tokens) - 1."""
         import torch
 
-        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None].to(self.model.device)
         # only the kept positions go through the LM head (halves the memory for scoring)
         keep = {"logits_to_keep": len(tokens) - first} if self._keeps_logits else {}
         with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=False, **keep)
-        return out.logits[0, -(len(tokens) - first):].float().numpy()
+        return out.logits[0, -(len(tokens) - first):].float().cpu().numpy()
 
     def greedy(self, prompt: list[int], n_new: int, stop_at_eos: bool = True) -> list[int]:
         import inspect

@@ -202,3 +202,39 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_llama, tiny_text, tm
     assert state.step == 6
     for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("scheme", ["seq2", "sherry"])
+def test_block_reconstruction_lowers_layer_and_logit_error(scheme, tiny_text, tmp_path):
+    """Block-AP phase alone (no end-to-end steps): every layer's relative output error drops, and the model's
+    logits move towards the FP model's (vs the PTQ start); the checkpoint reloads with finite weights."""
+    model = make_tiny_model(tmp_path / "m", "llama", layers=2)
+    ptq = QuantConfig(scheme=scheme, steps=0, calib=str(tiny_text), **FAST)
+    run_quantize(str(model), ptq, tmp_path / "ptq", progress=False)
+    config = QuantConfig(scheme=scheme, steps=0, block_steps=30, block_samples=4, calib=str(tiny_text), **FAST)
+    report = run_quantize(str(model), config, tmp_path / "out", progress=False)
+    layers = report["blocks"]["layers"]
+    assert [r["layer"] for r in layers] == [0, 1]
+    for r in layers:
+        assert r["steps"] == 30 and r["rel_err_after"] < 0.8 * r["rel_err_before"], r
+    assert report["distill_loss"]["blocks"] == report["distill_loss"]["final"]
+    teacher, tok, _ = load_model(str(model))
+    text = tiny_text.read_text(encoding="utf-8")[-2000:]  # real text (the block phase learns from text)
+    x = tok(text, return_tensors="pt")["input_ids"][:, :256].reshape(2, 128)
+    with torch.no_grad():
+        t = teacher(x).logits
+        err = {k: float(((load_quantized(tmp_path / k)[0](x).logits - t) ** 2).sum() / (t ** 2).sum())
+               for k in ("ptq", "out")}
+    assert err["out"] < 0.8 * err["ptq"], err
+
+
+def test_block_reconstruction_other_architecture(tiny_text, tmp_path):
+    model = make_tiny_model(tmp_path / "q3", "qwen3", layers=1)
+    config = QuantConfig(scheme="seq2", steps=2, block_steps=5, block_samples=2, calib=str(tiny_text), **FAST)
+    report = run_quantize(str(model), config, tmp_path / "out", progress=False)
+    assert len(report["blocks"]["layers"]) == 1 and report["training"]["steps"] == 2
+
+
+def test_block_options_are_checked():
+    with pytest.raises(SlimEdgeError, match="block-steps -1"):
+        QuantConfig(block_steps=-1)

@@ -37,6 +37,9 @@ def quantize(
     batch_size: Annotated[int, typer.Option(help="sequences per step")] = 4,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
     distill: Annotated[str, typer.Option(help="cakld | kl | none (CE only)")] = "cakld",
+    block_steps: Annotated[int, typer.Option(help="block-wise reconstruction steps per decoder layer before "
+                                                  "end-to-end QAT (EfficientQAT's Block-AP; 0 = off)")] = 0,
+    block_samples: Annotated[int, typer.Option(help="sequences the block-wise phase learns from")] = 128,
     keep: Annotated[str, typer.Option(help="comma-separated module-name fragments kept in high precision")]
     = "embed_tokens,lm_head",
     arenas_lambda: Annotated[float, typer.Option(help="Sherry's Arenas peak weight (0 = off)")] = 1.0,
@@ -57,6 +60,8 @@ def quantize(
 
       slim-edge quantize ./my-llama --scheme seq2 --steps 2000 --calib corpus.txt -o runs/seq2
 
+      slim-edge quantize smollm2-135m --scheme seq2 --block-steps 200 --steps 1000 --device cuda -o runs/seq2
+
       slim-edge quantize smollm2-135m --scheme ternary --target tq1_0 --dry-run
     """
     from .pipeline import run_quantize
@@ -64,7 +69,8 @@ def quantize(
 
     config = QuantConfig(scheme=scheme, target=target, keep=tuple(k for k in keep.split(",") if k),
                          steps=steps, lr=lr, scale_lr=scale_lr, batch_size=batch_size, seq_len=seq_len,
-                         distill=distill, arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda,
+                         distill=distill, block_steps=block_steps, block_samples=block_samples,
+                         arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda,
                          calib=calib, seed=seed)
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
                           checkpoint_every=checkpoint_every, dry_run=dry_run)

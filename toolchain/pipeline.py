@@ -15,7 +15,7 @@ from .checkpoint import check_output, save_quantized
 from .errors import SlimEdgeError
 from .models import architecture_of, load_model
 from .quantize import QuantConfig, format_plan, plan_summary, quantize_, make_plan
-from .train import _batches, calibration_tokens, distill_loss, seed_everything, train
+from .train import _batches, calibration_tokens, distill_loss, reconstruct_blocks, seed_everything, train
 
 
 def pick_device(device: str | None) -> str:
@@ -70,22 +70,35 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     log_lines = []
     partial.mkdir(parents=True, exist_ok=True)
     (partial / "plan.json").write_text(json.dumps([e.to_json() for e in plan], indent=1))
-    state = None
+    state, blocks, loss_blocks, t_blocks = None, [], None, 0.0
+    if config.block_steps > 0 and not (partial / "train.pt").is_file():  # a resumed run is past this phase
+        t0 = time.perf_counter()
+        blocks = reconstruct_blocks(student, teacher, ids, config, device=device, progress=progress)
+        t_blocks = time.perf_counter() - t0
+        loss_blocks = distill_eval(student, teacher, ids, config, device)
+        print(f"slim-edge: block-wise reconstruction: relative error of the last layer "
+              f"{blocks[-1]['rel_err_before']:.4f} -> {blocks[-1]['rel_err_after']:.4f}; distillation loss "
+              f"{loss_ptq:.4f} -> {loss_blocks:.4f} ({t_blocks:.0f} s)", file=sys.stderr)
     if config.steps > 0:
         state = train(student, teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
                       device=device, progress=progress, log=log_lines.append)
-    loss_qat = distill_eval(student, teacher, ids, config, device) if config.steps > 0 else loss_ptq
+    loss_qat = (distill_eval(student, teacher, ids, config, device) if config.steps > 0
+                else loss_blocks if loss_blocks is not None else loss_ptq)
     summary = plan_summary(plan)
     report = {
         "model": str(model), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
         "calibration": source, "plan_summary": summary,
-        "distill_loss": {"ptq": loss_ptq, "final": loss_qat},
+        "distill_loss": {"ptq": loss_ptq, "blocks": loss_blocks, "final": loss_qat},
+        "blocks": {"steps_per_layer": config.block_steps, "samples": config.block_samples,
+                   "seconds": round(t_blocks, 1), "layers": blocks},
         "training": {"steps": config.steps, "seconds": round(state.seconds, 1) if state else 0.0,
                      "tokens": state.tokens if state else 0, "ptq_seconds": round(t_ptq, 1),
                      "log": log_lines[:: max(1, len(log_lines) // 200)]},
     }
     md = (f"# slim-edge quantize: {model} -> {config.scheme}\n\n"
           f"- calibration text: {source}\n- device: {device}, steps: {config.steps}\n"
+          f"- block-wise reconstruction: {config.block_steps} steps per layer"
+          f"{f', distillation loss after it {loss_blocks:.4f}' if loss_blocks is not None else ''}\n"
           f"- distillation loss: PTQ {loss_ptq:.4f} -> final {loss_qat:.4f}\n"
           f"- {summary['bits_per_weight']:.3f} bits per weight over {summary['weights'] / 1e6:.1f} M weights\n\n"
           f"```\n{format_plan(plan)}\n```\n")

@@ -33,6 +33,8 @@ class QuantConfig:
     seq_len: int = 256
     warmup: int = 0  # steps of linear lr warm-up (default: 5% of steps)
     distill: str = "cakld"  # cakld | kl | none
+    block_steps: int = 0  # block-wise reconstruction steps per decoder layer before end-to-end QAT
+    block_samples: int = 128  # sequences (of seq_len) the block-wise phase learns from
     arenas_lambda: float = 1.0
     arenas_warmup: float = 0.1  # fraction of steps spent ramping λ up
     calib: str = "wiki"
@@ -48,6 +50,9 @@ class QuantConfig:
             if fmt.name not in allowed:
                 raise SlimEdgeError(f"--target {fmt.name} cannot hold scheme {scheme.name}'s values; "
                                     f"choose one of: {', '.join(allowed)}")
+        if self.block_steps < 0 or self.block_samples < 1:
+            raise SlimEdgeError(f"--block-steps {self.block_steps} / --block-samples {self.block_samples}: "
+                                f"need block steps >= 0 and at least one sample")
         if self.distill not in ("cakld", "kl", "none"):
             raise SlimEdgeError(f"--distill {self.distill!r}: choose cakld, kl or none")
         self.keep = tuple(self.keep)

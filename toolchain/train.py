@@ -199,3 +199,111 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class _Captured(Exception):
+    """Raised by the hook that grabs the first decoder layer's inputs, to stop the forward there."""
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise SlimEdgeError(f"block-wise reconstruction needs a decoder with model.layers (Llama-like); "
+                            f"{type(model).__name__} has none: use --block-steps 0")
+    return layers
+
+
+def _layer_out(layer, x, kwargs):
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _layer_inputs(model, batches: list[torch.Tensor], device: str):
+    """Hidden states entering decoder layer 0 for each batch, and the keyword arguments (rotary embeddings,
+    mask, positions) the model hands every layer, captured from a real forward pass."""
+    seen = []
+
+    def grab(_mod, args, kwargs):
+        kw = dict(kwargs)
+        seen.append((args[0] if args else kw.pop("hidden_states"), kw))
+        raise _Captured
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for x in batches:
+                try:
+                    model(x.to(device), use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return [h.detach() for h, _ in seen], seen[0][1]
+
+
+def reconstruct_blocks(student, teacher, ids: torch.Tensor, config: QuantConfig, device: str = "cpu",
+                       progress: bool = True, log=None) -> list[dict]:
+    """Block-wise reconstruction before end-to-end QAT (EfficientQAT's Block-AP): layer by layer, the
+    student's decoder layer learns, from the quantized model's own hidden states, to reproduce the FP
+    layer's outputs (MSE); weights, block scales and norms train, config.block_steps steps per layer.
+
+    Returns per layer the relative error ||out - target||^2 / ||target||^2 before and after."""
+    from tqdm.auto import tqdm
+
+    s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
+    rng = np.random.default_rng(config.seed + 1)
+    stream = _batches(ids, config.batch_size, config.seq_len, rng)
+    batches = [next(stream)[0] for _ in range(max(1, config.block_samples // config.batch_size))]
+    q_in, kwargs = _layer_inputs(student, batches, device)
+    fp_in = list(q_in)
+
+    def rel_err(layer, xs, targets):
+        num = sum(float((_layer_out(layer, x, kwargs).float() - t.float()).pow(2).sum()) for x, t in zip(xs, targets))
+        return num / max(sum(float(t.float().pow(2).sum()) for t in targets), 1e-30)
+
+    rows = []
+    bar = tqdm(total=len(s_layers) * config.block_steps, disable=not progress, unit="step", file=sys.stderr,
+               dynamic_ncols=True, desc="blocks")
+    try:
+        for i, (sl, tl) in enumerate(zip(s_layers, t_layers)):
+            with torch.no_grad():
+                targets = [_layer_out(tl, x, kwargs) for x in fp_in]
+                before = rel_err(sl, q_in, targets)
+            qlayers = [m for m in sl.modules() if isinstance(m, QuantLinear)]
+            weights = [m.weight for m in qlayers] + [m.bias for m in qlayers if m.bias is not None]
+            scales = [m.scale for m in qlayers]
+            quant_ids = {id(p) for p in weights + scales}
+            others = [p for p in sl.parameters() if id(p) not in quant_ids]
+            for p in sl.parameters():
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW([{"params": weights + others, "lr": config.lr, "weight_decay": 0.0},
+                                     {"params": scales, "lr": config.scale_lr, "weight_decay": 0.0}],
+                                    betas=(0.9, 0.95))
+            base_lrs = [config.lr, config.scale_lr]
+            steps = config.block_steps if qlayers else 0
+            for step in range(steps):
+                for g, base in zip(opt.param_groups, base_lrs):
+                    g["lr"] = learning_rate(step, steps, base, max(1, steps // 20))
+                j = int(rng.integers(len(q_in)))
+                loss = F.mse_loss(_layer_out(sl, q_in[j], kwargs).float(), targets[j].float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(weights + others, 1.0)
+                opt.step()
+                if not math.isfinite(loss.item()):
+                    raise SlimEdgeError(f"block-wise reconstruction diverged in layer {i} (loss {loss.item()}); "
+                                        f"lower --lr (now {config.lr}) or --scale-lr (now {config.scale_lr})")
+                bar.set_postfix(layer=i, mse=f"{loss.item():.3g}")
+                bar.update(1)
+            for p in sl.parameters():
+                p.requires_grad_(False)
+            with torch.no_grad():
+                after = rel_err(sl, q_in, targets)
+                q_in = [_layer_out(sl, x, kwargs) for x in q_in]
+            fp_in = targets
+            rows.append({"layer": i, "rel_err_before": before, "rel_err_after": after, "steps": steps})
+            if log is not None:
+                log(rows[-1])
+    finally:
+        bar.close()
+    return rows

