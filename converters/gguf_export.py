@@ -227,19 +227,47 @@ def _override(rules, name: str) -> str | None:
     return None
 
 
-def llama_quantize(src: Path, dst: Path, type_: str) -> None:
-    """`llama-quantize SRC DST TYPE` with the patched host runtime, written to a temporary file first."""
-    from ..runtime import ensure_runtime
+def llama_quantize_argv(tool: list[str], src: Path, dst: Path, type_: str, *,
+                        token_embedding_type: str | None = None, output_tensor_type: str | None = None) -> list[str]:
+    """`llama-quantize [--token-embedding-type T] [--output-tensor-type T] SRC DST TYPE`; `tool` is the
+    command prefix that runs llama-quantize."""
+    argv = list(tool)
+    if token_embedding_type:
+        argv += ["--token-embedding-type", token_embedding_type]
+    if output_tensor_type:
+        argv += ["--output-tensor-type", output_tensor_type]
+    return argv + [str(src), str(dst), type_.upper()]
 
-    rt = ensure_runtime("host")
+
+def llama_quantize(src: Path, dst: Path, type_: str, *, bin_dir: Path | None = None,
+                   token_embedding_type: str | None = None, output_tensor_type: str | None = None) -> Path:
+    """Quantize `src` to `type_` with llama-quantize, written to a temporary file first; returns `dst`.
+
+    bin_dir: the folder of another llama.cpp build's llama-quantize (default: the patched host runtime).
+    token_embedding_type / output_tensor_type pin those two tensors (e.g. "q6_K"), so that only the
+    linear layers differ between types."""
+    if bin_dir is None:
+        from ..runtime import ensure_runtime
+
+        tool = ensure_runtime("host").argv("llama-quantize")
+    else:
+        exe = Path(bin_dir) / "llama-quantize"
+        if not exe.is_file():
+            raise SlimEdgeError(f"--bin-dir {bin_dir} has no llama-quantize; pass the bin folder of a llama.cpp "
+                                "build (the one holding llama-quantize and llama-bench), or leave --bin-dir out "
+                                "to use slim-edge's host runtime.")
+        tool = [str(exe)]
+    dst = Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")
-    proc = subprocess.run(rt.argv("llama-quantize") + [str(src), str(tmp), type_.upper()],
-                          capture_output=True, text=True)
+    argv = llama_quantize_argv(tool, src, tmp, type_, token_embedding_type=token_embedding_type,
+                               output_tensor_type=output_tensor_type)
+    proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise SlimEdgeError(f"llama-quantize {type_.upper()} of {src} failed (exit {proc.returncode}):\n"
                             f"{proc.stderr.strip()[-1500:]}")
     os.replace(tmp, dst)
+    return dst
 
 
 def export_baseline(model: str, out: Path, type_: str, force: bool = False) -> dict:

@@ -245,7 +245,7 @@ class Device:
         if res.returncode != 0:
             raise SlimEdgeError(
                 f"{self.name}: command failed with exit code {res.returncode}: {command}\n"
-                f"{res.stderr.strip()[-2000:]}"
+                f"{(res.stderr.strip() or res.stdout.strip())[-2000:]}"  # legacy adb: stderr comes on stdout
             )
         return res
 
@@ -266,6 +266,8 @@ class Device:
             line += f" > {shlex.quote(stdout_file)}"
         res = self.shell(line, timeout=timeout)
         res.peak_rss_kb, res.peak_rss_method = parse.parse_peak_rss_kb(res.stderr)
+        if res.peak_rss_kb is None:  # adb without shell_v2 sends the remote stderr on stdout
+            res.peak_rss_kb, res.peak_rss_method = parse.parse_peak_rss_kb(res.stdout)
         res.argv = argv
         return res
 

@@ -111,6 +111,13 @@ def big_cores(max_freqs: dict[int, int], n_threads: int = 1) -> list[int]:
     return sorted(chosen)
 
 
+def fastest_cores(max_freqs: dict[int, int], n: int) -> list[int]:
+    """The `n` cores with the highest cpuinfo_max_freq (lower index first among equals), ascending.
+    Exactly `n`: llama-bench's --cpu-strict 1 gives each thread its own core of the mask, lowest
+    first, so a mask with spare slower cores would put threads on those."""
+    return sorted(sorted(max_freqs, key=lambda cpu: (-max_freqs[cpu], cpu))[:n])
+
+
 def cpu_mask(cpus: list[int]) -> str:
     """CPU indices -> the hex mask llama-bench `-C` and `taskset` take (e.g. [4, 5, 6, 7] -> "0xf0")."""
     mask = 0
@@ -125,22 +132,46 @@ _NOT_TEMPERATURE = re.compile(r"bcl|ibat|vbat|vph|^socd?$", re.IGNORECASE)
 _ZONE_LINE = re.compile(r"^(\d+)\s+(.+?)(?:\s+(-?\d+))?\s*$")
 
 
+def thermal_scale(raw: int) -> int:
+    """Units per degree C that a thermal zone reading of `raw` is taken to be in: 1000, 10 or 1.
+
+    |raw| >= 1000 is millidegrees (the kernel's sysfs ABI); 100 < |raw| < 1000 is tenths of a degree
+    (older Qualcomm tsens drivers: msm8953's tsens_tz_sensor zones read 309 for 30.9 C, see
+    devices/captured/); |raw| <= 100 is whole degrees (ADC thermistors on the same boards: xo_therm 31).
+    Readings alone cannot tell 9.5 C in tenths (95) from 95 C, nor 105 C (105) from 10.5 C in tenths;
+    parse_thermal settles the first from the zone's sibling sensors."""
+    a = abs(raw)
+    return 1000 if a >= 1000 else 10 if a > 100 else 1
+
+
+def _zone_family(kind: str) -> str:
+    return kind.rstrip("0123456789")  # tsens_tz_sensor12 -> tsens_tz_sensor: one driver, one unit
+
+
 def parse_thermal(text: str) -> dict[str, float]:
     """Thermal zones -> {"thermal_zoneN type": degrees C}, e.g. {"thermal_zone36 cpu-1-0-usr": 42.6}.
 
     Reads the `N type temp` lines of base.THERMAL_COMMAND, the shape phone owners paste (temp missing
-    where the read failed). Values of 1000 and more are millidegrees, as the kernel ABI says; smaller
-    ones are taken as degrees. Dropped: zones without a reading, zones that are not temperatures, and
-    disconnected sensors (phones report -40000 or -40960, some kernels -273000), i.e. anything outside
-    (-40, 150] degrees."""
+    where the read failed). Units (thermal_scale): millidegrees from 1000 up, tenths of a degree above
+    100, whole degrees up to 100. Zones of one family (the type without its trailing number, e.g.
+    tsens_tz_sensor) share the largest unit any of them reads in, so a cold tsens zone at 95 (9.5 C)
+    beside one at 309 (30.9 C) is read in tenths too. Dropped: zones without a reading, zones that are
+    not temperatures, and disconnected sensors (phones report -40000 or -40960, some kernels -273000,
+    ADC thermistors -40), i.e. anything outside (-40, 150] degrees."""
     zones = {}
     for line in text.splitlines():
         m = _ZONE_LINE.match(line.strip())
         if m and m.group(3) is not None:
             zones[int(m.group(1))] = (m.group(2), int(m.group(3)))
+    family_scale: dict[str, int] = {}
+    for kind, raw in zones.values():
+        scale = thermal_scale(raw)
+        if -40 < raw / scale <= 150:  # a disconnected sensor says nothing about its family's unit
+            fam = _zone_family(kind)
+            family_scale[fam] = max(family_scale.get(fam, 1), scale)
     out = {}
     for zone, (kind, raw) in sorted(zones.items()):
-        celsius = raw / 1000 if abs(raw) >= 1000 else float(raw)
+        celsius = raw / max(thermal_scale(raw), family_scale.get(_zone_family(kind), 1))
         if -40 < celsius <= 150 and not _NOT_TEMPERATURE.search(kind):
             out[f"thermal_zone{zone} {kind}"] = round(celsius, 1)
     return out
@@ -184,6 +215,22 @@ def parse_adb_devices(text: str) -> list[tuple[str, str]]:
         if len(parts) >= 2:
             out.append((parts[0], parts[1]))
     return out
+
+
+EXIT_STATUS_MARKER = "__slim_rc="
+# The marker line as android.with_exit_status prints it, after a newline of its own; legacy adb runs
+# commands on a pty, which turns every "\n" into "\r\n".
+_EXIT_STATUS_LINE = re.compile(r"\r?\n" + EXIT_STATUS_MARKER + r"(\d+)\r?(?:\n|\Z)")
+
+
+def split_exit_status(stdout: str) -> tuple[str, int | None]:
+    """Output of a with_exit_status command -> (the command's own output, its exit status), or
+    (stdout, None) when no marker came back (the command never ran, or the connection dropped)."""
+    found = list(_EXIT_STATUS_LINE.finditer(stdout))
+    if not found:
+        return stdout, None
+    m = found[-1]
+    return stdout[:m.start()] + stdout[m.end():], int(m.group(1))
 
 
 def parse_sha256sum(text: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ import typer
 
 from slim_edge.devices import get_device
 from slim_edge.devices.base import Device, DeviceInfo, check_fits
-from slim_edge.devices.parse import big_cores, cpu_mask, parse_llama_bench
+from slim_edge.devices.parse import cpu_mask, fastest_cores, parse_llama_bench
 from slim_edge.devices.qemu_arm64 import EMULATED_LABEL
 from slim_edge.errors import SlimEdgeError
 
@@ -105,7 +105,7 @@ class BenchResult:
     config: BenchConfig
     models: list[ModelResult]
     runtime: dict
-    cpu_mask: str | None = None
+    cpu_masks: dict[int, str] = field(default_factory=dict)  # per thread count, pinned strictly
     created: str = ""
     compare: dict | None = None
 
@@ -120,7 +120,7 @@ class BenchResult:
             "label": EMULATED_LABEL if self.emulated else None,
             "device": self.device.to_json(),
             "runtime": self.runtime,
-            "cpu_mask": self.cpu_mask,
+            "cpu_masks": {str(t): m for t, m in self.cpu_masks.items()},
             "config": asdict(self.config),
             "models": [asdict(m) | {"label": EMULATED_LABEL if self.emulated else None} for m in self.models],
             "compare": self.compare,
@@ -139,8 +139,18 @@ def llama_bench_argv(bench: str, model: str, cfg: BenchConfig, threads: int, mas
     if cfg.delay:
         argv += ["--delay", str(cfg.delay)]
     if mask:
-        argv += ["-C", mask]
+        # -C alone gives every thread the whole mask to migrate within; --cpu-strict 1 pins each thread
+        # to its own core of the mask, lowest first (ggml_thread_cpumask_next in the pinned ggml-cpu.c)
+        argv += ["-C", mask, "--cpu-strict", "1"]
     return argv
+
+
+def pin_masks(max_freqs: dict[int, int], threads: list[int]) -> dict[int, str]:
+    """{thread count: mask of that many fastest cores}, for big.LITTLE devices only: where every core
+    has the same max frequency, or the run takes every core, there is nothing to prefer."""
+    if len(set(max_freqs.values())) < 2:
+        return {}
+    return {t: cpu_mask(fastest_cores(max_freqs, t)) for t in threads if t < len(max_freqs)}
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -240,7 +250,8 @@ def markdown_table(result: BenchResult) -> str:
     lines += ["", f"device: {d.device} · {d.soc} · {d.model or d.arch}"
               + (f" · Android {d.android_version}" if d.android_version else "")
               + f" · features: {' '.join(d.cpu_features_of_interest) or 'n/a'}"
-              + (f" · cpu mask {result.cpu_mask}" if result.cpu_mask else "")
+              + (" · pinned (cpu-strict) " + ", ".join(f"t{t} {m}" for t, m in result.cpu_masks.items())
+                 if result.cpu_masks else "")
               + (f" · hottest zone at start {max(d.thermal_c.values()):.1f} °C" if d.thermal_c else ""),
               f"runtime: {result.runtime.get('target')} · build {result.runtime.get('build_commit')} "
               f"({result.runtime.get('build_number')}) · peak memory by {', '.join(methods) or 'n/a'}"]
@@ -375,12 +386,10 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
     tools, env = dev.stage_runtime(("llama-bench",))
     log(f"[bench] {info.device}: {info.soc} {info.model} ({info.arch}); staging {len(paths)} model(s)")
     staged = dev.stage(paths, subdir="models")
-    mask = None
-    if cfg.pin_big_cores and info.max_freqs_khz:
-        cores = big_cores(info.max_freqs_khz, max(cfg.threads))
-        if len(cores) < len(info.max_freqs_khz):
-            mask = cpu_mask(cores)
-            log(f"[bench] pinning to cores {cores} (mask {mask}, highest cpuinfo_max_freq)")
+    masks = pin_masks(info.max_freqs_khz, cfg.threads) if cfg.pin_big_cores else {}
+    if masks:
+        log("[bench] pinning each thread to one of the fastest cores (highest cpuinfo_max_freq): "
+            + ", ".join(f"{t} thread(s) -> mask {m}" for t, m in masks.items()))
 
     results, runtime = [], {"target": dev.runtime_target}
     jobs = [(p, n, t) for p, n in zip(paths, names) for t in cfg.threads]
@@ -394,7 +403,7 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
             waited, hottest = wait_cool(dev.thermal, cfg.cool_to)
             if waited >= 1:
                 log(f"[bench] cooled for {waited:.0f} s; hottest zone now {hottest:.1f} °C")
-        argv = llama_bench_argv(tools["llama-bench"], staged[path], cfg, threads, mask)
+        argv = llama_bench_argv(tools["llama-bench"], staged[path], cfg, threads, masks.get(threads))
         if dev.copies_files:  # llama-bench writes its JSONL on the device; pull it back
             remote_out = f"results/{name}-t{threads}.jsonl"
             res = dev.run_measured(argv, env=env, timeout=cfg.timeout, use_gnu_time=info.has_gnu_time,
@@ -408,7 +417,7 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
         rows = parse_llama_bench(text)
         if res.returncode != 0 or not rows:
             raise SlimEdgeError(f"llama-bench failed on {info.device} for {path.name} (exit {res.returncode}): "
-                                f"{res.stderr.strip()[-1200:]}")
+                                f"{(res.stderr.strip() or res.stdout.strip())[-1200:]}")
         mr = by_name.get(name)
         if mr is None:
             mr = by_name[name] = ModelResult(name=name, path=str(path), file_size=path.stat().st_size,
@@ -436,7 +445,7 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
         else:
             log("[bench] llama_cpp is not installed: skipping the chat-prompt TTFT (pip install 'slim-edge[runtime]')")
 
-    result = BenchResult(device=info, config=cfg, models=results, runtime=runtime, cpu_mask=mask,
+    result = BenchResult(device=info, config=cfg, models=results, runtime=runtime, cpu_masks=masks,
                          created=datetime.now().isoformat(timespec="seconds"))
     if compare:
         result.compare = compare_to(result, compare)

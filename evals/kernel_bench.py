@@ -2,12 +2,16 @@
 
     python -m slim_edge.evals.kernel_bench [--shape llama-3.2-1b|1.8b] [--bin-dir DIR] [-r 3] [-t 1,2]
     python -m slim_edge.evals.kernel_bench --merge lane1.json lane2.json --out table   # runs split by --types
+    GGML_CPU_TILED_MM=0 python -m slim_edge.evals.kernel_bench --types STQ1_0 --label vec_dot  # a variant's rows
 
 One F16 GGUF with random normal weights is written per shape (llama architecture, a filler vocabulary
 of the real size), then llama-quantize makes each type with the embedding and the output head pinned to
 Q6_K, so only the linear layers differ. llama-bench times them; memory read bandwidth is measured with
 a numpy read loop, and the decode bound is bandwidth / bytes read per token (all weights but the
 token embedding, which is gathered, not read). Markdown goes to stdout, JSON beside it with --out.
+--label names the rows of a variant of the same type ("STQ1_0 vec_dot"), so that a run with, e.g.,
+GGML_CPU_TILED_MM=0 (STQ1_0 and Q2_0C prefill on the vec_dot kernels, as before patch 0007) merges beside
+the default one; the GGML_* variables of the environment are recorded in the JSON.
 """
 from __future__ import annotations
 
@@ -101,15 +105,15 @@ def decode_bytes(path: Path) -> int:
     return sum(t.span for t in read_tensor_table(path).tensors if t.name != "token_embd.weight")
 
 
-def quantize(qbin: Path, f16: Path, kind: str, out: Path) -> Path:
+def quantize(bin_dir: Path | None, f16: Path, kind: str, out: Path) -> Path:
+    """`kind` of the F16 model with token_embd and output pinned to Q6_K; an existing file is reused."""
+    from slim_edge.converters.gguf_export import llama_quantize
+
     if kind == "F16":
         return f16
     if not out.exists():
         log(f"llama-quantize {kind} -> {out.name}")
-        tmp = out.with_name(out.name + ".tmp")
-        subprocess.run([str(qbin), "--token-embedding-type", "q6_K", "--output-tensor-type", "q6_K",
-                        str(f16), str(tmp), kind], check=True, capture_output=True)
-        tmp.rename(out)
+        llama_quantize(f16, out, kind, bin_dir=bin_dir, token_embedding_type="q6_K", output_tensor_type="q6_K")
     return out
 
 
@@ -133,7 +137,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         isa = []
     return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "machine": platform.machine(),
-            "load_avg_at_start": os.getloadavg()}
+            "load_avg_at_start": os.getloadavg(), "env": {k: v for k, v in os.environ.items() if k.startswith("GGML_")}}
 
 
 def add_ratios(rows: dict, threads: list[int]) -> None:
@@ -184,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bin-dir", type=Path, help="llama-bench/llama-quantize; default: slim-edge's host runtime")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "slim-edge" / "kernel-bench")
     ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--label", help="row names become 'TYPE LABEL' (a variant measured beside the default)")
     ap.add_argument("-t", "--threads", default="1,2")
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--prepare", action="store_true", help="only write the models, measure nothing")
@@ -210,7 +215,7 @@ def measure(a) -> dict | None:
     if a.bin_dir is None:
         from slim_edge import runtime
         a.bin_dir = runtime.find_runtime("host", tools=("llama-bench", "llama-quantize")).bin_dir
-    qbin, bench = a.bin_dir / "llama-quantize", a.bin_dir / "llama-bench"
+    bench = a.bin_dir / "llama-bench"
     threads = [int(t) for t in a.threads.split(",")]
     types = a.types.split(",")
     bw = {} if a.prepare else {t: read_bandwidth_gbs(t) for t in threads}
@@ -225,17 +230,24 @@ def measure(a) -> dict | None:
             write_random_f16(d / "f16.tmp.gguf", **SHAPES[shape]).rename(f16)
         rows = {}
         for kind in types:
-            model = quantize(qbin, f16, kind, d / f"{kind.lower()}.gguf")
+            model = quantize(a.bin_dir, f16, kind, d / f"{kind.lower()}.gguf")
             if a.prepare:
                 continue
-            rows[kind] = {"mib": model.stat().st_size / 2**20, "decode_bytes": decode_bytes(model)}
+            row = rows[f"{kind} {a.label}" if a.label else kind] = {
+                "mib": model.stat().st_size / 2**20, "decode_bytes": decode_bytes(model)}
             for t in threads:
                 log(f"llama-bench {shape} {kind} t={t} ...")
                 r = llama_bench(bench, model, t, a.reps)
-                rows[kind][f"t{t}"] = {**r, "decode_bound": bw[t] * 1e9 / rows[kind]["decode_bytes"]}
+                row[f"t{t}"] = {**r, "decode_bound": bw[t] * 1e9 / row["decode_bytes"]}
         result["shapes"][shape] = rows
     return None if a.prepare else result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from slim_edge.errors import SlimEdgeError
+
+    try:
+        sys.exit(main())
+    except SlimEdgeError as e:
+        print(f"slim-edge: error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -10,7 +10,7 @@ from slim_edge.devices import parse
 from slim_edge.devices.base import DeviceInfo
 from slim_edge.errors import SlimEdgeError
 from slim_edge.evals.bench import (wait_cool, BenchConfig, BenchResult, ModelResult, compare_to, llama_bench_argv,
-                                   summarize_rows, write_results)
+                                   pin_masks, summarize_rows, write_results)
 
 CAPTURED = Path(__file__).resolve().parents[1] / "devices" / "captured"
 
@@ -23,9 +23,39 @@ def test_llama_bench_argv():
     cfg = BenchConfig(prompt_lengths=[128, 512], n_gen=64, threads=[1, 4], repetitions=3, delay=5)
     assert llama_bench_argv("/w/bin/llama-bench", "/w/models/m.gguf", cfg, 4, "0xf0") == [
         "/w/bin/llama-bench", "-m", "/w/models/m.gguf", "-p", "128,512", "-n", "64", "-t", "4", "-r", "3",
-        "-o", "jsonl", "--delay", "5", "-C", "0xf0"]
+        "-o", "jsonl", "--delay", "5", "-C", "0xf0", "--cpu-strict", "1"]
     assert llama_bench_argv("lb", "m", BenchConfig(), 2, None) == [
         "lb", "-m", "m", "-p", "128,256,512,1024", "-n", "128", "-t", "2", "-r", "5", "-o", "jsonl"]
+
+
+def test_pin_masks_are_exactly_the_fastest_cores():
+    """Strict pinning puts threads on the mask's lowest cores first, so each thread count gets a mask of
+    exactly that many of the fastest cores (cpufreq captured on a Pixel 8 and a Galaxy S9)."""
+    pixel8 = parse.parse_max_freqs(_jsonl("cpufreq_pixel8_tensor_g3.txt"))  # 4x1.70, 4x2.37, 1x2.91 GHz
+    assert pin_masks(pixel8, [1, 2, 4, 8]) == {1: "0x100", 2: "0x110", 4: "0x170", 8: "0x1f7"}
+    s9 = parse.parse_max_freqs(_jsonl("cpufreq_galaxy_s9_sdm845.txt"))  # 4x1.77, 4x2.80 GHz
+    assert pin_masks(s9, [1, 2, 4, 8]) == {1: "0x10", 2: "0x30", 4: "0xf0"}  # 8 threads: every core, no mask
+    assert pin_masks({0: 2400000, 1: 2400000}, [1]) == {}  # one cluster: nothing to prefer
+    assert pin_masks({}, [1, 2]) == {}
+
+
+@pytest.mark.runtime
+def test_pinned_llama_bench_takes_the_strict_mask(tmp_path):
+    """The argv run by the pinned llama-bench: it accepts -C/--cpu-strict and reports both in its rows."""
+    import subprocess
+
+    from slim_edge.evals.tiny_gguf import write_tiny_llama_gguf
+    from slim_edge.runtime import ensure_runtime
+
+    bench = str(ensure_runtime("host").tool("llama-bench"))
+    model = write_tiny_llama_gguf(tmp_path / "tiny-f16.gguf", n_layers=1)
+    cfg = BenchConfig(prompt_lengths=[16], n_gen=4, threads=[1], repetitions=1)
+    p = subprocess.run(llama_bench_argv(bench, str(model), cfg, 1, "0x1"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = parse.parse_llama_bench(p.stdout)
+    assert [(r["n_prompt"], r["n_gen"]) for r in rows] == [(16, 0), (0, 4)]
+    assert {(r["cpu_mask"], r["cpu_strict"], r["n_threads"]) for r in rows} == {("0x1", True, 1)}
 
 
 @pytest.mark.parametrize("kw, msg", [({"prompt_lengths": [0]}, "Prompt lengths"), ({"threads": []}, "Thread counts"),

@@ -3,13 +3,17 @@
 import hashlib
 import os
 import shlex
+import shutil
+import socket
 import stat
+import subprocess
+import time
 
 import pytest
 
-from slim_edge.devices import android, get_device
+from slim_edge.devices import android, get_device, parse
 from slim_edge.devices.android import (WORKDIR, AndroidDevice, adb_devices_argv, adb_pull_argv, adb_push_argv,
-                                       adb_shell_argv, choose_serial)
+                                       adb_shell_argv, check_arm64, choose_serial, with_exit_status)
 from slim_edge.devices.base import THERMAL_COMMAND, DeviceInfo, RunResult, VMHWM_WRAPPER
 from slim_edge.errors import SlimEdgeError
 
@@ -116,9 +120,38 @@ def test_choose_serial(captured):
 
 
 def test_not_arm64_is_refused():
-    with pytest.raises(SlimEdgeError, match="ro.product.cpu.abi='x86_64'.*arm64-v8a"):
+    with pytest.raises(SlimEdgeError, match="x86 phone or emulator image.*'x86_64'.*--device qemu-arm64"):
         AndroidDevice("emulator-5554").check_info(DeviceInfo(device="android", arch="x86_64", abi="x86_64"))
+    with pytest.raises(SlimEdgeError, match="ro.product.cpu.abi='x86'.*arm64-v8a"):  # uname printed nothing
+        AndroidDevice("emulator-5554").check_info(DeviceInfo(device="android", arch="unknown", abi="x86"))
     AndroidDevice("x").check_info(DeviceInfo(device="android", arch="aarch64", abi="arm64-v8a"))
+
+
+def test_arm64_check_on_captured_getprop(captured):
+    for name in ("getprop_sm8650_oneplus12.txt", "getprop_mt6895_realme_gt_neo3.txt"):
+        abi = parse.parse_getprop(captured(name))["ro.product.cpu.abi"]
+        assert check_arm64("R58M41XYZ12", abi, "aarch64") == []
+
+
+def test_arm64_check_32bit_cases_synthetic():
+    """Synthetic (abi, uname -m) pairs: the kernel decides, the userland only matters to the NDK build."""
+    # 32-bit kernel, whatever the CPU: nothing arm64 can run
+    with pytest.raises(SlimEdgeError, match=r"32-bit ARM kernel \(uname -m 'armv7l', ro.product.cpu.abi "
+                                            r"'armeabi-v7a'\).*CPU itself is 64-bit.*static arm64 build of the "
+                                            r"runtime cannot run there.*arm64-v8a"):
+        check_arm64("R58M41XYZ12", "armeabi-v7a", "armv7l")
+    # 32-bit Android on a 64-bit kernel (its shell reads armv8l; some kernels say aarch64): the static build runs
+    for machine in ("armv8l", "aarch64"):
+        (note,) = check_arm64("R58M41XYZ12", "armeabi-v7a", machine)
+        assert note.startswith(f"32-bit Android on a 64-bit kernel (uname -m {machine!r}")
+        with pytest.raises(SlimEdgeError, match="NDK build.*linker64.*Unset ANDROID_NDK"):
+            check_arm64("R58M41XYZ12", "armeabi-v7a", machine, static=False)
+    assert check_arm64("R58M41XYZ12", "arm64-v8a", "armv8l") == []  # a 64-bit Android under linux32
+    info = DeviceInfo(device="android", arch="armv8l", abi="armeabi-v7a")
+    AndroidDevice("R58M41XYZ12").check_info(info)
+    assert info.notes and "static arm64 runtime runs" in info.notes[0]
+    with pytest.raises(SlimEdgeError, match="reports uname -m 'mips'"):
+        check_arm64(None, "", "mips")
 
 
 def test_no_adb_on_path(monkeypatch, tmp_path):
@@ -146,3 +179,139 @@ def test_no_phone_attached(monkeypatch, tmp_path, captured):
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}/usr/bin:/bin")
     with pytest.raises(SlimEdgeError, match="No Android device is attached"):
         get_device("android", serial=None).check_connection()
+
+
+# -- the remote exit status ---------------------------------------------------------------------
+CASES = [  # command, its stdout, its exit status
+    ("true", "", 0),
+    ("false", "", 1),
+    ("echo out; echo err >&2; exit 3", "out\n", 3),  # an exit inside the command still reports
+    ("printf abc", "abc", 0),  # no final newline: kept exactly
+    ("ls /nonexistent-slim-edge-dir >/dev/null 2>&1", "", 2),
+    ("echo one\necho two # a comment ends the command", "one\ntwo\n", 0),
+    ("sh -c 'kill -TERM $$'", "", 143),
+]
+
+
+@pytest.mark.parametrize("shell", ["sh", "mksh"])
+def test_exit_status_through_real_shells(shell):
+    """with_exit_status run by a real shell here; mksh is Android's /system/bin/sh."""
+    if shutil.which(shell) is None:
+        pytest.skip(f"needs {shell} (Debian package {shell})")
+    for command, out, status in CASES:
+        p = subprocess.run([shell, "-c", with_exit_status(command)], capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0
+        assert parse.split_exit_status(p.stdout) == (out, status), command
+
+
+def test_split_exit_status_pty_and_missing():
+    # legacy adb runs the command on a pty: CRLF line ends, stderr mixed into stdout
+    assert parse.split_exit_status("out\r\nerr\r\n\r\n__slim_rc=3\r\n") == ("out\r\nerr\r\n", 3)
+    assert parse.split_exit_status("partial output\n") == ("partial output\n", None)
+    assert parse.split_exit_status("") == ("", None)
+
+
+def _legacy_adb(tmp_path, body: str):
+    """A synthetic stand-in for adb without shell_v2: runs `adb [-s S] shell CMD` here on a pty-like
+    stream (stderr into stdout, CRLF line ends) and exits 0 whatever CMD did, as old adb does."""
+    sh = shutil.which("mksh") or "sh"
+    script = tmp_path / "adb"
+    script.write_text(f"""#!/bin/sh
+[ "$1" = -s ] && shift 2
+[ "$1" = shell ] || exit 1
+{body.replace("SH", sh)}
+exit 0
+""")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+def test_failing_command_over_legacy_adb_is_a_failure(monkeypatch, tmp_path):
+    _legacy_adb(tmp_path, "SH -c \"$2\" 2>&1 | sed 's/$/\\r/'")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}/usr/bin:/bin")
+    dev = AndroidDevice("R58M41XYZ12")
+    res = dev.shell("echo hello; exit 5")
+    assert (res.returncode, res.stdout) == (5, "hello\n")  # local_run reads text: CRLF becomes \n
+    assert dev.shell("echo fine").returncode == 0
+    # the error names the command and what it printed (on stdout there, stderr being merged into it)
+    with pytest.raises(SlimEdgeError, match=r"exit code 2: ls /nonexistent-slim-edge\nls: .*/nonexistent-slim-edge"):
+        dev.shell_ok("ls /nonexistent-slim-edge")
+    # the VmHWM poller's line arrives on stdout there too
+    dev.workdir = str(tmp_path)
+    res = dev.run_measured(["python3", "-c", "x = bytearray(60_000_000); import time; time.sleep(0.6)"])
+    assert res.returncode == 0 and res.peak_rss_method == "VmHWM" and res.peak_rss_kb > 55_000
+
+
+def test_lost_exit_status_is_a_failure(monkeypatch, tmp_path):
+    _legacy_adb(tmp_path, "echo 'partial output'")  # the connection drops before the command ends
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}/usr/bin:/bin")
+    res = AndroidDevice("R58M41XYZ12").shell("sleep 100; echo done")
+    assert res.returncode == 255 and res.stdout == "partial output\n"
+    assert "did not run to its end on Android device R58M41XYZ12: adb exited with 0" in res.stderr
+
+
+@pytest.fixture
+def real_adb(monkeypatch):
+    """The real adb, talking to its own server on a free port, run in the foreground (so it is stopped
+    and reaped here); skips where a phone is attached (the tests below are about having none)."""
+    if shutil.which("adb") is None:
+        pytest.skip("needs adb (Debian package adb)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["adb", "-P", str(port), "nodaemon", "server"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert server.poll() is None, "adb nodaemon server exited"
+                time.sleep(0.1)
+        monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", str(port))
+        devices = subprocess.run(["adb", "devices"], capture_output=True, text=True, timeout=60)
+        if parse.parse_adb_devices(devices.stdout):
+            pytest.skip("a phone is attached to this machine's adb")
+        yield
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_real_adb_without_a_phone(real_adb):
+    with pytest.raises(SlimEdgeError, match="No Android device is attached.*USB debugging"):
+        AndroidDevice().check_connection()
+    res = AndroidDevice("R58M41XYZ12").shell("true")
+    assert res.returncode == 1
+    assert "device 'R58M41XYZ12' not found" in res.stderr
+    assert "did not run to its end on Android device R58M41XYZ12: adb exited with 1" in res.stderr
+    with pytest.raises(SlimEdgeError, match="(?s)exit code 1: mkdir -p /data/local/tmp/slim-edge.*"
+                                            "device 'R58M41XYZ12' not found.*Check `adb devices`"):
+        AndroidDevice("R58M41XYZ12").ensure_workdir()
+
+
+def test_runtime_that_does_not_start_is_refused(monkeypatch, tmp_path):
+    """A phone whose kernel cannot run arm64 code: mksh's words for it, exit 126 (synthetic reply)."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "llama-bench").write_bytes(b"\x7fELF")
+    monkeypatch.setattr(android, "local_run", lambda argv, **kw: RunResult(argv, 0, "", ""))
+
+    class Phone(Recorder):
+        def runtime_dirs(self):
+            return tmp_path / "bin", tmp_path / "lib"
+
+        def shell(self, command, *, timeout=None):
+            res = super().shell(command, timeout=timeout)
+            if command.endswith("--help >/dev/null"):
+                res.returncode = 126
+                res.stderr = "/system/bin/sh: /data/local/tmp/slim-edge/bin/llama-bench: not executable: 64-bit ELF file\n"
+            return res
+
+    with pytest.raises(SlimEdgeError, match="llama-bench does not start on Android device R58M41XYZ12 \\(exit 126\\)"
+                                            ".*64-bit ELF file.*cannot run arm64 programs"):
+        Phone("R58M41XYZ12").stage_runtime()
+    ok = Recorder("R58M41XYZ12")
+    ok.runtime_dirs = lambda: (tmp_path / "bin", tmp_path / "lib")
+    assert ok.stage_runtime() == ({"llama-bench": f"{WORKDIR}/bin/llama-bench"}, {})
+    assert ok.lines[-1][4] == f"{WORKDIR}/bin/llama-bench --help >/dev/null"

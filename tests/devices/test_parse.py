@@ -93,6 +93,54 @@ def test_thermal_zones_motorola_sm4375(captured):
         assert gone not in zones
 
 
+def _msm8953_zone_lines(captured) -> tuple[str, dict[str, int]]:
+    """The msm8953 capture as THERMAL_COMMAND's `N type temp` lines, and {sensor: units per degree} from
+    msm_thermal's sensor_info. Its `cat */temp` and `cat */type` ran in glob order: 0 1 10 11 ... 2 20 ..."""
+    s = parse.parse_sections(captured("thermal_msm8953.txt"))
+    temps, types = s["temp"].split(), s["type"].split()
+    zones = sorted(range(len(temps)), key=str)
+    lines = "".join(f"{z} {kind} {t}\n" for z, kind, t in zip(zones, types, temps))
+    units = {f[1]: int(f[3]) for f in (ln.split(":") for ln in s["sensor_info"].splitlines())}
+    return lines, units
+
+
+def test_thermal_zones_msm8953_three_scales(captured):
+    lines, units = _msm8953_zone_lines(captured)
+    zones = parse.parse_thermal(lines)
+    assert len(zones) == 23  # 24 zones; pa_therm1 reads -40, a disconnected thermistor
+    # tenths of a degree (tsens), whole degrees (ADC thermistors), millidegrees (PMIC, battery, charger)
+    assert [v for k, v in zones.items() if "tsens_tz_sensor" in k] == [  # sensors 1-15 in zones 6-20
+        30.6, 30.6, 30.6, 32.2, 30.9, 30.9, 31.3, 32.2, 30.9, 30.6, 30.9, 31.9, 31.3, 30.3, 30.6]
+    assert zones["thermal_zone20 tsens_tz_sensor15"] == 30.6 and zones["thermal_zone9 tsens_tz_sensor4"] == 32.2
+    assert zones["thermal_zone2 xo_therm"] == 31.0 and zones["thermal_zone22 pa_therm0"] == 30.0
+    assert zones["thermal_zone4 case_therm"] == 7.0
+    assert zones["thermal_zone21 pm8953_tz"] == 32.6 and zones["thermal_zone5 chg_temp"] == 24.6
+    assert zones["thermal_zone0 bms"] == zones["thermal_zone23 battery"] == 25.0
+    assert "thermal_zone1 pa_therm1" not in zones
+    # the unit guessed from each reading is the one the driver declares in sensor_info
+    raw = {kind: int(t) for _, kind, t in (ln.split() for ln in lines.splitlines())}
+    assert {name: parse.thermal_scale(raw[name]) for name in units if name in raw} == \
+        {name: u for name, u in units.items() if name in raw}
+    assert len([n for n in units if n in raw]) == 21  # tsens 1-15, pm8953_tz, 5 ADC thermistors
+
+
+def test_thermal_scale_edges_synthetic():
+    """Synthetic readings (not captured) for the cases the rule has to settle."""
+    assert [parse.thermal_scale(r) for r in (42600, 1000, 999, 309, 101, 100, 31, 0, -40, -400, -40000)] == [
+        1000, 1000, 10, 10, 10, 1, 1, 1, 1, 10, 1000]
+    zones = parse.parse_thermal(
+        "0 tsens_tz_sensor0 309\n1 tsens_tz_sensor1 95\n"  # a cold sensor beside a warm one: both tenths
+        "2 cpu-0-0-usr 38000\n3 cpu-0-1-usr 500\n"  # separate families: 500 alone reads as tenths
+        "4 pa_therm0 95\n"  # whole degrees when nothing says otherwise
+        "5 tsens_tz_sensor2 -400\n6 skin-therm 1520\n")  # -40.0 in tenths: disconnected; 1.5 C in millidegrees
+    assert zones == {"thermal_zone0 tsens_tz_sensor0": 30.9, "thermal_zone1 tsens_tz_sensor1": 9.5,
+                     "thermal_zone2 cpu-0-0-usr": 38.0, "thermal_zone3 cpu-0-1-usr": 50.0,
+                     "thermal_zone4 pa_therm0": 95.0, "thermal_zone6 skin-therm": 1.5}
+    # a family reading in millidegrees keeps a sub-degree sibling in millidegrees
+    assert parse.parse_thermal("7 xo-therm0 27000\n8 xo-therm1 500\n") == {
+        "thermal_zone7 xo-therm0": 27.0, "thermal_zone8 xo-therm1": 0.5}
+
+
 def test_meminfo(captured):
     mem = parse.parse_meminfo(captured("meminfo_devvm.txt"))
     assert mem == {"MemTotal": 24683656, "MemFree": 19792532, "MemAvailable": 22144068,

@@ -1,0 +1,47 @@
+"""kernel_bench's models: llama-quantize through the converters' one helper, embedding and head pinned."""
+
+import pytest
+
+from slim_edge.converters.gguf_export import llama_quantize, llama_quantize_argv
+from slim_edge.errors import SlimEdgeError
+from slim_edge.evals import kernel_bench
+
+
+def test_llama_quantize_argv():
+    assert llama_quantize_argv(["/b/llama-quantize"], "f16.gguf", "q.gguf.tmp", "q4_k_m",
+                               token_embedding_type="q6_K", output_tensor_type="q6_K") == [
+        "/b/llama-quantize", "--token-embedding-type", "q6_K", "--output-tensor-type", "q6_K",
+        "f16.gguf", "q.gguf.tmp", "Q4_K_M"]
+    # the type alone (export --type, bench --baselines); the prefix may be several words (qemu for arm64)
+    assert llama_quantize_argv(["qemu-aarch64", "-cpu", "cortex-a76", "/rt/llama-quantize"], "a", "b", "Q4_0") == [
+        "qemu-aarch64", "-cpu", "cortex-a76", "/rt/llama-quantize", "a", "b", "Q4_0"]
+
+
+def test_bin_dir_without_llama_quantize(tmp_path):
+    with pytest.raises(SlimEdgeError, match=f"--bin-dir {tmp_path} has no llama-quantize.*bin folder"):
+        llama_quantize(tmp_path / "f16.gguf", tmp_path / "q4_0.gguf", "Q4_0", bin_dir=tmp_path)
+
+
+@pytest.mark.runtime
+def test_quantize_pins_embedding_and_output_to_q6_k(tmp_path):
+    """A foreign build is reached through --bin-dir (here: the host runtime's own bin folder)."""
+    from slim_edge.converters.gguf_read import read_tensor_table
+    from slim_edge.runtime import ensure_runtime
+
+    bin_dir = ensure_runtime("host").bin_dir
+    f16 = kernel_bench.write_random_f16(tmp_path / "f16.gguf", hidden=256, n_layers=1, n_heads=4, n_kv_heads=2,
+                                        ffn=512, vocab=512)
+    assert kernel_bench.quantize(bin_dir, f16, "F16", tmp_path / "f16-again.gguf") == f16
+    out = kernel_bench.quantize(bin_dir, f16, "Q4_0", tmp_path / "q4_0.gguf")
+    types = {t.name: t.type_id for t in read_tensor_table(out).tensors}
+    q4_0, q6_k, f32 = 2, 14, 0  # ggml type ids
+    assert types["token_embd.weight"] == types["output.weight"] == q6_k
+    assert {types[f"blk.0.{n}.weight"] for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                                  "ffn_down")} == {q4_0}
+    assert types["blk.0.attn_norm.weight"] == f32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f16.gguf", "q4_0.gguf"]  # no .tmp left behind
+    stamp = out.stat().st_mtime_ns
+    assert kernel_bench.quantize(bin_dir, f16, "Q4_0", out) == out and out.stat().st_mtime_ns == stamp  # reused
+    with pytest.raises(SlimEdgeError, match="llama-quantize NOT_A_TYPE of .*f16.gguf failed"):
+        kernel_bench.quantize(bin_dir, f16, "NOT_A_TYPE", tmp_path / "bad.gguf")
+    assert not (tmp_path / "bad.gguf").exists() and not (tmp_path / "bad.gguf.tmp").exists()
