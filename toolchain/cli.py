@@ -140,13 +140,18 @@ def inspect(
 def demo(
     steps: Annotated[int, typer.Option(help="QAT steps per scheme, 2 x 256 tokens each (the default, 2 x 44 steps, fits ~15 min on 2 idle cores)")] = 44,
     output: Annotated[Path, typer.Option("-o", help="results folder")] = Path("results/demo"),
+    eval_chunks: Annotated[int, typer.Option(help="512-token chunks of lee:eval scored per model")] = 8,
+    bench_reps: Annotated[int, typer.Option(help="llama-bench repetitions per measurement")] = 3,
     force: Force = False,
 ):
     """The main job on the embedded SmolLM2-135M: quantize (seq2, sherry) -> export -> runtime build ->
     eval -> bench against Q4_0, Q4_K_M and F16 -> one summary table and plots."""
     from .demo import run_demo
 
-    run_demo(steps=steps, out=output, force=force)
+    if min(steps, eval_chunks, bench_reps) < 1:
+        raise SlimEdgeError(f"--steps {steps}, --eval-chunks {eval_chunks}, --bench-reps {bench_reps}: each must be "
+                            f"at least 1")
+    run_demo(steps=steps, out=output, force=force, eval_chunks=eval_chunks, bench_reps=bench_reps)
 
 
 def _mount():
