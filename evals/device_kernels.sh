@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Build the patched ggml twice (host-avx2, host-avx512: the flags of tests/runtime/conftest.py) with
-# runtime_patches/kernel_check.c, then run `kernel_check selftest` and the vec_dot microbenchmark of
-# evals/reports/kernel_bench_x86.md on this machine. For hosts pytest does not reach (AVX-512 VNNI).
+# runtime_patches/kernel_check.c, then run `kernel_check selftest`, the vec_dot microbenchmark of
+# evals/reports/kernel_bench_x86.md and the mul_mat one (`benchmm`, ns per weight per column at 1, 64 and 512
+# columns: STQ1_0 and Q2_0C through the tiled GEMM of patch 0007 and, with GGML_CPU_TILED_MM=0, through
+# vec_dot as before it; Q4_0 repacked as llama-bench loads it) on this machine. For hosts pytest does not
+# reach (AVX-512 VNNI).
 #
 #   evals/device_kernels.sh PATCHED_LLAMA_CPP_DIR OUT_DIR
 #
@@ -66,5 +69,22 @@ for flavor in host-avx2 host-avx512; do
     done > "$work/bench.txt"
     { echo "best of 5 rounds:"; sort -k1,1 -k4,4g "$work/bench.txt" | awk '!seen[$1]++ {print $1, $4, "ns/weight"}'; } | tee -a "$res"
     cat "$work/bench.txt" >> "$res"
+    # mul_mat (prefill shape 2048 x 2048), three rounds, then each line's best
+    for _ in 1 2 3; do
+        for n in 1 64 512; do
+            for t in stq1_0 q2_0c; do
+                $pin "$bld/kernel_check" benchmm "$t" 2048 2048 "$n" 5 | sed 's/^/tiled   /'
+                GGML_CPU_TILED_MM=0 $pin "$bld/kernel_check" benchmm "$t" 2048 2048 "$n" 5 | sed 's/^/vec_dot /'
+            done
+            for t in tq2_0 tq1_0 q4_k q4_0; do
+                $pin "$bld/kernel_check" benchmm "$t" 2048 2048 "$n" 5 | sed 's/^/default /'
+            done
+            $pin "$bld/kernel_check" benchmm q4_0 2048 2048 "$n" 5 repack 2> /dev/null | sed 's/^/repack  /'
+        done
+    done > "$work/benchmm.txt"
+    { echo "mul_mat, best of 3 rounds (ns/weight/column):"
+      awk -F': ' '{ split($2, v, " "); if (!($1 in best) || v[1] + 0 < best[$1] + 0) best[$1] = v[1] }
+                  END { for (k in best) print k ": " best[k] }' "$work/benchmm.txt" | sort -t= -k4,4n -k1,1; } | tee -a "$res"
+    cat "$work/benchmm.txt" >> "$res"
 done
 exit $status

@@ -4,11 +4,15 @@
 #   evals/device_x86.sh prepare SRC.tar.gz WHEELS_DIR OUT   # kernels (device_kernels.sh; SKIP_KERNELS=1: not)
 #                                                           # + llama-bench/llama-quantize + the models
 #   evals/device_x86.sh bench SHAPE OUT                     # llama-bench, 4 lanes of 2 types on own cores
+#   evals/device_x86.sh prefill SHAPE OUT                   # STQ1_0, Q2_0C: tiled GEMM vs vec_dot (patch 0007)
 #
 # SRC.tar.gz: `slim-edge runtime source DIR` packed (the patched llama.cpp); WHEELS_DIR: gguf and slim_edge
 # wheels. Work goes to /tmp/x86 (kept while the machine is). Each lane runs its types at 1 and 2 threads
 # pinned to two physical cores of its own, so lanes share only memory bandwidth (the table says so);
 # merge the lanes here with `python -m slim_edge.evals.kernel_bench --merge OUT/*.json --out TABLE`.
+# `prefill` runs STQ1_0 and Q2_0C twice in one go: with the default tiled GEMM (patch 0007) beside Q4_0 and
+# TQ2_0, and in a lane of its own with GGML_CPU_TILED_MM=0 (prefill on the vec_dot kernels, as before patch
+# 0007; rows "STQ1_0 vec_dot", ...), plus Q4_K_M; decode takes vec_dot in both.
 set -euo pipefail
 W=/tmp/x86
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,23 +44,32 @@ prepare)
     PYTHONPATH=$W/site python3 -m slim_edge.evals.kernel_bench --prepare --bin-dir "$W/build/bin" --work "$W/models" \
         --shape llama-3.2-1b --shape 1.8b 2>&1 | tail -20
     ;;
-bench)
+bench|prefill)
     shape=$2 out=$3
     mkdir -p "$out"
     mapfile -t cpus < <(physical_cpus)
-    lanes=("STQ1_0,Q4_0" "Q2_0C,TQ2_0" "TQ1_0,Q2_0" "Q4_K_M,F16")
+    if [[ $1 == bench ]]; then
+        lanes=("STQ1_0,Q4_0" "Q2_0C,TQ2_0" "TQ1_0,Q2_0" "Q4_K_M,F16")
+        lane_env=("" "" "" "")
+    else
+        lanes=("STQ1_0,Q4_0" "Q2_0C,TQ2_0" "STQ1_0,Q2_0C" "Q4_K_M")
+        lane_env=("" "" "GGML_CPU_TILED_MM=0" "")
+    fi
     pids=()
     for i in "${!lanes[@]}"; do
         o=${CPU_OFFSET:-2}  # by default leave the first two cores to the system
         a=${cpus[$((2 * i + o))]} b=${cpus[$((2 * i + o + 1))]}
-        PYTHONPATH=$W/site taskset -c "$a,$b" python3 -m slim_edge.evals.kernel_bench --bin-dir "$W/build/bin" \
-            --work "$W/models" --shape "$shape" --types "${lanes[$i]}" -t 1,2 -r 2 \
-            --out "$out/$shape-lane$i" > "$out/$shape-lane$i.log" 2>&1 &
+        label=()
+        [[ -n "${lane_env[$i]}" ]] && label=(--label vec_dot)
+        # shellcheck disable=SC2086  # lane_env is empty or one NAME=VALUE word
+        env ${lane_env[$i]} PYTHONPATH=$W/site taskset -c "$a,$b" python3 -m slim_edge.evals.kernel_bench \
+            --bin-dir "$W/build/bin" --work "$W/models" --shape "$shape" --types "${lanes[$i]}" -t 1,2 -r 2 \
+            ${label[@]+"${label[@]}"} --out "$out/$shape-lane$i" > "$out/$shape-lane$i.log" 2>&1 &
         pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p"; done
     tail -n 3 "$out"/*.log
     ;;
 *)
-    echo "usage: $0 prepare SRC.tar.gz WHEELS_DIR OUT | bench SHAPE OUT" >&2; exit 2 ;;
+    echo "usage: $0 prepare SRC.tar.gz WHEELS_DIR OUT | bench SHAPE OUT | prefill SHAPE OUT" >&2; exit 2 ;;
 esac

@@ -11,10 +11,22 @@
 //   kernel_check selftest   [TYPE ...]                                    random rows: vec_dot and mul_mat against the
 //                                                                         exact reference; exit status 1 on a mismatch
 //   kernel_check bench      TYPE K M [REPS]                               ns per weight of vec_dot (one thread)
+//   kernel_check benchmm    TYPE K M N [REPS] [repack]                    ns per weight per column of ggml_mul_mat
+//                                                                         ([M, K] x [N, K] from float activations,
+//                                                                         CPU backend, one thread): best and median
+//                                                                         of REPS; `repack`: weights in the repack
+//                                                                         buffer (Q4_0, Q4_K, ... as llama-bench
+//                                                                         loads them), only for types it repacks
+//
+// mul_mat takes ggml's tiled int8 GEMM for the src0 types it supports (x86: K-quants, IQ, STQ1_0, Q2_0C;
+// aarch64: STQ1_0, Q2_0C) once N >= 8 (STQ1_0, Q2_0C: 16), else the vec_dot path; GGML_CPU_TILED_MM=0 in the
+// environment forces vec_dot, GGML_CPU_TILED_MM_FORCE=1 the tiled GEMM at any N.
 //
 // Files are raw little-endian arrays; W.bin holds M rows of ggml_row_size(TYPE, K) bytes, X.f32 holds N rows of K.
 // Build: cc -O2 kernel_check.c -I<tree>/ggml/include -L<build>/bin -lggml -lggml-base -lggml-cpu -lm
 #include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
 #include "ggml-cpu.h"
 
 #include <math.h>
@@ -111,7 +123,7 @@ static void vecdot(enum ggml_type type, int64_t k, const void * w, int64_t m, co
 static void mulmat(enum ggml_type type, int64_t k, const void * w, int64_t m, const float * x, int64_t n,
                    float * out, int n_threads) {
     const size_t mem = ggml_row_size(type, k)*m + (size_t) (k*n + m*n)*sizeof(float) + 64*ggml_tensor_overhead()
-                     + ggml_graph_overhead() + (1 << 20);
+                     + ggml_graph_overhead() + (16 << 20);  // + the work buffer (tiled: 512 KiB a thread)
     struct ggml_init_params params = { mem, NULL, false };
     struct ggml_context * ctx = ggml_init(params);
     struct ggml_tensor * tw = ggml_new_tensor_2d(ctx, type, k, m);
@@ -126,6 +138,12 @@ static void mulmat(enum ggml_type type, int64_t k, const void * w, int64_t m, co
     ggml_free(ctx);
 }
 
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9*ts.tv_nsec;
+}
+
 static uint64_t rng_state = 0x853c49e6748fea9bULL;
 static float randn(void) {
     // xorshift64* + Box-Muller: deterministic and identical on every machine
@@ -137,12 +155,68 @@ static float randn(void) {
     return (float) (sqrt(-2.0*log(u[0] + 1e-300)) * cos(6.283185307179586*u[1]));
 }
 
+static int cmp_double(const void * a, const void * b) {
+    const double x = *(const double *) a, y = *(const double *) b;
+    return (x > y) - (x < y);
+}
+
+static void benchmm(enum ggml_type type, int64_t k, int64_t m, int64_t n, int reps, int repack) {
+    ggml_backend_t be = ggml_backend_cpu_init();
+    ggml_backend_cpu_set_n_threads(be, 1);
+    ggml_backend_buffer_type_t wbuft = ggml_backend_cpu_buffer_type();
+    if (repack) {
+        // the CPU backend's extra buffer types, as llama.cpp's --repack 1 uses them (repack.cpp: Q4_0, Q4_K, ...)
+        ggml_backend_reg_t reg = ggml_backend_cpu_reg();
+        ggml_backend_dev_get_extra_bufts_t get_extra =
+            (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+        ggml_backend_buffer_type_t * extra = get_extra ? get_extra(ggml_backend_reg_dev_get(reg, 0)) : NULL;
+        if (!extra || !extra[0]) die("this build has no repack buffer type", NULL);
+        wbuft = extra[0];
+    }
+    struct ggml_init_params params = { 8*ggml_tensor_overhead() + ggml_graph_overhead(), NULL, true };
+    struct ggml_context * ctx_w = ggml_init(params);
+    struct ggml_context * ctx   = ggml_init(params);
+    struct ggml_tensor * tw = ggml_new_tensor_2d(ctx_w, type, k, m);
+    struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
+    struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);
+    struct ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, ty);
+    ggml_backend_buffer_t bw = ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, wbuft);
+    ggml_backend_buffer_t bx = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_cpu_buffer_type());
+    if (!bw || !bx) die("cannot allocate the tensors", NULL);
+
+    float * f = malloc((m > n ? m : n)*k*sizeof(float));
+    for (int64_t i = 0; i < m*k; ++i) f[i] = randn();
+    void * wq = malloc(ggml_nbytes(tw));
+    ggml_quantize_chunk(type, f, wq, 0, m, k, NULL);
+    ggml_backend_tensor_set(tw, wq, 0, ggml_nbytes(tw));  // repacks in a repack buffer
+    for (int64_t i = 0; i < n*k; ++i) f[i] = randn();
+    ggml_backend_tensor_set(tx, f, 0, ggml_nbytes(tx));
+
+    double * t = malloc(reps*sizeof(double));
+    for (int r = -1; r < reps; ++r) {  // r = -1: warm-up
+        const double t0 = now_s();
+        if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) die("mul_mat failed", NULL);
+        if (r >= 0) t[r] = now_s() - t0;
+    }
+    qsort(t, reps, sizeof(double), cmp_double);
+    float y;
+    ggml_backend_tensor_get(ty, &y, (size_t) (m*n/2)*sizeof(float), sizeof(float));
+    const double per = 1e9/((double) m*k*n);
+    printf("%s%s k=%lld m=%lld n=%lld: %.4f ns/weight/column (median %.4f)  (checksum %g)\n", ggml_type_name(type),
+           repack ? " (repacked)" : "", (long long) k, (long long) m, (long long) n, t[0]*per, t[reps/2]*per, y);
+    free(t); free(f); free(wq);
+    ggml_backend_buffer_free(bw); ggml_backend_buffer_free(bx);
+    ggml_free(ctx_w); ggml_free(ctx);
+    ggml_backend_free(be);
+}
+
 static int selftest_type(enum ggml_type type) {
     const int64_t blk = ggml_blck_size(type);
     int fails = 0;
     const int64_t ks[] = { blk, 2*blk, 1024 > blk ? 1024 : 2*blk, 4096, 4096 + blk };
     for (size_t ik = 0; ik < sizeof(ks)/sizeof(ks[0]); ++ik) {
-        const int64_t k = ks[ik], m = 7, n = 3;
+        const int64_t k = ks[ik], m = 7, n = 19;
         if (k % blk) continue;
         float * wf = malloc(m*k*sizeof(float));
         float * x  = malloc(n*k*sizeof(float));
@@ -161,15 +235,21 @@ static int selftest_type(enum ggml_type type) {
         double * mag  = malloc(n*m*sizeof(double));
         float  * mm   = malloc(n*m*sizeof(float));
         vecdot(type, k, w, m, x, n, kern, ref, mag);
-        mulmat(type, k, w, m, x, n, mm, 2);
-        for (int64_t i = 0; i < n*m; ++i) {
-            const double tol = 1e-5*mag[i] + 1e-6;
-            if (fabs(kern[i] - ref[i]) > tol || fabs(mm[i] - ref[i]) > tol) {
-                if (fails < 5) {
-                    fprintf(stderr, "  %s k=%lld out %lld: vec_dot %.6g mul_mat %.6g exact %.6g (tol %.3g)\n",
-                            ggml_type_name(type), (long long) k, (long long) i, kern[i], mm[i], ref[i], tol);
+        // mul_mat on the first 3 (vec_dot), 16 (tiled: narrow path) and all 19 (tiled: wide) columns, where tiled
+        // applies
+        const int64_t ns[] = { 3, 16, n };
+        for (size_t in = 0; in < sizeof(ns)/sizeof(ns[0]); ++in) {
+            mulmat(type, k, w, m, x, ns[in], mm, 2);
+            for (int64_t i = 0; i < ns[in]*m; ++i) {
+                const double tol = 1e-5*mag[i] + 1e-6;
+                if (fabs(kern[i] - ref[i]) > tol || fabs(mm[i] - ref[i]) > tol) {
+                    if (fails < 5) {
+                        fprintf(stderr, "  %s k=%lld n=%lld out %lld: vec_dot %.6g mul_mat %.6g exact %.6g (tol %.3g)\n",
+                                ggml_type_name(type), (long long) k, (long long) ns[in], (long long) i, kern[i], mm[i],
+                                ref[i], tol);
+                    }
+                    fails++;
                 }
-                fails++;
             }
         }
         free(wf); free(x); free(w); free(kern); free(ref); free(mag); free(mm);
@@ -178,15 +258,9 @@ static int selftest_type(enum ggml_type type) {
     return fails;
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9*ts.tv_nsec;
-}
-
 int main(int argc, char ** argv) {
     ggml_cpu_init();
-    if (argc < 2) die("usage: kernel_check quantize|dequantize|vecdot|mulmat|selftest|bench ...", NULL);
+    if (argc < 2) die("usage: kernel_check quantize|dequantize|vecdot|mulmat|selftest|bench|benchmm ...", NULL);
     const char * mode = argv[1];
 
     if (strcmp(mode, "selftest") == 0) {
@@ -274,6 +348,14 @@ int main(int argc, char ** argv) {
         }
         printf("%s k=%lld m=%lld: %.4f ns/weight  %.2f GB/s of weights  (checksum %g)\n", ggml_type_name(type),
                (long long) k, (long long) m, 1e9*best/(double) (m*k), m*ggml_row_size(type, k)/best/1e9, acc);
+        return 0;
+    }
+    if (strcmp(mode, "benchmm") == 0) {
+        if (argc < 6) die("benchmm TYPE K M N [REPS] [repack]", NULL);
+        const int64_t m = atoll(argv[4]), n = atoll(argv[5]);
+        const int reps = argc > 6 ? atoi(argv[6]) : 5;
+        if (m <= 0 || n <= 0 || reps <= 0) die("M, N and REPS must be positive", NULL);
+        benchmm(type, k, m, n, reps, argc > 7 && strcmp(argv[7], "repack") == 0);
         return 0;
     }
     die("unknown mode", mode);

@@ -123,8 +123,10 @@ class KernelCheck:
         self.argv = ([shutil.which("qemu-aarch64"), "-cpu", flavor.qemu_cpu] if flavor.qemu_cpu else []) + [str(exe)]
         self.flavor, self.tmp = flavor, tmp
 
-    def run(self, *args) -> str:
-        proc = subprocess.run([*self.argv, *map(str, args)], capture_output=True, text=True, timeout=900)
+    def run(self, *args, env: dict[str, str] | None = None) -> str:
+        """`env`: extra environment variables, e.g. GGML_CPU_TILED_MM=0 (qemu-aarch64 passes them on)."""
+        proc = subprocess.run([*self.argv, *map(str, args)], capture_output=True, text=True, timeout=900,
+                              env=dict(os.environ, **env) if env else None)
         assert proc.returncode == 0, f"kernel_check {' '.join(map(str, args))} failed:\n{proc.stdout}{proc.stderr}"
         return proc.stdout
 
@@ -153,9 +155,10 @@ class KernelCheck:
         out = np.fromfile(self.tmp / "out.f32", np.float32).reshape(2, x.shape[0], raw.shape[0])
         return out[0], out[1]
 
-    def mulmat(self, type_name: str, raw: np.ndarray, x: np.ndarray, threads: int = 2) -> np.ndarray:
+    def mulmat(self, type_name: str, raw: np.ndarray, x: np.ndarray, threads: int = 2,
+               env: dict[str, str] | None = None) -> np.ndarray:
         pw, px = self._files(raw, x.astype(np.float32))
-        self.run("mulmat", type_name, x.shape[1], pw, px, self.tmp / "out.f32", threads)
+        self.run("mulmat", type_name, x.shape[1], pw, px, self.tmp / "out.f32", threads, env=env)
         return np.fromfile(self.tmp / "out.f32", np.float32).reshape(x.shape[0], raw.shape[0])
 
 

@@ -83,3 +83,39 @@ def test_selftest(kernel_check):
     """The driver's own check (the one to run on machines pytest cannot reach, e.g. AVX-512)."""
     out = kernel_check.run("selftest", *NEW, "q2_0")
     assert "PASSED" in out, out
+
+
+# mul_mat paths (ggml-cpu.c, tiled/ of patches 0007 and 0008): with 16 or more columns the tiled int8 GEMM
+# (x86: VNNI or AVX2 kernel; aarch64: NEON, sdot or not; 16 columns: its narrow path), else vec_dot; the
+# environment forces either.
+MM_PATHS = {"auto": {}, "tiled": {"GGML_CPU_TILED_MM_FORCE": "1"}, "vec_dot": {"GGML_CPU_TILED_MM": "0"}}
+K_MM = 1536  # 6 slabs of 256 (3 Q2_0C blocks): the narrow tiled path reads 3 slabs at a time, so a Q2_0C
+# chunk starts on the odd half of a block
+
+
+@pytest.mark.parametrize("path", MM_PATHS)
+@pytest.mark.parametrize("name", NEW)
+def test_mul_mat_columns(kernel_check, name, path):
+    """mul_mat over 1..300 columns and an odd row count: per column, the same integer sums as one vec_dot."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((12, K_MM)).astype(np.float32)
+    x[:, ::37] *= 6
+    raw = fmt.quantize(np.concatenate([x, edge_rows(K_MM, rng)]))  # 19 rows
+    w = fmt.dequantize(raw, K_MM).astype(np.float64)
+    acts = rng.standard_normal((300, K_MM)).astype(np.float32)
+    acts[1, ::29] *= 10  # activation outliers
+    acts[5] = 0  # an all-zero column (d = 0 in its Q8_K blocks)
+    kern, exact = kernel_check.vecdot(name, raw, acts)  # one row and column at a time
+    mag = np.abs(acts.astype(np.float64)) @ np.abs(w).T
+    for n in (1, 2, 3, 4, 5, 8, 16, 17, 300):
+        mm = kernel_check.mulmat(name, raw, acts[:n], env=MM_PATHS[path])
+        # float rounding only: against the 1-column kernel and the exact dot with the 8-bit activations
+        for want in (kern[:n], exact[:n]):
+            bad = np.abs(mm - want) > 1e-5 * mag[:n] + 1e-6
+            assert not bad.any(), f"n={n}: {bad.sum()} outputs differ, first at {np.argwhere(bad)[0].tolist()}"
+
+
+def test_benchmm_runs(kernel_check):
+    out = kernel_check.run("benchmm", "stq1_0", 256, 16, 8, 1)
+    assert "ns/weight/column" in out, out
