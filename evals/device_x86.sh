@@ -42,7 +42,7 @@ prepare)
         > "$out/build.log" 2>&1
     cmake --build "$W/build" -j "$(nproc)" --target llama-bench llama-quantize >> "$out/build.log" 2>&1
     PYTHONPATH=$W/site python3 -m slim_edge.evals.kernel_bench --prepare --bin-dir "$W/build/bin" --work "$W/models" \
-        --shape llama-3.2-1b --shape 1.8b 2>&1 | tail -20
+        $(for s in ${SHAPES:-llama-3.2-1b 1.8b}; do echo --shape "$s"; done) 2>&1 | tail -20
     ;;
 bench|prefill)
     shape=$2 out=$3
