@@ -38,7 +38,8 @@ def quantize(
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
     distill: Annotated[str, typer.Option(help="cakld | kl | none (CE only)")] = "cakld",
     block_steps: Annotated[int, typer.Option(help="block-wise reconstruction steps per decoder layer before "
-                                                  "end-to-end QAT (EfficientQAT's Block-AP; 0 = off)")] = 0,
+                                                  "end-to-end QAT (EfficientQAT's Block-AP; 0 = off; on SmolLM2-135M it did not "
+                                                  "help, see evals/reports/qat_smollm2.md)")] = 0,
     block_samples: Annotated[int, typer.Option(help="sequences the block-wise phase learns from")] = 128,
     keep: Annotated[str, typer.Option(help="comma-separated module-name fragments kept in high precision")]
     = "embed_tokens,lm_head",
@@ -60,7 +61,7 @@ def quantize(
 
       slim-edge quantize ./my-llama --scheme seq2 --steps 2000 --calib corpus.txt -o runs/seq2
 
-      slim-edge quantize smollm2-135m --scheme seq2 --block-steps 200 --steps 1000 --device cuda -o runs/seq2
+      slim-edge quantize smollm2-135m --scheme seq2 --steps 1000 --batch-size 16 --seq-len 512 --device cuda -o runs/seq2
 
       slim-edge quantize smollm2-135m --scheme ternary --target tq1_0 --dry-run
     """
