@@ -327,3 +327,13 @@ def test_work_dir_is_fixed_per_target_with_a_spare_while_busy(tmp_path):
             assert second == tmp_path / ".work-host-1"  # another key builds meanwhile
     with rt._work_dir(tmp_path, ".work-host") as again:
         assert again == first
+
+
+@pytest.mark.runtime
+def test_a_default_build_serves_a_subset_of_its_tools():
+    """kernel_bench asks for llama-bench + llama-quantize: the full default build must do."""
+    from slim_edge.runtime import ensure_runtime, find_runtime
+
+    full = ensure_runtime("host")
+    sub = find_runtime("host", tools=("llama-bench", "llama-quantize"))
+    assert sub.bin_dir == full.bin_dir and (sub.bin_dir / "llama-bench").is_file()

@@ -472,10 +472,18 @@ def _load_finished(root: Path, config: BuildConfig, key: str) -> Runtime | None:
 def find_runtime(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_ARM_ARCH,
                  tools: tuple[str, ...] | None = None, patches: list[Path] | None = None) -> Runtime:
     """The finished build for this configuration and the current patch series, else a SlimEdgeError."""
-    config = BuildConfig(target, isa, arm_arch, tuple(tools or DEFAULT_TOOLS))
+    wanted = tuple(tools or DEFAULT_TOOLS)
     patches = patch_series() if patches is None else patches
-    key = config.key(patches)
-    rt = _load_finished(_runtime_dir(config, key), config, key)
+    # a full default build serves any subset of its tools (kernel_bench asks for llama-bench + llama-quantize)
+    configs = [BuildConfig(target, isa, arm_arch, wanted)]
+    if set(wanted) < set(DEFAULT_TOOLS):
+        configs.insert(0, BuildConfig(target, isa, arm_arch, tuple(DEFAULT_TOOLS)))
+    rt = None
+    for config in configs:
+        key = config.key(patches)
+        rt = _load_finished(_runtime_dir(config, key), config, key)
+        if rt is not None:
+            break
     if rt is None:
         flags = f" --isa {config.isa}" if config.flavor == "host" and config.isa != "avx2" else ""
         raise SlimEdgeError(
