@@ -11,14 +11,12 @@ with the frozen tensors of the same base model here into a complete checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import typer
 
-from slim_edge.checkpoint import BASE_FILES, read_meta
+from slim_edge.checkpoint import read_meta
 from slim_edge.errors import SlimEdgeError
 
 FROZEN = ("embed_tokens", "lm_head")
@@ -62,9 +60,9 @@ def pack(checkpoint: Path, out: Path, part_mb: float = 15.0):
 def unpack(parts: Path, out: Path, model: str = "smollm2-135m", force: bool = False):
     """Join the parts under PARTS with the frozen tensors of MODEL (loaded here) into checkpoint OUT."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from slim_edge.checkpoint import check_output
+    from slim_edge.checkpoint import check_output, write_checkpoint
     from slim_edge.models import load_model
 
     check_output(out, force)
@@ -80,22 +78,7 @@ def unpack(parts: Path, out: Path, model: str = "smollm2-135m", force: bool = Fa
             tensors[k] = v.detach().float().contiguous()
     meta = json.loads((parts / "quant_config.json").read_text())
     meta["base_model"] = str(folder)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "slim-edge"})
-        for f in BASE_FILES:
-            if (Path(folder) / f).is_file():
-                shutil.copy2(Path(folder) / f, tmp / f)
-        for f in META_FILES:
-            if (parts / f).is_file():
-                shutil.copy2(parts / f, tmp / f)
-        (tmp / "quant_config.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint(tensors, meta, Path(folder), out, force=force)
     print(f"wrote {out} ({len(tensors)} tensors)")
 
 

@@ -60,10 +60,18 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_quantized(model: nn.Module, plan: list[PlanEntry], config: QuantConfig, base: Path, out: Path,
                    extra: dict | None = None, force: bool = False, report_md: str = "") -> Path:
+    meta = {"slim_edge_checkpoint": CHECKPOINT_VERSION, "config": config.to_json(),
+            "plan": [e.to_json() for e in plan], "base_model": str(base), **(extra or {})}
+    return write_checkpoint(quantized_state(model), meta, base, out, force=force, report_md=report_md)
+
+
+def write_checkpoint(tensors: dict[str, torch.Tensor], meta: dict, base: Path, out: Path, force: bool = False,
+                     report_md: str = "") -> Path:
+    """Write a checkpoint folder atomically: the tensors, the base model's config/tokenizer files, meta as
+    quant_config.json (and, as report.json, what it holds beyond config, plan and base model)."""
     from safetensors.torch import save_file
 
     check_output(out, force)
-    tensors = quantized_state(model)
     need = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
@@ -74,12 +82,11 @@ def save_quantized(model: nn.Module, plan: list[PlanEntry], config: QuantConfig,
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "slim-edge"})
         for f in BASE_FILES:
-            if (base / f).is_file():
-                shutil.copy2(base / f, tmp / f)
-        meta = {"slim_edge_checkpoint": CHECKPOINT_VERSION, "config": config.to_json(),
-                "plan": [e.to_json() for e in plan], "base_model": str(base), **(extra or {})}
+            if (Path(base) / f).is_file():
+                shutil.copy2(Path(base) / f, tmp / f)
         (tmp / "quant_config.json").write_text(json.dumps(meta, indent=1))
-        (tmp / "report.json").write_text(json.dumps(extra or {}, indent=1))
+        report = {k: v for k, v in meta.items() if k not in ("slim_edge_checkpoint", "config", "plan", "base_model")}
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
         (tmp / "report.md").write_text(report_md)
         if out.exists():
             shutil.rmtree(out)
