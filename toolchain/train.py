@@ -99,23 +99,38 @@ def _batches(ids: torch.Tensor, batch: int, seq: int, rng: np.random.Generator):
         yield x[:, :-1], x[:, 1:]
 
 
+def _quant_params(qlayers):
+    """(latent weights and biases, block scales) of the QuantLinear layers."""
+    weights = [m.weight for m in qlayers] + [m.bias for m in qlayers if m.bias is not None]
+    return weights, [m.scale for m in qlayers]
+
+
+def _optimizer(weights, others, scales, config: QuantConfig) -> torch.optim.Optimizer:
+    """AdamW with two groups: latent weights (+ other trained parameters) at lr, block scales at scale_lr."""
+    return torch.optim.AdamW([
+        {"params": weights + others, "lr": config.lr, "weight_decay": 0.0},
+        {"params": scales, "lr": config.scale_lr, "weight_decay": 0.0},
+    ], betas=(0.9, 0.95))
+
+
+def _schedule(opt, step: int, total: int, warmup: int, config: QuantConfig) -> None:
+    for g, base in zip(opt.param_groups, (config.lr, config.scale_lr)):
+        g["lr"] = learning_rate(step, total, base, warmup)
+
+
 def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: Path | None = None,
           every: int = 0, device: str = "cpu", progress: bool = True, log=None) -> TrainState:
     """QAT for config.steps steps; resumes from ckpt_path when it exists. Ctrl-C saves and stops."""
     from tqdm.auto import tqdm
 
     qlayers = [m for m in student.modules() if isinstance(m, QuantLinear)]
-    weights = [m.weight for m in qlayers] + [m.bias for m in qlayers if m.bias is not None]
-    scales = [m.scale for m in qlayers]
+    weights, scales = _quant_params(qlayers)
     qparams = {id(p) for p in weights + scales}
     others = [p for n, p in student.named_parameters()
               if id(p) not in qparams and "embed" not in n and "lm_head" not in n]
     for n, p in student.named_parameters():
         p.requires_grad_(id(p) in qparams or any(p is o for o in others))
-    opt = torch.optim.AdamW([
-        {"params": weights + others, "lr": config.lr, "weight_decay": 0.0},
-        {"params": scales, "lr": config.scale_lr, "weight_decay": 0.0},
-    ], betas=(0.9, 0.95))
+    opt = _optimizer(weights, others, scales, config)
     state = TrainState()
     rng = np.random.default_rng(config.seed)
     if ckpt_path is not None and ckpt_path.is_file():
@@ -127,7 +142,6 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
         print(f"slim-edge: resumed from {ckpt_path} at step {state.step}", file=sys.stderr)
     total = config.steps
     warmup = config.warmup or max(1, total // 20)
-    base_lrs = [config.lr, config.scale_lr]
     batches = _batches(ids, config.batch_size, config.seq_len, rng)
     teacher.eval()
     student.train()
@@ -152,8 +166,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
             lam = arenas_lambda(state.step, total, config.arenas_lambda, config.arenas_warmup)
             for m in qlayers:
                 m.arenas = lam if m.mode == "sherry" else 0.0
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = learning_rate(state.step, total, base, warmup)
+            _schedule(opt, state.step, total, warmup, config)
             t0 = time.perf_counter()
             # bf16 autocast on GPUs speeds training; exactness lives in the exported values, not here
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
@@ -270,20 +283,15 @@ def reconstruct_blocks(student, teacher, ids: torch.Tensor, config: QuantConfig,
                 targets = [_layer_out(tl, x, kwargs) for x in fp_in]
                 before = rel_err(sl, q_in, targets)
             qlayers = [m for m in sl.modules() if isinstance(m, QuantLinear)]
-            weights = [m.weight for m in qlayers] + [m.bias for m in qlayers if m.bias is not None]
-            scales = [m.scale for m in qlayers]
+            weights, scales = _quant_params(qlayers)
             quant_ids = {id(p) for p in weights + scales}
             others = [p for p in sl.parameters() if id(p) not in quant_ids]
             for p in sl.parameters():
                 p.requires_grad_(True)
-            opt = torch.optim.AdamW([{"params": weights + others, "lr": config.lr, "weight_decay": 0.0},
-                                     {"params": scales, "lr": config.scale_lr, "weight_decay": 0.0}],
-                                    betas=(0.9, 0.95))
-            base_lrs = [config.lr, config.scale_lr]
+            opt = _optimizer(weights, others, scales, config)
             steps = config.block_steps if qlayers else 0
             for step in range(steps):
-                for g, base in zip(opt.param_groups, base_lrs):
-                    g["lr"] = learning_rate(step, steps, base, max(1, steps // 20))
+                _schedule(opt, step, steps, max(1, steps // 20), config)
                 j = int(rng.integers(len(q_in)))
                 loss = F.mse_loss(_layer_out(sl, q_in[j], kwargs).float(), targets[j].float())
                 opt.zero_grad(set_to_none=True)
