@@ -30,7 +30,9 @@ def quantize(
     scheme: Annotated[str, typer.Option(help="seq2 | sherry | tequila | ternary | q2")] = "sherry",
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint folder to write")] = Path("runs/out"),
     steps: Annotated[int, typer.Option(help="QAT steps (0 = PTQ only: data-free scale init)")] = 0,
-    calib: Annotated[str, typer.Option(help="training text: a UTF-8 file or wiki | lee | pydoc")] = "wiki",
+    calib: Annotated[str, typer.Option(help="training text, comma-separated sources: a UTF-8 file, wiki | lee | "
+                                            "pydoc, or teacher[:N] (N tokens the FP model samples itself, "
+                                            "e.g. wiki,teacher:2M; data-free when alone)")] = "wiki",
     target: Annotated[Optional[str], typer.Option(help="override the primary format (e.g. tq1_0)")] = None,
     lr: Annotated[float, typer.Option(help="learning rate of the latent weights")] = 5e-5,
     scale_lr: Annotated[float, typer.Option(help="learning rate of the block scales")] = 1e-3,
@@ -62,6 +64,8 @@ def quantize(
       slim-edge quantize ./my-llama --scheme seq2 --steps 2000 --calib corpus.txt -o runs/seq2
 
       slim-edge quantize smollm2-135m --scheme seq2 --steps 1000 --batch-size 16 --seq-len 512 --device cuda -o runs/seq2
+
+      slim-edge quantize smollm2-135m --scheme seq2 --steps 2000 --calib wiki,teacher:4M --device cuda -o runs/seq2
 
       slim-edge quantize smollm2-135m --scheme ternary --target tq1_0 --dry-run
     """

@@ -15,7 +15,8 @@ from .checkpoint import check_output, save_quantized
 from .errors import SlimEdgeError
 from .models import architecture_of, load_model
 from .quantize import QuantConfig, format_plan, plan_summary, quantize_, make_plan
-from .train import _batches, calibration_tokens, distill_loss, reconstruct_blocks, seed_everything, train
+from .gendata import training_tokens
+from .train import _batches, distill_loss, reconstruct_blocks, seed_everything, train
 
 
 def pick_device(device: str | None) -> str:
@@ -40,6 +41,23 @@ def distill_eval(student, teacher, ids, config: QuantConfig, device: str, n_batc
     return total / n_batches
 
 
+def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: str, progress: bool):
+    """The training tokens; sampled ones are kept in the .partial folder so that --resume trains on the same."""
+    cache = partial / "tokens.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        if blob.get("calib") == config.calib and blob.get("seq_len") == config.seq_len:
+            return blob["ids"], blob["source"]
+    ids, source = training_tokens(teacher, tok, config.calib, config.seq_len, device=device, seed=config.seed,
+                                  progress=progress)
+    if "teacher" in config.calib:
+        partial.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"calib": config.calib, "seq_len": config.seq_len, "ids": ids, "source": source}, tmp)
+        tmp.replace(cache)
+    return ids, source
+
+
 def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = False, resume: bool = False,
                  device: str | None = None, checkpoint_every: int = 50, progress: bool = True,
                  dry_run: bool = False) -> dict:
@@ -59,11 +77,13 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     print(format_plan(plan), file=sys.stderr)
     if dry_run:
         return {"plan": [e.to_json() for e in plan], "summary": plan_summary(plan)}
+    if partial.exists() and not resume:  # --force: start over, not from the old run's state
+        shutil.rmtree(partial)
     student = copy.deepcopy(teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
     quantize_(student, config, plan)
-    ids, source = calibration_tokens(tok, config.calib)
+    ids, source = _training_tokens(teacher, tok, config, partial, device, progress)
     print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
     t_ptq = time.perf_counter() - t_start
     loss_ptq = distill_eval(student, teacher, ids, config, device)
