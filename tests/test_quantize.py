@@ -238,3 +238,13 @@ def test_block_reconstruction_other_architecture(tiny_text, tmp_path):
 def test_block_options_are_checked():
     with pytest.raises(SlimEdgeError, match="block-steps -1"):
         QuantConfig(block_steps=-1)
+
+
+def test_time_limit_saves_what_is_trained(tiny_llama, tiny_text, tmp_path):
+    """A run past --time-limit stops QAT, still writes a loadable checkpoint and says how far it got."""
+    config = QuantConfig(scheme="seq2", steps=50, calib=str(tiny_text), **FAST)
+    report = run_quantize(str(tiny_llama), config, tmp_path / "o", progress=False, time_limit=1e-6)
+    assert report["training"]["steps"] == 50 and report["training"]["steps_done"] == 0
+    assert read_meta(tmp_path / "o")["training"]["steps_done"] == 0
+    load_quantized(tmp_path / "o")
+    assert not (tmp_path / "o.partial").exists()

@@ -49,6 +49,8 @@ def quantize(
     tequila_lambda: Annotated[float, typer.Option(help="Tequila's dead-weight bias factor")] = 1e-3,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     checkpoint_every: Annotated[int, typer.Option(help="save the training state every N steps")] = 50,
+    time_limit: Annotated[float, typer.Option(help="minutes for the whole run; QAT stops there and saves the "
+                                                   "model trained so far (the lr schedule is cut short); 0 = none")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same -o")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-tensor plan and stop")] = False,
     seed: int = 0,
@@ -78,7 +80,7 @@ def quantize(
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda,
                          calib=calib, seed=seed)
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
-                          checkpoint_every=checkpoint_every, dry_run=dry_run)
+                          checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60)
     if as_json:
         print(json.dumps(report, indent=1))
 

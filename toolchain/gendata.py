@@ -56,7 +56,7 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
     from tqdm.auto import tqdm
 
     n_seq = math.ceil(n_tokens / seq_len)
-    batch = batch or (256 if device.startswith("cuda") else 16)
+    batch = batch or (512 if device.startswith("cuda") else 16)
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()

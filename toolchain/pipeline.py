@@ -60,8 +60,10 @@ def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: s
 
 def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = False, resume: bool = False,
                  device: str | None = None, checkpoint_every: int = 50, progress: bool = True,
-                 dry_run: bool = False) -> dict:
+                 dry_run: bool = False, time_limit: float | None = None) -> dict:
+    """time_limit: seconds for the whole run; QAT stops there and the model trained so far is saved."""
     out = Path(out)
+    deadline = None if not time_limit else time.monotonic() + time_limit
     if not resume:
         check_output(out, force)
     partial = out.with_name(out.name + ".partial")
@@ -101,7 +103,7 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
               f"{loss_ptq:.4f} -> {loss_blocks:.4f} ({t_blocks:.0f} s)", file=sys.stderr)
     if config.steps > 0:
         state = train(student, teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
-                      device=device, progress=progress, log=log_lines.append)
+                      device=device, progress=progress, log=log_lines.append, deadline=deadline)
     loss_qat = (distill_eval(student, teacher, ids, config, device) if config.steps > 0
                 else loss_blocks if loss_blocks is not None else loss_ptq)
     summary = plan_summary(plan)
@@ -111,7 +113,7 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         "distill_loss": {"ptq": loss_ptq, "blocks": loss_blocks, "final": loss_qat},
         "blocks": {"steps_per_layer": config.block_steps, "samples": config.block_samples,
                    "seconds": round(t_blocks, 1), "layers": blocks},
-        "training": {"steps": config.steps, "seconds": round(state.seconds, 1) if state else 0.0,
+        "training": {"steps": config.steps, "steps_done": state.step if state else 0, "seconds": round(state.seconds, 1) if state else 0.0,
                      "tokens": state.tokens if state else 0, "ptq_seconds": round(t_ptq, 1),
                      "log": log_lines[:: max(1, len(log_lines) // 200)]},
     }

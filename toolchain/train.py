@@ -119,8 +119,11 @@ def _schedule(opt, step: int, total: int, warmup: int, config: QuantConfig) -> N
 
 
 def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: Path | None = None,
-          every: int = 0, device: str = "cpu", progress: bool = True, log=None) -> TrainState:
-    """QAT for config.steps steps; resumes from ckpt_path when it exists. Ctrl-C saves and stops."""
+          every: int = 0, device: str = "cpu", progress: bool = True, log=None,
+          deadline: float | None = None) -> TrainState:
+    """QAT for config.steps steps; resumes from ckpt_path when it exists. Ctrl-C saves and stops.
+
+    At `deadline` (time.monotonic()) it stops early and returns; state.step tells how far it got."""
     from tqdm.auto import tqdm
 
     qlayers = [m for m in student.modules() if isinstance(m, QuantLinear)]
@@ -160,6 +163,10 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
                dynamic_ncols=True)
     try:
         while state.step < total and not interrupted:
+            if deadline is not None and time.monotonic() >= deadline:
+                print(f"slim-edge: time limit reached at step {state.step}/{total}; keeping what is trained",
+                      file=sys.stderr)
+                break
             # replay the data stream up to the resumed step is unnecessary: the rng state was saved
             x, y = next(batches)
             x, y = x.to(device), y.to(device)
