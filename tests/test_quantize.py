@@ -1,5 +1,6 @@
 """quantize: plans, QAT on tiny random models for every scheme, exact reload, clean errors."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -248,3 +249,34 @@ def test_time_limit_saves_what_is_trained(tiny_llama, tiny_text, tmp_path):
     assert read_meta(tmp_path / "o")["training"]["steps_done"] == 0
     load_quantized(tmp_path / "o")
     assert not (tmp_path / "o.partial").exists()
+
+
+def test_act_quant_trains_and_reloads_as_the_runtime_rounds(tiny_llama, tiny_text, tmp_path):
+    """--act-quant: QAT through the runtime's Q8_K input rounding (STE) lowers the loss; the reloaded model
+    keeps the rounding and equals, bit for bit, the plain model under the parity simulation's rounding."""
+    from safetensors.torch import load_file
+    from slim_edge.evals.runtime_sim import simulate
+
+    out = tmp_path / "act"
+    config = QuantConfig(scheme="sherry", steps=20, calib=str(tiny_text), act_quant=True, **FAST)
+    report = run_quantize(str(tiny_llama), config, out, progress=False)
+    assert report["distill_loss"]["final"] < 0.9 * report["distill_loss"]["ptq"]
+    meta = read_meta(out)
+    assert meta["config"]["act_quant"] is True
+    x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    act_model, _ = load_quantized(out)
+    # the same checkpoint without the flag: plain nn.Linear inputs
+    plain = tmp_path / "plain"
+    shutil.copytree(out, plain)
+    qc = json.loads((plain / "quant_config.json").read_text())
+    qc["config"]["act_quant"] = False
+    (plain / "quant_config.json").write_text(json.dumps(qc))
+    plain_model, _ = load_quantized(plain)
+    types = {e["name"]: e["type_id"] for e in meta["plan"]}
+    with torch.no_grad():
+        a = act_model(x).logits
+        b = plain_model(x).logits
+        with simulate(plain_model, types, activations=True, kv_f16=False):
+            c = plain_model(x).logits
+    assert not torch.equal(a, b) and torch.equal(a, c)
+    assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(plain / "model.safetensors")))

@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import SlimEdgeError
 from .formats import get_format
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, activation_type, round_activations
 from .quantize import PlanEntry, QuantConfig
 
 CHECKPOINT_VERSION = 1
@@ -148,7 +148,8 @@ def load_quantized(folder, device: str = "cpu"):
 
     folder = Path(folder)
     meta = read_meta(folder)
-    QuantConfig.from_json(meta["config"])
+    qconfig = QuantConfig.from_json(meta["config"])
+    type_ids = {e["name"]: e["type_id"] for e in meta["plan"]}
     tensors = read_tensors(folder)
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -163,6 +164,9 @@ def load_quantized(folder, device: str = "cpu"):
             lin.weight.copy_(w)
             if bias is not None:
                 lin.bias.copy_(bias)
+        if qconfig.act_quant:  # trained with the runtime's activation rounding: it is part of the model
+            kind = activation_type(type_ids[name])
+            lin.register_forward_pre_hook(lambda m, args, kind=kind: (round_activations(args[0], kind), *args[1:]))
         setattr(parent, child, lin)
     rest = {k: v for k, v in tensors.items() if not k.endswith(".qweight") and
             k.rpartition(".")[0] not in weights}

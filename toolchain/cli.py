@@ -45,6 +45,9 @@ def quantize(
     block_samples: Annotated[int, typer.Option(help="sequences the block-wise phase learns from")] = 128,
     keep: Annotated[str, typer.Option(help="comma-separated module-name fragments kept in high precision")]
     = "embed_tokens,lm_head",
+    act_quant: Annotated[bool, typer.Option("--act-quant", help="train with the runtime's 8-bit activation "
+                                            "rounding (Q8_0 / Q8_K blocks per weight type, straight-through); "
+                                            "the checkpoint keeps it, so PyTorch computes what llama.cpp computes")] = False,
     arenas_lambda: Annotated[float, typer.Option(help="Sherry's Arenas peak weight (0 = off)")] = 1.0,
     tequila_lambda: Annotated[float, typer.Option(help="Tequila's dead-weight bias factor")] = 1e-3,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -77,7 +80,7 @@ def quantize(
     config = QuantConfig(scheme=scheme, target=target, keep=tuple(k for k in keep.split(",") if k),
                          steps=steps, lr=lr, scale_lr=scale_lr, batch_size=batch_size, seq_len=seq_len,
                          distill=distill, block_steps=block_steps, block_samples=block_samples,
-                         arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda,
+                         arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,
                          calib=calib, seed=seed)
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
                           checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60)

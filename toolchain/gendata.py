@@ -87,6 +87,8 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
     finally:
         bar.close()
         model.train(was_training)
+        if device.startswith("cuda"):  # the KV caches' blocks would stay reserved and starve a second run
+            torch.cuda.empty_cache()
     return torch.cat(seqs).flatten()
 
 

@@ -85,11 +85,28 @@ def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int 
     return torch.where((refit > 0) & (err_refit <= best_err), refit, best).clamp_min(FP16_TINY)
 
 
+def activation_type(type_id: int) -> str:
+    """The runtime's activation type (vec_dot_type) for weights of GGML type `type_id`."""
+    from .evals.runtime_sim import VEC_DOT  # type: ignore[import-not-found]
+    return VEC_DOT[type_id]
+
+
+def round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x as the runtime's matmul sees it (8-bit blocks), exact without autograd; straight-through with it."""
+    from .evals.runtime_sim import fake_activation, host_rounding  # type: ignore[import-not-found]
+    q = fake_activation(x.detach().float(), kind, host_rounding()).to(x.dtype)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return q
+    return x + (q - x).detach()
+
+
 class QuantLinear(nn.Module):
     """nn.Linear whose weight trains on a format's grid; `arenas` is Sherry's residual weight λ_t."""
 
-    def __init__(self, linear: nn.Linear, fmt: str, mode: str, tequila_lambda: float = 0.0):
+    def __init__(self, linear: nn.Linear, fmt: str, mode: str, tequila_lambda: float = 0.0,
+                 act: str | None = None):
         super().__init__()
+        self.act = act  # None, or the runtime activation type its input is rounded to (round_activations)
         self.fmt = get_format(fmt)
         self.mode = mode
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -118,6 +135,8 @@ class QuantLinear(nn.Module):
     def forward(self, x):
         wq, values = self.quantized(return_values=True)
         b = self.effective_bias(values)
+        if self.act:
+            x = round_activations(x, self.act)
         # the same call nn.Linear makes, so a reloaded model gives identical logits
         y = F.linear(x, wq.to(x.dtype), None if b is None else b.to(x.dtype))
         if self.arenas:
@@ -136,4 +155,5 @@ class QuantLinear(nn.Module):
         return out
 
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, format={self.fmt.name}, mode={self.mode}"
+        return (f"{self.in_features}, {self.out_features}, format={self.fmt.name}, mode={self.mode}"
+                + (f", act={self.act}" if self.act else ""))

@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import SlimEdgeError
 from .formats import get_format
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, activation_type
 from .schemes import get_scheme
 
 CONFIG_VERSION = 1
@@ -37,6 +37,9 @@ class QuantConfig:
     block_samples: int = 128  # sequences (of seq_len) the block-wise phase learns from
     arenas_lambda: float = 1.0
     arenas_warmup: float = 0.1  # fraction of steps spent ramping λ up
+    # round each quantized linear's input as the runtime does (Q8_0 / Q8_K per weight type), in training
+    # (straight-through) and in the reloaded model, so the PyTorch model computes what llama.cpp computes
+    act_quant: bool = False
     calib: str = "wiki"
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -89,8 +92,12 @@ class PlanEntry:
     def bits_per_weight(self) -> float:
         return get_format(self.format).bits_per_weight
 
+    @property
+    def type_id(self) -> int:
+        return get_format(self.format).type_id
+
     def to_json(self):
-        return {**dataclasses.asdict(self), "shape": list(self.shape), "type_id": get_format(self.format).type_id,
+        return {**dataclasses.asdict(self), "shape": list(self.shape), "type_id": self.type_id,
                 "bpw": round(self.bits_per_weight, 4)}
 
 
@@ -126,7 +133,8 @@ def quantize_(model: nn.Module, config: QuantConfig, plan: list[PlanEntry] | Non
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         q = QuantLinear(linear, entry.format, entry.mode,
-                        tequila_lambda=config.tequila_lambda if scheme.tequila else 0.0)
+                        tequila_lambda=config.tequila_lambda if scheme.tequila else 0.0,
+                        act=activation_type(entry.type_id) if config.act_quant else None)
         setattr(parent, child, q.to(linear.weight.device))
     return plan
 
