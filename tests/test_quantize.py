@@ -280,3 +280,30 @@ def test_act_quant_trains_and_reloads_as_the_runtime_rounds(tiny_llama, tiny_tex
             c = plain_model(x).logits
     assert not torch.equal(a, b) and torch.equal(a, c)
     assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(plain / "model.safetensors")))
+
+
+def test_continue_from_checkpoint(tiny_llama, tiny_text, tmp_path):
+    """A checkpoint as MODEL: the student starts as exactly the checkpoint (0 steps reproduce its bytes),
+    trains on from there, and settings that contradict it are refused."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    run_quantize(str(tiny_llama), QuantConfig(scheme="sherry", steps=6, calib=str(tiny_text), **FAST), first,
+                 progress=False)
+    same = tmp_path / "same"
+    report = run_quantize(str(first), QuantConfig(scheme="sherry", steps=0, calib=str(tiny_text), **FAST), same,
+                          progress=False)
+    assert report["continued_from"] == str(first) and report["model"] == str(tiny_llama)
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(same / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    seq2 = tmp_path / "seq2"
+    run_quantize(str(tiny_llama), QuantConfig(scheme="seq2", steps=6, calib=str(tiny_text), **FAST), seq2,
+                 progress=False)
+    report = run_quantize(str(seq2), QuantConfig(scheme="seq2", steps=20, calib=str(tiny_text),
+                                                 **{**FAST, "lr": 3e-4}), tmp_path / "more", progress=False)
+    # "ptq" is here the checkpoint's own loss: training goes on from it
+    assert report["distill_loss"]["final"] < 0.99 * report["distill_loss"]["ptq"]
+    r = _cli("quantize", str(first), "--scheme", "seq2", "-o", str(tmp_path / "x"))
+    assert isinstance(r.exception, SlimEdgeError) and "made with scheme 'sherry'" in str(r.exception)
+    r = _cli("quantize", str(first), "--steps", "0", "--calib", str(tiny_text), "-o", str(tmp_path / "y"))
+    assert r.exit_code == 0, r.output  # --scheme defaults to the checkpoint's own

@@ -142,6 +142,39 @@ def dequantized_weights(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[st
     return out
 
 
+def is_checkpoint(path) -> bool:
+    return (Path(path) / "quant_config.json").is_file()
+
+
+def init_from_checkpoint(student: nn.Module, folder) -> None:
+    """Continue a checkpoint: each QuantLinear of `student` (quantized with the checkpoint's plan) takes the
+    stored values times the stored scales as latent weights, which re-quantize to the same codes, and the
+    stored scales; the other trained tensors (norms) load as saved. The student then equals the checkpoint."""
+    meta = read_meta(Path(folder))
+    tensors = read_tensors(Path(folder))
+    weights = dequantized_weights(meta, tensors)
+    qnames = {n for n, m in student.named_modules() if isinstance(m, QuantLinear)}
+    if qnames != set(weights):
+        raise SlimEdgeError(f"{folder}: its plan quantizes {len(weights)} linears, this model {len(qnames)}; "
+                            f"continue it with the settings it was made with")
+    formats = {e["name"]: e["format"] for e in meta["plan"]}
+    for name in qnames:
+        mod = student.get_submodule(name)
+        if mod.fmt.name != formats[name]:
+            raise SlimEdgeError(f"{folder}: {name} is {formats[name]} there, {mod.fmt.name} here; continue it "
+                                f"with the settings it was made with")
+        _, d = mod.fmt.unpack(tensors[f"{name}.qweight"].numpy())
+        with torch.no_grad():
+            mod.weight.copy_(weights[name])
+            mod.scale.copy_(torch.from_numpy(d.astype("float32")))
+            if mod.bias is not None:
+                mod.bias.copy_(tensors[f"{name}.bias"])
+    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in weights}
+    _, unexpected = student.load_state_dict(rest, strict=False)
+    if unexpected:
+        raise SlimEdgeError(f"{folder}: tensors {unexpected[:3]} do not belong to this model")
+
+
 def load_quantized(folder, device: str = "cpu"):
     """(model, tokenizer): the quantized model as plain nn.Linear layers holding the exact weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

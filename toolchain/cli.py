@@ -26,8 +26,12 @@ def _root():
 
 @app.command()
 def quantize(
-    model: ModelArg = "smollm2-135m",
-    scheme: Annotated[str, typer.Option(help="seq2 | sherry | tequila | ternary | q2")] = "sherry",
+    model: Annotated[str, typer.Argument(help="HF model folder, the embedded default 'smollm2-135m', or a "
+                                              "slim-edge checkpoint to continue training")] = "smollm2-135m",
+    scheme: Annotated[Optional[str], typer.Option(help="seq2 | sherry | tequila | ternary | q2 (default: sherry, "
+                                                       "or the checkpoint's own)")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="full-precision model to distil from when MODEL is a "
+                                                        "checkpoint (default: the one it was made from)")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint folder to write")] = Path("runs/out"),
     steps: Annotated[int, typer.Option(help="QAT steps (0 = PTQ only: data-free scale init)")] = 0,
     calib: Annotated[str, typer.Option(help="training text, comma-separated sources: a UTF-8 file, wiki | lee | "
@@ -72,18 +76,24 @@ def quantize(
 
       slim-edge quantize smollm2-135m --scheme seq2 --steps 2000 --calib wiki,teacher:4M --device cuda -o runs/seq2
 
+      slim-edge quantize runs/seq2 --steps 500 --act-quant -o runs/seq2-more   (continue a checkpoint)
+
       slim-edge quantize smollm2-135m --scheme ternary --target tq1_0 --dry-run
     """
+    from .checkpoint import is_checkpoint, read_meta
     from .pipeline import run_quantize
     from .quantize import QuantConfig
 
+    if scheme is None:
+        scheme = read_meta(Path(model))["config"]["scheme"] if is_checkpoint(model) else "sherry"
     config = QuantConfig(scheme=scheme, target=target, keep=tuple(k for k in keep.split(",") if k),
                          steps=steps, lr=lr, scale_lr=scale_lr, batch_size=batch_size, seq_len=seq_len,
                          distill=distill, block_steps=block_steps, block_samples=block_samples,
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,
                          calib=calib, seed=seed)
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
-                          checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60)
+                          checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60,
+                          teacher_model=teacher)
     if as_json:
         print(json.dumps(report, indent=1))
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import check_output, save_quantized
+from .checkpoint import check_output, init_from_checkpoint, is_checkpoint, read_meta, save_quantized
 from .errors import SlimEdgeError
 from .models import architecture_of, load_model
-from .quantize import QuantConfig, format_plan, plan_summary, quantize_, make_plan
+from .quantize import QuantConfig, format_plan, get_scheme, plan_summary, quantize_, make_plan
 from .gendata import training_tokens
 from .train import _batches, distill_loss, reconstruct_blocks, seed_everything, train
 
@@ -41,6 +41,24 @@ def distill_eval(student, teacher, ids, config: QuantConfig, device: str, n_batc
     return total / n_batches
 
 
+def continue_from(folder: Path, config: QuantConfig, teacher_model: str | None) -> str:
+    """Check that `config` can continue checkpoint `folder`; the teacher to distil from."""
+    meta = read_meta(folder)
+    base = QuantConfig.from_json(meta["config"])
+    for field in ("scheme", "target", "keep"):
+        if getattr(config, field) != getattr(base, field):
+            raise SlimEdgeError(f"{folder} was made with {field} {getattr(base, field)!r}, not "
+                                f"{getattr(config, field)!r}; continue it with the same {field}, or start from the "
+                                f"full-precision model")
+    if get_scheme(base.scheme).tequila:
+        raise SlimEdgeError(f"{folder} is a {base.scheme} checkpoint: its dead-weight bias comes from latent "
+                            f"weights a checkpoint does not keep; start from the full-precision model")
+    teacher = teacher_model or meta.get("model")
+    if not teacher:
+        raise SlimEdgeError(f"{folder} does not say which model it was made from; pass --teacher MODEL")
+    return teacher
+
+
 def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: str, progress: bool):
     """The training tokens; sampled ones are kept in the .partial folder so that --resume trains on the same."""
     cache = partial / "tokens.pt"
@@ -60,9 +78,15 @@ def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: s
 
 def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = False, resume: bool = False,
                  device: str | None = None, checkpoint_every: int = 50, progress: bool = True,
-                 dry_run: bool = False, time_limit: float | None = None) -> dict:
-    """time_limit: seconds for the whole run; QAT stops there and the model trained so far is saved."""
+                 dry_run: bool = False, time_limit: float | None = None, teacher_model: str | None = None) -> dict:
+    """time_limit: seconds for the whole run; QAT stops there and the model trained so far is saved.
+
+    `model` may be a slim-edge checkpoint: training continues from its codes and scales, with the same plan,
+    distilling from `teacher_model` (default: the model it was made from)."""
     out = Path(out)
+    init = None
+    if is_checkpoint(model):
+        init, model = Path(model), continue_from(Path(model), config, teacher_model)
     deadline = None if not time_limit else time.monotonic() + time_limit
     if not resume:
         check_output(out, force)
@@ -85,6 +109,9 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     for p in teacher.parameters():
         p.requires_grad_(False)
     quantize_(student, config, plan)
+    if init is not None:
+        init_from_checkpoint(student, init)
+        print(f"slim-edge: continuing {init} (distilling from {model})", file=sys.stderr)
     ids, source = _training_tokens(teacher, tok, config, partial, device, progress)
     print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
     t_ptq = time.perf_counter() - t_start
@@ -108,7 +135,7 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
                 else loss_blocks if loss_blocks is not None else loss_ptq)
     summary = plan_summary(plan)
     report = {
-        "model": str(model), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
+        "model": str(model), "continued_from": None if init is None else str(init), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
         "calibration": source, "plan_summary": summary,
         "distill_loss": {"ptq": loss_ptq, "blocks": loss_blocks, "final": loss_qat},
         "blocks": {"steps_per_layer": config.block_steps, "samples": config.block_samples,
