@@ -280,6 +280,8 @@ def test_act_quant_trains_and_reloads_as_the_runtime_rounds(tiny_llama, tiny_tex
             c = plain_model(x).logits
     assert not torch.equal(a, b) and torch.equal(a, c)
     assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(plain / "model.safetensors")))
+    with pytest.raises(SlimEdgeError, match="pass --act-quant to continue it"):
+        run_quantize(str(out), QuantConfig(scheme="sherry", steps=1, calib=str(tiny_text), **FAST), tmp_path / "c")
 
 
 def test_continue_from_checkpoint(tiny_llama, tiny_text, tmp_path):

@@ -52,7 +52,8 @@ def quantize(
     act_quant: Annotated[bool, typer.Option("--act-quant", help="train with the runtime's 8-bit activation "
                                             "rounding (Q8_0 / Q8_K blocks per weight type, straight-through); "
                                             "the checkpoint keeps it, so PyTorch computes what llama.cpp computes")] = False,
-    arenas_lambda: Annotated[float, typer.Option(help="Sherry's Arenas peak weight (0 = off)")] = 1.0,
+    arenas_lambda: Annotated[float, typer.Option(help="Sherry's Arenas peak weight (0 = off; use 0 to continue a "
+                                                    "trained checkpoint)")] = 1.0,
     tequila_lambda: Annotated[float, typer.Option(help="Tequila's dead-weight bias factor")] = 1e-3,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     checkpoint_every: Annotated[int, typer.Option(help="save the training state every N steps")] = 50,
