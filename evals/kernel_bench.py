@@ -105,15 +105,15 @@ def decode_bytes(path: Path) -> int:
     return sum(t.span for t in read_tensor_table(path).tensors if t.name != "token_embd.weight")
 
 
-def quantize(bin_dir: Path | None, f16: Path, kind: str, out: Path) -> Path:
-    """`kind` of the F16 model with token_embd and output pinned to Q6_K; an existing file is reused."""
+def quantize(bin_dir: Path | None, f16: Path, kind: str, out: Path, head: str = "q6_K") -> Path:
+    """`kind` of the F16 model with token_embd Q6_K and the output head in `head`; an existing file is reused."""
     from slim_edge.converters.gguf_export import llama_quantize
 
     if kind == "F16":
         return f16
     if not out.exists():
-        log(f"llama-quantize {kind} -> {out.name}")
-        llama_quantize(f16, out, kind, bin_dir=bin_dir, token_embedding_type="q6_K", output_tensor_type="q6_K")
+        log(f"llama-quantize {kind} (head {head}) -> {out.name}")
+        llama_quantize(f16, out, kind, bin_dir=bin_dir, token_embedding_type="q6_K", output_tensor_type=head)
     return out
 
 
@@ -189,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "slim-edge" / "kernel-bench")
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--label", help="row names become 'TYPE LABEL' (a variant measured beside the default)")
+    ap.add_argument("--head-type", default="q6_K",
+                    help="type of the output head (default q6_K, llama-quantize's choice); at 1-2 bits the head is "
+                         "a third or more of decode time, so try q4_0 (labels rows 'TYPE head q4_0')")
     ap.add_argument("-t", "--threads", default="1,2")
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--prepare", action="store_true", help="only write the models, measure nothing")
@@ -229,11 +232,14 @@ def measure(a) -> dict | None:
             log(f"writing random F16 {shape} ...")
             write_random_f16(d / "f16.tmp.gguf", **SHAPES[shape]).rename(f16)
         rows = {}
+        default_head = a.head_type.lower() == "q6_k"
+        label = a.label or (None if default_head else f"head {a.head_type}")
         for kind in types:
-            model = quantize(a.bin_dir, f16, kind, d / f"{kind.lower()}.gguf")
+            name = kind.lower() if default_head else f"{kind.lower()}-head-{a.head_type.lower()}"
+            model = quantize(a.bin_dir, f16, kind, d / f"{name}.gguf", a.head_type)
             if a.prepare:
                 continue
-            row = rows[f"{kind} {a.label}" if a.label else kind] = {
+            row = rows[f"{kind} {label}" if label else kind] = {
                 "mib": model.stat().st_size / 2**20, "decode_bytes": decode_bytes(model)}
             for t in threads:
                 log(f"llama-bench {shape} {kind} t={t} ...")

@@ -45,3 +45,7 @@ def test_quantize_pins_embedding_and_output_to_q6_k(tmp_path):
     with pytest.raises(SlimEdgeError, match="llama-quantize NOT_A_TYPE of .*f16.gguf failed"):
         kernel_bench.quantize(bin_dir, f16, "NOT_A_TYPE", tmp_path / "bad.gguf")
     assert not (tmp_path / "bad.gguf").exists() and not (tmp_path / "bad.gguf.tmp").exists()
+    # --head-type: only the output head changes
+    head = kernel_bench.quantize(bin_dir, f16, "Q4_0", tmp_path / "q4_0-head-q4_0.gguf", head="q4_0")
+    types = {t.name: t.type_id for t in read_tensor_table(head).tensors}
+    assert types["output.weight"] == q4_0 and types["token_embd.weight"] == q6_k
