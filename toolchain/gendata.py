@@ -62,6 +62,7 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
     model.eval()
     # transformers 5.2x calls the KV cache `cache`; earlier releases (the GPU machine's 5.17) `past_key_values`
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    starts = starts.to(device)
     seqs = []
     bar = tqdm(total=n_seq * seq_len, disable=not progress, unit="tok", unit_scale=True, file=sys.stderr,
                desc="sampling training text from the FP model", dynamic_ncols=True)
@@ -69,7 +70,7 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
         for b0 in range(0, n_seq, batch):
             nb = min(batch, n_seq - b0)
             pick = torch.randint(len(starts), (nb,), generator=gen, device=device)
-            tok = starts.to(device)[pick][:, None]
+            tok = starts[pick][:, None]
             out, past = [tok], None
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
                 for t in range(seq_len - 1):

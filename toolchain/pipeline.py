@@ -15,7 +15,7 @@ from .checkpoint import check_output, init_from_checkpoint, is_checkpoint, read_
 from .errors import SlimEdgeError
 from .models import architecture_of, load_model
 from .quantize import QuantConfig, format_plan, get_scheme, plan_summary, quantize_, make_plan
-from .gendata import training_tokens
+from .gendata import parse_calib, training_tokens
 from .train import _batches, distill_loss, reconstruct_blocks, seed_everything, train
 
 
@@ -71,7 +71,7 @@ def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: s
             return blob["ids"], blob["source"]
     ids, source = training_tokens(teacher, tok, config.calib, config.seq_len, device=device, seed=config.seed,
                                   progress=progress)
-    if "teacher" in config.calib:
+    if any(n is not None for _, n in parse_calib(config.calib)):  # sampled: not reproducible for free
         partial.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         torch.save({"calib": config.calib, "seq_len": config.seq_len, "ids": ids, "source": source}, tmp)
