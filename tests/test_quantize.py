@@ -298,6 +298,15 @@ def test_continue_from_checkpoint(tiny_llama, tiny_text, tmp_path):
     assert report["continued_from"] == str(first) and report["model"] == str(tiny_llama)
     a, b = load_file(str(first / "model.safetensors")), load_file(str(same / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the latents start spread inside their bins (not on the grid points, where the scales would drift)
+    from slim_edge.checkpoint import LATENT_SPREAD, init_from_checkpoint
+    student = load_model(str(tiny_llama))[0]
+    quantize_(student, QuantConfig(scheme="sherry", **FAST))
+    init_from_checkpoint(student, first, seed=0)
+    q = student.model.layers[0].mlp.down_proj
+    v = q.quantized(return_values=True)[1]
+    r = q.weight.detach() / q.scale.detach().repeat_interleave(q.fmt.block_size, dim=1) - v
+    assert float(r.abs().max()) <= LATENT_SPREAD + 1e-5 and float(r.std()) > 0.2
     seq2 = tmp_path / "seq2"
     run_quantize(str(tiny_llama), QuantConfig(scheme="seq2", steps=6, calib=str(tiny_text), **FAST), seq2,
                  progress=False)

@@ -146,10 +146,20 @@ def is_checkpoint(path) -> bool:
     return (Path(path) / "quant_config.json").is_file()
 
 
-def init_from_checkpoint(student: nn.Module, folder) -> None:
+LATENT_SPREAD = 0.4  # latent weights start at (v + U(-0.4, 0.4)) * d: inside v's bin (half-width >= 0.5)
+
+
+def init_from_checkpoint(student: nn.Module, folder, seed: int = 0) -> None:
     """Continue a checkpoint: each QuantLinear of `student` (quantized with the checkpoint's plan) takes the
-    stored values times the stored scales as latent weights, which re-quantize to the same codes, and the
-    stored scales; the other trained tensors (norms) load as saved. The student then equals the checkpoint."""
+    stored scales, and latent weights spread uniformly inside the bins of the stored values, so they
+    re-quantize to the same codes; the other trained tensors (norms) load as saved. The student then equals
+    the checkpoint.
+
+    Why spread: latents exactly on the grid (w = v*d) zero the scale's LSQ gradient sum((v - w/d) * g), and
+    after the first updates its residuals are the updates themselves, so with steady gradients the sign of
+    the scale gradient no longer changes and AdamW moves every scale by the full scale lr per step. On the
+    H200 (batch 32 x 512) 91 % of seq2g's scales shrank and training diverged. A trained model's latents sit
+    spread inside their bins, and that spread is what keeps the scale gradients balanced."""
     meta = read_meta(Path(folder))
     tensors = read_tensors(Path(folder))
     weights = dequantized_weights(meta, tensors)
@@ -158,15 +168,18 @@ def init_from_checkpoint(student: nn.Module, folder) -> None:
         raise SlimEdgeError(f"{folder}: its plan quantizes {len(weights)} linears, this model {len(qnames)}; "
                             f"continue it with the settings it was made with")
     formats = {e["name"]: e["format"] for e in meta["plan"]}
-    for name in qnames:
+    gen = torch.Generator().manual_seed(seed)
+    for name in sorted(qnames):
         mod = student.get_submodule(name)
         if mod.fmt.name != formats[name]:
             raise SlimEdgeError(f"{folder}: {name} is {formats[name]} there, {mod.fmt.name} here; continue it "
                                 f"with the settings it was made with")
-        _, d = mod.fmt.unpack(tensors[f"{name}.qweight"].numpy())
+        v, d = mod.fmt.unpack(tensors[f"{name}.qweight"].numpy())
+        d = torch.from_numpy(d.astype("float32"))
+        u = (torch.rand(v.shape, generator=gen) * 2 - 1) * LATENT_SPREAD
         with torch.no_grad():
-            mod.weight.copy_(weights[name])
-            mod.scale.copy_(torch.from_numpy(d.astype("float32")))
+            mod.weight.copy_((torch.from_numpy(v).float() + u) * d.repeat_interleave(mod.fmt.block_size, dim=1))
+            mod.scale.copy_(d)
             if mod.bias is not None:
                 mod.bias.copy_(tensors[f"{name}.bias"])
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in weights}

@@ -113,7 +113,7 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         p.requires_grad_(False)
     quantize_(student, config, plan)
     if init is not None:
-        init_from_checkpoint(student, init)
+        init_from_checkpoint(student, init, seed=config.seed)
         print(f"slim-edge: continuing {init} (distilling from {model})", file=sys.stderr)
     ids, source = _training_tokens(teacher, tok, config, partial, device, progress)
     print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
