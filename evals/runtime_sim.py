@@ -68,7 +68,7 @@ def host_rounding() -> str:
 def _div(a, b: torch.Tensor) -> torch.Tensor:
     """IEEE a / b elementwise where b != 0, else 0 (torch turns `scalar / tensor` into a reciprocal times
     the scalar, which is not the C division)."""
-    a = torch.as_tensor(a, dtype=torch.float32).expand_as(b).contiguous()
+    a = torch.as_tensor(a, dtype=torch.float32, device=b.device).expand_as(b).contiguous()
     ok = b != 0
     return torch.where(ok, torch.div(a, torch.where(ok, b, torch.ones_like(b))), torch.zeros_like(b))
 

@@ -76,6 +76,14 @@ def test_fake_activation_is_the_dequantized_blocks(kind):
     assert rel < {"q8_0": 0.01, "q8_k": 0.02, "f16": 1e-3, "bf16": 1e-2, "f32": 1e-12}[kind]
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q8_k", "f16"])
+def test_fake_activation_stays_on_the_inputs_device(kind):
+    # `--act-quant` trains on CUDA; a constant made on the CPU failed there. The meta device shows the same
+    # mismatch without a GPU.
+    y = fake_activation(torch.empty(3, 512, device="meta"), kind)
+    assert y.device.type == "meta" and tuple(y.shape) == (3, 512)
+
+
 def test_simulate_hooks_and_restores(tiny_llama):
     from transformers import AutoModelForCausalLM
 
