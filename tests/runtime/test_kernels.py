@@ -116,6 +116,34 @@ def test_mul_mat_columns(kernel_check, name, path):
             assert not bad.any(), f"n={n}: {bad.sum()} outputs differ, first at {np.argwhere(bad)[0].tolist()}"
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_stq1_0_decode_tables(kernel_check, threads):
+    """x86 decode (patch 0009): STQ1_0 with < 16 columns runs on per-column activation tables, 16 rows at a
+    time. 85 rows = 5 tiles + 5 rows of vec_dot tail, split over threads; the same sums as vec_dot, and the
+    same as with the tables switched off (GGML_CPU_STQ1_0_LUT=0; on aarch64 both are vec_dot)."""
+    fmt = get_format("stq1_0")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((78, K_MM)).astype(np.float32)
+    x[:, ::37] *= 6
+    raw = fmt.quantize(np.concatenate([x, edge_rows(K_MM, rng)]))  # 85 rows
+    w = fmt.dequantize(raw, K_MM).astype(np.float64)
+    acts = rng.standard_normal((15, K_MM)).astype(np.float32)
+    acts[2, ::29] *= 10
+    acts[4] = 0
+    kern, exact = kernel_check.vecdot("stq1_0", raw, acts)
+    mag = np.abs(acts.astype(np.float64)) @ np.abs(w).T
+    for n in (1, 2, 7, 15):
+        on = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads)
+        off = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads, env={"GGML_CPU_STQ1_0_LUT": "0"})
+        for got, want in ((on, kern[:n]), (on, exact[:n]), (off, kern[:n])):
+            bad = np.abs(got - want) > 1e-5 * mag[:n] + 1e-6
+            assert not bad.any(), f"n={n}: {bad.sum()} outputs differ, first at {np.argwhere(bad)[0].tolist()}"
+        if n == 1 and not kernel_check.flavor.qemu_cpu:
+            # the tables ran, not vec_dot: they add the blocks in row order, vec_dot in 8 lanes, so some
+            # float roundings differ (with more columns the tiled GEMM may run instead)
+            assert np.abs(on - off).max() > 0
+
+
 def test_benchmm_runs(kernel_check):
     out = kernel_check.run("benchmm", "stq1_0", 256, 16, 8, 1)
     assert "ns/weight/column" in out, out
