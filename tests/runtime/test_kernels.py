@@ -118,9 +118,9 @@ def test_mul_mat_columns(kernel_check, name, path):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_stq1_0_decode_tables(kernel_check, threads):
-    """x86 decode (patch 0009): STQ1_0 with < 16 columns runs on per-column activation tables, 16 rows at a
-    time. 85 rows = 5 tiles + 5 rows of vec_dot tail, split over threads; the same sums as vec_dot, and the
-    same as with the tables switched off (GGML_CPU_STQ1_0_LUT=0; on aarch64 both are vec_dot)."""
+    """x86 decode (patch 0009, opt-in with GGML_CPU_STQ1_0_LUT=1): STQ1_0 with < 16 columns on per-column
+    activation tables, 16 rows at a time. 85 rows = 5 tiles + 5 rows of vec_dot tail, split over threads; the
+    same sums as vec_dot, and as the default path (on aarch64 both are vec_dot)."""
     fmt = get_format("stq1_0")
     rng = np.random.default_rng(5)
     x = rng.standard_normal((78, K_MM)).astype(np.float32)
@@ -133,8 +133,8 @@ def test_stq1_0_decode_tables(kernel_check, threads):
     kern, exact = kernel_check.vecdot("stq1_0", raw, acts)
     mag = np.abs(acts.astype(np.float64)) @ np.abs(w).T
     for n in (1, 2, 7, 15):
-        on = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads)
-        off = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads, env={"GGML_CPU_STQ1_0_LUT": "0"})
+        on = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads, env={"GGML_CPU_STQ1_0_LUT": "1"})
+        off = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads)
         for got, want in ((on, kern[:n]), (on, exact[:n]), (off, kern[:n])):
             bad = np.abs(got - want) > 1e-5 * mag[:n] + 1e-6
             assert not bad.any(), f"n={n}: {bad.sum()} outputs differ, first at {np.argwhere(bad)[0].tolist()}"
