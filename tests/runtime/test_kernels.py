@@ -93,27 +93,40 @@ K_MM = 1536  # 6 slabs of 256 (3 Q2_0C blocks): the narrow tiled path reads 3 sl
 # chunk starts on the odd half of a block
 
 
+def mul_mat_case(kernel_check, name: str, seed: int, random_rows: int, columns: int):
+    """Weights (random_rows heavy-tailed rows + the edge rows, quantized to `name`) and activation columns
+    (outliers in column 1, column 5 all zero: d = 0 in its Q8_K blocks); the one-column kernel's results,
+    the exact dots with the 8-bit activations, and sum |x| |w| per output (the tolerance's scale)."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((random_rows, K_MM)).astype(np.float32)
+    x[:, ::37] *= 6
+    raw = fmt.quantize(np.concatenate([x, edge_rows(K_MM, rng)]))
+    w = fmt.dequantize(raw, K_MM).astype(np.float64)
+    acts = rng.standard_normal((columns, K_MM)).astype(np.float32)
+    acts[1, ::29] *= 10
+    acts[5] = 0
+    kern, exact = kernel_check.vecdot(name, raw, acts)  # one row and column at a time
+    mag = np.abs(acts.astype(np.float64)) @ np.abs(w).T
+    return raw, acts, kern, exact, mag
+
+
+def assert_same_sums(got, want, mag, n: int):
+    """Float rounding only: within 1e-5 of sum |x| |w| per output."""
+    bad = np.abs(got - want) > 1e-5 * mag + 1e-6
+    assert not bad.any(), f"n={n}: {bad.sum()} outputs differ, first at {np.argwhere(bad)[0].tolist()}"
+
+
 @pytest.mark.parametrize("path", MM_PATHS)
 @pytest.mark.parametrize("name", NEW)
 def test_mul_mat_columns(kernel_check, name, path):
     """mul_mat over 1..300 columns and an odd row count: per column, the same integer sums as one vec_dot."""
-    fmt = get_format(name)
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((12, K_MM)).astype(np.float32)
-    x[:, ::37] *= 6
-    raw = fmt.quantize(np.concatenate([x, edge_rows(K_MM, rng)]))  # 19 rows
-    w = fmt.dequantize(raw, K_MM).astype(np.float64)
-    acts = rng.standard_normal((300, K_MM)).astype(np.float32)
-    acts[1, ::29] *= 10  # activation outliers
-    acts[5] = 0  # an all-zero column (d = 0 in its Q8_K blocks)
-    kern, exact = kernel_check.vecdot(name, raw, acts)  # one row and column at a time
-    mag = np.abs(acts.astype(np.float64)) @ np.abs(w).T
+    raw, acts, kern, exact, mag = mul_mat_case(kernel_check, name, seed=4, random_rows=12, columns=300)  # 19 rows
     for n in (1, 2, 3, 4, 5, 8, 16, 17, 300):
         mm = kernel_check.mulmat(name, raw, acts[:n], env=MM_PATHS[path])
         # float rounding only: against the 1-column kernel and the exact dot with the 8-bit activations
         for want in (kern[:n], exact[:n]):
-            bad = np.abs(mm - want) > 1e-5 * mag[:n] + 1e-6
-            assert not bad.any(), f"n={n}: {bad.sum()} outputs differ, first at {np.argwhere(bad)[0].tolist()}"
+            assert_same_sums(mm, want, mag[:n], n)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -121,23 +134,12 @@ def test_stq1_0_decode_tables(kernel_check, threads):
     """x86 decode (patch 0009, opt-in with GGML_CPU_STQ1_0_LUT=1): STQ1_0 with < 16 columns on per-column
     activation tables, 16 rows at a time. 85 rows = 5 tiles + 5 rows of vec_dot tail, split over threads; the
     same sums as vec_dot, and as the default path (on aarch64 both are vec_dot)."""
-    fmt = get_format("stq1_0")
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((78, K_MM)).astype(np.float32)
-    x[:, ::37] *= 6
-    raw = fmt.quantize(np.concatenate([x, edge_rows(K_MM, rng)]))  # 85 rows
-    w = fmt.dequantize(raw, K_MM).astype(np.float64)
-    acts = rng.standard_normal((15, K_MM)).astype(np.float32)
-    acts[2, ::29] *= 10
-    acts[4] = 0
-    kern, exact = kernel_check.vecdot("stq1_0", raw, acts)
-    mag = np.abs(acts.astype(np.float64)) @ np.abs(w).T
+    raw, acts, kern, exact, mag = mul_mat_case(kernel_check, "stq1_0", seed=5, random_rows=78, columns=15)  # 85 rows
     for n in (1, 2, 7, 15):
         on = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads, env={"GGML_CPU_STQ1_0_LUT": "1"})
         off = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads)
         for got, want in ((on, kern[:n]), (on, exact[:n]), (off, kern[:n])):
-            bad = np.abs(got - want) > 1e-5 * mag[:n] + 1e-6
-            assert not bad.any(), f"n={n}: {bad.sum()} outputs differ, first at {np.argwhere(bad)[0].tolist()}"
+            assert_same_sums(got, want, mag[:n], n)
         if n == 1 and not kernel_check.flavor.qemu_cpu:
             # the tables ran, not vec_dot: they add the blocks in row order, vec_dot in 8 lanes, so some
             # float roundings differ (with more columns the tiled GEMM may run instead)
