@@ -122,9 +122,8 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         raise SlimEdgeError(f"{path} is missing or corrupt ({e}); re-run slim-edge quantize") from None
 
 
-def dequantized_weights(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Float weights of every quantized linear, exactly as the exported GGUF stores them."""
-    out = {}
+def _quantized_codes(meta: dict, tensors: dict[str, torch.Tensor]):
+    """(plan entry, format, raw code bytes) of every quantized linear, checked against the plan."""
     for e in meta["plan"]:
         if e["mode"] == "keep":
             continue
@@ -138,8 +137,13 @@ def dequantized_weights(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[st
         if raw.shape != (rows, fmt.row_bytes(k)):
             raise SlimEdgeError(f"{key}: {raw.shape} bytes do not match the plan ({rows} rows x "
                                 f"{fmt.row_bytes(k)} bytes of {fmt.name}); the checkpoint does not match its config")
-        out[e["name"]] = torch.from_numpy(fmt.dequantize(raw, k))
-    return out
+        yield e, fmt, raw
+
+
+def dequantized_weights(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Float weights of every quantized linear, exactly as the exported GGUF stores them."""
+    return {e["name"]: torch.from_numpy(fmt.dequantize(raw, e["shape"][1]))
+            for e, fmt, raw in _quantized_codes(meta, tensors)}
 
 
 def is_checkpoint(path) -> bool:
@@ -162,19 +166,19 @@ def init_from_checkpoint(student: nn.Module, folder, seed: int = 0) -> None:
     spread inside their bins, and that spread is what keeps the scale gradients balanced."""
     meta = read_meta(Path(folder))
     tensors = read_tensors(Path(folder))
-    weights = dequantized_weights(meta, tensors)
+    codes = {e["name"]: (fmt, raw) for e, fmt, raw in _quantized_codes(meta, tensors)}
     qnames = {n for n, m in student.named_modules() if isinstance(m, QuantLinear)}
-    if qnames != set(weights):
-        raise SlimEdgeError(f"{folder}: its plan quantizes {len(weights)} linears, this model {len(qnames)}; "
+    if qnames != set(codes):
+        raise SlimEdgeError(f"{folder}: its plan quantizes {len(codes)} linears, this model {len(qnames)}; "
                             f"continue it with the settings it was made with")
-    formats = {e["name"]: e["format"] for e in meta["plan"]}
     gen = torch.Generator().manual_seed(seed)
     for name in sorted(qnames):
         mod = student.get_submodule(name)
-        if mod.fmt.name != formats[name]:
-            raise SlimEdgeError(f"{folder}: {name} is {formats[name]} there, {mod.fmt.name} here; continue it "
+        fmt, raw = codes[name]
+        if mod.fmt.name != fmt.name:
+            raise SlimEdgeError(f"{folder}: {name} is {fmt.name} there, {mod.fmt.name} here; continue it "
                                 f"with the settings it was made with")
-        v, d = mod.fmt.unpack(tensors[f"{name}.qweight"].numpy())
+        v, d = mod.fmt.unpack(raw)
         d = torch.from_numpy(d.astype("float32"))
         u = (torch.rand(v.shape, generator=gen) * 2 - 1) * LATENT_SPREAD
         with torch.no_grad():
@@ -182,7 +186,7 @@ def init_from_checkpoint(student: nn.Module, folder, seed: int = 0) -> None:
             mod.scale.copy_(d)
             if mod.bias is not None:
                 mod.bias.copy_(tensors[f"{name}.bias"])
-    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in weights}
+    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in codes}
     _, unexpected = student.load_state_dict(rest, strict=False)
     if unexpected:
         raise SlimEdgeError(f"{folder}: tensors {unexpected[:3]} do not belong to this model")
