@@ -5,6 +5,8 @@
 #                                                           # + llama-bench/llama-quantize + the models
 #   evals/device_x86.sh bench SHAPE OUT                     # llama-bench, 4 lanes of 2 types on own cores
 #   evals/device_x86.sh prefill SHAPE OUT                   # STQ1_0, Q2_0C: tiled GEMM vs vec_dot (patch 0007)
+#   evals/device_x86.sh solo SHAPE OUT                      # one type at a time on 2 cores; STQ1_0 twice:
+#                                                           # tables (patch 0009) and GGML_CPU_STQ1_0_LUT=0
 #
 # SRC.tar.gz: `slim-edge runtime source DIR` packed (the patched llama.cpp); WHEELS_DIR: gguf and slim_edge
 # wheels. Work goes to /tmp/x86 (kept while the machine is). Each lane runs its types at 1 and 2 threads
@@ -12,7 +14,7 @@
 # merge the lanes here with `python -m slim_edge.evals.kernel_bench --merge OUT/*.json --out TABLE`.
 # `prefill` runs STQ1_0 and Q2_0C twice in one go: with the default tiled GEMM (patch 0007) beside Q4_0 and
 # TQ2_0, and in a lane of its own with GGML_CPU_TILED_MM=0 (prefill on the vec_dot kernels, as before patch
-# 0007; rows "STQ1_0 vec_dot", ...), plus Q4_K_M; decode takes vec_dot in both.
+# 0007; rows "STQ1_0 vec_dot", ...), plus Q4_K_M; decode takes the default path (patch 0009) in both.
 set -euo pipefail
 W=/tmp/x86
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -70,6 +72,23 @@ bench|prefill)
     for p in "${pids[@]}"; do wait "$p"; done
     tail -n 3 "$out"/*.log
     ;;
+solo)
+    # nothing else runs: the decode ratios are not bent by lanes sharing memory bandwidth
+    shape=$2 out=$3
+    mkdir -p "$out"
+    mapfile -t cpus < <(physical_cpus)
+    pin=${cpus[2]},${cpus[3]}
+    run() {  # run NAME [ENV=VALUE] ARGS...: one kernel_bench invocation on the pinned cores
+        local name=$1; shift
+        env PYTHONPATH=$W/site taskset -c "$pin" python3 -m slim_edge.evals.kernel_bench --bin-dir "$W/build/bin" \
+            --work "$W/models" --shape "$shape" -t "${THREADS:-2}" -r "${REPS:-3}" "$@" --out "$out/$shape-$name" \
+            > "$out/$shape-$name.log" 2>&1
+    }
+    run base --types "${TYPES:-STQ1_0,TQ2_0,Q4_0}"
+    GGML_CPU_STQ1_0_LUT=0 run vec_dot --types STQ1_0 --label vec_dot
+    tail -n 12 "$out/$shape-base.log" "$out/$shape-vec_dot.log"
+    ;;
 *)
-    echo "usage: $0 prepare SRC.tar.gz WHEELS_DIR OUT | bench SHAPE OUT | prefill SHAPE OUT" >&2; exit 2 ;;
+    echo "usage: $0 prepare SRC.tar.gz WHEELS_DIR OUT | bench SHAPE OUT | prefill SHAPE OUT | solo SHAPE OUT" >&2
+    exit 2 ;;
 esac

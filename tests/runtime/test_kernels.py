@@ -131,13 +131,15 @@ def test_mul_mat_columns(kernel_check, name, path):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_stq1_0_decode_tables(kernel_check, threads):
-    """x86 decode (patch 0009, opt-in with GGML_CPU_STQ1_0_LUT=1): STQ1_0 with < 16 columns on per-column
-    activation tables, 16 rows at a time. 85 rows = 5 tiles + 5 rows of vec_dot tail, split over threads; the
-    same sums as vec_dot, and as the default path (on aarch64 both are vec_dot)."""
+    """x86 decode (patch 0009, the default; GGML_CPU_STQ1_0_LUT=0 turns it off): STQ1_0 with < 16 columns on
+    per-column activation tables, 16 rows at a time. 85 rows = 5 tiles + 5 rows of vec_dot tail, split over
+    threads; the same sums as vec_dot, with the variable unset and set to 1 (on aarch64 all are vec_dot)."""
     raw, acts, kern, exact, mag = mul_mat_case(kernel_check, "stq1_0", seed=5, random_rows=78, columns=15)  # 85 rows
     for n in (1, 2, 7, 15):
-        on = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads, env={"GGML_CPU_STQ1_0_LUT": "1"})
-        off = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads)
+        on = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads)
+        on1 = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads, env={"GGML_CPU_STQ1_0_LUT": "1"})
+        off = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads, env={"GGML_CPU_STQ1_0_LUT": "0"})
+        np.testing.assert_array_equal(on1, on)
         for got, want in ((on, kern[:n]), (on, exact[:n]), (off, kern[:n])):
             assert_same_sums(got, want, mag[:n], n)
         if n == 1 and not kernel_check.flavor.qemu_cpu:
