@@ -10,8 +10,9 @@ Q6_K, so only the linear layers differ. llama-bench times them; memory read band
 a numpy read loop, and the decode bound is bandwidth / bytes read per token (all weights but the
 token embedding, which is gathered, not read). Markdown goes to stdout, JSON beside it with --out.
 --label names the rows of a variant of the same type ("STQ1_0 vec_dot"), so that a run with, e.g.,
-GGML_CPU_TILED_MM=0 (STQ1_0 and Q2_0C prefill on the vec_dot kernels, as before patch 0007) merges beside
-the default one; the GGML_* variables of the environment are recorded in the JSON.
+GGML_CPU_TILED_MM=0 (STQ1_0 and Q2_0C prefill on the vec_dot kernels, as before patch 0007) or
+GGML_CPU_STQ1_0_LUT=0 (STQ1_0 decode on vec_dot instead of the activation tables of patch 0009) merges
+beside the default one; the GGML_* variables of the environment are recorded in the JSON.
 """
 from __future__ import annotations
 
