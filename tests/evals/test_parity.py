@@ -105,3 +105,12 @@ def test_simulation_closes_the_gap_to_the_runtime(tmp_path):
     assert q8["file"]["mean_kld"] < q8["weights"]["mean_kld"]
     assert q8["act+kv+rope"]["mean_kld"] < q8["file"]["mean_kld"] / 1.5
     assert r["q8_0"]["linear_types"] == [8] and r["q8_0"]["file_weights_changed"]
+    # windows: consecutive chunks, each from an empty context; the first is the one-window measurement
+    one = parity(str(folder), tmp_path / "q8_0.gguf", n_tokens=64, variants=("weights",), floor=False)
+    two = parity(str(folder), tmp_path / "q8_0.gguf", n_tokens=64, variants=("weights",), floor=False, windows=2)
+    w = two["variants"]["weights"]
+    assert two["tokens"] == 128 and len(w["same_top_pct_per_window"]) == 2
+    assert w["same_top_pct_per_window"][0] == pytest.approx(one["variants"]["weights"]["same_top_pct"])
+    assert w["same_top_pct"] == pytest.approx(np.mean(w["same_top_pct_per_window"]))
+    with pytest.raises(SlimEdgeError, match=r"do not fit lee:eval .* ask for at most \d+"):
+        parity(str(folder), tmp_path / "q8_0.gguf", n_tokens=512, variants=("weights",), floor=False, windows=10**4)
