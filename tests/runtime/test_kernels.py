@@ -140,6 +140,11 @@ def test_stq1_0_decode_tables(kernel_check, threads):
         on1 = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads, env={"GGML_CPU_STQ1_0_LUT": "1"})
         off = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads, env={"GGML_CPU_STQ1_0_LUT": "0"})
         np.testing.assert_array_equal(on1, on)
+        if n == 1:  # the prefetch distance (tiles ahead; 0: none) moves no result bit
+            for pf in ("0", "3"):
+                got = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads,
+                                          env={"GGML_CPU_STQ1_0_LUT_PREFETCH": pf})
+                np.testing.assert_array_equal(got, on)
         for got, want in ((on, kern[:n]), (on, exact[:n]), (off, kern[:n])):
             assert_same_sums(got, want, mag[:n], n)
         if n == 1 and not kernel_check.flavor.qemu_cpu:
