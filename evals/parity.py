@@ -158,10 +158,10 @@ def parity(torch_source: str, gguf: Path, n_tokens: int = 512, threads: int = 2,
     def stats(ours: list[np.ndarray], ref: list[np.ndarray]) -> dict:
         parts = [token_stats(a, b, t) for a, b, t in zip(ours, ref, targets)]
         s = summarize(concat_stats(parts))
-        out = {k: s[k] for k in ("mean_kld", "mean_kld_err", "p99_kld", "same_top_pct")}
+        r = {k: s[k] for k in ("mean_kld", "mean_kld_err", "p99_kld", "same_top_pct")}
         if windows > 1:
-            out["same_top_pct_per_window"] = [float(100 * p["same_top"].mean()) for p in parts]
-        return out
+            r["same_top_pct_per_window"] = [float(100 * p["same_top"].mean()) for p in parts]
+        return r
 
     out = {"torch": str(torch_source), "gguf": str(gguf), "tokens": windows * n_tokens, "windows": windows,
            "rounding": rounding, "variants": {}}
