@@ -159,7 +159,7 @@ def inspect(
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(help="QAT steps per scheme, 2 x 256 tokens each (the default, 2 x 44 steps, fits ~15 min on 2 idle cores)")] = 44,
+    steps: Annotated[int, typer.Option(help="QAT steps per scheme, 2 x 256 tokens each (the default, 2 x 44 steps, takes ~20 min on 2 idle cores; the whole demo ~30)")] = 44,
     output: Annotated[Path, typer.Option("-o", help="results folder")] = Path("results/demo"),
     eval_chunks: Annotated[int, typer.Option(help="512-token chunks of lee:eval scored per model")] = 8,
     bench_reps: Annotated[int, typer.Option(help="llama-bench repetitions per measurement")] = 3,
