@@ -97,6 +97,33 @@ def test_arenas_schedule():
     assert lam[-1] == 0.0 and all(a >= b for a, b in zip(lam[10:], lam[11:]))
 
 
+def test_time_limit_ends_the_schedules(tiny_llama, tiny_text):
+    """A run that the time limit cuts short still ends Arenas at 0 and the lr at its floor: the schedules run
+    on time. A fake clock (one tick per step) makes it deterministic."""
+    import copy
+
+    from slim_edge.train import calibration_tokens, learning_rate, schedule_step, train
+
+    assert schedule_step(7, 100, 0, None) == 7
+    assert schedule_step(7, 100, 0, 0.5) == 50 and schedule_step(70, 100, 0, 0.5) == 70
+    assert schedule_step(7, 100, 0, 1.3) == 99 and schedule_step(20, 100, 20, 0.5) == 60
+    teacher, tok, _ = load_model(str(tiny_llama))
+    config = QuantConfig(scheme="sherry", steps=50, calib=str(tiny_text), **FAST)
+    student = copy.deepcopy(teacher)
+    quantize_(student, config)
+    ids, _ = calibration_tokens(tok, config.calib)
+    ticks = iter(range(10**6))
+    seen = []
+    state = train(student, teacher, ids, config, progress=False, log=seen.append, deadline=12,
+                  clock=lambda: float(next(ticks)))
+    assert state.step == 11 and len(seen) == 11
+    lam = [e["arenas"] for e in seen]
+    assert max(lam) > 0.5 and lam[-1] == 0.0  # 11 steps walk the 50-step schedule: up, then down to 0
+    assert all(a >= b for a, b in zip(lam[lam.index(max(lam)):], lam[lam.index(max(lam)) + 1:]))
+    warmup = max(1, config.steps // 20)
+    assert seen[-1]["lr"] == pytest.approx(learning_rate(49, 50, config.lr, warmup))
+
+
 def test_cakld_matches_definition():
     torch.manual_seed(0)
     s, t = torch.randn(1, 3, 7), torch.randn(1, 3, 7)
@@ -318,3 +345,9 @@ def test_continue_from_checkpoint(tiny_llama, tiny_text, tmp_path):
     assert isinstance(r.exception, SlimEdgeError) and "made with scheme 'sherry'" in str(r.exception)
     r = _cli("quantize", str(first), "--steps", "0", "--calib", str(tiny_text), "-o", str(tmp_path / "y"))
     assert r.exit_code == 0, r.output  # --scheme defaults to the checkpoint's own
+    # ... and Arenas to off: a continued checkpoint has trained codes, no residual branch to anneal again
+    assert read_meta(tmp_path / "y")["config"]["arenas_lambda"] == 0.0
+    assert read_meta(first)["config"]["arenas_lambda"] == 1.0
+    r = _cli("quantize", str(first), "--steps", "0", "--arenas-lambda", "0.5", "--calib", str(tiny_text),
+             "-o", str(tmp_path / "z"))
+    assert r.exit_code == 0 and read_meta(tmp_path / "z")["config"]["arenas_lambda"] == 0.5

@@ -52,13 +52,17 @@ def quantize(
     act_quant: Annotated[bool, typer.Option("--act-quant", help="train with the runtime's 8-bit activation "
                                             "rounding (Q8_0 / Q8_K blocks per weight type, straight-through); "
                                             "the checkpoint keeps it, so PyTorch computes what llama.cpp computes")] = False,
-    arenas_lambda: Annotated[float, typer.Option(help="Sherry's Arenas peak weight (0 = off; use 0 to continue a "
-                                                    "trained checkpoint)")] = 1.0,
+    arenas_lambda: Annotated[Optional[float], typer.Option(
+        help="Sherry's Arenas peak weight; 0 = off. Default: 1.0 from a full-precision model, 0 when MODEL is a "
+             "checkpoint (its codes are trained; a new residual branch would have to be trained away again)",
+        show_default=False)] = None,
     tequila_lambda: Annotated[float, typer.Option(help="Tequila's dead-weight bias factor")] = 1e-3,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     checkpoint_every: Annotated[int, typer.Option(help="save the training state every N steps")] = 50,
     time_limit: Annotated[float, typer.Option(help="minutes for the whole run; QAT stops there and saves the "
-                                                   "model trained so far (the lr schedule is cut short); 0 = none")] = 0,
+                                                   "model trained so far. The lr and Arenas schedules run on time, so "
+                                                   "they end at the limit even when --steps are not reached; 0 = none"
+                                              )] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same -o")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-tensor plan and stop")] = False,
     seed: int = 0,
@@ -87,6 +91,8 @@ def quantize(
 
     if scheme is None:
         scheme = read_meta(Path(model))["config"]["scheme"] if is_checkpoint(model) else "sherry"
+    if arenas_lambda is None:
+        arenas_lambda = 0.0 if is_checkpoint(model) else 1.0
     config = QuantConfig(scheme=scheme, target=target, keep=tuple(k for k in keep.split(",") if k),
                          steps=steps, lr=lr, scale_lr=scale_lr, batch_size=batch_size, seq_len=seq_len,
                          distill=distill, block_steps=block_steps, block_samples=block_samples,

@@ -37,6 +37,17 @@ def arenas_lambda(step: int, total: int, lam_max: float, warmup_frac: float) -> 
     return lam_max * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def schedule_step(step: int, total: int, start_step: int, time_frac: float | None) -> int:
+    """The step that the lr and Arenas schedules see.
+
+    Without a time limit it is the real step. With one it is the real step or, when further, the share of the
+    time budget that will have passed by the end of this step mapped onto the steps left: a run that the
+    limit cuts short still ends its schedules, so Arenas reaches 0 and the saved model needs no residual."""
+    if time_frac is None:
+        return step
+    return max(step, min(total - 1, start_step + int(time_frac * (total - start_step))))
+
+
 def learning_rate(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -120,10 +131,11 @@ def _schedule(opt, step: int, total: int, warmup: int, config: QuantConfig) -> N
 
 def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: Path | None = None,
           every: int = 0, device: str = "cpu", progress: bool = True, log=None,
-          deadline: float | None = None) -> TrainState:
+          deadline: float | None = None, clock=time.monotonic) -> TrainState:
     """QAT for config.steps steps; resumes from ckpt_path when it exists. Ctrl-C saves and stops.
 
-    At `deadline` (time.monotonic()) it stops early and returns; state.step tells how far it got."""
+    At `deadline` (a `clock()` time) it stops early and returns; state.step tells how far it got. The lr and
+    Arenas schedules then run on time (schedule_step), so they end at the deadline, not at config.steps."""
     from tqdm.auto import tqdm
 
     qlayers = [m for m in student.modules() if isinstance(m, QuantLinear)]
@@ -161,19 +173,26 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     old = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
     bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", file=sys.stderr,
                dynamic_ncols=True)
+    t_start, step0 = clock(), state.step
     try:
         while state.step < total and not interrupted:
-            if deadline is not None and time.monotonic() >= deadline:
-                print(f"slim-edge: time limit reached at step {state.step}/{total}; keeping what is trained",
-                      file=sys.stderr)
-                break
+            now = clock()
+            time_frac = None
+            if deadline is not None:
+                if now >= deadline:
+                    print(f"slim-edge: time limit reached at step {state.step}/{total}; the lr and Arenas "
+                          f"schedules ran on time and have ended: keeping what is trained", file=sys.stderr)
+                    break
+                per_step = (now - t_start) / (state.step - step0) if state.step > step0 else 0.0
+                time_frac = (now + per_step - t_start) / max(deadline - t_start, 1e-9)
+            pos = schedule_step(state.step, total, step0, time_frac)
             # replay the data stream up to the resumed step is unnecessary: the rng state was saved
             x, y = next(batches)
             x, y = x.to(device), y.to(device)
-            lam = arenas_lambda(state.step, total, config.arenas_lambda, config.arenas_warmup)
+            lam = arenas_lambda(pos, total, config.arenas_lambda, config.arenas_warmup)
             for m in qlayers:
                 m.arenas = lam if m.mode == "sherry" else 0.0
-            _schedule(opt, state.step, total, warmup, config)
+            _schedule(opt, pos, total, warmup, config)
             t0 = time.perf_counter()
             # bf16 autocast on GPUs speeds training; exactness lives in the exported values, not here
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
