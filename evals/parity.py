@@ -22,6 +22,10 @@ discontinuous, so such differences flip a few codes per token and the flips comp
 a reference can reproduce the runtime's roundings, not which codes its float noise flips. Runtime vs
 simulation at the floor means the runtime computes what the simulation models.
 
+`--kv-cache f32` runs the runtime with an F32 KV cache (llama.cpp's -ctk f32 -ctv f32) instead of its default
+F16 one. The variants that model the F16 cache then do not apply; what is left between the runtime and the
+`weights`, `file` and `act` variants is the export, the 8-bit activations and ggml's rope angles.
+
 See runtime_sim.py for what the runtime does and where in ggml it does it.
 """
 from __future__ import annotations
@@ -135,13 +139,16 @@ def _load_torch(torch_source: str):
 
 def parity(torch_source: str, gguf: Path, n_tokens: int = 512, threads: int = 2,
            variants: tuple[str, ...] = VARIANTS, rounding: str | None = None, floor: bool = True,
-           windows: int = 1) -> dict:
+           windows: int = 1, kv_cache: str = "f16") -> dict:
     """Mean KLD and same-top-1 % of the runtime against each PyTorch variant, on `windows` consecutive
     windows of `n_tokens` of lee:eval (each evaluated from an empty context), and (`floor`) of the fullest
     simulation against itself with 1e-7 jitter (mean over FLOOR_SEEDS)."""
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SlimEdgeError(f"unknown parity variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    if kv_cache != "f16" and any("kv" in v for v in variants):
+        raise SlimEdgeError(f"variants {', '.join(v for v in variants if 'kv' in v)} model the runtime's F16 KV "
+                            f"cache, which --kv-cache {kv_cache} turns off; ask for weights, file or act")
     rounding = rounding or host_rounding()
     torch.set_num_threads(threads)
     model, tok = _load_torch(torch_source)
@@ -151,7 +158,7 @@ def parity(torch_source: str, gguf: Path, n_tokens: int = 512, threads: int = 2,
         raise SlimEdgeError(f"{windows} window(s) of {n_tokens} tokens do not fit lee:eval ({len(text)} tokens); "
                             f"ask for at most {len(text) // n_tokens}")
     chunks = [text[w * n_tokens:(w + 1) * n_tokens] for w in range(windows)]
-    runtime = LlamaCppLM(gguf, n_ctx=n_tokens, n_threads=threads)
+    runtime = LlamaCppLM(gguf, n_ctx=n_tokens, n_threads=threads, kv_cache=kv_cache)
     theirs = [runtime.logits(ids) for ids in chunks]
     targets = [np.array(ids[1:] + [0]) for ids in chunks]
 
@@ -164,7 +171,7 @@ def parity(torch_source: str, gguf: Path, n_tokens: int = 512, threads: int = 2,
         return r
 
     out = {"torch": str(torch_source), "gguf": str(gguf), "tokens": windows * n_tokens, "windows": windows,
-           "rounding": rounding, "variants": {}}
+           "rounding": rounding, "kv_cache": kv_cache, "variants": {}}
     if "act+kv+rope" in variants and not rope_supported(model.config):
         print("slim-edge parity: this model's rope is not plain rope; leaving out act+kv+rope", file=sys.stderr)
         variants = tuple(v for v in variants if v != "act+kv+rope")
@@ -197,7 +204,8 @@ def parity(torch_source: str, gguf: Path, n_tokens: int = 512, threads: int = 2,
 
 
 def format_table(r: dict) -> str:
-    lines = [f"{r['torch']} vs {r['gguf']} ({r['tokens']} tokens of lee:eval, Q8_0 rounding {r['rounding']})",
+    lines = [f"{r['torch']} vs {r['gguf']} ({r['tokens']} tokens of lee:eval, Q8_0 rounding {r['rounding']}, "
+             f"{r.get('kv_cache', 'f16').upper()} KV cache)",
              "", "| PyTorch side | mean KLD | same top-1 % |", "|---|---:|---:|"]
     for v, s in r["variants"].items():
         lines.append(f"| {v} | {s['mean_kld']:.5f} ± {s['mean_kld_err']:.5f} | {s['same_top_pct']:.2f} |")
@@ -218,11 +226,13 @@ def main(torch_source: Annotated[str, typer.Argument(help="slim-edge checkpoint,
          rounding: Annotated[Optional[str], typer.Option(help="Q8_0 activation rounding: x86 | arm | ref "
                                                               "(default: this machine's)")] = None,
          floor: Annotated[bool, typer.Option(help="also measure the simulation's noise floor")] = True,
+         kv_cache: Annotated[str, typer.Option(help="the runtime's KV cache type: f16 (llama.cpp's default) | f32")]
+         = "f16",
          as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False):
     """Where the runtime and PyTorch part: KLD and same-top-1 % per PyTorch variant (see the module doc)."""
     try:
         r = parity(torch_source, gguf, tokens, threads, tuple(v for v in variants.split(",") if v), rounding, floor,
-                   windows)
+                   windows, kv_cache)
     except SlimEdgeError as e:
         print(f"slim-edge: error: {e}", file=sys.stderr)
         raise typer.Exit(2)

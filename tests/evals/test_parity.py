@@ -114,3 +114,10 @@ def test_simulation_closes_the_gap_to_the_runtime(tmp_path):
     assert w["same_top_pct"] == pytest.approx(np.mean(w["same_top_pct_per_window"]))
     with pytest.raises(SlimEdgeError, match=r"do not fit lee:eval .* ask for at most \d+"):
         parity(str(folder), tmp_path / "q8_0.gguf", n_tokens=512, variants=("weights",), floor=False, windows=10**4)
+    # --kv-cache f32: the runtime keeps K and V in F32, so on the F32 file only the rope angles remain
+    kv32 = parity(str(folder), tmp_path / "f32.gguf", n_tokens=128, variants=("weights",), floor=False,
+                  kv_cache="f32")
+    assert kv32["kv_cache"] == "f32" and r["f32"]["kv_cache"] == "f16"
+    assert kv32["variants"]["weights"]["mean_kld"] < f32["weights"]["mean_kld"] / 1000  # 8e-12 against 3e-7
+    with pytest.raises(SlimEdgeError, match="act\\+kv model the runtime's F16 KV cache"):
+        parity(str(folder), tmp_path / "f32.gguf", n_tokens=64, variants=("weights", "act+kv"), kv_cache="f32")
