@@ -142,7 +142,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
             to_gguf[g] = hf_name
         writer = gguf.GGUFWriter(tmp / "out.gguf", arch)
         _copy_metadata(reader, writer, skip=("general.file_type",))
-        real, types, bias_perm = {}, {}, {}
+        real, types, bias_perm, kept = {}, {}, {}, {}
         for t in reader.tensors:
             name = t.name
             data = np.asarray(t.data)
@@ -163,14 +163,15 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
             elif data.ndim == 2 and (name.startswith("token_embd") or name.startswith("output.")):
                 want = _override(rules, name) or (token_embedding_type if name.startswith("token_embd")
                                                   else output_tensor_type)
-                fmt = FORMATS[want]
                 x = data.astype(np.float32)
+                enc = _encode_kept(x, want)
                 if want == "f16":
-                    writer.add_tensor(name, x.astype(np.float16))
+                    writer.add_tensor(name, enc)
                 else:
-                    writer.add_tensor(name, raw_tensor(want, fmt.quantize(x)))
-                    real[name] = (fmt.type_id, x.shape[1])
+                    writer.add_tensor(name, raw_tensor(want, enc))
+                    real[name] = (FORMATS[want].type_id, x.shape[1])
                 types[name] = want
+                kept[name] = _kept_fidelity(x, want, enc)
             else:
                 writer.add_tensor(name, data.astype(np.float32) if data.dtype != np.float16 else data)
                 types[name] = "f32" if data.dtype != np.float16 else "f16"
@@ -202,8 +203,30 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
     bits = sum(e["shape"][0] * e["shape"][1] * get_format(e["format"]).bits_per_weight for e in plan.values())
     summary = {"file": str(out), "bytes": size, "scheme": meta["config"]["scheme"], "types": types,
                "linear_bits_per_weight": bits / max(n_lin, 1), "needs_patched_runtime": bool(custom),
-               "custom_types": custom}
+               "custom_types": custom, "kept": kept}
     return summary
+
+
+def _encode_kept(x: np.ndarray, kind: str) -> np.ndarray:
+    return x.astype(np.float16) if kind == "f16" else FORMATS[kind].quantize(x)
+
+
+def _decode_kept(enc: np.ndarray, kind: str, k: int) -> np.ndarray:
+    return enc.astype(np.float32) if kind == "f16" else FORMATS[kind].dequantize(enc, k)
+
+
+def _kept_fidelity(x: np.ndarray, kind: str, enc: np.ndarray) -> dict:
+    """How well a kept tensor (embedding, head) survives its GGUF type. Not exact means the runtime's model is
+    not the checkpoint's there; `exact_in` names an embedding type that would hold it exactly, if any."""
+    back = _decode_kept(enc, kind, x.shape[1])
+    diff = back - x
+    exact = bool(np.array_equal(back, x))
+    out = {"type": kind, "exact": exact, "max_abs_err": float(np.abs(diff).max()),
+           "rel_rms_err": float(np.sqrt(np.mean(diff ** 2) / max(float(np.mean(x ** 2)), 1e-30)))}
+    if not exact:
+        out["exact_in"] = next((t for t in EMBED_TYPES if t != kind and np.array_equal(
+            _decode_kept(_encode_kept(x, t), t, x.shape[1]), x)), None)
+    return out
 
 
 def _parse_overrides(rules: list[str]) -> list[tuple[re.Pattern, str]]:

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from slim_edge.checkpoint import dequantized_weights, read_meta
+from slim_edge.cli import app
 from slim_edge.converters.gguf_export import EXPORT_FORMAT_VERSION, export_checkpoint
 from slim_edge.converters.gguf_read import read_tensor_table
 from slim_edge.converters.gguf_types import tensor_bytes, tensor_values
@@ -142,6 +144,19 @@ def test_metadata_of_custom_ids_reads_back(scheme, type_id, tiny_exports, tiny_s
     assert inspect_gguf(out, "patched")["metadata"]["slim_edge.scheme"] == scheme
 
 
+@pytest.mark.slow
+def test_export_says_when_the_embedding_type_is_not_exact(smol_ptq, tmp_path):
+    """An embedding type that cannot hold the checkpoint's embedding is exported, with a note naming one that can."""
+    ckpt = smol_ptq("sherry")[0]
+    r = CliRunner().invoke(app, ["export", str(ckpt), "--gguf", str(tmp_path / "f16.gguf"),
+                                 "--token-embedding-type", "f16", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "token_embd.weight in f16 differs from the checkpoint" in r.stderr and "q8_0 holds it exactly" in r.stderr
+    k = json.loads(r.stdout)["kept"]["token_embd.weight"]
+    assert k["type"] == "f16" and not k["exact"] and k["exact_in"] == "q8_0"
+    assert 0 < k["max_abs_err"] < 1e-3 and 0 < k["rel_rms_err"] < 1e-3
+
+
 def test_export_refuses_to_overwrite(tiny_smol, tiny_text, tmp_path):
     ckpt = tmp_path / "ckpt"
     run_quantize(str(tiny_smol), QuantConfig(scheme="q2", steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
@@ -213,7 +228,7 @@ def smol_ptq(tiny_text, tmp_path_factory):
             d = tmp_path_factory.mktemp(f"smol-{scheme}")
             config = QuantConfig(scheme=scheme, steps=0, keep=keep, batch_size=1, seq_len=32, calib=str(tiny_text))
             run_quantize("smollm2-135m", config, d / "ckpt", progress=False)
-            export_checkpoint(d / "ckpt", d / "m.gguf")
+            summary = export_checkpoint(d / "ckpt", d / "m.gguf")
             lam = config.tequila_lambda if get_scheme(scheme).tequila else 0.0
             weights = {}
             with torch.no_grad():
@@ -222,7 +237,7 @@ def smol_ptq(tiny_text, tmp_path_factory):
                     w, values = q.quantized(return_values=True)
                     b = q.effective_bias(values)
                     weights[e["name"]] = (w.numpy(), None if b is None else b.numpy())
-            made[scheme] = (d / "ckpt", d / "m.gguf", weights)
+            made[scheme] = (d / "ckpt", d / "m.gguf", weights, summary)
         return made[scheme]
     return get
 
@@ -230,7 +245,10 @@ def smol_ptq(tiny_text, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", SMOL_SCHEMES)
 def test_smollm2_ptq_export_is_bit_exact(scheme, smol_ptq):
-    ckpt, out, weights = smol_ptq(scheme)
+    ckpt, out, weights, summary = smol_ptq(scheme)
+    # the shipped SmolLM2 keeps token_embd in Q8_0, so the default Q8_0 embedding is the checkpoint's exactly
+    assert summary["kept"]["token_embd.weight"] == {"type": "q8_0", "exact": True, "max_abs_err": 0.0,
+                                                   "rel_rms_err": 0.0}
     plan = read_meta(ckpt)["plan"]
     assert {e["name"].split(".")[2] for e in plan} == {"0", "29"} and len(plan) == 14
     assert check_bit_exact(ckpt, out, weights) == 14

@@ -141,6 +141,11 @@ def export(
         out = gguf or Path(f"{Path(source).name}-{meta['config']['scheme']}.gguf")
         summary = export_checkpoint(Path(source), out, token_embedding_type=token_embedding_type,
                                     output_tensor_type=output_tensor_type, overrides=tensor_type, force=force)
+        for name, k in summary["kept"].items():
+            if not k["exact"]:
+                better = f"; {k['exact_in']} holds it exactly" if k.get("exact_in") else ""
+                print(f"slim-edge: note: {name} in {k['type']} differs from the checkpoint (max |error| "
+                      f"{k['max_abs_err']:.2g}, relative RMS {k['rel_rms_err']:.2g}){better}", file=sys.stderr)
     summary["model_card"] = str(write_card(out, summary, source, force=force))
     print(json.dumps(summary, indent=1) if as_json else
           f"wrote {out} ({summary['bytes'] / 2**20:.1f} MiB); model card {summary['model_card']}")
