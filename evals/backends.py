@@ -70,26 +70,33 @@ class TorchLM:
         return out
 
 
+KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # GGML type ids of llama.cpp's K and V cache (-ctk / -ctv)
+
+
+def kv_cache_type(name: str) -> int:
+    """The GGML type id of a KV cache type name, or a clear error."""
+    if name not in KV_CACHE_TYPES:
+        raise SlimEdgeError(f"KV cache type {name!r} is not one of {', '.join(KV_CACHE_TYPES)}")
+    return KV_CACHE_TYPES[name]
+
+
 class LlamaCppLM:
     """A GGUF file run by the pinned llama.cpp through llama-cpp-python, all logits kept."""
     kind = "gguf"
-
-    KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # GGML type ids of llama.cpp's K and V cache (-ctk / -ctv)
 
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int = 2, name: str | None = None,
                  kv_cache: str = "f16"):
         path = Path(path)
         if not path.is_file():
             raise SlimEdgeError(f"GGUF file {path} does not exist; pass a .gguf written by slim-edge export")
-        if kv_cache not in self.KV_CACHE_TYPES:
-            raise SlimEdgeError(f"KV cache type {kv_cache!r} is not one of {', '.join(self.KV_CACHE_TYPES)}")
+        kv_type = kv_cache_type(kv_cache)
         llama_cpp = bindings()
         self.path = path
         self.name = name or path.name
         try:
             self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
                                        n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
-                                       type_k=self.KV_CACHE_TYPES[kv_cache], type_v=self.KV_CACHE_TYPES[kv_cache])
+                                       type_k=kv_type, type_v=kv_type)
         except (ValueError, RuntimeError) as e:
             raise SlimEdgeError(f"llama.cpp could not load {path} ({e}); check that the runtime was built with "
                                 f"the patches for its tensor types (slim-edge runtime build)") from None

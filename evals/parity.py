@@ -40,7 +40,7 @@ import torch
 import typer
 
 from slim_edge.errors import SlimEdgeError
-from slim_edge.evals.backends import LlamaCppLM, TorchLM
+from slim_edge.evals.backends import LlamaCppLM, TorchLM, kv_cache_type
 from slim_edge.evals.corpora import get_text
 from slim_edge.evals.kld import concat_stats, summarize, token_stats
 from slim_edge.evals.runtime_sim import host_rounding, rope_supported, simulate
@@ -146,6 +146,7 @@ def parity(torch_source: str, gguf: Path, n_tokens: int = 512, threads: int = 2,
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SlimEdgeError(f"unknown parity variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    kv_cache_type(kv_cache)  # an unknown type fails here, before the slow part
     if kv_cache != "f16" and any("kv" in v for v in variants):
         raise SlimEdgeError(f"variants {', '.join(v for v in variants if 'kv' in v)} model the runtime's F16 KV "
                             f"cache, which --kv-cache {kv_cache} turns off; ask for weights, file or act")

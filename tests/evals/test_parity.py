@@ -121,3 +121,5 @@ def test_simulation_closes_the_gap_to_the_runtime(tmp_path):
     assert kv32["variants"]["weights"]["mean_kld"] < f32["weights"]["mean_kld"] / 1000  # 8e-12 against 3e-7
     with pytest.raises(SlimEdgeError, match="act\\+kv model the runtime's F16 KV cache"):
         parity(str(folder), tmp_path / "f32.gguf", n_tokens=64, variants=("weights", "act+kv"), kv_cache="f32")
+    with pytest.raises(SlimEdgeError, match="KV cache type 'q8' is not one of f16, f32"):
+        parity(str(folder), tmp_path / "f32.gguf", kv_cache="q8")
