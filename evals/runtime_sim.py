@@ -220,6 +220,29 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, eager_mask)
 
 
+def hook_rope(model) -> list:
+    """Make every rotary module of `model` return ggml's angles (`ggml_rope_cos_sin`); the hook handles."""
+    rotary = [m for n, m in model.named_modules() if n.endswith("rotary_emb")]
+    if not rotary:
+        raise SlimEdgeError(f"{type(model).__name__} has no rotary_emb module to simulate ggml's rope on")
+    return [m.register_forward_hook(_rope_hook(model.config), with_kwargs=True) for m in rotary]
+
+
+def use_f16_kv_attention(model) -> str:
+    """Switch `model` to `f16_kv_attention`; the attention implementation it had."""
+    _register_attention()
+    old = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION)
+    return old
+
+
+def use_runtime_attention(model) -> None:
+    """From now on `model` attends as the runtime does: F16 KV cache (`f16_kv_attention`) and ggml's rope
+    angles. What `slim-edge quantize --runtime-attention` trains with and its checkpoints reload with."""
+    hook_rope(model)
+    use_f16_kv_attention(model)
+
+
 @contextlib.contextmanager
 def simulate(model, types: dict[str, int], activations: bool = True, kv_f16: bool = True,
              rope: bool = False, rounding: str | None = None, jitter: float = 0.0, seed: int = 0):
@@ -241,10 +264,7 @@ def simulate(model, types: dict[str, int], activations: bool = True, kv_f16: boo
 
     try:
         if rope:
-            rotary = [m for n, m in model.named_modules() if n.endswith("rotary_emb")]
-            if not rotary:
-                raise SlimEdgeError(f"{type(model).__name__} has no rotary_emb module to simulate ggml's rope on")
-            handles += [m.register_forward_hook(_rope_hook(model.config), with_kwargs=True) for m in rotary]
+            handles += hook_rope(model)
         if activations:
             for name, mod in model.named_modules():
                 if name not in types:
@@ -256,9 +276,7 @@ def simulate(model, types: dict[str, int], activations: bool = True, kv_f16: boo
                 handles.append(mod.register_forward_pre_hook(
                     lambda m, args, kind=kind: (rounded(args[0], kind), *args[1:])))
         if kv_f16:
-            _register_attention()
-            old_attn = model.config._attn_implementation
-            model.set_attn_implementation(ATTENTION)
+            old_attn = use_f16_kv_attention(model)
         yield model
     finally:
         for h in handles:

@@ -311,6 +311,40 @@ def test_act_quant_trains_and_reloads_as_the_runtime_rounds(tiny_llama, tiny_tex
         run_quantize(str(out), QuantConfig(scheme="sherry", steps=1, calib=str(tiny_text), **FAST), tmp_path / "c")
 
 
+def test_runtime_attention_trains_and_reloads_as_the_runtime_attends(tiny_llama, tiny_text, tmp_path):
+    """--runtime-attention (with --act-quant): QAT through the F16 KV cache and ggml's rope angles lowers the
+    loss; the reloaded model equals, bit for bit, the plain model under the parity simulation's fullest variant
+    (act+kv+rope), and differs from the --act-quant-only model."""
+    from slim_edge.evals.runtime_sim import simulate
+
+    out = tmp_path / "rt"
+    config = QuantConfig(scheme="sherry", steps=20, calib=str(tiny_text), act_quant=True, runtime_attention=True,
+                         **FAST)
+    report = run_quantize(str(tiny_llama), config, out, progress=False)
+    assert report["distill_loss"]["final"] < 0.9 * report["distill_loss"]["ptq"]
+    meta = read_meta(out)
+    assert meta["config"]["runtime_attention"] is True
+    x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    rt_model, _ = load_quantized(out)
+    plain = tmp_path / "plain"
+    shutil.copytree(out, plain)
+    qc = json.loads((plain / "quant_config.json").read_text())
+    qc["config"].update(act_quant=False, runtime_attention=False)
+    (plain / "quant_config.json").write_text(json.dumps(qc))
+    plain_model, _ = load_quantized(plain)
+    types = {e["name"]: e["type_id"] for e in meta["plan"]}
+    with torch.no_grad():
+        a = rt_model(x).logits
+        with simulate(plain_model, types, activations=True, kv_f16=False):
+            act_only = plain_model(x).logits
+        with simulate(plain_model, types, activations=True, kv_f16=True, rope=True):
+            full = plain_model(x).logits
+    assert torch.equal(a, full) and not torch.equal(a, act_only)
+    with pytest.raises(SlimEdgeError, match="pass --runtime-attention to continue it"):
+        run_quantize(str(out), QuantConfig(scheme="sherry", steps=1, calib=str(tiny_text), act_quant=True, **FAST),
+                     tmp_path / "c")
+
+
 def test_continue_from_checkpoint(tiny_llama, tiny_text, tmp_path):
     """A checkpoint as MODEL: the student starts as exactly the checkpoint (0 steps reproduce its bytes),
     trains on from there, and settings that contradict it are refused."""

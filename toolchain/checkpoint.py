@@ -228,6 +228,9 @@ def load_quantized(folder, device: str = "cpu"):
                             f"unexpected {unexpected[:3]}; re-run slim-edge quantize")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    if qconfig.runtime_attention:  # trained attending as the runtime does: part of the model too
+        from .evals.runtime_sim import use_runtime_attention  # type: ignore[import-not-found]
+        use_runtime_attention(model)
     model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     return model, tok

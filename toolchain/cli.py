@@ -52,6 +52,11 @@ def quantize(
     act_quant: Annotated[bool, typer.Option("--act-quant", help="train with the runtime's 8-bit activation "
                                             "rounding (Q8_0 / Q8_K blocks per weight type, straight-through); "
                                             "the checkpoint keeps it, so PyTorch computes what llama.cpp computes")] = False,
+    runtime_attention: Annotated[bool, typer.Option(
+        "--runtime-attention", help="train attending as the runtime does: K, V, Q and the attention "
+                                    "probabilities in half precision (llama.cpp's F16 KV cache) and ggml's rope "
+                                    "angles; the checkpoint keeps it. With --act-quant the PyTorch model then "
+                                    "rounds everything the runtime rounds (eager attention: slower, more memory)")] = False,
     arenas_lambda: Annotated[Optional[float], typer.Option(
         help="Sherry's Arenas peak weight; 0 = off. Default: 1.0 from a full-precision model, 0 when MODEL is a "
              "checkpoint (its codes are trained; a new residual branch would have to be trained away again)",
@@ -83,6 +88,8 @@ def quantize(
 
       slim-edge quantize runs/seq2 --steps 500 --act-quant -o runs/seq2-more   (continue a checkpoint)
 
+      slim-edge quantize runs/sherry --steps 500 --act-quant --runtime-attention -o runs/sherry-rt
+
       slim-edge quantize smollm2-135m --scheme ternary --target tq1_0 --dry-run
     """
     from .checkpoint import is_checkpoint, read_meta
@@ -97,7 +104,7 @@ def quantize(
                          steps=steps, lr=lr, scale_lr=scale_lr, batch_size=batch_size, seq_len=seq_len,
                          distill=distill, block_steps=block_steps, block_samples=block_samples,
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,
-                         calib=calib, seed=seed)
+                         runtime_attention=runtime_attention, calib=calib, seed=seed)
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
                           checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60,
                           teacher_model=teacher)

@@ -50,9 +50,10 @@ def continue_from(folder: Path, config: QuantConfig, teacher_model: str | None) 
             raise SlimEdgeError(f"{folder} was made with {field} {getattr(base, field)!r}, not "
                                 f"{getattr(config, field)!r}; continue it with the same {field}, or start from the "
                                 f"full-precision model")
-    if base.act_quant and not config.act_quant:
-        raise SlimEdgeError(f"{folder} was trained with --act-quant (its model rounds activations); pass "
-                            f"--act-quant to continue it")
+    for field, what in (("act_quant", "rounds activations"), ("runtime_attention", "attends as the runtime does")):
+        if getattr(base, field) and not getattr(config, field):
+            flag = "--" + field.replace("_", "-")
+            raise SlimEdgeError(f"{folder} was trained with {flag} (its model {what}); pass {flag} to continue it")
     if get_scheme(base.scheme).tequila:
         raise SlimEdgeError(f"{folder} is a {base.scheme} checkpoint: its dead-weight bias comes from latent "
                             f"weights a checkpoint does not keep; start from the full-precision model")

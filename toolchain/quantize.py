@@ -40,6 +40,9 @@ class QuantConfig:
     # round each quantized linear's input as the runtime does (Q8_0 / Q8_K per weight type), in training
     # (straight-through) and in the reloaded model, so the PyTorch model computes what llama.cpp computes
     act_quant: bool = False
+    # attend as the runtime does: K, V, Q and the attention probabilities rounded to half (llama.cpp's F16 KV
+    # cache) and ggml's rope angles, in training and in the reloaded model
+    runtime_attention: bool = False
     calib: str = "wiki"
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -136,6 +139,9 @@ def quantize_(model: nn.Module, config: QuantConfig, plan: list[PlanEntry] | Non
                         tequila_lambda=config.tequila_lambda if scheme.tequila else 0.0,
                         act=activation_type(entry.type_id) if config.act_quant else None)
         setattr(parent, child, q.to(linear.weight.device))
+    if config.runtime_attention:
+        from .evals.runtime_sim import use_runtime_attention  # type: ignore[import-not-found]
+        use_runtime_attention(model)
     return plan
 
 
