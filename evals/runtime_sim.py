@@ -151,13 +151,23 @@ def fake_activation(x: torch.Tensor, kind: str, rounding: str = "x86") -> torch.
     raise SlimEdgeError(f"unknown activation type {kind!r}; known: f32, f16, bf16, q8_0, q8_1, q8_k")
 
 
+def _half(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to half, as float32. Under autograd straight-through: a plain cast would also round the
+    gradient to half, and attention's small gradients underflow there (training then drifts)."""
+    r = x.to(torch.float16).float()
+    if torch.is_grad_enabled() and x.requires_grad:
+        x = x.float()
+        return x + (r - x).detach()  # r - x is exact (Sterbenz), so the value is r bit for bit
+    return r
+
+
 def f16_kv_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Attention as the runtime computes it with an F16 KV cache and without flash attention
     (transformers AttentionInterface signature; q/k/v are [batch, heads, tokens, head_dim])."""
     groups = query.shape[1] // key.shape[1]
-    k = key.to(torch.float16).float().repeat_interleave(groups, dim=1)
-    v = value.to(torch.float16).float().repeat_interleave(groups, dim=1)
-    q = query.to(torch.float16).float()
+    k = _half(key).repeat_interleave(groups, dim=1)
+    v = _half(value).repeat_interleave(groups, dim=1)
+    q = _half(query)
     scores = torch.matmul(q, k.transpose(2, 3)) * scaling
     if attention_mask is None:
         n_q, n_k = scores.shape[-2:]
@@ -168,7 +178,7 @@ def f16_kv_attention(module, query, key, value, attention_mask, scaling, dropout
     else:
         scores = scores + attention_mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    out = torch.matmul(probs.to(torch.float16).float(), v)
+    out = torch.matmul(_half(probs), v)
     return out.transpose(1, 2).contiguous().to(query.dtype), probs
 
 

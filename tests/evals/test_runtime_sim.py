@@ -161,3 +161,23 @@ def test_torch_quantizers_equal_the_runtime_library():
         for r in range(x.shape[0]):
             fn(x[r].ctypes.data, ctypes.addressof(out) + r * size, x.shape[1])
         assert out.raw == ours, type_id
+
+
+def test_f16_kv_attention_keeps_small_gradients():
+    """--runtime-attention trains through the half roundings straight-through: values bit for bit the
+    runtime's, gradients in float32. A plain cast rounds gradients to half, where these underflow to 0."""
+    from slim_edge.evals.runtime_sim import f16_kv_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 16, 8, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        exact, _ = f16_kv_attention(None, q, k, v, None, 0.35)
+    grads = []
+    for scale in (1.0, 1e-9):
+        qq = q.clone().requires_grad_(True)
+        out, _ = f16_kv_attention(None, qq, k, v, None, 0.35)
+        assert torch.equal(out.detach(), exact)
+        (out * scale).sum().backward()
+        grads.append(qq.grad)
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0] * 1e-9, rtol=1e-4, atol=0)
