@@ -9,7 +9,9 @@ tokens has a standard error of about 1 point, on 8 x 512 about 0.35.
 The runtime side is the GGUF through llama-cpp-python bound to slim-edge's patched library (F16 KV
 cache, no flash attention). The PyTorch side, cumulatively:
 
-    weights     the checkpoint (`load_quantized`: the trained codes, FP embedding/head) or the FP model
+    weights     the checkpoint (`load_quantized`: the trained codes, FP embedding/head) or the FP model;
+                a checkpoint trained with --act-quant / --runtime-attention rounds as the runtime does already
+                (with both it is the act+kv+rope simulation, and the later variants apply it a second time)
     file        + every weight the GGUF holds, dequantized: the Q8_0 embedding/head of an export (its
                 linears are bit-exact already), or every tensor of a baseline such as a Q8_0 file
     act         + each matmul's input rounded to its weight type's vec_dot_type (Q8_0 / Q8_K / F16)
