@@ -249,6 +249,9 @@ def use_f16_kv_attention(model) -> str:
 def use_runtime_attention(model) -> None:
     """From now on `model` attends as the runtime does: F16 KV cache (`f16_kv_attention`) and ggml's rope
     angles. What `slim-edge quantize --runtime-attention` trains with and its checkpoints reload with."""
+    if not rope_supported(model.config):
+        raise SlimEdgeError(f"--runtime-attention models plain rope only; this model's rope is "
+                            f"{getattr(model.config, 'rope_parameters', None)}: train without --runtime-attention")
     hook_rope(model)
     use_f16_kv_attention(model)
 

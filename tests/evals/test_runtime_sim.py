@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from slim_edge.errors import SlimEdgeError
 from slim_edge.evals.runtime_sim import (VEC_DOT, fake_activation, ggml_rope_cos_sin, q8_0_bytes, q8_k_bytes,
                                          q8_k_reference, quantize_q8_0, quantize_q8_k, simulate)
 
@@ -181,3 +182,15 @@ def test_f16_kv_attention_keeps_small_gradients():
         grads.append(qq.grad)
     assert grads[1].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0] * 1e-9, rtol=1e-4, atol=0)
+
+
+def test_runtime_attention_refuses_a_rope_it_does_not_model(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from slim_edge.evals.runtime_sim import use_runtime_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(SlimEdgeError, match="train without --runtime-attention"):
+        use_runtime_attention(model)
+    assert model.config._attn_implementation != "slim_edge_f16kv"
