@@ -187,6 +187,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
             "slim_edge.type_ids": json.dumps({f: FORMATS[f].type_id for f in used if f in FORMATS}),
             "slim_edge.runtime": ("slim-edge patched llama.cpp (types: " + ", ".join(custom) + ")") if custom
             else "stock llama.cpp",
+            "slim_edge.trained_for": json.dumps(trained_for(meta["config"])),
             "slim_edge.training": json.dumps({k: meta.get(k) for k in ("training", "distill_loss", "calibration")
                                               if k in meta} | {"steps": meta["config"]["steps"]}),
         }
@@ -203,8 +204,14 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
     bits = sum(e["shape"][0] * e["shape"][1] * get_format(e["format"]).bits_per_weight for e in plan.values())
     summary = {"file": str(out), "bytes": size, "scheme": meta["config"]["scheme"], "types": types,
                "linear_bits_per_weight": bits / max(n_lin, 1), "needs_patched_runtime": bool(custom),
-               "custom_types": custom, "kept": kept}
+               "custom_types": custom, "kept": kept, "trained_for": trained_for(meta["config"])}
     return summary
+
+
+def trained_for(config: dict) -> dict:
+    """Which of the runtime's roundings the checkpoint's model includes (quantize --act-quant /
+    --runtime-attention): the runtime must keep them to compute what was trained."""
+    return {"act_quant": bool(config.get("act_quant")), "runtime_attention": bool(config.get("runtime_attention"))}
 
 
 def _encode_kept(x: np.ndarray, kind: str) -> np.ndarray:

@@ -103,6 +103,20 @@ def test_export_is_bit_exact(scheme, tiny_exports):
     assert inspect_gguf(out, "patched")["loads"]
 
 
+def test_export_says_what_runtime_roundings_the_model_was_trained_through(tiny_smol, tiny_text, tmp_path):
+    from slim_edge.converters.model_card import write_card
+
+    config = QuantConfig(scheme="sherry", steps=1, batch_size=1, seq_len=32, calib=str(tiny_text), act_quant=True,
+                         runtime_attention=True)
+    run_quantize(str(tiny_smol), config, tmp_path / "ckpt", progress=False)
+    summary = export_checkpoint(tmp_path / "ckpt", tmp_path / "m.gguf")
+    assert summary["trained_for"] == {"act_quant": True, "runtime_attention": True}
+    meta = read_tensor_table(tmp_path / "m.gguf", metadata=True).metadata
+    assert json.loads(meta["slim_edge.trained_for"]) == summary["trained_for"]
+    card = write_card(tmp_path / "m.gguf", summary, "ckpt").read_text()
+    assert "keep llama.cpp's default F16 KV cache" in card
+
+
 @pytest.mark.parametrize("scheme,type_id", [("seq2", 44), ("sherry", 43), ("q2", 42)])
 def test_metadata_of_custom_ids_reads_back(scheme, type_id, tiny_exports, tiny_smol, tmp_path):
     """slim-edge's reader gives the metadata that export wrote, where gguf-py 0.19.0 refuses the file."""
@@ -122,6 +136,7 @@ def test_metadata_of_custom_ids_reads_back(scheme, type_id, tiny_exports, tiny_s
     used = set(summary["types"].values()) - {"f32"}
     assert json.loads(meta["slim_edge.type_ids"]) == {f: get_format(f).type_id for f in used}
     assert json.loads(meta["slim_edge.training"])["steps"] == 2
+    assert json.loads(meta["slim_edge.trained_for"]) == {"act_quant": False, "runtime_attention": False}
     assert meta["slim_edge.runtime"].startswith("slim-edge patched" if type_id != 42 else "stock")
     assert table.kv_types["slim_edge.export_format_version"] == "uint32"
     vocab = json.loads((tiny_smol / "tokenizer.json").read_text())["model"]
