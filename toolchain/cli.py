@@ -56,7 +56,8 @@ def quantize(
         "--runtime-attention", help="train attending as the runtime does: K, V, Q and the attention "
                                     "probabilities in half precision (llama.cpp's F16 KV cache) and ggml's rope "
                                     "angles; the checkpoint keeps it. With --act-quant the PyTorch model then "
-                                    "rounds everything the runtime rounds: Sherry's top-1 agreement with llama.cpp went 93.0 -> 96.0 % (eager attention: more GPU memory)")] = False,
+                                    "rounds everything the runtime rounds: Sherry's top-1 agreement with "
+                                    "llama.cpp went 93.0 -> 96.0 % (eager attention: more GPU memory)")] = False,
     arenas_lambda: Annotated[Optional[float], typer.Option(
         help="Sherry's Arenas peak weight; 0 = off. Default: 1.0 from a full-precision model, 0 when MODEL is a "
              "checkpoint (its codes are trained; a new residual branch would have to be trained away again)",
