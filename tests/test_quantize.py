@@ -278,28 +278,32 @@ def test_time_limit_saves_what_is_trained(tiny_llama, tiny_text, tmp_path):
     assert not (tmp_path / "o.partial").exists()
 
 
+def _train_and_reload(tiny_llama, tiny_text, tmp_path, **flags):
+    """20 QAT steps of sherry with `flags` (runtime roundings); the reloaded model, and the same checkpoint
+    reloaded with the flags off (plain nn.Linear inputs, stock attention), and the plan's type ids."""
+    out = tmp_path / "ckpt"
+    config = QuantConfig(scheme="sherry", steps=20, calib=str(tiny_text), **flags, **FAST)
+    report = run_quantize(str(tiny_llama), config, out, progress=False)
+    assert report["distill_loss"]["final"] < 0.9 * report["distill_loss"]["ptq"]
+    meta = read_meta(out)
+    assert all(meta["config"][k] is True for k in flags)
+    plain = tmp_path / "plain"
+    shutil.copytree(out, plain)
+    qc = json.loads((plain / "quant_config.json").read_text())
+    qc["config"].update({k: False for k in flags})
+    (plain / "quant_config.json").write_text(json.dumps(qc))
+    types = {e["name"]: e["type_id"] for e in meta["plan"]}
+    return out, plain, load_quantized(out)[0], load_quantized(plain)[0], types
+
+
 def test_act_quant_trains_and_reloads_as_the_runtime_rounds(tiny_llama, tiny_text, tmp_path):
     """--act-quant: QAT through the runtime's Q8_K input rounding (STE) lowers the loss; the reloaded model
     keeps the rounding and equals, bit for bit, the plain model under the parity simulation's rounding."""
     from safetensors.torch import load_file
     from slim_edge.evals.runtime_sim import simulate
 
-    out = tmp_path / "act"
-    config = QuantConfig(scheme="sherry", steps=20, calib=str(tiny_text), act_quant=True, **FAST)
-    report = run_quantize(str(tiny_llama), config, out, progress=False)
-    assert report["distill_loss"]["final"] < 0.9 * report["distill_loss"]["ptq"]
-    meta = read_meta(out)
-    assert meta["config"]["act_quant"] is True
+    out, plain, act_model, plain_model, types = _train_and_reload(tiny_llama, tiny_text, tmp_path, act_quant=True)
     x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
-    act_model, _ = load_quantized(out)
-    # the same checkpoint without the flag: plain nn.Linear inputs
-    plain = tmp_path / "plain"
-    shutil.copytree(out, plain)
-    qc = json.loads((plain / "quant_config.json").read_text())
-    qc["config"]["act_quant"] = False
-    (plain / "quant_config.json").write_text(json.dumps(qc))
-    plain_model, _ = load_quantized(plain)
-    types = {e["name"]: e["type_id"] for e in meta["plan"]}
     with torch.no_grad():
         a = act_model(x).logits
         b = plain_model(x).logits
@@ -317,22 +321,9 @@ def test_runtime_attention_trains_and_reloads_as_the_runtime_attends(tiny_llama,
     (act+kv+rope), and differs from the --act-quant-only model."""
     from slim_edge.evals.runtime_sim import simulate
 
-    out = tmp_path / "rt"
-    config = QuantConfig(scheme="sherry", steps=20, calib=str(tiny_text), act_quant=True, runtime_attention=True,
-                         **FAST)
-    report = run_quantize(str(tiny_llama), config, out, progress=False)
-    assert report["distill_loss"]["final"] < 0.9 * report["distill_loss"]["ptq"]
-    meta = read_meta(out)
-    assert meta["config"]["runtime_attention"] is True
+    out, _, rt_model, plain_model, types = _train_and_reload(tiny_llama, tiny_text, tmp_path, act_quant=True,
+                                                             runtime_attention=True)
     x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
-    rt_model, _ = load_quantized(out)
-    plain = tmp_path / "plain"
-    shutil.copytree(out, plain)
-    qc = json.loads((plain / "quant_config.json").read_text())
-    qc["config"].update(act_quant=False, runtime_attention=False)
-    (plain / "quant_config.json").write_text(json.dumps(qc))
-    plain_model, _ = load_quantized(plain)
-    types = {e["name"]: e["type_id"] for e in meta["plan"]}
     with torch.no_grad():
         a = rt_model(x).logits
         with simulate(plain_model, types, activations=True, kv_f16=False):
