@@ -180,6 +180,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
         writer.add_uint32("general.file_type", FILE_TYPES.get(primary, 0))
         used = sorted({v for v in types.values()})
         custom = [f for f in used if f in FORMATS and not FORMATS[f].stock]
+        rounded_as_runtime = trained_for(meta["config"])
         slim = {
             "slim_edge.export_format_version": EXPORT_FORMAT_VERSION,
             "slim_edge.scheme": meta["config"]["scheme"],
@@ -187,7 +188,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
             "slim_edge.type_ids": json.dumps({f: FORMATS[f].type_id for f in used if f in FORMATS}),
             "slim_edge.runtime": ("slim-edge patched llama.cpp (types: " + ", ".join(custom) + ")") if custom
             else "stock llama.cpp",
-            "slim_edge.trained_for": json.dumps(trained_for(meta["config"])),
+            "slim_edge.trained_for": json.dumps(rounded_as_runtime),
             "slim_edge.training": json.dumps({k: meta.get(k) for k in ("training", "distill_loss", "calibration")
                                               if k in meta} | {"steps": meta["config"]["steps"]}),
         }
@@ -204,7 +205,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
     bits = sum(e["shape"][0] * e["shape"][1] * get_format(e["format"]).bits_per_weight for e in plan.values())
     summary = {"file": str(out), "bytes": size, "scheme": meta["config"]["scheme"], "types": types,
                "linear_bits_per_weight": bits / max(n_lin, 1), "needs_patched_runtime": bool(custom),
-               "custom_types": custom, "kept": kept, "trained_for": trained_for(meta["config"])}
+               "custom_types": custom, "kept": kept, "trained_for": rounded_as_runtime}
     return summary
 
 

@@ -207,10 +207,10 @@ def rope_supported(config) -> bool:
     return params.get("rope_type", "default") == "default" and getattr(config, "partial_rotary_factor", 1.0) == 1.0
 
 
-def _rope_hook(config):
+def _rope_hook(config, fix: str):
     if not rope_supported(config):
         raise SlimEdgeError(f"rope simulation covers plain rope only; this model's rope is "
-                            f"{getattr(config, 'rope_parameters', None)}: run without the rope variant")
+                            f"{getattr(config, 'rope_parameters', None)}: {fix}")
     params = getattr(config, "rope_parameters", None) or {}
     base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -230,12 +230,14 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, eager_mask)
 
 
-def hook_rope(model) -> list:
-    """Make every rotary module of `model` return ggml's angles (`ggml_rope_cos_sin`); the hook handles."""
+def hook_rope(model, fix: str = "run without the rope variant") -> list:
+    """Make every rotary module of `model` return ggml's angles (`ggml_rope_cos_sin`); the hook handles.
+    A rope it does not model is an error that ends with `fix`, what the caller's user should do instead."""
     rotary = [m for n, m in model.named_modules() if n.endswith("rotary_emb")]
     if not rotary:
         raise SlimEdgeError(f"{type(model).__name__} has no rotary_emb module to simulate ggml's rope on")
-    return [m.register_forward_hook(_rope_hook(model.config), with_kwargs=True) for m in rotary]
+    hook = _rope_hook(model.config, fix)
+    return [m.register_forward_hook(hook, with_kwargs=True) for m in rotary]
 
 
 def use_f16_kv_attention(model) -> str:
@@ -249,10 +251,7 @@ def use_f16_kv_attention(model) -> str:
 def use_runtime_attention(model) -> None:
     """From now on `model` attends as the runtime does: F16 KV cache (`f16_kv_attention`) and ggml's rope
     angles. What `slim-edge quantize --runtime-attention` trains with and its checkpoints reload with."""
-    if not rope_supported(model.config):
-        raise SlimEdgeError(f"--runtime-attention models plain rope only; this model's rope is "
-                            f"{getattr(model.config, 'rope_parameters', None)}: train without --runtime-attention")
-    hook_rope(model)
+    hook_rope(model, fix="train without --runtime-attention")
     use_f16_kv_attention(model)
 
 
