@@ -11,7 +11,7 @@
 # PATCHED_LLAMA_CPP_DIR: e.g. `slim-edge runtime source DIR`. OUT_DIR gets five files: cpu.txt, and per
 # flavor FLAVOR.log (the build) and FLAVOR.txt (selftest, each type's best ns/weight, every bench line);
 # build trees go to a temporary directory. A flavor the CPU cannot run is built, then skipped (the reason
-# is in its .txt). Exit status 1 if a selftest fails.
+# is in its .txt). Exit status 1 if a selftest fails. SELFTEST_ONLY=1: the selftests, no timing.
 set -euo pipefail
 
 src=$(cd "$1" && pwd)
@@ -61,6 +61,7 @@ for flavor in host-avx2 host-avx512; do
         continue
     fi
     "$bld/kernel_check" selftest stq1_0 q2_0c q2_0 | tee "$res" || status=1
+    [[ -n "${SELFTEST_ONLY:-}" ]] && continue
     # the timing of evals/reports/kernel_bench_x86.md, five rounds on one core, then each type's best
     for _ in 1 2 3 4 5; do
         for t in stq1_0 q2_0c q2_0 tq2_0 tq1_0 q4_0; do

@@ -3,6 +3,7 @@
 #
 #   evals/device_x86.sh prepare SRC.tar.gz WHEELS_DIR OUT   # kernels (device_kernels.sh; SKIP_KERNELS=1: not)
 #                                                           # + llama-bench/llama-quantize + the models
+#                                                           # (SHAPES, TYPES: fewer than all)
 #   evals/device_x86.sh bench SHAPE OUT                     # llama-bench, 4 lanes of 2 types on own cores
 #   evals/device_x86.sh prefill SHAPE OUT                   # STQ1_0, Q2_0C: tiled GEMM vs vec_dot (patch 0007)
 #   evals/device_x86.sh solo SHAPE OUT                      # one type at a time on 2 cores; STQ1_0 twice:
@@ -44,7 +45,7 @@ prepare)
         > "$out/build.log" 2>&1
     cmake --build "$W/build" -j "$(nproc)" --target llama-bench llama-quantize >> "$out/build.log" 2>&1
     PYTHONPATH=$W/site python3 -m slim_edge.evals.kernel_bench --prepare --bin-dir "$W/build/bin" --work "$W/models" \
-        $(for s in ${SHAPES:-llama-3.2-1b 1.8b}; do echo --shape "$s"; done) 2>&1 | tail -20
+        $(for s in ${SHAPES:-llama-3.2-1b 1.8b}; do echo --shape "$s"; done) ${TYPES:+--types "$TYPES"} 2>&1 | tail -20
     ;;
 bench|prefill)
     shape=$2 out=$3
