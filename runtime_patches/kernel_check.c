@@ -216,7 +216,7 @@ static int selftest_type(enum ggml_type type) {
     int fails = 0;
     const int64_t ks[] = { blk, 2*blk, 1024 > blk ? 1024 : 2*blk, 4096, 4096 + blk };
     for (size_t ik = 0; ik < sizeof(ks)/sizeof(ks[0]); ++ik) {
-        const int64_t k = ks[ik], m = 71, n = 19;  // 71 rows: 2 x 32 + 7 and 4 x 16 + 7 (table tiles)
+        const int64_t k = ks[ik], m = 71, n = 19;  // 71 rows: 4 decode-table tiles of 16 + a vec_dot tail of 7
         if (k % blk) continue;
         float * wf = malloc(m*k*sizeof(float));
         float * x  = malloc(n*k*sizeof(float));
