@@ -8,15 +8,18 @@ import json
 import re
 import subprocess
 
+import numpy as np
 import pytest
 
 from slim_edge import runtime
 from slim_edge.converters.gguf_read import read_tensor_table
+from slim_edge.converters.gguf_types import tensor_bytes, tensor_values
+from slim_edge.formats import get_format
 from slim_edge.evals.tiny_gguf import write_tiny_llama_gguf
 
 pytestmark = pytest.mark.runtime
 
-STQ1_0, Q2_0C, Q4_K, Q6_K, F32 = 43, 44, 12, 14, 0
+STQ1_0, Q2_0C, Q4_K, Q6_K, F32, F16, BF16 = 43, 44, 12, 14, 0, 1, 30
 LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -60,6 +63,29 @@ def test_quantize_and_generate(host, f16, tmp_path, ftype, type_id):
     assert [(r["n_prompt"], r["n_gen"]) for r in rows] == [(16, 0), (0, 8)]
     assert all(r["avg_ts"] > 0 for r in rows)
     assert all(r["model_type"].startswith("llama") and ftype in r["model_type"] for r in rows), rows
+
+@pytest.mark.parametrize("source,source_id", [("F16", F16), ("BF16", BF16)])
+def test_llama_quantize_writes_the_reference_bytes(host, f16, tmp_path, source, source_id):
+    """The PTQ path from an F16 or a BF16 GGUF (BF16 made by llama-quantize itself): without an imatrix,
+    llama-quantize's STQ1_0 and Q2_0C tensors are byte for byte slim-edge's numpy reference quantizers
+    applied to the source tensor's values."""
+    src = f16
+    if source == "BF16":
+        src = tmp_path / "tiny-bf16.gguf"
+        run([*host.argv("llama-quantize"), f16, src, "BF16", "2"])
+    src_table = read_tensor_table(src)
+    for ftype, type_id in (("STQ1_0", STQ1_0), ("Q2_0C", Q2_0C)):
+        out = tmp_path / f"tiny-{source}-{ftype}.gguf"
+        run([*host.argv("llama-quantize"), src, out, ftype, "2"])
+        out_table = read_tensor_table(out)
+        for name in ("blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.1.ffn_down.weight"):
+            assert tensor_bytes(src, name, src_table)[0] == source_id
+            got_id, shape, raw = tensor_bytes(out, name, out_table)
+            assert got_id == type_id and shape == tensor_bytes(src, name, src_table)[1]
+            want = get_format(ftype).quantize(tensor_values(src, name, src_table))
+            bad = np.nonzero((raw.reshape(want.shape) != want).any(axis=1))[0]
+            assert bad.size == 0, f"{source} -> {ftype} {name}: rows {bad[:8].tolist()} differ"
+
 
 def perplexity_of(argv, chunks: int, timeout=600) -> float:
     """llama-perplexity's estimate after `chunks` chunks ('[4]522.4660,'). llama.cpp's asynchronous logger
