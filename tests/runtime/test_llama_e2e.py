@@ -87,6 +87,34 @@ def test_llama_quantize_writes_the_reference_bytes(host, f16, tmp_path, source, 
             assert bad.size == 0, f"{source} -> {ftype} {name}: rows {bad[:8].tolist()} differ"
 
 
+def test_llama_quantize_weighs_by_the_imatrix_as_the_reference_does(host, f16, lee_text, tmp_path):
+    """llama-imatrix on real text, then llama-quantize --imatrix: the STQ1_0 and Q2_0C bytes are the numpy
+    reference quantizers' with importance = in_sum2 / counts from the imatrix file (as llama-quantize divides),
+    and they differ from the unweighted bytes, so the imatrix reached the quantizer."""
+    import gguf
+
+    imatrix = tmp_path / "imatrix.gguf"
+    run([*host.argv("llama-imatrix"), "-m", f16, "-f", lee_text, "-o", imatrix, "-c", "128", "--chunks", "3",
+         "-t", "2", "--no-ppl"])
+    stats = {t.name: np.asarray(t.data, np.float32).ravel() for t in gguf.GGUFReader(imatrix).tensors}
+    src_table = read_tensor_table(f16)
+    for ftype, type_id in (("STQ1_0", STQ1_0), ("Q2_0C", Q2_0C)):
+        out = tmp_path / f"tiny-imatrix-{ftype}.gguf"
+        run([*host.argv("llama-quantize"), "--imatrix", imatrix, f16, out, ftype, "2"])
+        out_table = read_tensor_table(out)
+        for name in ("blk.0.attn_q.weight", "blk.1.ffn_down.weight"):
+            x = tensor_values(f16, name, src_table)
+            count = np.float32(round(float(stats[f"{name}.counts"][0])))
+            assert count > 0
+            importance = stats[f"{name}.in_sum2"] / count
+            got_id, _, raw = tensor_bytes(out, name, out_table)
+            want = get_format(ftype).quantize(x, importance)
+            assert got_id == type_id
+            bad = np.nonzero((raw.reshape(want.shape) != want).any(axis=1))[0]
+            assert bad.size == 0, f"{ftype} {name}: rows {bad[:8].tolist()} differ"
+            assert (want != get_format(ftype).quantize(x)).any(axis=1).mean() > 0.5
+
+
 def perplexity_of(argv, chunks: int, timeout=600) -> float:
     """llama-perplexity's estimate after `chunks` chunks ('[4]522.4660,'). llama.cpp's asynchronous logger
     sometimes loses its last lines at exit, so a run whose output lacks that figure is run again."""
