@@ -115,6 +115,27 @@ def test_llama_quantize_weighs_by_the_imatrix_as_the_reference_does(host, f16, l
             assert (want != get_format(ftype).quantize(x)).any(axis=1).mean() > 0.5
 
 
+@pytest.mark.parametrize("ftype,d_offset", [("STQ1_0", 40), ("Q2_0C", 0)])  # where the fp16 scale sits in a block
+def test_check_tensors_rejects_a_nan_scale(host, f16, tmp_path, ftype, d_offset):
+    """Row validation (ggml_validate_row_data) for the new types: with --check-tensors, a file whose first
+    block of blk.0.attn_q.weight has a NaN scale is refused, naming the tensor; the intact file loads."""
+    good = tmp_path / f"tiny-{ftype}.gguf"
+    run([*host.argv("llama-quantize"), f16, good, ftype, "2"])
+    bad = tmp_path / f"tiny-{ftype}-nan.gguf"
+    data = bytearray(good.read_bytes())
+    table = read_tensor_table(good)
+    t = next(t for t in table.tensors if t.name == "blk.0.attn_q.weight")
+    at = table.data_start + t.offset + d_offset
+    data[at:at + 2] = np.float16(np.nan).tobytes()
+    bad.write_bytes(bytes(data))
+    argv = ["-p", "hi", "-n", "1", "-no-cnv", "-c", "64", "-t", "2", "--no-warmup", "--check-tensors"]
+    run([*host.argv("llama-completion"), "-m", good, *argv])
+    proc = subprocess.run([str(a) for a in [*host.argv("llama-completion"), "-m", bad, *argv]],
+                          capture_output=True, text=True, errors="replace", timeout=600)
+    assert proc.returncode != 0
+    assert "tensor 'blk.0.attn_q.weight' has invalid data" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
 def perplexity_of(argv, chunks: int, timeout=600) -> float:
     """llama-perplexity's estimate after `chunks` chunks ('[4]522.4660,'). llama.cpp's asynchronous logger
     sometimes loses its last lines at exit, so a run whose output lacks that figure is run again."""
