@@ -8,6 +8,8 @@
 //                                                                         the dequantized quantized activations
 //                                                                         (OUT = [2, N, M] float32)
 //   kernel_check mulmat     TYPE K W.bin X.f32 OUT.f32 [THREADS]         ggml_mul_mat on the CPU backend, OUT = [N, M]
+//   kernel_check getrows    TYPE K W.bin IDS.i32 OUT.f32 [THREADS]       ggml_get_rows on the CPU backend (the token
+//                                                                         embedding lookup), OUT = [N_IDS, K]
 //   kernel_check selftest   [TYPE ...]                                    random rows: vec_dot and mul_mat against the
 //                                                                         exact reference; exit status 1 on a mismatch
 //   kernel_check bench      TYPE K M [REPS]                               ns per weight of vec_dot (one thread)
@@ -138,6 +140,24 @@ static void mulmat(enum ggml_type type, int64_t k, const void * w, int64_t m, co
     ggml_free(ctx);
 }
 
+static void getrows(enum ggml_type type, int64_t k, const void * w, int64_t m, const int32_t * ids, int64_t n,
+                    float * out, int n_threads) {
+    const size_t mem = ggml_row_size(type, k)*m + (size_t) n*(k*sizeof(float) + sizeof(int32_t))
+                     + 16*ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 20);
+    struct ggml_init_params params = { mem, NULL, false };
+    struct ggml_context * ctx = ggml_init(params);
+    struct ggml_tensor * tw = ggml_new_tensor_2d(ctx, type, k, m);
+    struct ggml_tensor * ti = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    memcpy(tw->data, w, ggml_nbytes(tw));
+    memcpy(ti->data, ids, ggml_nbytes(ti));
+    struct ggml_tensor * ty = ggml_get_rows(ctx, tw, ti);  // [k, n] float32
+    struct ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, ty);
+    if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) die("get_rows failed", NULL);
+    memcpy(out, ty->data, ggml_nbytes(ty));
+    ggml_free(ctx);
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -260,7 +280,7 @@ static int selftest_type(enum ggml_type type) {
 
 int main(int argc, char ** argv) {
     ggml_cpu_init();
-    if (argc < 2) die("usage: kernel_check quantize|dequantize|vecdot|mulmat|selftest|bench|benchmm ...", NULL);
+    if (argc < 2) die("usage: kernel_check quantize|dequantize|vecdot|mulmat|getrows|selftest|bench|benchmm ...", NULL);
     const char * mode = argv[1];
 
     if (strcmp(mode, "selftest") == 0) {
@@ -321,6 +341,20 @@ int main(int argc, char ** argv) {
             mulmat(type, k, w, m, x, n, out, argc > 7 ? atoi(argv[7]) : 2);
             write_file(argv[6], out, n*m*sizeof(float));
         }
+        return 0;
+    }
+    if (strcmp(mode, "getrows") == 0) {
+        if (argc < 7) die("getrows TYPE K W.bin IDS.i32 OUT.f32 [THREADS]", NULL);
+        size_t szw, szi;
+        void    * w   = read_file(argv[4], &szw);
+        int32_t * ids = read_file(argv[5], &szi);
+        const int64_t m = szw / ggml_row_size(type, k), n = szi / sizeof(int32_t);
+        for (int64_t i = 0; i < n; ++i) {
+            if (ids[i] < 0 || ids[i] >= m) die("a row id is outside the matrix", argv[5]);
+        }
+        float * out = malloc(n*k*sizeof(float));
+        getrows(type, k, w, m, ids, n, out, argc > 7 ? atoi(argv[7]) : 2);
+        write_file(argv[6], out, n*k*sizeof(float));
         return 0;
     }
     if (strcmp(mode, "bench") == 0) {

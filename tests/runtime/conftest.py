@@ -155,6 +155,11 @@ class KernelCheck:
         out = np.fromfile(self.tmp / "out.f32", np.float32).reshape(2, x.shape[0], raw.shape[0])
         return out[0], out[1]
 
+    def getrows(self, type_name: str, raw: np.ndarray, n: int, ids, threads: int = 2) -> np.ndarray:
+        pw, pi = self._files(raw, np.asarray(ids, np.int32))
+        self.run("getrows", type_name, n, pw, pi, self.tmp / "out.f32", threads)
+        return np.fromfile(self.tmp / "out.f32", np.float32).reshape(len(ids), n)
+
     def mulmat(self, type_name: str, raw: np.ndarray, x: np.ndarray, threads: int = 2,
                env: dict[str, str] | None = None) -> np.ndarray:
         pw, px = self._files(raw, x.astype(np.float32))

@@ -48,6 +48,17 @@ def test_reference_quantize_is_bit_exact(kernel_check, name, imatrix):
     assert bad.size == 0, f"rows {bad.tolist()} differ; first: {got[bad[0]][:16]} vs {want[bad[0]][:16]}"
 
 
+@pytest.mark.parametrize("name", NEW)
+def test_get_rows_is_the_dequantized_rows(kernel_check, name):
+    """get_rows, the token-embedding lookup: the numpy-dequantized rows bit for bit, in any order, repeated."""
+    rng = np.random.default_rng(6)
+    raw = get_format(name).quantize(weight_rows(rng, rows=9))  # 9 + the edge rows
+    ids = np.array([3, 0, raw.shape[0] - 1, 3, 7, 1], np.int32)
+    got = kernel_check.getrows(name, raw, K, ids, threads=3)
+    want = get_format(name).dequantize(raw, K)[ids]
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.parametrize("name", NEW + ("q2_0",))
 def test_dequantize_is_bit_exact(kernel_check, name):
     rng = np.random.default_rng(2)
