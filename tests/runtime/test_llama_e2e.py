@@ -64,6 +64,7 @@ def test_quantize_and_generate(host, f16, tmp_path, ftype, type_id):
     assert all(r["avg_ts"] > 0 for r in rows)
     assert all(r["model_type"].startswith("llama") and ftype in r["model_type"] for r in rows), rows
 
+
 @pytest.mark.parametrize("source,source_id", [("F16", F16), ("BF16", BF16)])
 def test_llama_quantize_writes_the_reference_bytes(host, f16, tmp_path, source, source_id):
     """The PTQ path from an F16 or a BF16 GGUF (BF16 made by llama-quantize itself): without an imatrix,
@@ -79,9 +80,9 @@ def test_llama_quantize_writes_the_reference_bytes(host, f16, tmp_path, source, 
         run([*host.argv("llama-quantize"), src, out, ftype, "2"])
         out_table = read_tensor_table(out)
         for name in ("blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.1.ffn_down.weight"):
-            assert tensor_bytes(src, name, src_table)[0] == source_id
+            src_id, src_shape, _ = tensor_bytes(src, name, src_table)
             got_id, shape, raw = tensor_bytes(out, name, out_table)
-            assert got_id == type_id and shape == tensor_bytes(src, name, src_table)[1]
+            assert src_id == source_id and got_id == type_id and shape == src_shape
             want = get_format(ftype).quantize(tensor_values(src, name, src_table))
             bad = np.nonzero((raw.reshape(want.shape) != want).any(axis=1))[0]
             assert bad.size == 0, f"{source} -> {ftype} {name}: rows {bad[:8].tolist()} differ"
