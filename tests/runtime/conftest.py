@@ -41,6 +41,11 @@ class Flavor:
     cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo flags the host needs to run it
 
     @property
+    def decode_tables(self) -> bool:
+        """Patch 0009's STQ1_0 decode tables are compiled in (x86 with AVX2); elsewhere decode is vec_dot."""
+        return "-DGGML_AVX2=ON" in self.cmake
+
+    @property
     def programs(self) -> list[str]:
         return [self.cc, "cmake"] + (["qemu-aarch64"] if self.qemu_cpu else [])
 
@@ -48,6 +53,9 @@ class Flavor:
 X86_AVX2 = ("-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON")
 X86_AVX2_FLAGS = ("avx2", "fma", "f16c", "bmi2")
 FLAVORS = {
+    # no SIMD beyond x86-64's SSE2: every new type runs its generic C kernels
+    "host-generic": Flavor("host-generic", ("-DGGML_SSE42=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF",
+                                            "-DGGML_F16C=OFF", "-DGGML_BMI2=OFF", "-DGGML_AVX512=OFF"), "c++"),
     "host-avx2": Flavor("host-avx2", (*X86_AVX2, "-DGGML_AVX512=OFF"), "c++", cpu_flags=X86_AVX2_FLAGS),
     # GGML_AVX512 compiles with -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw
     "host-avx512": Flavor("host-avx512", (*X86_AVX2, "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=OFF",
