@@ -10,6 +10,10 @@
 //   kernel_check mulmat     TYPE K W.bin X.f32 OUT.f32 [THREADS]         ggml_mul_mat on the CPU backend, OUT = [N, M]
 //   kernel_check getrows    TYPE K W.bin IDS.i32 OUT.f32 [THREADS]       ggml_get_rows on the CPU backend (the token
 //                                                                         embedding lookup), OUT = [N_IDS, K]
+//   kernel_check mulmatid   TYPE K W.bin X.f32 IDS.i32 OUT.f32 N_EXPERTS [THREADS]
+//                                                                         ggml_mul_mat_id (MoE experts): W = N_EXPERTS
+//                                                                         x M rows, X = T tokens, IDS = [T, N_USED],
+//                                                                         OUT = [T, N_USED, M]
 //   kernel_check selftest   [TYPE ...]                                    random rows: vec_dot and mul_mat against the
 //                                                                         exact reference; exit status 1 on a mismatch
 //   kernel_check bench      TYPE K M [REPS]                               ns per weight of vec_dot (one thread)
@@ -158,6 +162,26 @@ static void getrows(enum ggml_type type, int64_t k, const void * w, int64_t m, c
     ggml_free(ctx);
 }
 
+static void mulmatid(enum ggml_type type, int64_t k, const void * w, int64_t m, int64_t n_as, const float * x,
+                     int64_t n_tok, const int32_t * ids, int64_t n_used, float * out, int n_threads) {
+    const size_t mem = ggml_row_size(type, k)*m*n_as + (size_t) n_tok*(k + n_used*m + n_used)*sizeof(float)
+                     + 16*ggml_tensor_overhead() + ggml_graph_overhead() + (16 << 20);
+    struct ggml_init_params params = { mem, NULL, false };
+    struct ggml_context * ctx = ggml_init(params);
+    struct ggml_tensor * tw = ggml_new_tensor_3d(ctx, type, k, m, n_as);
+    struct ggml_tensor * tx = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, k, 1, n_tok);  // one row, used by every slot
+    struct ggml_tensor * ti = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_used, n_tok);
+    memcpy(tw->data, w, ggml_nbytes(tw));
+    memcpy(tx->data, x, ggml_nbytes(tx));
+    memcpy(ti->data, ids, ggml_nbytes(ti));
+    struct ggml_tensor * ty = ggml_mul_mat_id(ctx, tw, tx, ti);  // [m, n_used, n_tok]
+    struct ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, ty);
+    if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) die("mul_mat_id failed", NULL);
+    memcpy(out, ty->data, ggml_nbytes(ty));
+    ggml_free(ctx);
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -280,7 +304,7 @@ static int selftest_type(enum ggml_type type) {
 
 int main(int argc, char ** argv) {
     ggml_cpu_init();
-    if (argc < 2) die("usage: kernel_check quantize|dequantize|vecdot|mulmat|getrows|selftest|bench|benchmm ...", NULL);
+    if (argc < 2) die("usage: kernel_check quantize|dequantize|vecdot|mulmat|getrows|mulmatid|selftest|bench|benchmm ...", NULL);
     const char * mode = argv[1];
 
     if (strcmp(mode, "selftest") == 0) {
@@ -355,6 +379,26 @@ int main(int argc, char ** argv) {
         float * out = malloc(n*k*sizeof(float));
         getrows(type, k, w, m, ids, n, out, argc > 7 ? atoi(argv[7]) : 2);
         write_file(argv[6], out, n*k*sizeof(float));
+        return 0;
+    }
+    if (strcmp(mode, "mulmatid") == 0) {
+        if (argc < 9) die("mulmatid TYPE K W.bin X.f32 IDS.i32 OUT.f32 N_EXPERTS [THREADS]", NULL);
+        size_t szw, szx, szi;
+        void    * w   = read_file(argv[4], &szw);
+        float   * x   = read_file(argv[5], &szx);
+        int32_t * ids = read_file(argv[6], &szi);
+        const int64_t n_as = atoll(argv[8]);
+        const int64_t rows = szw / ggml_row_size(type, k), n_tok = szx / sizeof(float) / k;
+        if (n_as <= 0 || rows % n_as || n_tok <= 0 || (szi / sizeof(int32_t)) % n_tok) {
+            die("W must hold N_EXPERTS equal row blocks and IDS a whole number of ids per token", argv[8]);
+        }
+        const int64_t m = rows / n_as, n_used = szi / sizeof(int32_t) / n_tok;
+        for (int64_t i = 0; i < n_used*n_tok; ++i) {
+            if (ids[i] < 0 || ids[i] >= n_as) die("an expert id is outside N_EXPERTS", argv[6]);
+        }
+        float * out = malloc(n_tok*n_used*m*sizeof(float));
+        mulmatid(type, k, w, m, n_as, x, n_tok, ids, n_used, out, argc > 9 ? atoi(argv[9]) : 2);
+        write_file(argv[7], out, n_tok*n_used*m*sizeof(float));
         return 0;
     }
     if (strcmp(mode, "bench") == 0) {

@@ -168,6 +168,13 @@ class KernelCheck:
         self.run("getrows", type_name, n, pw, pi, self.tmp / "out.f32", threads)
         return np.fromfile(self.tmp / "out.f32", np.float32).reshape(len(ids), n)
 
+    def mulmatid(self, type_name: str, raw: np.ndarray, n_experts: int, x: np.ndarray, ids: np.ndarray,
+                 threads: int = 2) -> np.ndarray:
+        """ggml_mul_mat_id: `raw` holds n_experts equal blocks of rows; token t goes to experts ids[t]."""
+        pw, px, pi = self._files(raw, x.astype(np.float32), np.asarray(ids, np.int32))
+        self.run("mulmatid", type_name, x.shape[1], pw, px, pi, self.tmp / "out.f32", n_experts, threads)
+        return np.fromfile(self.tmp / "out.f32", np.float32).reshape(x.shape[0], ids.shape[1], -1)
+
     def mulmat(self, type_name: str, raw: np.ndarray, x: np.ndarray, threads: int = 2,
                env: dict[str, str] | None = None) -> np.ndarray:
         pw, px = self._files(raw, x.astype(np.float32))

@@ -141,6 +141,22 @@ def test_mul_mat_columns(kernel_check, name, path):
             assert_same_sums(mm, want, mag[:n], n)
 
 
+@pytest.mark.parametrize("name", NEW)
+def test_mul_mat_id_routes_each_token_to_its_experts(kernel_check, name):
+    """mul_mat_id (MoE layers): 4 experts of 21 rows (the edge rows in the last), 6 tokens with 2 experts each; every output is the plain
+    mul_mat of the chosen expert's rows with that token, within float rounding."""
+    raw, acts, _, _, mag = mul_mat_case(kernel_check, name, seed=7, random_rows=77, columns=6)  # 84 rows
+    n_exp, m = 4, raw.shape[0] // 4
+    ids = np.array([[0, 3], [2, 2], [1, 0], [3, 1], [0, 0], [2, 3]], np.int32)
+    got = kernel_check.mulmatid(name, raw, n_exp, acts, ids, threads=3)
+    per_expert = [kernel_check.mulmat(name, raw[e*m:(e + 1)*m], acts) for e in range(n_exp)]
+    want = np.stack([np.stack([per_expert[e][t] for e in ids[t]]) for t in range(len(ids))])
+    scale = np.stack([np.stack([mag[t, e*m:(e + 1)*m] for e in ids[t]]) for t in range(len(ids))])
+    assert got.shape == (6, 2, m)
+    assert_same_sums(got, want, scale, 6)
+    assert np.abs(got).max() > 0
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_stq1_0_decode_tables(kernel_check, threads):
     """x86 decode (patch 0009, the default; GGML_CPU_STQ1_0_LUT=0 turns it off): STQ1_0 with < 16 columns on
