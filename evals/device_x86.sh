@@ -6,6 +6,10 @@
 #                                                           # (SHAPES, TYPES: fewer than all)
 #   evals/device_x86.sh bench SHAPE OUT                     # llama-bench, 4 lanes of 2 types on own cores
 #   evals/device_x86.sh prefill SHAPE OUT                   # STQ1_0, Q2_0C: tiled GEMM vs vec_dot (patch 0007)
+#   VARIANTS="BIN_DIR:type ..." evals/device_x86.sh rounds SHAPE OUT
+#                                                           # decode only (tg64), the variants alternated within
+#                                                           # each of 3 rounds on 2 cores (THREADS="2 1": both):
+#                                                           # builds compared without the drift between calls
 #   evals/device_x86.sh solo SHAPE OUT                      # one type at a time on 2 cores; STQ1_0 twice:
 #                                                           # tables (patch 0009) and GGML_CPU_STQ1_0_LUT=0
 #
@@ -89,7 +93,23 @@ solo)
     GGML_CPU_STQ1_0_LUT=0 run vec_dot --types STQ1_0 --label vec_dot
     tail -n 12 "$out/$shape-base.log" "$out/$shape-vec_dot.log"
     ;;
+rounds)
+    shape=$2 out=$3
+    mkdir -p "$out"
+    mapfile -t cpus < <(physical_cpus)
+    pin=${cpus[2]:-${cpus[0]}},${cpus[3]:-${cpus[1]:-${cpus[0]}}}  # cores 0-1 on a machine with fewer than 4
+    for t in ${THREADS:-2}; do
+        for r in 1 2 3; do
+            for v in ${VARIANTS:?set VARIANTS to \"BIN_DIR:type ...\", e.g. $W/build/bin:stq1_0 $W/build/bin:q4_0}; do
+                bin=${v%%:*} type=${v##*:}
+                tg=$(taskset -c "$pin" "$bin/llama-bench" -m "$W/models/$shape/$type.gguf" -p 0 -n 64 -r 2 -t "$t" \
+                     -o csv 2> /dev/null | tail -n 1 | awk -F, '{ print $(NF - 1) }' | tr -d '"')
+                echo "$shape t=$t round=$r bin=$bin type=$type tg64=$tg" | tee -a "$out/rounds.txt"
+            done
+        done
+    done
+    ;;
 *)
-    echo "usage: $0 prepare SRC.tar.gz WHEELS_DIR OUT | bench SHAPE OUT | prefill SHAPE OUT | solo SHAPE OUT" >&2
+    echo "usage: $0 prepare SRC.tar.gz WHEELS_DIR OUT | bench SHAPE OUT | prefill SHAPE OUT | solo SHAPE OUT | rounds SHAPE OUT" >&2
     exit 2 ;;
 esac
