@@ -144,6 +144,17 @@ static void mulmat(enum ggml_type type, int64_t k, const void * w, int64_t m, co
     ggml_free(ctx);
 }
 
+// the int32 ids of PATH (their count in *n), each checked to lie in [0, limit)
+static int32_t * read_ids(const char * path, int64_t limit, int64_t * n, const char * what) {
+    size_t sz;
+    int32_t * ids = read_file(path, &sz);
+    *n = sz / sizeof(int32_t);
+    for (int64_t i = 0; i < *n; ++i) {
+        if (ids[i] < 0 || ids[i] >= limit) die(what, path);
+    }
+    return ids;
+}
+
 static void getrows(enum ggml_type type, int64_t k, const void * w, int64_t m, const int32_t * ids, int64_t n,
                     float * out, int n_threads) {
     const size_t mem = ggml_row_size(type, k)*m + (size_t) n*(k*sizeof(float) + sizeof(int32_t))
@@ -369,13 +380,11 @@ int main(int argc, char ** argv) {
     }
     if (strcmp(mode, "getrows") == 0) {
         if (argc < 7) die("getrows TYPE K W.bin IDS.i32 OUT.f32 [THREADS]", NULL);
-        size_t szw, szi;
-        void    * w   = read_file(argv[4], &szw);
-        int32_t * ids = read_file(argv[5], &szi);
-        const int64_t m = szw / ggml_row_size(type, k), n = szi / sizeof(int32_t);
-        for (int64_t i = 0; i < n; ++i) {
-            if (ids[i] < 0 || ids[i] >= m) die("a row id is outside the matrix", argv[5]);
-        }
+        size_t szw;
+        void * w = read_file(argv[4], &szw);
+        const int64_t m = szw / ggml_row_size(type, k);
+        int64_t n;
+        int32_t * ids = read_ids(argv[5], m, &n, "a row id is outside the matrix");
         float * out = malloc(n*k*sizeof(float));
         getrows(type, k, w, m, ids, n, out, argc > 7 ? atoi(argv[7]) : 2);
         write_file(argv[6], out, n*k*sizeof(float));
@@ -383,19 +392,17 @@ int main(int argc, char ** argv) {
     }
     if (strcmp(mode, "mulmatid") == 0) {
         if (argc < 9) die("mulmatid TYPE K W.bin X.f32 IDS.i32 OUT.f32 N_EXPERTS [THREADS]", NULL);
-        size_t szw, szx, szi;
-        void    * w   = read_file(argv[4], &szw);
-        float   * x   = read_file(argv[5], &szx);
-        int32_t * ids = read_file(argv[6], &szi);
+        size_t szw, szx;
+        void  * w = read_file(argv[4], &szw);
+        float * x = read_file(argv[5], &szx);
         const int64_t n_as = atoll(argv[8]);
+        int64_t n_ids;
+        int32_t * ids = read_ids(argv[6], n_as, &n_ids, "an expert id is outside N_EXPERTS");
         const int64_t rows = szw / ggml_row_size(type, k), n_tok = szx / sizeof(float) / k;
-        if (n_as <= 0 || rows % n_as || n_tok <= 0 || (szi / sizeof(int32_t)) % n_tok) {
+        if (n_as <= 0 || rows % n_as || n_tok <= 0 || n_ids % n_tok) {
             die("W must hold N_EXPERTS equal row blocks and IDS a whole number of ids per token", argv[8]);
         }
-        const int64_t m = rows / n_as, n_used = szi / sizeof(int32_t) / n_tok;
-        for (int64_t i = 0; i < n_used*n_tok; ++i) {
-            if (ids[i] < 0 || ids[i] >= n_as) die("an expert id is outside N_EXPERTS", argv[6]);
-        }
+        const int64_t m = rows / n_as, n_used = n_ids / n_tok;
         float * out = malloc(n_tok*n_used*m*sizeof(float));
         mulmatid(type, k, w, m, n_as, x, n_tok, ids, n_used, out, argc > 9 ? atoi(argv[9]) : 2);
         write_file(argv[7], out, n_tok*n_used*m*sizeof(float));
