@@ -126,6 +126,16 @@ static void vecdot(enum ggml_type type, int64_t k, const void * w, int64_t m, co
     free(xq); free(xd); free(wd);
 }
 
+// compute the graph of `ty` on the CPU backend, copy its data to `out`, free the context
+static void compute_into(struct ggml_context * ctx, struct ggml_tensor * ty, int n_threads, float * out,
+                         const char * failure) {
+    struct ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, ty);
+    if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) die(failure, NULL);
+    memcpy(out, ty->data, ggml_nbytes(ty));
+    ggml_free(ctx);
+}
+
 static void mulmat(enum ggml_type type, int64_t k, const void * w, int64_t m, const float * x, int64_t n,
                    float * out, int n_threads) {
     const size_t mem = ggml_row_size(type, k)*m + (size_t) (k*n + m*n)*sizeof(float) + 64*ggml_tensor_overhead()
@@ -137,11 +147,7 @@ static void mulmat(enum ggml_type type, int64_t k, const void * w, int64_t m, co
     memcpy(tw->data, w, ggml_nbytes(tw));
     memcpy(tx->data, x, ggml_nbytes(tx));
     struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);  // [m, n]
-    struct ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, ty);
-    if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) die("mul_mat failed", NULL);
-    memcpy(out, ty->data, ggml_nbytes(ty));
-    ggml_free(ctx);
+    compute_into(ctx, ty, n_threads, out, "mul_mat failed");
 }
 
 // the int32 ids of PATH (their count in *n), each checked to lie in [0, limit)
@@ -166,11 +172,7 @@ static void getrows(enum ggml_type type, int64_t k, const void * w, int64_t m, c
     memcpy(tw->data, w, ggml_nbytes(tw));
     memcpy(ti->data, ids, ggml_nbytes(ti));
     struct ggml_tensor * ty = ggml_get_rows(ctx, tw, ti);  // [k, n] float32
-    struct ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, ty);
-    if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) die("get_rows failed", NULL);
-    memcpy(out, ty->data, ggml_nbytes(ty));
-    ggml_free(ctx);
+    compute_into(ctx, ty, n_threads, out, "get_rows failed");
 }
 
 static void mulmatid(enum ggml_type type, int64_t k, const void * w, int64_t m, int64_t n_as, const float * x,
@@ -186,11 +188,7 @@ static void mulmatid(enum ggml_type type, int64_t k, const void * w, int64_t m, 
     memcpy(tx->data, x, ggml_nbytes(tx));
     memcpy(ti->data, ids, ggml_nbytes(ti));
     struct ggml_tensor * ty = ggml_mul_mat_id(ctx, tw, tx, ti);  // [m, n_used, n_tok]
-    struct ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, ty);
-    if (ggml_graph_compute_with_ctx(ctx, gf, n_threads) != GGML_STATUS_SUCCESS) die("mul_mat_id failed", NULL);
-    memcpy(out, ty->data, ggml_nbytes(ty));
-    ggml_free(ctx);
+    compute_into(ctx, ty, n_threads, out, "mul_mat_id failed");
 }
 
 static double now_s(void) {
