@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEBIAN_PACKAGES := cmake build-essential ccache ninja-build git patch g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user openssh-server adb mksh
+DEBIAN_PACKAGES := cmake build-essential ccache ninja-build git patch g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user openssh-server adb mksh python3.11-doc
 # the Python bindings of the pinned runtime with their own stock library (the "unpatched" runtime);
 # slim-edge points them at its patched library through LLAMA_CPP_LIB_PATH when a file needs it
 BINDINGS_ENV := CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_CPU_KLEIDIAI=OFF -DLLAMA_CURL=OFF"

@@ -7,9 +7,29 @@ Built-in corpora (no model hub needed; everything comes from packages):
 | lee   | gensim 4.4.0 wheel: gensim/test/test_data/lee_background.cor         | 300 news, 1/line| exact duplicates dropped (7, keep first); line < 200 → train (196 docs), line ≥ 200 → eval (97 docs) |
 | wiki  | gensim 4.4.0 wheel: enwiki-…-shortened.bz2 (MediaWiki XML)            | 106 articles    | main-namespace, non-redirect pages, markup stripped; article < 90 → train, ≥ 90 → eval |
 | pydoc | CPython's pydoc_data.topics (always installed; varies by Python version) | ~90 topics   | topics sorted by key; every 4th topic (index % 4 == 3) → eval, the rest → train |
+| pydocs | Debian python3.11-doc 3.11.2-6+deb12u9 (PSF licence): /usr/share/doc/python3.11/html | 483 pages | HTML pages sorted by path, minus indexes and pydoc's source pages; every 10th (index % 10 == 9) → eval (48), the rest → train (435) |
+
+Sizes of the train splits (SmolLM2 tokens: its tokenizer, no special tokens):
+
+| name   | documents | characters | SmolLM2 tokens |
+|--------|-----------|------------|----------------|
+| wiki   | 90        | 2,229,966  | 498,454        |
+| pydocs | 435       | 6,108,309  | 1,446,495      |
+
+pydocs is the prose of the Python 3.11 documentation (tutorial, library reference, HOWTOs, FAQs,
+What's New, C API), installed offline by `apt-get install python3.11-doc` (the Makefile's `make setup`
+does it as root). Its licence is the PSF License Agreement for Python 3.11.2 (the documentation's code
+examples are also under the Zero-Clause BSD licence; see /usr/share/doc/python3.11-doc/copyright and
+html/license.html). `sphinx_prose` keeps the paragraphs, list items, definitions and headings of each
+page's main body and drops navigation, sidebars, code blocks (`<pre>`), tables, API signatures,
+tables of contents and footnotes. The pages pydoc_data.topics is built from (reference/*,
+library/stdtypes, string, pdb) are not read, and any remaining long sentence of pydoc (either split)
+is removed, so that pydocs and pydoc share no text. The HTML read is pinned by SHA-256 for the
+Debian version above (another version is read unpinned, and says so in its provenance); the plain
+text is cached in `corpora/pydocs-<digest>-v<N>.txt`.
 
 A sentence of at least 80 characters that also occurs in the eval split is removed from the train
-split (wiki articles quote each other; pydoc topics repeat table rows). A user text file (UTF-8) is used whole for whichever split it is given as; `check_disjoint` refuses a
+split (wiki articles quote each other; pydoc topics repeat table rows; pydocs pages repeat notes). A user text file (UTF-8) is used whole for whichever split it is given as; `check_disjoint` refuses a
 training file and an evaluation file that are the same file or share any long sentence.
 
 The gensim wheel is fetched once with `pip download` (it is never installed) into the cache
@@ -19,8 +39,10 @@ members we read are pinned by SHA-256.
 from __future__ import annotations
 
 import bz2
+import gzip
 import hashlib
 import html
+from html.parser import HTMLParser
 import re
 import subprocess
 import sys
@@ -40,10 +62,21 @@ _SHA256 = {
     _WIKI_MEMBER: "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
 }
 SPLITS = ("train", "eval")
-BUILTIN = ("lee", "wiki", "pydoc")
+BUILTIN = ("lee", "wiki", "pydoc", "pydocs")
 LEE_EVAL_FROM = 200  # line index where the held-out lee articles start
 WIKI_EVAL_FROM = 90  # article index where the held-out wiki articles start
 PYDOC_EVAL_EVERY = 4  # every 4th pydoc topic is held out
+PYDOCS_EVAL_EVERY = 10  # every 10th pydocs page is held out
+PYDOCS_PACKAGE = "python3.11-doc"
+PYDOCS_ROOT = Path("/usr/share/doc/python3.11/html")  # where PYDOCS_PACKAGE puts its HTML
+# pages not read: indexes and tables of contents, and the pages pydoc_data.topics is made from (the
+# language reference, library/stdtypes, string and pdb), so that pydocs and pydoc share no text
+_PYDOCS_EXCLUDE = re.compile(r"(genindex.*|py-modindex|search|contents|reference/.*|"
+                             r"library/(stdtypes|string|pdb))\.html")
+# digest of the HTML pages read (see _pydocs_pages), by Debian version of PYDOCS_PACKAGE
+_PYDOCS_SHA256 = {
+    "3.11.2-6+deb12u9": "b33d5d08d34ffc935d45d2fa99394f6deb8fa7d7739dfff50aa0fa6cc3fc0a89",
+}
 
 
 @dataclass(frozen=True)
@@ -75,10 +108,12 @@ def get_text(name: str, split: str = "eval") -> CorpusText:
     if name in BUILTIN:
         docs, source = _DOCUMENTS[name]()
         train, held = _split(name, docs)
-        chosen = held if split == "eval" else _without(train, _long_sentences("\n".join(held), 80))
+        chosen = held if split == "eval" else \
+            _without(_without_lines(train, held), _long_sentences("\n".join(held), 80))
         rule = {"lee": f"articles at line < {LEE_EVAL_FROM} train, ≥ {LEE_EVAL_FROM} eval, exact duplicates dropped",
                 "wiki": f"articles < {WIKI_EVAL_FROM} train, ≥ {WIKI_EVAL_FROM} eval",
-                "pydoc": f"topics sorted by key, index % {PYDOC_EVAL_EVERY} == {PYDOC_EVAL_EVERY - 1} eval"}[name]
+                "pydoc": f"topics sorted by key, index % {PYDOC_EVAL_EVERY} == {PYDOC_EVAL_EVERY - 1} eval",
+                "pydocs": f"pages sorted by path, index % {PYDOCS_EVAL_EVERY} == {PYDOCS_EVAL_EVERY - 1} eval"}[name]
         text = "\n".join(chosen) if name == "lee" else "\n\n".join(chosen)
         return CorpusText(name, split, text, len(chosen),
                           f"{name}:{split} ({len(chosen)} documents of {len(docs)}; {rule}; {source})")
@@ -143,6 +178,20 @@ def _without(docs: list[str], banned: set[str]) -> list[str]:
     return out
 
 
+def _without_lines(docs: list[str], held: list[str]) -> list[str]:
+    """`docs` without any line of at least 80 characters that is also a line of `held` (a paragraph of
+    short sentences that two pages share)."""
+    banned = {line for d in held for line in d.split("\n") if len(line) >= 80}
+    if not banned:
+        return docs
+    out = []
+    for d in docs:
+        lines = d.split("\n")
+        kept = [line for line in lines if line not in banned]
+        out.append(d if len(kept) == len(lines) else re.sub(r"\n{3,}", "\n\n", "\n".join(kept)))
+    return out
+
+
 def _long_sentences(text: str, min_chars: int) -> set[str]:
     parts = re.split(r"(?<=[.!?])\s+|\n+", text)
     return {" ".join(p.split()) for p in parts if len(p.strip()) >= min_chars}
@@ -157,9 +206,9 @@ def _split(name: str, docs: list[tuple[int, str]]) -> tuple[list[str], list[str]
         return [d for i, d in docs if i < LEE_EVAL_FROM], [d for i, d in docs if i >= LEE_EVAL_FROM]
     if name == "wiki":
         return [d for i, d in docs if i < WIKI_EVAL_FROM], [d for i, d in docs if i >= WIKI_EVAL_FROM]
-    last = PYDOC_EVAL_EVERY - 1
-    return ([d for i, d in docs if i % PYDOC_EVAL_EVERY != last],
-            [d for i, d in docs if i % PYDOC_EVAL_EVERY == last])
+    every = PYDOCS_EVAL_EVERY if name == "pydocs" else PYDOC_EVAL_EVERY
+    return ([d for i, d in docs if i % every != every - 1],
+            [d for i, d in docs if i % every == every - 1])
 
 
 # --- sources -----------------------------------------------------------------------------------------
@@ -191,7 +240,59 @@ def _pydoc() -> tuple[list[tuple[int, str]], str]:
             f"pydoc_data.topics of Python {sys.version.split()[0]}")
 
 
-_DOCUMENTS = {"lee": _lee, "wiki": _wiki, "pydoc": _pydoc}
+def _pydocs() -> tuple[list[tuple[int, str]], str]:
+    root = PYDOCS_ROOT
+    if not root.is_dir():
+        raise SlimEdgeError(f"the pydocs corpus reads the Debian package {PYDOCS_PACKAGE}, and its HTML folder "
+                            f"{root} is missing; install it: apt-get install {PYDOCS_PACKAGE} "
+                            f"(as root; `make setup` does it)")
+    version = _debian_version(root.parent / "changelog.Debian.gz")
+    pages = _pydocs_pages(root)
+    digest = hashlib.sha256(b"".join(rel.encode() + b"\0" + hashlib.sha256(data).digest()
+                                     for rel, data in pages)).hexdigest()
+    pinned = _PYDOCS_SHA256.get(version)
+    if pinned and digest != pinned:
+        raise SlimEdgeError(f"the HTML of {PYDOCS_PACKAGE} {version} under {root} has sha256 {digest[:12]}…, "
+                            f"expected {pinned[:12]}… (files changed?); reinstall it: "
+                            f"apt-get install --reinstall {PYDOCS_PACKAGE}")
+    cached = corpora_cache() / f"pydocs-{digest[:16]}-v{_PYDOCS_TEXT_VERSION}.txt"
+    if not cached.is_file():
+        texts = [t for t in (sphinx_prose(data.decode("utf-8")) for _, data in pages) if t]
+        _atomic_write(cached, "\n\x1e\n".join(texts).encode("utf-8"))
+    texts = cached.read_text(encoding="utf-8").split("\n\x1e\n")
+    texts = _without(texts, _pydoc_sentences())  # keep pydocs disjoint from pydoc (both splits)
+    pin = "sha256 pinned" if pinned else "version not pinned"
+    return (list(enumerate(texts)),
+            f"Debian {PYDOCS_PACKAGE} {version or '(version unknown)'}, {root}, PSF licence, "
+            f"sha256 {digest[:12]} ({pin})")
+
+
+def _pydocs_pages(root: Path) -> list[tuple[str, bytes]]:
+    """(path relative to root, bytes) of the HTML pages pydocs reads, sorted by path."""
+    rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.html"))
+    return [(rel, (root / rel).read_bytes()) for rel in rels
+            if not rel.startswith("_") and not _PYDOCS_EXCLUDE.fullmatch(rel)]
+
+
+def _debian_version(changelog: Path) -> str:
+    """The version in the first line of a Debian changelog, e.g. "python3.11 (3.11.2-6+deb12u9) …"."""
+    try:
+        with gzip.open(changelog, "rt", encoding="utf-8") as f:
+            m = re.match(r"\S+ \(([^)]+)\)", f.readline())
+    except OSError:
+        return ""
+    return m.group(1) if m else ""
+
+
+def _pydoc_sentences() -> set[str]:
+    """Long sentences of pydoc_data.topics (both splits), its hard-wrapped lines joined."""
+    from pydoc_data import topics
+
+    text = "\n\n".join(topics.topics.values())
+    return _long_sentences(re.sub(r"(?<!\n)\n(?!\n)", " ", text), 80)
+
+
+_DOCUMENTS = {"lee": _lee, "wiki": _wiki, "pydoc": _pydoc, "pydocs": _pydocs}
 
 
 def _gensim_member(member: str) -> bytes:
@@ -310,3 +411,83 @@ def strip_wiki_markup(text: str) -> str:
     text = html.unescape("\n".join(lines)).replace("\xa0", " ")
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
+
+
+# --- Sphinx HTML (the Python documentation) to plain prose ---------------------------------------------
+
+_PYDOCS_TEXT_VERSION = 1  # bump when SphinxProse changes: the plain text is cached
+_BLOCKS = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dd", "dt", "div", "section", "blockquote", "dl",
+           "ul", "ol", "br", "hr", "figure", "figcaption", "aside", "caption"}
+_VOID = {"br", "hr", "img", "input", "meta", "link", "wbr", "col", "area", "base", "source"}
+_SKIP_TAGS = {"pre", "table", "script", "style", "nav", "form", "math", "svg"}
+_SKIP_CLASSES = {"headerlink", "sig", "toctree-wrapper", "highlight", "doctest", "footnote", "citation",
+                 "admonition-title", "graphviz"}
+
+
+class SphinxProse(HTMLParser):
+    """Paragraphs of the main body (`<div role="main">`) of a Sphinx HTML page: navigation, sidebars,
+    code blocks (`<pre>`), tables, API signatures (`<dt class="sig">`), tables of contents and pilcrow
+    links are dropped; each block element (p, li, dd, heading, …) becomes one line of plain text."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.paragraphs: list[str] = []
+        self._buf: list[str] = []
+        self._main_depth = 0  # open divs since the main body began; 0 = outside it
+        self._skip: list[str] = []  # the open element that started a skipped subtree, and its nesting
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _VOID:
+            if tag in ("br", "hr") and self._main_depth and not self._skip:
+                self._flush()
+            return
+        a = dict(attrs)
+        if not self._main_depth:
+            if tag == "div" and a.get("role") == "main":
+                self._main_depth = 1
+            return
+        if tag == "div":
+            self._main_depth += 1
+        if self._skip:
+            if tag == self._skip[0]:
+                self._skip.append(tag)
+            return
+        if tag in _SKIP_TAGS or _SKIP_CLASSES & set((a.get("class") or "").split()):
+            self._skip = [tag]
+            return
+        if tag in _BLOCKS:
+            self._flush()
+
+    def handle_endtag(self, tag):
+        if not self._main_depth or tag in _VOID:
+            return
+        if tag == "div":
+            self._main_depth -= 1
+            if not self._main_depth:
+                self._flush()
+        if self._skip:
+            if tag == self._skip[0]:
+                self._skip.pop()
+            return
+        if tag in _BLOCKS:
+            self._flush()
+
+    def handle_data(self, data):
+        if self._main_depth and not self._skip:
+            self._buf.append(data)
+
+    def _flush(self):
+        text = " ".join("".join(self._buf).replace("\xa0", " ").split())
+        self._buf = []
+        text = re.sub(r" +([,.;:!?)])", r"\1", text).replace("( ", "(")
+        if re.search(r"[A-Za-z]", text):
+            self.paragraphs.append(text)
+
+
+def sphinx_prose(page: str) -> str:
+    """The prose of one Sphinx HTML page, one paragraph a line, blank lines between them."""
+    p = SphinxProse()
+    p.feed(page)
+    p.close()
+    p._flush()
+    return "\n\n".join(p.paragraphs)

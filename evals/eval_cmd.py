@@ -167,7 +167,7 @@ def eval_command(
     models: ModelsArg,
     reference: Annotated[Optional[str], typer.Option(
         "--reference", "-r", help="full-precision model to compare against (KLD, ΔPPL, same top-1)")] = None,
-    corpus: Annotated[str, typer.Option(help="lee | wiki | pydoc, or a UTF-8 text file")] = "lee",
+    corpus: Annotated[str, typer.Option(help="lee | wiki | pydoc | pydocs, or a UTF-8 text file")] = "lee",
     split: Annotated[str, typer.Option(help="eval (held out) | train, for the built-in corpora")] = "eval",
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="tokens per chunk; the second half is scored")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", help="evaluate at most this many chunks")] = None,

@@ -1,6 +1,6 @@
 """Training tokens: text sources and text sampled from the full-precision model itself.
 
-`--calib` takes comma-separated sources: a UTF-8 file, a built-in corpus (wiki, lee, pydoc), or
+`--calib` takes comma-separated sources: a UTF-8 file, a built-in corpus (wiki, lee, pydoc, pydocs), or
 `teacher[:N]`, N tokens (suffix k or M) that the full-precision model writes itself. That is LLM-QAT's
 data-free distillation: the student learns the teacher's distribution on the teacher's own samples, so a
 user needs no corpus, and the amount of training text is bounded by compute, not by what is on disk.

@@ -9,9 +9,11 @@ from slim_edge.evals import corpora
 def _get(name, split):
     try:
         return corpora.get_text(name, split)
-    except SlimEdgeError as e:  # first use needs the gensim wheel from PyPI
+    except SlimEdgeError as e:  # first use needs the gensim wheel from PyPI; pydocs a Debian package
         if "download" in str(e):
             pytest.skip(f"gensim wheel not cached and not downloadable: {e}")
+        if "apt-get install" in str(e):
+            pytest.skip(f"Debian package not installed (make setup installs it): {e}")
         raise
 
 
@@ -131,3 +133,64 @@ def test_lee_eval_token_count_with_smollm2_tokenizer():
     tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
     ids = tok.backend_tokenizer.encode(_get("lee", "eval").text, add_special_tokens=False).ids
     assert len(ids) == 24232  # 47 chunks of 512; llama.cpp's own tokenizer gives 24230 (two double spaces)
+
+
+# pydocs: measured on python3.11-doc 3.11.2-6+deb12u9 (train 435 pages, 6,108,309 chars; eval 48,
+# 636,948); the floors are 80% of that, so a later Debian version or converter tweak still passes
+@pytest.mark.parametrize("split,min_docs,min_chars", [("train", 400, 4_880_000), ("eval", 40, 509_000)])
+def test_pydocs_split_sizes(split, min_docs, min_chars):
+    c = _get("pydocs", split)
+    assert c.n_docs >= min_docs and len(c.text) >= min_chars
+    assert c.provenance.startswith(f"pydocs:{split} ") and corpora.PYDOCS_PACKAGE in c.provenance
+
+
+def test_pydocs_disjoint_from_its_eval_and_from_pydoc():
+    train, held = _get("pydocs", "train"), _get("pydocs", "eval")
+    banned = corpora._long_sentences(held.text, 80) | corpora._pydoc_sentences()
+    assert not corpora._long_sentences(train.text, 80) & banned
+    for other in ("train", "eval"):
+        corpora.check_disjoint(train, corpora.get_text("pydoc", other))
+        corpora.check_disjoint(held, corpora.get_text("pydoc", other))
+
+
+def test_pydocs_markup_is_gone():
+    text = _get("pydocs", "train").text
+    for leftover in ('class="', 'role="', "<span", "</span>", "</p>", "</pre>", "¶", "&nbsp;", "&#39;", "&quot;"):
+        assert leftover not in text, leftover
+    # "<" and "&amp;" remain only where the prose quotes HTML (html.parser, xml.dom, re HOWTO), rarely
+    assert text.count("<") < 1000 and text.count("&amp;") <= 2
+    json_page = corpora.sphinx_prose((corpora.PYDOCS_ROOT / "library/json.html").read_text(encoding="utf-8"))
+    assert json_page.startswith("json — JSON encoder and decoder\n\n") and "&" not in json_page
+    assert ">>>" not in json_page and "<" not in json_page
+
+
+def test_sphinx_prose_keeps_paragraphs_only():
+    page = ('<html><head><title>T</title><script>var x = 1;</script></head><body>'
+            '<div class="related" role="navigation"><a href="a.html">previous</a></div>'
+            '<div class="body" role="main"><section><h1>Title<a class="headerlink" href="#t">¶</a></h1>'
+            '<p>One &amp; <code class="xref"><span class="pre">two</span></code>\n  three.</p>'
+            '<div class="highlight"><pre>&gt;&gt;&gt; code()</pre></div><table><tr><td>cell</td></tr></table>'
+            '<dl><dt class="sig">f(x)<br/></dt><dd><p>Does <em>f</em> .</p><ul><li>item</li></ul></dd></dl>'
+            '<div class="toctree-wrapper"><ul><li>toc</li></ul></div><p>a &lt; b</p></section></div>'
+            '<div class="sphinxsidebar" role="navigation"><p>Sidebar.</p></div><div class="footer">© PSF</div>'
+            '</body></html>')
+    assert corpora.sphinx_prose(page) == "Title\n\nOne & two three.\n\nDoes f.\n\nitem\n\na < b"
+
+
+def test_pydocs_without_the_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(corpora, "PYDOCS_ROOT", tmp_path / "no-such-doc" / "html")
+    with pytest.raises(SlimEdgeError, match=r"install it: apt-get install python3\.11-doc \(as root"):
+        corpora.get_text("pydocs", "train")
+
+
+@pytest.mark.slow
+def test_pydocs_train_token_count_with_smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from slim_edge.models import resolve
+
+    c = _get("pydocs", "train")
+    if "sha256 pinned" not in c.provenance:
+        pytest.skip(f"another python3.11-doc version than the measured one: {c.provenance}")
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+    assert len(tok.backend_tokenizer.encode(c.text, add_special_tokens=False).ids) == 1_446_495
