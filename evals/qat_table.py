@@ -35,7 +35,7 @@ def held_out_ppl(model, tok, max_chunks: int, ctx: int = 512) -> dict:
 
 
 def main(model: str = "smollm2-135m", schemes: str = "seq2,sherry", steps: int = 150, batch_size: int = 4,
-         seq_len: int = 256, lr: float = 5e-5, scale_lr: float = 1e-3, calib: str = "wiki",
+         seq_len: int = 256, lr: float = 5e-5, scale_lr: float = 3e-2, calib: str = "wiki",
          max_chunks: int = 30, device: str = "auto", runs: Path = Path("runs/qat"),
          output: Path = typer.Option(Path("evals/reports/qat"), "-o"), ptq: bool = True):
     device = pick_device(device)

@@ -18,7 +18,7 @@ from slim_edge.train import arenas_lambda, distill_loss
 
 from tiny_models import make_tiny_model
 
-FAST = dict(batch_size=2, seq_len=64, lr=1e-3, scale_lr=1e-3)
+FAST = dict(batch_size=2, seq_len=64, lr=1e-3, scale_lr=3e-2)
 
 
 @pytest.mark.parametrize("scheme", ["seq2", "sherry", "tequila", "ternary", "q2"])
@@ -376,3 +376,21 @@ def test_continue_from_checkpoint(tiny_llama, tiny_text, tmp_path):
     r = _cli("quantize", str(first), "--steps", "0", "--arenas-lambda", "0.5", "--calib", str(tiny_text),
              "-o", str(tmp_path / "z"))
     assert r.exit_code == 0 and read_meta(tmp_path / "z")["config"]["arenas_lambda"] == 0.5
+
+
+def test_quantize_reports_passes_and_warns_past_four(tiny_llama, tiny_text, tmp_path, capsys):
+    from slim_edge.pipeline import MAX_PASSES
+    small = tmp_path / "small.txt"
+    small.write_text(tiny_text.read_text(encoding="utf-8")[:1500], encoding="utf-8")
+    config = QuantConfig(scheme="q2", steps=3, calib=str(small), **FAST)
+    report = run_quantize(str(tiny_llama), config, tmp_path / "few", progress=False)
+    t = report["training"]
+    assert t["passes"] == round(3 * FAST["batch_size"] * FAST["seq_len"] / t["text_tokens"], 3)
+    err = capsys.readouterr().err
+    assert f"{3 * FAST['batch_size'] * FAST['seq_len']:,} tokens seen" in err
+    assert ("warning" in err) == (t["passes"] > MAX_PASSES)
+    many = int(5 * t["text_tokens"] / (FAST["batch_size"] * FAST["seq_len"])) + 1  # just past 5 passes
+    report = run_quantize(str(tiny_llama), QuantConfig(scheme="q2", steps=many, calib=str(small), **FAST),
+                          tmp_path / "many", progress=False)
+    assert report["training"]["passes"] > 5
+    assert "warning: 5." in capsys.readouterr().err

@@ -63,6 +63,15 @@ def continue_from(folder: Path, config: QuantConfig, teacher_model: str | None) 
     return teacher
 
 
+# Past a few passes over one text, QAT on SmolLM2 overfits it (issue 17: 16 and 160 passes of wiki:train)
+MAX_PASSES = 4
+
+
+def training_passes(config: QuantConfig, text_tokens: int) -> float:
+    """How many times the planned steps read the training text (every source alike)."""
+    return config.steps * config.batch_size * config.seq_len / max(text_tokens, 1)
+
+
 def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: str, progress: bool):
     """The training tokens; sampled ones are kept in the .partial folder so that --resume trains on the same."""
     cache = partial / "tokens.pt"
@@ -118,6 +127,15 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         print(f"slim-edge: continuing {init} (distilling from {model})", file=sys.stderr)
     ids, source = _training_tokens(teacher, tok, config, partial, device, progress)
     print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
+    passes = training_passes(config, len(ids))
+    if config.steps > 0:
+        print(f"slim-edge: {config.steps} steps x {config.batch_size} x {config.seq_len} = "
+              f"{config.steps * config.batch_size * config.seq_len:,} tokens seen, {passes:.1f} passes over "
+              f"every source (windows are drawn uniformly from the joined text)", file=sys.stderr)
+        if passes > MAX_PASSES:
+            print(f"slim-edge: warning: {passes:.1f} passes over the same text (more than {MAX_PASSES}): the "
+                  f"student learns the text, not the teacher; add text (--calib wiki,pydocs,teacher:8M or a "
+                  f"file) or lower --steps", file=sys.stderr)
     t_ptq = time.perf_counter() - t_start
     loss_ptq = distill_eval(student, teacher, ids, config, device)
     log_lines = []
@@ -145,7 +163,8 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         "blocks": {"steps_per_layer": config.block_steps, "samples": config.block_samples,
                    "seconds": round(t_blocks, 1), "layers": blocks},
         "training": {"steps": config.steps, "steps_done": state.step if state else 0, "seconds": round(state.seconds, 1) if state else 0.0,
-                     "tokens": state.tokens if state else 0, "ptq_seconds": round(t_ptq, 1),
+                     "tokens": state.tokens if state else 0, "text_tokens": len(ids),
+                     "passes": round(passes, 3), "ptq_seconds": round(t_ptq, 1),
                      "log": log_lines[:: max(1, len(log_lines) // 200)]},
     }
     md = (f"# slim-edge quantize: {model} -> {config.scheme}\n\n"

@@ -1,8 +1,17 @@
 """The torch side of a format: fake quantization that equals the exported bytes exactly.
 
 Forward value: float32(v) * float32(fp16(d)), the same product `Format.dequantize` computes, so the
-trained model *is* the exported model. Gradients: straight-through for the weight and LSQ-style for
-the scale (dq/dd = v - w/d), carried by a term that is exactly zero in the forward pass.
+trained model *is* the exported model.
+
+Gradients (LSQ, Esser et al. 2020, as ParetoQ uses it), with z = w / d and [lo, hi] the grid's end levels:
+
+    inside  lo <= z <= hi:  dq/dw = 1 (straight through)      dq/dd = v - z
+    clipped z > hi, z < lo: dq/dw = 0 (the output ignores w)  dq/dd = v  (= hi or lo: q = v*d exactly)
+
+A weight that Sherry's 3:4 rule zeroes is never clipped (its value comes from the selection, not a clamp).
+`ste_clipped=True` keeps the straight-through weight gradient for clipped weights (the pre-LSQ behaviour);
+`grad_scale` multiplies the scale gradient (LSQ's 1 / sqrt(block_size * hi); Adam cancels a constant factor,
+so it only matters for optimizers that do not normalise).
 """
 from __future__ import annotations
 
@@ -27,6 +36,11 @@ def to_fp16_exact(d: torch.Tensor) -> torch.Tensor:
     return d + (d.to(torch.float16).to(torch.float32) - d).detach()
 
 
+def grid_ends(fmt: Format, mode: str) -> tuple[float, float]:
+    """The outermost levels (lo, hi) a weight of this format and mode can take: the clip range of z."""
+    return (-1.0, 1.0) if mode in ("ternary", "sherry") else (float(fmt.levels[0]), float(fmt.levels[-1]))
+
+
 def grid_values(z: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | None) -> torch.Tensor:
     """Integer grid values (as float) for z = w / d, shape [rows, blocks, block]."""
     if mode == "sherry":
@@ -37,24 +51,48 @@ def grid_values(z: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | N
         out = torch.empty_like(z)
         out[:, :, quads] = v
         return out
-    lo, hi = (-1, 1) if mode == "ternary" else (fmt.levels[0], fmt.levels[-1])
+    lo, hi = grid_ends(fmt, mode)
     if fmt.name == "q2_0c":  # odd levels {-3,-1,1,3}: 2*floor(z/2)+1
         return (2 * torch.floor(z * 0.5) + 1).clamp(lo, hi)
     # round half away from zero, like C's roundf
     return (torch.sign(z) * torch.floor(z.abs() + 0.5)).clamp(lo, hi)
 
 
+def lsq_grad_scale(fmt: Format, mode: str) -> float:
+    """LSQ's scale-gradient factor 1 / sqrt(weights per scale * top level)."""
+    return 1.0 / math.sqrt(fmt.block_size * max(abs(v) for v in grid_ends(fmt, mode)))
+
+
+class _FakeQuant(torch.autograd.Function):
+    """q = v * d with the LSQ gradients drawn in the module docstring; v is saved as int8."""
+
+    @staticmethod
+    def forward(ctx, wb, d16, v, lo, hi, ste_clipped, grad_scale):
+        ctx.save_for_backward(wb, d16, v.to(torch.int8))
+        ctx.lo, ctx.hi, ctx.ste_clipped, ctx.grad_scale = lo, hi, ste_clipped, grad_scale
+        return v * d16[..., None]
+
+    @staticmethod
+    def backward(ctx, g):
+        wb, d16, v8 = ctx.saved_tensors
+        v = v8.to(g.dtype)
+        z = wb / d16[..., None]
+        clipped = ((z > ctx.hi) & (v == ctx.hi)) | ((z < ctx.lo) & (v == ctx.lo))
+        gw = g if ctx.ste_clipped else g.masked_fill(clipped, 0.0)
+        gd = (g * torch.where(clipped, v, v - z)).sum(-1)
+        if ctx.grad_scale != 1.0:
+            gd = gd * ctx.grad_scale
+        return gw, gd, None, None, None, None, None
+
+
 def fake_quant(w: torch.Tensor, d: torch.Tensor, fmt: Format, mode: str, quads=None,
-               return_values: bool = False):
+               return_values: bool = False, ste_clipped: bool = False, grad_scale: float = 1.0):
     rows, k = w.shape
     d16 = to_fp16_exact(d)  # [rows, blocks]
     wb = w.reshape(rows, k // fmt.block_size, fmt.block_size)
-    z = wb / d16[..., None]
-    v = grid_values(z.detach(), fmt, mode, quads)
-    exact = (v * d16.detach()[..., None])
-    surrogate = (z + (v - z).detach()) * d16[..., None]
-    q = exact + (surrogate - surrogate.detach())
-    q = q.reshape(rows, k)
+    v = grid_values(wb.detach() / d16.detach()[..., None], fmt, mode, quads)
+    lo, hi = grid_ends(fmt, mode)
+    q = _FakeQuant.apply(wb, d16, v, lo, hi, ste_clipped, grad_scale).reshape(rows, k)
     return (q, v.reshape(rows, k)) if return_values else q
 
 
@@ -65,7 +103,7 @@ def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int 
     if mode == "sherry":  # the values do not depend on d: the kept-weight mean is L2-optimal
         v = grid_values(wb, fmt, mode, quads)
         return ((v * wb).sum(-1) / (v * v).sum(-1).clamp_min(1)).clamp_min(FP16_TINY)
-    top = 1.0 if mode in ("ternary", "sherry") else float(max(abs(fmt.levels[0]), fmt.levels[-1]))
+    top = max(abs(v) for v in grid_ends(fmt, mode))
     amax = wb.abs().amax(-1).clamp_min(1e-8)
     best_err = torch.full_like(amax, math.inf)
     best = amax / top
@@ -104,8 +142,9 @@ class QuantLinear(nn.Module):
     """nn.Linear whose weight trains on a format's grid; `arenas` is Sherry's residual weight λ_t."""
 
     def __init__(self, linear: nn.Linear, fmt: str, mode: str, tequila_lambda: float = 0.0,
-                 act: str | None = None):
+                 act: str | None = None, ste_clipped: bool = False, lsq_grad: bool = False):
         super().__init__()
+        self.ste_clipped = ste_clipped
         self.act = act  # None, or the runtime activation type its input is rounded to (round_activations)
         self.fmt = get_format(fmt)
         self.mode = mode
@@ -116,10 +155,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("quads", quads, persistent=False)
         self.scale = nn.Parameter(init_scale(self.weight, self.fmt, mode, quads))
         self.tequila_lambda = tequila_lambda
+        self.grad_scale = lsq_grad_scale(self.fmt, mode) if lsq_grad else 1.0
         self.arenas = 0.0
 
     def quantized(self, return_values: bool = False):
-        return fake_quant(self.weight, self.scale, self.fmt, self.mode, self.quads, return_values)
+        return fake_quant(self.weight, self.scale, self.fmt, self.mode, self.quads, return_values,
+                          self.ste_clipped, self.grad_scale)
 
     def tequila_bias(self, values: torch.Tensor) -> torch.Tensor | None:
         if not self.tequila_lambda:

@@ -28,7 +28,12 @@ class QuantConfig:
     # training
     steps: int = 0
     lr: float = 5e-5
-    scale_lr: float = 1e-3
+    scale_lr: float = 3e-2  # relative: best of 1e-3..1e-1 for seq2 and sherry on SmolLM2 (qat_smollm2.md)
+    # "relative": Adam on log(d), so one step moves a scale by at most ~scale_lr of its size whatever its
+    # magnitude (scales span 1e-3..0.3); "absolute": Adam on d itself (sessions before 10)
+    scale_update: str = "relative"
+    ste_clipped: bool = False  # keep the straight-through weight gradient outside the clip range
+    lsq_grad: bool = False  # multiply the scale gradient by LSQ's 1/sqrt(block * top level)
     batch_size: int = 4
     seq_len: int = 256
     warmup: int = 0  # steps of linear lr warm-up (default: 5% of steps)
@@ -59,6 +64,8 @@ class QuantConfig:
         if self.block_steps < 0 or self.block_samples < 1:
             raise SlimEdgeError(f"--block-steps {self.block_steps} / --block-samples {self.block_samples}: "
                                 f"need block steps >= 0 and at least one sample")
+        if self.scale_update not in ("relative", "absolute"):
+            raise SlimEdgeError(f"--scale-update {self.scale_update!r}: choose relative or absolute")
         if self.distill not in ("cakld", "kl", "none"):
             raise SlimEdgeError(f"--distill {self.distill!r}: choose cakld, kl or none")
         self.keep = tuple(self.keep)
@@ -137,7 +144,8 @@ def quantize_(model: nn.Module, config: QuantConfig, plan: list[PlanEntry] | Non
         linear = getattr(parent, child)
         q = QuantLinear(linear, entry.format, entry.mode,
                         tequila_lambda=config.tequila_lambda if scheme.tequila else 0.0,
-                        act=activation_type(entry.type_id) if config.act_quant else None)
+                        act=activation_type(entry.type_id) if config.act_quant else None,
+                        ste_clipped=config.ste_clipped, lsq_grad=config.lsq_grad)
         setattr(parent, child, q.to(linear.weight.device))
     if config.runtime_attention:
         from .evals.runtime_sim import use_runtime_attention  # type: ignore[import-not-found]

@@ -124,6 +124,25 @@ def _optimizer(weights, others, scales, config: QuantConfig) -> torch.optim.Opti
     ], betas=(0.9, 0.95))
 
 
+def _step(opt, scales, config: QuantConfig) -> None:
+    """One optimizer step; with scale_update "relative" the scales take Adam's step in log space.
+
+    d = exp(u): dL/du = d * dL/dd, and Adam's step du becomes d <- d * exp(du), so the step is a fraction
+    of the scale (at most ~scale_lr) for a scale of 1e-3 as for one of 0.3, and d stays positive."""
+    if config.scale_update != "relative":
+        opt.step()
+        return
+    with torch.no_grad():
+        before = [s.detach().clone() for s in scales]
+        for s in scales:
+            if s.grad is not None:
+                s.grad.mul_(s)
+    opt.step()
+    with torch.no_grad():
+        for s, b in zip(scales, before):
+            s.copy_(b * torch.exp(s - b))
+
+
 def _schedule(opt, step: int, total: int, warmup: int, config: QuantConfig) -> None:
     for g, base in zip(opt.param_groups, (config.lr, config.scale_lr)):
         g["lr"] = learning_rate(step, total, base, warmup)
@@ -203,7 +222,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(weights + others, 1.0)
-            opt.step()
+            _step(opt, scales, config)
             state.seconds += time.perf_counter() - t0
             state.step += 1
             state.tokens += x.numel()
@@ -323,7 +342,7 @@ def reconstruct_blocks(student, teacher, ids: torch.Tensor, config: QuantConfig,
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(weights + others, 1.0)
-                opt.step()
+                _step(opt, scales, config)
                 if not math.isfinite(loss.item()):
                     raise SlimEdgeError(f"block-wise reconstruction diverged in layer {i} (loss {loss.item()}); "
                                         f"lower --lr (now {config.lr}) or --scale-lr (now {config.scale_lr})")
