@@ -35,7 +35,8 @@ def quantize(
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint folder to write")] = Path("runs/out"),
     steps: Annotated[int, typer.Option(help="QAT steps (0 = PTQ only: data-free scale init)")] = 0,
     calib: Annotated[str, typer.Option(help="training text, comma-separated sources: a UTF-8 file, wiki | lee | "
-                                            "pydoc, or teacher[:N] (N tokens the FP model samples itself, "
+                                            "pydoc | pydocs (1.4 M tokens of Python's HTML docs), or teacher[:N] (N tokens "
+                                            "the FP model samples itself, "
                                             "e.g. wiki,teacher:2M; data-free when alone)")] = "wiki",
     target: Annotated[Optional[str], typer.Option(help="override the primary format (e.g. tq1_0)")] = None,
     lr: Annotated[float, typer.Option(help="learning rate of the latent weights")] = 5e-5,

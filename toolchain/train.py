@@ -78,7 +78,7 @@ def calibration_tokens(tokenizer, calib: str) -> tuple[torch.Tensor, str]:
     if path.suffix or path.exists() or os.sep in calib:
         if not path.is_file():
             raise SlimEdgeError(f"--calib {calib}: no such file; pass a UTF-8 text file or a built-in "
-                                f"corpus name (wiki, lee, pydoc)")
+                                f"corpus name (wiki, lee, pydoc, pydocs)")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
