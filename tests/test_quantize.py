@@ -394,3 +394,29 @@ def test_quantize_reports_passes_and_warns_past_four(tiny_llama, tiny_text, tmp_
                           tmp_path / "many", progress=False)
     assert report["training"]["passes"] > 5
     assert "warning: 5." in capsys.readouterr().err
+
+
+class _Touch:
+    """Unpickling this creates a file: what a hostile train.pt in OUT.partial/ would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+        return (Path.touch, (Path(self.path),))
+
+
+def test_resume_refuses_a_pickle_that_runs_code(tiny_llama, tiny_text, tmp_path):
+    from slim_edge.train import calibration_tokens, train
+
+    teacher, tok, _ = load_model(str(tiny_llama))
+    config = QuantConfig(scheme="q2", steps=2, calib=str(tiny_text), **FAST)
+    ids, _ = calibration_tokens(tok, config.calib)
+    ckpt, marker = tmp_path / "train.pt", tmp_path / "pwned"
+    torch.save({"model": {}, "optimizer": _Touch(marker), "state": {}, "rng": {}}, ckpt)
+    student = load_model(str(tiny_llama))[0]
+    quantize_(student, config)
+    with pytest.raises(SlimEdgeError, match="refusing to resume.*delete it"):
+        train(student, teacher, ids, config, ckpt_path=ckpt, progress=False)
+    assert not marker.exists()

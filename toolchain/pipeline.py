@@ -130,10 +130,10 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     passes = training_passes(config, len(ids))
     if config.steps > 0:
         print(f"slim-edge: {config.steps} steps x {config.batch_size} x {config.seq_len} = "
-              f"{config.steps * config.batch_size * config.seq_len:,} tokens seen, {passes:.1f} passes over "
+              f"{config.steps * config.batch_size * config.seq_len:,} tokens seen, {passes:.3g} passes over "
               f"every source (windows are drawn uniformly from the joined text)", file=sys.stderr)
         if passes > MAX_PASSES:
-            print(f"slim-edge: warning: {passes:.1f} passes over the same text (more than {MAX_PASSES}): the "
+            print(f"slim-edge: warning: {passes:.3g} passes over the same text (more than {MAX_PASSES}): the "
                   f"student learns the text, not the teacher; add text (--calib wiki,pydocs,teacher:8M or a "
                   f"file) or lower --steps", file=sys.stderr)
     t_ptq = time.perf_counter() - t_start

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -168,7 +169,12 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     state = TrainState()
     rng = np.random.default_rng(config.seed)
     if ckpt_path is not None and ckpt_path.is_file():
-        blob = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:  # tensors and plain numbers only: a crafted pickle in OUT.partial/ must not run code on --resume
+            blob = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise SlimEdgeError(f"{ckpt_path}: refusing to resume from it: it holds more than tensors and numbers "
+                                f"({first}); delete it to start over") from None
         student.load_state_dict(blob["model"], strict=False)
         opt.load_state_dict(blob["optimizer"])
         state = TrainState(**blob["state"])
