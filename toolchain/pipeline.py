@@ -67,11 +67,6 @@ def continue_from(folder: Path, config: QuantConfig, teacher_model: str | None) 
 MAX_PASSES = 4
 
 
-def training_passes(config: QuantConfig, text_tokens: int) -> float:
-    """How many times the planned steps read the training text (every source alike)."""
-    return config.steps * config.batch_size * config.seq_len / max(text_tokens, 1)
-
-
 def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: str, progress: bool):
     """The training tokens; sampled ones are kept in the .partial folder so that --resume trains on the same."""
     cache = partial / "tokens.pt"
@@ -127,10 +122,11 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         print(f"slim-edge: continuing {init} (distilling from {model})", file=sys.stderr)
     ids, source = _training_tokens(teacher, tok, config, partial, device, progress)
     print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
-    passes = training_passes(config, len(ids))
+    seen = config.steps * config.batch_size * config.seq_len
+    passes = seen / len(ids)  # windows are drawn uniformly from the joined text: every source alike
     if config.steps > 0:
         print(f"slim-edge: {config.steps} steps x {config.batch_size} x {config.seq_len} = "
-              f"{config.steps * config.batch_size * config.seq_len:,} tokens seen, {passes:.3g} passes over "
+              f"{seen:,} tokens seen, {passes:.3g} passes over "
               f"every source (windows are drawn uniformly from the joined text)", file=sys.stderr)
         if passes > MAX_PASSES:
             print(f"slim-edge: warning: {passes:.3g} passes over the same text (more than {MAX_PASSES}): the "

@@ -41,6 +41,11 @@ def grid_ends(fmt: Format, mode: str) -> tuple[float, float]:
     return (-1.0, 1.0) if mode in ("ternary", "sherry") else (float(fmt.levels[0]), float(fmt.levels[-1]))
 
 
+def grid_top(fmt: Format, mode: str) -> float:
+    """The largest |level|: what absmax maps to."""
+    return max(abs(v) for v in grid_ends(fmt, mode))
+
+
 def grid_values(z: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | None) -> torch.Tensor:
     """Integer grid values (as float) for z = w / d, shape [rows, blocks, block]."""
     if mode == "sherry":
@@ -60,7 +65,7 @@ def grid_values(z: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | N
 
 def lsq_grad_scale(fmt: Format, mode: str) -> float:
     """LSQ's scale-gradient factor 1 / sqrt(weights per scale * top level)."""
-    return 1.0 / math.sqrt(fmt.block_size * max(abs(v) for v in grid_ends(fmt, mode)))
+    return 1.0 / math.sqrt(fmt.block_size * grid_top(fmt, mode))
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -103,7 +108,7 @@ def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int 
     if mode == "sherry":  # the values do not depend on d: the kept-weight mean is L2-optimal
         v = grid_values(wb, fmt, mode, quads)
         return ((v * wb).sum(-1) / (v * v).sum(-1).clamp_min(1)).clamp_min(FP16_TINY)
-    top = max(abs(v) for v in grid_ends(fmt, mode))
+    top = grid_top(fmt, mode)
     amax = wb.abs().amax(-1).clamp_min(1e-8)
     best_err = torch.full_like(amax, math.inf)
     best = amax / top
