@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .distill import distill_loss  # noqa: F401  (re-exported: the loss lives in distill.py)
 from .errors import SlimEdgeError
 from .qlinear import QuantLinear
 from .quantize import QuantConfig
@@ -54,23 +55,6 @@ def learning_rate(step: int, total: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def distill_loss(student_logits, teacher_logits, labels, kind: str):
-    """Mean over tokens of CE + KD; returns (loss, ce, kd) with kd = 0 for kind == 'none'."""
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    ce = F.nll_loss(s.flatten(0, 1), labels.flatten())
-    if kind == "none":
-        return ce, ce.detach(), torch.zeros(())
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    kl_ts = (t.exp() * (t - s)).sum(-1)  # KL(teacher || student)
-    if kind == "kl":
-        kd = kl_ts.mean()
-    else:
-        kl_st = (s.exp() * (s - t)).sum(-1)  # KL(student || teacher)
-        conf = t.gather(-1, labels[..., None]).squeeze(-1).exp()
-        kd = (conf * kl_st + (1 - conf) * kl_ts).mean()
-    return ce + kd, ce.detach(), kd.detach()
 
 
 def calibration_tokens(tokenizer, calib: str) -> tuple[torch.Tensor, str]:
@@ -149,6 +133,22 @@ def _schedule(opt, step: int, total: int, warmup: int, config: QuantConfig) -> N
         g["lr"] = learning_rate(step, total, base, warmup)
 
 
+def train_step(student, teacher, x, y, opt, clipped, scales, config: QuantConfig, device: str, loss_fn=distill_loss):
+    """One QAT step: teacher forward, student forward and backward, clip, optimizer step; (loss, ce, kd)."""
+    # bf16 autocast on GPUs speeds training; exactness lives in the exported values, not here
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        with torch.no_grad():
+            t_logits = teacher(x).logits if config.distill != "none" else None
+        s_logits = student(x).logits
+    loss, ce, kd = loss_fn(s_logits, t_logits, y, config.distill)
+    del s_logits, t_logits
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+    _step(opt, scales, config)
+    return loss, ce, kd
+
+
 def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: Path | None = None,
           every: int = 0, device: str = "cpu", progress: bool = True, log=None,
           deadline: float | None = None, clock=time.monotonic) -> TrainState:
@@ -219,16 +219,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
                 m.arenas = lam if m.mode == "sherry" else 0.0
             _schedule(opt, pos, total, warmup, config)
             t0 = time.perf_counter()
-            # bf16 autocast on GPUs speeds training; exactness lives in the exported values, not here
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-                with torch.no_grad():
-                    t_logits = teacher(x).logits if config.distill != "none" else None
-                s_logits = student(x).logits
-            loss, ce, kd = distill_loss(s_logits, t_logits, y, config.distill)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(weights + others, 1.0)
-            _step(opt, scales, config)
+            loss, ce, kd = train_step(student, teacher, x, y, opt, weights + others, scales, config, device)
             state.seconds += time.perf_counter() - t0
             state.step += 1
             state.tokens += x.numel()

@@ -1,0 +1,136 @@
+"""QAT step throughput and peak GPU memory, per scheme and per step variant, side by side in one run.
+
+    python -m slim_edge.evals.qat_throughput --schemes seq2,sherry --batch-size 32 --seq-len 512 \
+        -o evals/reports/qat_throughput
+
+One step = teacher forward + student forward/backward + loss + clip + optimizer step: `train.train_step`,
+the function `slim-edge quantize` runs. Variants (each on a fresh student, same batches):
+- `session10`: the loss through autograd of log_softmax (`distill_loss_reference`), fp32 teacher under autocast
+- `fused`: the chunked closed-form loss (toolchain/distill.py)
+- `fused+bf16t`: and the teacher's weights held in bf16
+- `fused+bf16t+compile`: and the student and teacher forwards through torch.compile
+Speed does not depend on the token values: batches are random token ids (seeded), as kernel benchmarks use
+random weights. Tokens/s counts student tokens (batch x seq_len) per second of wall time, synchronised.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import typer
+
+from slim_edge.distill import distill_loss, distill_loss_reference
+from slim_edge.models import load_model
+from slim_edge.pipeline import pick_device
+from slim_edge.quantize import QuantConfig, make_plan, quantize_
+from slim_edge.train import _optimizer, _quant_params, train_step
+
+VARIANTS = ("session10", "fused", "fused+bf16t", "fused+bf16t+compile")
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, warmup: int, device: str) -> dict:
+    config = QuantConfig(scheme=scheme, steps=steps + warmup, batch_size=batch, seq_len=seq)
+    teacher = copy.deepcopy(base)
+    student = copy.deepcopy(base)
+    quantize_(student, config, make_plan(student, config))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if "bf16t" in variant:
+        teacher.to(torch.bfloat16)
+    qlayers = [m for m in student.modules() if hasattr(m, "scale") and hasattr(m, "fmt")]
+    weights, scales = _quant_params(qlayers)
+    qids = {id(p) for p in weights + scales}
+    others = [p for n, p in student.named_parameters() if id(p) not in qids and "embed" not in n and "lm_head" not in n]
+    for n, p in student.named_parameters():
+        p.requires_grad_(id(p) in qids or any(p is o for o in others))
+    opt = _optimizer(weights, others, scales, config)
+    s_fwd, t_fwd = student, teacher
+    if "compile" in variant:
+        s_fwd, t_fwd = torch.compile(student), torch.compile(teacher)
+    loss_fn = distill_loss_reference if variant == "session10" else distill_loss
+    g = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+    data = [torch.randint(0, vocab, (batch, seq + 1), generator=g) for _ in range(min(4, steps + warmup))]
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    student.train()
+    losses = []
+    t_compile = time.perf_counter()
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            t_first = time.perf_counter() - t_compile
+            t0 = time.perf_counter()
+        xy = data[i % len(data)].to(device)
+        loss, _, _ = train_step(s_fwd, t_fwd, xy[:, :-1], xy[:, 1:], opt, weights + others, scales, config, device,
+                                loss_fn=loss_fn)
+        losses.append(float(loss))
+    _sync(device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    del teacher, student, opt, s_fwd, t_fwd
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"scheme": scheme, "variant": variant, "tokens_per_s": round(batch * seq * steps / dt),
+            "step_s": round(dt / steps, 4), "peak_gib": None if peak is None else round(peak, 2),
+            "warmup_s": round(t_first, 1), "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
+
+
+def main(model: str = "smollm2-135m", schemes: str = "seq2,sherry", variants: str = ",".join(VARIANTS),
+         batch_size: int = 32, seq_len: int = 512, steps: int = 10, warmup: int = 3, device: str = "auto",
+         output: Path = typer.Option(Path("evals/reports/qat_throughput"), "-o")):
+    device = pick_device(device)
+    base, _, _ = load_model(model, device=device)
+    rows = []
+    for scheme in schemes.split(","):
+        for variant in variants.split(","):
+            if variant not in VARIANTS:
+                raise typer.BadParameter(f"variant {variant!r}; choose from {', '.join(VARIANTS)}")
+            try:
+                r = measure(base, scheme, variant, batch_size, seq_len, steps, warmup, device)
+            except torch.cuda.OutOfMemoryError as e:
+                r = {"scheme": scheme, "variant": variant, "error": f"out of memory: {str(e).splitlines()[0]}"}
+                gc.collect()
+                torch.cuda.empty_cache()
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    base_rate = {r["scheme"]: r.get("tokens_per_s") for r in rows if r["variant"] == VARIANTS[0]}
+    for r in rows:
+        b = base_rate.get(r["scheme"])
+        r["speedup"] = round(r["tokens_per_s"] / b, 2) if b and r.get("tokens_per_s") else None
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
+    info = {"command": "python -m slim_edge.evals.qat_throughput " + shlex.join(sys.argv[1:]), "device": gpu,
+            "torch": torch.__version__, "model": model, "batch_size": batch_size, "seq_len": seq_len,
+            "steps": steps, "warmup": warmup, "rows": rows}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+    lines = [f"# QAT step throughput: {model}, {batch_size} x {seq_len} tokens per step, {gpu}", "",
+             f"`{info['command']}` (torch {torch.__version__}; {steps} timed steps after {warmup} warm-up)", "",
+             "| scheme | variant | tokens/s | x session10 | s/step | peak GiB | warm-up s | loss first→last |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['scheme']} | {r['variant']} | {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['scheme']} | {r['variant']} | {r['tokens_per_s']:,} | {r['speedup']} | {r['step_s']} | "
+                     f"{r['peak_gib']} | {r['warmup_s']} | {r['first_loss']}→{r['last_loss']} |")
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    typer.run(main)
