@@ -40,6 +40,8 @@ class QuantConfig:
     distill: str = "cakld"  # cakld | kl | none
     block_steps: int = 0  # block-wise reconstruction steps per decoder layer before end-to-end QAT
     block_samples: int = 128  # sequences (of seq_len) the block-wise phase learns from
+    ptq: str = "rtn"  # PTQ start: "rtn" (per-block MSE scale, round to nearest) | "gptq" (toolchain/ptq.py)
+    ptq_samples: int = 128  # calibration sequences (of seq_len) for --ptq gptq
     arenas_lambda: float = 1.0
     arenas_warmup: float = 0.1  # fraction of steps spent ramping λ up
     # round each quantized linear's input as the runtime does (Q8_0 / Q8_K per weight type), in training
@@ -64,6 +66,10 @@ class QuantConfig:
         if self.block_steps < 0 or self.block_samples < 1:
             raise SlimEdgeError(f"--block-steps {self.block_steps} / --block-samples {self.block_samples}: "
                                 f"need block steps >= 0 and at least one sample")
+        if self.ptq not in ("rtn", "gptq"):
+            raise SlimEdgeError(f"--ptq {self.ptq!r}: choose rtn (round to nearest) or gptq (error-compensating)")
+        if self.ptq_samples < 1:
+            raise SlimEdgeError(f"--ptq-samples {self.ptq_samples}: need at least one calibration sequence")
         if self.scale_update not in ("relative", "absolute"):
             raise SlimEdgeError(f"--scale-update {self.scale_update!r}: choose relative or absolute")
         if self.distill not in ("cakld", "kl", "none"):
