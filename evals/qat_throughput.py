@@ -9,8 +9,8 @@ the function `slim-edge quantize` runs. Variants (each on a fresh student, same 
 - `fused`: the chunked closed-form loss (toolchain/distill.py)
 - `fused+bf16t`: and the teacher's weights held in bf16
 - `fused+bf16t+compile`: and the student and teacher forwards through torch.compile
-Speed does not depend on the token values: batches are random token ids (seeded), as kernel benchmarks use
-random weights. Tokens/s counts student tokens (batch x seq_len) per second of wall time, synchronised.
+Speed does not depend on the values: batches are random token ids (seeded), and `--random` builds the model
+with random weights in the named shape (no model file needed, as kernel benchmarks use random weights). Tokens/s counts student tokens (batch x seq_len) per second of wall time, synchronised.
 """
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ from slim_edge.pipeline import pick_device
 from slim_edge.quantize import QuantConfig, make_plan, quantize_
 from slim_edge.train import _optimizer, _quant_params, train_step
 
+# Llama bodies by name, for --random: SmolLM2-135M's own shape and the 1B-class shape of issue 21
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192, vocab_size=49152, tie_word_embeddings=True, rope_theta=500000.0),
+}
 VARIANTS = ("session10", "fused", "fused+bf16t", "fused+bf16t+compile")
 
 
@@ -90,11 +97,21 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
             "warmup_s": round(t_first, 1), "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
 
 
-def main(model: str = "smollm2-135m", schemes: str = "seq2,sherry", variants: str = ",".join(VARIANTS),
+def random_model(shape: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if shape not in SHAPES:
+        raise typer.BadParameter(f"--random {shape!r}; choose from {', '.join(SHAPES)}")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rms_norm_eps=1e-5)
+    return LlamaForCausalLM(cfg).to(device).eval()
+
+
+def main(model: str = "smollm2-135m", random: bool = typer.Option(False, help="random weights in the shape named by "
+                                                                 "--model (smollm2-135m, llama-1b): no model file"), schemes: str = "seq2,sherry", variants: str = ",".join(VARIANTS),
          batch_size: int = 32, seq_len: int = 512, steps: int = 10, warmup: int = 3, device: str = "auto",
          output: Path = typer.Option(Path("evals/reports/qat_throughput"), "-o")):
     device = pick_device(device)
-    base, _, _ = load_model(model, device=device)
+    base = random_model(model, device) if random else load_model(model, device=device)[0]
     rows = []
     for scheme in schemes.split(","):
         for variant in variants.split(","):
@@ -114,11 +131,11 @@ def main(model: str = "smollm2-135m", schemes: str = "seq2,sherry", variants: st
         r["speedup"] = round(r["tokens_per_s"] / b, 2) if b and r.get("tokens_per_s") else None
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
     info = {"command": "python -m slim_edge.evals.qat_throughput " + shlex.join(sys.argv[1:]), "device": gpu,
-            "torch": torch.__version__, "model": model, "batch_size": batch_size, "seq_len": seq_len,
+            "torch": torch.__version__, "model": model + (" (random weights)" if random else ""), "batch_size": batch_size, "seq_len": seq_len,
             "steps": steps, "warmup": warmup, "rows": rows}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
-    lines = [f"# QAT step throughput: {model}, {batch_size} x {seq_len} tokens per step, {gpu}", "",
+    lines = [f"# QAT step throughput: {info['model']}, {batch_size} x {seq_len} tokens per step, {gpu}", "",
              f"`{info['command']}` (torch {torch.__version__}; {steps} timed steps after {warmup} warm-up)", "",
              "| scheme | variant | tokens/s | x session10 | s/step | peak GiB | warm-up s | loss first→last |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
