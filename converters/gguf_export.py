@@ -3,7 +3,8 @@
 Architecture metadata, tokenizer and chat template come from the official converter of the pinned
 llama.cpp tree (convert_hf_to_gguf.py, run on the dequantized model in f32); then every quantized
 linear is replaced by its packed blocks from the checkpoint, in the converter's row order (llama's
-q/k rows are permuted for rope, found by exact comparison with the converter's f32 tensor).
+q/k rows are permuted for rope, found by exact comparison with the converter's f32 tensor). A token
+embedding trained on its type (quantize --embedding-type) is written as its stored codes the same way.
 """
 from __future__ import annotations
 
@@ -102,22 +103,27 @@ def default_name(meta: dict, label: str) -> str:
     return f"{base}-{label.upper()}.gguf"
 
 
-def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_0",
+def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None = None,
                       output_tensor_type: str = "q8_0", overrides: list[str] | None = None,
                       force: bool = False) -> dict:
-    """Write the checkpoint as GGUF; returns a summary (types, sizes, metadata)."""
+    """Write the checkpoint as GGUF; returns a summary (types, sizes, metadata).
+
+    token_embedding_type: default the type the checkpoint's embedding trained on (its codes are written),
+    q8_0 for a float embedding; another type re-quantizes the trained values."""
     import gguf
 
-    from ..checkpoint import load_quantized, read_meta, read_tensors
+    from ..checkpoint import embedding_codes, load_quantized, read_meta, read_tensors
 
     ckpt, out = Path(ckpt), Path(out)
     meta = read_meta(ckpt)
+    token_embedding_type = token_embedding_type or (meta.get("embedding") or {}).get("format", "q8_0")
     _check_out(out, force)
     for t in (token_embedding_type, output_tensor_type):
         if t not in EMBED_TYPES:
             raise SlimEdgeError(f"embedding/output type {t!r} is not supported; choose one of {', '.join(EMBED_TYPES)}")
     rules = _parse_overrides(overrides or [])
     tensors = read_tensors(ckpt)
+    emb = embedding_codes(meta, tensors)
     config = json.loads((ckpt / "config.json").read_text())
     plan = {e["name"]: e for e in meta["plan"] if e["mode"] != "keep"}
     with tempfile.TemporaryDirectory(prefix=".slim-edge-export-", dir=out.parent) as tmpd:
@@ -164,7 +170,10 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str = "q8_
                 want = _override(rules, name) or (token_embedding_type if name.startswith("token_embd")
                                                   else output_tensor_type)
                 x = data.astype(np.float32)
-                enc = _encode_kept(x, want)
+                if name.startswith("token_embd") and emb is not None and want == emb[1].name:
+                    enc = emb[2][_row_order(x, emb[1].dequantize(emb[2], x.shape[1]), {}, emb[0])]
+                else:
+                    enc = _encode_kept(x, want)
                 if want == "f16":
                     writer.add_tensor(name, enc)
                 else:

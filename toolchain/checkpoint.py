@@ -3,6 +3,8 @@
     OUT/
       quant_config.json   {"slim_edge_checkpoint": 1, "config": QuantConfig, "plan": [...], "summary", "training"}
       model.safetensors   <module>.qweight  uint8 [rows, row_bytes]: the GGUF blocks of the planned format
+                          <embedding>.qweight uint8 [vocab, row_bytes]: the token embedding's blocks (quant_config's
+                                            "embedding" names it and its format; also the tied head's weight)
                           <module>.bias     f32 [rows]: the linear's bias incl. Tequila's dead-weight bias
                           every other tensor (norms, embeddings) in f32, as in the HF state dict
       config.json, tokenizer files, chat template: copied from the base model
@@ -23,7 +25,7 @@ from torch import nn
 
 from .errors import SlimEdgeError
 from .formats import get_format
-from .qlinear import QuantLinear, activation_type, round_activations
+from .qlinear import QuantEmbedding, QuantLinear, activation_type, round_activations
 from .quantize import PlanEntry, QuantConfig
 
 CHECKPOINT_VERSION = 1
@@ -47,6 +49,9 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if "bias" in blob:
                 tensors[f"{name}.bias"] = torch.from_numpy(blob["bias"])
             skip.update({f"{name}.weight", f"{name}.bias", f"{name}.scale"})
+        elif isinstance(mod, QuantEmbedding):
+            tensors[f"{name}.qweight"] = torch.from_numpy(mod.export())
+            skip.update({f"{name}.weight", f"{name}.scale"})
     seen: dict[int, str] = {}
     for k, v in model.state_dict().items():
         if k in skip:
@@ -62,6 +67,12 @@ def save_quantized(model: nn.Module, plan: list[PlanEntry], config: QuantConfig,
                    extra: dict | None = None, force: bool = False, report_md: str = "") -> Path:
     meta = {"slim_edge_checkpoint": CHECKPOINT_VERSION, "config": config.to_json(),
             "plan": [e.to_json() for e in plan], "base_model": str(base), **(extra or {})}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantEmbedding):
+            head = model.get_output_embeddings()
+            meta["embedding"] = {"name": name, "shape": [mod.num_embeddings, mod.embedding_dim],
+                                 "format": mod.fmt.name, "type_id": mod.fmt.type_id,
+                                 "tied": head is not None and getattr(head, "_embedding", [None])[0] is mod}
     return write_checkpoint(quantized_state(model), meta, base, out, force=force, report_md=report_md)
 
 
@@ -140,6 +151,21 @@ def _quantized_codes(meta: dict, tensors: dict[str, torch.Tensor]):
         yield e, fmt, raw
 
 
+def embedding_codes(meta: dict, tensors: dict[str, torch.Tensor]):
+    """(module name, format, raw code bytes) of a quantized token embedding, or None for a float one."""
+    e = meta.get("embedding")
+    if not e:
+        return None
+    key = f"{e['name']}.qweight"
+    fmt = get_format(e["format"])
+    raw = tensors.get(key)
+    rows, k = e["shape"]
+    if raw is None or tuple(raw.shape) != (rows, fmt.row_bytes(k)):
+        raise SlimEdgeError(f"{key}: {None if raw is None else tuple(raw.shape)} bytes do not match the embedding "
+                            f"({rows} rows x {fmt.row_bytes(k)} bytes of {fmt.name}); re-run slim-edge quantize")
+    return e["name"], fmt, raw.numpy()
+
+
 def dequantized_weights(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Float weights of every quantized linear, exactly as the exported GGUF stores them."""
     return {e["name"]: torch.from_numpy(fmt.dequantize(raw, e["shape"][1]))
@@ -187,6 +213,16 @@ def init_from_checkpoint(student: nn.Module, folder, seed: int = 0) -> None:
             if mod.bias is not None:
                 mod.bias.copy_(tensors[f"{name}.bias"])
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in codes}
+    emb = embedding_codes(meta, tensors)
+    if emb is not None:
+        name, fmt, raw = emb
+        del rest[f"{name}.qweight"]
+        mod = student.get_submodule(name)
+        here = mod.fmt.name if isinstance(mod, QuantEmbedding) else "f16"
+        if here != fmt.name:
+            raise SlimEdgeError(f"{folder}: its embedding is {fmt.name}, this model's {here}; continue it with "
+                                f"--embedding-type {fmt.name}")
+        mod.load_codes(raw)
     _, unexpected = student.load_state_dict(rest, strict=False)
     if unexpected:
         raise SlimEdgeError(f"{folder}: tensors {unexpected[:3]} do not belong to this model")
@@ -220,6 +256,10 @@ def load_quantized(folder, device: str = "cpu"):
         setattr(parent, child, lin)
     rest = {k: v for k, v in tensors.items() if not k.endswith(".qweight") and
             k.rpartition(".")[0] not in weights}
+    emb = embedding_codes(meta, tensors)
+    if emb is not None:  # the values the codes hold; a tied head takes them below
+        name, fmt, raw = emb
+        rest[f"{name}.weight"] = torch.from_numpy(fmt.dequantize(raw, meta["embedding"]["shape"][1]))
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [m for m in missing if m.rpartition(".")[0] not in weights and not
                (m == "lm_head.weight" and config.tie_word_embeddings)]

@@ -59,6 +59,13 @@ def quantize(
     block_samples: Annotated[int, typer.Option(help="sequences the block-wise phase learns from")] = 128,
     keep: Annotated[str, typer.Option(help="comma-separated module-name fragments kept in high precision")]
     = "embed_tokens,lm_head",
+    bits: Annotated[Optional[float], typer.Option(
+        help="bits per weight over the quantized linears, from the scheme's own up to 4.5: the linears whose "
+             "PTQ raises the KL to the FP model most per extra bit (measured on the training text) go to q4_0, "
+             "the rest stay in the scheme's type (default: none; a checkpoint's own)", show_default=False)] = None,
+    embedding_type: Annotated[Optional[str], typer.Option(
+        help="q8_0 | q4_0 | f16: the token embedding and tied head train on the type export writes "
+             "(f16 keeps them float; default q8_0, or a checkpoint's own)", show_default=False)] = None,
     act_quant: Annotated[bool, typer.Option("--act-quant", help="train with the runtime's 8-bit activation "
                                             "rounding (Q8_0 / Q8_K blocks per weight type, straight-through); "
                                             "the checkpoint keeps it, so PyTorch computes what llama.cpp computes")] = False,
@@ -101,6 +108,8 @@ def quantize(
 
       slim-edge quantize runs/sherry --steps 500 --act-quant --runtime-attention -o runs/sherry-rt
 
+      slim-edge quantize smollm2-135m --scheme seq2 --bits 2.5 --steps 30 -o runs/seq2-2.5
+
       slim-edge quantize smollm2-135m --scheme ternary --target tq1_0 --dry-run
     """
     from .checkpoint import is_checkpoint, read_meta
@@ -111,12 +120,17 @@ def quantize(
         scheme = read_meta(Path(model))["config"]["scheme"] if is_checkpoint(model) else "sherry"
     if arenas_lambda is None:
         arenas_lambda = 0.0 if is_checkpoint(model) else 1.0
+    if is_checkpoint(model):
+        base = QuantConfig.from_json(read_meta(Path(model))["config"])
+        bits = base.bits if bits is None else bits
+        embedding_type = embedding_type or base.embedding_type
     config = QuantConfig(scheme=scheme, target=target, keep=tuple(k for k in keep.split(",") if k),
                          steps=steps, lr=lr, scale_lr=scale_lr, scale_update=scale_update,
                          ste_clipped=ste_clipped, lsq_grad=lsq_grad, batch_size=batch_size, seq_len=seq_len,
                          distill=distill, block_steps=block_steps, block_samples=block_samples,
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,
-                         runtime_attention=runtime_attention, calib=calib, seed=seed)
+                         runtime_attention=runtime_attention, calib=calib, seed=seed, bits=bits,
+                         embedding_type=embedding_type or "q8_0")
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
                           checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60,
                           teacher_model=teacher)
@@ -133,7 +147,9 @@ def export(
     type_: Annotated[Optional[str], typer.Option("--type", help="baseline from the FP model: f16 | q8_0 (the "
                                  "converter) or q4_0 | q4_k_m | q4_k_s | q2_k | tq2_0 | tq1_0 (llama-quantize, "
                                  "llama.cpp's PTQ)")] = None,
-    token_embedding_type: Annotated[str, typer.Option(help="f16 | q8_0 | q4_0")] = "q8_0",
+    token_embedding_type: Annotated[Optional[str], typer.Option(
+        help="f16 | q8_0 | q4_0 (default: the type the checkpoint's embedding trained on, written as its codes; "
+             "q8_0 for a float one)", show_default=False)] = None,
     output_tensor_type: Annotated[str, typer.Option(help="untied output head: f16 | q8_0 | q4_0")] = "q8_0",
     tensor_type: Annotated[Optional[list[str]], typer.Option(help="REGEX=TYPE for unquantized tensors "
                                                                   "(repeatable)")] = None,

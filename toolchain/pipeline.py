@@ -17,6 +17,7 @@ from .models import architecture_of, load_model
 from .quantize import QuantConfig, format_plan, get_scheme, plan_summary, quantize_, make_plan
 from .gendata import parse_calib, training_tokens
 from .train import _batches, distill_loss, reconstruct_blocks, seed_everything, train
+from .budget import budget_plan, check_bits, format_sensitivity, overrides_of
 
 
 def pick_device(device: str | None) -> str:
@@ -45,7 +46,7 @@ def continue_from(folder: Path, config: QuantConfig, teacher_model: str | None) 
     """Check that `config` can continue checkpoint `folder`; the teacher to distil from."""
     meta = read_meta(folder)
     base = QuantConfig.from_json(meta["config"])
-    for field in ("scheme", "target", "keep"):
+    for field in ("scheme", "target", "keep", "bits", "embedding_type"):
         if getattr(config, field) != getattr(base, field):
             raise SlimEdgeError(f"{folder} was made with {field} {getattr(base, field)!r}, not "
                                 f"{getattr(config, field)!r}; continue it with the same {field}, or start from the "
@@ -107,21 +108,36 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     t_start = time.perf_counter()
     teacher, tok, folder = load_model(model, device=device)
     arch = architecture_of(teacher.config)
-    plan = make_plan(teacher, config)
-    print(format_plan(plan), file=sys.stderr)
-    if dry_run:
-        return {"plan": [e.to_json() for e in plan], "summary": plan_summary(plan)}
-    if partial.exists() and not resume:  # --force: start over, not from the old run's state
+    # a continued checkpoint keeps its plan (--bits promotions included); --bits measures a new one
+    plan = make_plan(teacher, config, None if init is None else overrides_of(read_meta(init)["plan"]))
+    measure = config.bits is not None and init is None
+    if measure:
+        check_bits(plan, config.bits, config.scheme)  # before the slow parts
+    else:
+        print(format_plan(plan), file=sys.stderr)
+        if dry_run:
+            return {"plan": [e.to_json() for e in plan], "summary": plan_summary(plan)}
+    if partial.exists() and not resume and not dry_run:  # --force: start over, not from the old run's state
         shutil.rmtree(partial)
+    had_partial = partial.exists()
     student = copy.deepcopy(teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    ids, source = _training_tokens(teacher, tok, config, partial, device, progress)
+    print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
+    budget = None
+    if measure:
+        plan, budget = budget_plan(teacher, config, ids, device=device, progress=progress)
+        print(format_plan(plan), file=sys.stderr)
+        print(format_sensitivity(budget), file=sys.stderr)
+        if dry_run:
+            if not had_partial:
+                shutil.rmtree(partial, ignore_errors=True)
+            return {"plan": [e.to_json() for e in plan], "summary": plan_summary(plan), "budget": budget}
     quantize_(student, config, plan)
     if init is not None:
         init_from_checkpoint(student, init, seed=config.seed)
         print(f"slim-edge: continuing {init} (distilling from {model})", file=sys.stderr)
-    ids, source = _training_tokens(teacher, tok, config, partial, device, progress)
-    print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
     seen = config.steps * config.batch_size * config.seq_len
     passes = seen / len(ids)  # windows are drawn uniformly from the joined text: every source alike
     if config.steps > 0:
@@ -154,7 +170,7 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     summary = plan_summary(plan)
     report = {
         "model": str(model), "continued_from": None if init is None else str(init), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
-        "calibration": source, "plan_summary": summary,
+        "calibration": source, "plan_summary": summary, "budget": budget,
         "distill_loss": {"ptq": loss_ptq, "blocks": loss_blocks, "final": loss_qat},
         "blocks": {"steps_per_layer": config.block_steps, "samples": config.block_samples,
                    "seconds": round(t_blocks, 1), "layers": blocks},
@@ -163,12 +179,15 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
                      "passes": round(passes, 3), "ptq_seconds": round(t_ptq, 1),
                      "log": log_lines[:: max(1, len(log_lines) // 200)]},
     }
+    bits_note = "" if budget is None else (f" (--bits {config.bits}: {budget['promoted']} tensors in "
+                                            f"{budget['promoted_to']})")
     md = (f"# slim-edge quantize: {model} -> {config.scheme}\n\n"
           f"- calibration text: {source}\n- device: {device}, steps: {config.steps}\n"
           f"- block-wise reconstruction: {config.block_steps} steps per layer"
           f"{f', distillation loss after it {loss_blocks:.4f}' if loss_blocks is not None else ''}\n"
           f"- distillation loss: PTQ {loss_ptq:.4f} -> final {loss_qat:.4f}\n"
-          f"- {summary['bits_per_weight']:.3f} bits per weight over {summary['weights'] / 1e6:.1f} M weights\n\n"
+          f"- {summary['bits_per_weight']:.3f} bits per weight over {summary['weights'] / 1e6:.1f} M weights"
+          f"{bits_note}\n\n"
           f"```\n{format_plan(plan)}\n```\n")
     save_quantized(student.cpu(), plan, config, folder, out, extra=report, force=True, report_md=md)
     shutil.rmtree(partial, ignore_errors=True)

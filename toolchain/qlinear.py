@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import SlimEdgeError
 from .formats import get_format
 from .formats.base import Format
 from .formats.stq1_0 import quad_layout
@@ -203,3 +204,110 @@ class QuantLinear(nn.Module):
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, format={self.fmt.name}, mode={self.mode}"
                 + (f", act={self.act}" if self.act else ""))
+
+
+# --- the token embedding and the tied output head ------------------------------------------------------
+
+EMBEDDING_TYPES = ("q8_0", "q4_0", "f16")  # f16: the float embedding of before (no codes; export picks the type)
+
+
+def embedding_scale(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Block scales of an embedding: q8_0 takes its reference's absmax / 127 (what the converter and
+    llama-quantize write, and for SmolLM2's embedding, shipped in Q8_0, the exact scale); coarser grids
+    take init_scale's MSE search."""
+    if fmt.name == "q8_0":
+        blocks = w.detach().float().reshape(-1, fmt.block_size).cpu().numpy()
+        _, d = fmt.unpack(fmt.quantize_blocks(blocks))
+        return torch.from_numpy(d.astype(np.float32)).reshape(w.shape[0], -1).to(w.device)
+    return init_scale(w, fmt, "grid")
+
+
+class QuantEmbedding(nn.Module):
+    """nn.Embedding on a format's grid, blocks along the hidden dimension: the rows the GGUF's token_embd
+    holds, and through a TiedHead the tied output head's weight.
+
+    The latent weight and the scales stay frozen (train.py trains no "embed" parameter): q8_0 holds
+    SmolLM2's embedding exactly, so there is nothing to recover there, and updating 28 M shared
+    embedding/head weights from a few passes of one text moves the teacher's head towards that text. The
+    student's linears learn to work with the embedding's rounding instead (it matters for q4_0)."""
+
+    def __init__(self, embedding: nn.Embedding, fmt: str):
+        super().__init__()
+        self.fmt = get_format(fmt)
+        self.mode = "grid"
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.padding_idx = embedding.padding_idx
+        if self.embedding_dim % self.fmt.block_size:
+            raise SlimEdgeError(f"--embedding-type {fmt}: the embedding's row length {self.embedding_dim} is not a "
+                                f"multiple of {fmt}'s block {self.fmt.block_size}; use --embedding-type f16")
+        self.weight = nn.Parameter(embedding.weight.detach().clone().float(), requires_grad=False)
+        self.scale = nn.Parameter(embedding_scale(self.weight, self.fmt), requires_grad=False)
+        self._cache = None
+
+    def quantized(self, return_values: bool = False):
+        """The fake-quantized weight (and its grid values); cached while weight and scale are unchanged."""
+        if torch.is_grad_enabled() and (self.weight.requires_grad or self.scale.requires_grad):
+            return fake_quant(self.weight, self.scale, self.fmt, self.mode, None, return_values)
+        key = (self.weight.data_ptr(), self.weight._version, self.scale.data_ptr(), self.scale._version)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                q, v = fake_quant(self.weight, self.scale, self.fmt, self.mode, None, True)
+            self._cache = (key, q, v.to(torch.int8))
+        _, q, v = self._cache
+        return (q, v.float()) if return_values else q
+
+    def forward(self, ids):
+        return F.embedding(ids, self.quantized(), self.padding_idx)
+
+    @torch.no_grad()
+    def export(self) -> np.ndarray:
+        """The packed blocks: the GGUF's token_embd bytes, [num_embeddings, row_bytes]."""
+        _, values = self.quantized(return_values=True)
+        d16 = self.scale.clamp(FP16_TINY, FP16_MAX).to(torch.float16)
+        return self.fmt.pack(values.to(torch.int8).cpu().numpy(), d16.cpu().numpy())
+
+    @torch.no_grad()
+    def load_codes(self, raw: np.ndarray) -> None:
+        """Take stored codes: the latent weight becomes their values (v * d, exact in float32) and the scale
+        d, so the forward reproduces them."""
+        v, d = self.fmt.unpack(raw)
+        d32 = torch.from_numpy(d.astype(np.float32))
+        w = torch.from_numpy(v).float() * d32.repeat_interleave(self.fmt.block_size, dim=1)
+        self.weight.copy_(w)
+        self.scale.copy_(d32)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}"
+
+
+class TiedHead(nn.Module):
+    """The output head tied to a QuantEmbedding: logits = x @ (its quantized weight)^T, as llama.cpp
+    multiplies by token_embd when a file has no output.weight. The embedding is referenced, not a
+    submodule: its weight lives (and is stored) once, under the embedding."""
+
+    def __init__(self, embedding: QuantEmbedding):
+        super().__init__()
+        self._embedding = [embedding]
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].quantized()
+
+    def forward(self, x):
+        return F.linear(x, self._embedding[0].quantized().to(x.dtype))
+
+
+def quantize_embedding_(model: nn.Module, fmt: str) -> str:
+    """Put the model's token embedding on `fmt` in place, and a tied nn.Linear head on a TiedHead (an untied
+    head is left alone); returns the embedding's module name."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(emb, nn.Embedding):
+        raise SlimEdgeError(f"--embedding-type {fmt}: the input embedding is a {type(emb).__name__}, not an "
+                            f"nn.Embedding; use --embedding-type f16")
+    q = QuantEmbedding(emb, fmt).to(emb.weight.device)
+    tied = isinstance(head, nn.Linear) and head.weight is emb.weight and head.bias is None
+    model.set_input_embeddings(q)
+    if tied:
+        model.set_output_embeddings(TiedHead(q))
+    return next(n for n, m in model.named_modules() if m is q)

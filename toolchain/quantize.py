@@ -13,10 +13,12 @@ from torch import nn
 
 from .errors import SlimEdgeError
 from .formats import get_format
-from .qlinear import QuantLinear, activation_type
+from .qlinear import EMBEDDING_TYPES, QuantLinear, activation_type, quantize_embedding_
 from .schemes import get_scheme
 
 CONFIG_VERSION = 1
+PROMOTED = "q4_0"  # where --bits puts the most sensitive linears
+MAX_BITS = get_format(PROMOTED).bits_per_weight
 
 
 @dataclass
@@ -24,6 +26,10 @@ class QuantConfig:
     scheme: str = "sherry"
     target: str | None = None  # override the scheme's primary format (e.g. tq1_0 for ternary)
     keep: tuple[str, ...] = ("embed_tokens", "lm_head")  # module-name fragments left in high precision
+    # bits per weight over the quantized linears: the most sensitive ones go to q4_0 within it (budget.py)
+    bits: float | None = None
+    # the token embedding (and a tied head) trains on the type export writes: q8_0 | q4_0, or f16 = float
+    embedding_type: str = "q8_0"
     tequila_lambda: float = 1e-3
     # training
     steps: int = 0
@@ -74,6 +80,11 @@ class QuantConfig:
             raise SlimEdgeError(f"--scale-update {self.scale_update!r}: choose relative or absolute")
         if self.distill not in ("cakld", "kl", "none"):
             raise SlimEdgeError(f"--distill {self.distill!r}: choose cakld, kl or none")
+        if self.embedding_type not in EMBEDDING_TYPES:
+            raise SlimEdgeError(f"--embedding-type {self.embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
+        if self.bits is not None and not 0 < self.bits <= MAX_BITS:
+            raise SlimEdgeError(f"--bits {self.bits}: the budget must lie between the scheme's own bits per weight "
+                                f"and {MAX_BITS} (everything in {PROMOTED})")
         self.keep = tuple(self.keep)
 
     @property
@@ -93,6 +104,7 @@ class QuantConfig:
             raise SlimEdgeError(f"quantization config version {version!r} is not supported "
                                 f"(this slim-edge reads version {CONFIG_VERSION}); re-run slim-edge quantize")
         names = {f.name for f in dataclasses.fields(cls)}
+        data = {"embedding_type": "f16", **data}  # checkpoints before embedding_type kept it in float
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -117,13 +129,23 @@ class PlanEntry:
                 "bpw": round(self.bits_per_weight, 4)}
 
 
-def make_plan(model: nn.Module, config: QuantConfig) -> list[PlanEntry]:
+def make_plan(model: nn.Module, config: QuantConfig,
+              overrides: dict[str, tuple[str, str]] | None = None) -> list[PlanEntry]:
+    """One entry per linear layer; `overrides` maps a module name to (format, reason), e.g. the tensors that
+    the bit budget promotes to q4_0 (budget.py). A format outside the scheme's trains on its full grid."""
     scheme = get_scheme(config.scheme)
     plan = []
+    overrides = overrides or {}
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, QuantLinear)) or any(k in name for k in config.keep):
             continue
         shape = (mod.out_features, mod.in_features)
+        if name in overrides:
+            fname, reason = overrides[name]
+            get_format(fname).check_row(mod.in_features, name)
+            mode = "keep" if fname == "f16" else scheme.values if fname in config.formats else "grid"
+            plan.append(PlanEntry(name, shape, fname, mode, reason))
+            continue
         for i, fname in enumerate(config.formats):
             if mod.in_features % get_format(fname).block_size == 0:
                 reason = "" if i == 0 else (f"row length {mod.in_features} is not a multiple of "
@@ -135,11 +157,16 @@ def make_plan(model: nn.Module, config: QuantConfig) -> list[PlanEntry]:
                                   f"no {scheme.name} format divides row length {mod.in_features}"))
     if not plan:
         raise SlimEdgeError("the model has no linear layers to quantize (after --keep); nothing to do")
+    unknown = sorted(set(overrides) - {e.name for e in plan})
+    if unknown:
+        raise SlimEdgeError(f"the plan's overrides name {unknown[:3]}, which are no quantized linear of this "
+                            f"model; plan with the model they were made for")
     return plan
 
 
 def quantize_(model: nn.Module, config: QuantConfig, plan: list[PlanEntry] | None = None) -> list[PlanEntry]:
-    """Replace each planned nn.Linear by a QuantLinear initialised from its weights (PTQ)."""
+    """Replace each planned nn.Linear by a QuantLinear initialised from its weights (PTQ), and the token
+    embedding (with a tied head) by a QuantEmbedding on config.embedding_type unless that is f16."""
     plan = plan or make_plan(model, config)
     scheme = get_scheme(config.scheme)
     for entry in plan:
@@ -149,10 +176,12 @@ def quantize_(model: nn.Module, config: QuantConfig, plan: list[PlanEntry] | Non
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         q = QuantLinear(linear, entry.format, entry.mode,
-                        tequila_lambda=config.tequila_lambda if scheme.tequila else 0.0,
+                        tequila_lambda=config.tequila_lambda if scheme.tequila and entry.mode == scheme.values else 0.0,
                         act=activation_type(entry.type_id) if config.act_quant else None,
                         ste_clipped=config.ste_clipped, lsq_grad=config.lsq_grad)
         setattr(parent, child, q.to(linear.weight.device))
+    if config.embedding_type != "f16":
+        quantize_embedding_(model, config.embedding_type)
     if config.runtime_attention:
         from .evals.runtime_sim import use_runtime_attention  # type: ignore[import-not-found]
         use_runtime_attention(model)
