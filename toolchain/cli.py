@@ -57,6 +57,13 @@ def quantize(
                                                   "end-to-end QAT (EfficientQAT's Block-AP; 0 = off; on SmolLM2-135M it did not "
                                                   "help, see evals/reports/qat_smollm2.md)")] = 0,
     block_samples: Annotated[int, typer.Option(help="sequences the block-wise phase learns from")] = 128,
+    ptq: Annotated[str, typer.Option(help="the PTQ start: rtn (per-block MSE-searched scale, round to nearest; "
+                                          "data-free) | gptq (GPTQ: rounds column by column and moves each error "
+                                          "onto the columns not yet rounded, weighted by the inputs of "
+                                          "--ptq-samples training sequences; a far better 0-step model, see "
+                                          "evals/reports/ptq_smollm2.md)")] = "rtn",
+    ptq_samples: Annotated[int, typer.Option(help="calibration sequences (of --seq-len tokens) for --ptq gptq; "
+                                                  "its time grows with them (fewer on CPU)")] = 128,
     keep: Annotated[str, typer.Option(help="comma-separated module-name fragments kept in high precision")]
     = "embed_tokens,lm_head",
     bits: Annotated[Optional[float], typer.Option(
@@ -128,6 +135,7 @@ def quantize(
                          steps=steps, lr=lr, scale_lr=scale_lr, scale_update=scale_update,
                          ste_clipped=ste_clipped, lsq_grad=lsq_grad, batch_size=batch_size, seq_len=seq_len,
                          distill=distill, block_steps=block_steps, block_samples=block_samples,
+                         ptq=ptq, ptq_samples=ptq_samples,
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,
                          runtime_attention=runtime_attention, calib=calib, seed=seed, bits=bits,
                          embedding_type=embedding_type or "q8_0")

@@ -16,6 +16,7 @@ from .errors import SlimEdgeError
 from .models import architecture_of, load_model
 from .quantize import QuantConfig, format_plan, get_scheme, plan_summary, quantize_, make_plan
 from .gendata import parse_calib, training_tokens
+from .ptq import gptq_, summary_line as gptq_summary
 from .train import _batches, distill_loss, reconstruct_blocks, seed_everything, train
 from .budget import budget_plan, check_bits, format_sensitivity, overrides_of
 
@@ -148,6 +149,12 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
             print(f"slim-edge: warning: {passes:.3g} passes over the same text (more than {MAX_PASSES}): the "
                   f"student learns the text, not the teacher; add text (--calib wiki,pydocs,teacher:8M or a "
                   f"file) or lower --steps", file=sys.stderr)
+    ptq_rows, t_gptq = [], 0.0
+    if config.ptq == "gptq" and init is None and not (partial / "train.pt").is_file():  # a resumed run is past it
+        t0 = time.perf_counter()
+        ptq_rows = gptq_(student, ids, config, device=device, progress=progress)
+        t_gptq = time.perf_counter() - t0
+        print(gptq_summary(ptq_rows, t_gptq, config), file=sys.stderr)
     t_ptq = time.perf_counter() - t_start
     loss_ptq = distill_eval(student, teacher, ids, config, device)
     log_lines = []
@@ -172,6 +179,7 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         "model": str(model), "continued_from": None if init is None else str(init), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
         "calibration": source, "plan_summary": summary, "budget": budget,
         "distill_loss": {"ptq": loss_ptq, "blocks": loss_blocks, "final": loss_qat},
+        "ptq": {"method": config.ptq, "samples": config.ptq_samples, "seconds": round(t_gptq, 1), "layers": ptq_rows},
         "blocks": {"steps_per_layer": config.block_steps, "samples": config.block_samples,
                    "seconds": round(t_blocks, 1), "layers": blocks},
         "training": {"steps": config.steps, "steps_done": state.step if state else 0, "seconds": round(state.seconds, 1) if state else 0.0,
