@@ -9,18 +9,17 @@ embedding trained on its type (quantize --embedding-type) is written as its stor
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import SlimEdgeError
 from ..formats import FORMATS, get_format
+from ..fsutil import atomic_dir, atomic_path, check_output_file, move_into_place, scratch_dir
+from ..memory import check_model_config
 from ..models import cache_dir
 from .gguf_types import FILE_TYPES, patch_types, raw_tensor
 
@@ -37,14 +36,10 @@ def converter_tree() -> Path:
     dest = cache_dir("src", f"llama.cpp-{PIN.commit}")
     if (dest / ".complete").is_file():
         return dest
-    tmp = Path(tempfile.mkdtemp(prefix=".src-", dir=dest.parent if dest.parent.exists() else None))
-    shutil.rmtree(tmp)
-    extract_tree(tmp)
-    (tmp / ".complete").write_text("")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    with atomic_dir(dest) as tmp:
+        tmp.rmdir()  # extract_tree makes its own folder
+        extract_tree(tmp)
+        (tmp / ".complete").write_text("")
     return dest
 
 
@@ -61,8 +56,7 @@ def run_converter(hf_folder: Path, out: Path, outtype: str = "f32") -> None:
 def _check_out(out: Path, force: bool) -> None:
     if out.suffix != ".gguf":
         raise SlimEdgeError(f"--gguf {out}: the output file must end in .gguf")
-    if out.exists() and not force:
-        raise SlimEdgeError(f"{out} already exists; pass --force to replace it")
+    check_output_file(out, force, "--gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -126,8 +120,8 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
     emb = embedding_codes(meta, tensors)
     config = json.loads((ckpt / "config.json").read_text())
     plan = {e["name"]: e for e in meta["plan"] if e["mode"] != "keep"}
-    with tempfile.TemporaryDirectory(prefix=".slim-edge-export-", dir=out.parent) as tmpd:
-        tmp = Path(tmpd)
+    check_model_config(ckpt)
+    with scratch_dir(out) as tmp:
         model, tok = load_quantized(ckpt)
         # the converter names the model after its folder: use the base model's, as the baselines do
         hf = tmp / (Path(str(meta.get("base_model") or "")).name or "model")
@@ -208,7 +202,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
         writer.write_tensors_to_file()
         writer.close()
         patch_types(tmp / "out.gguf", real)
-        os.replace(tmp / "out.gguf", out)
+        move_into_place(tmp / "out.gguf", out)
     size = out.stat().st_size
     n_lin = sum(e["shape"][0] * e["shape"][1] for e in plan.values())
     bits = sum(e["shape"][0] * e["shape"][1] * get_format(e["format"]).bits_per_weight for e in plan.values())
@@ -298,15 +292,13 @@ def llama_quantize(src: Path, dst: Path, type_: str, *, bin_dir: Path | None = N
                                 "to use slim-edge's host runtime.")
         tool = [str(exe)]
     dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    argv = llama_quantize_argv(tool, src, tmp, type_, token_embedding_type=token_embedding_type,
-                               output_tensor_type=output_tensor_type)
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise SlimEdgeError(f"llama-quantize {type_.upper()} of {src} failed (exit {proc.returncode}):\n"
-                            f"{proc.stderr.strip()[-1500:]}")
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        argv = llama_quantize_argv(tool, src, tmp, type_, token_embedding_type=token_embedding_type,
+                                   output_tensor_type=output_tensor_type)
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SlimEdgeError(f"llama-quantize {type_.upper()} of {src} failed (exit {proc.returncode}):\n"
+                                f"{proc.stderr.strip()[-1500:]}")
     return dst
 
 
@@ -319,12 +311,11 @@ def export_baseline(model: str, out: Path, type_: str, force: bool = False) -> d
         raise SlimEdgeError(f"--type {type_!r}: choose one of {', '.join(BASELINE_TYPES)}")
     _check_out(out, force)
     folder = resolve(model)
-    with tempfile.TemporaryDirectory(prefix=".slim-edge-export-", dir=out.parent) as tmpd:
-        tmp = Path(tmpd)
+    with scratch_dir(out) as tmp:
         if type_ in ("f16", "q8_0"):
             run_converter(folder, tmp / "out.gguf", type_)
         else:
             run_converter(folder, tmp / "f16.gguf", "f16")
             llama_quantize(tmp / "f16.gguf", tmp / "out.gguf", type_)
-        os.replace(tmp / "out.gguf", out)
+        move_into_place(tmp / "out.gguf", out)
     return {"file": str(out), "bytes": out.stat().st_size, "type": type_, "needs_patched_runtime": False}

@@ -36,6 +36,19 @@ VALUE_TYPES = {0: ("uint8", "B"), 1: ("int8", "b"), 2: ("uint16", "H"), 3: ("int
                11: ("int64", "q"), 12: ("float64", "d")}
 STRING, ARRAY = 8, 9
 TYPE_NAMES = {**{k: v[0] for k, v in VALUE_TYPES.items()}, STRING: "string", ARRAY: "array"}
+# arrays of arrays this deep exist in no writer; the bound keeps a crafted file from exhausting the stack
+MAX_NESTING = 16
+
+
+@dataclass(frozen=True)
+class LongArray:
+    """An array read with `array_limit` that held at least that many items: walked, not kept, so a 100 MB
+    vocabulary costs nothing to inspect."""
+    item_type: str
+    count: int
+
+    def __str__(self) -> str:
+        return f"[{self.count} items]"
 
 
 @dataclass
@@ -72,8 +85,9 @@ class GGUFTable:
 class _Cursor:
     """Bounds-checked little-endian reads from a buffer; every failure names the file and the offset."""
 
-    def __init__(self, buf, path: Path):
+    def __init__(self, buf, path: Path, array_limit: int | None = None):
         self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+        self.array_limit = array_limit
 
     def need(self, n: int, what: str) -> int:
         if n < 0 or self.pos + n > self.size:
@@ -99,7 +113,7 @@ class _Cursor:
             raise SlimEdgeError(f"{self.path}: {what} at byte {start} is not valid UTF-8 ({e.reason}); "
                                 f"the file is corrupt") from None
 
-    def value(self, vtype: int, what: str, keep: bool):
+    def value(self, vtype: int, what: str, keep: bool, depth: int = 0):
         """One value of GGUF type `vtype`: returned when `keep`, else skipped (None)."""
         if vtype in VALUE_TYPES:
             v = self.scalar(VALUE_TYPES[vtype][1], what)
@@ -107,8 +121,14 @@ class _Cursor:
         if vtype == STRING:
             return self.string(what, keep)
         if vtype == ARRAY:
+            if depth >= MAX_NESTING:
+                raise SlimEdgeError(f"{self.path}: {what} nests arrays more than {MAX_NESTING} deep (byte "
+                                    f"{self.pos - 4}); no GGUF writer does that: the file is corrupt")
             itype = self.scalar("I", f"item type of {what}")
             count = self.scalar("Q", f"item count of {what}")
+            if keep and self.array_limit is not None and count >= self.array_limit:
+                self.value_skip(itype, count, what, depth)
+                return LongArray(TYPE_NAMES.get(itype, str(itype)), count)
             if itype in VALUE_TYPES:
                 code = VALUE_TYPES[itype][1]
                 start = self.need(count * struct.calcsize(code), f"{count} {TYPE_NAMES[itype]} items of {what}")
@@ -119,10 +139,22 @@ class _Cursor:
                 raise SlimEdgeError(f"{self.path}: {what} is an array of unknown GGUF value type {itype} "
                                     f"(byte {self.pos - 12}); known types are 0..12: the file is corrupt or "
                                     f"newer than this reader")
-            items = [self.value(itype, f"item {i} of {what}", keep) for i in range(count)]
+            items = [self.value(itype, f"item {i} of {what}", keep, depth + 1) for i in range(count)]
             return items if keep else None
         raise SlimEdgeError(f"{self.path}: {what} has unknown GGUF value type {vtype} (byte {self.pos - 4}); "
                             f"known types are 0..12: the file is corrupt or newer than this reader")
+
+    def value_skip(self, itype: int, count: int, what: str, depth: int) -> None:
+        """Walk past `count` items of type `itype` (the array's header already read)."""
+        if itype in VALUE_TYPES:
+            self.need(count * struct.calcsize(VALUE_TYPES[itype][1]), f"{count} {TYPE_NAMES[itype]} items of {what}")
+            return
+        if itype not in (STRING, ARRAY):
+            raise SlimEdgeError(f"{self.path}: {what} is an array of unknown GGUF value type {itype} "
+                                f"(byte {self.pos - 12}); known types are 0..12: the file is corrupt or "
+                                f"newer than this reader")
+        for i in range(count):
+            self.value(itype, f"item {i} of {what}", False, depth + 1)
 
     def type_name(self, vtype: int, start: int) -> str:
         """'array[...]' names need the item type, which sits right after the value type field."""
@@ -134,9 +166,10 @@ class _Cursor:
         return f"array[{TYPE_NAMES[itype]}]"
 
 
-def read_tensor_table(path: Path, metadata: bool = False) -> GGUFTable:
+def read_tensor_table(path: Path, metadata: bool = False, array_limit: int | None = None) -> GGUFTable:
     """Header, KV pairs (parsed when `metadata`, else skipped) and the tensor-info table; no type id is
-    rejected. Raises SlimEdgeError naming the file and the fault for anything that is not a whole GGUF."""
+    rejected. Raises SlimEdgeError naming the file and the fault for anything that is not a whole GGUF.
+    array_limit: metadata arrays of at least this many items come back as LongArray (type and count)."""
     path = Path(path)
     if not path.is_file():
         raise SlimEdgeError(f"{path}: no such file")
@@ -147,7 +180,7 @@ def read_tensor_table(path: Path, metadata: bool = False) -> GGUFTable:
             raise SlimEdgeError(f"{path}: not a GGUF file (it starts with {head!r}, a GGUF file with "
                                 f"{MAGIC!r}); pass a .gguf file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(_Cursor(buf, path), size, metadata)
+            return _parse(_Cursor(buf, path, array_limit), size, metadata)
 
 
 def read_metadata(path: Path) -> dict:

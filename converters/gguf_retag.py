@@ -8,13 +8,10 @@ where they sit); every other byte stays as it is.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,7 +20,9 @@ import typer
 
 from ..errors import SlimEdgeError
 from ..formats import BY_ID
+from ..fsutil import atomic_path, check_output_file
 from .gguf_read import TensorEntry, read_tensor_table
+from .inspect import load_problems, printable
 
 
 def _log(msg: str) -> None:
@@ -64,6 +63,10 @@ def plan_retag(path: Path, from_id: int = 42, to_id: int = 43) -> RetagPlan:
     if from_id == to_id:
         raise SlimEdgeError(f"--from and --to are both {from_id}; nothing to retag")
     table = read_tensor_table(path)
+    problems = load_problems(table)
+    if problems:
+        raise SlimEdgeError(f"{path}: {problems[0]}" + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1
+                            else "") + "; the file is damaged beyond a type id: nothing written, re-export it")
     retag, keep = [], []
     for t in table.tensors:
         if t.type_id != from_id:
@@ -91,8 +94,9 @@ def retag(path: Path, out: Path | None = None, *, from_id: int = 42, to_id: int 
           in_place: bool = False, dry_run: bool = False) -> tuple[RetagPlan, Path | None]:
     """Rewrite the type field of every tensor `plan_retag` picks; nothing else changes, byte for byte.
 
-    Writes a copy next to the output, patches it, fsyncs and renames it over the output, so a crash
-    never leaves a half-written file. Returns (plan, output path or None when nothing was written).
+    Writes a copy next to the output, patches it, fsyncs and renames it over the output (fsutil.atomic_path),
+    so a crash never leaves a half-written file. A file llama.cpp would refuse for another reason (see
+    inspect.load_problems) is not "fixed". Returns (plan, output path or None when nothing was written).
     """
     path = Path(path)
     if not path.is_file():
@@ -100,7 +104,7 @@ def retag(path: Path, out: Path | None = None, *, from_id: int = 42, to_id: int 
     if in_place and out is not None and Path(out).resolve() != path.resolve():
         raise SlimEdgeError(f"--in-place and -o {out} disagree; give one of them")
     if in_place:
-        out = path
+        out = path.resolve()  # through a symlink: the file it points to is rewritten, the link stays
     elif out is None:
         out = path.with_name(path.stem + "-retag" + path.suffix)
     out = Path(out)
@@ -109,12 +113,9 @@ def retag(path: Path, out: Path | None = None, *, from_id: int = 42, to_id: int 
     plan = plan_retag(path, from_id, to_id)
     if dry_run or not plan.retag:
         return plan, None
-    if out.exists() and not in_place and not force:
-        raise SlimEdgeError(f"{out} exists; pass --force to overwrite it, or -o another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".retag-tmp")
-    os.close(fd)
-    try:
+    if not in_place:
+        check_output_file(out, force)
+    with atomic_path(out) as tmp:
         shutil.copyfile(path, tmp)
         shutil.copymode(path, tmp)
         with open(tmp, "r+b") as f:
@@ -124,18 +125,6 @@ def retag(path: Path, out: Path | None = None, *, from_id: int = 42, to_id: int 
                     raise SlimEdgeError(f"{path} changed while retagging (type of {t.name!r}); run again")
                 f.seek(t.type_pos)
                 f.write(struct.pack("<I", to_id))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
     return plan, out
 
 
@@ -175,7 +164,7 @@ def retag_cmd(file: Annotated[Path, typer.Argument(help="GGUF file to fix")],
     plan, written = retag(file, out, from_id=from_id, to_id=to_id, force=force, in_place=in_place,
                           dry_run=dry_run)
     for t in plan.retag:
-        _log(f"  {t.name:40s} {list(t.shape)}  {from_id} -> {to_id}")
+        _log(f"  {printable(t.name):40s} {list(t.shape)}  {from_id} -> {to_id}")
     if plan.keep:
         _log(f"  kept {len(plan.keep)} tensor(s) typed {from_id} whose bytes match type {from_id}")
     if dry_run:

@@ -8,6 +8,8 @@ running llama-bench with peak-memory tracking) is written once here on top of th
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shlex
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -119,6 +121,19 @@ def info_from_probe(device: str, text: str, *, emulated: bool = False) -> Device
     )
 
 
+def safe_name(name: str) -> str:
+    """The name a file takes on the device. A remote path can pass through a shell there (scp's legacy
+    protocol runs `scp -t PATH` in the remote user's shell, unquoted), so anything outside [A-Za-z0-9._-] is
+    replaced, and a hash of the original name keeps two such names apart: `$(touch X).gguf` becomes
+    `_touch_X-<8 hex>.gguf`."""
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", name) and len(name) <= 128:
+        return name
+    stem, ext = os.path.splitext(name)
+    ext = ext if re.fullmatch(r"\.[A-Za-z0-9]{1,16}", ext) else ""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", stem if ext else name).strip("._-")[:64] or "file"
+    return f"{clean}-{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}{ext}"
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -201,11 +216,11 @@ class Device:
         prefix = f"{subdir}/" if subdir else ""
         if subdir:
             self.shell_ok(f"mkdir -p {shlex.quote(self.remote_path(subdir))}")
-        names = [prefix + p.name for p in files]
+        names = [prefix + safe_name(p.name) for p in files]
         have = self.remote_hashes(names)
         copied = {}
         for p, name in zip(files, names):
-            if have.get(p.name) == sha256_file(p):
+            if have.get(safe_name(p.name)) == sha256_file(p):
                 copied[name] = False
                 continue
             self.copy_to(p, self.remote_path(name))
@@ -216,7 +231,7 @@ class Device:
         """Make `files` available on the device; returns {local path: path on the device}."""
         self.push(files, subdir=subdir)
         prefix = f"{subdir}/" if subdir else ""
-        return {p: self.remote_path(prefix + p.name) for p in files}
+        return {p: self.remote_path(prefix + safe_name(p.name)) for p in files}
 
     def stage_runtime(self, tools: tuple[str, ...] = ("llama-bench",)) -> tuple[dict[str, str], dict[str, str]]:
         """Copy the runtime's tools and shared libraries -> ({tool: path on device}, env)."""

@@ -6,8 +6,11 @@ instead of waiting for a password prompt.
 
 from __future__ import annotations
 
+import functools
+import re
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 from slim_edge.errors import SlimEdgeError
@@ -32,29 +35,57 @@ def ssh_argv(host: str, command: str, *, port: int = 22, identity: str | None = 
     return ["ssh", "-p", str(port), *ssh_options(port, identity, strict, known_hosts), host, command]
 
 
+# scp's protocol flag: -s (SFTP: remote names are never seen by a shell; OpenSSH >= 8.7), -O (legacy)
+SCP_FLAGS = {"sftp": ["-s"], "legacy": ["-O"], None: []}
+SAFE_REMOTE = re.compile(r"[A-Za-z0-9._/-]+")
+
+
+def scp_protocol(version_text: str) -> str | None:
+    """"sftp" when `ssh -V` names an OpenSSH whose scp has -s (8.7 and later), else None (its default)."""
+    m = re.search(r"OpenSSH_(\d+)\.(\d+)", version_text)
+    return "sftp" if m and (int(m.group(1)), int(m.group(2))) >= (8, 7) else None
+
+
+@functools.cache
+def local_scp_protocol() -> str | None:
+    try:
+        return scp_protocol(subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr)
+    except OSError:
+        return None
+
+
 def scp_to_argv(host: str, local: Path | str, remote: str, *, port: int = 22, identity: str | None = None,
-                strict: str = "accept-new", known_hosts: str | None = None) -> list[str]:
-    return ["scp", "-q", "-P", str(port), *ssh_options(port, identity, strict, known_hosts),
+                strict: str = "accept-new", known_hosts: str | None = None, protocol: str | None = None) -> list[str]:
+    return ["scp", "-q", *SCP_FLAGS[protocol], "-P", str(port), *ssh_options(port, identity, strict, known_hosts),
             str(local), f"{host}:{remote}"]
 
 
 def scp_from_argv(host: str, remote: str, local: Path | str, *, port: int = 22, identity: str | None = None,
-                  strict: str = "accept-new", known_hosts: str | None = None) -> list[str]:
-    return ["scp", "-q", "-P", str(port), *ssh_options(port, identity, strict, known_hosts),
+                  strict: str = "accept-new", known_hosts: str | None = None, protocol: str | None = None) -> list[str]:
+    return ["scp", "-q", *SCP_FLAGS[protocol], "-P", str(port), *ssh_options(port, identity, strict, known_hosts),
             f"{host}:{remote}", str(local)]
+
+
+def _check_remote(remote: str) -> str:
+    """Remote paths are built from safe_name()s; anything else could run on the board under legacy scp."""
+    if not SAFE_REMOTE.fullmatch(remote) or remote.startswith("-"):
+        raise SlimEdgeError(f"remote path {remote!r} has characters a remote shell would interpret; slim-edge "
+                            f"copies only to names of [A-Za-z0-9._/-] (rename the file or the --workdir)")
+    return remote
 
 
 class SshDevice(Device):
     name = "ssh"
 
-    def __init__(self, host: str, port: int = 22, identity: str | None = None, *,
+    def __init__(self, host: str = "", port: int = 22, identity: str | None = None, *,
                  strict_host_key_checking: str = "accept-new", known_hosts: str | None = None,
-                 workdir: str = "/tmp/slim-edge"):
+                 workdir: str = "/tmp/slim-edge", scp_protocol: str | None = "auto"):
         if not host:
             raise SlimEdgeError("--device ssh needs --host user@address (e.g. --host pi@192.168.1.20).")
         self.host, self.port, self.identity = host, port, identity
         self.strict, self.known_hosts, self.workdir = strict_host_key_checking, known_hosts, workdir
         self.runtime_target = "linux-arm64"
+        self.scp_protocol = local_scp_protocol() if scp_protocol == "auto" else scp_protocol
 
     def _kw(self) -> dict:
         return {"port": self.port, "identity": self.identity, "strict": self.strict, "known_hosts": self.known_hosts}
@@ -80,12 +111,14 @@ class SshDevice(Device):
         return local_run(ssh_argv(self.host, command, **self._kw()), timeout=timeout)
 
     def copy_to(self, local: Path, remote: str) -> None:
-        res = local_run(scp_to_argv(self.host, local, remote, **self._kw()))
+        res = local_run(scp_to_argv(self.host, local, _check_remote(remote), **self._kw(),
+                                    protocol=self.scp_protocol))
         if res.returncode != 0:
             raise SlimEdgeError(f"scp of {local} to {self.host}:{remote} failed: {res.stderr.strip()}")
 
     def copy_from(self, remote: str, local: Path) -> None:
-        res = local_run(scp_from_argv(self.host, remote, local, **self._kw()))
+        res = local_run(scp_from_argv(self.host, _check_remote(remote), local, **self._kw(),
+                                      protocol=self.scp_protocol))
         if res.returncode != 0:
             raise SlimEdgeError(f"scp of {self.host}:{remote} failed: {res.stderr.strip()}")
 

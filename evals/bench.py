@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,10 +25,12 @@ from typing import Annotated, Optional
 import typer
 
 from slim_edge.devices import get_device
-from slim_edge.devices.base import Device, DeviceInfo, check_fits
+from slim_edge.converters.gguf_read import read_tensor_table
+from slim_edge.devices.base import Device, DeviceInfo, check_fits, safe_name
 from slim_edge.devices.parse import cpu_mask, fastest_cores, parse_llama_bench
 from slim_edge.devices.qemu_arm64 import EMULATED_LABEL
 from slim_edge.errors import SlimEdgeError
+from slim_edge.fsutil import atomic_dir, check_output_dir
 
 SCHEMA = "slim-edge.bench/1"
 # llama-quantize type names for --baselines values.
@@ -374,6 +375,8 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
     names = [p.name[:-5] if p.name.endswith(".gguf") else p.name for p in paths]
     if len(set(names)) != len(names):
         raise SlimEdgeError(f"Two models share a name ({', '.join(names)}); rename one so results stay apart.")
+    for p in paths:  # a damaged or non-GGUF file is refused here, before anything is copied to the device
+        read_tensor_table(p)
     dev = get_device(device) if isinstance(device, str) else device
 
     dev.check_connection()
@@ -405,7 +408,7 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
                 log(f"[bench] cooled for {waited:.0f} s; hottest zone now {hottest:.1f} °C")
         argv = llama_bench_argv(tools["llama-bench"], staged[path], cfg, threads, masks.get(threads))
         if dev.copies_files:  # llama-bench writes its JSONL on the device; pull it back
-            remote_out = f"results/{name}-t{threads}.jsonl"
+            remote_out = f"results/{safe_name(f'{name}-t{threads}.jsonl')}"
             res = dev.run_measured(argv, env=env, timeout=cfg.timeout, use_gnu_time=info.has_gnu_time,
                                    stdout_file=remote_out)
             with tempfile.TemporaryDirectory() as tmp:
@@ -457,36 +460,34 @@ def default_output_dir() -> Path:
     return Path("results") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _is_bench_results(folder: Path) -> bool:
+    try:
+        return json.loads((Path(folder) / "bench.json").read_text()).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_results_dir(out_dir: Path, force: bool) -> None:
+    """-o may be new, empty, or (with --force) an earlier bench's results folder; nothing else."""
+    check_output_dir(out_dir, force, _is_bench_results)
+
+
 def write_results(result: BenchResult, out_dir: Path, *, force: bool = False, plots: bool = True) -> dict[str, Path]:
     """Write bench.md, bench.json and the PNG plots into `out_dir` atomically: everything goes to a
     temporary sibling folder that is renamed into place at the end. An existing folder is refused
-    unless force=True."""
+    unless force=True and it holds an earlier bench's results."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise SlimEdgeError(f"Results folder {out_dir} already exists. Pass --force to replace it, "
-                            "or choose another with -o.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    check_results_dir(out_dir, force)
+    names = ["bench.md", "bench.json"]
+    with atomic_dir(out_dir) as tmp:
         (tmp / "bench.md").write_text(result.markdown())
         (tmp / "bench.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-        names = ["bench.md", "bench.json"]
         if plots:
             from slim_edge.evals.plots import plot_decode, plot_ttft
 
             plot_ttft(result, tmp / "ttft.png")
             plot_decode(result, tmp / "decode.png")
             names += ["ttft.png", "decode.png"]
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {n: out_dir / n for n in names}
 
 
@@ -542,9 +543,7 @@ def bench(
                       threads=_ints(threads, "--threads"), repetitions=repetitions, delay=delay,
                       cool_to=cool_to, pin_big_cores=pin, chat_ttft=chat_ttft)
     out_dir = output or default_output_dir()
-    if out_dir.exists() and not force:  # refuse before spending minutes measuring
-        raise SlimEdgeError(f"Results folder {out_dir} already exists. Pass --force to replace it, "
-                            "or choose another with -o.")
+    check_results_dir(out_dir, force)  # refuse before spending minutes measuring
     models = list(models)
     if baselines:
         kinds = [k.strip().lower() for k in baselines.split(",") if k.strip()]

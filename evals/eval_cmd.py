@@ -15,12 +15,73 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from slim_edge.checkpoint import refuse_damaged_checkpoint
+from slim_edge.converters.gguf_read import read_tensor_table
+from slim_edge.converters.inspect import inspect_gguf
 from slim_edge.errors import SlimEdgeError
 from slim_edge.evals import corpora
 from slim_edge.evals.backends import LlamaCppLM, TorchLM
 from slim_edge.evals.generation import generation_check
 from slim_edge.evals.kld import concat_stats, summarize, token_stats
 from slim_edge.evals.perplexity import chunk_nll, make_chunks, ppl_from_nll, scored_logits
+from slim_edge.fsutil import atomic_write, check_output_file
+from slim_edge.memory import check_model_config
+from slim_edge.models import resolve
+
+# the loop check needs a few hundred tokens; the runtime's context (and its KV cache) grows with this
+MAX_GEN_TOKENS = 4096
+PIECE_CHARS = 1 << 16  # text is tokenized in pieces of about this many characters (bounded memory)
+
+
+def _cut(text: str, at: int, window: int = 4096) -> int:
+    """A place at or after `at` where every tokenizer of the GPT-2/Llama-3 kind has a pre-token boundary
+    anyway, so that tokenizing the two sides apart gives the same ids as tokenizing them together: before a
+    letter that follows one newline after a non-space ("x\nThe"), else before a space between letters."""
+    end = min(len(text), at + window)
+    for i in range(at, end):
+        if text[i].isalpha() and text[i - 1] == "\n" and not text[i - 2].isspace():
+            return i
+    for i in range(at, end - 1):
+        if text[i] == " " and text[i - 1].isalpha() and text[i + 1].isalpha():
+            return i
+    return end
+
+
+def tokenize_in_pieces(tokenize, text: str, piece_chars: int = PIECE_CHARS) -> np.ndarray:
+    """tokenize(text) as int32, one piece of about `piece_chars` at a time: a 100 MB text would need
+    gigabytes in one call (the tokenizer's offsets and a Python list of every id)."""
+    parts, start = [], 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= piece_chars else _cut(text, start + piece_chars)
+        parts.append(np.asarray(tokenize(text[start:end]), dtype=np.int32))
+        start = end
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def preflight(spec: str) -> int | None:
+    """Check a model before anything is loaded; returns its training context (None where unknown).
+
+    A GGUF goes through slim-edge's own reader first, so a truncated, legacy or damaged file is told as
+    such rather than as the runtime's generic load failure; a folder's config.json is checked against RAM."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise SlimEdgeError(f"{path} is not a GGUF file (starts with {magic!r}); pass a .gguf file, a "
+                                f"checkpoint folder or an HF model folder")
+        info = inspect_gguf(path, "patched")
+        if not info["loads"]:
+            raise SlimEdgeError(f"{path} cannot be loaded: " + "; ".join(info["advice"]))
+        meta = read_tensor_table(path, metadata=True, array_limit=16).metadata
+        n = meta.get(f"{meta.get('general.architecture')}.context_length")
+        return n if isinstance(n, int) else None
+    if path.suffix == ".gguf":
+        raise SlimEdgeError(f"GGUF file {path} does not exist; export one with slim-edge export")
+    folder = refuse_damaged_checkpoint(resolve(spec))
+    check_model_config(folder)
+    n = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+    return n if isinstance(n, int) else None
 
 
 def load_lm(spec: str, ctx: int = 512, threads: int = 2):
@@ -62,22 +123,38 @@ def evaluate(models: list[str], reference: str | None = None, corpus: str = "lee
     """
     if not models and reference is None:
         raise SlimEdgeError("nothing to evaluate: pass at least one MODEL")
+    if threads < 1:
+        raise SlimEdgeError(f"--threads {threads}: need at least 1 CPU thread")
+    if not 0 <= gen_tokens <= MAX_GEN_TOKENS:
+        raise SlimEdgeError(f"--gen-tokens {gen_tokens}: give 0 (skip) to {MAX_GEN_TOKENS}; the loop check "
+                            f"needs a few hundred at most")
+    if ctx < 4 or ctx % 2:
+        raise SlimEdgeError(f"--ctx {ctx} is not usable; pass an even context of at least 4, e.g. 512")
+    if max_chunks is not None and max_chunks < 1:
+        raise SlimEdgeError(f"--chunks {max_chunks}: evaluate at least 1 chunk")
+    specs = ([reference] if reference is not None else []) + list(models)
+    need = max(ctx, gen_tokens + 64)  # the runtime's context must also hold a prompt and its generated tokens
+    for spec in specs:
+        n_ctx = preflight(spec)
+        if n_ctx is not None and need > n_ctx:
+            raise SlimEdgeError(f"--ctx {ctx} with --gen-tokens {gen_tokens} needs a context of {need} tokens; "
+                                f"{spec} was trained for {n_ctx}: lower --ctx (or --gen-tokens)")
     text = corpora.get_text(corpus, split)
     if train_text is not None:
         train = corpora.get_text(train_text, "train")
         corpora.check_disjoint(train, text)
-    specs = ([reference] if reference is not None else []) + list(models)
-    # the runtime's context must also hold a prompt and its generated tokens
-    lms = [load_lm(s, max(ctx, gen_tokens + 64), threads) for s in specs]
+    lms = [load_lm(s, need, threads) for s in specs]
     ref = lms[0] if reference is not None else None
     tokenizer_lm = lms[0]
     for lm, spec in zip(lms[1:], specs[1:]):
         if lm.n_vocab != tokenizer_lm.n_vocab:
             raise SlimEdgeError(f"{spec} has a vocabulary of {lm.n_vocab} tokens, {specs[0]} of "
                                 f"{tokenizer_lm.n_vocab}: models compared on the same tokens need the same tokenizer")
-    ids = tokenizer_lm.tokenize(text.text)
+    ids = tokenize_in_pieces(tokenizer_lm.tokenize, text.text)
     _check_tokenizers(lms, tokenizer_lm, text.text)
-    chunks = make_chunks(ids, ctx, max_chunks, tokenizer_lm.add_bos, tokenizer_lm.bos_id)
+    used = ids if max_chunks is None else ids[:max(max_chunks, 2) * ctx]  # make_chunks copies what it gets
+    chunks = make_chunks(used, ctx, max_chunks, tokenizer_lm.add_bos, tokenizer_lm.bos_id)
+    n_text_tokens = len(ids) + int(bool(tokenizer_lm.add_bos))
 
     nll = [[] for _ in lms]
     stats = [[] for _ in lms]
@@ -111,7 +188,7 @@ def evaluate(models: list[str], reference: str | None = None, corpus: str = "lee
         rows.append(row)
     return {
         "corpus": text.name, "split": text.split, "provenance": text.provenance, "corpus_sha256": text.sha256,
-        "ctx": ctx, "chunks": chunks.n_chunk, "text_tokens": chunks.n_text_tokens, "scored_tokens": chunks.n_scored,
+        "ctx": ctx, "chunks": chunks.n_chunk, "text_tokens": n_text_tokens, "scored_tokens": chunks.n_scored,
         "tokenized_by": specs[0], "add_bos": chunks.add_bos, "reference": reference, "models": rows,
     }
 
@@ -177,6 +254,7 @@ def eval_command(
         help="the text the models were trained on (corpus name or file): refuse overlapping eval text")] = None,
     json_out: Annotated[Optional[Path], typer.Option(
         "--json", help="also write the results as JSON to this file ('-' = JSON to stdout, no table)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --json file")] = False,
 ):
     """Perplexity, KL divergence against a reference, and a generation loop check.
 
@@ -192,6 +270,10 @@ def eval_command(
 
       slim-edge eval smollm2-135m --corpus notes.txt --ctx 256 --gen-tokens 0 --json results.json
     """
+    if json_out is not None and str(json_out) != "-":
+        check_output_file(json_out, force, "--json")  # before the evaluation, not after it
+        if any(Path(m).exists() and Path(m).resolve() == json_out.resolve() for m in [*models, reference or ""]):
+            raise SlimEdgeError(f"--json {json_out} is one of the models; choose another file for the results")
     result = evaluate(models, reference=reference, corpus=corpus, split=split, ctx=ctx, max_chunks=chunks,
                       gen_tokens=gen_tokens, threads=threads, train_text=train_text)
     if json_out is not None and str(json_out) == "-":
@@ -199,5 +281,5 @@ def eval_command(
         return
     print(format_table(result))
     if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write(json_out, json.dumps(result, indent=1) + "\n")
         print(f"slim-edge: wrote {json_out}", file=sys.stderr)

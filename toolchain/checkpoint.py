@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 
 from .errors import SlimEdgeError
 from .formats import get_format
+from .fsutil import atomic_dir, check_free_space, check_output_dir
 from .qlinear import QuantEmbedding, QuantLinear, activation_type, round_activations
 from .quantize import PlanEntry, QuantConfig
 
@@ -34,9 +34,29 @@ BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "slim_edge_source.json")
 
 
-def check_output(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise SlimEdgeError(f"{out} already exists; pass --force to replace it or choose another -o")
+def is_ours(folder: Path) -> bool:
+    """A folder slim-edge wrote: a checkpoint (its quant_config.json says so) or a run's .partial folder."""
+    folder = Path(folder)
+    if folder.name.endswith(".partial"):
+        return all(p.name in PARTIAL_FILES or p.suffix == ".tmp" for p in folder.iterdir())
+    try:
+        return "slim_edge_checkpoint" in json.loads((folder / "quant_config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+# what an unfinished run keeps in OUT.partial (train.py's training state, pipeline's plan and sampled text)
+PARTIAL_FILES = ("train.pt", "plan.json", "tokens.pt")
+
+
+def check_output(out: Path, force: bool, inputs=()) -> None:
+    """-o may be new, empty, or (with --force) a slim-edge checkpoint; never a file, a link, a folder of
+    other files, the input model or a folder above it. Checked before any work starts."""
+    check_output_dir(out, force, is_ours, inputs=inputs)
+    partial = Path(out).with_name(Path(out).name + ".partial")
+    if partial.exists() and (partial.is_symlink() or not partial.is_dir() or not is_ours(partial)):
+        raise SlimEdgeError(f"{partial} is in the way of this run's training state and is not one slim-edge "
+                            f"wrote; move it away or choose another -o")
 
 
 def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -85,12 +105,8 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], meta: dict, base: Path, o
     check_output(out, force)
     need = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)
     out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
-    if free < need:
-        raise SlimEdgeError(f"not enough disk space in {out.parent}: need {need >> 20} MiB, "
-                            f"{free >> 20} MiB free; free some space or choose another -o")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    check_free_space(out.parent, need)
+    with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "slim-edge"})
         for f in BASE_FILES:
             if (Path(base) / f).is_file():
@@ -99,11 +115,6 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], meta: dict, base: Path, o
         report = {k: v for k, v in meta.items() if k not in ("slim_edge_checkpoint", "config", "plan", "base_model")}
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         (tmp / "report.md").write_text(report_md)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -117,10 +128,36 @@ def read_meta(folder: Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise SlimEdgeError(f"{path} is corrupt ({e}); re-run slim-edge quantize") from None
+    if not isinstance(meta, dict):
+        raise SlimEdgeError(f"{path} is damaged: it holds a JSON {type(meta).__name__}, not the checkpoint's "
+                            f"object; re-run slim-edge quantize")
     if meta.get("slim_edge_checkpoint") != CHECKPOINT_VERSION:
         raise SlimEdgeError(f"{path}: checkpoint version {meta.get('slim_edge_checkpoint')!r} is not "
                             f"supported (expected {CHECKPOINT_VERSION})")
+    _check_meta(meta, path)
     return meta
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """The shape of quant_config.json that the readers rely on, so that damage is one message, not a
+    KeyError deep inside export or eval."""
+    def bad(what, value):
+        return SlimEdgeError(f"{path} is damaged: {what} is {value!r}; re-run slim-edge quantize")
+
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("scheme"), str):
+        raise bad("config", meta.get("config"))
+    if not isinstance(meta.get("plan"), list) or not meta["plan"]:
+        raise bad("plan", meta.get("plan"))
+    for i, e in enumerate(meta["plan"]):
+        if (not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in ("name", "format", "mode"))
+                or not isinstance(e.get("type_id"), int)):
+            raise bad(f"plan entry {i}", e)
+        shape = e.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+            raise bad(f"the shape of plan entry {i} ({e['name']})", shape)
+        if e["mode"] != "keep":
+            get_format(e["format"])  # an unknown format is its own SlimEdgeError
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -174,6 +211,25 @@ def dequantized_weights(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[st
 
 def is_checkpoint(path) -> bool:
     return (Path(path) / "quant_config.json").is_file()
+
+
+def refuse_damaged_checkpoint(folder: Path) -> Path:
+    """A folder slim-edge wrote that lost its quant_config.json would load as an HF model whose quantized
+    linears are missing, i.e. random weights: refuse it. Returns `folder`."""
+    folder = Path(folder)
+    if is_checkpoint(folder) or not (folder / "model.safetensors").is_file():
+        return folder
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            ours = (f.metadata() or {}).get("format") == "slim-edge" or any(k.endswith(".qweight") for k in f.keys())
+    except Exception:  # a damaged file is for the loader to report
+        return folder
+    if ours:
+        raise SlimEdgeError(f"{folder} is a slim-edge checkpoint without its quant_config.json (its weights are "
+                            f"packed codes, not an HF model's); restore the file or re-run slim-edge quantize")
+    return folder
 
 
 LATENT_SPREAD = 0.4  # latent weights start at (v + U(-0.4, 0.4)) * d: inside v's bin (half-width >= 0.5)

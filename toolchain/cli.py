@@ -123,6 +123,9 @@ def quantize(
     from .pipeline import run_quantize
     from .quantize import QuantConfig
 
+    if time_limit < 0 or checkpoint_every < 1:
+        raise SlimEdgeError(f"--time-limit {time_limit} / --checkpoint-every {checkpoint_every}: need minutes >= 0 "
+                            f"(0 = no limit) and a save at least every step")
     if scheme is None:
         scheme = read_meta(Path(model))["config"]["scheme"] if is_checkpoint(model) else "sherry"
     if arenas_lambda is None:
@@ -173,15 +176,17 @@ def export(
       slim-edge export smollm2-135m --type q4_k_m --gguf smollm2-q4_k_m.gguf
     """
     from .converters.gguf_export import export_baseline, export_checkpoint
-    from .converters.model_card import write_card
+    from .converters.model_card import card_path, write_card
 
     if type_ is not None:
         out = gguf or Path(f"{Path(source).name}-{type_.upper()}.gguf")
+        card = card_path(out, force)  # refused now, not after the export
         summary = export_baseline(source, out, type_, force=force)
     else:
         from .checkpoint import read_meta
         meta = read_meta(Path(source))
         out = gguf or Path(f"{Path(source).name}-{meta['config']['scheme']}.gguf")
+        card = card_path(out, force)
         summary = export_checkpoint(Path(source), out, token_embedding_type=token_embedding_type,
                                     output_tensor_type=output_tensor_type, overrides=tensor_type, force=force)
         for name, k in summary["kept"].items():
@@ -189,7 +194,7 @@ def export(
                 better = f"; {k['exact_in']} holds it exactly" if k.get("exact_in") else ""
                 print(f"slim-edge: note: {name} in {k['type']} differs from the checkpoint (max |error| "
                       f"{k['max_abs_err']:.2g}, relative RMS {k['rel_rms_err']:.2g}){better}", file=sys.stderr)
-    summary["model_card"] = str(write_card(out, summary, source, force=force))
+    summary["model_card"] = str(write_card(out, summary, source, card=card))
     print(json.dumps(summary, indent=1) if as_json else
           f"wrote {out} ({summary['bytes'] / 2**20:.1f} MiB); model card {summary['model_card']}")
 

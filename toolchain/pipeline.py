@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import sys
 import time
@@ -11,19 +12,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import check_output, init_from_checkpoint, is_checkpoint, read_meta, save_quantized
+from .checkpoint import (check_output, init_from_checkpoint, is_checkpoint, read_meta, refuse_damaged_checkpoint,
+                         save_quantized)
 from .errors import SlimEdgeError
-from .models import architecture_of, load_model
+from .memory import check_model_config
+from .models import architecture_of, load_model, resolve
+from .budget import budget_plan, check_bits, format_sensitivity, overrides_of
 from .quantize import QuantConfig, format_plan, get_scheme, plan_summary, quantize_, make_plan
 from .gendata import parse_calib, training_tokens
 from .ptq import gptq_, summary_line as gptq_summary
 from .train import _batches, distill_loss, reconstruct_blocks, seed_everything, train
-from .budget import budget_plan, check_bits, format_sensitivity, overrides_of
 
 
 def pick_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+        raise SlimEdgeError(f"--device {device!r} is not a device slim-edge trains on; use auto, cpu, cuda "
+                            f"(or cuda:N) or mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SlimEdgeError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
     return device
@@ -98,13 +104,15 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     if is_checkpoint(model):
         init, model = Path(model), continue_from(Path(model), config, teacher_model)
     deadline = None if not time_limit else time.monotonic() + time_limit
-    if not resume:
-        check_output(out, force)
     partial = out.with_name(out.name + ".partial")
+    # --resume without a partial run is a fresh run: it replaces nothing without --force
+    check_output(out, force or (resume and partial.is_dir()),
+                 inputs=[p for p in (model, init) if p is not None and Path(p).exists()])
     if partial.exists() and not resume and not force:
         raise SlimEdgeError(f"{partial} holds an unfinished run; pass --resume to continue it or --force "
                             f"to start over")
     device = pick_device(device)
+    check_model_config(refuse_damaged_checkpoint(resolve(model)), copies=2)  # teacher and student
     seed_everything(config.seed)
     t_start = time.perf_counter()
     teacher, tok, folder = load_model(model, device=device)

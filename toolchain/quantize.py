@@ -69,6 +69,10 @@ class QuantConfig:
             if fmt.name not in allowed:
                 raise SlimEdgeError(f"--target {fmt.name} cannot hold scheme {scheme.name}'s values; "
                                     f"choose one of: {', '.join(allowed)}")
+        for name, low in (("batch_size", 1), ("seq_len", 2), ("steps", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise SlimEdgeError(f"--{name.replace('_', '-')} {value!r}: it must be an integer of at least {low}")
         if self.block_steps < 0 or self.block_samples < 1:
             raise SlimEdgeError(f"--block-steps {self.block_steps} / --block-samples {self.block_samples}: "
                                 f"need block steps >= 0 and at least one sample")
