@@ -34,7 +34,8 @@ def check_output_file(path: Path, force: bool, flag: str = "-o") -> None:
 
 def check_output_dir(path: Path, force: bool, is_ours, flag: str = "-o", inputs=()) -> None:
     """Refuse an output folder that exists without --force; with --force replace only an empty folder or one
-    `is_ours(path)` recognises (slim-edge wrote it), never a file, a link, an input or a folder above one."""
+    `is_ours(path)` recognises (slim-edge wrote it), never a file, a link, an input or a folder above one.
+    Called before the work, so that a refusal costs nothing."""
     path = Path(path)
     for src in inputs:
         src = Path(src).resolve()
@@ -46,11 +47,11 @@ def check_output_dir(path: Path, force: bool, is_ours, flag: str = "-o", inputs=
         kind = "a symlink" if path.is_symlink() else "a file"
         raise SlimEdgeError(f"{flag} {path} is {kind}, not a folder slim-edge wrote; it is left alone: "
                             f"remove it or choose another {flag}")
-    if not path.exists() or not any(path.iterdir()):
+    if not path.exists():
         return
-    if not is_ours(path):
+    if any(path.iterdir()) and not is_ours(path):
         raise SlimEdgeError(f"{flag} {path} is a folder slim-edge did not write (even --force only replaces "
-                            f"slim-edge's own output); choose another {flag} or empty it yourself")
+                            f"slim-edge's own output or an empty folder); choose another {flag} or empty it yourself")
     if not force:
         raise SlimEdgeError(f"{path} already exists; pass --force to replace it, or choose another {flag}")
 
