@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from slim_edge.devices.ssh import SshDevice, scp_from_argv, scp_to_argv, ssh_argv
+from slim_edge.devices.base import safe_name
+from slim_edge.devices.ssh import SshDevice, scp_from_argv, scp_protocol, scp_to_argv, ssh_argv
 from slim_edge.errors import SlimEdgeError
 
 OPTS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=15",
@@ -25,6 +26,23 @@ def test_ssh_argv():
         "scp", "-q", "-P", "2222", *OPTS, "pi@10.0.0.2:/tmp/slim-edge/x", "/tmp/x"]
     assert ssh_argv("b", "true") == ["ssh", "-p", "22", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new",
                                      "-o", "ConnectTimeout=15", "b", "true"]
+
+
+def test_scp_protocol_and_safe_names():
+    assert scp_protocol("OpenSSH_9.2p1 Debian-2+deb12u10, OpenSSL 3.0.19 27 Jan 2026") == "sftp"
+    assert scp_protocol("OpenSSH_8.7p1, OpenSSL 1.1.1k") == "sftp"
+    assert scp_protocol("OpenSSH_8.4p1 Debian-5+deb11u3, OpenSSL 1.1.1w") is None  # no -s before 8.7
+    assert scp_to_argv("b", "/m/a", "/r/a", protocol="sftp")[:3] == ["scp", "-q", "-s"]
+    assert scp_from_argv("b", "/r/a", "/m/a", protocol="legacy")[:3] == ["scp", "-q", "-O"]
+    assert safe_name("model-q4_0.gguf") == "model-q4_0.gguf"
+    assert safe_name("$(touch X).gguf") == "touch_X-" + __import__("hashlib").sha256(b"$(touch X).gguf").hexdigest()[:8] + ".gguf"
+    assert safe_name("a b.gguf") != safe_name("a;b.gguf") and safe_name("-rf") != "-rf"
+
+
+def test_unsafe_remote_paths_are_refused(tmp_path):
+    dev = SshDevice("pi@10.0.0.2", scp_protocol="legacy")
+    with pytest.raises(SlimEdgeError, match=r"remote path '/tmp/\$\(id\).gguf' has characters a remote shell"):
+        dev.copy_to(tmp_path / "x", "/tmp/$(id).gguf")
 
 
 def test_host_is_required():
@@ -96,6 +114,26 @@ def test_device_flow_over_real_sshd(sshd, tmp_path):
     assert res.peak_rss_method in ("GNU time -v", "VmHWM")
     dev.cleanup()
     assert not Path(sshd["workdir"]).exists()
+
+
+@pytest.mark.sshd
+def test_hostile_file_name_over_legacy_scp_runs_nothing(sshd, tmp_path):
+    """scp -O (the legacy protocol, the default before OpenSSH 9.0) hands the remote path to the board's
+    shell: `$(touch NAME).gguf` would run `touch`. The file arrives under a safe name, byte for byte."""
+    marker = f"pwned-{os.getpid()}-{time.time_ns()}"
+    hostile = tmp_path / f"$(touch {marker}).gguf"
+    hostile.write_bytes(os.urandom(2048))
+    dev = SshDevice(**sshd, scp_protocol="legacy")
+    dev.ensure_workdir()
+    staged = dev.stage([hostile], subdir="models")
+    remote = Path(staged[hostile])
+    try:
+        assert not (Path.home() / marker).exists() and not list(Path("/").glob(f"*/{marker}"))
+        assert remote.name == safe_name(hostile.name) and remote.read_bytes() == hostile.read_bytes()
+        assert dev.push([hostile], subdir="models") == {f"models/{remote.name}": False}  # hash match on the board
+    finally:
+        (Path.home() / marker).unlink(missing_ok=True)
+        dev.cleanup()
 
 
 @pytest.mark.sshd
