@@ -84,7 +84,7 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
         xy = data[i % len(data)].to(device)
         loss, _, _ = train_step(s_fwd, t_fwd, xy[:, :-1], xy[:, 1:], opt, weights + others, scales, config, device,
                                 loss_fn=loss_fn)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     _sync(device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
