@@ -29,6 +29,7 @@ import typer
 from slim_edge.distill import distill_loss, distill_loss_reference
 from slim_edge.models import load_model
 from slim_edge.pipeline import pick_device
+from slim_edge.qlinear import QuantLinear
 from slim_edge.quantize import QuantConfig, make_plan, quantize_
 from slim_edge.train import _optimizer, _quant_params, train_step
 
@@ -56,7 +57,7 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
         p.requires_grad_(False)
     if "bf16t" in variant:
         teacher.to(torch.bfloat16)
-    qlayers = [m for m in student.modules() if hasattr(m, "scale") and hasattr(m, "fmt")]
+    qlayers = [m for m in student.modules() if isinstance(m, QuantLinear)]
     weights, scales = _quant_params(qlayers)
     qids = {id(p) for p in weights + scales}
     others = [p for n, p in student.named_parameters() if id(p) not in qids and "embed" not in n and "lm_head" not in n]
