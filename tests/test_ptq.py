@@ -37,17 +37,20 @@ def _correlated_hessian(k=512, n=2048, seed=1):
 
 @pytest.mark.parametrize("fmt,mode", GRIDS)
 def test_diagonal_hessian_is_round_to_nearest(fmt, mode):
-    """No cross terms, nothing to compensate: the values, scales and latents are RTN's, bit for bit."""
+    """No cross terms, nothing to compensate: GPTQ's values are round-to-nearest with its scales, bit for bit,
+    and with H = I (equal column weights) the scales are init_scale's too."""
     w, f, quads = _weights(), get_format(fmt), _quads(fmt, mode)
-    _, rtn = fake_quant(w, init_scale(w, f, mode, quads), f, mode, quads, return_values=True)
     d16 = init_scale(w, f, mode, quads).to(torch.float16).float()
     for h in (torch.eye(512), torch.diag(torch.rand(512, generator=torch.Generator().manual_seed(2)) + 0.1)):
         latent, scale, values = gptq_quantize(w, h, f, mode, quads)
-        assert torch.equal(values, rtn) and torch.equal(scale, d16) and torch.equal(latent, w)
+        _, rtn = fake_quant(w, scale, f, mode, quads, return_values=True)
+        assert torch.equal(values, rtn) and torch.equal(latent, w)
+        if h[1, 1] == 1:
+            assert torch.equal(scale, d16)
 
 
-# relative output error GPTQ / RTN measured on this matrix (32 x 512, X = Z A): q2_0 0.60, q2_0c 0.59,
-# tq2_0 0.63, stq1_0 0.73, q2_0 in sherry mode 0.71
+# relative output error GPTQ / RTN measured on this matrix (32 x 512, X = Z A): q2_0 0.59, q2_0c 0.59,
+# tq2_0 0.63, stq1_0 0.72, q2_0 in sherry mode 0.70
 @pytest.mark.parametrize("fmt,mode,ratio", [("q2_0", "grid", 0.65), ("q2_0c", "grid", 0.65),
                                             ("tq2_0", "ternary", 0.68), ("stq1_0", "sherry", 0.78),
                                             ("q2_0", "sherry", 0.76)])
@@ -58,6 +61,23 @@ def test_gptq_beats_rtn_on_correlated_inputs(fmt, mode, ratio):
     q = (values.reshape(32, -1, f.block_size) * scale[..., None]).reshape(w.shape)
     gptq = rel_output_error(w, q, h)
     assert gptq < ratio * rtn, (gptq, rtn, gptq / rtn)
+
+
+@pytest.mark.parametrize("fmt,mode,ratio", [("q2_0", "grid", 0.55), ("tq2_0", "ternary", 0.65),
+                                            ("stq1_0", "sherry", 0.75)])
+def test_weighted_scale_helps_with_outlier_inputs(fmt, mode, ratio):
+    """A few input channels 20x larger (as in LLMs' down_proj): block scales weighted by GPTQ's column cost
+    keep those columns accurate. Measured output error weighted / plain: q2_0 0.46, tq2_0 0.56, stq1_0 0.66."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 512, generator=g) @ (torch.randn(512, 512, generator=g) / 512 ** 0.5 + 0.3 * torch.eye(512))
+    x[:, [5, 77, 300]] *= 20
+    h, w = 2 * x.T @ x / len(x), torch.randn(64, 512, generator=g) * 0.05
+    f, quads = get_format(fmt), _quads(fmt, mode)
+    err = {}
+    for weighted in (False, True):
+        _, scale, values = gptq_quantize(w, h, f, mode, quads, weighted=weighted)
+        err[weighted] = rel_output_error(w, (values.reshape(64, -1, f.block_size) * scale[..., None]).reshape(w.shape), h)
+    assert err[True] < ratio * err[False], err
 
 
 @pytest.mark.parametrize("fmt,mode", GRIDS)

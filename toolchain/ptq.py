@@ -26,12 +26,13 @@ import torch
 from .errors import SlimEdgeError
 from .formats.base import Format
 from .formats.stq1_0 import quad_layout
-from .qlinear import FP16_MAX, FP16_TINY, QuantLinear, grid_values, init_scale, round_activations
+from .qlinear import FP16_MAX, FP16_TINY, QuantLinear, grid_top, grid_values, init_scale, round_activations
 from .quantize import QuantConfig
 from .train import _batches, _layer_inputs, _layer_out, decoder_layers
 
 PERCDAMP = 0.01
 LAZY_BATCH = 128
+WEIGHTED_SCALE = True  # block scales by the column-cost-weighted search (weighted_scale), not init_scale
 
 
 class _Stop(Exception):
@@ -54,9 +55,38 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
                         f"use more --ptq-samples or --ptq rtn")
 
 
+def weighted_scale(wb: torch.Tensor, s: torch.Tensor, fmt: Format, mode: str, quads=None,
+                   n_grid: int = 24) -> torch.Tensor:
+    """`init_scale`'s search (d = c * absmax / top, then a least-squares refit) for one block wb [rows, block],
+    each column's squared error weighted by s [block]: GPTQ's cost of an error in column j once the columns
+    after it compensate, 1 / [H^-1]_jj. Equal weights give init_scale's scale."""
+    s = (s / s.max()).float()
+    if mode == "sherry":
+        v = grid_values(wb[:, None, :], fmt, mode, quads)[:, 0]
+        return ((s * v * wb).sum(-1) / (s * v * v).sum(-1).clamp_min(1e-30)).clamp_min(FP16_TINY)
+    top = grid_top(fmt, mode)
+    amax = wb.abs().amax(-1).clamp_min(1e-8)
+    best_err = torch.full_like(amax, math.inf)
+    best = amax / top
+
+    def cost(d):
+        return ((grid_values((wb / d[:, None])[:, None], fmt, mode, None)[:, 0] * d[:, None] - wb) ** 2 * s).sum(-1)
+
+    for c in torch.linspace(0.15, 1.0, n_grid):  # the steps of init_scale, so that equal weights agree with it
+        d = (amax / top * c).to(torch.float16).float().clamp_min(FP16_TINY)
+        err = cost(d)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, d, best)
+    v = grid_values((wb / best[:, None])[:, None], fmt, mode, None)[:, 0]
+    num, den = (s * v * wb).sum(-1), (s * v * v).sum(-1)
+    refit = torch.where(den > 0, num / den.clamp_min(1e-12), best)
+    err_refit = cost(refit.clamp_min(FP16_TINY))
+    return torch.where((refit > 0) & (err_refit <= best_err), refit, best).clamp_min(FP16_TINY)
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | None = None,
-                  percdamp: float = PERCDAMP, lazy: int = LAZY_BATCH):
+                  percdamp: float = PERCDAMP, lazy: int = LAZY_BATCH, weighted: bool | None = None):
     """GPTQ rounding of w [rows, k] on the grid of (fmt, mode) with Hessian h [k, k].
 
     Returns (latent [rows, k] float32, scale [rows, k // block] fp16-exact float32, values [rows, k]):
@@ -64,6 +94,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quad
     rows, k = w.shape
     bs = fmt.block_size
     sherry = mode == "sherry"
+    weighted = WEIGHTED_SCALE if weighted is None else weighted
     H = h.detach().to(torch.float64).clone()
     W = w.detach().float().clone()
     dead = H.diagonal() == 0
@@ -88,7 +119,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quad
             col = i1 + j
             p = col % bs  # position inside the block
             if p == 0:
-                d = _fp16(init_scale(WT[col:col + bs].T, fmt, mode, quads)[:, 0])
+                blk = WT[col:col + bs].T
+                d = _fp16(weighted_scale(blk, 1.0 / U[col:col + bs, col:col + bs].diagonal() ** 2, fmt, mode, quads)
+                          if weighted else init_scale(blk, fmt, mode, quads)[:, 0])
                 scale[:, col // bs] = d
                 if sherry:
                     is_zero.zero_()
@@ -108,14 +141,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quad
             latent[col], values[col] = wj, v
         WT[i2:] -= U[i1:i2, i2:].T @ err
     return latent.T.contiguous(), scale, values.T.contiguous()
-    return latent, scale, values
 
 
 @torch.no_grad()
 def set_quantized(m: QuantLinear, latent: torch.Tensor, scale: torch.Tensor, values: torch.Tensor) -> int:
-    """Load GPTQ's result into m so that its forward computes exactly `values`; returns how many weights fell
-    back to v*d. Sherry: where the latents of a quad no longer make the chosen lane the smallest, the zero lane
-    takes v*d = 0 first, then the whole quad v*d."""
+    """Load GPTQ's result into m so that its forward computes exactly `values`; returns how many weights
+    fell back to v*d. Sherry: where later compensation made another lane of a quad smaller than the chosen
+    zero, the zero lane's latent takes v*d = 0 first, then (if still needed) the whole quad v*d."""
     m.weight.copy_(latent.to(m.weight.dtype))
     m.scale.copy_(scale.to(m.scale.dtype))
     rows, k, bs = *latent.shape, m.fmt.block_size
@@ -141,13 +173,15 @@ def set_quantized(m: QuantLinear, latent: torch.Tensor, scale: torch.Tensor, val
 
 
 def rel_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """||XW^T - XQ^T||_F^2 / ||XW^T||_F^2 from H = X^T X (any positive factor): tr(ΔH Δ^T) / tr(W H W^T)."""
+    """||XW^T - XQ^T||_F^2 / ||XW^T||_F^2 from H = X^T X (any positive factor): tr(D H D^T) / tr(W H W^T),
+    D = W - Q (the bias cancels in the difference and is left out of the norm)."""
     w, dq, h = w.double(), (w - q).double(), h.double()
     return float(((dq @ h) * dq).sum() / ((w @ h) * w).sum().clamp_min(1e-300))
 
 
 def _input_groups(layer, x, kwargs) -> list[list[tuple[str, QuantLinear]]]:
-    """The QuantLinears of `layer` grouped by the input tensor they read, in the order the forward calls them."""
+    """The QuantLinears of `layer` grouped by the input tensor they read, in the order the forward calls
+    them (Llama: q/k/v, o, gate/up, down)."""
     seen: dict[int, list] = {}
     keep = []
     handles = []
@@ -251,7 +285,8 @@ def gptq_(student, ids: torch.Tensor, config: QuantConfig, device: str = "cpu", 
                         rows.append(row)
                         if log is not None:
                             log(row)
-                bar.set_postfix(layer=i, rtn=f"{rows[-1]['rel_err_rtn']:.3g}", gptq=f"{rows[-1]['rel_err_gptq']:.3g}")
+                last = rows[-1]
+                bar.set_postfix(layer=i, rtn=f"{last['rel_err_rtn']:.3g}", gptq=f"{last['rel_err_gptq']:.3g}")
             xs = [_layer_out(layer, x, kwargs) for x in xs]
             bar.update(1)
     finally:
