@@ -34,15 +34,13 @@ PIECE_CHARS = 1 << 16  # text is tokenized in pieces of about this many characte
 
 
 def _cut(text: str, at: int, window: int = 4096) -> int:
-    """A place at or after `at` where every tokenizer of the GPT-2/Llama-3 kind has a pre-token boundary
-    anyway, so that tokenizing the two sides apart gives the same ids as tokenizing them together: before a
-    letter that follows one newline after a non-space ("x\nThe"), else before a space between letters."""
+    """A place at or after `at` where tokenizers of the GPT-2 and Llama-3 kind split the text into pre-tokens
+    anyway, so that tokenizing the two sides apart gives the ids of tokenizing them together: where a run of
+    whitespace starts right after a letter or digit (their regexes end a word or number there, and no
+    alternative starts with it). Past `window` characters without one, the piece is cut where it is."""
     end = min(len(text), at + window)
     for i in range(at, end):
-        if text[i].isalpha() and text[i - 1] == "\n" and not text[i - 2].isspace():
-            return i
-    for i in range(at, end - 1):
-        if text[i] == " " and text[i - 1].isalpha() and text[i + 1].isalpha():
+        if text[i].isspace() and text[i - 1].isalnum():
             return i
     return end
 
