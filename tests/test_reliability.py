@@ -161,6 +161,40 @@ def test_full_disk_during_checkpoint_save_leaves_nothing(tiny_llama, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 1 MiB tmpfs (needs root, as the sshd tests do)."""
+    import subprocess
+
+    d = tmp_path / "small"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root and mount to make a small file system")
+    yield d
+    subprocess.run(["umount", str(d)], check=True)
+
+
+def test_a_real_full_disk_during_checkpoint_save_and_retag(full_disk, tiny_llama, monkeypatch):
+    import torch
+
+    from slim_edge.converters.gguf_retag import retag
+
+    big = {"w": torch.zeros(600_000)}  # 2.4 MB on a 1 MiB disk
+    with pytest.raises(SlimEdgeError, match=r"not enough disk space in .*need 3 MiB, 1 MiB free"):
+        write_checkpoint(big, {"slim_edge_checkpoint": 1}, tiny_llama, full_disk / "ckpt")
+    monkeypatch.setattr("slim_edge.checkpoint.check_free_space", lambda *a: None)  # the disk fills while writing
+    with pytest.raises(SlimEdgeError, match=r"the disk is full writing .*ckpt \(No space left on device\)"):
+        write_checkpoint(big, {"slim_edge_checkpoint": 1}, tiny_llama, full_disk / "ckpt")
+    assert list(full_disk.iterdir()) == []
+    src = full_disk.parent / "old.gguf"
+    stq = np.zeros(42 * 32768, np.uint8)  # 1.3 MB
+    src.write_bytes(gguf_bytes(ARCH, [("blk.0.ffn_down.weight", (256, 32768), 42, 0)], stq.tobytes()))
+    with pytest.raises(SlimEdgeError, match="the disk is full writing"):
+        retag(src, full_disk / "new.gguf")
+    assert list(full_disk.iterdir()) == []
+
+
 def test_full_disk_during_an_atomic_file_write_leaves_the_old_file(tmp_path, monkeypatch):
     from slim_edge.converters.model_card import write_card
 

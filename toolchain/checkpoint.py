@@ -14,8 +14,8 @@ The folder is built under a temporary name and renamed into place: it is whole o
 """
 from __future__ import annotations
 
+import errno
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -107,7 +107,12 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], meta: dict, base: Path, o
     out.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(out.parent, need)
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "slim-edge"})
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "slim-edge"})
+        except Exception as e:  # safetensors reports a full disk as its own error type, "... (os error 28)"
+            if "os error 28" in str(e):
+                raise OSError(errno.ENOSPC, "No space left on device") from None
+            raise
         for f in BASE_FILES:
             if (Path(base) / f).is_file():
                 shutil.copy2(Path(base) / f, tmp / f)

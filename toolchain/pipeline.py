@@ -15,6 +15,7 @@ import torch
 from .checkpoint import (check_output, init_from_checkpoint, is_checkpoint, read_meta, refuse_damaged_checkpoint,
                          save_quantized)
 from .errors import SlimEdgeError
+from .fsutil import atomic_path
 from .memory import check_model_config
 from .models import architecture_of, load_model, resolve
 from .budget import budget_plan, check_bits, format_sensitivity, overrides_of
@@ -85,10 +86,8 @@ def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: s
     ids, source = training_tokens(teacher, tok, config.calib, config.seq_len, device=device, seed=config.seed,
                                   progress=progress)
     if any(n is not None for _, n in parse_calib(config.calib)):  # sampled: not reproducible for free
-        partial.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"calib": config.calib, "seq_len": config.seq_len, "ids": ids, "source": source}, tmp)
-        tmp.replace(cache)
+        with atomic_path(cache) as tmp:
+            torch.save({"calib": config.calib, "seq_len": config.seq_len, "ids": ids, "source": source}, tmp)
     return ids, source
 
 
