@@ -5,10 +5,12 @@
 
 One step = teacher forward + student forward/backward + loss + clip + optimizer step: `train.train_step`,
 the function `slim-edge quantize` runs. Variants (each on a fresh student, same batches):
-- `session10`: the loss through autograd of log_softmax (`distill_loss_reference`), fp32 teacher under autocast
-- `fused`: the chunked closed-form loss (toolchain/distill.py)
-- `fused+bf16t`: and the teacher's weights held in bf16
-- `fused+bf16t+compile`: and the student and teacher forwards through torch.compile
+- `session10`: the loss through autograd of log_softmax (`distill_loss_reference`), fp32 teacher under
+  autocast, eager fake quantization, per-tensor AdamW: the step of session 10
+- `loss`: the chunked closed-form loss (toolchain/distill.py)
+- `loss+bf16t`: and the teacher's weights held in bf16
+- `loss+bf16t+kernels`: and fake quantization and the loss chunks through torch.compile, AdamW fused: what
+  `slim-edge quantize` runs on a GPU (`--compile`, the default)
 Speed does not depend on the values: batches are random token ids (seeded), and `--random` builds the model
 with random weights in the named shape (no model file needed, as kernel benchmarks use random weights). Tokens/s counts student tokens (batch x seq_len) per second of wall time, synchronised.
 """
@@ -29,7 +31,7 @@ import typer
 from slim_edge.distill import distill_loss, distill_loss_reference
 from slim_edge.models import load_model
 from slim_edge.pipeline import pick_device
-from slim_edge.qlinear import QuantLinear
+from slim_edge.qlinear import QuantLinear, compiled_kernels
 from slim_edge.quantize import QuantConfig, make_plan, quantize_
 from slim_edge.train import _optimizer, _quant_params, train_step
 
@@ -40,7 +42,7 @@ SHAPES = {
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                      intermediate_size=8192, vocab_size=49152, tie_word_embeddings=True, rope_theta=500000.0),
 }
-VARIANTS = ("session10", "fused", "fused+bf16t", "fused+bf16t+compile")
+VARIANTS = ("session10", "loss", "loss+bf16t", "loss+bf16t+kernels")
 
 
 def _sync(device):
@@ -63,10 +65,8 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
     others = [p for n, p in student.named_parameters() if id(p) not in qids and "embed" not in n and "lm_head" not in n]
     for n, p in student.named_parameters():
         p.requires_grad_(id(p) in qids or any(p is o for o in others))
-    opt = _optimizer(weights, others, scales, config)
-    s_fwd, t_fwd = student, teacher
-    if "compile" in variant:
-        s_fwd, t_fwd = torch.compile(student), torch.compile(teacher)
+    kernels = "kernels" in variant and device.startswith("cuda")
+    opt = _optimizer(weights, others, scales, config, fused=kernels)
     loss_fn = distill_loss_reference if variant == "session10" else distill_loss
     g = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size
@@ -83,13 +83,14 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
             t_first = time.perf_counter() - t_compile
             t0 = time.perf_counter()
         xy = data[i % len(data)].to(device)
-        loss, _, _ = train_step(s_fwd, t_fwd, xy[:, :-1], xy[:, 1:], opt, weights + others, scales, config, device,
-                                loss_fn=loss_fn)
+        with compiled_kernels(kernels):
+            loss, _, _ = train_step(student, teacher, xy[:, :-1], xy[:, 1:], opt, weights + others, scales, config,
+                                    device, loss_fn=loss_fn)
         losses.append(float(loss.detach()))
     _sync(device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    del teacher, student, opt, s_fwd, t_fwd
+    del teacher, student, opt
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

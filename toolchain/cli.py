@@ -50,6 +50,9 @@ def quantize(
                                               "default off)")] = False,
     lsq_grad: Annotated[bool, typer.Option("--lsq-grad", help="scale the block-scale gradient by LSQ's "
                                            "1/sqrt(block * top level) (Adam mostly cancels it)")] = False,
+    compile: Annotated[bool, typer.Option(help="on a GPU, run fake quantization and the loss through "
+                                          "torch.compile and the optimizer as one fused kernel (about "
+                                          "a minute of compiling; see evals/reports/qat_throughput.md)")] = True,
     batch_size: Annotated[int, typer.Option(help="sequences per step")] = 4,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
     distill: Annotated[str, typer.Option(help="cakld | kl | none (CE only)")] = "cakld",
@@ -136,7 +139,7 @@ def quantize(
         embedding_type = embedding_type or base.embedding_type
     config = QuantConfig(scheme=scheme, target=target, keep=tuple(k for k in keep.split(",") if k),
                          steps=steps, lr=lr, scale_lr=scale_lr, scale_update=scale_update,
-                         ste_clipped=ste_clipped, lsq_grad=lsq_grad, batch_size=batch_size, seq_len=seq_len,
+                         ste_clipped=ste_clipped, lsq_grad=lsq_grad, compile=compile, batch_size=batch_size, seq_len=seq_len,
                          distill=distill, block_steps=block_steps, block_samples=block_samples,
                          ptq=ptq, ptq_samples=ptq_samples,
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,

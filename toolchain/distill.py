@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .qlinear import compiled
+
 KINDS = ("cakld", "kl", "none")
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 128 M fp32 = 512 MB per temporary
 
@@ -77,7 +79,7 @@ class _FusedDistill(torch.autograd.Function):
         ce = torch.zeros((), dtype=torch.float32, device=a.device)
         kd = torch.zeros((), dtype=torch.float32, device=a.device)
         for i in range(0, n, chunk):
-            c, k, g = _chunk(a[i:i + chunk], None if b is None else b[i:i + chunk], y[i:i + chunk], kind, True)
+            c, k, g = compiled(_chunk)(a[i:i + chunk], None if b is None else b[i:i + chunk], y[i:i + chunk], kind, True)
             ce, kd = ce + c, kd + k
             grad[i:i + chunk] = g / n
         ctx.save_for_backward(grad)

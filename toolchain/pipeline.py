@@ -177,7 +177,9 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
               f"{blocks[-1]['rel_err_before']:.4f} -> {blocks[-1]['rel_err_after']:.4f}; distillation loss "
               f"{loss_ptq:.4f} -> {loss_blocks:.4f} ({t_blocks:.0f} s)", file=sys.stderr)
     if config.steps > 0:
-        state = train(student, teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
+        # QAT's teacher only runs forward, under bf16 autocast anyway: on a GPU a bf16 copy saves the casts
+        fast_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if device.startswith("cuda") else teacher
+        state = train(student, fast_teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
                       device=device, progress=progress, log=log_lines.append, deadline=deadline)
     loss_qat = (distill_eval(student, teacher, ids, config, device) if config.steps > 0
                 else loss_blocks if loss_blocks is not None else loss_ptq)

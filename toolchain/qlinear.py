@@ -47,9 +47,13 @@ def grid_top(fmt: Format, mode: str) -> float:
     return max(abs(v) for v in grid_ends(fmt, mode))
 
 
-def grid_values(z: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | None) -> torch.Tensor:
-    """Integer grid values (as float) for z = w / d, shape [rows, blocks, block]."""
-    if mode == "sherry":
+def grid_rule(fmt: Format, mode: str) -> str:
+    """How z = w / d becomes a grid value: "sherry" (3:4 ternary), "odd" ({-3,-1,1,3}) or "round"."""
+    return "sherry" if mode == "sherry" else "odd" if fmt.name == "q2_0c" else "round"
+
+
+def rule_values(z: torch.Tensor, rule: str, lo: float, hi: float, quads: torch.Tensor | None) -> torch.Tensor:
+    if rule == "sherry":
         rows, nb, b = z.shape
         q = z.reshape(rows, nb, b)[:, :, quads]  # [rows, blocks, groups, 4]
         zero = q.abs().argmin(dim=-1, keepdim=True)
@@ -57,11 +61,15 @@ def grid_values(z: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | N
         out = torch.empty_like(z)
         out[:, :, quads] = v
         return out
-    lo, hi = grid_ends(fmt, mode)
-    if fmt.name == "q2_0c":  # odd levels {-3,-1,1,3}: 2*floor(z/2)+1
+    if rule == "odd":  # odd levels {-3,-1,1,3}: 2*floor(z/2)+1
         return (2 * torch.floor(z * 0.5) + 1).clamp(lo, hi)
     # round half away from zero, like C's roundf
     return (torch.sign(z) * torch.floor(z.abs() + 0.5)).clamp(lo, hi)
+
+
+def grid_values(z: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | None) -> torch.Tensor:
+    """Integer grid values (as float) for z = w / d, shape [rows, blocks, block]."""
+    return rule_values(z, grid_rule(fmt, mode), *grid_ends(fmt, mode), quads)
 
 
 def lsq_grad_scale(fmt: Format, mode: str) -> float:
@@ -69,37 +77,82 @@ def lsq_grad_scale(fmt: Format, mode: str) -> float:
     return 1.0 / math.sqrt(fmt.block_size * grid_top(fmt, mode))
 
 
+def _forward_math(w, d, block: int, rule: str, lo: float, hi: float, quads):
+    """(q, v, d16): the stored scale fp16(clamp(d)), the grid values of w / d16 and q = v * d16."""
+    d16 = d.clamp(FP16_TINY, FP16_MAX).to(torch.float16).to(torch.float32)
+    wb = w.reshape(w.shape[0], -1, block)
+    v = rule_values(wb / d16[..., None], rule, lo, hi, quads)
+    return (v * d16[..., None]).reshape(w.shape), v.reshape(w.shape), d16
+
+
+def _backward_math(g, w, d, d16, v8, block: int, lo: float, hi: float, ste_clipped: bool, grad_scale: float):
+    """(dL/dw, dL/dd) by the rules in the module docstring; the scale's clamp passes the gradient inside only."""
+    shape = (w.shape[0], -1, block)
+    gb, v = g.reshape(shape).float(), v8.reshape(shape).float()
+    z = w.reshape(shape) / d16[..., None]
+    clipped = ((z > hi) & (v == hi)) | ((z < lo) & (v == lo))
+    gw = gb if ste_clipped else gb.masked_fill(clipped, 0.0)
+    gd = (gb * torch.where(clipped, v, v - z)).sum(-1) * grad_scale
+    gd = gd * ((d >= FP16_TINY) & (d <= FP16_MAX))
+    return gw.reshape(w.shape), gd
+
+
+# torch.compile'd copies of the two functions above (and of distill's loss chunk), used inside
+# `compiled_kernels(True)`: on a GPU each fake-quant becomes a few fused kernels instead of ~25 launches
+_COMPILED: dict = {}
+_USE_COMPILED = [False]
+
+
+def compiled(fn):
+    if not _USE_COMPILED[0]:
+        return fn
+    if fn not in _COMPILED:
+        import torch._dynamo
+        for knob in ("recompile_limit", "cache_size_limit"):  # one graph per (shape, grid): ~10 for a model
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+class compiled_kernels:
+    """`with compiled_kernels(enabled):` fake quantization and the distillation loss run torch.compile'd.
+    The values are the same formulas; the export and the reloaded model always take the eager path."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.before = _USE_COMPILED[0]
+        _USE_COMPILED[0] = self.enabled
+
+    def __exit__(self, *exc):
+        _USE_COMPILED[0] = self.before
+
+
 class _FakeQuant(torch.autograd.Function):
-    """q = v * d with the LSQ gradients drawn in the module docstring; v is saved as int8."""
+    """q = v * fp16(d) with the LSQ gradients drawn in the module docstring; v is saved as int8."""
 
     @staticmethod
-    def forward(ctx, wb, d16, v, lo, hi, ste_clipped, grad_scale):
-        ctx.save_for_backward(wb, d16, v.to(torch.int8))
-        ctx.lo, ctx.hi, ctx.ste_clipped, ctx.grad_scale = lo, hi, ste_clipped, grad_scale
-        return v * d16[..., None]
+    def forward(ctx, w, d, block, rule, lo, hi, quads, ste_clipped, grad_scale):
+        q, v, d16 = compiled(_forward_math)(w, d, block, rule, lo, hi, quads)
+        ctx.save_for_backward(w, d, d16, v.to(torch.int8))
+        ctx.args = (block, lo, hi, ste_clipped, grad_scale)
+        ctx.mark_non_differentiable(v)
+        return q, v
 
     @staticmethod
-    def backward(ctx, g):
-        wb, d16, v8 = ctx.saved_tensors
-        v = v8.to(g.dtype)
-        z = wb / d16[..., None]
-        clipped = ((z > ctx.hi) & (v == ctx.hi)) | ((z < ctx.lo) & (v == ctx.lo))
-        gw = g if ctx.ste_clipped else g.masked_fill(clipped, 0.0)
-        gd = (g * torch.where(clipped, v, v - z)).sum(-1)
-        if ctx.grad_scale != 1.0:
-            gd = gd * ctx.grad_scale
-        return gw, gd, None, None, None, None, None
+    def backward(ctx, g, _gv):
+        w, d, d16, v8 = ctx.saved_tensors
+        gw, gd = compiled(_backward_math)(g, w, d, d16, v8, *ctx.args)
+        return gw.to(w.dtype), gd.to(d.dtype), None, None, None, None, None, None, None
 
 
 def fake_quant(w: torch.Tensor, d: torch.Tensor, fmt: Format, mode: str, quads=None,
                return_values: bool = False, ste_clipped: bool = False, grad_scale: float = 1.0):
-    rows, k = w.shape
-    d16 = to_fp16_exact(d)  # [rows, blocks]
-    wb = w.reshape(rows, k // fmt.block_size, fmt.block_size)
-    v = grid_values(wb.detach() / d16.detach()[..., None], fmt, mode, quads)
     lo, hi = grid_ends(fmt, mode)
-    q = _FakeQuant.apply(wb, d16, v, lo, hi, ste_clipped, grad_scale).reshape(rows, k)
-    return (q, v.reshape(rows, k)) if return_values else q
+    q, v = _FakeQuant.apply(w, d, fmt.block_size, grid_rule(fmt, mode), lo, hi, quads, ste_clipped, grad_scale)
+    return (q, v) if return_values else q
 
 
 def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int = 24) -> torch.Tensor:

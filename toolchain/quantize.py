@@ -56,6 +56,8 @@ class QuantConfig:
     # attend as the runtime does: K, V, Q and the attention probabilities rounded to half (llama.cpp's F16 KV
     # cache) and ggml's rope angles, in training and in the reloaded model
     runtime_attention: bool = False
+    # on a GPU: fake quantization and the loss through torch.compile, the optimizer as one fused kernel
+    compile: bool = True
     calib: str = "wiki"
     seed: int = 0
     version: int = CONFIG_VERSION

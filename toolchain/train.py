@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .distill import distill_loss  # noqa: F401  (re-exported: the loss lives in distill.py)
 from .errors import SlimEdgeError
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, compiled_kernels
 from .quantize import QuantConfig
 
 
@@ -101,12 +101,13 @@ def _quant_params(qlayers):
     return weights, [m.scale for m in qlayers]
 
 
-def _optimizer(weights, others, scales, config: QuantConfig) -> torch.optim.Optimizer:
-    """AdamW with two groups: latent weights (+ other trained parameters) at lr, block scales at scale_lr."""
+def _optimizer(weights, others, scales, config: QuantConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW with two groups: latent weights (+ other trained parameters) at lr, block scales at scale_lr.
+    fused: one CUDA kernel for all parameters (the same update as the default per-tensor loops)."""
     return torch.optim.AdamW([
         {"params": weights + others, "lr": config.lr, "weight_decay": 0.0},
         {"params": scales, "lr": config.scale_lr, "weight_decay": 0.0},
-    ], betas=(0.9, 0.95))
+    ], betas=(0.9, 0.95), fused=fused or None)
 
 
 def _step(opt, scales, config: QuantConfig) -> None:
@@ -117,15 +118,17 @@ def _step(opt, scales, config: QuantConfig) -> None:
     if config.scale_update != "relative":
         opt.step()
         return
+    live = [s for s in scales if s.grad is not None]
     with torch.no_grad():
-        before = [s.detach().clone() for s in scales]
-        for s in scales:
-            if s.grad is not None:
-                s.grad.mul_(s)
+        before = torch._foreach_mul(live, 1.0)
+        torch._foreach_mul_([s.grad for s in live], live)
     opt.step()
     with torch.no_grad():
-        for s, b in zip(scales, before):
-            s.copy_(b * torch.exp(s - b))
+        step = torch._foreach_sub(live, before)
+        torch._foreach_exp_(step)
+        torch._foreach_mul_(step, before)
+        for s, v in zip(live, step):
+            s.copy_(v)
 
 
 def _schedule(opt, step: int, total: int, warmup: int, config: QuantConfig) -> None:
@@ -165,7 +168,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
               if id(p) not in qparams and "embed" not in n and "lm_head" not in n]
     for n, p in student.named_parameters():
         p.requires_grad_(id(p) in qparams or any(p is o for o in others))
-    opt = _optimizer(weights, others, scales, config)
+    opt = _optimizer(weights, others, scales, config, fused=device.startswith("cuda"))
     state = TrainState()
     rng = np.random.default_rng(config.seed)
     if ckpt_path is not None and ckpt_path.is_file():
@@ -199,6 +202,8 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", file=sys.stderr,
                dynamic_ncols=True)
     t_start, step0 = clock(), state.step
+    kernels = compiled_kernels(config.compile and device.startswith("cuda"))
+    kernels.__enter__()
     try:
         while state.step < total and not interrupted:
             now = clock()
@@ -238,6 +243,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
             if every and state.step % every == 0:
                 save()
     finally:
+        kernels.__exit__()
         bar.close()
         signal.signal(signal.SIGINT, old)
         for m in qlayers:
