@@ -25,37 +25,11 @@ from slim_edge.evals.generation import generation_check
 from slim_edge.evals.kld import concat_stats, summarize, token_stats
 from slim_edge.evals.perplexity import chunk_nll, make_chunks, ppl_from_nll, scored_logits
 from slim_edge.fsutil import atomic_write, check_output_file
-from slim_edge.memory import check_model_config
+from slim_edge.memory import check_model_config, tokenize_in_pieces
 from slim_edge.models import resolve
 
 # the loop check needs a few hundred tokens; the runtime's context (and its KV cache) grows with this
 MAX_GEN_TOKENS = 4096
-PIECE_CHARS = 1 << 16  # text is tokenized in pieces of about this many characters (bounded memory)
-
-
-def _cut(text: str, at: int, window: int = 4096) -> int:
-    """A place at or after `at` where tokenizers of the GPT-2 and Llama-3 kind split the text into pre-tokens
-    anyway, so that tokenizing the two sides apart gives the ids of tokenizing them together: where a run of
-    whitespace starts right after a letter or digit (their regexes end a word or number there, and no
-    alternative starts with it). Past `window` characters without one, the piece is cut where it is."""
-    end = min(len(text), at + window)
-    for i in range(at, end):
-        if text[i].isspace() and text[i - 1].isalnum():
-            return i
-    return end
-
-
-def tokenize_in_pieces(tokenize, text: str, piece_chars: int = PIECE_CHARS) -> np.ndarray:
-    """tokenize(text) as int32, one piece of about `piece_chars` at a time: a 100 MB text would need
-    gigabytes in one call (the tokenizer's offsets and a Python list of every id)."""
-    parts, start = [], 0
-    while start < len(text):
-        end = len(text) if len(text) - start <= piece_chars else _cut(text, start + piece_chars)
-        parts.append(np.asarray(tokenize(text[start:end]), dtype=np.int32))
-        start = end
-    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
-
-
 def preflight(spec: str) -> int | None:
     """Check a model before anything is loaded; returns its training context (None where unknown).
 

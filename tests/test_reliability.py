@@ -249,7 +249,7 @@ def test_tokenizing_in_pieces_gives_the_ids_of_the_whole_text():
     from transformers import AutoTokenizer
 
     from slim_edge.evals.corpora import get_text
-    from slim_edge.evals.eval_cmd import tokenize_in_pieces
+    from slim_edge.memory import tokenize_in_pieces
     from slim_edge.models import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))

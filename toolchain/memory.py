@@ -1,9 +1,12 @@
 """Sizes checked before anything is allocated: a model's config.json against the RAM there is, so that a
-hostile or mistyped config (hidden_size 2^20) is one message, not an allocation that takes the machine down."""
+hostile or mistyped config (hidden_size 2^20) is one message, not an allocation that takes the machine down;
+and text tokenized in pieces, so that a 100 MB corpus does not need gigabytes in one tokenizer call."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 from .errors import SlimEdgeError
 
@@ -58,3 +61,29 @@ def check_model_config(folder: Path, copies: int = 1, ram: int | None = None) ->
                             f"float32 ({copies} cop{'y' if copies == 1 else 'ies'}), {ram / 2**30:.1f} GiB of RAM "
                             f"is available; check hidden_size/vocab_size or use a machine with more memory")
     return params
+
+
+PIECE_CHARS = 1 << 16  # text is tokenized in pieces of about this many characters (bounded memory)
+
+
+def _cut(text: str, at: int, window: int = 4096) -> int:
+    """A place at or after `at` where tokenizers of the GPT-2 and Llama-3 kind split the text into pre-tokens
+    anyway, so that tokenizing the two sides apart gives the ids of tokenizing them together: where a run of
+    whitespace starts right after a letter or digit (their regexes end a word or number there, and no
+    alternative starts with it). Past `window` characters without one, the piece is cut where it is."""
+    end = min(len(text), at + window)
+    for i in range(at, end):
+        if text[i].isspace() and text[i - 1].isalnum():
+            return i
+    return end
+
+
+def tokenize_in_pieces(tokenize, text: str, piece_chars: int = PIECE_CHARS) -> np.ndarray:
+    """tokenize(text) as int32, one piece of about `piece_chars` at a time: a 100 MB text would need
+    gigabytes in one call (the tokenizer's offsets and a Python list of every id)."""
+    parts, start = [], 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= piece_chars else _cut(text, start + piece_chars)
+        parts.append(np.asarray(tokenize(text[start:end]), dtype=np.int32))
+        start = end
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
