@@ -73,10 +73,17 @@ def unpack(parts: Path, out: Path, model: str = "smollm2-135m", force: bool = Fa
     for f in files:
         tensors.update(load_file(str(f)))
     fp, _, folder = load_model(model)
+    meta = json.loads((parts / "quant_config.json").read_text())
+    embedding_type = meta.get("config", {}).get("embedding_type", "f16")
     for k, v in fp.state_dict().items():
         if _frozen(k) and k not in tensors and not (k == "lm_head.weight" and fp.config.tie_word_embeddings):
+            if embedding_type != "f16" and k.endswith("embed_tokens.weight"):
+                # a quantized embedding trains frozen: its codes are the FP embedding's, rebuilt here exactly
+                from slim_edge.qlinear import QuantEmbedding
+                codes = QuantEmbedding(fp.get_input_embeddings(), embedding_type).export()
+                tensors[k.removesuffix("weight") + "qweight"] = torch.from_numpy(codes)
+                continue
             tensors[k] = v.detach().float().contiguous()
-    meta = json.loads((parts / "quant_config.json").read_text())
     meta["base_model"] = str(folder)
     write_checkpoint(tensors, meta, Path(folder), out, force=force)
     print(f"wrote {out} ({len(tensors)} tensors)")

@@ -56,8 +56,9 @@ class QuantConfig:
     # attend as the runtime does: K, V, Q and the attention probabilities rounded to half (llama.cpp's F16 KV
     # cache) and ggml's rope angles, in training and in the reloaded model
     runtime_attention: bool = False
-    # on a GPU: fake quantization and the loss through torch.compile, the optimizer as one fused kernel
-    compile: bool = True
+    # on a GPU: fake quantization and the loss through torch.compile. Off by default: Sherry steps 1.4x faster,
+    # seq2 5 % slower, and compiled rounding differs from the eager (= exported) values on ~5e-5 of seq2's weights
+    compile: bool = False
     calib: str = "wiki"
     seed: int = 0
     version: int = CONFIG_VERSION
