@@ -126,4 +126,4 @@ def test_gptq_start_has_lower_distillation_loss(tiny_llama, tmp_path, tiny_text)
                         QuantConfig(**fast), "cpu")  # the teacher's own CE: the loss with KD = 0
     rows = report["ptq"]["layers"]
     assert len(rows) == 7 and all(r["rel_err_gptq"] < r["rel_err_rtn"] for r in rows), rows
-    assert loss["gptq"] - base < 0.2 * (loss["rtn"] - base), (loss, base)  # measured 0.0577 vs 0.549
+    assert loss["gptq"] - base < 0.25 * (loss["rtn"] - base), (loss, base)  # measured 0.086 vs 0.549
