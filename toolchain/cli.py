@@ -64,8 +64,8 @@ def quantize(
     ptq: Annotated[str, typer.Option(help="the PTQ start: rtn (per-block MSE-searched scale, round to nearest; "
                                           "data-free) | gptq (GPTQ: rounds column by column and moves each error "
                                           "onto the columns not yet rounded, weighted by the inputs of "
-                                          "--ptq-samples training sequences; a far better 0-step model, see "
-                                          "evals/reports/ptq_smollm2.md)")] = "rtn",
+                                          "--ptq-samples training sequences; SmolLM2-135M seq2 at 0 steps: "
+                                          "PPL 2.1e7 -> 710, see evals/reports/ptq_smollm2.md)")] = "rtn",
     ptq_samples: Annotated[int, typer.Option(help="calibration sequences (of --seq-len tokens) for --ptq gptq; "
                                                   "its time grows with them (fewer on CPU)")] = 128,
     keep: Annotated[str, typer.Option(help="comma-separated module-name fragments kept in high precision")]
