@@ -242,7 +242,13 @@ def _pydoc() -> tuple[list[tuple[int, str]], str]:
 
 def _pydocs() -> tuple[list[tuple[int, str]], str]:
     root = PYDOCS_ROOT
-    if not root.is_dir():
+    if not root.is_dir():  # a machine without the package may still hold the text extracted from a pinned copy
+        for version, pinned in _PYDOCS_SHA256.items():
+            cached = corpora_cache() / f"pydocs-{pinned[:16]}-v{_PYDOCS_TEXT_VERSION}.txt"
+            if cached.is_file():
+                texts = _without(cached.read_text(encoding="utf-8").split("\n\x1e\n"), _pydoc_sentences())
+                return (list(enumerate(texts)), f"Debian {PYDOCS_PACKAGE} {version}, PSF licence, sha256 "
+                        f"{pinned[:12]} (text from the cache {cached}; the package is not installed here)")
         raise SlimEdgeError(f"the pydocs corpus reads the Debian package {PYDOCS_PACKAGE}, and its HTML folder "
                             f"{root} is missing; install it: apt-get install {PYDOCS_PACKAGE} "
                             f"(as root; `make setup` does it)")

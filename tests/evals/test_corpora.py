@@ -179,8 +179,19 @@ def test_sphinx_prose_keeps_paragraphs_only():
 
 def test_pydocs_without_the_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(corpora, "PYDOCS_ROOT", tmp_path / "no-such-doc" / "html")
+    monkeypatch.setattr(corpora, "corpora_cache", lambda: tmp_path / "empty-cache")
     with pytest.raises(SlimEdgeError, match=r"install it: apt-get install python3\.11-doc \(as root"):
         corpora.get_text("pydocs", "train")
+
+
+def test_pydocs_without_the_package_reads_the_pinned_text_from_the_cache(monkeypatch, tmp_path):
+    with_package = _get("pydocs", "train")  # extracts the text into the cache
+    if "sha256 pinned" not in with_package.provenance:
+        pytest.skip(f"another python3.11-doc version than the pinned one: {with_package.provenance}")
+    monkeypatch.setattr(corpora, "PYDOCS_ROOT", tmp_path / "no-such-doc" / "html")
+    cached = corpora.get_text("pydocs", "train")
+    assert cached.text == with_package.text and cached.n_docs == with_package.n_docs
+    assert "the package is not installed here" in cached.provenance
 
 
 @pytest.mark.slow
