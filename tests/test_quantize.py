@@ -420,3 +420,19 @@ def test_resume_refuses_a_pickle_that_runs_code(tiny_llama, tiny_text, tmp_path)
     with pytest.raises(SlimEdgeError, match="refusing to resume.*delete it"):
         train(student, teacher, ids, config, ckpt_path=ckpt, progress=False)
     assert not marker.exists()
+
+
+def test_calib_file_is_tokenized_in_pieces_with_the_ids_of_the_whole_text(tiny_llama, tmp_path):
+    """A --calib file longer than one piece (memory.PIECE_CHARS) gives exactly the ids of one tokenizer call."""
+    from slim_edge.memory import PIECE_CHARS
+    from slim_edge.train import calibration_tokens
+
+    _, tok, _ = load_model(str(tiny_llama))
+    words = ["alpha", "beta,", "gamma.\n", "delta  ", "épsilon", "zeta;"]
+    text = " ".join(words[(i * 7) % len(words)] for i in range(3 * PIECE_CHARS // 5))
+    assert len(text) > 2 * PIECE_CHARS
+    f = tmp_path / "calib.txt"
+    f.write_text(text, encoding="utf-8")
+    ids, source = calibration_tokens(tok, str(f))
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.dtype == torch.int64 and ids.tolist() == whole

@@ -72,7 +72,9 @@ def calibration_tokens(tokenizer, calib: str) -> tuple[torch.Tensor, str]:
     else:
         from .evals.corpora import get_text  # type: ignore[import-not-found]
         text, source = get_text(calib, split="train")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    from .memory import tokenize_in_pieces  # a 100 MB --calib file in one tokenizer call needs > 8 GB
+    ids = torch.from_numpy(tokenize_in_pieces(
+        lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], text).astype(np.int64))
     if len(ids) < 64:
         raise SlimEdgeError(f"--calib {calib}: only {len(ids)} tokens; give at least a few thousand")
     return ids, source
