@@ -12,7 +12,7 @@ import pytest
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cli = Path(sys.executable).with_name("slim-edge")
-    cmd = [str(cli), "demo", "--steps", "1", "--eval-chunks", "1", "--bench-reps", "1", "-o", str(out)]
+    cmd = [str(cli), "demo", "--steps", "1", "--ptq", "rtn", "--eval-chunks", "1", "--bench-reps", "1", "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

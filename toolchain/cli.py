@@ -222,7 +222,9 @@ def inspect(
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(help="QAT steps per scheme, 2 x 256 tokens each (the default, 2 x 44 steps, takes ~20 min on 2 idle cores; the whole demo ~30)")] = 44,
+    steps: Annotated[int, typer.Option(help="QAT steps per scheme, 2 x 256 tokens each, after the PTQ start")] = 24,
+    ptq: Annotated[str, typer.Option(help="PTQ start: gptq (64 x 256 calibration tokens; seq2 at 0 steps PPL 710 "
+                                          "vs 2e7 for rtn, evals/reports/ptq_smollm2.md) | rtn (faster)")] = "gptq",
     output: Annotated[Path, typer.Option("-o", help="results folder")] = Path("results/demo"),
     eval_chunks: Annotated[int, typer.Option(help="512-token chunks of lee:eval scored per model")] = 8,
     bench_reps: Annotated[int, typer.Option(help="llama-bench repetitions per measurement")] = 3,
@@ -235,7 +237,7 @@ def demo(
     if min(steps, eval_chunks, bench_reps) < 1:
         raise SlimEdgeError(f"--steps {steps}, --eval-chunks {eval_chunks}, --bench-reps {bench_reps}: each must be "
                             f"at least 1")
-    run_demo(steps=steps, out=output, force=force, eval_chunks=eval_chunks, bench_reps=bench_reps)
+    run_demo(steps=steps, out=output, force=force, eval_chunks=eval_chunks, bench_reps=bench_reps, ptq=ptq)
 
 
 def _mount():

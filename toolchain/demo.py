@@ -19,8 +19,8 @@ def _log(msg: str) -> None:
     print(f"\n== slim-edge demo: {msg}", file=sys.stderr, flush=True)
 
 
-def run_demo(steps: int = 44, out: Path = Path("results/demo"), force: bool = False, model: str = "smollm2-135m",
-             eval_chunks: int = 8, bench_reps: int = 3) -> dict:
+def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = False, model: str = "smollm2-135m",
+             eval_chunks: int = 8, bench_reps: int = 3, ptq: str = "gptq", ptq_samples: int = 64) -> dict:
     from .converters.gguf_export import export_baseline, export_checkpoint
     from .evals.bench import BenchConfig, run_bench, write_results
     from .evals.eval_cmd import evaluate
@@ -44,9 +44,10 @@ def run_demo(steps: int = 44, out: Path = Path("results/demo"), force: bool = Fa
     for scheme in SCHEMES:
         ckpt = out / f"ckpt-{scheme}"
         if not (ckpt / "quant_config.json").exists():
-            _log(f"quantize {model} -> {scheme}, {steps} QAT steps on wiki:train")
+            _log(f"quantize {model} -> {scheme}: {ptq} start, {steps} QAT steps on wiki:train")
             t = time.perf_counter()
-            cfg = QuantConfig(scheme=scheme, steps=steps, batch_size=2, seq_len=256, lr=1e-4, calib="wiki")
+            cfg = QuantConfig(scheme=scheme, steps=steps, batch_size=2, seq_len=256, lr=1e-4, calib="wiki",
+                              ptq=ptq, ptq_samples=ptq_samples)
             run_quantize(model, cfg, ckpt, resume=(out / f"ckpt-{scheme}.partial").exists(), force=True)
             timings[f"quantize_{scheme}_s"] = time.perf_counter() - t
         g = out / "gguf" / f"SmolLM2-135M-Instruct-{scheme.upper()}.gguf"
