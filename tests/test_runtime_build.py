@@ -337,3 +337,39 @@ def test_a_default_build_serves_a_subset_of_its_tools():
     full = ensure_runtime("host")
     sub = find_runtime("host", tools=("llama-bench", "llama-quantize"))
     assert sub.bin_dir == full.bin_dir and (sub.bin_dir / "llama-bench").is_file()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_series_is_the_repositorys_whole_series():
+    names = [p.name for p in rt.patch_series()]
+    assert names == sorted(p.name for p in (REPO / "runtime_patches").glob("[0-9][0-9][0-9][0-9]-*.patch"))
+    assert len(names) >= 9 and names[0].startswith("0001-")
+
+
+@pytest.mark.parametrize("keep, word", [((), "empty"), ((1, 2, 4), "incomplete")])
+def test_an_empty_or_incomplete_shipped_series_is_refused(monkeypatch, tmp_path, keep, word):
+    for p in rt.patch_series():
+        if int(p.name[:4]) in keep:
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+    monkeypatch.setattr(rt, "PATCH_DIR", tmp_path)
+    with pytest.raises(SlimEdgeError, match=f"patch series in .* is {word}"):
+        rt.patch_series()
+
+
+def test_a_wheel_install_finds_the_whole_series(tmp_path):
+    """Installed from a wheel (no source tree), the runtime reads its patches as package data, byte for byte."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "whl"), str(REPO)], check=True, capture_output=True)
+    wheel = next((tmp_path / "whl").glob("slim_edge-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True)
+    code = ("import json, hashlib, slim_edge.runtime as rt; print(json.dumps([rt.__file__] + "
+            "[[p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in rt.patch_series()]))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout
+    where, *got = json.loads(out)
+    assert where.startswith(str(tmp_path / "site"))
+    import hashlib
+    assert got == [[p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in rt.patch_series()]

@@ -74,7 +74,13 @@ DEFAULT_ARM_ARCH = "armv8.2-a+dotprod"
 ANDROID_PLATFORM = "android-28"
 QEMU_CPU = "cortex-a76"  # has dotprod, lacks i8mm: the floor the aarch64 build targets
 PATCH_GLOB = "[0-9][0-9][0-9][0-9]-*.patch"
-PATCH_DIR = Path(__file__).resolve().parent.parent / "runtime_patches"
+def _shipped_patch_dir() -> Path:
+    """The series as package data: runtime_patches/ in a source tree, slim_edge/runtime_patches/ in a wheel."""
+    from importlib.resources import files
+    return Path(str(files("slim_edge.runtime_patches")))
+
+
+PATCH_DIR = _shipped_patch_dir()
 MARKER = ".complete"
 _X86_ISA = {  # GGML_* options set explicitly with GGML_NATIVE=OFF, so a cached build is reproducible
     "avx2": dict(SSE42=1, AVX=1, AVX2=1, BMI2=1, FMA=1, F16C=1, AVX_VNNI=0,
@@ -208,9 +214,17 @@ def extract_tree(dest: Path, sdist: Path | None = None) -> Path:
 
 
 def patch_series(patch_dir: Path | None = None) -> list[Path]:
-    """runtime_patches/NNNN-*.patch in name order (possibly none)."""
+    """NNNN-*.patch in name order. The shipped series (no patch_dir) must be whole, numbered 0001..N: without it
+    `runtime build` would build stock llama.cpp, whose files the patched types do not load in."""
     d = Path(patch_dir) if patch_dir is not None else PATCH_DIR
-    return sorted(d.glob(PATCH_GLOB), key=lambda p: p.name)
+    series = sorted(d.glob(PATCH_GLOB), key=lambda p: p.name)
+    if patch_dir is None:
+        numbers = [int(p.name[:4]) for p in series]
+        if numbers != list(range(1, len(series) + 1)) or not series:
+            raise SlimEdgeError(f"the runtime patch series in {d} is {'empty' if not series else 'incomplete'} "
+                                f"(numbers {numbers or 'none'}); reinstall slim-edge (the wheel carries "
+                                f"runtime_patches/0001-*.patch onwards as package data)")
+    return series
 
 
 def series_sha256(patches: list[Path]) -> str:
