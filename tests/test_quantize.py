@@ -436,3 +436,16 @@ def test_calib_file_is_tokenized_in_pieces_with_the_ids_of_the_whole_text(tiny_l
     ids, source = calibration_tokens(tok, str(f))
     whole = tok(text, add_special_tokens=False)["input_ids"]
     assert ids.dtype == torch.int64 and ids.tolist() == whole
+
+
+def test_a_relative_model_path_is_stored_absolute_so_continuing_elsewhere_finds_the_teacher(
+        tiny_llama, tiny_text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_llama.parent)
+    first = tmp_path / "first"
+    report = run_quantize(tiny_llama.name, QuantConfig(scheme="sherry", steps=0, calib=str(tiny_text), **FAST),
+                          first, progress=False)
+    assert report["model"] == str(tiny_llama.resolve())
+    monkeypatch.chdir(tmp_path)  # tiny_llama.name means nothing here
+    report = run_quantize(str(first), QuantConfig(scheme="sherry", steps=0, calib=str(tiny_text), **FAST),
+                          tmp_path / "again", progress=False)
+    assert report["model"] == str(tiny_llama.resolve())

@@ -185,7 +185,9 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
                 else loss_blocks if loss_blocks is not None else loss_ptq)
     summary = plan_summary(plan)
     report = {
-        "model": str(model), "continued_from": None if init is None else str(init), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
+        # a folder is stored absolute: continuing from another working directory must find the same teacher
+        "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
+        "continued_from": None if init is None else str(init.resolve()), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
         "calibration": source, "plan_summary": summary, "budget": budget,
         "distill_loss": {"ptq": loss_ptq, "blocks": loss_blocks, "final": loss_qat},
         "ptq": {"method": config.ptq, "samples": config.ptq_samples, "seconds": round(t_gptq, 1), "layers": ptq_rows},
