@@ -8,6 +8,9 @@
 # OUT/NAME/part*.safetensors + quant_config.json (join them here with `python -m slim_edge.evals.ckpt_parts
 # unpack`) and appends held-out perplexity (lee:eval, 40 chunks of 512, PyTorch) to OUT/qat.jsonl.
 # A run's args may start with a MODEL (a checkpoint folder to continue; default smollm2-135m).
+# What comes back from $OUT is at most 8 files of 16 MiB each, 64 MiB in all (device README): a SmolLM2 checkpoint
+# packs into 2-3 parts of 15 MB, so at most two runs' checkpoints return per call; the rest is dropped silently
+# (files_left_out: count): evaluate in the call, return the checkpoints you need.
 # Give long runs `--time-limit MINUTES` so that a run that would outlast the lease still saves, evaluates
 # and packs. For runs longer than one call, start this under setsid and poll for OUT/done (exit status).
 set -euo pipefail
