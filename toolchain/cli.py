@@ -222,11 +222,10 @@ def inspect(
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(help="QAT steps per scheme, 2 x 256 tokens each (the default, 2 x 44 steps, "
-                                            "takes ~15 min on 2 idle cores; the whole demo ~18)")] = 44,
-    ptq: Annotated[str, typer.Option(help="PTQ start: rtn (round to nearest) | gptq (64 x 256 calibration tokens; "
-                                          "seq2 at 0 steps PPL 710 vs 2e7 for rtn, evals/reports/ptq_smollm2.md, "
-                                          "but 10-50 min per scheme on 2 cores)")] = "rtn",
+    steps: Annotated[int, typer.Option(help="QAT steps per scheme, 2 x 256 tokens each, after the PTQ start "
+                                            "(the defaults take ~17 min on 2 idle cores; the whole demo ~22)")] = 24,
+    ptq: Annotated[str, typer.Option(help="PTQ start: gptq (64 x 256 calibration tokens, 2.5-4 min per scheme on 2 "
+                                          "cores; seq2 demo PPL 231 vs 10,186 from rtn) | rtn (round to nearest)")] = "gptq",
     output: Annotated[Path, typer.Option("-o", help="results folder")] = Path("results/demo"),
     eval_chunks: Annotated[int, typer.Option(help="512-token chunks of lee:eval scored per model")] = 8,
     bench_reps: Annotated[int, typer.Option(help="llama-bench repetitions per measurement")] = 3,

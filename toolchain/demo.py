@@ -19,8 +19,8 @@ def _log(msg: str) -> None:
     print(f"\n== slim-edge demo: {msg}", file=sys.stderr, flush=True)
 
 
-def run_demo(steps: int = 44, out: Path = Path("results/demo"), force: bool = False, model: str = "smollm2-135m",
-             eval_chunks: int = 8, bench_reps: int = 3, ptq: str = "rtn", ptq_samples: int = 64) -> dict:
+def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = False, model: str = "smollm2-135m",
+             eval_chunks: int = 8, bench_reps: int = 3, ptq: str = "gptq", ptq_samples: int = 64) -> dict:
     from .converters.gguf_export import export_baseline, export_checkpoint
     from .evals.bench import BenchConfig, run_bench, write_results
     from .evals.eval_cmd import evaluate
