@@ -30,18 +30,25 @@ from slim_edge.models import resolve
 
 # the loop check needs a few hundred tokens; the runtime's context (and its KV cache) grows with this
 MAX_GEN_TOKENS = 4096
+def _is_gguf_file(path: Path) -> bool:
+    """True for an existing GGUF file, False for a path that is not a file; any other file is refused."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise SlimEdgeError(f"{path} is not a GGUF file (starts with {magic!r}); pass a .gguf file, a "
+                            f"checkpoint folder or an HF model folder")
+    return True
+
+
 def preflight(spec: str) -> int | None:
     """Check a model before anything is loaded; returns its training context (None where unknown).
 
     A GGUF goes through slim-edge's own reader first, so a truncated, legacy or damaged file is told as
     such rather than as the runtime's generic load failure; a folder's config.json is checked against RAM."""
     path = Path(spec).expanduser()
-    if path.is_file():
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise SlimEdgeError(f"{path} is not a GGUF file (starts with {magic!r}); pass a .gguf file, a "
-                                f"checkpoint folder or an HF model folder")
+    if _is_gguf_file(path):
         info = inspect_gguf(path, "patched")
         if not info["loads"]:
             raise SlimEdgeError(f"{path} cannot be loaded: " + "; ".join(info["advice"]))
@@ -59,12 +66,7 @@ def preflight(spec: str) -> int | None:
 def load_lm(spec: str, ctx: int = 512, threads: int = 2):
     """A GGUF file (runtime), a slim-edge checkpoint folder, an HF folder or an embedded model name."""
     path = Path(spec).expanduser()
-    if path.is_file():
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise SlimEdgeError(f"{path} is not a GGUF file (starts with {magic!r}); pass a .gguf file, a "
-                                f"checkpoint folder or an HF model folder")
+    if _is_gguf_file(path):
         return LlamaCppLM(path, n_ctx=ctx, n_threads=threads)
     if path.suffix == ".gguf":
         raise SlimEdgeError(f"GGUF file {path} does not exist; export one with slim-edge export")

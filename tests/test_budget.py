@@ -2,7 +2,6 @@
 trained on its export type (codes in the checkpoint, the same bytes in the GGUF)."""
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -20,12 +19,12 @@ from slim_edge.converters.gguf_read import read_tensor_table
 from slim_edge.converters.gguf_types import tensor_bytes
 from slim_edge.errors import SlimEdgeError
 from slim_edge.formats import get_format
-from slim_edge.models import load_model, resolve
+from slim_edge.models import load_model
 from slim_edge.pipeline import run_quantize
 from slim_edge.qlinear import QuantEmbedding, QuantLinear, TiedHead
 from slim_edge.quantize import PlanEntry, QuantConfig, make_plan, quantize_
 
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model, make_tiny_smol
 
 
 def _plan(*specs):
@@ -164,13 +163,7 @@ def test_sensitivity_replays_the_layers_before_the_swapped_one(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_smol(tmp_path_factory):
-    """A tiny random llama with SmolLM2's real tokenizer (the converter must recognise it)."""
-    folder = make_tiny_model(tmp_path_factory.mktemp("smol") / "m", "llama", layers=2, vocab=49152)
-    base = resolve("smollm2-135m")
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (base / f).exists():
-            shutil.copy2(base / f, folder / f)
-    return folder
+    return make_tiny_smol(tmp_path_factory.mktemp("smol") / "m", layers=2)
 
 
 @pytest.fixture(scope="module")

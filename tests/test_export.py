@@ -1,6 +1,5 @@
 """export --gguf: the GGUF holds exactly the trained codes; its metadata; inspect; clean errors."""
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -17,11 +16,10 @@ from slim_edge.converters.gguf_types import tensor_bytes, tensor_values
 from slim_edge.converters.inspect import inspect_gguf
 from slim_edge.errors import SlimEdgeError
 from slim_edge.formats import get_format
-from slim_edge.models import resolve
 from slim_edge.pipeline import run_quantize
 from slim_edge.quantize import QuantConfig
 
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_smol
 
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
@@ -29,13 +27,7 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
 
 @pytest.fixture(scope="module")
 def tiny_smol(tmp_path_factory):
-    """A tiny random llama with SmolLM2's real tokenizer (the converter must recognise it)."""
-    folder = make_tiny_model(tmp_path_factory.mktemp("smol") / "m", "llama", layers=1, vocab=49152)
-    base = resolve("smollm2-135m")
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (base / f).exists():
-            shutil.copy2(base / f, folder / f)
-    return folder
+    return make_tiny_smol(tmp_path_factory.mktemp("smol") / "m", layers=1)
 
 
 def _gguf_name(hf: str, kind: str = "weight") -> str:

@@ -52,3 +52,17 @@ def make_tiny_model(folder: Path, arch: str = "llama", hidden: int = 512, layers
     model.save_pretrained(folder)
     _byte_tokenizer(folder)
     return folder
+
+
+def make_tiny_smol(folder: Path, layers: int = 1) -> Path:
+    """A tiny random llama with SmolLM2's real tokenizer (the GGUF converter must recognise it)."""
+    import shutil
+
+    from slim_edge.models import resolve
+
+    make_tiny_model(folder, "llama", layers=layers, vocab=49152)
+    base = resolve("smollm2-135m")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (base / f).exists():
+            shutil.copy2(base / f, folder / f)
+    return folder

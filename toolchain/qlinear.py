@@ -31,12 +31,6 @@ FP16_MAX = 65504.0
 FP16_TINY = 2.0 ** -24
 
 
-def to_fp16_exact(d: torch.Tensor) -> torch.Tensor:
-    """Scale as stored (fp16, back in fp32), with a straight-through gradient."""
-    d = d.clamp(FP16_TINY, FP16_MAX)
-    return d + (d.to(torch.float16).to(torch.float32) - d).detach()
-
-
 def grid_ends(fmt: Format, mode: str) -> tuple[float, float]:
     """The outermost levels (lo, hi) a weight of this format and mode can take: the clip range of z."""
     return (-1.0, 1.0) if mode in ("ternary", "sherry") else (float(fmt.levels[0]), float(fmt.levels[-1]))
