@@ -20,18 +20,26 @@ import typer
 from slim_edge.checkpoint import load_quantized
 from slim_edge.evals.backends import TorchLM
 from slim_edge.evals.corpora import get_text
-from slim_edge.evals.perplexity import make_chunks, perplexity
+from slim_edge.evals.kld import concat_stats, summarize, token_stats
+from slim_edge.evals.perplexity import make_chunks, perplexity, scored_logits
 from slim_edge.models import load_model
 from slim_edge.pipeline import pick_device, run_quantize
 from slim_edge.quantize import QuantConfig
 
 
-def held_out_ppl(model, tok, max_chunks: int, ctx: int = 512) -> dict:
+def held_out_ppl(model, tok, max_chunks: int, ctx: int = 512, reference=None) -> dict:
+    """PPL on lee:eval in PyTorch; with a `reference` model (the FP one) also its mean KLD and same-top-1 %
+    against it on the same tokens (the numbers `slim-edge eval -r` gives through the runtime)."""
     lm = TorchLM(model, tok)
     text, _ = get_text("lee", split="eval")
     chunks = make_chunks(lm.tokenize(text), ctx=ctx, max_chunks=max_chunks, add_bos=lm.add_bos, bos_id=lm.bos_id)
-    r = perplexity(lm, chunks, progress=False)
-    return {"ppl": r["ppl"], "ppl_err": r["ppl_err"], "tokens": r["tokens"]}
+    if reference is None:
+        r = perplexity(lm, chunks, progress=False)
+        return {"ppl": r["ppl"], "ppl_err": r["ppl_err"], "tokens": r["tokens"]}
+    ref = TorchLM(reference, tok)
+    r = summarize(concat_stats([token_stats(scored_logits(ref, c, chunks.first), scored_logits(lm, c, chunks.first),
+                                            t) for c, t in zip(chunks.tokens, chunks.targets)]))
+    return {k: r[k] for k in ("ppl", "ppl_err", "tokens", "mean_kld", "mean_kld_err", "same_top_pct")}
 
 
 def main(model: str = "smollm2-135m", schemes: str = "seq2,sherry", steps: int = 150, batch_size: int = 4,
