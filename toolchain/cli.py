@@ -57,6 +57,9 @@ def quantize(
     batch_size: Annotated[int, typer.Option(help="sequences per step")] = 4,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
     distill: Annotated[str, typer.Option(help="cakld | kl | none (CE only)")] = "cakld",
+    ce_weight: Annotated[float, typer.Option(help="weight of the cross-entropy on the training text in the loss "
+                                               "(ce_weight x CE + KD); 0 = pure distillation, which does not fit "
+                                               "the text itself (a small text seen many times is learnt by heart)")] = 1.0,
     block_steps: Annotated[int, typer.Option(help="block-wise reconstruction steps per decoder layer before "
                                                   "end-to-end QAT (EfficientQAT's Block-AP; 0 = off; on SmolLM2-135M it did not "
                                                   "help, see evals/reports/qat_smollm2.md)")] = 0,
@@ -141,7 +144,7 @@ def quantize(
     config = QuantConfig(scheme=scheme, target=target, keep=tuple(k for k in keep.split(",") if k),
                          steps=steps, lr=lr, scale_lr=scale_lr, scale_update=scale_update,
                          ste_clipped=ste_clipped, lsq_grad=lsq_grad, compile=compile, batch_size=batch_size, seq_len=seq_len,
-                         distill=distill, block_steps=block_steps, block_samples=block_samples,
+                         distill=distill, ce_weight=ce_weight, block_steps=block_steps, block_samples=block_samples,
                          ptq=ptq, ptq_samples=ptq_samples,
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,
                          runtime_attention=runtime_attention, calib=calib, seed=seed, bits=bits,

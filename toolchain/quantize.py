@@ -44,6 +44,7 @@ class QuantConfig:
     seq_len: int = 256
     warmup: int = 0  # steps of linear lr warm-up (default: 5% of steps)
     distill: str = "cakld"  # cakld | kl | none
+    ce_weight: float = 1.0  # loss = ce_weight * CE + KD; 0 = pure distillation
     block_steps: int = 0  # block-wise reconstruction steps per decoder layer before end-to-end QAT
     block_samples: int = 128  # sequences (of seq_len) the block-wise phase learns from
     ptq: str = "rtn"  # PTQ start: "rtn" (per-block MSE scale, round to nearest) | "gptq" (toolchain/ptq.py)
@@ -87,6 +88,9 @@ class QuantConfig:
             raise SlimEdgeError(f"--scale-update {self.scale_update!r}: choose relative or absolute")
         if self.distill not in ("cakld", "kl", "none"):
             raise SlimEdgeError(f"--distill {self.distill!r}: choose cakld, kl or none")
+        if self.ce_weight < 0 or (self.distill == "none" and self.ce_weight == 0):
+            raise SlimEdgeError(f"--ce-weight {self.ce_weight} with --distill {self.distill}: the weight of the "
+                                f"cross-entropy must be >= 0, and > 0 without distillation (the loss would be empty)")
         if self.embedding_type not in EMBEDDING_TYPES:
             raise SlimEdgeError(f"--embedding-type {self.embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
         if self.bits is not None and not 0 < self.bits <= MAX_BITS:

@@ -145,7 +145,7 @@ def train_step(student, teacher, x, y, opt, clipped, scales, config: QuantConfig
         with torch.no_grad():
             t_logits = teacher(x).logits if config.distill != "none" else None
         s_logits = student(x).logits
-    loss, ce, kd = loss_fn(s_logits, t_logits, y, config.distill)
+    loss, ce, kd = loss_fn(s_logits, t_logits, y, config.distill, ce_weight=config.ce_weight)
     del s_logits, t_logits
     opt.zero_grad(set_to_none=True)
     loss.backward()
