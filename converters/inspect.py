@@ -11,6 +11,7 @@ from .gguf_read import GGUFTable, LongArray, read_tensor_table
 from .gguf_types import LEGACY_IDS
 
 STOCK_MAX_ID = 42  # GGML_TYPE_COUNT = 43 in the pinned tree
+PATCHED_MAX_ID = max(BY_ID)  # 46 (STQ1_0_64): GGML_TYPE_COUNT = 47 with runtime_patches/0010
 OTHER_TYPES = {0: ("F32", 32.0), 1: ("F16", 16.0), 12: ("Q4_K", 4.5), 14: ("Q6_K", 6.5625), 10: ("Q2_K", 2.625),
                11: ("Q3_K", 3.4375), 13: ("Q5_K", 5.5), 3: ("Q4_1", 5.0), 30: ("BF16", 16.0), 24: ("I8", 8.0)}
 
@@ -72,7 +73,7 @@ def inspect_gguf(path: Path, runtime: str = "stock") -> dict:
             raise SlimEdgeError(f"{path}: tensor {printable(t.name)!r} ({name}, {t.n_elements} weights) needs "
                                 f"{math.ceil(bpw * t.n_elements / 8)} bytes of data, the file holds {t.span}; "
                                 f"the file is truncated (re-download or re-export it)")
-        known = t.type_id <= STOCK_MAX_ID if runtime == "stock" else t.type_id <= 44
+        known = t.type_id <= (STOCK_MAX_ID if runtime == "stock" else PATCHED_MAX_ID)
         if is_legacy:
             legacy.append(t.name)
         if not known:

@@ -9,7 +9,8 @@ A GGUF whose weights equal the PyTorch model's bit for bit still gives other log
       weight types                                   vec_dot_type   activation rows become
       F32                                            F32            unchanged
       F16 / BF16                                     F16 / BF16     rounded to half / bfloat16
-      Q4_0 Q5_0 Q8_0 Q1_0 Q2_0 IQ4_NL MXFP4 NVFP4    Q8_0           32-blocks: q·fp16(d), |q| ≤ 127
+      Q4_0 Q5_0 Q8_0 Q1_0 Q2_0 IQ4_NL MXFP4 NVFP4
+      Q2_0C_64 STQ1_0_64                             Q8_0           32-blocks: q·fp16(d), |q| ≤ 127
       Q4_1 Q5_1                                      Q8_1           as Q8_0 (plus a block sum)
       K-quants, IQ2/IQ3/IQ1_*, IQ4_XS, TQ1_0, TQ2_0,
       STQ1_0, Q2_0C                                  Q8_K           256-blocks: q·d, d in f32
@@ -51,7 +52,7 @@ ATTENTION = "slim_edge_f16kv"  # the name registered with transformers' Attentio
 # GGML type id -> vec_dot_type of its CPU matmul (ggml-cpu.c type_traits_cpu, patched pinned tree)
 VEC_DOT = {
     0: "f32", 1: "f16", 30: "bf16",
-    2: "q8_0", 6: "q8_0", 8: "q8_0", 20: "q8_0", 39: "q8_0", 40: "q8_0", 41: "q8_0", 42: "q8_0",
+    2: "q8_0", 6: "q8_0", 8: "q8_0", 20: "q8_0", 39: "q8_0", 40: "q8_0", 41: "q8_0", 42: "q8_0", 45: "q8_0", 46: "q8_0",
     3: "q8_1", 7: "q8_1",
     **{t: "q8_k" for t in (10, 11, 12, 13, 14, 16, 17, 18, 19, 21, 22, 23, 29, 34, 35, 43, 44)},
 }

@@ -207,6 +207,29 @@ def test_stock_type_export_runs_in_unpatched_bindings(tiny_smol, tiny_text, tmp_
     assert r["n"] == 8 and r["vocab"] == 49152
 
 
+@pytest.mark.runtime
+@pytest.mark.parametrize("scheme,types", [("seq2", {44, 45}), ("sherry", {43, 46})])
+def test_rows_of_576_export_to_the_64_blocks_and_run_as_trained(scheme, types, tiny_text, tmp_path):
+    """SmolLM2's widths (hidden 576, FFN 1536): the export holds Q2_0C_64 / STQ1_0_64 (ids 45, 46) beside the
+    512/256 types, bit for bit, and the patched runtime computes what PyTorch computes from the checkpoint
+    (parity on 128 lee:eval tokens; measured mean KLD against the runtime-rounding simulation: seq2 {kld_seq2},
+    sherry {kld_sherry})."""
+    from slim_edge.evals.parity import parity
+
+    folder = make_tiny_smol(tmp_path / "m", layers=1, hidden=576, intermediate=1536)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "m.gguf"
+    run_quantize(str(folder), QuantConfig(scheme=scheme, steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
+                 ckpt, progress=False)
+    summary = export_checkpoint(ckpt, out)
+    assert check_bit_exact(ckpt, out) == 7
+    linear = {t.type_id for t in read_tensor_table(out).tensors if t.name.split(".")[-2] in GGUF_NAMES.values()}
+    assert linear == types and summary["needs_patched_runtime"]
+    assert inspect_gguf(out, "patched")["loads"] and not inspect_gguf(out, "stock")["loads"]
+    r = parity(str(ckpt), out, n_tokens=128, variants=("weights", "act+kv+rope"), floor=False)
+    assert r["variants"]["act+kv+rope"]["mean_kld"] <= 0.01, r["variants"]
+    assert r["variants"]["weights"]["mean_kld"] <= 0.01, r["variants"]
+
+
 # --- the real model -----------------------------------------------------------------------------
 
 SMOL_SCHEMES = ["seq2", "sherry", "tequila", "ternary", "q2"]
@@ -260,5 +283,5 @@ def test_smollm2_ptq_export_is_bit_exact(scheme, smol_ptq):
     assert {e["name"].split(".")[2] for e in plan} == {"0", "29"} and len(plan) == 14
     assert check_bit_exact(ckpt, out, weights) == 14
     formats = {e["format"] for e in plan}
-    assert formats == {"seq2": {"q2_0c", "q2_0"}, "sherry": {"stq1_0", "q2_0"}, "tequila": {"tq2_0", "q2_0"},
+    assert formats == {"seq2": {"q2_0c", "q2_0c_64"}, "sherry": {"stq1_0", "stq1_0_64"}, "tequila": {"tq2_0", "q2_0"},
                        "ternary": {"tq2_0", "q2_0"}, "q2": {"q2_0"}}[scheme]

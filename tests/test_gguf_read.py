@@ -92,7 +92,7 @@ def test_agrees_with_gguf_py_on_a_stock_file(tmp_path):
     assert set(ours) == {f.name for f in theirs.fields.values() if not f.name.startswith("GGUF.")}
 
 
-@pytest.mark.parametrize("fmt", ["q2_0", "stq1_0", "q2_0c"])  # ids 42, 43, 44
+@pytest.mark.parametrize("fmt", ["q2_0", "stq1_0", "q2_0c", "q2_0c_64", "stq1_0_64"])  # ids 42 to 46
 def test_inspect_shows_metadata_of_custom_ids(tmp_path, fmt):
     path = tmp_path / "custom.gguf"
     write_gguf(path, fmt)

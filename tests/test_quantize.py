@@ -43,7 +43,7 @@ def test_qat_lowers_loss_and_reloads_exactly(scheme, tiny_llama, tiny_text, tmp_
         b = load_quantized(out)[0](x).logits
     assert torch.equal(a, b)
     plan = meta["plan"]
-    assert {e["format"] for e in plan} <= {"q2_0c", "q2_0", "stq1_0", "tq2_0"}
+    assert {e["format"] for e in plan} <= {"q2_0c", "q2_0", "stq1_0", "tq2_0", "q2_0c_64", "stq1_0_64"}
 
 
 def test_trained_model_logits_equal_reloaded(tiny_llama, tiny_text, tmp_path):
@@ -78,16 +78,33 @@ def test_architectures(arch, tmp_path, tiny_text):
 
 
 def test_fallback_plan_is_decided_before_training(tmp_path):
+    """Rows of 576 take the scheme's own 64-block type (never stock q2_0 unless --target asks for it)."""
     folder = make_tiny_model(tmp_path / "m", "llama", hidden=576, intermediate=1536, layers=1)
     model, _, _ = load_model(str(folder))
     plan = {e.name.split(".")[-1]: e for e in make_plan(model, QuantConfig(scheme="sherry"))}
     assert plan["down_proj"].format == "stq1_0"  # 1536 = 6 * 256
-    assert plan["q_proj"].format == "q2_0" and "576" in plan["q_proj"].reason
+    assert plan["q_proj"].format == "stq1_0_64" and "576" in plan["q_proj"].reason
     plan = {e.name.split(".")[-1]: e for e in make_plan(model, QuantConfig(scheme="seq2"))}
-    assert plan["down_proj"].format == "q2_0c" and plan["gate_proj"].format == "q2_0"
+    assert plan["down_proj"].format == "q2_0c" and plan["gate_proj"].format == "q2_0c_64"
+    asked = make_plan(model, QuantConfig(scheme="sherry", target="q2_0"))
+    assert {e.format for e in asked} == {"q2_0"} and {e.mode for e in asked} == {"sherry"}
     quantize_(model, QuantConfig(scheme="sherry"))
     q = model.model.layers[0].self_attn.q_proj
-    assert isinstance(q, QuantLinear) and q.fmt.name == "q2_0" and q.mode == "sherry"
+    assert isinstance(q, QuantLinear) and q.fmt.name == "stq1_0_64" and q.mode == "sherry"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme,formats,max_bpw", [("seq2", {"q2_0c": 30, "q2_0c_64": 180}, 2.3),
+                                                    ("sherry", {"stq1_0": 30, "stq1_0_64": 180}, 1.6)])
+def test_smollm2_dry_run_plans_no_stock_fallback(scheme, formats, max_bpw, tmp_path):
+    """`slim-edge quantize smollm2-135m --scheme seq2|sherry --dry-run`: every linear on the scheme's own types
+    (rows of 576 on the 64-blocks, the FFN's 1536 on 512/256); measured 2.1953 (seq2) and 1.4531 (sherry) bpw."""
+    r = _cli("quantize", "smollm2-135m", "--scheme", scheme, "--dry-run", "--json", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)["summary"]
+    assert summary["by_format"] == formats and "q2_0" not in summary["by_format"]
+    assert summary["bits_per_weight"] <= max_bpw
+    assert summary["bits_per_weight"] == pytest.approx({"seq2": 2.1953, "sherry": 1.4531}[scheme], abs=1e-4)
 
 
 def test_arenas_schedule():

@@ -54,13 +54,13 @@ def make_tiny_model(folder: Path, arch: str = "llama", hidden: int = 512, layers
     return folder
 
 
-def make_tiny_smol(folder: Path, layers: int = 1) -> Path:
+def make_tiny_smol(folder: Path, layers: int = 1, hidden: int = 512, intermediate: int = 1024) -> Path:
     """A tiny random llama with SmolLM2's real tokenizer (the GGUF converter must recognise it)."""
     import shutil
 
     from slim_edge.models import resolve
 
-    make_tiny_model(folder, "llama", layers=layers, vocab=49152)
+    make_tiny_model(folder, "llama", hidden=hidden, layers=layers, intermediate=intermediate, vocab=49152)
     base = resolve("smollm2-135m")
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (base / f).exists():

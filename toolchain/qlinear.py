@@ -43,7 +43,7 @@ def grid_top(fmt: Format, mode: str) -> float:
 
 def grid_rule(fmt: Format, mode: str) -> str:
     """How z = w / d becomes a grid value: "sherry" (3:4 ternary), "odd" ({-3,-1,1,3}) or "round"."""
-    return "sherry" if mode == "sherry" else "odd" if fmt.name == "q2_0c" else "round"
+    return "sherry" if mode == "sherry" else "odd" if 0 not in fmt.levels else "round"
 
 
 def rule_values(z: torch.Tensor, rule: str, lo: float, hi: float, quads: torch.Tensor | None) -> torch.Tensor:

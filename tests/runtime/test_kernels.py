@@ -12,8 +12,10 @@ from slim_edge.formats import get_format
 
 pytestmark = pytest.mark.runtime
 
-NEW = ("stq1_0", "q2_0c")
+NEW = ("stq1_0", "q2_0c", "q2_0c_64", "stq1_0_64")
+BLOCK_64 = ("q2_0c_64", "stq1_0_64")
 K = 1024  # a multiple of every block size involved (64, 256, 512)
+K_64 = 576  # SmolLM2's hidden size: 9 blocks of 64, not whole blocks of 256 (nor Q8_K's activations)
 
 
 def edge_rows(n: int, rng) -> np.ndarray:
@@ -89,6 +91,31 @@ def test_vec_dot_and_mul_mat(kernel_check, name):
         err = np.abs(out - ref)
         assert np.all(err <= 0.05 * mag + 1e-6), np.max(err / (mag + 1e-9))
     assert np.all(np.abs(mm - exact) <= 1e-5 * mag + 1e-6)  # mul_mat runs the same kernel
+
+
+@pytest.mark.parametrize("name", BLOCK_64)
+def test_block_64_types_on_rows_of_576(kernel_check, name):
+    """The reason these types exist: rows of 576. Reference quantize (plain and imatrix) bit-exact, dequantize
+    bit-exact, vec_dot and mul_mat within fp32 rounding of the exact dot with the 8-bit (Q8_0) activations."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.standard_normal((10, K_64)), edge_rows(K_64, rng)]).astype(np.float32)
+    w = rng.uniform(0, 4, K_64).astype(np.float32) ** 2
+    for imatrix in (None, w):
+        got = kernel_check.quantize(name, x, imatrix)
+        assert got.tobytes() == fmt.quantize(x, imatrix).tobytes()
+    raw = fmt.quantize(x)
+    assert raw.shape == (17, 9 * fmt.type_size)
+    wd = kernel_check.dequantize(name, raw, K_64)
+    np.testing.assert_array_equal(wd.view(np.uint32), fmt.dequantize(raw, K_64).view(np.uint32))
+    acts = rng.standard_normal((5, K_64)).astype(np.float32)
+    acts[2] = 0
+    kern, exact = kernel_check.vecdot(name, raw, acts)
+    mag = np.abs(acts.astype(np.float64)) @ np.abs(wd.astype(np.float64)).T
+    assert_same_sums(kern, exact, mag, 5)
+    assert_same_sums(kernel_check.mulmat(name, raw, acts), exact, mag, 5)
+    ref = acts.astype(np.float64) @ wd.astype(np.float64).T  # float activations: Q8_0's rounding only
+    assert np.all(np.abs(kern - ref) <= 0.02 * mag + 1e-6)
 
 
 def test_selftest(kernel_check):

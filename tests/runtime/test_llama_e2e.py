@@ -20,6 +20,7 @@ from slim_edge.evals.tiny_gguf import write_tiny_llama_gguf
 pytestmark = pytest.mark.runtime
 
 STQ1_0, Q2_0C, Q4_K, Q6_K, F32, F16, BF16 = 43, 44, 12, 14, 0, 1, 30
+Q2_0C_64, STQ1_0_64 = 45, 46
 LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -86,6 +87,42 @@ def test_llama_quantize_writes_the_reference_bytes(host, f16, tmp_path, source, 
             want = get_format(ftype).quantize(tensor_values(src, name, src_table))
             bad = np.nonzero((raw.reshape(want.shape) != want).any(axis=1))[0]
             assert bad.size == 0, f"{source} -> {ftype} {name}: rows {bad[:8].tolist()} differ"
+
+
+@pytest.fixture(scope="module")
+def f16_576(tmp_path_factory):
+    """SmolLM2's widths: rows of 576 (no whole 256/512 blocks) and an FFN of 1536."""
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("e2e576") / "tiny576-f16.gguf", hidden=576, n_heads=4,
+                                 n_kv_heads=2, ffn=1536, n_layers=1, vocab_size=512)
+
+
+@pytest.mark.parametrize("source", ["F16", "BF16"])
+def test_llama_quantize_64_blocks_on_rows_of_576(host, f16_576, tmp_path, source):
+    """llama-quantize Q2_0C_64 / STQ1_0_64 from F16 and BF16: the numpy references' bytes. Asked for Q2_0C or
+    STQ1_0, rows of 576 fall back to the same grid per 64 (before patch 0010: Q4_0 / Q2_0) and ffn_down's rows
+    of 1536 keep the wide type; the file generates."""
+    src = f16_576
+    if source == "BF16":
+        src = tmp_path / "tiny576-bf16.gguf"
+        run([*host.argv("llama-quantize"), f16_576, src, "BF16", "2"])
+    src_table = read_tensor_table(src)
+    for ftype, wide_ftype, narrow, wide in (("Q2_0C_64", "Q2_0C", Q2_0C_64, Q2_0C_64),
+                                            ("STQ1_0_64", "STQ1_0", STQ1_0_64, STQ1_0_64),
+                                            ("Q2_0C", "Q2_0C", Q2_0C_64, Q2_0C), ("STQ1_0", "STQ1_0", STQ1_0_64, STQ1_0)):
+        out = tmp_path / f"tiny576-{source}-{ftype}.gguf"
+        run([*host.argv("llama-quantize"), src, out, ftype, "2"])
+        out_table = read_tensor_table(out)
+        for name, want_id in (("blk.0.attn_q.weight", narrow), ("blk.0.attn_k.weight", narrow),
+                              ("blk.0.ffn_down.weight", wide)):
+            got_id, shape, raw = tensor_bytes(out, name, out_table)
+            assert got_id == want_id, (ftype, name, got_id)
+            fmt = get_format({Q2_0C_64: "q2_0c_64", STQ1_0_64: "stq1_0_64"}.get(got_id, wide_ftype))
+            want = fmt.quantize(tensor_values(src, name, src_table))
+            bad = np.nonzero((raw.reshape(want.shape) != want).any(axis=1))[0]
+            assert bad.size == 0, f"{source} -> {ftype} {name}: rows {bad[:8].tolist()} differ"
+    proc = run([*host.argv("llama-completion"), "-m", out, "-p", "the small model is", "-n", "8",
+                "-no-cnv", "--ignore-eos", "--temp", "0", "-t", "2", "-c", "128", "--no-warmup"])
+    assert "the small model is" in proc.stdout, proc.stdout
 
 
 def test_llama_quantize_weighs_by_the_imatrix_as_the_reference_does(host, f16, lee_text, tmp_path):

@@ -40,29 +40,37 @@ def quad_layout(block_size: int) -> np.ndarray:
 
 
 class STQ1_0(Format):
+    """Any block that is a multiple of 64 (STQ1_0: 256, STQ1_0_64: 64): qs, then sign bits, then d."""
+
+    @property
+    def quads(self) -> np.ndarray:
+        return quad_layout(self.block_size)
+
     def encode(self, values, d):
-        quads = values[:, QUADS].astype(np.int16) + 1  # [n, 64, 4] lanes in 0..2
+        groups = self.block_size // 4
+        quads = values[:, self.quads].astype(np.int16) + 1  # [n, groups, 4] lanes in 0..2
         byte = (quads << np.array([0, 2, 4, 6])).sum(axis=2)
         idx = _INDEX[byte]
         if (idx < 0).any():
-            raise ValueError("STQ1_0 needs exactly one zero and three +-1 in every quad")
+            raise ValueError(f"{self.name.upper()} needs exactly one zero and three +-1 in every quad")
         slot, sign = (idx & 15).astype(np.uint8), (idx >> 4).astype(np.uint8)
         qs = slot[:, 0::2] | (slot[:, 1::2] << 4)
-        signs = (sign.reshape(-1, 8, 8) << np.arange(8, dtype=np.uint8)).sum(axis=2).astype(np.uint8)
+        signs = (sign.reshape(-1, groups // 8, 8) << np.arange(8, dtype=np.uint8)).sum(axis=2).astype(np.uint8)
         return np.concatenate([qs, signs, fp16_bytes(d)], axis=1)
 
     def decode(self, raw):
-        qs, signs = raw[:, :32], raw[:, 32:40]
-        slot = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, 64)
-        sign = ((signs[:, :, None] >> np.arange(8, dtype=np.uint8)) & 1).reshape(-1, 64)
-        byte = CODEBOOK[(sign << 4) | slot]  # [n, 64]
+        groups = self.block_size // 4
+        qs, signs = raw[:, :groups // 2], raw[:, groups // 2:groups // 2 + groups // 8]
+        slot = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, groups)
+        sign = ((signs[:, :, None] >> np.arange(8, dtype=np.uint8)) & 1).reshape(-1, groups)
+        byte = CODEBOOK[(sign << 4) | slot]  # [n, groups]
         lanes = ((byte[:, :, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).astype(np.int8) - 1
-        values = np.empty((raw.shape[0], 256), np.int8)
-        values[:, QUADS] = lanes
-        return values, fp16_from(raw[:, 40:42])
+        values = np.empty((raw.shape[0], self.block_size), np.int8)
+        values[:, self.quads] = lanes
+        return values, fp16_from(raw[:, -2:])
 
     def quantize_blocks(self, blocks, weights=None):
-        values = sherry_values(blocks, QUADS)
+        values = sherry_values(blocks, self.quads)
         w = np.ones_like(blocks) if weights is None else weights
         kept = values != 0
         num = np.cumsum(np.where(kept, w * np.abs(blocks), 0), axis=1, dtype=np.float32)[:, -1]
