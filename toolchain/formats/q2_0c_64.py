@@ -7,6 +7,11 @@ Q2_0C's grid and byte order with one scale per 64 weights (the size of stock Q2_
 grid {-1, 0, 1, 2} is not SEQ's). slim-edge's own type (no upstream counterpart): GGML type id 45,
 llama_ftype 44 (LLAMA_FTYPE_MOSTLY_Q2_0C_64), activations Q8_0 (a row of 576 is not whole Q8_K blocks).
 Reference quantizer: Q2_0C's — d0 = absmax / 3, two Lloyd steps, final codes against the fp16 d.
+
+Why 64 and not also 32: on SmolLM2-135M's weights (attn_q/attn_v/ffn_gate/ffn_down of blocks 0, 10, 20, 29)
+this reference leaves a relative RMS error of 0.3933 per 512, 0.3816 per 64 and 0.3685 per 32: block 32 buys
+3.4 % less error for 11 % more bits (2.5 bpw), less than those bits buy spent on Q4_0 tensors (--bits). Stock
+Q2_0's absmax reference leaves 0.7229 on the same rows.
 """
 from .q2_0c import Q2_0C
 
