@@ -159,6 +159,9 @@ def export(
                                               "an HF folder / 'smollm2-135m' for a baseline")],
     gguf: Annotated[Optional[Path], typer.Option("--gguf", help="GGUF file to write (default: named by the "
                                                                "GGUF convention, in the current folder)")] = None,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="write an ONNX Runtime folder instead: model.onnx "
+                                                               "(the trained codes as MatMulNBits), tokenizer, "
+                                                               "genai_config.json")] = None,
     type_: Annotated[Optional[str], typer.Option("--type", help="baseline from the FP model: f16 | q8_0 (the "
                                  "converter) or q4_0 | q4_k_m | q4_k_s | q2_k | tq2_0 | tq1_0 (llama-quantize, "
                                  "llama.cpp's PTQ)")] = None,
@@ -178,7 +181,19 @@ def export(
       slim-edge export runs/sherry --gguf sherry.gguf
 
       slim-edge export smollm2-135m --type q4_k_m --gguf smollm2-q4_k_m.gguf
+
+      slim-edge export runs/seq2 --onnx seq2-onnx
     """
+    if onnx is not None:
+        from .converters.onnx_export import export_onnx
+
+        if gguf is not None or type_ is not None:
+            raise SlimEdgeError("--onnx writes an ONNX folder from a checkpoint; leave out --gguf and --type")
+        summary = export_onnx(Path(source), onnx, force=force)
+        print(json.dumps(summary, indent=1) if as_json else
+              f"wrote {onnx} ({summary['bytes'] / 2**20:.1f} MiB, {summary['linear_bits_per_weight']:.3f} bits per "
+              f"weight in the linears)")
+        return
     from .converters.gguf_export import export_baseline, export_checkpoint
     from .converters.model_card import card_path, write_card
 
