@@ -481,3 +481,75 @@ def export_onnx(ckpt: Path, out: Path, force: bool = False) -> dict:
 
 def meta_linear_names(meta: dict) -> set[str]:
     return {e["name"] for e in meta["plan"]}
+
+
+# --- inspect --------------------------------------------------------------------------------------------
+
+def inspect_onnx(path: Path) -> dict:
+    """Operators, per-weight bits and bytes, and size of an ONNX model, read from the file itself."""
+    onnx, _ = require_onnx()
+    path = Path(path)
+    path = path / "model.onnx" if path.is_dir() else path
+    if not path.is_file():
+        raise SlimEdgeError(f"{path} does not exist; pass a model.onnx or a folder written by slim-edge export --onnx")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise SlimEdgeError(f"{path} is not a readable ONNX model ({e})") from None
+    sizes = {i.name: _init_bytes(i) for i in model.graph.initializer}
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    ops: dict[str, int] = {}
+    weights = []
+    for n in model.graph.node:
+        ops[n.op_type if not n.domain else f"{n.domain}.{n.op_type}"] = ops.get(
+            n.op_type if not n.domain else f"{n.domain}.{n.op_type}", 0) + 1
+        attrs = {a.name: a.i for a in n.attribute}
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            data = n.input[1] if n.op_type == "MatMulNBits" else n.input[0]
+            extra = [i for i in n.input[2 if n.op_type == "MatMulNBits" else 2:] if i in sizes]
+            nbytes = sizes[data] + sum(sizes[i] for i in extra)
+            count = (attrs["N"] * attrs["K"] if n.op_type == "MatMulNBits"
+                     else shapes[data][0] * shapes[data][1] * 8 // attrs.get("bits", 4))
+            weights.append({"name": data.removesuffix(".qweight"), "op": n.op_type, "bits": attrs.get("bits", 4),
+                            "block_size": attrs["block_size"], "weights": count, "bytes": nbytes,
+                            "bits_per_weight": nbytes * 8 / count})
+        elif n.op_type in ("MatMul", "Gather") and any(i in sizes and len(shapes[i]) == 2 for i in n.input):
+            w = next(i for i in n.input if i in sizes and len(shapes[i]) == 2)
+            count = shapes[w][0] * shapes[w][1]
+            weights.append({"name": w.removesuffix(".weight_t").removesuffix(".weight"), "op": n.op_type,
+                            "bits": 32, "block_size": 0, "weights": count, "bytes": sizes[w],
+                            "bits_per_weight": sizes[w] * 8 / count})
+    files = [path] + ([path.with_name(path.name + ".data")] if path.with_name(path.name + ".data").is_file() else [])
+    quant = [w for w in weights if w["op"] == "MatMulNBits" and w["name"] != "lm_head"]
+    return {"file": str(path), "bytes": sum(f.stat().st_size for f in files), "external_data": len(files) > 1,
+            "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}, "ops": ops,
+            "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
+            "metadata": {p.key: p.value for p in model.metadata_props}, "weights": weights,
+            "linear_bits_per_weight": sum(w["bytes"] * 8 for w in quant) / max(sum(w["weights"] for w in quant), 1)}
+
+
+def _init_bytes(t) -> int:
+    from onnx import TensorProto
+
+    if t.raw_data:
+        return len(t.raw_data)
+    ext = {e.key: e.value for e in t.external_data}
+    if "length" in ext:
+        return int(ext["length"])
+    n = int(np.prod(t.dims)) if t.dims else 1
+    return n * {TensorProto.FLOAT: 4, TensorProto.UINT8: 1, TensorProto.INT64: 8}.get(t.data_type, 4)
+
+
+def format_onnx_report(r: dict) -> str:
+    lines = [f"{r['file']}: {r['bytes'] / 2**20:.2f} MiB{' (+ external data)' if r['external_data'] else ''}, "
+             f"opsets {r['opset']}",
+             f"inputs: {', '.join(r['inputs'][:5])}{' ...' if len(r['inputs']) > 5 else ''} ({len(r['inputs'])})",
+             "operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1])),
+             f"{'weight':<40} {'op':<21} {'bits':>4} {'block':>5} {'bpw':>7} {'KiB':>9}"]
+    for w in r["weights"]:
+        lines.append(f"{w['name']:<40} {w['op']:<21} {w['bits']:>4} {w['block_size']:>5} "
+                     f"{w['bits_per_weight']:>7.3f} {w['bytes'] / 1024:>9.1f}")
+    lines.append(f"{r['linear_bits_per_weight']:.3f} bits per weight in the quantized linears")
+    for k, v in r["metadata"].items():
+        lines.append(f"{k}: {v[:100]}")
+    return "\n".join(lines)

@@ -220,3 +220,27 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import` sees when the package is absent
     with pytest.raises(SlimEdgeError, match=r"pip install 'slim-edge\[onnx\]'"):
         require_onnx()
+
+
+def test_inspect_reads_ops_bits_and_size_from_the_file(onnx_exports):
+    from slim_edge.converters.onnx_export import format_onnx_report, inspect_onnx
+
+    _, out, summary = onnx_exports("seq2")
+    r = inspect_onnx(out / "model.onnx")
+    assert r["ops"]["com.microsoft.MatMulNBits"] == 15 and r["ops"]["com.microsoft.GatherBlockQuantized"] == 1
+    up = next(w for w in r["weights"] if w["name"] == "model.layers.0.mlp.up_proj")
+    # 1024 x 512 weights: 2-bit codes, one float32 scale and one float32 zero point per 256
+    assert (up["bits"], up["block_size"], up["bytes"]) == (2, 256, 1024 * 512 // 4 + 1024 * 2 * 8)
+    assert r["linear_bits_per_weight"] == 2.25 and r["bytes"] == summary["bytes"]
+    assert "2.250 bits per weight" in format_onnx_report(r)
+
+
+def test_eval_scores_an_onnx_export_against_its_checkpoint(onnx_exports):
+    from slim_edge.evals.eval_cmd import evaluate
+
+    ckpt, out, _ = onnx_exports("sherry")
+    result = evaluate([str(out)], reference=str(ckpt), corpus="pydoc", ctx=128, max_chunks=2, gen_tokens=0,
+                      progress=False)
+    ref, row = result["models"]
+    assert row["backend"] == "onnx" and ref["backend"] == "torch"
+    assert row["mean_kld"] < 1e-6 and abs(row["ppl"] / ref["ppl"] - 1) < 1e-4

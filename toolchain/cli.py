@@ -220,16 +220,26 @@ def export(
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="a GGUF file")],
+    file: Annotated[Path, typer.Argument(help="a GGUF file, or an ONNX model (model.onnx or its folder)")],
     runtime: Annotated[str, typer.Option(help="stock | patched: which runtime to check the types against")]
     = "stock",
     as_json: JsonOut = False,
 ):
-    """Per-tensor types, bits per weight, size, metadata, and which runtime the file needs.
+    """Per-tensor types, bits per weight, size, metadata, and which runtime the file needs; for an ONNX model
+    (model.onnx or its export folder) its operators, per-weight bits and size.
 
-    Example:  slim-edge inspect sherry.gguf --runtime stock
+    Examples:  slim-edge inspect sherry.gguf --runtime stock
+
+               slim-edge inspect seq2-onnx/model.onnx
     """
     from .converters.inspect import format_report, inspect_gguf
+
+    if file.suffix == ".onnx" or (file / "model.onnx").is_file():
+        from .converters.onnx_export import format_onnx_report, inspect_onnx
+
+        report = inspect_onnx(file)
+        print(json.dumps(report, indent=1) if as_json else format_onnx_report(report))
+        return
 
     report = inspect_gguf(file, runtime)
     print(json.dumps(report, indent=1) if as_json else format_report(report))
