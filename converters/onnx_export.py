@@ -32,7 +32,8 @@ The mapping is derived from each format's integer grid `levels` (weight = level 
     tq2_0/tq1_0/stq1_0 ternary: 2-bit, default zp 2 (codes level + 2), block 256: 2.125 bpw (Sherry's
                        1.3125-bit slots have no ONNX kernel: its values are re-packed as 2-bit codes)
     q4_0               4-bit, default zp 8, block 32: 5 bpw;  q8_0: 8-bit, default zp 128, block 32: 9 bpw
-    embedding q8_0/q4_0: GatherBlockQuantized with the same codes, and the tied head MatMulNBits of them
+    embedding q8_0/q4_0: GatherBlockQuantized with the same codes, and a tied head MatMulNBits of the same
+                       initializers (one copy in the file)
 
 Scales are float32 (MatMulNBits takes the activation type), so every stored d costs 4 bytes, not 2.
 Kept (float) tensors are float32 initializers: the checkpoint's values exactly.
@@ -274,31 +275,32 @@ class _Weights:
             y = self.g.op("Add", y, self.g.const(f"{name}.bias", bias.numpy().astype(np.float32)))
         return y
 
+    def _embedding_codes(self, name: str, gather: bool) -> tuple[PackedWeight, list[str]]:
+        """The embedding's codes as one set of initializers in MatMulNBits' shape, shared by the gather and
+        the tied head (GatherBlockQuantized reads them through a Reshape that onnxruntime folds)."""
+        _, fmt, raw = self.emb
+        k = raw.shape[1] // fmt.type_size * fmt.block_size
+        pw = pack_weight(fmt, raw, k, what=name, gather=gather)
+        return pw, self._packed(name, pw)
+
     def embedding(self, ids: str, name: str) -> str:
         if self.emb is not None:
-            _, fmt, raw = self.emb
-            n, k = raw.shape[0], raw.shape[1] // fmt.type_size * fmt.block_size
-            pw = pack_weight(fmt, raw, k, what=name, gather=True)
-            ins = [self.g.const(f"{name}.qweight", pw.codes.reshape(n, -1)), ids,
-                   self.g.const(f"{name}.scales", pw.scales.reshape(n, -1))]
-            if pw.zero_points is not None:
-                ins.append(self.g.const(f"{name}.zero_points", pw.zero_points))
-            self._note(name, "GatherBlockQuantized", fmt.name, pw.grid.bits, pw.nbytes, n * k)
-            return self.g.op("GatherBlockQuantized", *ins, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
-                             block_size=pw.grid.block, bits=pw.grid.bits)
+            pw, (codes, scales, *zp) = self._embedding_codes(name, gather=True)
+            data = self.g.op("Reshape", codes, self.g.ints(f"{name}.codes_shape", pw.n, -1))
+            scales = self.g.op("Reshape", scales, self.g.ints(f"{name}.scales_shape", pw.n, -1))
+            self._note(name, "GatherBlockQuantized", self.emb[1].name, pw.grid.bits, pw.nbytes, pw.n * pw.k)
+            return self.g.op("GatherBlockQuantized", data, ids, scales, *zp, domain=MS_DOMAIN, gather_axis=0,
+                             quantize_axis=1, block_size=pw.grid.block, bits=pw.grid.bits)
         w = self.tensors[f"{name}.weight"].numpy().astype(np.float32)
         self._note(name, "Gather", "f32", 32, w.nbytes, w.size)
         return self.g.op("Gather", self.g.const(f"{name}.weight", w), ids, axis=0)
 
     def tied_head(self, x: str, name: str) -> str:
-        """The output head from the embedding's own values (its codes again, or its float matrix)."""
+        """The output head from the embedding's own values: the same initializers (codes or float matrix)."""
         if self.emb is not None:
-            _, fmt, raw = self.emb
-            n, k = raw.shape[0], raw.shape[1] // fmt.type_size * fmt.block_size
-            pw = pack_weight(fmt, raw, k, what="lm_head")
-            self._note("lm_head", "MatMulNBits", fmt.name, pw.grid.bits, pw.nbytes, n * k)
-            return self.g.op("MatMulNBits", x, *self._packed("lm_head", pw), domain=MS_DOMAIN, K=k, N=n,
-                             bits=pw.grid.bits, block_size=pw.grid.block, accuracy_level=0)
+            pw, ins = self._embedding_codes(name, gather=True)
+            return self.g.op("MatMulNBits", x, *ins, domain=MS_DOMAIN, K=pw.k, N=pw.n, bits=pw.grid.bits,
+                             block_size=pw.grid.block, accuracy_level=0)
         return self.g.op("MatMul", x, self.g.op("Transpose", f"{name}.weight", perm=[1, 0]))
 
     def _note(self, name, op, fmt, bits, nbytes, n):
@@ -498,6 +500,8 @@ def inspect_onnx(path: Path) -> dict:
         raise SlimEdgeError(f"{path} is not a readable ONNX model ({e})") from None
     sizes = {i.name: _init_bytes(i) for i in model.graph.initializer}
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    source = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Reshape" and n.input[0] in sizes}
+    gathered = {source.get(n.input[0]) for n in model.graph.node if n.op_type == "GatherBlockQuantized"}
     ops: dict[str, int] = {}
     weights = []
     for n in model.graph.node:
@@ -505,22 +509,24 @@ def inspect_onnx(path: Path) -> dict:
             n.op_type if not n.domain else f"{n.domain}.{n.op_type}", 0) + 1
         attrs = {a.name: a.i for a in n.attribute}
         if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
-            data = n.input[1] if n.op_type == "MatMulNBits" else n.input[0]
-            extra = [i for i in n.input[2 if n.op_type == "MatMulNBits" else 2:] if i in sizes]
-            nbytes = sizes[data] + sum(sizes[i] for i in extra)
+            ins = [source.get(i, i) for i in n.input]
+            data = ins[1] if n.op_type == "MatMulNBits" else ins[0]
+            nbytes = sizes[data] + sum(sizes[i] for i in ins[2:] if i in sizes)
             count = (attrs["N"] * attrs["K"] if n.op_type == "MatMulNBits"
-                     else shapes[data][0] * shapes[data][1] * 8 // attrs.get("bits", 4))
-            weights.append({"name": data.removesuffix(".qweight"), "op": n.op_type, "bits": attrs.get("bits", 4),
-                            "block_size": attrs["block_size"], "weights": count, "bytes": nbytes,
-                            "bits_per_weight": nbytes * 8 / count})
+                     else shapes[data][0] * shapes[data][2] * attrs["block_size"])
+            tied = n.op_type == "MatMulNBits" and data in gathered
+            weights.append({"name": "lm_head (tied: the embedding's codes)" if tied else data.removesuffix(".qweight"),
+                            "op": n.op_type, "bits": attrs.get("bits", 4), "block_size": attrs["block_size"],
+                            "weights": count, "bytes": 0 if tied else nbytes, "bits_per_weight": nbytes * 8 / count,
+                            "linear": n.op_type == "MatMulNBits" and not tied})
         elif n.op_type in ("MatMul", "Gather") and any(i in sizes and len(shapes[i]) == 2 for i in n.input):
             w = next(i for i in n.input if i in sizes and len(shapes[i]) == 2)
             count = shapes[w][0] * shapes[w][1]
             weights.append({"name": w.removesuffix(".weight_t").removesuffix(".weight"), "op": n.op_type,
                             "bits": 32, "block_size": 0, "weights": count, "bytes": sizes[w],
-                            "bits_per_weight": sizes[w] * 8 / count})
+                            "bits_per_weight": sizes[w] * 8 / count, "linear": False})
     files = [path] + ([path.with_name(path.name + ".data")] if path.with_name(path.name + ".data").is_file() else [])
-    quant = [w for w in weights if w["op"] == "MatMulNBits" and w["name"] != "lm_head"]
+    quant = [w for w in weights if w["linear"]]
     return {"file": str(path), "bytes": sum(f.stat().st_size for f in files), "external_data": len(files) > 1,
             "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}, "ops": ops,
             "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],

@@ -51,7 +51,10 @@ def onnx_initializers(path: Path) -> tuple[dict, dict]:
 
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    nodes = {n.input[1 if n.op_type == "MatMulNBits" else 0]: n for n in model.graph.node
+    for n in model.graph.node:  # the embedding's gather reads the head's codes through a Reshape
+        if n.op_type == "Reshape" and n.input[0] in inits:
+            inits[n.output[0]] = inits[n.input[0]].reshape(inits[n.input[1]])
+    nodes = {(n.op_type, n.input[1 if n.op_type == "MatMulNBits" else 0]): n for n in model.graph.node
              if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
     return inits, nodes
 
@@ -86,7 +89,7 @@ def test_onnx_weights_decode_to_the_checkpoint_values_exactly(scheme, onnx_expor
     want = dequantized_weights(meta, tensors)
     assert len(want) == 14
     for name, w in want.items():
-        got = decode_node(nodes[f"{name}.qweight"], inits)
+        got = decode_node(nodes["MatMulNBits", f"{name}.qweight"], inits)
         assert got.tobytes() == w.numpy().tobytes(), name
         if scheme == "seq2":  # SEQ's 2-bit codes are the checkpoint's own bytes
             fmt = get_format(summary["weights"][name]["format"])
@@ -96,8 +99,10 @@ def test_onnx_weights_decode_to_the_checkpoint_values_exactly(scheme, onnx_expor
             assert inits[f"{name}.bias"].tobytes() == tensors[f"{name}.bias"].numpy().tobytes()
     emb_name, fmt, raw = embedding_codes(meta, tensors)
     emb = fmt.dequantize(raw, meta["embedding"]["shape"][1])
-    for key in (f"{emb_name}.qweight", "lm_head.qweight"):  # the gathered embedding and the tied head
-        assert decode_node(nodes[key], inits).tobytes() == emb.tobytes()
+    gather = next(n for (op, _), n in nodes.items() if op == "GatherBlockQuantized")
+    head = nodes["MatMulNBits", f"{emb_name}.qweight"]  # the tied head: the same initializers
+    for node in (gather, head):
+        assert decode_node(node, inits).tobytes() == emb.tobytes()
     assert summary["weights"]["model.layers.0.mlp.up_proj"]["bits"] == 2
     assert summary["linear_bits_per_weight"] == {"seq2": 2.25, "q2": 2.53125}.get(scheme, 2.125)
 
@@ -244,3 +249,19 @@ def test_eval_scores_an_onnx_export_against_its_checkpoint(onnx_exports):
     ref, row = result["models"]
     assert row["backend"] == "onnx" and ref["backend"] == "torch"
     assert row["mean_kld"] < 1e-6 and abs(row["ppl"] / ref["ppl"] - 1) < 1e-4
+
+
+def test_bench_times_onnxruntime_in_llama_bench_rows(onnx_exports):
+    from slim_edge.evals.bench import BenchConfig, run_bench
+
+    _, out, summary = onnx_exports("seq2")
+    cfg = BenchConfig(prompt_lengths=[8, 32], n_gen=4, threads=[1], repetitions=2, chat_ttft=False)
+    result = run_bench([out], "host", cfg, progress=False, log=lambda m: None)
+    (m,) = result.models
+    assert (m.name, m.model_type, m.file_size) == ("onnx", "onnx", summary["bytes"])
+    assert [e["n_prompt"] for e in m.prefill] == [8, 32] and [e["n_gen"] for e in m.decode] == [4]
+    for e in m.prefill:  # TTFT is the measured prefill time of the prompt
+        assert len(e["ttft_ms_samples"]) == 2
+        assert e["ttft_ms_mean"] == pytest.approx(np.mean(e["samples_ns"]) / 1e6)
+        assert e["tps_mean"] == pytest.approx(np.mean([e["n_prompt"] / (ns / 1e9) for ns in e["samples_ns"]]))
+    assert "| onnx | " in result.markdown() and "onnxruntime 1." in result.markdown()
