@@ -443,23 +443,24 @@ def genai_config(config: dict, spec: _Spec, tok_config: dict) -> dict:
         "search": {"max_length": config.get("max_position_embeddings"), "do_sample": False, "num_beams": 1}}
 
 
-def export_onnx(ckpt: Path, out: Path, force: bool = False) -> dict:
-    """Write checkpoint `ckpt` as OUT/model.onnx (+ model.onnx.data past 2 GB), its tokenizer files and
-    genai_config.json; returns the summary that OUT/slim_edge_onnx.json also holds."""
-    from ..checkpoint import BASE_FILES, read_meta, read_tensors
+def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool | None = None) -> dict:
+    """Write checkpoint `ckpt` as OUT/model.onnx (+ model.onnx.data, by default only past protobuf's 2 GB
+    limit), its tokenizer files and genai_config.json; returns the summary that OUT/slim_edge_onnx.json
+    also holds."""
+    from ..checkpoint import BASE_FILES
     from ..converters.gguf_export import trained_for
 
     onnx, _ = require_onnx()
-    ckpt, out = Path(ckpt), Path(out)
-    meta = read_meta(ckpt)
+    ckpt, meta, tensors = _load_source(ckpt)
+    out = Path(out)
     check_output_dir(out, force, is_onnx_export, flag="--onnx", inputs=[ckpt])
     config = json.loads((ckpt / "config.json").read_text())
     spec = _spec(config)
-    model, report, ops = build_model(meta, read_tensors(ckpt), config)
+    model, report, ops = build_model(meta, tensors, config)
     model.metadata_props.extend([onnx.StringStringEntryProto(key="slim_edge.scheme", value=meta["config"]["scheme"]),
                                  onnx.StringStringEntryProto(key="slim_edge.formats", value=json.dumps(
                                      {k: v["format"] for k, v in report.items()}))])
-    big = model.ByteSize() > PROTOBUF_LIMIT - (64 << 20)
+    big = model.ByteSize() > PROTOBUF_LIMIT - (64 << 20) if external_data is None else external_data
     with atomic_dir(out) as tmp:
         onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=big, all_tensors_to_one_file=True,
                         location="model.onnx.data")
@@ -475,10 +476,22 @@ def export_onnx(ckpt: Path, out: Path, force: bool = False) -> dict:
         n_lin = sum(v["bytes"] * 8 / v["bits_per_weight"] for v in lin.values())
         summary = {"slim_edge_onnx": ONNX_EXPORT_VERSION, "file": str(out / "model.onnx"), "bytes": size,
                    "external_data": big, "scheme": meta["config"]["scheme"], "opset": OPSET, "ops": ops,
-                   "linear_bits_per_weight": sum(v["bytes"] * 8 for v in lin.values()) / max(n_lin, 1),
+                   "linear_bits_per_weight": sum(v["bytes"] * 8 for v in lin.values()) / n_lin if lin else 32.0,
                    "weights": report, "trained_for": trained_for(meta["config"]), "source": str(ckpt)}
         (tmp / MARKER).write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _load_source(source) -> tuple[Path, dict, dict]:
+    """(folder, checkpoint metadata, tensors) of a checkpoint, or of an HF model / embedded name as the
+    float32 baseline (an empty plan: every weight a float initializer)."""
+    from ..checkpoint import is_checkpoint, read_meta, read_tensors
+    from ..models import load_model
+
+    if is_checkpoint(source):
+        return Path(source), read_meta(Path(source)), read_tensors(Path(source))
+    model, _, folder = load_model(str(source))
+    return folder, {"plan": [], "config": {"scheme": "fp32"}}, model.state_dict()
 
 
 def meta_linear_names(meta: dict) -> set[str]:

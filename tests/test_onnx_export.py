@@ -265,3 +265,72 @@ def test_bench_times_onnxruntime_in_llama_bench_rows(onnx_exports):
         assert e["ttft_ms_mean"] == pytest.approx(np.mean(e["samples_ns"]) / 1e6)
         assert e["tps_mean"] == pytest.approx(np.mean([e["n_prompt"] / (ns / 1e9) for ns in e["samples_ns"]]))
     assert "| onnx | " in result.markdown() and "onnxruntime 1." in result.markdown()
+
+
+# --- the real model -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_onnx(tiny_text, tmp_path_factory):
+    """scheme -> (checkpoint, ONNX folder) of SmolLM2-135M at PTQ (`slim-edge quantize --steps 0`), with only
+    the first and the last block quantized (as in test_export: every linear shape and fallback format of the
+    scheme, at 1/15 of the PTQ time); made on first use."""
+    from slim_edge.models import load_model
+
+    fp, _, _ = load_model("smollm2-135m")
+    n = fp.config.num_hidden_layers
+    del fp
+    keep = ("embed_tokens", "lm_head") + tuple(f"layers.{i}." for i in range(1, n - 1))
+    made = {}
+
+    def get(scheme: str):
+        if scheme not in made:
+            d = tmp_path_factory.mktemp(f"smol-onnx-{scheme}")
+            config = QuantConfig(scheme=scheme, steps=0, keep=keep, batch_size=1, seq_len=32, calib=str(tiny_text))
+            run_quantize("smollm2-135m", config, d / "ckpt", progress=False)
+            export_onnx(d / "ckpt", d / "onnx")
+            made[scheme] = (d / "ckpt", d / "onnx")
+        return made[scheme]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["seq2", "sherry"])
+def test_smollm2_onnx_matches_pytorch_on_512_held_out_tokens(scheme, smol_onnx):
+    from slim_edge.evals import corpora
+
+    ckpt, out = smol_onnx(scheme)
+    inits, nodes = onnx_initializers(out / "model.onnx")
+    want = dequantized_weights(read_meta(ckpt), read_tensors(ckpt))
+    assert len(want) == 14
+    for name, w in want.items():
+        assert decode_node(nodes["MatMulNBits", f"{name}.qweight"], inits).tobytes() == w.numpy().tobytes(), name
+    lm = OnnxLM(out)
+    ids = np.asarray(([lm.bos_id] if lm.add_bos else []) + lm.tokenize(corpora.get_text("lee", "eval").text)[:512])
+    kld = _kld(_torch_logits(ckpt, ids), lm.logits(ids))
+    assert kld <= 1e-4, kld
+
+
+def test_external_data_export_loads_and_computes_the_same(onnx_exports, tmp_path):
+    import onnx
+
+    ckpt, out, _ = onnx_exports("ternary")
+    summary = export_onnx(ckpt, tmp_path / "ext", external_data=True)
+    assert summary["external_data"] and (tmp_path / "ext" / "model.onnx").stat().st_size < 100_000
+    assert summary["bytes"] == sum(f.stat().st_size for f in (tmp_path / "ext").glob("model.onnx*"))
+    onnx.checker.check_model(str(tmp_path / "ext" / "model.onnx"), full_check=True)
+    ids = np.arange(1, 40)
+    assert OnnxLM(tmp_path / "ext").logits(ids).tobytes() == OnnxLM(out).logits(ids).tobytes()
+
+
+def test_a_float_model_exports_as_the_fp32_baseline(tiny2, tmp_path):
+    import torch
+
+    from slim_edge.models import load_model
+
+    summary = export_onnx(str(tiny2), tmp_path / "fp")
+    assert summary["linear_bits_per_weight"] == 32.0 and "MatMulNBits" not in summary["ops"]
+    model, _, _ = load_model(str(tiny2))
+    ids = np.arange(3, 60)
+    with torch.no_grad():
+        ref = model(torch.as_tensor(ids[None])).logits[0].numpy()
+    assert np.abs(OnnxLM(tmp_path / "fp").logits(ids) - ref).max() < 1e-4

@@ -160,7 +160,7 @@ def export(
     gguf: Annotated[Optional[Path], typer.Option("--gguf", help="GGUF file to write (default: named by the "
                                                                "GGUF convention, in the current folder)")] = None,
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help="write an ONNX Runtime folder instead: model.onnx "
-                                                               "(the trained codes as MatMulNBits), tokenizer, "
+                                                               "(the trained codes as MatMulNBits; from an HF model: a float32 baseline), tokenizer, "
                                                                "genai_config.json")] = None,
     type_: Annotated[Optional[str], typer.Option("--type", help="baseline from the FP model: f16 | q8_0 (the "
                                  "converter) or q4_0 | q4_k_m | q4_k_s | q2_k | tq2_0 | tq1_0 (llama-quantize, "
@@ -189,7 +189,12 @@ def export(
 
         if gguf is not None or type_ is not None:
             raise SlimEdgeError("--onnx writes an ONNX folder from a checkpoint; leave out --gguf and --type")
-        summary = export_onnx(Path(source), onnx, force=force)
+        summary = export_onnx(source, onnx, force=force)
+        rounded = [k for k, v in summary["trained_for"].items() if v]
+        if rounded:
+            print(f"slim-edge: note: the checkpoint was trained through llama.cpp's roundings ({', '.join(rounded)}); "
+                  f"onnxruntime computes in float32, so its logits are the plain forward of the same weights",
+                  file=sys.stderr)
         print(json.dumps(summary, indent=1) if as_json else
               f"wrote {onnx} ({summary['bytes'] / 2**20:.1f} MiB, {summary['linear_bits_per_weight']:.3f} bits per "
               f"weight in the linears)")
