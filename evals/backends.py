@@ -160,3 +160,68 @@ def bindings():
               f"(slim-edge's custom tensor types will not load).", file=sys.stderr)
         _BINDINGS = llama_cpp
     return _BINDINGS
+
+
+class OnnxLM:
+    """A model written by `slim-edge export --onnx`, run by onnxruntime's CPU execution provider with its
+    KV cache (past_key_values.{i}.key|value in, present.{i}.key|value out)."""
+    kind = "onnx"
+
+    def __init__(self, path: str | Path, n_threads: int = 2, name: str | None = None):
+        from slim_edge.converters.onnx_export import require_onnx
+
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        path = folder / "model.onnx" if path.is_dir() else path
+        if not path.is_file():
+            raise SlimEdgeError(f"ONNX model {path} does not exist; pass a folder or model.onnx written by "
+                                f"slim-edge export --onnx")
+        _, ort = require_onnx()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = n_threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own error types
+            raise SlimEdgeError(f"onnxruntime could not load {path} ({str(e).strip()[:300]})") from None
+        self.path, self.name = path, name or folder.name
+        self.past = [(i.name, i.shape) for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.bos_id = self.tokenizer.bos_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        with_special = self.tokenizer.encode("a", add_special_tokens=True)
+        self.add_bos = self.bos_id is not None and len(with_special) > 1 and with_special[0] == self.bos_id
+
+    tokenize = TorchLM.tokenize
+    detokenize = TorchLM.detokenize
+
+    def empty_cache(self, batch: int = 1) -> dict:
+        return {name: np.zeros((batch, shape[1], 0, shape[3]), np.float32) for name, shape in self.past}
+
+    def step(self, tokens, cache: dict, start: int) -> tuple[np.ndarray, dict]:
+        """Logits [len(tokens), vocab] of `tokens` at positions start.., and the cache extended by them."""
+        ids = np.asarray(tokens, np.int64)[None]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, start + ids.shape[1]), np.int64),
+                "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None], **cache}
+        out = dict(zip(self.outputs, self.session.run(None, feed)))
+        return out["logits"][0], {name: out[name.replace("past_key_values.", "present.")] for name, _ in self.past}
+
+    def logits(self, tokens, first: int = 0) -> np.ndarray:
+        return self.step(tokens, self.empty_cache(), 0)[0][first:]
+
+    def greedy(self, prompt: list[int], n_new: int, stop_at_eos: bool = True) -> list[int]:
+        logits, cache = self.step(prompt, self.empty_cache(), 0)
+        out, pos = [], len(prompt)
+        for _ in range(n_new):
+            tok = int(np.argmax(logits[-1]))
+            out.append(tok)
+            if stop_at_eos and tok == self.eos_id:
+                break
+            logits, cache = self.step([tok], cache, pos)
+            pos += 1
+        return out

@@ -30,6 +30,7 @@ from slim_edge.devices.base import Device, DeviceInfo, check_fits, safe_name
 from slim_edge.devices.parse import cpu_mask, fastest_cores, parse_llama_bench
 from slim_edge.devices.qemu_arm64 import EMULATED_LABEL
 from slim_edge.errors import SlimEdgeError
+from slim_edge.evals.onnx_bench import is_onnx_model, onnx_bench_rows, onnx_file_size
 from slim_edge.fsutil import atomic_dir, check_output_dir
 
 SCHEMA = "slim-edge.bench/1"
@@ -255,7 +256,9 @@ def markdown_table(result: BenchResult) -> str:
                  if result.cpu_masks else "")
               + (f" · hottest zone at start {max(d.thermal_c.values()):.1f} °C" if d.thermal_c else ""),
               f"runtime: {result.runtime.get('target')} · build {result.runtime.get('build_commit')} "
-              f"({result.runtime.get('build_number')}) · peak memory by {', '.join(methods) or 'n/a'}"]
+              f"({result.runtime.get('build_number')})"
+              + (f" · {result.runtime['onnxruntime']} (CPU EP)" if result.runtime.get("onnxruntime") else "")
+              + f" · peak memory by {', '.join(methods) or 'n/a'}"]
     return "\n".join(lines) + "\n"
 
 
@@ -369,15 +372,24 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
     log = log or (lambda msg: print(msg, file=sys.stderr))
     cfg = config or BenchConfig()
     paths = [Path(m) for m in models]
-    missing = [str(p) for p in paths if not p.is_file()]
+    onnx_paths = [p for p in paths if is_onnx_model(p)]
+    missing = [str(p) for p in paths if not p.is_file() and p not in onnx_paths]
     if missing:
-        raise SlimEdgeError(f"Model file(s) not found: {', '.join(missing)}. Pass paths to GGUF files.")
-    names = [p.name[:-5] if p.name.endswith(".gguf") else p.name for p in paths]
+        raise SlimEdgeError(f"Model file(s) not found: {', '.join(missing)}. Pass paths to GGUF files or ONNX "
+                            f"exports (model.onnx or its folder).")
+    names = [p.name[:-5] if p.name.endswith(".gguf") else p.parent.name if p.name == "model.onnx" else p.name
+             for p in paths]
     if len(set(names)) != len(names):
         raise SlimEdgeError(f"Two models share a name ({', '.join(names)}); rename one so results stay apart.")
+    onnx_names = {p: n for p, n in zip(paths, names) if p in onnx_paths}
+    names = [n for p, n in zip(paths, names) if p not in onnx_paths]
+    paths = [p for p in paths if p not in onnx_paths]
     for p in paths:  # a damaged or non-GGUF file is refused here, before anything is copied to the device
         read_tensor_table(p)
     dev = get_device(device) if isinstance(device, str) else device
+    if onnx_paths and dev.name != "host":
+        raise SlimEdgeError(f"ONNX models are benchmarked on the host only (onnxruntime here); drop "
+                            f"{', '.join(map(str, onnx_paths))} or use --device host")
 
     dev.check_connection()
     info = dev.info()
@@ -386,7 +398,7 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
     dev.ensure_workdir()
     if dev.copies_files:
         dev.shell_ok(f"mkdir -p {dev.remote_path('results')}")
-    tools, env = dev.stage_runtime(("llama-bench",))
+    tools, env = dev.stage_runtime(("llama-bench",)) if paths else ({}, {})
     log(f"[bench] {info.device}: {info.soc} {info.model} ({info.arch}); staging {len(paths)} model(s)")
     staged = dev.stage(paths, subdir="models")
     masks = pin_masks(info.max_freqs_khz, cfg.threads) if cfg.pin_big_cores else {}
@@ -435,15 +447,21 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
                        backends=rows[0].get("backends"), cpu_info=rows[0].get("cpu_info"))
         bar.update(1)
     bar.close()
+    for path, name in onnx_names.items():  # onnxruntime on the host, measured as llama-bench measures
+        mr = ModelResult(name=name, path=str(path), file_size=onnx_file_size(path), model_type="onnx")
+        for t in tqdm(cfg.threads, desc=f"onnxruntime {name}", file=sys.stderr, disable=not progress):
+            mr.rows += onnx_bench_rows(path, cfg.prompt_lengths, cfg.n_gen, t, cfg.repetitions)
+        runtime["onnxruntime"] = mr.rows[0]["build_commit"]
+        results.append(mr)
 
     for mr in results:
         mr.prefill, mr.decode = summarize_rows(mr.rows)
 
-    if dev.name == "host" and cfg.chat_ttft:
+    if dev.name == "host" and cfg.chat_ttft and paths:
         if llama_cpp_available():
             _, lib_dir = dev.runtime_dirs()
             for mr in tqdm(results, desc="chat TTFT", file=sys.stderr, disable=not progress):
-                for t in cfg.threads:
+                for t in cfg.threads if mr.model_type != "onnx" else ():
                     mr.chat_ttft.append(measure_chat_ttft(Path(mr.path), t, cfg.repetitions, lib_dir))
         else:
             log("[bench] llama_cpp is not installed: skipping the chat-prompt TTFT (pip install 'slim-edge[runtime]')")
@@ -500,7 +518,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def bench(
-    models: Annotated[list[Path], typer.Argument(help="GGUF files to benchmark (slim-edge files and baselines).")],
+    models: Annotated[list[Path], typer.Argument(help="GGUF files to benchmark (slim-edge files and baselines), "
+                                                      "and on the host ONNX exports (run by onnxruntime).")],
     device: Annotated[str, typer.Option("--device", "-d", help="host | android | ssh | qemu-arm64")] = "host",
     serial: Annotated[Optional[str], typer.Option(help="android: adb serial when several phones are attached.")] = None,
     host: Annotated[Optional[str], typer.Option(help="ssh: user@address of the board.")] = None,
@@ -535,6 +554,8 @@ def bench(
         slim-edge bench model-q2_0.gguf --device ssh --host pi@192.168.1.20 --identity ~/.ssh/id_ed25519
 
         slim-edge bench tiny.gguf --device qemu-arm64 -p 16 -n 8 -r 1   # emulated, not a speed figure
+
+        slim-edge bench seq2.gguf seq2-onnx -t 2   # llama.cpp and onnxruntime side by side on the host
 
     Writes bench.md (table), bench.json (every sample, device info, runtime commit, CPU features)
     and ttft.png / decode.png into the results folder; prints the table to stdout.

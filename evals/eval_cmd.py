@@ -20,7 +20,7 @@ from slim_edge.converters.gguf_read import read_tensor_table
 from slim_edge.converters.inspect import inspect_gguf
 from slim_edge.errors import SlimEdgeError
 from slim_edge.evals import corpora
-from slim_edge.evals.backends import LlamaCppLM, TorchLM
+from slim_edge.evals.backends import LlamaCppLM, OnnxLM, TorchLM
 from slim_edge.evals.generation import generation_check
 from slim_edge.evals.kld import concat_stats, summarize, token_stats
 from slim_edge.evals.perplexity import chunk_nll, make_chunks, ppl_from_nll, scored_logits
@@ -42,6 +42,17 @@ def _is_gguf_file(path: Path) -> bool:
     return True
 
 
+def _onnx_folder(path: Path) -> Path | None:
+    """The export folder of an ONNX model (a model.onnx file or a `slim-edge export --onnx` folder), else None."""
+    from slim_edge.converters.onnx_export import is_onnx_export
+
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise SlimEdgeError(f"ONNX file {path} does not exist; export one with slim-edge export --onnx")
+        return path.parent
+    return path if path.is_dir() and is_onnx_export(path) else None
+
+
 def preflight(spec: str) -> int | None:
     """Check a model before anything is loaded; returns its training context (None where unknown).
 
@@ -57,6 +68,11 @@ def preflight(spec: str) -> int | None:
         return n if isinstance(n, int) else None
     if path.suffix == ".gguf":
         raise SlimEdgeError(f"GGUF file {path} does not exist; export one with slim-edge export")
+    onnx_dir = _onnx_folder(path)
+    if onnx_dir is not None:
+        genai = onnx_dir / "genai_config.json"
+        n = json.loads(genai.read_text())["model"].get("context_length") if genai.is_file() else None
+        return n if isinstance(n, int) else None
     folder = refuse_damaged_checkpoint(resolve(spec))
     check_model_config(folder)
     n = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
@@ -64,10 +80,13 @@ def preflight(spec: str) -> int | None:
 
 
 def load_lm(spec: str, ctx: int = 512, threads: int = 2):
-    """A GGUF file (runtime), a slim-edge checkpoint folder, an HF folder or an embedded model name."""
+    """A GGUF file (runtime), an ONNX export (onnxruntime), a slim-edge checkpoint folder, an HF folder or an
+    embedded model name."""
     path = Path(spec).expanduser()
     if _is_gguf_file(path):
         return LlamaCppLM(path, n_ctx=ctx, n_threads=threads)
+    if _onnx_folder(path) is not None:
+        return OnnxLM(path, n_threads=threads)
     if path.suffix == ".gguf":
         raise SlimEdgeError(f"GGUF file {path} does not exist; export one with slim-edge export")
     import torch

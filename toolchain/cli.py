@@ -162,6 +162,9 @@ def export(
                                               "an HF folder / 'smollm2-135m' for a baseline")],
     gguf: Annotated[Optional[Path], typer.Option("--gguf", help="GGUF file to write (default: named by the "
                                                                "GGUF convention, in the current folder)")] = None,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="write an ONNX Runtime folder instead: model.onnx "
+                                                               "(the trained codes as MatMulNBits; from an HF model: a float32 baseline), tokenizer, "
+                                                               "genai_config.json")] = None,
     type_: Annotated[Optional[str], typer.Option("--type", help="baseline from the FP model: f16 | q8_0 (the "
                                  "converter) or q4_0 | q4_k_m | q4_k_s | q2_k | tq2_0 | tq1_0 (llama-quantize, "
                                  "llama.cpp's PTQ)")] = None,
@@ -181,7 +184,24 @@ def export(
       slim-edge export runs/sherry --gguf sherry.gguf
 
       slim-edge export smollm2-135m --type q4_k_m --gguf smollm2-q4_k_m.gguf
+
+      slim-edge export runs/seq2 --onnx seq2-onnx
     """
+    if onnx is not None:
+        from .converters.onnx_export import export_onnx
+
+        if gguf is not None or type_ is not None:
+            raise SlimEdgeError("--onnx writes an ONNX folder from a checkpoint; leave out --gguf and --type")
+        summary = export_onnx(source, onnx, force=force)
+        rounded = [k for k, v in summary["trained_for"].items() if v]
+        if rounded:
+            print(f"slim-edge: note: the checkpoint was trained through llama.cpp's roundings ({', '.join(rounded)}); "
+                  f"onnxruntime computes in float32, so its logits are the plain forward of the same weights",
+                  file=sys.stderr)
+        print(json.dumps(summary, indent=1) if as_json else
+              f"wrote {onnx} ({summary['bytes'] / 2**20:.1f} MiB, {summary['linear_bits_per_weight']:.3f} bits per "
+              f"weight in the linears)")
+        return
     from .converters.gguf_export import export_baseline, export_checkpoint
     from .converters.model_card import card_path, write_card
 
@@ -208,16 +228,26 @@ def export(
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="a GGUF file")],
+    file: Annotated[Path, typer.Argument(help="a GGUF file, or an ONNX model (model.onnx or its folder)")],
     runtime: Annotated[str, typer.Option(help="stock | patched: which runtime to check the types against")]
     = "stock",
     as_json: JsonOut = False,
 ):
-    """Per-tensor types, bits per weight, size, metadata, and which runtime the file needs.
+    """Per-tensor types, bits per weight, size, metadata, and which runtime the file needs; for an ONNX model
+    (model.onnx or its export folder) its operators, per-weight bits and size.
 
-    Example:  slim-edge inspect sherry.gguf --runtime stock
+    Examples:  slim-edge inspect sherry.gguf --runtime stock
+
+               slim-edge inspect seq2-onnx/model.onnx
     """
     from .converters.inspect import format_report, inspect_gguf
+
+    if file.suffix == ".onnx" or (file / "model.onnx").is_file():
+        from .converters.onnx_export import format_onnx_report, inspect_onnx
+
+        report = inspect_onnx(file)
+        print(json.dumps(report, indent=1) if as_json else format_onnx_report(report))
+        return
 
     report = inspect_gguf(file, runtime)
     print(json.dumps(report, indent=1) if as_json else format_report(report))
