@@ -1,0 +1,36 @@
+"""The public Python API (slim_edge.quantize_ / QuantConfig / load_quantized / export_gguf) does what the CLI does."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import slim_edge
+from tiny_models import make_tiny_smol
+
+
+def test_api_quantize_load_export_equal_the_cli(tmp_path, tiny_text):
+    folder = make_tiny_smol(tmp_path / "m", layers=1)
+    config = slim_edge.QuantConfig(scheme="seq2", steps=1, batch_size=1, seq_len=32, calib=str(tiny_text))
+    report = slim_edge.quantize_(str(folder), config, tmp_path / "ckpt", progress=False)
+    assert isinstance(report, dict)
+    model, _ = slim_edge.load_quantized(tmp_path / "ckpt")
+    from slim_edge.checkpoint import load_quantized
+
+    ref, _ = load_quantized(tmp_path / "ckpt")
+    for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), k
+    slim_edge.export_gguf(tmp_path / "ckpt", tmp_path / "api.gguf")
+    subprocess.run([sys.executable, "-m", "slim_edge.cli", "export", str(tmp_path / "ckpt"), "--gguf",
+                    str(tmp_path / "cli.gguf")], check=True, capture_output=True)
+    assert (tmp_path / "api.gguf").read_bytes() == (tmp_path / "cli.gguf").read_bytes()
+
+
+def test_api_errors_are_clear():
+    from slim_edge.errors import SlimEdgeError
+
+    with pytest.raises(SlimEdgeError, match="give the checkpoint folder"):
+        slim_edge.quantize_("smollm2-135m")
+    with pytest.raises(AttributeError, match="no attribute 'quantise'"):
+        slim_edge.quantise  # noqa: B018
+    assert set(slim_edge.__all__) >= {"QuantConfig", "quantize_", "load_quantized", "export_gguf"}
