@@ -93,10 +93,7 @@ def load_lm(spec: str, ctx: int = 512, threads: int = 2):
 
     torch.set_num_threads(threads)
     if (path / "quant_config.json").is_file():
-        try:
-            from slim_edge import load_quantized
-        except ImportError:
-            from slim_edge.checkpoint import load_quantized
+        from slim_edge import load_quantized
         model, tok = load_quantized(path)
         return TorchLM(model, tok, name=path.name)
     from slim_edge.models import load_model
