@@ -22,8 +22,9 @@ def test_demo_end_to_end(tmp_path):
     assert 10 < rows["f16"]["ppl"] < 60, rows["f16"]
     assert rows["q8_0"]["mean_kld"] < 0.02 and rows["q8_0"]["same_top_pct"] > 90, rows["q8_0"]
     assert rows["q4_0"]["ppl"] < 2 * rows["f16"]["ppl"]
-    # the trained files carry slim-edge's types at their planned sizes
-    assert 1.9 < rows["sherry"]["linear_bpw"] < 2.1 and 2.1 < rows["seq2"]["linear_bpw"] < 2.3
+    # the trained files carry slim-edge's types at their planned sizes: SmolLM2's 576-wide rows take the
+    # 64-blocks (sherry 1.4531 bpw over the linears, seq2 2.1953; stock Q2_0 would make both 2.5)
+    assert 1.40 < rows["sherry"]["linear_bpw"] < 1.50 and 2.15 < rows["seq2"]["linear_bpw"] < 2.25
     assert rows["sherry"]["mib"] < rows["seq2"]["mib"] < rows["q4_0"]["mib"] < rows["f16"]["mib"]
     for name, row in rows.items():
         assert row["ppl"] > 1, row
