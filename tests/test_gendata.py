@@ -4,7 +4,7 @@ import torch
 
 from slim_edge.checkpoint import read_meta
 from slim_edge.errors import SlimEdgeError
-from slim_edge.gendata import GREEDY_PREFIX, parse_calib, teacher_tokens, training_tokens
+from slim_edge.gendata import GREEDY_PREFIX, Sampling, _sample, parse_calib, teacher_tokens, training_tokens
 from slim_edge.models import load_model
 from slim_edge.pipeline import run_quantize
 from slim_edge.quantize import QuantConfig
@@ -12,11 +12,15 @@ from slim_edge.quantize import QuantConfig
 
 def test_parse_calib():
     assert parse_calib("wiki") == [("wiki", None)]
-    assert parse_calib("wiki, teacher:2M") == [("wiki", None), ("teacher", 2_000_000)]
-    assert parse_calib("teacher:1.5k,corpus.txt") == [("teacher", 1500), ("corpus.txt", None)]
-    assert parse_calib("teacher") == [("teacher", 100_000)]
+    assert parse_calib("wiki, teacher:2M") == [("wiki", None), ("teacher", Sampling(2_000_000))]
+    assert parse_calib("teacher:1.5k,corpus.txt") == [("teacher", Sampling(1500)), ("corpus.txt", None)]
+    assert parse_calib("teacher") == [("teacher", Sampling(100_000))]
+    assert parse_calib("wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16")[1] == ("teacher", Sampling(4_000_000, 0.7, 0.9, 16))
+    assert parse_calib("teacher:temp=0")[0] == ("teacher", Sampling(100_000, temperature=0.0))
     for bad, msg in [("teacher:lots", "teacher:N"), ("wiki,,lee", "empty source"), ("", "empty source"),
-                     ("teacher:0", "no tokens")]:
+                     ("teacher:0", "no tokens"), ("teacher:1M:temperature=1", "unknown teacher option 'temperature'"),
+                     ("teacher:1M:top_p=0", "0 < top_p <= 1"), ("teacher:1M:temp=-1", "temp >= 0"),
+                     ("teacher:1M:prompt=x", "prompt='x' .* not a number")]:
         with pytest.raises(SlimEdgeError, match=msg):
             parse_calib(bad)
 
@@ -40,6 +44,33 @@ def test_teacher_tokens_are_the_models_own_seeded_samples(tiny_llama):
     assert not torch.equal(seqs[:, 1 + GREEDY_PREFIX:], logits[:, GREEDY_PREFIX:-1].argmax(-1))
 
 
+def test_sample_keeps_the_top_p_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(_sample(logits, 0.75, gen).flatten(), minlength=4)
+    assert counts[2:].sum() == 0  # 0.5 + 0.3 reach 0.75: the two tail tokens never come
+    assert abs(counts[0] / counts[:2].sum() - 0.5 / 0.8) < 0.03  # renormalised within the nucleus
+    assert torch.equal(_sample(logits, 1e-6, gen), torch.zeros(4000, 1, dtype=torch.long))  # argmax stays
+    counts = torch.bincount(_sample(logits, 1.0, gen).flatten(), minlength=4)
+    assert abs(counts[3] / 4000 - 0.05) < 0.015
+
+
+def test_teacher_tokens_open_with_text_and_sample_sharper(tiny_llama):
+    model, tok, _ = load_model(str(tiny_llama))
+    text = torch.arange(10, 250)
+    a = teacher_tokens(model, 4 * 40, 40, text, device="cpu", seed=1, batch=4, progress=False, prompt=8,
+                       temperature=0)
+    seqs = a.view(4, 40)
+    for s in seqs:  # 8 consecutive tokens of the text, then the model's argmax continuation
+        o = int(s[0]) - 10
+        assert torch.equal(s[:8], text[o:o + 8])
+    with torch.no_grad():
+        logits = model(seqs).logits
+    assert torch.equal(seqs[:, 8:], logits[:, 7:-1].argmax(-1))
+    with pytest.raises(SlimEdgeError, match="prompt=40 needs fewer than --seq-len 40"):
+        teacher_tokens(model, 80, 40, text, device="cpu", seed=1, prompt=40, progress=False)
+
+
 def test_training_tokens_joins_sources(tiny_llama, tiny_text):
     model, tok, _ = load_model(str(tiny_llama))
     text_ids, src = training_tokens(model, tok, str(tiny_text), 32, device="cpu", seed=0, progress=False)
@@ -50,6 +81,11 @@ def test_training_tokens_joins_sources(tiny_llama, tiny_text):
     # the text's unigram distribution seeds the samples: every first token occurs in the text
     firsts = ids[len(text_ids) + 1:].view(2, 32)[:, 0]
     assert all(int(t) in set(text_ids.tolist()) for t in firsts)
+    ids, src = training_tokens(model, tok, f"{tiny_text},teacher:64:temp=0.5:prompt=4", 32, device="cpu", seed=0,
+                               progress=False)
+    assert "64 tokens sampled from the FP model (seed 1, temp 0.5, top-p 1, 4-token text prompts)" in src
+    with pytest.raises(SlimEdgeError, match="no text source"):
+        training_tokens(model, tok, "teacher:64:prompt=4", 32, device="cpu", seed=0, progress=False)
 
 
 def test_quantize_data_free_and_resume_keeps_the_samples(tiny_llama, tmp_path):

@@ -36,8 +36,9 @@ def quantize(
     steps: Annotated[int, typer.Option(help="QAT steps (0 = PTQ only: data-free scale init)")] = 0,
     calib: Annotated[str, typer.Option(help="training text, comma-separated sources: a UTF-8 file, wiki | lee | "
                                             "pydoc | pydocs (1.4 M tokens of Python's HTML docs), or teacher[:N] (N tokens "
-                                            "the FP model samples itself, "
-                                            "e.g. wiki,teacher:2M; data-free when alone)")] = "wiki",
+                                            "the FP model samples itself, e.g. wiki,teacher:2M; data-free when alone; "
+                                            "options :temp=T :top_p=P :prompt=K open each sample with K tokens of the "
+                                            "text and sample sharper, e.g. wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16)")] = "wiki",
     target: Annotated[Optional[str], typer.Option(help="override the primary format (e.g. tq1_0)")] = None,
     lr: Annotated[float, typer.Option(help="learning rate of the latent weights")] = 5e-5,
     scale_lr: Annotated[float, typer.Option(help="learning rate of the block scales; with --scale-update relative "

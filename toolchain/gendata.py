@@ -1,12 +1,15 @@
 """Training tokens: text sources and text sampled from the full-precision model itself.
 
 `--calib` takes comma-separated sources: a UTF-8 file, a built-in corpus (wiki, lee, pydoc, pydocs), or
-`teacher[:N]`, N tokens (suffix k or M) that the full-precision model writes itself. That is LLM-QAT's
-data-free distillation: the student learns the teacher's distribution on the teacher's own samples, so a
-user needs no corpus, and the amount of training text is bounded by compute, not by what is on disk.
-Each sequence starts from one token drawn from the text sources' unigram distribution (uniform over the
-non-special vocabulary when there is no text), takes the teacher's argmax for the next GREEDY_PREFIX
-tokens (LLM-QAT found fully random starts drift off-distribution), then samples at temperature 1.
+`teacher[:N][:temp=T][:top_p=P][:prompt=K]`, N tokens (suffix k or M) that the full-precision model
+writes itself. That is LLM-QAT's data-free distillation: the student learns the teacher's distribution on
+the teacher's own samples, so a user needs no corpus, and the amount of training text is bounded by
+compute, not by what is on disk. By default each sequence starts from one token drawn from the text
+sources' unigram distribution (uniform over the non-special vocabulary when there is no text), takes the
+teacher's argmax for the next GREEDY_PREFIX tokens (LLM-QAT found fully random starts drift
+off-distribution), then samples at temperature 1. `prompt=K` opens each sequence with K consecutive
+tokens of the text sources instead (a random window: the samples continue real text), `temp` and
+`top_p` sample from a sharper, truncated distribution (temp=0 is greedy).
 """
 from __future__ import annotations
 
@@ -14,19 +17,52 @@ import inspect
 import math
 import re
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from .errors import SlimEdgeError
 from .train import calibration_tokens
 
-TEACHER = re.compile(r"teacher(?::(\d+(?:\.\d+)?)([kKmM]?))?$")
+TEACHER = re.compile(r"teacher(?::(\d+(?:\.\d+)?)([kKmM]?))?((?::[a-z_]+=[^:,]*)*)$")
 DEFAULT_TEACHER_TOKENS = 100_000
 GREEDY_PREFIX = 3
 
 
-def parse_calib(spec: str) -> list[tuple[str, int | None]]:
-    """[(text source, None) | ("teacher", n_tokens)] from a --calib value."""
+@dataclass(frozen=True)
+class Sampling:
+    """How `teacher:N` samples: N tokens, at `temperature` (0 = greedy), from the top-p nucleus, each
+    sequence opening with `prompt` tokens of the text sources (0: one unigram token, then greedy)."""
+    tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    prompt: int = 0
+
+
+_SAMPLING_KEYS = {"temp": ("temperature", float), "top_p": ("top_p", float), "prompt": ("prompt", int)}
+
+
+def _sampling(spec: str, item: str, n: int, options: str) -> Sampling:
+    kw = {}
+    for opt in filter(None, options.split(":")):
+        key, _, value = opt.partition("=")
+        if key not in _SAMPLING_KEYS:
+            raise SlimEdgeError(f"--calib {spec!r}: unknown teacher option {key!r} in {item!r}; the options are "
+                                f"{', '.join(_SAMPLING_KEYS)} (e.g. teacher:4M:temp=0.7:top_p=0.9:prompt=16)")
+        field, kind = _SAMPLING_KEYS[key]
+        try:
+            kw[field] = kind(value)
+        except ValueError:
+            raise SlimEdgeError(f"--calib {spec!r}: {key}={value!r} in {item!r} is not a number") from None
+    s = Sampling(n, **kw)
+    if not (s.temperature >= 0 and 0 < s.top_p <= 1 and s.prompt >= 0):
+        raise SlimEdgeError(f"--calib {spec!r}: {item!r} needs temp >= 0, 0 < top_p <= 1 and prompt >= 0 "
+                            f"(got temp={s.temperature}, top_p={s.top_p}, prompt={s.prompt})")
+    return s
+
+
+def parse_calib(spec: str) -> list[tuple[str, Sampling | None]]:
+    """[(text source, None) | ("teacher", Sampling)] from a --calib value."""
     items = [s.strip() for s in spec.split(",")]
     if not spec.strip() or any(not s for s in items):
         raise SlimEdgeError(f"--calib {spec!r}: empty source; give e.g. wiki, corpus.txt or wiki,teacher:1M")
@@ -36,12 +72,12 @@ def parse_calib(spec: str) -> list[tuple[str, int | None]]:
             m = TEACHER.match(item)
             if not m:
                 raise SlimEdgeError(f"--calib {spec!r}: cannot read {item!r}; write teacher or teacher:N with N "
-                                    f"tokens, e.g. teacher:500k or teacher:2M")
+                                    f"tokens, e.g. teacher:500k or teacher:2M:temp=0.7")
             n = DEFAULT_TEACHER_TOKENS if m.group(1) is None else \
                 int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()])
             if n < 1:
                 raise SlimEdgeError(f"--calib {spec!r}: {item} asks for no tokens; give N >= 1")
-            out.append(("teacher", n))
+            out.append(("teacher", _sampling(spec, item, n, m.group(3))))
         else:
             out.append((item, None))
     return out
@@ -49,10 +85,16 @@ def parse_calib(spec: str) -> list[tuple[str, int | None]]:
 
 @torch.no_grad()
 def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, device: str, seed: int,
-                   batch: int | None = None, progress: bool = True) -> torch.Tensor:
+                   batch: int | None = None, progress: bool = True, temperature: float = 1.0, top_p: float = 1.0,
+                   prompt: int = 0) -> torch.Tensor:
     """ceil(n_tokens / seq_len) sequences of seq_len tokens sampled from `model`, flattened (int64, CPU).
 
-    starts: candidate first tokens, drawn uniformly (so a token stream gives its unigram distribution)."""
+    starts: a token stream. prompt = 0: each sequence opens with one of its tokens, drawn uniformly (the
+    stream's unigram distribution), then GREEDY_PREFIX greedy tokens; prompt = K: with K consecutive tokens
+    of it from a uniformly drawn offset. Then samples at `temperature` (0: argmax) from the top-p nucleus."""
+    if prompt >= seq_len or (prompt and len(starts) < prompt):
+        raise SlimEdgeError(f"teacher prompt={prompt} needs fewer than --seq-len {seq_len} tokens and a text "
+                            f"source of at least {prompt} tokens (it has {len(starts)})")
     from tqdm.auto import tqdm
 
     n_seq = math.ceil(n_tokens / seq_len)
@@ -69,18 +111,20 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
     try:
         for b0 in range(0, n_seq, batch):
             nb = min(batch, n_seq - b0)
-            pick = torch.randint(len(starts), (nb,), generator=gen, device=device)
-            tok = starts[pick][:, None]
+            width = max(prompt, 1)
+            pick = torch.randint(len(starts) - width + 1, (nb,), generator=gen, device=device)
+            tok = starts[pick[:, None] + torch.arange(width, device=device)]
             out, past = [tok], None
+            bar.update(nb * (width - 1))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-                for t in range(seq_len - 1):
+                for t in range(width - 1, seq_len - 1):
                     res = model(input_ids=tok, use_cache=True, **{key: past})
                     past = res[key]
                     logits = res.logits[:, -1].float()
-                    if t < GREEDY_PREFIX:
+                    if (not prompt and t < GREEDY_PREFIX) or temperature == 0:
                         tok = logits.argmax(-1, keepdim=True)
                     else:
-                        tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+                        tok = _sample(logits / temperature, top_p, gen)
                     out.append(tok)
                     bar.update(nb)
             bar.update(nb)
@@ -91,6 +135,17 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
         if device.startswith("cuda"):  # the KV caches' blocks would stay reserved and starve a second run
             torch.cuda.empty_cache()
     return torch.cat(seqs).flatten()
+
+
+def _sample(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits), restricted to the smallest set of top tokens whose
+    probability reaches top_p (the most likely token always stays)."""
+    probs = torch.softmax(logits, -1)
+    if top_p < 1:
+        p, idx = probs.sort(-1, descending=True)
+        drop = p.cumsum(-1) - p >= top_p  # the tokens after the nucleus is full
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p.masked_fill(drop, 0))
+    return torch.multinomial(probs, 1, generator=gen)
 
 
 def training_tokens(model, tokenizer, calib: str, seq_len: int, *, device: str, seed: int,
@@ -104,12 +159,18 @@ def training_tokens(model, tokenizer, calib: str, seq_len: int, *, device: str, 
         special = set(tokenizer.all_special_ids)
         starts = torch.tensor([i for i in range(model.config.vocab_size) if i not in special])
     parts, names, it = [], [], iter(texts)
-    for k, (name, n) in enumerate(sources):
-        if n is None:
+    for k, (name, s) in enumerate(sources):
+        if s is None:
             ids, source = next(it)
         else:
-            ids = teacher_tokens(model, n, seq_len, starts, device=device, seed=seed + k, progress=progress)
-            source = f"{len(ids):,} tokens sampled from the FP model (seed {seed + k})"
+            if s.prompt and not texts:
+                raise SlimEdgeError(f"--calib {calib!r}: prompt={s.prompt} opens the samples with text, but "
+                                    f"there is no text source; add one (e.g. wiki,teacher:2M:prompt=16)")
+            ids = teacher_tokens(model, s.tokens, seq_len, starts, device=device, seed=seed + k, progress=progress,
+                                 temperature=s.temperature, top_p=s.top_p, prompt=s.prompt)
+            how = "" if s == Sampling(s.tokens) else \
+                f", temp {s.temperature:g}, top-p {s.top_p:g}" + (f", {s.prompt}-token text prompts" if s.prompt else "")
+            source = f"{len(ids):,} tokens sampled from the FP model (seed {seed + k}{how})"
         parts.append(ids)
         names.append(source)
     eos = tokenizer.eos_token_id
