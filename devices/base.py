@@ -235,7 +235,7 @@ class Device:
 
     def stage_runtime(self, tools: tuple[str, ...] = ("llama-bench",)) -> tuple[dict[str, str], dict[str, str]]:
         """Copy the runtime's tools and shared libraries -> ({tool: path on device}, env)."""
-        bin_dir, lib_dir = self.runtime_dirs()
+        bin_dir, lib_dir = self.runtime_dirs(tools)
         missing = [t for t in tools if not (bin_dir / t).is_file()]
         if missing:
             raise SlimEdgeError(
@@ -286,12 +286,12 @@ class Device:
         res.argv = argv
         return res
 
-    def runtime_dirs(self) -> tuple[Path, Path]:
-        return find_runtime_dirs(self.runtime_target)
+    def runtime_dirs(self, tools: tuple[str, ...] | None = None) -> tuple[Path, Path]:
+        return find_runtime_dirs(self.runtime_target, tools)
 
 
-def find_runtime_dirs(target: str) -> tuple[Path, Path]:
-    """(bin dir, lib dir) of the built runtime for `target`, from slim_edge.runtime."""
+def find_runtime_dirs(target: str, tools: tuple[str, ...] | None = None) -> tuple[Path, Path]:
+    """(bin dir, lib dir) of the built runtime for `target` that has `tools` (default: the full set)."""
     try:
         from slim_edge import runtime  # written by the runtime helper
     except ImportError:
@@ -299,7 +299,7 @@ def find_runtime_dirs(target: str) -> tuple[Path, Path]:
             f"No runtime module (slim_edge.runtime) to find the llama.cpp build for target {target!r}. "
             "Install slim-edge with its runtime support, or build the runtime first."
         )
-    built = runtime.find_runtime(target)  # its SlimEdgeError says how to build the missing target
+    built = runtime.find_runtime(target, tools=tools)  # its SlimEdgeError says how to build it
     return _as_dirs(built, target)
 
 

@@ -90,7 +90,7 @@ class HostDevice(Device):
         return {p: str(Path(p).resolve()) for p in files}
 
     def stage_runtime(self, tools=("llama-bench",)):
-        bin_dir, lib_dir = self.runtime_dirs()
+        bin_dir, lib_dir = self.runtime_dirs(tuple(tools))
         paths = {t: str(bin_dir / t) for t in tools}
         for t, p in paths.items():
             if not os.access(p, os.X_OK):

@@ -299,11 +299,13 @@ def test_bindings_refuse_a_foreign_library(host_runtime, tmp_path):
 
 @pytest.mark.cross
 def test_static_arm64_runs_under_qemu():
-    arm = rt.ensure_runtime("linux-arm64")
-    for t in rt.DEFAULT_TOOLS:
+    arm = rt.ensure_runtime("linux-arm64", tools=rt.DEVICE_TOOLS)  # CI builds the device set, not llama-cli
+    assert set(rt.DEVICE_TOOLS) <= set(arm.tools)
+    for t in arm.tools:
         machine, dynamic = _elf(arm.tool(t))
         assert machine == 183 and not dynamic  # AArch64, statically linked: runs from /data/local/tmp
-    argv = arm.argv("llama-cli")
+    assert rt.find_runtime("linux-arm64", tools=("llama-bench",)).root == arm.root  # a device bench finds it
+    argv = arm.argv("llama-completion")
     assert argv[:3] == [rt.shutil.which("qemu-aarch64"), "-cpu", "cortex-a76"]
     r = _run(argv + ["--version"])
     assert r.returncode == 0, r.stderr

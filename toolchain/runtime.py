@@ -70,6 +70,9 @@ ISAS = ("avx2", "avx512", "native")
 # llama-cli pulls in the server and mtmd libraries; llama-completion is the plain prompt -> text tool
 DEFAULT_TOOLS = ("llama-cli", "llama-completion", "llama-bench", "llama-perplexity", "llama-quantize",
                  "llama-imatrix")
+# what a device bench and a perplexity run need: without llama-cli (which pulls in the server and mtmd
+# libraries) an aarch64 build has far fewer binaries to link statically; find_runtime takes either set
+DEVICE_TOOLS = ("llama-bench", "llama-completion", "llama-perplexity")
 DEFAULT_ARM_ARCH = "armv8.2-a+dotprod"
 ANDROID_PLATFORM = "android-28"
 QEMU_CPU = "cortex-a76"  # has dotprod, lacks i8mm: the floor the aarch64 build targets
@@ -488,10 +491,10 @@ def find_runtime(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEF
     """The finished build for this configuration and the current patch series, else a SlimEdgeError."""
     wanted = tuple(tools or DEFAULT_TOOLS)
     patches = patch_series() if patches is None else patches
-    # a full default build serves any subset of its tools (kernel_bench asks for llama-bench + llama-quantize)
-    configs = [BuildConfig(target, isa, arm_arch, wanted)]
-    if set(wanted) < set(DEFAULT_TOOLS):
-        configs.insert(0, BuildConfig(target, isa, arm_arch, tuple(DEFAULT_TOOLS)))
+    # a full default build (or the DEVICE_TOOLS one) serves any subset of its tools (kernel_bench asks for
+    # llama-bench + llama-quantize, a device bench for llama-bench)
+    configs = [BuildConfig(target, isa, arm_arch, t) for t in (DEFAULT_TOOLS, DEVICE_TOOLS)
+               if set(wanted) < set(t)] + [BuildConfig(target, isa, arm_arch, wanted)]
     rt = None
     for config in configs:
         key = config.key(patches)

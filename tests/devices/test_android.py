@@ -298,7 +298,7 @@ def test_runtime_that_does_not_start_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(android, "local_run", lambda argv, **kw: RunResult(argv, 0, "", ""))
 
     class Phone(Recorder):
-        def runtime_dirs(self):
+        def runtime_dirs(self, tools=None):
             return tmp_path / "bin", tmp_path / "lib"
 
         def shell(self, command, *, timeout=None):
@@ -312,6 +312,6 @@ def test_runtime_that_does_not_start_is_refused(monkeypatch, tmp_path):
                                             ".*64-bit ELF file.*cannot run arm64 programs"):
         Phone("R58M41XYZ12").stage_runtime()
     ok = Recorder("R58M41XYZ12")
-    ok.runtime_dirs = lambda: (tmp_path / "bin", tmp_path / "lib")
+    ok.runtime_dirs = lambda tools=None: (tmp_path / "bin", tmp_path / "lib")
     assert ok.stage_runtime() == ({"llama-bench": f"{WORKDIR}/bin/llama-bench"}, {})
     assert ok.lines[-1][4] == f"{WORKDIR}/bin/llama-bench --help >/dev/null"

@@ -28,9 +28,9 @@ def test_bench_under_qemu_is_labelled_emulated(tmp_path):
         pytest.skip("needs qemu-aarch64 (Debian package qemu-user)")
     from slim_edge.evals.bench import BenchConfig, run_bench, write_results
     from slim_edge.evals.tiny_gguf import tiny_models
-    from slim_edge.runtime import ensure_runtime
+    from slim_edge.runtime import DEVICE_TOOLS, ensure_runtime
 
-    ensure_runtime("linux-arm64")
+    ensure_runtime("linux-arm64", tools=DEVICE_TOOLS)  # what a device bench needs (no llama-cli)
     models = tiny_models(tmp_path / "m", ("q4_0",))
     cfg = BenchConfig(prompt_lengths=[16], n_gen=8, threads=[1], repetitions=1)
     result = run_bench([models["q4_0"]], "qemu-arm64", cfg, progress=False)

@@ -203,7 +203,7 @@ def test_perplexity_is_the_same_on_x86_and_arm(host, f16, lee_text, tmp_path, ft
     Not to 3 decimals: measured 522.3744 (x86) against 522.4660 (ARM) for STQ1_0, and even the stock F16
     file differs in the third decimal (605.8844 / 605.8824): the two builds sum floats in other orders,
     and the 8-bit requantization of activations between layers amplifies last-bit differences."""
-    arm = runtime.ensure_runtime("linux-arm64")
+    arm = runtime.ensure_runtime("linux-arm64", tools=runtime.DEVICE_TOOLS)
     out = tmp_path / f"tiny-{ftype}.gguf"
     run([*host.argv("llama-quantize"), f16, out, ftype, "2"])
     args = ["-m", out, "-f", lee_text, "-c", "128", "--chunks", "4", "-t", "2"]
