@@ -121,9 +121,9 @@ def test_block_64_types_on_rows_of_576(kernel_check, name):
 @pytest.mark.parametrize("n", [64, 128, 576, 1536])
 @pytest.mark.parametrize("name", BLOCK_64)
 def test_block_64_types_on_odd_and_even_block_counts(kernel_check, name, n):
-    """1, 2, 9 and 24 blocks of 64 a row: the SIMD kernels (AVX2: patch 0011, NEON: 0012) take the blocks in pairs
-    and an odd last one alone. vec_dot and mul_mat within fp32 rounding of the exact dot with the 8-bit (Q8_0)
-    activations, get_rows bit for bit."""
+    """1, 2, 9 and 24 blocks of 64 a row: the SIMD kernels (AVX2: patch 0011, NEON: 0012) take the blocks
+    in pairs and an odd last one alone. vec_dot and mul_mat within fp32 rounding of the exact dot with the
+    8-bit (Q8_0) activations, get_rows bit for bit."""
     fmt = get_format(name)
     rng = np.random.default_rng(n)
     x = rng.standard_normal((8, n)) * np.where(np.arange(n) % 37 == 0, 6.0, 1.0)  # heavier tails
