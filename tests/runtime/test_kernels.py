@@ -118,6 +118,31 @@ def test_block_64_types_on_rows_of_576(kernel_check, name):
     assert np.all(np.abs(kern - ref) <= 0.02 * mag + 1e-6)
 
 
+@pytest.mark.parametrize("n", [64, 128, 576, 1536])
+@pytest.mark.parametrize("name", BLOCK_64)
+def test_block_64_types_on_odd_and_even_block_counts(kernel_check, name, n):
+    """1, 2, 9 and 24 blocks of 64 a row: the SIMD kernels (AVX2: patch 0011, NEON: 0012) take the blocks
+    in pairs and an odd last one alone. vec_dot and mul_mat within fp32 rounding of the exact dot with the
+    8-bit (Q8_0) activations, get_rows bit for bit."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((8, n)) * np.where(np.arange(n) % 37 == 0, 6.0, 1.0)  # heavier tails
+    raw = fmt.quantize(np.concatenate([x, edge_rows(n, rng)]).astype(np.float32))
+    w = fmt.dequantize(raw, n)
+    acts = rng.standard_normal((5, n)).astype(np.float32)
+    acts[1, ::29] *= 10  # activation outliers
+    acts[3] = 0
+    kern, exact = kernel_check.vecdot(name, raw, acts)
+    mag = np.abs(acts.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    assert_same_sums(kern, exact, mag, n)
+    assert np.abs(kern).max() > 0 and not kern[3].any()
+    for cols in (1, 5):
+        assert_same_sums(kernel_check.mulmat(name, raw, acts[:cols]), exact[:cols], mag[:cols], n)
+    ids = np.array([2, 0, raw.shape[0] - 1, 2, 5], np.int32)
+    got = kernel_check.getrows(name, raw, n, ids)
+    np.testing.assert_array_equal(got.view(np.uint32), w[ids].view(np.uint32))
+
+
 def test_selftest(kernel_check):
     """The driver's own check (the one to run on machines pytest cannot reach, e.g. AVX-512)."""
     out = kernel_check.run("selftest", *NEW, "q2_0")
