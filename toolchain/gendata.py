@@ -108,10 +108,10 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
     seqs = []
     bar = tqdm(total=n_seq * seq_len, disable=not progress, unit="tok", unit_scale=True, file=sys.stderr,
                desc="sampling training text from the FP model", dynamic_ncols=True)
+    width = max(prompt, 1)  # the tokens each sequence opens with
     try:
         for b0 in range(0, n_seq, batch):
             nb = min(batch, n_seq - b0)
-            width = max(prompt, 1)
             pick = torch.randint(len(starts) - width + 1, (nb,), generator=gen, device=device)
             tok = starts[pick[:, None] + torch.arange(width, device=device)]
             out, past = [tok], None

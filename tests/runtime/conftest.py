@@ -111,6 +111,24 @@ def _key(flavor: Flavor, patches: list[Path]) -> str:
     return h.hexdigest()[:12]
 
 
+def _patched_tree(root: Path, patches: list[Path]) -> tuple[Path, Path]:
+    """A fresh `root` with the pinned tree in root/src, the series applied; returns (src, build dir)."""
+    shutil.rmtree(root, ignore_errors=True)
+    src = root / "src"
+    runtime.extract_tree(src)
+    # the sdist's tree carries a submodule `.git` file (gitdir: ../../.git/modules/...) that makes
+    # `git apply` fail with "not a git repository"; runtime.apply_patches does not remove it yet
+    (src / ".git").unlink(missing_ok=True)
+    runtime.apply_patches(src, patches)
+    return src, root / "build"
+
+
+def _step(cmd: list[str], f, what: str, log: Path) -> None:
+    """One build step with its output in the open log `f`; a failure fails the test, naming the log."""
+    if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, LC_ALL="C")).returncode != 0:
+        pytest.fail(f"{what} failed: see {log}")
+
+
 def compile_isa_sources(flavor: Flavor) -> list[str]:
     """Compile-only build for a flavor this CPU cannot run: the series' ISA-specific ggml-cpu sources
     (touched_isa_sources), with the flavor's flags, through ggml's own CMake targets. Returns them."""
@@ -122,26 +140,20 @@ def compile_isa_sources(flavor: Flavor) -> list[str]:
     if not shutil.which("ninja"):
         build_kernel_check(flavor)  # no file targets without ninja: the whole build proves it as well
         return []
-    shutil.rmtree(root, ignore_errors=True)
-    src, bld = root / "src", root / "build"
-    runtime.extract_tree(src)
-    (src / ".git").unlink(missing_ok=True)
-    runtime.apply_patches(src, patches)
+    src, bld = _patched_tree(root, patches)
     sources = touched_isa_sources(patches, "arm" if flavor.qemu_cpu else "x86")
     log = root / "build.log"
-    env = dict(os.environ, LC_ALL="C")
     with open(log, "w") as f:
-        cmd = ["cmake", "-S", str(src), "-B", str(bld), "-G", "Ninja", *COMMON, *flavor.cmake, "-DGGML_CCACHE=OFF"]
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode != 0:
-            pytest.fail(f"configuring ggml ({flavor.name}) failed: see {log}")
+        _step(["cmake", "-S", str(src), "-B", str(bld), "-G", "Ninja", *COMMON, *flavor.cmake, "-DGGML_CCACHE=OFF"],
+              f, f"configuring ggml ({flavor.name})", log)
         targets = subprocess.run(["ninja", "-C", str(bld), "-t", "targets", "all"], capture_output=True,
                                  text=True, check=True).stdout.splitlines()
-        objects = [t.split(":")[0] for t in targets if t.split(":")[0].endswith(tuple(f"ggml-cpu/{s}.o" for s in sources))]
+        wanted = tuple(f"ggml-cpu/{s}.o" for s in sources)
+        objects = [name for name in (t.split(":")[0] for t in targets) if name.endswith(wanted)]
         if len(objects) != len(sources):
             pytest.fail(f"{flavor.name}: found {len(objects)} object targets for {len(sources)} sources {sources}")
-        cmd = ["cmake", "--build", str(bld), "-j", str(min(2, os.cpu_count() or 1)), "--target", *objects]
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode != 0:
-            pytest.fail(f"compiling {', '.join(sources)} for {flavor.name} failed: see {log}")
+        _step(["cmake", "--build", str(bld), "-j", str(min(2, os.cpu_count() or 1)), "--target", *objects],
+              f, f"compiling {', '.join(sources)} for {flavor.name}", log)
     shutil.rmtree(bld, ignore_errors=True)
     shutil.rmtree(src, ignore_errors=True)
     done.write_text("\n".join(sources) + "\n")
@@ -154,29 +166,20 @@ def build_kernel_check(flavor: Flavor) -> Path:
     exe = root / "kernel_check"
     if exe.exists():
         return exe
-    shutil.rmtree(root, ignore_errors=True)
-    src, bld = root / "src", root / "build"
-    runtime.extract_tree(src)
-    # the sdist's tree carries a submodule `.git` file (gitdir: ../../.git/modules/...) that makes
-    # `git apply` fail with "not a git repository"; runtime.apply_patches does not remove it yet
-    (src / ".git").unlink(missing_ok=True)
-    runtime.apply_patches(src, patches)
-    env = dict(os.environ, LC_ALL="C")
+    src, bld = _patched_tree(root, patches)
     launcher = ["-DGGML_CCACHE=ON"] if shutil.which("ccache") else ["-DGGML_CCACHE=OFF"]
     jobs = str(min(2, os.cpu_count() or 1))
     log = root / "build.log"
     with open(log, "w") as f:
         for cmd in (["cmake", "-S", str(src), "-B", str(bld), *COMMON, *flavor.cmake, *launcher],
                     ["cmake", "--build", str(bld), "-j", jobs, "--target", "ggml-base", "ggml-cpu", "ggml"]):
-            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode != 0:
-                pytest.fail(f"building ggml ({flavor.name}) failed: see {log}")
+            _step(cmd, f, f"building ggml ({flavor.name})", log)
         libs = [next(bld.rglob(f"libggml{s}.a")) for s in ("", "-cpu", "-base")]
         cmd = [flavor.cc, "-O2", "-x", "c", str(KERNEL_CHECK), "-x", "none", f"-I{src / 'ggml' / 'include'}",
                *map(str, libs), "-lm", "-lpthread", "-o", str(exe) + ".tmp"]
         if flavor.qemu_cpu:
             cmd.insert(1, "-static")
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
-            pytest.fail(f"compiling kernel_check ({flavor.name}) failed: see {log}")
+        _step(cmd, f, f"compiling kernel_check ({flavor.name})", log)
     os.replace(str(exe) + ".tmp", exe)
     shutil.rmtree(bld, ignore_errors=True)
     shutil.rmtree(src, ignore_errors=True)
