@@ -253,3 +253,18 @@ def test_bits_export_generates_in_the_patched_runtime(bits_export):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout)
     assert [(r["n_prompt"], r["n_gen"]) for r in rows] == [(16, 0), (0, 8)] and all(r["avg_ts"] > 0 for r in rows)
+
+
+def test_bits_dry_run_samples_nothing_and_plans_what_the_run_does(tiny_smol, tiny_text, tmp_path, monkeypatch):
+    import slim_edge.gendata as gendata
+
+    drawn, sample = [], gendata.teacher_tokens
+    monkeypatch.setattr(gendata, "teacher_tokens", lambda *a, **k: drawn.append(a[1]) or sample(*a, **k))
+    config = QuantConfig(scheme="seq2", bits=2.5, steps=0, batch_size=1, seq_len=32, calib=f"{tiny_text},teacher:64")
+    dry = run_quantize(str(tiny_smol), config, tmp_path / "dry", progress=False, dry_run=True)
+    assert drawn == [] and not list(tmp_path.iterdir())  # no sample, nothing written
+    run_quantize(str(tiny_smol), config, tmp_path / "run", progress=False)
+    assert drawn == [64]
+    # the sensitivity is measured on the text source alone in both: the same plan
+    assert dry["budget"]["sensitivity"] == read_meta(tmp_path / "run")["budget"]["sensitivity"]
+    assert dry["plan"] == read_meta(tmp_path / "run")["plan"]

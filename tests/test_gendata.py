@@ -1,10 +1,13 @@
 """--calib sources and training text sampled from the FP model (data-free distillation)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from slim_edge.checkpoint import read_meta
 from slim_edge.errors import SlimEdgeError
-from slim_edge.gendata import GREEDY_PREFIX, Sampling, _sample, parse_calib, teacher_tokens, training_tokens
+from slim_edge.gendata import (GREEDY_PREFIX, NUCLEUS_K, Sampling, _sample, nucleus, parse_calib, sampling_batch,
+                               teacher_tokens, training_tokens)
 from slim_edge.models import load_model
 from slim_edge.pipeline import run_quantize
 from slim_edge.quantize import QuantConfig
@@ -53,6 +56,29 @@ def test_sample_keeps_the_top_p_nucleus():
     assert torch.equal(_sample(logits, 1e-6, gen), torch.zeros(4000, 1, dtype=torch.long))  # argmax stays
     counts = torch.bincount(_sample(logits, 1.0, gen).flatten(), minlength=4)
     assert abs(counts[3] / 4000 - 0.05) < 0.015
+
+
+def test_nucleus_from_the_top_k_equals_the_full_sort():
+    # rows from sharp (the nucleus inside the top NUCLEUS_K) to flat (it reaches past them: the full sort)
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(96, 5000, generator=gen) * torch.linspace(0.05, 12, 96)[:, None]
+    probs = torch.softmax(logits, -1)
+    for top_p in (0.3, 0.9, 0.99):
+        p, idx = probs.sort(-1, descending=True)  # the definition: sort all, keep until the mass reaches top_p
+        want = torch.zeros_like(probs).scatter_(-1, idx, p.masked_fill(p.cumsum(-1) - p >= top_p, 0))
+        wide = probs.topk(NUCLEUS_K, -1).values.sum(-1) < top_p
+        assert 0 < int(wide.sum()) < len(probs)  # both paths are taken
+        assert torch.equal(nucleus(probs, top_p), want)
+
+
+def test_sampling_batch_sizes_the_kv_cache_to_the_free_memory():
+    smollm2 = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    gib = 1 << 30
+    # per 512-token sequence: k and v, 30 layers x 3 heads x 64 dims x 512 x 2 bytes x 2.25 = 26.5 MB
+    assert sampling_batch(smollm2, 512, 139 * gib) == 2048  # an idle H200 (4096 peaked at 99 GiB there)
+    assert sampling_batch(smollm2, 512, 19 * gib) == 512  # an H200 shared with three trainings
+    assert sampling_batch(smollm2, 1024, 19 * gib) == 256
+    assert sampling_batch(smollm2, 512, gib // 4) == 16 and sampling_batch(smollm2, 512, 1 << 42) == 4096
 
 
 def test_teacher_tokens_open_with_text_and_sample_sharper(tiny_llama):

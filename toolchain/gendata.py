@@ -27,6 +27,10 @@ from .train import calibration_tokens
 TEACHER = re.compile(r"teacher(?::(\d+(?:\.\d+)?)([kKmM]?))?((?::[a-z_]+=[^:,]*)*)$")
 DEFAULT_TEACHER_TOKENS = 100_000
 GREEDY_PREFIX = 3
+NUCLEUS_K = 256  # top tokens that top-p sampling looks for the nucleus among first (see nucleus)
+# peak GPU memory of sampling / the bf16 KV cache's size: the cache grows by concatenation (old and new copy
+# live at once) and the logits come on top; measured 2.2 on the H200 (SmolLM2, 50.0 GiB at 2048 x 512)
+KV_OVERHEAD = 2.25
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,9 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
     from tqdm.auto import tqdm
 
     n_seq = math.ceil(n_tokens / seq_len)
-    batch = batch or (512 if device.startswith("cuda") else 16)
+    if batch is None:
+        batch = sampling_batch(model.config, seq_len, torch.cuda.mem_get_info(device)[0]) \
+            if device.startswith("cuda") else 16
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -142,10 +148,41 @@ def _sample(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.T
     probability reaches top_p (the most likely token always stays)."""
     probs = torch.softmax(logits, -1)
     if top_p < 1:
-        p, idx = probs.sort(-1, descending=True)
-        drop = p.cumsum(-1) - p >= top_p  # the tokens after the nucleus is full
-        probs = torch.zeros_like(probs).scatter_(-1, idx, p.masked_fill(drop, 0))
+        probs = nucleus(probs, top_p)
     return torch.multinomial(probs, 1, generator=gen)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs with every token outside each row's top-p nucleus set to 0.
+
+    The nucleus is looked for among each row's NUCLEUS_K most likely tokens (a top-k, far cheaper than
+    sorting a 49 k vocabulary per generated token); rows whose top NUCLEUS_K hold less than top_p, so that
+    their nucleus reaches further, are sorted in full: the result is the full sort's in every case."""
+    k = min(NUCLEUS_K, probs.shape[-1])
+    p, idx = probs.topk(k, -1)
+    wide = p.sum(-1) < top_p
+    out = torch.zeros_like(probs).scatter_(-1, idx, _keep_nucleus(p, top_p))
+    if bool(wide.any()):
+        pw, iw = probs[wide].sort(-1, descending=True)
+        out[wide] = torch.zeros_like(pw).scatter_(-1, iw, _keep_nucleus(pw, top_p))
+    return out
+
+
+def _keep_nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """p sorted descending per row, with the tokens after the nucleus is full set to 0."""
+    return p.masked_fill(p.cumsum(-1) - p >= top_p, 0)
+
+
+def sampling_batch(config, seq_len: int, free_bytes: int) -> int:
+    """Sequences sampled at once on a GPU: the largest power of two (16..4096) whose KV cache, at
+    KV_OVERHEAD times its size, fits in 70 % of `free_bytes`. Larger batches are what makes sampling fast
+    (H200, SmolLM2, 512-token sequences: 8.5 k tokens/s at 512 sequences, 35 k at 2048, 45 k at 4096)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_seq = 2 * config.num_hidden_layers * kv_heads * head_dim * seq_len * 2 * KV_OVERHEAD  # k and v, bf16
+    fit = int(0.7 * free_bytes / per_seq)
+    return max(16, min(4096, 1 << max(0, fit.bit_length() - 1)))
 
 
 def training_tokens(model, tokenizer, calib: str, seq_len: int, *, device: str, seed: int,

@@ -18,7 +18,7 @@ from .errors import SlimEdgeError
 from .fsutil import atomic_path
 from .memory import check_model_config
 from .models import architecture_of, load_model, resolve
-from .budget import budget_plan, check_bits, format_sensitivity, overrides_of
+from .budget import SENS_LEN, SENS_SEQS, budget_plan, check_bits, format_sensitivity, overrides_of
 from .quantize import QuantConfig, format_plan, get_scheme, plan_summary, quantize_, make_plan
 from .gendata import parse_calib, training_tokens
 from .ptq import gptq_, summary_line as gptq_summary
@@ -91,6 +91,22 @@ def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: s
     return ids, source
 
 
+def _sensitivity_tokens(teacher, tok, config: QuantConfig, ids: torch.Tensor | None, device: str) -> torch.Tensor:
+    """The text --bits measures sensitivity on: the text sources of --calib alone, so that a dry run (which
+    samples nothing) plans what the real run will; the teacher's samples only when there is no text, and
+    then in a dry run a sample of the size the measurement reads (its plan can differ from the real run's)."""
+    texts = [name for name, n in parse_calib(config.calib) if n is None]
+    if not texts and ids is None:
+        print("slim-edge: dry run: --bits measures on one short teacher sample; the real run measures on all "
+              "of them and may plan differently", file=sys.stderr)
+        return training_tokens(teacher, tok, f"teacher:{SENS_SEQS * SENS_LEN}", config.seq_len, device=device,
+                               seed=config.seed, progress=False)[0]
+    if not texts or (ids is not None and len(texts) == len(parse_calib(config.calib))):
+        return ids
+    return training_tokens(teacher, tok, ",".join(texts), config.seq_len, device=device, seed=config.seed,
+                           progress=False)[0]
+
+
 def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = False, resume: bool = False,
                  device: str | None = None, checkpoint_every: int = 50, progress: bool = True,
                  dry_run: bool = False, time_limit: float | None = None, teacher_model: str | None = None) -> dict:
@@ -131,11 +147,17 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     student = copy.deepcopy(teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    ids, source = _training_tokens(teacher, tok, config, partial, device, progress)
-    print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
+    sampled = any(n is not None for _, n in parse_calib(config.calib))
+    if dry_run and sampled:  # a dry run samples nothing: minutes of a GPU, hours of a CPU
+        ids = None
+        print(f"slim-edge: dry run: the teacher samples of --calib {config.calib} are not drawn", file=sys.stderr)
+    else:
+        ids, source = _training_tokens(teacher, tok, config, partial, device, progress)
+        print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
     budget = None
     if measure:
-        plan, budget = budget_plan(teacher, config, ids, device=device, progress=progress)
+        plan, budget = budget_plan(teacher, config, _sensitivity_tokens(teacher, tok, config, ids, device),
+                                   device=device, progress=progress)
         print(format_plan(plan), file=sys.stderr)
         print(format_sensitivity(budget), file=sys.stderr)
         if dry_run:
@@ -154,8 +176,8 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
               f"every source (windows are drawn uniformly from the joined text)", file=sys.stderr)
         if passes > MAX_PASSES:
             print(f"slim-edge: warning: {passes:.3g} passes over the same text (more than {MAX_PASSES}): the "
-                  f"student learns the text, not the teacher; add text (--calib wiki,pydocs,teacher:8M or a "
-                  f"file) or lower --steps", file=sys.stderr)
+                  f"student learns the text, not the teacher; add text (a file, or on a GPU the teacher's own: "
+                  f"--calib wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16) or lower --steps", file=sys.stderr)
     ptq_rows, t_gptq = [], 0.0
     if config.ptq == "gptq" and init is None and not (partial / "train.pt").is_file():  # a resumed run is past it
         t0 = time.perf_counter()
