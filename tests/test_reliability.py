@@ -195,6 +195,30 @@ def test_a_real_full_disk_during_checkpoint_save_and_retag(full_disk, tiny_llama
     assert list(full_disk.iterdir()) == []
 
 
+def test_quantize_checks_the_disk_before_any_work_and_its_bound_holds(full_disk, tiny_llama, tiny_text, tmp_path,
+                                                                     monkeypatch):
+    from slim_edge import pipeline
+    from slim_edge.models import load_model
+
+    config = QuantConfig(scheme="seq2", steps=2, batch_size=1, seq_len=32, calib=str(tiny_text))
+    sizes, train = {}, pipeline.train
+
+    def measured(*a, **k):  # the real training; the size of its last saved state
+        state = train(*a, **k)
+        sizes["train.pt"] = k["ckpt_path"].stat().st_size
+        return state
+    monkeypatch.setattr(pipeline, "train", measured)
+    run_quantize(str(tiny_llama), config, tmp_path / "ckpt", progress=False, checkpoint_every=1)
+    written = 2 * sizes["train.pt"] + sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
+    need = pipeline.disk_need(load_model(str(tiny_llama))[0], config)
+    assert written <= need <= 1.5 * written + (16 << 20)  # an upper bound: train.pt twice while a save replaces it
+    for slow in ("train", "gptq_", "_training_tokens"):
+        monkeypatch.setattr(pipeline, slow, lambda *a, **k: pytest.fail("worked before checking the disk"))
+    with pytest.raises(SlimEdgeError, match=rf"not enough disk space in {full_disk}: need {need >> 20} MiB, 1 MiB free"):
+        run_quantize(str(tiny_llama), config, full_disk / "ckpt", progress=False)
+    assert list(full_disk.iterdir()) == []
+
+
 def test_full_disk_during_an_atomic_file_write_leaves_the_old_file(tmp_path, monkeypatch):
     from slim_edge.converters.model_card import write_card
 

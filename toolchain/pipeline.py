@@ -15,7 +15,7 @@ import torch
 from .checkpoint import (check_output, init_from_checkpoint, is_checkpoint, read_meta, refuse_damaged_checkpoint,
                          save_quantized)
 from .errors import SlimEdgeError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, check_free_space
 from .memory import check_model_config
 from .models import architecture_of, load_model, resolve
 from .budget import SENS_LEN, SENS_SEQS, budget_plan, check_bits, format_sensitivity, overrides_of
@@ -91,6 +91,16 @@ def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: s
     return ids, source
 
 
+def disk_need(model, config: QuantConfig) -> int:
+    """Bytes a run writes beside -o at its peak, an upper bound: the training state in OUT.partial (train.pt:
+    the student's fp32 state and AdamW's two moments, every parameter counted as trained), twice while a save
+    replaces the last one, the teacher's samples (int64), and the checkpoint (every tensor counted in fp32)."""
+    params = sum(p.numel() for p in model.parameters())
+    state = 2 * (4 + 8) * params if config.steps > 0 else 0
+    samples = 8 * sum(n.tokens for _, n in parse_calib(config.calib) if n is not None)
+    return state + samples + 4 * params + (16 << 20)
+
+
 def _sensitivity_tokens(teacher, tok, config: QuantConfig, ids: torch.Tensor | None, device: str) -> torch.Tensor:
     """The text --bits measures sensitivity on: the text sources of --calib alone, so that a dry run (which
     samples nothing) plans what the real run will; the teacher's samples only when there is no text, and
@@ -135,6 +145,8 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     # a continued checkpoint keeps its plan (--bits promotions included); --bits measures a new one
     plan = make_plan(teacher, config, None if init is None else overrides_of(read_meta(init)["plan"]))
     measure = config.bits is not None and init is None
+    if not dry_run:  # before the slow parts, not at save time after all the training
+        check_free_space(next(d for d in (out.parent, *out.parent.parents) if d.exists()), disk_need(teacher, config))
     if measure:
         check_bits(plan, config.bits, config.scheme)  # before the slow parts
     else:
