@@ -124,7 +124,8 @@ def test_quantize_data_free_and_resume_keeps_the_samples(tiny_llama, tmp_path):
     # --resume trains on the cached samples, not a new draw
     partial = tmp_path / "p.partial"
     partial.mkdir()
-    torch.save({"calib": "teacher:256", "seq_len": 32, "ids": torch.arange(300) % 200, "source": "cached"},
+    torch.save({"calib": "teacher:256", "seq_len": 32, "seed": 0, "model": str(tiny_llama),
+                "ids": torch.arange(300) % 200, "source": "cached"},
                partial / "tokens.pt")
     report = run_quantize(str(tiny_llama), config, tmp_path / "p", progress=False, resume=True)
     assert report["calibration"] == "cached"

@@ -219,6 +219,35 @@ def test_quantize_checks_the_disk_before_any_work_and_its_bound_holds(full_disk,
     assert list(full_disk.iterdir()) == []
 
 
+def test_a_run_that_failed_before_training_blocks_nothing_and_its_samples_are_reused(tiny_llama, tiny_text,
+                                                                                     tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from slim_edge import gendata, pipeline
+    from slim_edge.checkpoint import is_checkpoint
+
+    drawn, sample = [], gendata.teacher_tokens
+    monkeypatch.setattr(gendata, "teacher_tokens", lambda *a, **k: drawn.append(a[1]) or sample(*a, **k))
+    config = QuantConfig(scheme="seq2", steps=1, batch_size=1, seq_len=32, calib=f"{tiny_text},teacher:64",
+                         ptq="gptq")
+    gptq = pipeline.gptq_
+
+    def fail_after_sampling(out):
+        def broken(*a, **k):
+            raise SlimEdgeError("GPTQ failed")
+        monkeypatch.setattr(pipeline, "gptq_", broken)
+        with pytest.raises(SlimEdgeError, match="GPTQ failed"):
+            run_quantize(str(tiny_llama), config, out, progress=False)
+        monkeypatch.setattr(pipeline, "gptq_", gptq)
+        assert sorted(p.name for p in out.with_name(out.name + ".partial").iterdir()) == ["tokens.pt"]
+    fail_after_sampling(tmp_path / "a")
+    run_quantize(str(tiny_llama), replace(config, ptq="rtn"), tmp_path / "a", progress=False)  # no --resume/--force
+    assert drawn == [64] and is_checkpoint(tmp_path / "a") and not (tmp_path / "a.partial").exists()
+    fail_after_sampling(tmp_path / "b")
+    run_quantize(str(tiny_llama), replace(config, ptq="rtn", seed=1), tmp_path / "b", progress=False)
+    assert drawn == [64, 64, 64]  # another seed samples anew
+
+
 def test_full_disk_during_an_atomic_file_write_leaves_the_old_file(tmp_path, monkeypatch):
     from slim_edge.converters.model_card import write_card
 

@@ -79,15 +79,17 @@ MAX_PASSES = 4
 def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: str, progress: bool):
     """The training tokens; sampled ones are kept in the .partial folder so that --resume trains on the same."""
     cache = partial / "tokens.pt"
+    key = {"calib": config.calib, "seq_len": config.seq_len, "seed": config.seed,
+           "model": getattr(teacher.config, "name_or_path", "")}
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
-        if blob.get("calib") == config.calib and blob.get("seq_len") == config.seq_len:
+        if [blob.get(k) for k in key] == list(key.values()):
             return blob["ids"], blob["source"]
     ids, source = training_tokens(teacher, tok, config.calib, config.seq_len, device=device, seed=config.seed,
                                   progress=progress)
     if any(n is not None for _, n in parse_calib(config.calib)):  # sampled: not reproducible for free
         with atomic_path(cache) as tmp:
-            torch.save({"calib": config.calib, "seq_len": config.seq_len, "ids": ids, "source": source}, tmp)
+            torch.save({**key, "ids": ids, "source": source}, tmp)
     return ids, source
 
 
@@ -133,7 +135,10 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     # --resume without a partial run is a fresh run: it replaces nothing without --force
     check_output(out, force or (resume and partial.is_dir()),
                  inputs=[p for p in (model, init) if p is not None and Path(p).exists()])
-    if partial.exists() and not resume and not force:
+    # a partial run that trained has a train.pt; one that failed before (bad input, Ctrl-C in GPTQ) holds at most
+    # its teacher samples, which the next run with the same --calib, --seq-len, --seed and model reuses
+    started = (partial / "train.pt").is_file()
+    if started and not resume and not force:
         raise SlimEdgeError(f"{partial} holds an unfinished run; pass --resume to continue it or --force "
                             f"to start over")
     device = pick_device(device)
@@ -153,7 +158,7 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         print(format_plan(plan), file=sys.stderr)
         if dry_run:
             return {"plan": [e.to_json() for e in plan], "summary": plan_summary(plan)}
-    if partial.exists() and not resume and not dry_run:  # --force: start over, not from the old run's state
+    if partial.exists() and force and not resume and not dry_run:  # --force: start over, not from the old state
         shutil.rmtree(partial)
     had_partial = partial.exists()
     student = copy.deepcopy(teacher)
