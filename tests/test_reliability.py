@@ -280,6 +280,19 @@ def test_config_sizes_are_checked_before_allocating(tiny_llama, tmp_path, monkey
         evaluate([str(big)], progress=False)
 
 
+def test_load_model_checks_config_sizes_before_allocating(tiny_llama, tmp_path, monkeypatch):
+    from slim_edge.models import load_model
+
+    big = tmp_path / "big"
+    big.mkdir()
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (big / "config.json").write_text(json.dumps({**config, "hidden_size": 2**20, "intermediate_size": 2**22}))
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: pytest.fail("allocated first"))
+    with pytest.raises(SlimEdgeError, match=r"hidden_size/vocab_size"):
+        load_model(str(big))
+
+
 def test_gen_tokens_threads_and_ctx_are_bounded(tiny_llama, tiny_text, monkeypatch):
     from slim_edge.evals.eval_cmd import evaluate
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SlimEdgeError
+from .memory import check_model_config
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
@@ -122,6 +123,7 @@ def load_model(model: str, dtype=None, device: str = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve(model)
+    check_model_config(folder)  # sizes and RAM before transformers allocates
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as e:  # transformers raises many kinds for a broken config
