@@ -19,7 +19,7 @@ from slim_edge.formats import get_format
 from slim_edge.pipeline import run_quantize
 from slim_edge.quantize import QuantConfig
 
-from tiny_models import make_tiny_smol
+from tiny_models import make_tiny_smol, quantized_exports
 
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
@@ -70,16 +70,7 @@ def check_bit_exact(ckpt: Path, out: Path, torch_weights: dict | None = None) ->
 @pytest.fixture(scope="module")
 def tiny_exports(tiny_smol, tiny_text, tmp_path_factory):
     """scheme -> (checkpoint, GGUF, export summary) after 2 QAT steps on the tiny model, made on first use."""
-    made = {}
-
-    def get(scheme: str):
-        if scheme not in made:
-            d = tmp_path_factory.mktemp(f"tiny-{scheme}")
-            run_quantize(str(tiny_smol), QuantConfig(scheme=scheme, steps=2, batch_size=1, seq_len=32,
-                                                     calib=str(tiny_text)), d / "ckpt", progress=False)
-            made[scheme] = (d / "ckpt", d / "m.gguf", export_checkpoint(d / "ckpt", d / "m.gguf"))
-        return made[scheme]
-    return get
+    return quantized_exports(tmp_path_factory, tiny_smol, tiny_text, 2, "m.gguf", export_checkpoint)
 
 
 @pytest.mark.parametrize("scheme", ["seq2", "sherry", "tequila", "ternary", "q2"])

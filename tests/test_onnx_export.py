@@ -19,7 +19,7 @@ from slim_edge.formats import FORMATS, get_format  # noqa: E402
 from slim_edge.formats.base import Format  # noqa: E402
 from slim_edge.pipeline import run_quantize  # noqa: E402
 from slim_edge.quantize import QuantConfig  # noqa: E402
-from tiny_models import make_tiny_model  # noqa: E402
+from tiny_models import make_tiny_model, quantized_exports  # noqa: E402
 
 SCHEMES = ["seq2", "sherry", "tequila", "ternary", "q2"]
 
@@ -33,16 +33,7 @@ def tiny2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def onnx_exports(tiny2, tiny_text, tmp_path_factory):
     """scheme -> (checkpoint, ONNX folder, summary) at PTQ on the tiny model, made on first use."""
-    made = {}
-
-    def get(scheme: str):
-        if scheme not in made:
-            d = tmp_path_factory.mktemp(f"onnx-{scheme}")
-            run_quantize(str(tiny2), QuantConfig(scheme=scheme, steps=0, batch_size=1, seq_len=32,
-                                                 calib=str(tiny_text)), d / "ckpt", progress=False)
-            made[scheme] = (d / "ckpt", d / "onnx", export_onnx(d / "ckpt", d / "onnx"))
-        return made[scheme]
-    return get
+    return quantized_exports(tmp_path_factory, tiny2, tiny_text, 0, "onnx", export_onnx)
 
 
 def onnx_initializers(path: Path) -> tuple[dict, dict]:

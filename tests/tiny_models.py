@@ -66,3 +66,21 @@ def make_tiny_smol(folder: Path, layers: int = 1, hidden: int = 512, intermediat
         if (base / f).exists():
             shutil.copy2(base / f, folder / f)
     return folder
+
+
+def quantized_exports(tmp_path_factory, model: Path, text: Path, steps: int, name: str, export):
+    """scheme -> (checkpoint, exported path, export's summary) after `steps` QAT steps of `model` on `text`
+    (batch 1 x 32), made on first use: `export(checkpoint, path)` writes `name` beside the checkpoint."""
+    from slim_edge.pipeline import run_quantize
+    from slim_edge.quantize import QuantConfig
+
+    made = {}
+
+    def get(scheme: str):
+        if scheme not in made:
+            d = tmp_path_factory.mktemp(f"{Path(name).stem}-{scheme}")
+            run_quantize(str(model), QuantConfig(scheme=scheme, steps=steps, batch_size=1, seq_len=32,
+                                                 calib=str(text)), d / "ckpt", progress=False)
+            made[scheme] = (d / "ckpt", d / name, export(d / "ckpt", d / name))
+        return made[scheme]
+    return get
