@@ -234,7 +234,8 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
                    "seconds": round(t_blocks, 1), "layers": blocks},
         "training": {"steps": config.steps, "steps_done": state.step if state else 0, "seconds": round(state.seconds, 1) if state else 0.0,
                      "tokens": state.tokens if state else 0, "text_tokens": len(ids),
-                     "passes": round(passes, 3), "ptq_seconds": round(t_ptq, 1),
+                     "passes": round((state.tokens if state else 0) / len(ids), 3),  # what the steps done saw
+                     "planned_passes": round(passes, 3), "ptq_seconds": round(t_ptq, 1),
                      "log": log_lines[:: max(1, len(log_lines) // 200)]},
     }
     bits_note = "" if budget is None else (f" (--bits {config.bits}: {budget['promoted']} tensors in "
