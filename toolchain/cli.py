@@ -128,6 +128,7 @@ def quantize(
       slim-edge quantize smollm2-135m --scheme ternary --target tq1_0 --dry-run
     """
     from .checkpoint import is_checkpoint, read_meta
+    from .distributed import world_from_env
     from .pipeline import run_quantize
     from .quantize import QuantConfig
 
@@ -153,7 +154,7 @@ def quantize(
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
                           checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60,
                           teacher_model=teacher)
-    if as_json:
+    if as_json and world_from_env().main:  # under torchrun the results are rank 0's
         print(json.dumps(report, indent=1))
 
 
