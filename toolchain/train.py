@@ -206,7 +206,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     if world.size > 1:
         # the buffers (rotary tables, quads) are equal on every rank and never trained: no broadcast per step
         model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[world.local_rank] if device.startswith("cuda") else None, broadcast_buffers=False)
+            student, device_ids=[world.local_rank] if device.startswith("cuda") else None, forward_sync_buffers=False)
 
     def save():
         if ckpt_path is None or not world.main:  # the replicas are identical: one copy
