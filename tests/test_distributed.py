@@ -168,3 +168,20 @@ def test_one_process_resumes_a_two_rank_checkpoint(tiny_llama, tiny_text, refere
     assert min(got) == step + 1 and max(got) == STEPS
     _assert_same_losses(_losses(reference), got)
     _assert_same_model(reference, out)
+
+
+def test_sigterm_to_the_whole_job_saves_a_loadable_checkpoint(tiny_llama, tiny_text, tmp_path):
+    """As `kill -TERM -PGID` or a scheduler ending the job: torchrun and both ranks get SIGTERM at once."""
+    out = tmp_path / "out"
+    ckpt = out.with_name("out.partial") / "train.pt"
+    proc = _torchrun(tiny_llama, tiny_text, out, "--checkpoint-every", "1")
+    t0 = time.monotonic()
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() - t0 < 90:
+        time.sleep(0.01)
+    assert ckpt.is_file(), "training did not start"
+    os.killpg(proc.pid, signal.SIGTERM)
+    rc, _, stderr = _finish(proc)
+    step = torch.load(ckpt, weights_only=True)["state"]["step"]
+    assert rc != 0 and 1 <= step < STEPS
+    assert not list(ckpt.parent.glob("*.tmp")) and not list(ckpt.parent.glob(".*.tmp"))
+    assert stderr.count(f"interrupted at step {step}/{STEPS}") == 2, stderr[-3000:]  # each rank's error, one step
