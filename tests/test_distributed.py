@@ -40,6 +40,10 @@ def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # ranks out of step hang in a collective: fail, do not hang the suite
+        for rank in (0, 1):  # torchrun starts its workers in sessions of their own: killpg misses them
+            pid = _rank_pid(proc.pid, rank)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun hung past {timeout} s:\n{stderr[-3000:]}")
@@ -171,7 +175,7 @@ def test_one_process_resumes_a_two_rank_checkpoint(tiny_llama, tiny_text, refere
 
 
 def test_sigterm_to_the_whole_job_saves_a_loadable_checkpoint(tiny_llama, tiny_text, tmp_path):
-    """As `kill -TERM -PGID` or a scheduler ending the job: torchrun and both ranks get SIGTERM at once."""
+    """As `kill -TERM -PGID` or a scheduler ending the job: torchrun gets SIGTERM and passes it to both ranks."""
     out = tmp_path / "out"
     ckpt = out.with_name("out.partial") / "train.pt"
     proc = _torchrun(tiny_llama, tiny_text, out, "--checkpoint-every", "1")
