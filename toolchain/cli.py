@@ -55,7 +55,7 @@ def quantize(
                                           "torch.compile (~20 s of compiling): Sherry steps 1.4x faster, seq2 "
                                           "5 %% slower; compiled rounding differs from the exported values on "
                                           "~5e-5 of seq2's weights (evals/reports/qat_throughput.md)")] = False,
-    batch_size: Annotated[int, typer.Option(help="sequences per step")] = 4,
+    batch_size: Annotated[int, typer.Option(help="sequences per step (per rank under torchrun)")] = 4,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
     distill: Annotated[str, typer.Option(help="cakld | kl | none (CE only)")] = "cakld",
     ce_weight: Annotated[float, typer.Option(help="weight of the cross-entropy on the training text in the loss "
@@ -126,8 +126,11 @@ def quantize(
       slim-edge quantize smollm2-135m --scheme seq2 --bits 2.5 --steps 30 -o runs/seq2-2.5
 
       slim-edge quantize smollm2-135m --scheme ternary --target tq1_0 --dry-run
+
+      torchrun --nproc-per-node 4 --no-python slim-edge quantize smollm2-135m --scheme seq2 --steps 1000 --device cuda -o runs/seq2   (data-parallel; --batch-size per GPU)
     """
     from .checkpoint import is_checkpoint, read_meta
+    from .distributed import world_from_env
     from .pipeline import run_quantize
     from .quantize import QuantConfig
 
@@ -153,7 +156,7 @@ def quantize(
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
                           checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60,
                           teacher_model=teacher)
-    if as_json:
+    if as_json and world_from_env().main:  # under torchrun the results are rank 0's
         print(json.dumps(report, indent=1))
 
 

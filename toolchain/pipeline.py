@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import (check_output, init_from_checkpoint, is_checkpoint, read_meta, refuse_damaged_checkpoint,
                          save_quantized)
+from .distributed import World, barrier, broadcast, joined, quiet, rank_device, world_from_env
 from .errors import SlimEdgeError
 from .fsutil import atomic_path, check_free_space
 from .memory import check_model_config
@@ -76,8 +77,13 @@ def continue_from(folder: Path, config: QuantConfig, teacher_model: str | None) 
 MAX_PASSES = 4
 
 
-def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: str, progress: bool):
-    """The training tokens; sampled ones are kept in the .partial folder so that --resume trains on the same."""
+def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: str, progress: bool,
+                     world: World = World()):
+    """The training tokens; sampled ones are kept in the .partial folder so that --resume trains on the same.
+    Under torchrun rank 0 reads or samples them and hands them to the others."""
+    if world.size > 1:
+        return broadcast(world, _training_tokens(teacher, tok, config, partial, device, progress) if world.main
+                         else None)
     cache = partial / "tokens.pt"
     key = {"calib": config.calib, "seq_len": config.seq_len, "seed": config.seed,
            "model": getattr(teacher.config, "name_or_path", "")}
@@ -119,13 +125,41 @@ def _sensitivity_tokens(teacher, tok, config: QuantConfig, ids: torch.Tensor | N
                            progress=False)[0]
 
 
+def check_distributed(world: World, config: QuantConfig, measure: bool) -> None:
+    """The phases that run per rank without sharing their results, refused under torchrun."""
+    if world.size == 1:
+        return
+    for on, flag, what in ((config.block_steps > 0, f"--block-steps {config.block_steps}", "--block-steps 0"),
+                           (config.ptq == "gptq", "--ptq gptq", "--ptq rtn"),
+                           (measure, f"--bits {config.bits}", "no --bits")):
+        if on:
+            raise SlimEdgeError(f"{flag} is not done under torchrun yet (WORLD_SIZE {world.size}): run that phase "
+                                f"in one process with --steps 0 -o DIR, then train DIR under torchrun with {what}")
+
+
 def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = False, resume: bool = False,
                  device: str | None = None, checkpoint_every: int = 50, progress: bool = True,
                  dry_run: bool = False, time_limit: float | None = None, teacher_model: str | None = None) -> dict:
     """time_limit: seconds for the whole run; QAT stops there and the model trained so far is saved.
 
     `model` may be a slim-edge checkpoint: training continues from its codes and scales, with the same plan,
-    distilling from `teacher_model` (default: the model it was made from)."""
+    distilling from `teacher_model` (default: the model it was made from).
+
+    Under torchrun (WORLD_SIZE in the environment) it trains data-parallel, one rank per process (distributed.py);
+    rank 0 logs and writes, and every rank returns the report."""
+    world = world_from_env()
+    measure = config.bits is not None and not is_checkpoint(model)
+    check_distributed(world, config, measure)
+    device = rank_device(world, pick_device(device))
+    with joined(world, device), quiet(world):
+        return _run_quantize(model, config, out, world=world, force=force, resume=resume, device=device,
+                             checkpoint_every=checkpoint_every, progress=progress and world.main, dry_run=dry_run,
+                             time_limit=time_limit, teacher_model=teacher_model)
+
+
+def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, force: bool, resume: bool,
+                  device: str, checkpoint_every: int, progress: bool, dry_run: bool, time_limit: float | None,
+                  teacher_model: str | None) -> dict:
     out = Path(out)
     init = None
     if is_checkpoint(model):
@@ -141,7 +175,6 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     if started and not resume and not force:
         raise SlimEdgeError(f"{partial} holds an unfinished run; pass --resume to continue it or --force "
                             f"to start over")
-    device = pick_device(device)
     check_model_config(refuse_damaged_checkpoint(resolve(model)), copies=2)  # teacher and student
     seed_everything(config.seed)
     t_start = time.perf_counter()
@@ -158,8 +191,9 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         print(format_plan(plan), file=sys.stderr)
         if dry_run:
             return {"plan": [e.to_json() for e in plan], "summary": plan_summary(plan)}
-    if partial.exists() and force and not resume and not dry_run:  # --force: start over, not from the old state
+    if partial.exists() and force and not resume and not dry_run and world.main:  # --force: start over
         shutil.rmtree(partial)
+    barrier(world)
     had_partial = partial.exists()
     student = copy.deepcopy(teacher)
     for p in teacher.parameters():
@@ -169,7 +203,7 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         ids = None
         print(f"slim-edge: dry run: the teacher samples of --calib {config.calib} are not drawn", file=sys.stderr)
     else:
-        ids, source = _training_tokens(teacher, tok, config, partial, device, progress)
+        ids, source = _training_tokens(teacher, tok, config, partial, device, progress, world)
         print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
     budget = None
     if measure:
@@ -185,10 +219,12 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     if init is not None:
         init_from_checkpoint(student, init, seed=config.seed)
         print(f"slim-edge: continuing {init} (distilling from {model})", file=sys.stderr)
-    seen = config.steps * config.batch_size * config.seq_len
+    batch = config.batch_size * world.size  # --batch-size is per rank
+    seen = config.steps * batch * config.seq_len
     passes = seen / len(ids)  # windows are drawn uniformly from the joined text: every source alike
     if config.steps > 0:
-        print(f"slim-edge: {config.steps} steps x {config.batch_size} x {config.seq_len} = "
+        ranks = "" if world.size == 1 else f" ({world.size} ranks x {config.batch_size})"
+        print(f"slim-edge: {config.steps} steps x {batch}{ranks} x {config.seq_len} = "
               f"{seen:,} tokens seen, {passes:.3g} passes over "
               f"every source (windows are drawn uniformly from the joined text)", file=sys.stderr)
         if passes > MAX_PASSES:
@@ -202,10 +238,14 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         t_gptq = time.perf_counter() - t0
         print(gptq_summary(ptq_rows, t_gptq, config), file=sys.stderr)
     t_ptq = time.perf_counter() - t_start
-    loss_ptq = distill_eval(student, teacher, ids, config, device)
+    # the evaluations and the writes are rank 0's: the replicas are identical
+    loss_ptq = distill_eval(student, teacher, ids, config, device) if world.main else None
     log_lines = []
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / "plan.json").write_text(json.dumps([e.to_json() for e in plan], indent=1))
+    if world.main:
+        partial.mkdir(parents=True, exist_ok=True)
+        with atomic_path(partial / "plan.json") as tmp:
+            tmp.write_text(json.dumps([e.to_json() for e in plan], indent=1))
+    barrier(world)
     state, blocks, loss_blocks, t_blocks = None, [], None, 0.0
     if config.block_steps > 0 and not (partial / "train.pt").is_file():  # a resumed run is past this phase
         t0 = time.perf_counter()
@@ -219,7 +259,10 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         # QAT's teacher only runs forward, under bf16 autocast anyway: on a GPU a bf16 copy saves the casts
         fast_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if device.startswith("cuda") else teacher
         state = train(student, fast_teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
-                      device=device, progress=progress, log=log_lines.append, deadline=deadline)
+                      device=device, progress=progress, log=log_lines.append, deadline=deadline, world=world)
+    if not world.main:
+        barrier(world)  # while rank 0 evaluates and writes the folder
+        return {}
     loss_qat = (distill_eval(student, teacher, ids, config, device) if config.steps > 0
                 else loss_blocks if loss_blocks is not None else loss_ptq)
     summary = plan_summary(plan)
@@ -227,7 +270,8 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
         # a folder is stored absolute: continuing from another working directory must find the same teacher
         "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
         "continued_from": None if init is None else str(init.resolve()), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
-        "calibration": source, "plan_summary": summary, "budget": budget,
+        "calibration": source, "plan_summary": summary, "budget": budget, "ranks": world.size,
+        "global_batch": batch,
         "distill_loss": {"ptq": loss_ptq, "blocks": loss_blocks, "final": loss_qat},
         "ptq": {"method": config.ptq, "samples": config.ptq_samples, "seconds": round(t_gptq, 1), "layers": ptq_rows},
         "blocks": {"steps_per_layer": config.block_steps, "samples": config.block_samples,
@@ -251,4 +295,5 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     save_quantized(student.cpu(), plan, config, folder, out, extra=report, force=True, report_md=md)
     shutil.rmtree(partial, ignore_errors=True)
     print(f"slim-edge: distillation loss PTQ {loss_ptq:.4f} -> {loss_qat:.4f}; wrote {out}", file=sys.stderr)
+    barrier(world)
     return report

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .distill import distill_loss  # noqa: F401  (re-exported: the loss lives in distill.py)
+from .distributed import World, agree, barrier, global_mean
 from .errors import SlimEdgeError
 from .qlinear import QuantLinear, compiled_kernels
 from .quantize import QuantConfig
@@ -89,10 +90,13 @@ class TrainState:
     last_loss: float | None = None
 
 
-def _batches(ids: torch.Tensor, batch: int, seq: int, rng: np.random.Generator):
+def _batches(ids: torch.Tensor, batch: int, seq: int, rng: np.random.Generator, world: World = World()):
+    """Batches of `batch` sequences per rank: the global batch of world.size * batch is drawn on every rank
+    and each takes its own rows, so the stream does not depend on how many ranks share it."""
     seq = min(seq, len(ids) - 1)
+    lo = world.rank * batch
     while True:
-        starts = rng.integers(0, len(ids) - seq - 1, size=batch)
+        starts = rng.integers(0, len(ids) - seq - 1, size=batch * world.size)[lo:lo + batch]
         x = torch.stack([ids[s:s + seq + 1] for s in starts])
         yield x[:, :-1], x[:, 1:]
 
@@ -156,8 +160,11 @@ def train_step(student, teacher, x, y, opt, clipped, scales, config: QuantConfig
 
 def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: Path | None = None,
           every: int = 0, device: str = "cpu", progress: bool = True, log=None,
-          deadline: float | None = None, clock=time.monotonic) -> TrainState:
-    """QAT for config.steps steps; resumes from ckpt_path when it exists. Ctrl-C saves and stops.
+          deadline: float | None = None, clock=time.monotonic, world: World = World()) -> TrainState:
+    """QAT for config.steps steps; resumes from ckpt_path when it exists. Ctrl-C or SIGTERM saves and stops.
+
+    Under torchrun (world.size > 1) DDP averages the gradients before the clip and the optimizer step, each
+    rank trains on its rows of the global batch (_batches), and rank 0 alone saves.
 
     At `deadline` (a `clock()` time) it stops early and returns; state.step tells how far it got. The lr and
     Arenas schedules then run on time (schedule_step), so they end at the deadline, not at config.steps."""
@@ -185,38 +192,55 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
         state = TrainState(**blob["state"])
         rng.bit_generator.state = blob["rng"]
         print(f"slim-edge: resumed from {ckpt_path} at step {state.step}", file=sys.stderr)
+        saved = blob.get("global_batch")
+        if saved is not None and saved != config.batch_size * world.size:
+            print(f"slim-edge: warning: {ckpt_path} trained on a global batch of {saved} sequences, this run on "
+                  f"{config.batch_size * world.size} ({world.size} x --batch-size {config.batch_size}): the data "
+                  f"stream differs from the uninterrupted run's", file=sys.stderr)
     total = config.steps
     warmup = config.warmup or max(1, total // 20)
-    batches = _batches(ids, config.batch_size, config.seq_len, rng)
+    batches = _batches(ids, config.batch_size, config.seq_len, rng, world)
     teacher.eval()
     student.train()
+    model = student
+    if world.size > 1:
+        # the buffers (rotary tables, quads) are equal on every rank and never trained: no broadcast per step
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[world.local_rank] if device.startswith("cuda") else None, forward_sync_buffers=False)
 
     def save():
-        if ckpt_path is None:
+        if ckpt_path is None or not world.main:  # the replicas are identical: one copy
             return
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": {k: v for k, v in student.state_dict().items()},
-                    "optimizer": opt.state_dict(), "state": vars(state), "rng": rng.bit_generator.state}, tmp)
+                    "optimizer": opt.state_dict(), "state": vars(state), "rng": rng.bit_generator.state,
+                    "global_batch": config.batch_size * world.size}, tmp)
         os.replace(tmp, ckpt_path)
 
     interrupted = []
-    old = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+    old = {sig: signal.signal(sig, lambda *_: interrupted.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", file=sys.stderr,
                dynamic_ncols=True)
     t_start, step0 = clock(), state.step
     kernels = compiled_kernels(config.compile and device.startswith("cuda"))
     kernels.__enter__()
+    stop = False
     try:
-        while state.step < total and not interrupted:
+        while state.step < total:
             now = clock()
             time_frac = None
-            if deadline is not None:
-                if now >= deadline:
-                    print(f"slim-edge: time limit reached at step {state.step}/{total}; the lr and Arenas "
-                          f"schedules ran on time and have ended: keeping what is trained", file=sys.stderr)
-                    break
+            late = deadline is not None and now >= deadline
+            if deadline is not None and not late:
                 per_step = (now - t_start) / (state.step - step0) if state.step > step0 else 0.0
                 time_frac = (now + per_step - t_start) / max(deadline - t_start, 1e-9)
+            # every rank stops at the same step (a signal to one is a stop for all) on rank 0's clock
+            stop, late, time_frac = agree(world, bool(interrupted), late, time_frac, device)
+            if stop:
+                break
+            if late:
+                print(f"slim-edge: time limit reached at step {state.step}/{total}; the lr and Arenas "
+                      f"schedules ran on time and have ended: keeping what is trained", file=sys.stderr)
+                break
             pos = schedule_step(state.step, total, step0, time_frac)
             # replay the data stream up to the resumed step is unnecessary: the rng state was saved
             x, y = next(batches)
@@ -226,11 +250,11 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
                 m.arenas = lam if m.mode == "sherry" else 0.0
             _schedule(opt, pos, total, warmup, config)
             t0 = time.perf_counter()
-            loss, ce, kd = train_step(student, teacher, x, y, opt, weights + others, scales, config, device)
+            loss, ce, kd = train_step(model, teacher, x, y, opt, weights + others, scales, config, device)
+            val, ce, kd = global_mean(world, [loss, ce, kd], device)
             state.seconds += time.perf_counter() - t0
             state.step += 1
-            state.tokens += x.numel()
-            val = loss.item()
+            state.tokens += x.numel() * world.size
             if not math.isfinite(val):
                 raise SlimEdgeError(f"training diverged at step {state.step} (loss {val}); "
                                     f"lower --lr (now {config.lr}) or --scale-lr (now {config.scale_lr})")
@@ -247,11 +271,13 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     finally:
         kernels.__exit__()
         bar.close()
-        signal.signal(signal.SIGINT, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         for m in qlayers:
             m.arenas = 0.0
-    if interrupted:
+    if stop:
         save()
+        barrier(world)  # no rank exits (and has torchrun end the others) before rank 0 has saved
         raise SlimEdgeError(f"interrupted at step {state.step}/{total}; the training state is saved in "
                             f"{ckpt_path}: run the same command with --resume to continue")
     student.eval()

@@ -1,0 +1,191 @@
+"""torchrun data parallelism on CPU (gloo), real processes: 2 ranks x batch B train as 1 process x batch 2B,
+a SIGTERM to one rank stops both at one step with a loadable checkpoint, and 1 process resumes it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slim_edge.checkpoint import dequantized_weights, read_meta
+from slim_edge.distributed import World, world_from_env
+from slim_edge.errors import SlimEdgeError
+from slim_edge.pipeline import check_distributed, run_quantize
+from slim_edge.quantize import QuantConfig
+from slim_edge.train import _batches
+
+B, STEPS = 2, 12
+OPTS = dict(scheme="sherry", steps=STEPS, seq_len=64, lr=1e-3, scale_lr=3e-2)
+SLIM_EDGE = Path(sys.executable).parent / "slim-edge"
+
+
+def _torchrun(tiny_llama, tiny_text, out: Path, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "--no-python",
+            str(SLIM_EDGE), "quantize", str(tiny_llama), "--scheme", OPTS["scheme"], "--steps", str(STEPS),
+            "--batch-size", str(B), "--seq-len", str(OPTS["seq_len"]), "--lr", str(OPTS["lr"]),
+            "--scale-lr", str(OPTS["scale_lr"]), "--calib", str(tiny_text), "--device", "cpu", "-o", str(out), *extra]
+    # two ranks on a 2-core machine: one thread each, or they contend
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # ranks out of step hang in a collective: fail, do not hang the suite
+        for rank in (0, 1):  # torchrun starts its workers in sessions of their own: killpg misses them
+            pid = _rank_pid(proc.pid, rank)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun hung past {timeout} s:\n{stderr[-3000:]}")
+    return proc.returncode, stdout, stderr
+
+
+def _one_process(tiny_llama, tiny_text, out: Path, **options) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same summation order in the matmuls
+    try:
+        return run_quantize(str(tiny_llama), QuantConfig(batch_size=2 * B, calib=str(tiny_text), **OPTS), out,
+                            progress=False, device="cpu", **options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (its children are the workers)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0") if ppid == launcher else []
+        except (OSError, IndexError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+def _losses(folder: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in json.loads((folder / "report.json").read_text())["training"]["log"]}
+
+
+def _assert_same_model(a: Path, b: Path):
+    """The float tensors within float noise; the quantized linears' codes equal and their fp16 block scales
+    within one fp16 ulp (fp32 noise can cross an fp16 rounding boundary), so a flipped code fails."""
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if ta[k].is_floating_point():
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6, msg=k)
+    wa, wb = dequantized_weights(read_meta(a), ta), dequantized_weights(read_meta(b), tb)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k] == 0, wb[k] == 0), k
+        torch.testing.assert_close(wa[k], wb[k], rtol=2 ** -10, atol=0, msg=k)
+
+
+def _assert_same_losses(ref: dict[int, float], got: dict[int, float]):
+    assert got and set(got) <= set(ref)
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref[step], rel=1e-5), (step, loss, ref[step])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, tiny_text, tmp_path_factory) -> Path:
+    """1 process, batch 2B."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    _one_process(tiny_llama, tiny_text, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped(tiny_llama, tiny_text, tmp_path_factory) -> tuple[Path, int, str]:
+    """2 ranks, saving every step; SIGTERM to rank 1 alone once the first save is there."""
+    out = tmp_path_factory.mktemp("stopped") / "out"
+    ckpt = out.with_name("out.partial") / "train.pt"
+    proc = _torchrun(tiny_llama, tiny_text, out, "--checkpoint-every", "1")
+    t0 = time.monotonic()
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() - t0 < 90:
+        time.sleep(0.01)
+    pid = _rank_pid(proc.pid, 1)
+    assert pid is not None and ckpt.is_file(), "training did not start"
+    os.kill(pid, signal.SIGTERM)
+    rc, _, stderr = _finish(proc)
+    return out, rc, stderr
+
+
+def test_world_from_env():
+    assert world_from_env({}) == World()
+    assert world_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1)
+    with pytest.raises(SlimEdgeError, match="RANK 4 is outside WORLD_SIZE 4"):
+        world_from_env({"WORLD_SIZE": "4", "RANK": "4"})
+    with pytest.raises(SlimEdgeError, match="--block-steps 3 is not done under torchrun"):
+        check_distributed(World(0, 2), QuantConfig(block_steps=3), measure=False)
+    with pytest.raises(SlimEdgeError, match="--ptq gptq"):
+        check_distributed(World(1, 2), QuantConfig(ptq="gptq"), measure=False)
+
+
+def test_rank_shards_are_the_global_batch():
+    ids = torch.arange(1000)
+    one = next(_batches(ids, 2 * B, 16, np.random.default_rng(0)))[0]
+    shards = [next(_batches(ids, B, 16, np.random.default_rng(0), World(r, 2)))[0] for r in range(2)]
+    assert torch.equal(torch.cat(shards), one)
+
+
+def test_two_ranks_train_as_one_process_at_twice_the_batch(tiny_llama, tiny_text, tmp_path, reference):
+    out = tmp_path / "out"
+    rc, stdout, stderr = _finish(_torchrun(tiny_llama, tiny_text, out))
+    assert rc == 0, stderr[-3000:]
+    assert f"{STEPS} steps x {2 * B} (2 ranks x {B})" in stderr
+    assert stderr.count("wrote ") == 1, "rank 1 printed its summary too"
+    ref = _losses(reference)
+    assert len(ref) == STEPS
+    _assert_same_losses(ref, _losses(out))
+    _assert_same_model(reference, out)
+
+
+def test_sigterm_to_one_rank_saves_a_loadable_checkpoint(stopped):
+    out, rc, stderr = stopped
+    assert rc != 0 and "interrupted at step" in stderr, stderr[-3000:]
+    partial = out.with_name("out.partial")
+    assert not out.exists() and not list(partial.glob("*.tmp")) and not list(partial.glob(".*.tmp"))
+    blob = torch.load(partial / "train.pt", weights_only=True)
+    assert 1 <= blob["state"]["step"] < STEPS and blob["global_batch"] == 2 * B
+    assert f"interrupted at step {blob['state']['step']}/{STEPS}" in stderr  # both ranks stopped at the saved step
+
+
+def test_one_process_resumes_a_two_rank_checkpoint(tiny_llama, tiny_text, reference, stopped):
+    out = stopped[0]
+    step = torch.load(out.with_name("out.partial") / "train.pt", weights_only=True)["state"]["step"]
+    _one_process(tiny_llama, tiny_text, out, resume=True)
+    got = _losses(out)
+    assert min(got) == step + 1 and max(got) == STEPS
+    _assert_same_losses(_losses(reference), got)
+    _assert_same_model(reference, out)
+
+
+def test_sigterm_to_the_whole_job_saves_a_loadable_checkpoint(tiny_llama, tiny_text, tmp_path):
+    """As `kill -TERM -PGID` or a scheduler ending the job: torchrun gets SIGTERM and passes it to both ranks."""
+    out = tmp_path / "out"
+    ckpt = out.with_name("out.partial") / "train.pt"
+    proc = _torchrun(tiny_llama, tiny_text, out, "--checkpoint-every", "1")
+    t0 = time.monotonic()
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() - t0 < 90:
+        time.sleep(0.01)
+    assert ckpt.is_file(), "training did not start"
+    os.killpg(proc.pid, signal.SIGTERM)
+    rc, _, stderr = _finish(proc)
+    step = torch.load(ckpt, weights_only=True)["state"]["step"]
+    assert rc != 0 and 1 <= step < STEPS
+    assert not list(ckpt.parent.glob("*.tmp")) and not list(ckpt.parent.glob(".*.tmp"))
+    assert stderr.count(f"interrupted at step {step}/{STEPS}") == 2, stderr[-3000:]  # each rank's error, one step

@@ -1,0 +1,130 @@
+"""Data-parallel QAT under torchrun: one process per device, PyTorch's DistributedDataParallel averaging grads.
+
+    torchrun --nproc-per-node N --no-python slim-edge quantize ... --batch-size B
+
+Every rank draws the same global batch of N*B sequences from the one seeded stream and trains on rows
+rank*B:(rank+1)*B, so N ranks at B see, step for step, what one process sees at N*B. Replicas stay identical,
+so rank 0 alone writes the output folder and the training checkpoint; the others wait on a barrier.
+A single process (no WORLD_SIZE in the environment) never makes a process group.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import SlimEdgeError
+
+# rank 0 alone samples teacher tokens (--calib teacher:N) while the others wait in a broadcast: that can take
+# longer than torch's default 10-30 min collective timeout
+TIMEOUT = datetime.timedelta(hours=3)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env(environ=os.environ) -> World:
+    """torchrun's WORLD_SIZE, RANK, LOCAL_RANK; World() when they are absent."""
+    if "WORLD_SIZE" not in environ:
+        return World()
+    try:
+        world = World(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)))
+    except (KeyError, ValueError):
+        raise SlimEdgeError(f"WORLD_SIZE={environ.get('WORLD_SIZE')!r} RANK={environ.get('RANK')!r} "
+                            f"LOCAL_RANK={environ.get('LOCAL_RANK')!r}: expected integers as torchrun sets them; "
+                            f"launch with torchrun, or unset WORLD_SIZE for one process") from None
+    if not 0 <= world.rank < world.size:
+        raise SlimEdgeError(f"RANK {world.rank} is outside WORLD_SIZE {world.size}; launch with torchrun")
+    return world
+
+
+def rank_device(world: World, device: str) -> str:
+    """The device this rank trains on: cuda:LOCAL_RANK for cuda, cpu for cpu."""
+    if world.size == 1:
+        return device
+    if device == "cpu":
+        return device
+    if device == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise SlimEdgeError(f"LOCAL_RANK {world.local_rank} but torch sees {torch.cuda.device_count()} CUDA "
+                                f"devices; pass --nproc-per-node {torch.cuda.device_count()} or fewer")
+        torch.cuda.set_device(world.local_rank)
+        return f"cuda:{world.local_rank}"
+    raise SlimEdgeError(f"--device {device} under torchrun (WORLD_SIZE {world.size}): each rank takes "
+                        f"cuda:LOCAL_RANK; pass --device cuda or --device cpu")
+
+
+@contextlib.contextmanager
+def joined(world: World, device: str):
+    """The process group for the duration of a run (gloo on CPU, nccl on CUDA); nothing for one process."""
+    if world.size == 1:
+        yield
+        return
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def quiet(world: World):
+    """stdout and stderr of ranks > 0 go nowhere: the logs, bars and summaries are rank 0's."""
+    if world.main:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def broadcast(world: World, obj):
+    """Rank 0's `obj` on every rank."""
+    if world.size == 1:
+        return obj
+    box = [obj if world.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _comm_device(device: str) -> str:
+    return device if device.startswith("cuda") else "cpu"
+
+
+def agree(world: World, stop: bool, late: bool, time_frac: float | None, device: str):
+    """(any rank asked to stop, rank 0's clock says the time limit is reached, rank 0's time_frac): every rank
+    leaves the loop at the same step and runs the schedules on the same clock."""
+    if world.size == 1:
+        return stop, late, time_frac
+    main = float(world.main)
+    t = torch.tensor([float(stop), main * late, main * (time_frac or 0.0), main * (time_frac is not None)],
+                     dtype=torch.float64, device=_comm_device(device))
+    dist.all_reduce(t)
+    stop, late, frac, has_frac = t.tolist()
+    return stop > 0, late > 0, frac if has_frac > 0 else None
+
+
+def global_mean(world: World, values: list[torch.Tensor], device: str) -> list[float]:
+    """The mean over ranks of scalar tensors: each rank's loss is a mean over its equal share of the global
+    batch, so this is the mean over the global batch."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().to(_comm_device(device)) for v in values])
+    if world.size > 1:
+        dist.all_reduce(t)
+        t /= world.size
+    return t.tolist()
