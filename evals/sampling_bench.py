@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import typer
 
+from slim_edge.evals.qat_throughput import _sync
 from slim_edge.fsutil import atomic_path
-from slim_edge.gendata import NUCLEUS_K, nucleus, sampling_batch, teacher_tokens
+from slim_edge.gendata import NUCLEUS_K, keep_nucleus, nucleus, sampling_batch, teacher_tokens
 from slim_edge.models import load_model
 from slim_edge.pipeline import pick_device
 from slim_edge.train import calibration_tokens
@@ -30,13 +31,7 @@ from slim_edge.train import calibration_tokens
 
 def full_sort_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """The sampler before session 14: sort every row's whole vocabulary."""
-    p, idx = probs.sort(-1, descending=True)
-    return torch.zeros_like(probs).scatter_(-1, idx, p.masked_fill(p.cumsum(-1) - p >= top_p, 0))
-
-
-def _sync(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    return keep_nucleus(probs, *probs.sort(-1, descending=True), top_p)
 
 
 def _time(fn, device: str, repeat: int) -> float:

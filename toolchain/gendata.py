@@ -161,16 +161,16 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     k = min(NUCLEUS_K, probs.shape[-1])
     p, idx = probs.topk(k, -1)
     wide = p.sum(-1) < top_p
-    out = torch.zeros_like(probs).scatter_(-1, idx, _keep_nucleus(p, top_p))
+    out = keep_nucleus(probs, p, idx, top_p)
     if bool(wide.any()):
-        pw, iw = probs[wide].sort(-1, descending=True)
-        out[wide] = torch.zeros_like(pw).scatter_(-1, iw, _keep_nucleus(pw, top_p))
+        out[wide] = keep_nucleus(probs[wide], *probs[wide].sort(-1, descending=True), top_p)
     return out
 
 
-def _keep_nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
-    """p sorted descending per row, with the tokens after the nucleus is full set to 0."""
-    return p.masked_fill(p.cumsum(-1) - p >= top_p, 0)
+def keep_nucleus(like: torch.Tensor, p: torch.Tensor, idx: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zeros shaped like `like` but for each row's nucleus: p holds the row's largest probabilities sorted
+    descending (all of them, or the top k when they reach top_p), idx their token ids."""
+    return torch.zeros_like(like).scatter_(-1, idx, p.masked_fill(p.cumsum(-1) - p >= top_p, 0))
 
 
 def sampling_batch(config, seq_len: int, free_bytes: int) -> int:
