@@ -11,14 +11,19 @@ the function `slim-edge quantize` runs. Variants (each on a fresh student, same 
 - `loss+bf16t`: and the teacher's weights held in bf16
 - `loss+bf16t+kernels`: and fake quantization and the loss chunks through torch.compile, AdamW fused: what
   `slim-edge quantize` runs on a GPU (`--compile`, the default)
+- `loss+bf16t+kernels+ddp`: and the student wrapped in DistributedDataParallel as `slim-edge quantize` wraps it
+  under torchrun, with its per-step collectives (stop/clock agreement, the loss mean): under
+  `torchrun --nproc-per-node N` the process group is torchrun's (nccl on CUDA, gloo on CPU), alone a one-rank
+  group; at N=1 it is the cost of the distributed path itself, which `slim-edge quantize` skips at N=1
 Speed does not depend on the values: batches are random token ids (seeded), and `--random` builds the model
-with random weights in the named shape (no model file needed, as kernel benchmarks use random weights). Tokens/s counts student tokens (batch x seq_len) per second of wall time, synchronised.
+with random weights in the named shape (no model file needed, as kernel benchmarks use random weights). Tokens/s counts one rank's student tokens (batch x seq_len) per second of wall time, synchronised.
 """
 from __future__ import annotations
 
 import copy
 import gc
 import json
+import os
 import platform
 import shlex
 import sys
@@ -26,8 +31,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import typer
 
+from slim_edge.distributed import World, agree, global_mean, rank_device, world_from_env
 from slim_edge.distill import distill_loss, distill_loss_reference
 from slim_edge.models import load_model
 from slim_edge.pipeline import pick_device
@@ -39,10 +46,12 @@ from slim_edge.train import _optimizer, _quant_params, train_step
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0),
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                      intermediate_size=8192, vocab_size=49152, tie_word_embeddings=True, rope_theta=500000.0),
 }
-VARIANTS = ("session10", "loss", "loss+bf16t", "loss+bf16t+kernels")
+VARIANTS = ("session10", "loss", "loss+bf16t", "loss+bf16t+kernels", "loss+bf16t+kernels+ddp")
 
 
 def _sync(device):
@@ -67,6 +76,12 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
         p.requires_grad_(id(p) in qids or any(p is o for o in others))
     kernels = "kernels" in variant and device.startswith("cuda")
     opt = _optimizer(weights, others, scales, config, fused=kernels)
+    model, world = student, World()
+    if variant.endswith("+ddp"):
+        world = _process_group(device)
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[torch.device(device).index or 0] if device.startswith("cuda") else None,
+            forward_sync_buffers=False)
     loss_fn = distill_loss_reference if variant == "session10" else distill_loss
     g = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size
@@ -83,20 +98,37 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
             t_first = time.perf_counter() - t_compile
             t0 = time.perf_counter()
         xy = data[i % len(data)].to(device)
+        if model is not student:
+            agree(world, False, False, 0.5, device)
         with compiled_kernels(kernels):
-            loss, _, _ = train_step(student, teacher, xy[:, :-1], xy[:, 1:], opt, weights + others, scales, config,
-                                    device, loss_fn=loss_fn)
-        losses.append(float(loss.detach()))
+            loss, ce, kd = train_step(model, teacher, xy[:, :-1], xy[:, 1:], opt, weights + others, scales, config,
+                                      device, loss_fn=loss_fn)
+        if model is not student:
+            loss = global_mean(world, [loss, ce, kd], device)[0]
+        losses.append(float(loss))
     _sync(device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    del teacher, student, opt
+    del teacher, student, opt, model
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"scheme": scheme, "variant": variant, "tokens_per_s": round(batch * seq * steps / dt),
             "step_s": round(dt / steps, 4), "peak_gib": None if peak is None else round(peak, 2),
-            "warmup_s": round(t_first, 1), "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
+            "warmup_s": round(t_first, 1), "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
+            "losses": [round(v, 6) for v in losses]}
+
+
+def _process_group(device: str) -> World:
+    """torchrun's process group, or a one-rank group of this process (nccl on CUDA, gloo on CPU)."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    # the World the collectives see: at one rank they are skipped, as in `slim-edge quantize`
+    return World(dist.get_rank(), dist.get_world_size())
 
 
 def random_model(shape: str, device: str):
@@ -109,10 +141,11 @@ def random_model(shape: str, device: str):
 
 
 def main(model: str = "smollm2-135m", random: bool = typer.Option(False, help="random weights in the shape named by "
-                                                                 "--model (smollm2-135m, llama-1b): no model file"), schemes: str = "seq2,sherry", variants: str = ",".join(VARIANTS),
+                                                                 "--model (smollm2-135m, llama-1b, tiny): no model file"), schemes: str = "seq2,sherry", variants: str = ",".join(VARIANTS),
          batch_size: int = 32, seq_len: int = 512, steps: int = 10, warmup: int = 3, device: str = "auto",
          output: Path = typer.Option(Path("evals/reports/qat_throughput"), "-o")):
-    device = pick_device(device)
+    world = world_from_env()
+    device = rank_device(world, pick_device(device))
     base = random_model(model, device) if random else load_model(model, device=device)[0]
     rows = []
     for scheme in schemes.split(","):
@@ -131,9 +164,13 @@ def main(model: str = "smollm2-135m", random: bool = typer.Option(False, help="r
     for r in rows:
         b = base_rate.get(r["scheme"])
         r["speedup"] = round(r["tokens_per_s"] / b, 2) if b and r.get("tokens_per_s") else None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if not world.main:
+        return
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
     info = {"command": "python -m slim_edge.evals.qat_throughput " + shlex.join(sys.argv[1:]), "device": gpu,
-            "torch": torch.__version__, "model": model + (" (random weights)" if random else ""), "batch_size": batch_size, "seq_len": seq_len,
+            "torch": torch.__version__, "model": model + (" (random weights)" if random else ""), "batch_size": batch_size, "seq_len": seq_len, "world_size": world.size,
             "steps": steps, "warmup": warmup, "rows": rows}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
