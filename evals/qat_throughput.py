@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import typer
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from slim_edge.distributed import World, agree, global_mean, rank_device, world_from_env
 from slim_edge.distill import distill_loss, distill_loss_reference
@@ -140,6 +141,8 @@ def random_model(shape: str, device: str):
     return LlamaForCausalLM(cfg).to(device).eval()
 
 
+# under torchrun, a rank's traceback goes into torchrun's failure summary (without it only the exit code shows)
+@record
 def main(model: str = "smollm2-135m", random: bool = typer.Option(False, help="random weights in the shape named by "
                                                                  "--model (smollm2-135m, llama-1b, tiny): no model file"), schemes: str = "seq2,sherry", variants: str = ",".join(VARIANTS),
          batch_size: int = 32, seq_len: int = 512, steps: int = 10, warmup: int = 3, device: str = "auto",

@@ -59,8 +59,10 @@ def quantize(
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
     distill: Annotated[str, typer.Option(help="cakld | kl | none (CE only)")] = "cakld",
     ce_weight: Annotated[float, typer.Option(help="weight of the cross-entropy on the training text in the loss "
-                                               "(ce_weight x CE + KD); 0 = pure distillation, which does not fit "
-                                               "the text itself (a small text seen many times is learnt by heart)")] = 1.0,
+                                               "(ce_weight x CE + KD); 0 (default) = pure distillation: the student "
+                                               "fits the FP model, not the text (a small text seen many times is learnt "
+                                               "by heart). SmolLM2 seq2, H200, equal time: CE + KD (1) PPL 89.1, KLD "
+                                               "1.35; pure KD (0) 66.9, 0.99")] = 0.0,
     block_steps: Annotated[int, typer.Option(help="block-wise reconstruction steps per decoder layer before "
                                                   "end-to-end QAT (EfficientQAT's Block-AP; 0 = off; on SmolLM2-135M it did not "
                                                   "help, see evals/reports/qat_smollm2.md)")] = 0,
