@@ -33,6 +33,8 @@ SHAPES = {
     # hidden, layers, heads, kv heads, ffn, vocab
     "llama-3.2-1b": dict(hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn=8192, vocab=128256),
     "1.8b": dict(hidden=2048, n_layers=32, n_heads=16, n_kv_heads=4, ffn=6144, vocab=120818),
+    # rows of 576 = 9 blocks of 64: the shape the 64-block types (Q2_0C_64, STQ1_0_64) exist for
+    "smollm2-135m": dict(hidden=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn=1536, vocab=49152),
 }
 TYPES = ["STQ1_0", "Q2_0C", "TQ1_0", "TQ2_0", "Q2_0", "Q4_0", "Q4_K_M", "F16"]
 
