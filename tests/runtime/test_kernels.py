@@ -177,6 +177,32 @@ def test_block_64_odd_last_block_alone(kernel_check, name, n):
     assert np.all(np.abs(kern - ref) <= q8_0_bound(w, acts) * (1 + 1e-4) + 1e-5 * mag + 1e-6)
 
 
+@pytest.mark.parametrize("n", [64, 576, 1536])
+@pytest.mark.parametrize("name", BLOCK_64)
+def test_block_64_mul_mat_on_row_and_column_pairs(kernel_check, name, n):
+    """32 rows and even column counts: mul_mat passes two rows x two columns a call where the type asks for it
+    (AVX2: nrows = 2, patch 0015; one block of both rows a step, so 1 and 9 blocks need no tail). Each output
+    within fp32 rounding of the exact dot with the Q8_0 activations (a swapped or dropped one of the four sums
+    fails), for one column (the one-row path), 2, 4 and 16, on 1 and 2 threads."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(200 + n)
+    x = rng.standard_normal((30, n)) * np.linspace(0.5, 3.0, n)
+    raw = fmt.quantize(np.concatenate([x, edge_rows(n, rng)[1:3]]).astype(np.float32))
+    assert raw.shape[0] == 32
+    w = fmt.dequantize(raw, n)
+    acts = rng.standard_normal((16, n)).astype(np.float32)
+    acts[3, ::29] *= 10  # activation outliers
+    acts[6] = 0
+    kern, exact = kernel_check.vecdot(name, raw, acts)
+    mag = np.abs(acts.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    assert_same_sums(kern, exact, mag, n)
+    for cols in (1, 2, 4, 16):
+        for threads in (1, 2):
+            assert_same_sums(kernel_check.mulmat(name, raw, acts[:cols], threads=threads), exact[:cols], mag[:cols], n)
+    ref = acts.astype(np.float64) @ w.astype(np.float64).T
+    assert np.all(np.abs(kern - ref) <= q8_0_bound(w, acts) * (1 + 1e-4) + 1e-5 * mag + 1e-6)
+
+
 def test_selftest(kernel_check):
     """The driver's own check (the one to run on machines pytest cannot reach, e.g. AVX-512)."""
     out = kernel_check.run("selftest", *NEW, "q2_0")
