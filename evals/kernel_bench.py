@@ -1,12 +1,13 @@
 """Kernel benchmark: prefill (pp512) and decode (tg128) of every 1-4 bit type in real model shapes.
 
-    python -m slim_edge.evals.kernel_bench [--shape llama-3.2-1b|1.8b] [--bin-dir DIR] [-r 3] [-t 1,2]
+    python -m slim_edge.evals.kernel_bench [--shape llama-3.2-1b|1.8b|smollm2-135m] [--bin-dir DIR] [-r 3] [-t 1,2]
     python -m slim_edge.evals.kernel_bench --merge lane1.json lane2.json --out table   # runs split by --types
     GGML_CPU_TILED_MM=0 python -m slim_edge.evals.kernel_bench --types STQ1_0 --label vec_dot  # a variant's rows
 
 One F16 GGUF with random normal weights is written per shape (llama architecture, a filler vocabulary
 of the real size), then llama-quantize makes each type with the embedding and the output head pinned to
-Q6_K, so only the linear layers differ. llama-bench times them; memory read bandwidth is measured with
+Q6_K (Q8_0 where rows are not whole 256-blocks: smollm2-135m; pass --head-type q8_0 there), so only the
+linear layers differ. llama-bench times them; memory read bandwidth is measured with
 a numpy read loop, and the decode bound is bandwidth / bytes read per token (all weights but the
 token embedding, which is gathered, not read). Markdown goes to stdout, JSON beside it with --out.
 --label names the rows of a variant of the same type ("STQ1_0 vec_dot"), so that a run with, e.g.,
@@ -33,6 +34,8 @@ SHAPES = {
     # hidden, layers, heads, kv heads, ffn, vocab
     "llama-3.2-1b": dict(hidden=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn=8192, vocab=128256),
     "1.8b": dict(hidden=2048, n_layers=32, n_heads=16, n_kv_heads=4, ffn=6144, vocab=120818),
+    # rows of 576 = 9 blocks of 64: the shape the 64-block types (Q2_0C_64, STQ1_0_64) exist for
+    "smollm2-135m": dict(hidden=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn=1536, vocab=49152),
 }
 TYPES = ["STQ1_0", "Q2_0C", "TQ1_0", "TQ2_0", "Q2_0", "Q4_0", "Q4_K_M", "F16"]
 
@@ -106,15 +109,20 @@ def decode_bytes(path: Path) -> int:
     return sum(t.span for t in read_tensor_table(path).tensors if t.name != "token_embd.weight")
 
 
-def quantize(bin_dir: Path | None, f16: Path, kind: str, out: Path, head: str = "q6_K") -> Path:
-    """`kind` of the F16 model with token_embd Q6_K and the output head in `head`; an existing file is reused."""
+def embedding_type(hidden: int) -> str:
+    """Q6_K for the token embedding, as llama-quantize picks; Q8_0 where a row is not whole 256-blocks (576)."""
+    return "q6_K" if hidden % 256 == 0 else "q8_0"
+
+
+def quantize(bin_dir: Path | None, f16: Path, kind: str, out: Path, head: str = "q6_K", embd: str = "q6_K") -> Path:
+    """`kind` of the F16 model with token_embd in `embd` and the output head in `head`; an existing file is reused."""
     from slim_edge.converters.gguf_export import llama_quantize
 
     if kind == "F16":
         return f16
     if not out.exists():
-        log(f"llama-quantize {kind} (head {head}) -> {out.name}")
-        llama_quantize(f16, out, kind, bin_dir=bin_dir, token_embedding_type="q6_K", output_tensor_type=head)
+        log(f"llama-quantize {kind} (head {head}, embedding {embd}) -> {out.name}")
+        llama_quantize(f16, out, kind, bin_dir=bin_dir, token_embedding_type=embd, output_tensor_type=head)
     return out
 
 
@@ -237,7 +245,8 @@ def measure(a) -> dict | None:
         label = a.label or (None if default_head else f"head {a.head_type}")
         for kind in types:
             name = kind.lower() if default_head else f"{kind.lower()}-head-{a.head_type.lower()}"
-            model = quantize(a.bin_dir, f16, kind, d / f"{name}.gguf", a.head_type)
+            model = quantize(a.bin_dir, f16, kind, d / f"{name}.gguf", a.head_type,
+                             embedding_type(SHAPES[shape]["hidden"]))
             if a.prepare:
                 continue
             row = rows[f"{kind} {label}" if label else kind] = {

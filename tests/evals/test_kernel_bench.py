@@ -22,6 +22,11 @@ def test_bin_dir_without_llama_quantize(tmp_path):
         llama_quantize(tmp_path / "f16.gguf", tmp_path / "q4_0.gguf", "Q4_0", bin_dir=tmp_path)
 
 
+def test_embedding_type_falls_back_to_q8_0_where_rows_are_not_256_blocks():
+    assert kernel_bench.embedding_type(2048) == "q6_K"
+    assert kernel_bench.embedding_type(kernel_bench.SHAPES["smollm2-135m"]["hidden"]) == "q8_0"  # 576 = 2.25 * 256
+
+
 @pytest.mark.runtime
 def test_quantize_pins_embedding_and_output_to_q6_k(tmp_path):
     """A foreign build is reached through --bin-dir (here: the host runtime's own bin folder)."""

@@ -143,6 +143,66 @@ def test_block_64_types_on_odd_and_even_block_counts(kernel_check, name, n):
     np.testing.assert_array_equal(got.view(np.uint32), w[ids].view(np.uint32))
 
 
+def q8_0_bound(w: np.ndarray, acts: np.ndarray) -> np.ndarray:
+    """The most that Q8_0 activations can move each dot: with d = max|x| / 127 over a 32-block, q = round(x / d)
+    is off by half a step and the fp16 d by 2^-11 of itself in each of up to 127 steps, so an activation is off
+    by at most (1/2 + 127 * 2^-11) * d and |err| <= sum over blocks of that times sum |w|."""
+    step = np.abs(acts.astype(np.float64)).reshape(len(acts), -1, 32).max(axis=2) / 127 * (0.5 + 127 * 2.0**-11)
+    wsum = np.abs(w.astype(np.float64)).reshape(len(w), -1, 32).sum(axis=2)
+    return step @ wsum.T
+
+
+@pytest.mark.parametrize("n", [64, 192, 576])
+@pytest.mark.parametrize("name", BLOCK_64)
+def test_block_64_odd_last_block_alone(kernel_check, name, n):
+    """1, 3 and 9 blocks of 64: activations only in the last block, only before it, and everywhere. The odd
+    last block (AVX2 and NEON take blocks in pairs) alone must give its own dot, the two parts must add up to
+    the whole row, and every sum is within the Q8_0 bound of the float reference; a tail that is dropped,
+    reads a neighbour's codes or scale, or a zero second half that leaks into the sum fails here."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(100 + n)
+    x = rng.standard_normal((6, n)) * np.linspace(0.5, 3.0, n)  # a different scale in every block
+    raw = fmt.quantize(np.concatenate([x, edge_rows(n, rng)[1:4]]).astype(np.float32))
+    w = fmt.dequantize(raw, n)
+    base = rng.standard_normal((3, n)).astype(np.float32)
+    base[1, ::29] *= 10  # activation outliers
+    last = (np.arange(n) >= n - 64).astype(np.float32)
+    acts = np.concatenate([base * last, base * (1 - last), base])  # last block, the rest, the whole row
+    kern, exact = kernel_check.vecdot(name, raw, acts)
+    mag = np.abs(acts.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    assert_same_sums(kern, exact, mag, n)
+    assert np.all(np.abs(kern[:3]) > 0)
+    np.testing.assert_allclose(kern[:3] + kern[3:6], kern[6:], rtol=0, atol=1e-5 * mag[6:].max() + 1e-6)
+    ref = acts.astype(np.float64) @ w.astype(np.float64).T
+    assert np.all(np.abs(kern - ref) <= q8_0_bound(w, acts) * (1 + 1e-4) + 1e-5 * mag + 1e-6)
+
+
+@pytest.mark.parametrize("n", [64, 576, 1536])
+@pytest.mark.parametrize("name", BLOCK_64)
+def test_block_64_mul_mat_on_row_and_column_pairs(kernel_check, name, n):
+    """32 rows and even column counts: mul_mat passes two rows x two columns a call where the type asks for it
+    (AVX2: nrows = 2, patch 0015; one block of both rows a step, so 1 and 9 blocks need no tail). Each output
+    within fp32 rounding of the exact dot with the Q8_0 activations (a swapped or dropped one of the four sums
+    fails), for one column (the one-row path), 2, 4 and 16, on 1 and 2 threads."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(200 + n)
+    x = rng.standard_normal((30, n)) * np.linspace(0.5, 3.0, n)
+    raw = fmt.quantize(np.concatenate([x, edge_rows(n, rng)[1:3]]).astype(np.float32))
+    assert raw.shape[0] == 32
+    w = fmt.dequantize(raw, n)
+    acts = rng.standard_normal((16, n)).astype(np.float32)
+    acts[3, ::29] *= 10  # activation outliers
+    acts[6] = 0
+    kern, exact = kernel_check.vecdot(name, raw, acts)
+    mag = np.abs(acts.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    assert_same_sums(kern, exact, mag, n)
+    for cols in (1, 2, 4, 16):
+        for threads in (1, 2):
+            assert_same_sums(kernel_check.mulmat(name, raw, acts[:cols], threads=threads), exact[:cols], mag[:cols], n)
+    ref = acts.astype(np.float64) @ w.astype(np.float64).T
+    assert np.all(np.abs(kern - ref) <= q8_0_bound(w, acts) * (1 + 1e-4) + 1e-5 * mag + 1e-6)
+
+
 def test_selftest(kernel_check):
     """The driver's own check (the one to run on machines pytest cannot reach, e.g. AVX-512)."""
     out = kernel_check.run("selftest", *NEW, "q2_0")
