@@ -35,7 +35,7 @@ import torch.distributed as dist
 import typer
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from slim_edge.distributed import World, agree, global_mean, rank_device, world_from_env
+from slim_edge.distributed import World, agree, data_parallel, global_mean, rank_device, world_from_env
 from slim_edge.distill import distill_loss, distill_loss_reference
 from slim_edge.models import load_model
 from slim_edge.pipeline import pick_device
@@ -80,9 +80,7 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
     model, world = student, World()
     if variant.endswith("+ddp"):
         world = _process_group(device)
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[torch.device(device).index or 0] if device.startswith("cuda") else None,
-            forward_sync_buffers=False)
+        model = data_parallel(student, device)
     loss_fn = distill_loss_reference if variant == "session10" else distill_loss
     g = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from slim_edge.checkpoint import dequantized_weights, read_meta
-from slim_edge.distributed import World, world_from_env
+from slim_edge.distributed import World, data_parallel, no_buffer_sync, world_from_env
 from slim_edge.errors import SlimEdgeError
 from slim_edge.pipeline import check_distributed, run_quantize
 from slim_edge.quantize import QuantConfig
@@ -189,3 +189,24 @@ def test_sigterm_to_the_whole_job_saves_a_loadable_checkpoint(tiny_llama, tiny_t
     assert rc != 0 and 1 <= step < STEPS
     assert not list(ckpt.parent.glob("*.tmp")) and not list(ckpt.parent.glob(".*.tmp"))
     assert stderr.count(f"interrupted at step {step}/{STEPS}") == 2, stderr[-3000:]  # each rank's error, one step
+
+
+def test_data_parallel_takes_the_buffer_keyword_the_installed_torch_knows():
+    """torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers; 2.11 (the lent H200's) has only the old
+    name, and passing the new one there was a TypeError under torchrun."""
+    assert no_buffer_sync(["self", "module", "broadcast_buffers"]) == {"broadcast_buffers": False}
+    assert no_buffer_sync(["self", "module", "broadcast_buffers", "forward_sync_buffers"]) == \
+        {"forward_sync_buffers": False}
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = torch.nn.Linear(8, 4)
+        wrapped = data_parallel(torch.nn.Linear(8, 4), "cpu")
+        wrapped.module.load_state_dict(plain.state_dict())
+        x = torch.randn(3, 8)
+        plain(x).square().sum().backward()
+        wrapped(x).square().sum().backward()
+        assert torch.allclose(plain.weight.grad, wrapped.module.weight.grad, rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -64,6 +65,24 @@ def rank_device(world: World, device: str) -> str:
         return f"cuda:{world.local_rank}"
     raise SlimEdgeError(f"--device {device} under torchrun (WORLD_SIZE {world.size}): each rank takes "
                         f"cuda:LOCAL_RANK; pass --device cuda or --device cpu")
+
+
+def data_parallel(module: torch.nn.Module, device: str) -> torch.nn.parallel.DistributedDataParallel:
+    """`module` in DistributedDataParallel on this rank's device, buffers not re-sent every forward: they (rotary
+    tables, quads) are equal on every rank and never trained."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    index = None
+    if device.startswith("cuda"):
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+    return ddp(module, device_ids=None if index is None else [index],
+               **no_buffer_sync(inspect.signature(ddp.__init__).parameters))
+
+
+def no_buffer_sync(ddp_params) -> dict:
+    """DDP's keyword that stops the per-forward buffer broadcast: torch 2.13 renamed `broadcast_buffers` (deprecated
+    there) to `forward_sync_buffers`; torch 2.11, as on the lent H200, knows only the old name (a TypeError)."""
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_params else {"broadcast_buffers": False}
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .distill import distill_loss  # noqa: F401  (re-exported: the loss lives in distill.py)
-from .distributed import World, agree, barrier, global_mean
+from .distributed import World, agree, barrier, data_parallel, global_mean
 from .errors import SlimEdgeError
 from .qlinear import QuantLinear, compiled_kernels
 from .quantize import QuantConfig
@@ -204,9 +204,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     student.train()
     model = student
     if world.size > 1:
-        # the buffers (rotary tables, quads) are equal on every rank and never trained: no broadcast per step
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[world.local_rank] if device.startswith("cuda") else None, forward_sync_buffers=False)
+        model = data_parallel(student, device)
 
     def save():
         if ckpt_path is None or not world.main:  # the replicas are identical: one copy
