@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import SlimEdgeError
+from .fsutil import atomic_write
 
 SCHEMES = ("seq2", "sherry")
 BASELINES = ("f16", "q8_0", "q4_0", "q4_k_m")
@@ -70,7 +71,7 @@ def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = Fa
     ev = evaluate(models, reference=str(ggufs["f16"]), corpus="lee", split="eval", ctx=512,
                   max_chunks=eval_chunks, gen_tokens=32, train_text="wiki")
     timings["eval_s"] = time.perf_counter() - t
-    (out / "eval.json").write_text(json.dumps(ev, indent=1, default=str))
+    atomic_write(out / "eval.json", json.dumps(ev, indent=1, default=str))
 
     _log("bench on the host: prefill/TTFT and decode against Q4_0, Q4_K_M and F16")
     t = time.perf_counter()
@@ -84,8 +85,8 @@ def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = Fa
     summary = {"model": model, "steps": steps, "rows": rows, "timings": timings, "runtime": rt.to_json(),
                "total_s": time.perf_counter() - t0, "bench_files": {k: str(v) for k, v in paths.items()}}
     md = summary_table(summary)
-    (out / "summary.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    atomic_write(out / "summary.md", md)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str))
     print(md)
     return summary
 
