@@ -117,7 +117,8 @@ def quantize(
 
       slim-edge quantize ./my-llama --scheme seq2 --steps 2000 --calib corpus.txt -o runs/seq2
 
-      slim-edge quantize smollm2-135m --scheme seq2 --steps 1000 --batch-size 16 --seq-len 512 --device cuda -o runs/seq2
+      slim-edge quantize smollm2-135m --scheme seq2 --ptq gptq --steps 3000 --batch-size 64 --seq-len 512 --time-limit 15 --device cuda -o runs/seq2
+      (session 16's H200 recipe: held-out PPL 66.9, KLD 0.99; the lr schedule ends at the time limit)
 
       slim-edge quantize smollm2-135m --scheme seq2 --steps 2000 --calib wiki,teacher:4M --device cuda -o runs/seq2
 
