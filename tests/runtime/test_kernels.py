@@ -132,9 +132,7 @@ def test_block_64_types_on_odd_and_even_block_counts(kernel_check, name, n):
     acts = rng.standard_normal((5, n)).astype(np.float32)
     acts[1, ::29] *= 10  # activation outliers
     acts[3] = 0
-    kern, exact = kernel_check.vecdot(name, raw, acts)
-    mag = np.abs(acts.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
-    assert_same_sums(kern, exact, mag, n)
+    kern, exact, mag = checked_vecdot(kernel_check, name, raw, w, acts, n)
     assert np.abs(kern).max() > 0 and not kern[3].any()
     for cols in (1, 5):
         assert_same_sums(kernel_check.mulmat(name, raw, acts[:cols]), exact[:cols], mag[:cols], n)
@@ -168,9 +166,7 @@ def test_block_64_odd_last_block_alone(kernel_check, name, n):
     base[1, ::29] *= 10  # activation outliers
     last = (np.arange(n) >= n - 64).astype(np.float32)
     acts = np.concatenate([base * last, base * (1 - last), base])  # last block, the rest, the whole row
-    kern, exact = kernel_check.vecdot(name, raw, acts)
-    mag = np.abs(acts.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
-    assert_same_sums(kern, exact, mag, n)
+    kern, exact, mag = checked_vecdot(kernel_check, name, raw, w, acts, n)
     assert np.all(np.abs(kern[:3]) > 0)
     np.testing.assert_allclose(kern[:3] + kern[3:6], kern[6:], rtol=0, atol=1e-5 * mag[6:].max() + 1e-6)
     ref = acts.astype(np.float64) @ w.astype(np.float64).T
@@ -193,9 +189,7 @@ def test_block_64_mul_mat_on_row_and_column_pairs(kernel_check, name, n):
     acts = rng.standard_normal((16, n)).astype(np.float32)
     acts[3, ::29] *= 10  # activation outliers
     acts[6] = 0
-    kern, exact = kernel_check.vecdot(name, raw, acts)
-    mag = np.abs(acts.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
-    assert_same_sums(kern, exact, mag, n)
+    kern, exact, mag = checked_vecdot(kernel_check, name, raw, w, acts, n)
     for cols in (1, 2, 4, 16):
         for threads in (1, 2):
             assert_same_sums(kernel_check.mulmat(name, raw, acts[:cols], threads=threads), exact[:cols], mag[:cols], n)
@@ -233,6 +227,15 @@ def mul_mat_case(kernel_check, name: str, seed: int, random_rows: int, columns: 
     kern, exact = kernel_check.vecdot(name, raw, acts)  # one row and column at a time
     mag = np.abs(acts.astype(np.float64)) @ np.abs(w).T
     return raw, acts, kern, exact, mag
+
+
+def checked_vecdot(kernel_check, name: str, raw, w, acts, n: int):
+    """vec_dot of every activation row with every weight row, held to the exact dot (assert_same_sums); returns
+    the kernel's sums, the exact ones and sum |x| |w| per output."""
+    kern, exact = kernel_check.vecdot(name, raw, acts)
+    mag = np.abs(acts.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    assert_same_sums(kern, exact, mag, n)
+    return kern, exact, mag
 
 
 def assert_same_sums(got, want, mag, n: int):
