@@ -35,7 +35,7 @@ import torch.distributed as dist
 import typer
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from slim_edge.distributed import World, agree, data_parallel, global_mean, rank_device, world_from_env
+from slim_edge.distributed import World, agree, backend, data_parallel, global_mean, rank_device, world_from_env
 from slim_edge.distill import distill_loss, distill_loss_reference
 from slim_edge.models import load_model
 from slim_edge.pipeline import pick_device
@@ -121,11 +121,10 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
 def _process_group(device: str) -> World:
     """torchrun's process group, or a one-rank group of this process (nccl on CUDA, gloo on CPU)."""
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend(device))
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend(device), store=dist.HashStore(), rank=0, world_size=1)
     # the World the collectives see: at one rank they are skipped, as in `slim-edge quantize`
     return World(dist.get_rank(), dist.get_world_size())
 

@@ -67,6 +67,11 @@ def rank_device(world: World, device: str) -> str:
                         f"cuda:LOCAL_RANK; pass --device cuda or --device cpu")
 
 
+def backend(device: str) -> str:
+    """The collective backend for a device: nccl on CUDA, gloo on CPU."""
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
 def data_parallel(module: torch.nn.Module, device: str) -> torch.nn.parallel.DistributedDataParallel:
     """`module` in DistributedDataParallel on this rank's device, buffers not re-sent every forward: they (rotary
     tables, quads) are equal on every rank and never trained."""
@@ -91,7 +96,7 @@ def joined(world: World, device: str):
     if world.size == 1:
         yield
         return
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
+    dist.init_process_group(backend(device), timeout=TIMEOUT)
     try:
         yield
     finally:
