@@ -483,3 +483,32 @@ def test_bench_copies_nothing_before_refusing_a_non_gguf(tmp_path):
     with pytest.raises(SlimEdgeError, match=r"notes.gguf: not a GGUF file \(it starts with b'hell'"):
         run_bench([good, notes], dev, BenchConfig(threads=[1]), progress=False)
     assert dev.copied == []
+
+
+# --- session 17's re-probe: options that trained silently on nonsense ------------------------------------------
+@pytest.mark.parametrize("field,value", [("lr", -1.0), ("lr", 0.0), ("lr", float("nan")), ("scale_lr", -0.1),
+                                         ("scale_lr", float("inf")), ("arenas_lambda", -1.0),
+                                         ("tequila_lambda", float("nan")), ("warmup", -3)])
+def test_learning_rates_and_loss_weights_must_be_finite_and_not_negative(field, value):
+    # --lr -1 trained by gradient ascent (distillation loss 23.8 -> 249) and --lr nan wrote a NaN model, exit 0
+    with pytest.raises(SlimEdgeError, match=rf"{field.replace('_', '-') if field != 'warmup' else 'warmup'}.* {value!r}"):
+        QuantConfig(**{field: value})
+    QuantConfig(scale_lr=0.0, arenas_lambda=0.0, tequila_lambda=0.0)  # zero: frozen scales, no Arenas / Tequila term
+
+
+def test_teacher_for_a_model_that_is_not_a_checkpoint_is_refused(tiny_llama, tiny_text, tmp_path, no_loading):
+    # --teacher was ignored unless MODEL is a checkpoint: `--teacher /nonexistent` trained from MODEL, exit 0
+    with pytest.raises(SlimEdgeError, match=r"--teacher /nonexistent: a teacher is only chosen when MODEL is a "
+                                            r"slim-edge checkpoint"):
+        run_quantize(str(tiny_llama), QuantConfig(calib=str(tiny_text)), tmp_path / "o", progress=False,
+                     teacher_model="/nonexistent")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_whose_trained_model_is_not_finite_writes_nothing(tiny_llama, tiny_text, tmp_path):
+    # one Adam step of 1e30 leaves the loss of step 1 finite (it is computed before the step) and the weights not:
+    # the final distillation loss was nan and the checkpoint was written anyway
+    config = QuantConfig(scheme="seq2", steps=1, batch_size=1, seq_len=32, lr=1e30, calib=str(tiny_text))
+    with pytest.raises(SlimEdgeError, match=r"distillation loss is (nan|inf).*nothing was written.*lower --lr"):
+        run_quantize(str(tiny_llama), config, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import shutil
 import sys
@@ -164,6 +165,10 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
     init = None
     if is_checkpoint(model):
         init, model = Path(model), continue_from(Path(model), config, teacher_model)
+    elif teacher_model is not None:
+        raise SlimEdgeError(f"--teacher {teacher_model}: a teacher is only chosen when MODEL is a slim-edge checkpoint "
+                            f"to continue; {model} is itself the full-precision model it distils from: leave "
+                            f"--teacher out")
     deadline = None if not time_limit else time.monotonic() + time_limit
     partial = out.with_name(out.name + ".partial")
     # --resume without a partial run is a fresh run: it replaces nothing without --force
@@ -265,6 +270,10 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
         return {}
     loss_qat = (distill_eval(student, teacher, ids, config, device) if config.steps > 0
                 else loss_blocks if loss_blocks is not None else loss_ptq)
+    if not math.isfinite(loss_qat):
+        raise SlimEdgeError(f"the trained model's distillation loss is {loss_qat} (PTQ start: {loss_ptq:.4f}): training "
+                            f"diverged and nothing was written; run again with --force and a lower --lr (now "
+                            f"{config.lr}) or --scale-lr (now {config.scale_lr})")
     summary = plan_summary(plan)
     report = {
         # a folder is stored absolute: continuing from another working directory must find the same teacher

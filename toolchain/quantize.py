@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -79,6 +80,14 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise SlimEdgeError(f"--{name.replace('_', '-')} {value!r}: it must be an integer of at least {low}")
+        for name, strict in (("lr", True), ("scale_lr", False), ("arenas_lambda", False), ("tequila_lambda", False)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (strict and value == 0):
+                raise SlimEdgeError(f"--{name.replace('_', '-')} {value!r}: it must be a finite number "
+                                    f"{'> 0' if strict else '>= 0'}")
+        if not 0 <= self.arenas_warmup <= 1 or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise SlimEdgeError(f"arenas_warmup {self.arenas_warmup!r} / warmup {self.warmup!r}: need a fraction "
+                                f"in [0, 1] and a whole number of steps >= 0")
         if self.block_steps < 0 or self.block_samples < 1:
             raise SlimEdgeError(f"--block-steps {self.block_steps} / --block-samples {self.block_samples}: "
                                 f"need block steps >= 0 and at least one sample")
