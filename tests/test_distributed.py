@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from slim_edge.checkpoint import dequantized_weights, read_meta
-from slim_edge.distributed import World, data_parallel, no_buffer_sync, world_from_env
+from slim_edge.distributed import World, data_parallel, no_buffer_sync, sharding, world_from_env
 from slim_edge.errors import SlimEdgeError
 from slim_edge.pipeline import check_distributed, run_quantize
 from slim_edge.quantize import QuantConfig
 from slim_edge.train import _batches
 
 B, STEPS = 2, 12
+FIRST_STEPS = 3  # fsdp: the steps before a code flips (test_two_fsdp_ranks_...)
 OPTS = dict(scheme="sherry", steps=STEPS, seq_len=64, lr=1e-3, scale_lr=3e-2)
 SLIM_EDGE = Path(sys.executable).parent / "slim-edge"
 
@@ -94,6 +95,21 @@ def _assert_same_model(a: Path, b: Path):
         torch.testing.assert_close(wa[k], wb[k], rtol=2 ** -10, atol=0, msg=k)
 
 
+def _assert_close_model(a: Path, b: Path, flipped: float):
+    """As _assert_same_model, but a fraction `flipped` of each linear's weights may be off by more than 1 % (a
+    flipped code), and the floats (norms) by 1e-3; block scales drift below 1 %."""
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if ta[k].is_floating_point():
+            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=1e-3, msg=k)
+    wa, wb = dequantized_weights(read_meta(a), ta), dequantized_weights(read_meta(b), tb)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        off = ~torch.isclose(wa[k], wb[k], rtol=1e-2, atol=0)
+        assert off.float().mean() <= flipped, (k, off.float().mean().item())
+
+
 def _assert_same_losses(ref: dict[int, float], got: dict[int, float]):
     assert got and set(got) <= set(ref)
     for step, loss in got.items():
@@ -152,6 +168,36 @@ def test_two_ranks_train_as_one_process_at_twice_the_batch(tiny_llama, tiny_text
     assert len(ref) == STEPS
     _assert_same_losses(ref, _losses(out))
     _assert_same_model(reference, out)
+
+
+def test_two_fsdp_ranks_train_as_one_process_at_twice_the_batch(tiny_llama, tiny_text, tmp_path, reference):
+    """FSDP2 (fully_shard per decoder layer and the root, gloo): reduce-scattered grads, the global-norm clip and
+    the sharded AdamW train as the 1-process run; rank 0 writes the same folder.
+
+    Tighter than float noise allows only until the first code flips: the clip's norm, summed from shards, differs
+    from the 1-process norm by an fp32 ulp (1.2e-7, measured), Adam turns that into lr-sized steps on near-zero
+    grads, and once a ternary code flips the runs part chaotically (measured: 5e-7 at step 3, 3e-5 at 4, 1.5e-3 at
+    12; 1.7e-4 of the codes flipped, the scales < 1 % apart). So: DDP's 1e-5 for the first FIRST_STEPS steps, and
+    5e-3 and at most 1e-3 flipped codes after that. A wrong data split or no gradient averaging is off by > 1e-3 at step 1 or 2."""
+    out = tmp_path / "out"
+    rc, stdout, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp"))
+    assert rc == 0, stderr[-3000:]
+    assert stderr.count("wrote ") == 1, "rank 1 printed its summary too"
+    assert json.loads((out / "report.json").read_text())["shard"] == "fsdp"
+    ref, got = _losses(reference), _losses(out)
+    assert len(ref) == STEPS and set(got) == set(ref)
+    _assert_same_losses(ref, {s: v for s, v in got.items() if s <= FIRST_STEPS})
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref[step], rel=5e-3), (step, loss, ref[step])
+    _assert_close_model(reference, out, flipped=1e-3)
+
+
+def test_shard_takes_auto_ddp_or_fsdp():
+    with pytest.raises(SlimEdgeError, match=r"--shard 'zero3': choose one of auto, ddp, fsdp"):
+        QuantConfig(shard="zero3")
+    assert sharding(World(), "fsdp") is None  # one process: no sharding
+    assert sharding(World(0, 2), "auto") == "ddp"
+    assert sharding(World(1, 2), "fsdp") == "fsdp"
 
 
 def test_sigterm_to_one_rank_saves_a_loadable_checkpoint(stopped):
