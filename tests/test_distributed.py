@@ -2,6 +2,7 @@
 a SIGTERM to one rank stops both at one step with a loadable checkpoint, and 1 process resumes it."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,9 +128,18 @@ def reference(tiny_llama, tiny_text, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stopped(tiny_llama, tiny_text, tmp_path_factory) -> tuple[Path, int, str]:
     """2 ranks, saving every step; SIGTERM to rank 1 alone once the first save is there."""
-    out = tmp_path_factory.mktemp("stopped") / "out"
+    return _stop_rank_1(tiny_llama, tiny_text, tmp_path_factory.mktemp("stopped") / "out")
+
+
+@pytest.fixture(scope="module")
+def stopped_fsdp(tiny_llama, tiny_text, tmp_path_factory) -> tuple[Path, int, str]:
+    """As `stopped`, under --shard fsdp."""
+    return _stop_rank_1(tiny_llama, tiny_text, tmp_path_factory.mktemp("stopped_fsdp") / "out", "--shard", "fsdp")
+
+
+def _stop_rank_1(tiny_llama, tiny_text, out: Path, *extra: str) -> tuple[Path, int, str]:
     ckpt = out.with_name("out.partial") / "train.pt"
-    proc = _torchrun(tiny_llama, tiny_text, out, "--checkpoint-every", "1")
+    proc = _torchrun(tiny_llama, tiny_text, out, "--checkpoint-every", "1", *extra)
     t0 = time.monotonic()
     while not ckpt.is_file() and proc.poll() is None and time.monotonic() - t0 < 90:
         time.sleep(0.01)
@@ -218,6 +228,46 @@ def test_one_process_resumes_a_two_rank_checkpoint(tiny_llama, tiny_text, refere
     assert min(got) == step + 1 and max(got) == STEPS
     _assert_same_losses(_losses(reference), got)
     _assert_same_model(reference, out)
+
+
+def _copied(stopped: tuple[Path, int, str], tmp_path: Path) -> Path:
+    """A copy of a stopped run's OUT.partial beside tmp_path/out, so that resuming it leaves the fixture's alone."""
+    out = tmp_path / "out"
+    shutil.copytree(stopped[0].with_name("out.partial"), out.with_name("out.partial"))
+    return out
+
+
+def test_fsdp_checkpoint_is_one_process_train_pt(stopped_fsdp, tiny_llama, tiny_text, reference, tmp_path):
+    """SIGTERM under fsdp: both ranks gather, rank 0 writes the train.pt one process writes (optimizer state keyed
+    by index), and one process resumes it."""
+    _, rc, stderr = stopped_fsdp
+    assert rc != 0 and "interrupted at step" in stderr, stderr[-3000:]
+    out = _copied(stopped_fsdp, tmp_path)
+    blob = torch.load(out.with_name("out.partial") / "train.pt", weights_only=True)
+    assert 1 <= blob["state"]["step"] < STEPS and blob["global_batch"] == 2 * B
+    assert all(isinstance(i, int) for i in blob["optimizer"]["state"])
+    assert not any(isinstance(v, torch.distributed.tensor.DTensor) for v in blob["model"].values())
+    _one_process(tiny_llama, tiny_text, out, resume=True)
+    got = _losses(out)
+    assert min(got) == blob["state"]["step"] + 1 and max(got) == STEPS
+    ref = _losses(reference)
+    for step, loss in got.items():  # the fsdp tolerance (test_two_fsdp_ranks_...)
+        assert loss == pytest.approx(ref[step], rel=5e-3), (step, loss, ref[step])
+    _assert_close_model(reference, out, flipped=1e-3)
+
+
+def test_fsdp_ranks_resume_an_fsdp_checkpoint(stopped_fsdp, tiny_llama, tiny_text, reference, tmp_path):
+    """2 fsdp ranks resume the train.pt of 2 fsdp ranks: the full state is sharded onto the ranks (load_optimizer)."""
+    out = _copied(stopped_fsdp, tmp_path)
+    step = torch.load(out.with_name("out.partial") / "train.pt", weights_only=True)["state"]["step"]
+    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp", "--resume"))
+    assert rc == 0, stderr[-3000:]
+    assert f"resumed from {out.with_name('out.partial') / 'train.pt'} at step {step}" in stderr
+    got, ref = _losses(out), _losses(reference)
+    assert min(got) == step + 1 and max(got) == STEPS
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref[step], rel=5e-3), (step, loss, ref[step])
+    _assert_close_model(reference, out, flipped=1e-3)
 
 
 def test_sigterm_to_the_whole_job_saves_a_loadable_checkpoint(tiny_llama, tiny_text, tmp_path):
