@@ -208,6 +208,9 @@ def test_shard_takes_auto_ddp_or_fsdp():
     assert sharding(World(), "fsdp") is None  # one process: no sharding
     assert sharding(World(0, 2), "auto") == "ddp"
     assert sharding(World(1, 2), "fsdp") == "fsdp"
+    cli = subprocess.run([str(SLIM_EDGE), "quantize", "--shard", "zero3", "--dry-run"], capture_output=True, text=True)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert "slim-edge: error: --shard 'zero3': choose one of auto, ddp, fsdp" in cli.stderr, cli.stderr
 
 
 def test_sigterm_to_one_rank_saves_a_loadable_checkpoint(stopped):
