@@ -2,6 +2,7 @@
 a SIGTERM to one rank stops both at one step with a loadable checkpoint, and 1 process resumes it."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,13 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 from slim_edge.checkpoint import dequantized_weights, read_meta
-from slim_edge.distributed import World, data_parallel, no_buffer_sync, world_from_env
+from slim_edge.distributed import World, data_parallel, no_buffer_sync, sharding, world_from_env
 from slim_edge.errors import SlimEdgeError
 from slim_edge.pipeline import check_distributed, run_quantize
 from slim_edge.quantize import QuantConfig
 from slim_edge.train import _batches
 
 B, STEPS = 2, 12
+FIRST_STEPS = 3  # fsdp: the steps before a code flips (test_two_fsdp_ranks_...)
 OPTS = dict(scheme="sherry", steps=STEPS, seq_len=64, lr=1e-3, scale_lr=3e-2)
 SLIM_EDGE = Path(sys.executable).parent / "slim-edge"
 
@@ -94,6 +96,21 @@ def _assert_same_model(a: Path, b: Path):
         torch.testing.assert_close(wa[k], wb[k], rtol=2 ** -10, atol=0, msg=k)
 
 
+def _assert_close_model(a: Path, b: Path, flipped: float):
+    """As _assert_same_model, but a fraction `flipped` of each linear's weights may be off by more than 1 % (a
+    flipped code), and the floats (norms) by 1e-3; block scales drift below 1 %."""
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if ta[k].is_floating_point():
+            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=1e-3, msg=k)
+    wa, wb = dequantized_weights(read_meta(a), ta), dequantized_weights(read_meta(b), tb)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        off = ~torch.isclose(wa[k], wb[k], rtol=1e-2, atol=0)
+        assert off.float().mean() <= flipped, (k, off.float().mean().item())
+
+
 def _assert_same_losses(ref: dict[int, float], got: dict[int, float]):
     assert got and set(got) <= set(ref)
     for step, loss in got.items():
@@ -111,9 +128,18 @@ def reference(tiny_llama, tiny_text, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stopped(tiny_llama, tiny_text, tmp_path_factory) -> tuple[Path, int, str]:
     """2 ranks, saving every step; SIGTERM to rank 1 alone once the first save is there."""
-    out = tmp_path_factory.mktemp("stopped") / "out"
+    return _stop_rank_1(tiny_llama, tiny_text, tmp_path_factory.mktemp("stopped") / "out")
+
+
+@pytest.fixture(scope="module")
+def stopped_fsdp(tiny_llama, tiny_text, tmp_path_factory) -> tuple[Path, int, str]:
+    """As `stopped`, under --shard fsdp."""
+    return _stop_rank_1(tiny_llama, tiny_text, tmp_path_factory.mktemp("stopped_fsdp") / "out", "--shard", "fsdp")
+
+
+def _stop_rank_1(tiny_llama, tiny_text, out: Path, *extra: str) -> tuple[Path, int, str]:
     ckpt = out.with_name("out.partial") / "train.pt"
-    proc = _torchrun(tiny_llama, tiny_text, out, "--checkpoint-every", "1")
+    proc = _torchrun(tiny_llama, tiny_text, out, "--checkpoint-every", "1", *extra)
     t0 = time.monotonic()
     while not ckpt.is_file() and proc.poll() is None and time.monotonic() - t0 < 90:
         time.sleep(0.01)
@@ -154,6 +180,40 @@ def test_two_ranks_train_as_one_process_at_twice_the_batch(tiny_llama, tiny_text
     _assert_same_model(reference, out)
 
 
+def test_two_fsdp_ranks_train_as_one_process_at_twice_the_batch(tiny_llama, tiny_text, tmp_path, reference):
+    """FSDP2 (fully_shard per decoder layer and the root, gloo): reduce-scattered grads, the global-norm clip and
+    the sharded AdamW train as the 1-process run; rank 0 writes the same folder.
+
+    Tight only until the first code flips: the clip (active: the norms are 1.03-1.49 in these steps) takes a norm
+    summed from the shards in another order, 1.8e-6 relative off DDP's at step 1 (measured; the losses of steps 1-2
+    equal DDP's to 8 digits: Adam's first step is scale-free), Adam turns that into lr-sized steps on near-zero
+    grads from step 2, and once a ternary code flips the runs part chaotically (measured: 5e-7 at step 3, 3e-5 at 4, 1.5e-3 at
+    12; 1.7e-4 of the codes flipped, the scales < 1 % apart). So: DDP's 1e-5 for the first FIRST_STEPS steps, and
+    5e-3 and at most 1e-3 flipped codes after that. A wrong data split or no gradient averaging is off by > 1e-3 at step 1 or 2."""
+    out = tmp_path / "out"
+    rc, stdout, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp"))
+    assert rc == 0, stderr[-3000:]
+    assert stderr.count("wrote ") == 1, "rank 1 printed its summary too"
+    assert json.loads((out / "report.json").read_text())["shard"] == "fsdp"
+    ref, got = _losses(reference), _losses(out)
+    assert len(ref) == STEPS and set(got) == set(ref)
+    _assert_same_losses(ref, {s: v for s, v in got.items() if s <= FIRST_STEPS})
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref[step], rel=5e-3), (step, loss, ref[step])
+    _assert_close_model(reference, out, flipped=1e-3)
+
+
+def test_shard_takes_auto_ddp_or_fsdp():
+    with pytest.raises(SlimEdgeError, match=r"--shard 'zero3': choose one of auto, ddp, fsdp"):
+        QuantConfig(shard="zero3")
+    assert sharding(World(), "fsdp") is None  # one process: no sharding
+    assert sharding(World(0, 2), "auto") == "ddp"
+    assert sharding(World(1, 2), "fsdp") == "fsdp"
+    cli = subprocess.run([str(SLIM_EDGE), "quantize", "--shard", "zero3", "--dry-run"], capture_output=True, text=True)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert "slim-edge: error: --shard 'zero3': choose one of auto, ddp, fsdp" in cli.stderr, cli.stderr
+
+
 def test_sigterm_to_one_rank_saves_a_loadable_checkpoint(stopped):
     out, rc, stderr = stopped
     assert rc != 0 and "interrupted at step" in stderr, stderr[-3000:]
@@ -172,6 +232,46 @@ def test_one_process_resumes_a_two_rank_checkpoint(tiny_llama, tiny_text, refere
     assert min(got) == step + 1 and max(got) == STEPS
     _assert_same_losses(_losses(reference), got)
     _assert_same_model(reference, out)
+
+
+def _copied(stopped: tuple[Path, int, str], tmp_path: Path) -> Path:
+    """A copy of a stopped run's OUT.partial beside tmp_path/out, so that resuming it leaves the fixture's alone."""
+    out = tmp_path / "out"
+    shutil.copytree(stopped[0].with_name("out.partial"), out.with_name("out.partial"))
+    return out
+
+
+def test_fsdp_checkpoint_is_one_process_train_pt(stopped_fsdp, tiny_llama, tiny_text, reference, tmp_path):
+    """SIGTERM under fsdp: both ranks gather, rank 0 writes the train.pt one process writes (optimizer state keyed
+    by index), and one process resumes it."""
+    _, rc, stderr = stopped_fsdp
+    assert rc != 0 and "interrupted at step" in stderr, stderr[-3000:]
+    out = _copied(stopped_fsdp, tmp_path)
+    blob = torch.load(out.with_name("out.partial") / "train.pt", weights_only=True)
+    assert 1 <= blob["state"]["step"] < STEPS and blob["global_batch"] == 2 * B
+    assert all(isinstance(i, int) for i in blob["optimizer"]["state"])
+    assert not any(isinstance(v, torch.distributed.tensor.DTensor) for v in blob["model"].values())
+    _one_process(tiny_llama, tiny_text, out, resume=True)
+    got = _losses(out)
+    assert min(got) == blob["state"]["step"] + 1 and max(got) == STEPS
+    ref = _losses(reference)
+    for step, loss in got.items():  # the fsdp tolerance (test_two_fsdp_ranks_...)
+        assert loss == pytest.approx(ref[step], rel=5e-3), (step, loss, ref[step])
+    _assert_close_model(reference, out, flipped=1e-3)
+
+
+def test_fsdp_ranks_resume_an_fsdp_checkpoint(stopped_fsdp, tiny_llama, tiny_text, reference, tmp_path):
+    """2 fsdp ranks resume the train.pt of 2 fsdp ranks: the full state is sharded onto the ranks (load_optimizer)."""
+    out = _copied(stopped_fsdp, tmp_path)
+    step = torch.load(out.with_name("out.partial") / "train.pt", weights_only=True)["state"]["step"]
+    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp", "--resume"))
+    assert rc == 0, stderr[-3000:]
+    assert f"resumed from {out.with_name('out.partial') / 'train.pt'} at step {step}" in stderr
+    got, ref = _losses(out), _losses(reference)
+    assert min(got) == step + 1 and max(got) == STEPS
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref[step], rel=5e-3), (step, loss, ref[step])
+    _assert_close_model(reference, out, flipped=1e-3)
 
 
 def test_sigterm_to_the_whole_job_saves_a_loadable_checkpoint(tiny_llama, tiny_text, tmp_path):

@@ -98,6 +98,11 @@ def quantize(
         show_default=False)] = None,
     tequila_lambda: Annotated[float, typer.Option(help="Tequila's dead-weight bias factor")] = 1e-3,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    shard: Annotated[str, typer.Option(help="under torchrun: ddp (a full replica of the student per rank, "
+                                            "DistributedDataParallel) | fsdp (FSDP2 fully_shard per decoder layer: "
+                                            "each rank holds 1/N of the weights, grads and optimizer state) | auto "
+                                            "(ddp for now; a memory planner is to pick fsdp when a replica does "
+                                            "not fit). Ignored by one process")] = "auto",
     checkpoint_every: Annotated[int, typer.Option(help="save the training state every N steps")] = 50,
     time_limit: Annotated[float, typer.Option(help="minutes for the whole run; QAT stops there and saves the "
                                                    "model trained so far. The lr and Arenas schedules run on time, so "
@@ -131,6 +136,8 @@ def quantize(
       slim-edge quantize smollm2-135m --scheme ternary --target tq1_0 --dry-run
 
       torchrun --nproc-per-node 4 --no-python slim-edge quantize smollm2-135m --scheme seq2 --steps 1000 --device cuda -o runs/seq2   (data-parallel; --batch-size per GPU)
+
+      torchrun --nproc-per-node 8 --no-python slim-edge quantize ./my-llama --shard fsdp --steps 1000 --device cuda -o runs/seq2   (sharded)
     """
     from .checkpoint import is_checkpoint, read_meta
     from .distributed import world_from_env
@@ -154,7 +161,7 @@ def quantize(
                          distill=distill, ce_weight=ce_weight, block_steps=block_steps, block_samples=block_samples,
                          ptq=ptq, ptq_samples=ptq_samples,
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,
-                         runtime_attention=runtime_attention, calib=calib, seed=seed, bits=bits,
+                         runtime_attention=runtime_attention, shard=shard, calib=calib, seed=seed, bits=bits,
                          embedding_type=embedding_type or "q8_0")
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
                           checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60,

@@ -1,15 +1,18 @@
-"""Data-parallel QAT under torchrun: one process per device, PyTorch's DistributedDataParallel averaging grads.
+"""Data-parallel QAT under torchrun: one process per device, PyTorch's DistributedDataParallel averaging grads,
+or FSDP2 (`fully_shard`) holding 1/N of the trained state on each rank (--shard fsdp).
 
-    torchrun --nproc-per-node N --no-python slim-edge quantize ... --batch-size B
+    torchrun --nproc-per-node N --no-python slim-edge quantize ... --batch-size B [--shard fsdp]
 
 Every rank draws the same global batch of N*B sequences from the one seeded stream and trains on rows
 rank*B:(rank+1)*B, so N ranks at B see, step for step, what one process sees at N*B. Replicas stay identical,
-so rank 0 alone writes the output folder and the training checkpoint; the others wait on a barrier.
-A single process (no WORLD_SIZE in the environment) never makes a process group.
+so rank 0 alone writes the output folder and the training checkpoint; the others wait on a barrier. Under
+FSDP every rank takes part in gathering the full state dicts (full_state) that rank 0 then writes, in the same
+train.pt and folder layouts as one process. A single process (no WORLD_SIZE in the environment) never makes a process group.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import inspect
 import os
@@ -17,12 +20,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
 
 from .errors import SlimEdgeError
 
 # rank 0 alone samples teacher tokens (--calib teacher:N) while the others wait in a broadcast: that can take
 # longer than torch's default 10-30 min collective timeout
 TIMEOUT = datetime.timedelta(hours=3)
+# --shard: auto is DDP for now; a memory planner is to pick fsdp when a full replica does not fit (issue 21)
+SHARDS = ("auto", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,81 @@ def no_buffer_sync(ddp_params) -> dict:
     """DDP's keyword that stops the per-forward buffer broadcast: torch 2.13 renamed `broadcast_buffers` (deprecated
     there) to `forward_sync_buffers`; torch 2.11, as on the lent H200, knows only the old name (a TypeError)."""
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_params else {"broadcast_buffers": False}
+
+
+def sharding(world: World, shard: str) -> str | None:
+    """How the ranks share the student: "ddp" or "fsdp" (QuantConfig checked the choice); None for one process."""
+    if world.size == 1:
+        return None
+    return "ddp" if shard == "auto" else shard
+
+
+def fully_sharded(module: torch.nn.Module, layers) -> torch.nn.Module:
+    """`module` sharded in place with FSDP2: one all-gather group per decoder layer, then the root (embedding,
+    final norm, head), so only one layer's full weights are live at a time.
+
+    No MixedPrecisionPolicy: the parameters stay fp32 as under DDP, so fsdp trains the same numbers (the test holds
+    it to the 1-process run) and the block scales' small relative steps are not lost to bf16; on a GPU the matmuls
+    already run in bf16 through train_step's autocast."""
+    for layer in layers:
+        fully_shard(layer)
+    return fully_shard(module)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def param_names(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The module's names of the optimizer's parameters, in the order opt.state_dict() numbers them."""
+    name = {id(p): n for n, p in module.named_parameters()}
+    return [name[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def by_index(optim_sd: dict, names: list[str]) -> dict:
+    """A state dict keyed by parameter names (torch.distributed.checkpoint's) keyed by index, as
+    opt.state_dict() of one process keys it."""
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in optim_sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_sd["param_groups"]]}
+
+
+def by_name(optim_sd: dict, names: list[str]) -> dict:
+    """by_index undone."""
+    return {"state": {names[i]: v for i, v in optim_sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_sd["param_groups"]]}
+
+
+def full_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """An FSDP module's full model and optimizer state dicts on rank 0's CPU, laid out as one process's
+    module.state_dict() and opt.state_dict(); ({}, {}) on the other ranks. Every rank must call it."""
+    model_sd = get_model_state_dict(module, options=_FULL)
+    optim_sd = get_optimizer_state_dict(module, opt, options=_FULL)
+    return model_sd, by_index(optim_sd, param_names(module, opt)) if optim_sd else {}
+
+
+def load_optimizer(module: torch.nn.Module, opt: torch.optim.Optimizer, optim_sd: dict) -> None:
+    """One process's opt.state_dict() (every rank holds it) into the sharded optimizer of an FSDP module."""
+    set_optimizer_state_dict(module, opt, by_name(optim_sd, param_names(module, opt)),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` whose parameters are on the meta device (no memory) and whose buffers are real: the
+    non-persistent ones (rotary tables, quads) are in no state dict. It takes the gathered weights after FSDP
+    training (unsharded)."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def unsharded(module: torch.nn.Module, skeleton: torch.nn.Module | None, device: str) -> torch.nn.Module | None:
+    """The FSDP module's trained weights in `skeleton` (meta_copy's, taken before sharding) on rank 0's `device`;
+    None on the other ranks. Every rank must call it."""
+    weights = get_model_state_dict(module, options=_FULL)
+    if skeleton is None:
+        return None
+    skeleton.load_state_dict(weights, assign=True)
+    return skeleton.to(device)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ import torch
 
 from .checkpoint import (check_output, init_from_checkpoint, is_checkpoint, read_meta, refuse_damaged_checkpoint,
                          save_quantized)
-from .distributed import World, barrier, broadcast, joined, quiet, rank_device, world_from_env
+from .distributed import (World, barrier, broadcast, joined, meta_copy, quiet, rank_device, sharding, unsharded,
+                          world_from_env)
 from .errors import SlimEdgeError
 from .fsutil import atomic_path, check_free_space
 from .memory import check_model_config
@@ -263,8 +264,12 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
     if config.steps > 0:
         # QAT's teacher only runs forward, under bf16 autocast anyway: on a GPU a bf16 copy saves the casts
         fast_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if device.startswith("cuda") else teacher
+        fsdp = sharding(world, config.shard) == "fsdp"
+        skeleton = meta_copy(student) if fsdp and world.main else None  # before train() shards the student
         state = train(student, fast_teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
                       device=device, progress=progress, log=log_lines.append, deadline=deadline, world=world)
+        if fsdp:
+            student = unsharded(student, skeleton, device)
     if not world.main:
         barrier(world)  # while rank 0 evaluates and writes the folder
         return {}
@@ -280,6 +285,7 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
         "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
         "continued_from": None if init is None else str(init.resolve()), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
         "calibration": source, "plan_summary": summary, "budget": budget, "ranks": world.size,
+        "shard": sharding(world, config.shard),
         "global_batch": batch,
         "distill_loss": {"ptq": loss_ptq, "blocks": loss_blocks, "final": loss_qat},
         "ptq": {"method": config.ptq, "samples": config.ptq_samples, "seconds": round(t_gptq, 1), "layers": ptq_rows},

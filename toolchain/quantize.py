@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .distributed import SHARDS
 from .errors import SlimEdgeError
 from .formats import get_format
 from .qlinear import EMBEDDING_TYPES, QuantLinear, activation_type, quantize_embedding_
@@ -63,6 +64,9 @@ class QuantConfig:
     # on a GPU: fake quantization and the loss through torch.compile. Off by default: Sherry steps 1.4x faster,
     # seq2 5 % slower, and compiled rounding differs from the eager (= exported) values on ~5e-5 of seq2's weights
     compile: bool = False
+    # under torchrun: auto (= ddp for now) | ddp (a full replica per rank) | fsdp (FSDP2: 1/N of the weights,
+    # grads and AdamW state per rank); ignored by one process
+    shard: str = "auto"
     calib: str = "wiki"
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -102,6 +106,8 @@ class QuantConfig:
         if self.ce_weight < 0 or (self.distill == "none" and self.ce_weight == 0):
             raise SlimEdgeError(f"--ce-weight {self.ce_weight} with --distill {self.distill}: the weight of the "
                                 f"cross-entropy must be >= 0, and > 0 without distillation (the loss would be empty)")
+        if self.shard not in SHARDS:
+            raise SlimEdgeError(f"--shard {self.shard!r}: choose one of {', '.join(SHARDS)} (auto = ddp for now)")
         if self.embedding_type not in EMBEDDING_TYPES:
             raise SlimEdgeError(f"--embedding-type {self.embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
         if self.bits is not None and not 0 < self.bits <= MAX_BITS:

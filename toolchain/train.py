@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .distill import distill_loss  # noqa: F401  (re-exported: the loss lives in distill.py)
-from .distributed import World, agree, barrier, data_parallel, global_mean
+from .distributed import (World, agree, barrier, data_parallel, full_state, fully_sharded, global_mean, load_optimizer,
+                          sharding)
 from .errors import SlimEdgeError
 from .qlinear import QuantLinear, compiled_kernels
 from .quantize import QuantConfig
@@ -107,6 +108,28 @@ def _quant_params(qlayers):
     return weights, [m.scale for m in qlayers]
 
 
+def _trained(student, qlayers):
+    """(latent weights and biases, block scales, other trained parameters: the norms; the embedding and head
+    stay frozen)."""
+    weights, scales = _quant_params(qlayers)
+    qparams = {id(p) for p in weights + scales}
+    others = [p for n, p in student.named_parameters()
+              if id(p) not in qparams and "embed" not in n and "lm_head" not in n]
+    return weights, scales, others
+
+
+def _checkpoint(ckpt_path: Path | None, device: str) -> dict | None:
+    """The training state in ckpt_path, or None when there is none."""
+    if ckpt_path is None or not ckpt_path.is_file():
+        return None
+    try:  # tensors and plain numbers only: a crafted pickle in OUT.partial/ must not run code on --resume
+        return torch.load(ckpt_path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SlimEdgeError(f"{ckpt_path}: refusing to resume from it: it holds more than tensors and numbers "
+                            f"({first}); delete it to start over") from None
+
+
 def _optimizer(weights, others, scales, config: QuantConfig, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW with two groups: latent weights (+ other trained parameters) at lr, block scales at scale_lr.
     fused: one CUDA kernel for all parameters (the same update as the default per-tensor loops)."""
@@ -163,32 +186,37 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
           deadline: float | None = None, clock=time.monotonic, world: World = World()) -> TrainState:
     """QAT for config.steps steps; resumes from ckpt_path when it exists. Ctrl-C or SIGTERM saves and stops.
 
-    Under torchrun (world.size > 1) DDP averages the gradients before the clip and the optimizer step, each
-    rank trains on its rows of the global batch (_batches), and rank 0 alone saves.
+    Under torchrun (world.size > 1) DDP (or FSDP2's reduce-scatter, config.shard "fsdp") averages the gradients
+    before the clip and the optimizer step, each rank trains on its rows of the global batch (_batches), and rank 0
+    alone writes. Under fsdp `student` is left sharded; distributed.unsharded gathers it.
 
     At `deadline` (a `clock()` time) it stops early and returns; state.step tells how far it got. The lr and
     Arenas schedules then run on time (schedule_step), so they end at the deadline, not at config.steps."""
     from tqdm.auto import tqdm
 
     qlayers = [m for m in student.modules() if isinstance(m, QuantLinear)]
-    weights, scales = _quant_params(qlayers)
-    qparams = {id(p) for p in weights + scales}
-    others = [p for n, p in student.named_parameters()
-              if id(p) not in qparams and "embed" not in n and "lm_head" not in n]
-    for n, p in student.named_parameters():
-        p.requires_grad_(id(p) in qparams or any(p is o for o in others))
+    weights, scales, others = _trained(student, qlayers)
+    trained = {id(p) for p in weights + scales + others}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in trained)
+    shard = sharding(world, config.shard)
+    blob = _checkpoint(ckpt_path, device)
+    if blob is not None:  # into the plain student: FSDP then shards the resumed weights
+        student.load_state_dict(blob["model"], strict=False)
+    model = student
+    if shard == "ddp":
+        model = data_parallel(student, device)
+    elif shard == "fsdp":  # the parameters become sharded DTensors: the optimizer takes those
+        fully_sharded(student, decoder_layers(student))
+        weights, scales, others = _trained(student, qlayers)
     opt = _optimizer(weights, others, scales, config, fused=device.startswith("cuda"))
     state = TrainState()
     rng = np.random.default_rng(config.seed)
-    if ckpt_path is not None and ckpt_path.is_file():
-        try:  # tensors and plain numbers only: a crafted pickle in OUT.partial/ must not run code on --resume
-            blob = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise SlimEdgeError(f"{ckpt_path}: refusing to resume from it: it holds more than tensors and numbers "
-                                f"({first}); delete it to start over") from None
-        student.load_state_dict(blob["model"], strict=False)
-        opt.load_state_dict(blob["optimizer"])
+    if blob is not None:
+        if shard == "fsdp":
+            load_optimizer(student, opt, blob["optimizer"])
+        else:
+            opt.load_state_dict(blob["optimizer"])
         state = TrainState(**blob["state"])
         rng.bit_generator.state = blob["rng"]
         print(f"slim-edge: resumed from {ckpt_path} at step {state.step}", file=sys.stderr)
@@ -202,17 +230,19 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     batches = _batches(ids, config.batch_size, config.seq_len, rng, world)
     teacher.eval()
     student.train()
-    model = student
-    if world.size > 1:
-        model = data_parallel(student, device)
 
     def save():
-        if ckpt_path is None or not world.main:  # the replicas are identical: one copy
+        if ckpt_path is None:
+            return
+        if shard == "fsdp":  # a collective: every rank gathers, rank 0 writes
+            model_sd, optim_sd = full_state(student, opt)
+        elif world.main:  # the replicas are identical: one copy
+            model_sd, optim_sd = student.state_dict(), opt.state_dict()
+        if not world.main:
             return
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": {k: v for k, v in student.state_dict().items()},
-                    "optimizer": opt.state_dict(), "state": vars(state), "rng": rng.bit_generator.state,
-                    "global_batch": config.batch_size * world.size}, tmp)
+        torch.save({"model": dict(model_sd), "optimizer": optim_sd, "state": vars(state),
+                    "rng": rng.bit_generator.state, "global_batch": config.batch_size * world.size}, tmp)
         os.replace(tmp, ckpt_path)
 
     interrupted = []
