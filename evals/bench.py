@@ -35,7 +35,6 @@ from slim_edge.fsutil import atomic_dir, check_output_dir
 
 SCHEMA = "slim-edge.bench/1"
 # llama-quantize type names for --baselines values.
-BASELINE_TYPES = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "f16": "F16", "q4_k_s": "Q4_K_S"}
 FP_FILE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}  # general.file_type values of unquantized files
 
 CHAT_MESSAGES = [
@@ -284,7 +283,7 @@ def find_fp_model(models: list[Path]) -> Path | None:
 def build_baselines(fp_model: Path, kinds: list[str], out_dir: Path | None = None) -> list[Path]:
     """Quantize `fp_model` to each baseline kind with the runtime's llama-quantize, reusing files that
     already exist. An F16 source is its own f16 baseline."""
-    from slim_edge.converters.gguf_export import llama_quantize
+    from slim_edge.converters.gguf_export import BASELINE_TYPES, llama_quantize
 
     unknown = [k for k in kinds if k not in BASELINE_TYPES]
     if unknown:
@@ -303,7 +302,7 @@ def build_baselines(fp_model: Path, kinds: list[str], out_dir: Path | None = Non
             continue
         dst = out_dir / f"{stem}-{kind}.gguf"
         if not dst.is_file():
-            llama_quantize(fp_model, dst, BASELINE_TYPES[kind])
+            llama_quantize(fp_model, dst, kind)
         out.append(dst)
     return out
 

@@ -200,3 +200,14 @@ def test_wait_cool_polls_the_real_motorola_zones_until_below_the_limit():
     assert waited == 30.0 and hottest == pytest.approx(42.6 - 3)  # gave up after the timeout
     waited, hottest = wait_cool(dict, 40.0, sleep=sleep)  # a device without zones: no wait
     assert hottest is None and waited < 1
+
+
+def test_bench_baselines_are_the_types_export_writes(tmp_path):
+    # issue 19: bench kept its own list, so `export --type q2_k` worked and `bench --baselines q2_k` was refused
+    from slim_edge.converters.gguf_export import BASELINE_TYPES
+    from slim_edge.evals.bench import build_baselines
+    for kind in BASELINE_TYPES:  # past the type check: refused for the missing model, not for the kind
+        with pytest.raises(SlimEdgeError, match="FP model .* does not exist"):
+            build_baselines(tmp_path / "none.gguf", [kind])
+    with pytest.raises(SlimEdgeError, match=r"Unknown baseline\(s\) q9_9; choose from .*q2_k, tq2_0, tq1_0"):
+        build_baselines(tmp_path / "none.gguf", ["q9_9"])
