@@ -166,13 +166,22 @@ class _Cursor:
         return f"array[{TYPE_NAMES[itype]}]"
 
 
+def require_file(path) -> Path:
+    """`path` as a Path when it is a file; a SlimEdgeError that says what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise SlimEdgeError(f"{path} is a folder, not a GGUF file; pass a .gguf file (an ONNX export folder "
+                            f"holds model.onnx)")
+    if not path.is_file():
+        raise SlimEdgeError(f"{path}: no such file")
+    return path
+
+
 def read_tensor_table(path: Path, metadata: bool = False, array_limit: int | None = None) -> GGUFTable:
     """Header, KV pairs (parsed when `metadata`, else skipped) and the tensor-info table; no type id is
     rejected. Raises SlimEdgeError naming the file and the fault for anything that is not a whole GGUF.
     array_limit: metadata arrays of at least this many items come back as LongArray (type and count)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlimEdgeError(f"{path}: no such file")
+    path = require_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(4)

@@ -21,7 +21,7 @@ import typer
 from ..errors import SlimEdgeError
 from ..formats import BY_ID
 from ..fsutil import atomic_path, check_output_file
-from .gguf_read import TensorEntry, read_tensor_table
+from .gguf_read import TensorEntry, read_tensor_table, require_file
 from .inspect import load_problems, printable
 
 
@@ -98,9 +98,7 @@ def retag(path: Path, out: Path | None = None, *, from_id: int = 42, to_id: int 
     so a crash never leaves a half-written file. A file llama.cpp would refuse for another reason (see
     inspect.load_problems) is not "fixed". Returns (plan, output path or None when nothing was written).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SlimEdgeError(f"{path}: no such file")
+    path = require_file(path)
     if in_place and out is not None and Path(out).resolve() != path.resolve():
         raise SlimEdgeError(f"--in-place and -o {out} disagree; give one of them")
     if in_place:

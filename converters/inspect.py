@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import SlimEdgeError
 from ..formats import BY_ID
-from .gguf_read import GGUFTable, LongArray, read_tensor_table
+from .gguf_read import GGUFTable, LongArray, read_tensor_table, require_file
 from .gguf_types import LEGACY_IDS
 
 STOCK_MAX_ID = 42  # GGML_TYPE_COUNT = 43 in the pinned tree
@@ -54,9 +54,7 @@ def load_problems(table: GGUFTable) -> list[str]:
 
 
 def inspect_gguf(path: Path, runtime: str = "stock") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SlimEdgeError(f"{path}: no such file")
+    path = require_file(path)
     if runtime not in ("stock", "patched"):
         raise SlimEdgeError(f"--runtime {runtime!r}: choose stock or patched")
     table = read_tensor_table(path, metadata=True, array_limit=SHOWN_ITEMS)

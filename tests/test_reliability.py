@@ -512,3 +512,13 @@ def test_a_run_whose_trained_model_is_not_finite_writes_nothing(tiny_llama, tiny
     with pytest.raises(SlimEdgeError, match=r"distillation loss is (nan|inf).*nothing was written.*lower --lr"):
         run_quantize(str(tiny_llama), config, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_given_as_a_gguf_file_is_named_a_folder(tmp_path):
+    # inspect and retag said "d: no such file" for a folder that exists
+    from slim_edge.converters.gguf_retag import retag
+    for read in (inspect_gguf, retag):
+        with pytest.raises(SlimEdgeError, match=r"is a folder, not a GGUF file; pass a .gguf file"):
+            read(tmp_path)
+        with pytest.raises(SlimEdgeError, match=r"none.gguf: no such file"):
+            read(tmp_path / "none.gguf")
