@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from slim_edge.demo import run_demo
+from slim_edge.errors import SlimEdgeError
+
 
 @pytest.mark.slow
 @pytest.mark.runtime
@@ -33,3 +36,12 @@ def test_demo_end_to_end(tmp_path):
     md = (out / "summary.md").read_text()
     assert md.count("\n| ") == 7 and "sherry" in md  # header + 6 rows
     assert (out / "bench" / "bench.json").is_file()
+
+
+def test_a_bad_demo_option_is_refused_before_any_folder_or_build(tmp_path, monkeypatch):
+    # `demo --ptq foo` built the runtime and made results/demo, then failed at the first quantize
+    import slim_edge.runtime as runtime
+    monkeypatch.setattr(runtime, "ensure_runtime", lambda *a, **k: pytest.fail("the runtime was built first"))
+    with pytest.raises(SlimEdgeError, match=r"--ptq 'foo': choose rtn"):
+        run_demo(out=tmp_path / "demo", ptq="foo")
+    assert list(tmp_path.iterdir()) == []
