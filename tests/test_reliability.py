@@ -522,3 +522,11 @@ def test_a_folder_given_as_a_gguf_file_is_named_a_folder(tmp_path):
             read(tmp_path)
         with pytest.raises(SlimEdgeError, match=r"none.gguf: no such file"):
             read(tmp_path / "none.gguf")
+
+
+@pytest.mark.parametrize("calib,msg", [("/nonexistent.txt", r"--calib /nonexistent.txt: no such file"),
+                                       ("wiki,teacher:abc", r"cannot read 'teacher:abc'; write teacher or teacher:N")])
+def test_a_dry_run_checks_calib_before_loading_the_model(calib, msg, tiny_llama, tmp_path, no_loading):
+    # --dry-run planned and exited 0 on a --calib the real run refuses
+    with pytest.raises(SlimEdgeError, match=msg):
+        run_quantize(str(tiny_llama), QuantConfig(calib=calib), tmp_path / "o", progress=False, dry_run=True)

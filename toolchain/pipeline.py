@@ -25,7 +25,7 @@ from .budget import SENS_LEN, SENS_SEQS, budget_plan, check_bits, format_sensiti
 from .quantize import QuantConfig, format_plan, get_scheme, plan_summary, quantize_, make_plan
 from .gendata import parse_calib, training_tokens
 from .ptq import gptq_, summary_line as gptq_summary
-from .train import _batches, distill_loss, reconstruct_blocks, seed_everything, train
+from .train import _batches, calib_file, distill_loss, reconstruct_blocks, seed_everything, train
 
 
 def pick_device(device: str | None) -> str:
@@ -177,6 +177,9 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
                  inputs=[p for p in (model, init) if p is not None and Path(p).exists()])
     # a partial run that trained has a train.pt; one that failed before (bad input, Ctrl-C in GPTQ) holds at most
     # its teacher samples, which the next run with the same --calib, --seq-len, --seed and model reuses
+    for item, sampling in parse_calib(config.calib):  # a missing file or bad syntax: before any loading
+        if sampling is None:
+            calib_file(item)
     started = (partial / "train.pt").is_file()
     if started and not resume and not force:
         raise SlimEdgeError(f"{partial} holds an unfinished run; pass --resume to continue it or --force "

@@ -59,13 +59,21 @@ def learning_rate(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def calib_file(calib: str) -> Path | None:
+    """The file a --calib text source names (refused when there is none), or None for a built-in corpus name."""
+    path = Path(calib).expanduser()
+    if not (path.suffix or path.exists() or os.sep in calib):
+        return None
+    if not path.is_file():
+        raise SlimEdgeError(f"--calib {calib}: no such file; pass a UTF-8 text file or a built-in "
+                            f"corpus name (wiki, lee, pydoc, pydocs)")
+    return path
+
+
 def calibration_tokens(tokenizer, calib: str) -> tuple[torch.Tensor, str]:
     """Token ids of the training text, and where it came from."""
-    path = Path(calib).expanduser()
-    if path.suffix or path.exists() or os.sep in calib:
-        if not path.is_file():
-            raise SlimEdgeError(f"--calib {calib}: no such file; pass a UTF-8 text file or a built-in "
-                                f"corpus name (wiki, lee, pydoc, pydocs)")
+    path = calib_file(calib)
+    if path is not None:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
