@@ -20,9 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
 
 from .errors import SlimEdgeError
 
@@ -112,12 +109,22 @@ def fully_sharded(module: torch.nn.Module, layers) -> torch.nn.Module:
     No MixedPrecisionPolicy: the parameters stay fp32 as under DDP, so fsdp trains the same numbers (the test holds
     it to the 1-process run) and the block scales' small relative steps are not lost to bf16; on a GPU the matmuls
     already run in bf16 through train_step's autocast."""
+    from torch.distributed.fsdp import fully_shard  # here: importing it costs every command a second of start-up
+
     for layer in layers:
         fully_shard(layer)
     return fully_shard(module)
 
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def _state_dict_api():
+    """torch.distributed.checkpoint's state-dict functions, imported when FSDP needs them (at module level they
+    would add a second to the start-up of every command that imports QuantConfig)."""
+    from torch.distributed.checkpoint import state_dict
+    return state_dict
+
+
+def _full_on_cpu(sd):
+    return sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def param_names(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
@@ -143,15 +150,17 @@ def by_name(optim_sd: dict, names: list[str]) -> dict:
 def full_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     """An FSDP module's full model and optimizer state dicts on rank 0's CPU, laid out as one process's
     module.state_dict() and opt.state_dict(); ({}, {}) on the other ranks. Every rank must call it."""
-    model_sd = get_model_state_dict(module, options=_FULL)
-    optim_sd = get_optimizer_state_dict(module, opt, options=_FULL)
+    sd = _state_dict_api()
+    model_sd = sd.get_model_state_dict(module, options=_full_on_cpu(sd))
+    optim_sd = sd.get_optimizer_state_dict(module, opt, options=_full_on_cpu(sd))
     return model_sd, by_index(optim_sd, param_names(module, opt)) if optim_sd else {}
 
 
 def load_optimizer(module: torch.nn.Module, opt: torch.optim.Optimizer, optim_sd: dict) -> None:
     """One process's opt.state_dict() (every rank holds it) into the sharded optimizer of an FSDP module."""
-    set_optimizer_state_dict(module, opt, by_name(optim_sd, param_names(module, opt)),
-                             options=StateDictOptions(full_state_dict=True))
+    sd = _state_dict_api()
+    sd.set_optimizer_state_dict(module, opt, by_name(optim_sd, param_names(module, opt)),
+                                options=sd.StateDictOptions(full_state_dict=True))
 
 
 def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -166,7 +175,8 @@ def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
 def unsharded(module: torch.nn.Module, skeleton: torch.nn.Module | None, device: str) -> torch.nn.Module | None:
     """The FSDP module's trained weights in `skeleton` (meta_copy's, taken before sharding) on rank 0's `device`;
     None on the other ranks. Every rank must call it."""
-    weights = get_model_state_dict(module, options=_FULL)
+    sd = _state_dict_api()
+    weights = sd.get_model_state_dict(module, options=_full_on_cpu(sd))
     if skeleton is None:
         return None
     skeleton.load_state_dict(weights, assign=True)
