@@ -280,14 +280,21 @@ def find_fp_model(models: list[Path]) -> Path | None:
     return None
 
 
+def check_baselines(kinds: list[str]) -> None:
+    from slim_edge.converters.gguf_export import BASELINE_TYPES
+
+    unknown = [k for k in kinds if k not in BASELINE_TYPES]
+    if unknown or not kinds:
+        raise SlimEdgeError(f"Unknown baseline(s) {', '.join(unknown) or '(none given)'}; choose from "
+                            f"{', '.join(BASELINE_TYPES)}.")
+
+
 def build_baselines(fp_model: Path, kinds: list[str], out_dir: Path | None = None) -> list[Path]:
     """Quantize `fp_model` to each baseline kind with the runtime's llama-quantize, reusing files that
     already exist. An F16 source is its own f16 baseline."""
-    from slim_edge.converters.gguf_export import BASELINE_TYPES, llama_quantize
+    from slim_edge.converters.gguf_export import llama_quantize
 
-    unknown = [k for k in kinds if k not in BASELINE_TYPES]
-    if unknown:
-        raise SlimEdgeError(f"Unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINE_TYPES)}.")
+    check_baselines(kinds)
     if not fp_model.is_file():
         raise SlimEdgeError(f"FP model {fp_model} does not exist. Pass an F16/F32/BF16 GGUF with --fp-model.")
     out_dir = out_dir or fp_model.parent
@@ -567,6 +574,7 @@ def bench(
     models = list(models)
     if baselines:
         kinds = [k.strip().lower() for k in baselines.split(",") if k.strip()]
+        check_baselines(kinds)  # a wrong type name first: it needs no FP model to be wrong
         src = fp_model or find_fp_model(models)
         if src is None:
             raise SlimEdgeError("--baselines needs an unquantized (F16/F32/BF16) GGUF to quantize from: pass "

@@ -90,4 +90,6 @@ def unpack(parts: Path, out: Path, model: str = "smollm2-135m", force: bool = Fa
 
 
 if __name__ == "__main__":
-    app()
+    from slim_edge.errors import run_main
+
+    run_main(app)

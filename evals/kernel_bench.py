@@ -260,10 +260,6 @@ def measure(a) -> dict | None:
 
 
 if __name__ == "__main__":
-    from slim_edge.errors import SlimEdgeError
+    from slim_edge.errors import run_main
 
-    try:
-        sys.exit(main())
-    except SlimEdgeError as e:
-        print(f"slim-edge: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    run_main(lambda: sys.exit(main()))

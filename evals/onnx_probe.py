@@ -171,4 +171,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from slim_edge.errors import run_main
+
+    run_main(main)

@@ -243,4 +243,6 @@ def main(torch_source: Annotated[str, typer.Argument(help="slim-edge checkpoint,
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    from slim_edge.errors import run_main
+
+    run_main(lambda: typer.run(main))

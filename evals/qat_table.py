@@ -95,4 +95,6 @@ def write_report(model, rows, device, max_chunks, calib, output: Path):
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    from slim_edge.errors import run_main
+
+    run_main(lambda: typer.run(main))

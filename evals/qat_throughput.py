@@ -189,4 +189,6 @@ def main(model: str = "smollm2-135m", random: bool = typer.Option(False, help="r
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    from slim_edge.errors import run_main
+
+    run_main(lambda: typer.run(main))

@@ -180,8 +180,6 @@ def main(output: Path = typer.Option(..., "-o", help="report path without suffix
 
 
 if __name__ == "__main__":
-    try:
-        typer.run(main)
-    except SlimEdgeError as e:
-        print(f"slim-edge: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    from slim_edge.errors import run_main
+
+    run_main(lambda: typer.run(main))

@@ -112,4 +112,6 @@ def main(model: str = "smollm2-135m", device: str = typer.Option(None, help="cpu
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    from slim_edge.errors import run_main
+
+    run_main(lambda: typer.run(main))

@@ -211,3 +211,19 @@ def test_bench_baselines_are_the_types_export_writes(tmp_path):
             build_baselines(tmp_path / "none.gguf", [kind])
     with pytest.raises(SlimEdgeError, match=r"Unknown baseline\(s\) q9_9; choose from .*q2_k, tq2_0, tq1_0"):
         build_baselines(tmp_path / "none.gguf", ["q9_9"])
+
+
+def test_a_wrong_baseline_name_is_named_before_the_fp_model_is_asked_for(tmp_path):
+    # `bench q.gguf --baselines q9` said "--baselines needs an unquantized GGUF" and never that q9 is no type
+    import typer
+    from typer.testing import CliRunner
+
+    from slim_edge.evals.bench import bench
+    app = typer.Typer()
+    app.command()(bench)
+    (tmp_path / "q.gguf").write_bytes(b"GGUF")
+    for value, seen in (("q9", "q9"), (",", "(none given)")):
+        r = CliRunner().invoke(app, [str(tmp_path / "q.gguf"), "--baselines", value, "-o", str(tmp_path / "r")])
+        assert isinstance(r.exception, SlimEdgeError), r.output
+        assert str(r.exception).startswith(f"Unknown baseline(s) {seen}; choose from "), r.exception
+    assert not (tmp_path / "r").exists()

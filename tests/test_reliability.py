@@ -525,8 +525,31 @@ def test_a_folder_given_as_a_gguf_file_is_named_a_folder(tmp_path):
 
 
 @pytest.mark.parametrize("calib,msg", [("/nonexistent.txt", r"--calib /nonexistent.txt: no such file"),
-                                       ("wiki,teacher:abc", r"cannot read 'teacher:abc'; write teacher or teacher:N")])
+                                       ("wiki,teacher:abc", r"cannot read 'teacher:abc'; write teacher or teacher:N"),
+                                       ("EMPTY", r"EMPTY: the file is empty \(0 bytes\)"),
+                                       ("BLANK", r"BLANK: the file is empty \(3 bytes\)")])
 def test_a_dry_run_checks_calib_before_loading_the_model(calib, msg, tiny_llama, tmp_path, no_loading):
-    # --dry-run planned and exited 0 on a --calib the real run refuses
+    # --dry-run planned and exited 0 on a --calib the real run refuses; an empty file was refused only after the
+    # model had loaded (session 18)
+    if calib in ("EMPTY", "BLANK"):
+        (tmp_path / calib).write_text("" if calib == "EMPTY" else " \n\n")
+        calib, msg = str(tmp_path / calib), msg.replace(calib, str(tmp_path / calib))
     with pytest.raises(SlimEdgeError, match=msg):
         run_quantize(str(tiny_llama), QuantConfig(calib=calib), tmp_path / "o", progress=False, dry_run=True)
+
+
+# --- session 18 ----------------------------------------------------------------------------------------------------
+def test_python_m_scripts_end_bad_input_with_one_line_and_exit_2(tmp_path):
+    # `python -m slim_edge.evals.ckpt_parts unpack EMPTY_DIR OUT` printed a Typer traceback (a SlimEdgeError)
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "slim_edge.evals.ckpt_parts", "unpack", str(tmp_path),
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"slim-edge: error: {tmp_path} holds no part*.safetensors")
+    # every research script's entry point runs through the same handler
+    evals = Path(__file__).resolve().parents[1] / "evals"
+    for script in sorted(evals.glob("*.py")):
+        text = script.read_text()
+        if 'if __name__ == "__main__":' in text:
+            assert "run_main(" in text.split('if __name__ == "__main__":')[1], script.name

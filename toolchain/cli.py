@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import SlimEdgeError
+from .errors import SlimEdgeError, run_main
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Turn an LLM into a 2-bit or 1.25-bit model that runs fast on a phone.\n\n"
@@ -303,14 +303,7 @@ _mount()
 
 
 def main():
-    try:
-        app()
-    except SlimEdgeError as e:
-        print(f"slim-edge: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("slim-edge: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(app)
 
 
 if __name__ == "__main__":

@@ -3,3 +3,18 @@
 
 class SlimEdgeError(Exception):
     """What was wrong, the value seen, and what to do — in one message."""
+
+
+def run_main(entry, prog: str = "slim-edge") -> None:
+    """Run a command's entry point as every slim-edge command runs: a SlimEdgeError is one line on stderr and exit
+    status 2 (no traceback), Ctrl-C is exit status 130. `slim-edge` and each `python -m slim_edge....` script."""
+    import sys
+
+    try:
+        entry()
+    except SlimEdgeError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -67,6 +67,11 @@ def calib_file(calib: str) -> Path | None:
     if not path.is_file():
         raise SlimEdgeError(f"--calib {calib}: no such file; pass a UTF-8 text file or a built-in "
                             f"corpus name (wiki, lee, pydoc, pydocs)")
+    size = path.stat().st_size
+    # an empty (or blank) file was refused only after the model had loaded, when it came to be tokenized
+    if size == 0 or (size < 1 << 16 and not path.read_bytes().strip()):
+        raise SlimEdgeError(f"--calib {calib}: the file is empty ({size} bytes); pass a UTF-8 text file of at "
+                            f"least a few thousand tokens")
     return path
 
 
