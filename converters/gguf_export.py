@@ -31,7 +31,7 @@ BASELINE_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m", "q4_k_s", "q2_k", "tq2_0", "t
 
 def converter_tree() -> Path:
     """The pristine pinned tree (for convert_hf_to_gguf.py and its gguf-py), extracted once."""
-    from ..runtime import PIN, extract_tree
+    from ..runtime_patches.runtime import PIN, extract_tree
 
     dest = cache_dir("src", f"llama.cpp-{PIN.commit}")
     if (dest / ".complete").is_file():
@@ -281,7 +281,7 @@ def llama_quantize(src: Path, dst: Path, type_: str, *, bin_dir: Path | None = N
     token_embedding_type / output_tensor_type pin those two tensors (e.g. "q6_K"), so that only the
     linear layers differ between types."""
     if bin_dir is None:
-        from ..runtime import ensure_runtime
+        from ..runtime_patches.runtime import ensure_runtime
 
         tool = ensure_runtime("host").argv("llama-quantize")
     else:

@@ -179,9 +179,10 @@ class AndroidDevice(Device):
 
 
 def _static_runtime() -> bool:
-    """Whether the android-arm64 runtime is the static build (False: the NDK build, see slim_edge.runtime)."""
+    """Whether the android-arm64 runtime is the static build (False: the NDK build,
+    see slim_edge.runtime_patches.runtime)."""
     try:
-        from slim_edge.runtime import BuildConfig
+        from slim_edge.runtime_patches.runtime import BuildConfig
     except ImportError:
         return True
     return BuildConfig("android-arm64").flavor != "ndk"

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slim_edge.errors import SlimEdgeError
+from slim_edge.runtime_patches.runtime import find_runtime
 
 from . import parse
 
@@ -240,7 +241,7 @@ class Device:
         if missing:
             raise SlimEdgeError(
                 f"The {self.runtime_target} runtime in {bin_dir} lacks {', '.join(missing)}. "
-                f"Rebuild it with slim_edge.runtime.ensure_runtime({self.runtime_target!r})."
+                f"Rebuild it with slim_edge.runtime_patches.runtime.ensure_runtime({self.runtime_target!r})."
             )
         libs = sorted(p for p in lib_dir.glob("*.so*") if p.is_file()) if lib_dir.is_dir() else []
         self.push([bin_dir / t for t in tools] + libs, subdir="bin")
@@ -292,14 +293,7 @@ class Device:
 
 def find_runtime_dirs(target: str, tools: tuple[str, ...] | None = None) -> tuple[Path, Path]:
     """(bin dir, lib dir) of the built runtime for `target` that has `tools` (default: the full set)."""
-    try:
-        from slim_edge import runtime  # written by the runtime helper
-    except ImportError:
-        raise SlimEdgeError(
-            f"No runtime module (slim_edge.runtime) to find the llama.cpp build for target {target!r}. "
-            "Install slim-edge with its runtime support, or build the runtime first."
-        )
-    built = runtime.find_runtime(target, tools=tools)  # its SlimEdgeError says how to build it
+    built = find_runtime(target, tools=tools)  # its SlimEdgeError says how to build it
     return _as_dirs(built, target)
 
 
@@ -312,7 +306,8 @@ def _as_dirs(built, target: str) -> tuple[Path, Path]:
     if isinstance(built, (str, Path)):
         root = Path(built)
         return root / "bin", (root / "lib" if (root / "lib").is_dir() else root / "bin")
-    raise SlimEdgeError(f"slim_edge.runtime.find_runtime({target!r}) returned {built!r}; expected bin/lib dirs.")
+    raise SlimEdgeError(f"slim_edge.runtime_patches.runtime.find_runtime({target!r}) returned {built!r}; "
+                        "expected bin/lib dirs.")
 
 
 def local_run(argv: list[str], *, timeout: float | None = None, input: str | None = None) -> RunResult:

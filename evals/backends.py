@@ -145,7 +145,7 @@ def bindings():
     if _BINDINGS is not None:
         return _BINDINGS
     try:
-        from slim_edge.runtime import load_bindings
+        from slim_edge.runtime_patches.runtime import load_bindings
 
         _BINDINGS = load_bindings()
     except SlimEdgeError as e:

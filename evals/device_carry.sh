@@ -21,7 +21,7 @@ $PY -m pip download -q gguf==0.19.0 --no-deps -d "$C/whl"
 wt=$(mktemp -d) && git worktree add -q --detach "$wt" HEAD
 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$C/whl" "$wt"
 git worktree remove --force "$wt"
-$PY -c "from slim_edge.evals.corpora import get_text
+$PY -c "from slim_edge.corpora import get_text
 for n in ('lee', 'wiki', 'pydocs'):
     get_text(n, 'train')"
 src=${SLIM_EDGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/slim-edge}/corpora

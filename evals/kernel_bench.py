@@ -225,7 +225,7 @@ def main(argv=None) -> int:
 
 def measure(a) -> dict | None:
     if a.bin_dir is None:
-        from slim_edge import runtime
+        from slim_edge.runtime_patches import runtime
         a.bin_dir = runtime.find_runtime("host", tools=("llama-bench", "llama-quantize")).bin_dir
     bench = a.bin_dir / "llama-bench"
     threads = [int(t) for t in a.threads.split(",")]

@@ -28,7 +28,7 @@ simulation at the floor means the runtime computes what the simulation models.
 F16 one. The variants that model the F16 cache then do not apply; what is left between the runtime and the
 `weights`, `file` and `act` variants is the export, the 8-bit activations and ggml's rope angles.
 
-See runtime_sim.py for what the runtime does and where in ggml it does it.
+See runtime_patches/runtime_sim.py for what the runtime does and where in ggml it does it.
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ import typer
 
 from slim_edge.errors import SlimEdgeError
 from slim_edge.evals.backends import LlamaCppLM, TorchLM, kv_cache_type
-from slim_edge.evals.corpora import get_text
+from slim_edge.corpora import get_text
 from slim_edge.evals.kld import concat_stats, summarize, token_stats
-from slim_edge.evals.runtime_sim import host_rounding, rope_supported, simulate
+from slim_edge.runtime_patches.runtime_sim import host_rounding, rope_supported, simulate
 
 VARIANTS = ("weights", "file", "act", "act+kv", "act+kv+rope")
 FLOOR_JITTER = 1e-7

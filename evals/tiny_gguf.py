@@ -94,7 +94,7 @@ def write_tiny_llama_gguf(path: str | Path, *, hidden: int = 256, n_layers: int 
 
 def tiny_models(out_dir: str | Path, kinds: tuple[str, ...] = ("q4_0",), **dims) -> dict[str, Path]:
     """The tiny F16 model plus llama-quantize'd copies ({"f16": path, "q4_0": path, ...}); needs the
-    host runtime (slim_edge.runtime) for llama-quantize. Existing files are reused."""
+    host runtime (slim_edge.runtime_patches.runtime) for llama-quantize. Existing files are reused."""
     from slim_edge.evals.bench import build_baselines
 
     out_dir = Path(out_dir)

@@ -45,7 +45,7 @@ def test_pinned_llama_bench_takes_the_strict_mask(tmp_path):
     import subprocess
 
     from slim_edge.evals.tiny_gguf import write_tiny_llama_gguf
-    from slim_edge.runtime import ensure_runtime
+    from slim_edge.runtime_patches.runtime import ensure_runtime
 
     bench = str(ensure_runtime("host").tool("llama-bench"))
     model = write_tiny_llama_gguf(tmp_path / "tiny-f16.gguf", n_layers=1)
@@ -143,7 +143,7 @@ def test_host_end_to_end_through_the_command(tmp_path):
 
     from slim_edge.evals.bench import bench, llama_cpp_available
     from slim_edge.evals.tiny_gguf import tiny_models
-    from slim_edge.runtime import ensure_runtime
+    from slim_edge.runtime_patches.runtime import ensure_runtime
 
     ensure_runtime("host")
     models = tiny_models(tmp_path / "m", ("q4_0",))

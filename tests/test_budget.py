@@ -243,7 +243,7 @@ def test_bits_export_generates_in_the_patched_runtime(bits_export):
     file and decodes."""
     import subprocess
 
-    from slim_edge import runtime
+    from slim_edge.runtime_patches import runtime
 
     host = runtime.ensure_runtime("host")
     _, _, out, summary = bits_export

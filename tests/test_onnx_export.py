@@ -287,7 +287,7 @@ def smol_onnx(tiny_text, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["seq2", "sherry"])
 def test_smollm2_onnx_matches_pytorch_on_512_held_out_tokens(scheme, smol_onnx):
-    from slim_edge.evals import corpora
+    from slim_edge import corpora
 
     ckpt, out = smol_onnx(scheme)
     inits, nodes = onnx_initializers(out / "model.onnx")

@@ -333,7 +333,7 @@ def test_act_quant_trains_and_reloads_as_the_runtime_rounds(tiny_llama, tiny_tex
     """--act-quant: QAT through the runtime's Q8_K input rounding (STE) lowers the loss; the reloaded model
     keeps the rounding and equals, bit for bit, the plain model under the parity simulation's rounding."""
     from safetensors.torch import load_file
-    from slim_edge.evals.runtime_sim import simulate
+    from slim_edge.runtime_patches.runtime_sim import simulate
 
     out, plain, act_model, plain_model, types = _train_and_reload(tiny_llama, tiny_text, tmp_path, act_quant=True)
     x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -352,7 +352,7 @@ def test_runtime_attention_trains_and_reloads_as_the_runtime_attends(tiny_llama,
     """--runtime-attention (with --act-quant): QAT through the F16 KV cache and ggml's rope angles lowers the
     loss; the reloaded model equals, bit for bit, the plain model under the parity simulation's fullest variant
     (act+kv+rope), and differs from the --act-quant-only model."""
-    from slim_edge.evals.runtime_sim import simulate
+    from slim_edge.runtime_patches.runtime_sim import simulate
 
     out, _, rt_model, plain_model, types = _train_and_reload(tiny_llama, tiny_text, tmp_path, act_quant=True,
                                                              runtime_attention=True)

@@ -314,7 +314,7 @@ def test_tokenizing_in_pieces_gives_the_ids_of_the_whole_text():
     down to the last token, with pieces of 2,000 characters (the default is 64 K)."""
     from transformers import AutoTokenizer
 
-    from slim_edge.evals.corpora import get_text
+    from slim_edge.corpora import get_text
     from slim_edge.memory import tokenize_in_pieces
     from slim_edge.models import resolve
 

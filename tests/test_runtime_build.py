@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from slim_edge import runtime as rt
+from slim_edge.cli import app, main
 from slim_edge.errors import SlimEdgeError
+from slim_edge.runtime_patches import runtime as rt
 from typer.testing import CliRunner
 
 
@@ -246,12 +247,12 @@ def test_host_tools_run(host_runtime):
 
 @pytest.mark.runtime
 def test_cli_where_reports_paths(host_runtime):
-    r = CliRunner().invoke(rt.app, ["where", "--json"])
+    r = CliRunner().invoke(app, ["runtime", "where", "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
     assert info["lib"] == str(host_runtime.lib_dir)
     assert set(info["tools"]) == set(rt.DEFAULT_TOOLS)
-    r = CliRunner().invoke(rt.app, ["python-env"])
+    r = CliRunner().invoke(app, ["runtime", "python-env"])
     assert f"export LLAMA_CPP_LIB_PATH={host_runtime.lib_dir}" in r.stdout
 
 
@@ -263,7 +264,7 @@ def _need_bindings():
 
 LOAD = """
 import json, sys
-from slim_edge.runtime import load_bindings, loaded_libraries
+from slim_edge.runtime_patches.runtime import load_bindings, loaded_libraries
 llama_cpp = load_bindings()
 print(json.dumps({"lib": llama_cpp.llama_cpp._lib._name,
                   "maps": [str(p) for p in loaded_libraries() if "ggml" in p.name or "llama" in p.name],
@@ -289,7 +290,7 @@ def test_bindings_load_our_library(host_runtime):
 @pytest.mark.runtime
 def test_bindings_refuse_a_foreign_library(host_runtime, tmp_path):
     _need_bindings()
-    code = ("import os, shutil, sys; from slim_edge import runtime as rt\n"
+    code = ("import os, shutil, sys; from slim_edge.runtime_patches import runtime as rt\n"
             f"d = sys.argv[1]; shutil.copytree({str(host_runtime.lib_dir)!r}, d, symlinks=True)\n"
             "os.environ['LLAMA_CPP_LIB_PATH'] = d\nimport llama_cpp\n"
             "try:\n    rt.load_bindings()\nexcept rt.SlimEdgeError as e:\n    print('REFUSED', e)\n")
@@ -334,7 +335,7 @@ def test_work_dir_is_fixed_per_target_with_a_spare_while_busy(tmp_path):
 @pytest.mark.runtime
 def test_a_default_build_serves_a_subset_of_its_tools():
     """kernel_bench asks for llama-bench + llama-quantize: the full default build must do."""
-    from slim_edge.runtime import ensure_runtime, find_runtime
+    from slim_edge.runtime_patches.runtime import ensure_runtime, find_runtime
 
     full = ensure_runtime("host")
     sub = find_runtime("host", tools=("llama-bench", "llama-quantize"))
@@ -360,6 +361,32 @@ def test_an_empty_or_incomplete_shipped_series_is_refused(monkeypatch, tmp_path,
         rt.patch_series()
 
 
+def test_cli_patches_lists_the_series():
+    r = CliRunner().invoke(app, ["runtime", "patches", "--json"])
+    assert r.exit_code == 0, r.output
+    import hashlib
+    assert json.loads(r.stdout) == [{"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                                    for p in rt.patch_series()]
+    r = CliRunner().invoke(app, ["runtime", "patches"])
+    assert r.exit_code == 0
+    assert r.stdout.splitlines()[0].endswith("  0001-ggml-add-STQ1_0-and-Q2_0C-types.patch")
+
+
+@pytest.mark.parametrize("keep, word", [((), "empty"), ((1, 3), "incomplete")])
+def test_cli_patches_refuses_an_empty_or_incomplete_series(monkeypatch, tmp_path, capsys, keep, word):
+    for p in rt.patch_series():
+        if int(p.name[:4]) in keep:
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+    monkeypatch.setattr(rt, "PATCH_DIR", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["slim-edge", "runtime", "patches", "--json"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    assert e.value.code == 2 and not out.out
+    assert out.err.startswith("slim-edge: error: the runtime patch series in") and f" is {word} " in out.err
+    assert "Traceback" not in out.err
+
+
 def test_a_wheel_install_finds_the_whole_series(tmp_path):
     """Installed from a wheel (no source tree), the runtime reads its patches as package data, byte for byte."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
@@ -367,7 +394,7 @@ def test_a_wheel_install_finds_the_whole_series(tmp_path):
     wheel = next((tmp_path / "whl").glob("slim_edge-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True, capture_output=True)
-    code = ("import json, hashlib, slim_edge.runtime as rt; print(json.dumps([rt.__file__] + "
+    code = ("import json, hashlib, slim_edge.runtime_patches.runtime as rt; print(json.dumps([rt.__file__] + "
             "[[p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in rt.patch_series()]))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout

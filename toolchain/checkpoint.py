@@ -330,7 +330,7 @@ def load_quantized(folder, device: str = "cpu"):
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     if qconfig.runtime_attention:  # trained attending as the runtime does: part of the model too
-        from .evals.runtime_sim import use_runtime_attention  # type: ignore[import-not-found]
+        from .runtime_patches.runtime_sim import use_runtime_attention
         use_runtime_attention(model)
     model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(folder)

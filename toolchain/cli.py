@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import SlimEdgeError, run_main
+from .runtime_patches import runtime
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Turn an LLM into a 2-bit or 1.25-bit model that runs fast on a phone.\n\n"
@@ -288,9 +289,115 @@ def demo(
     run_demo(steps=steps, out=output, force=force, eval_chunks=eval_chunks, bench_reps=bench_reps, ptq=ptq)
 
 
+# --- slim-edge runtime: the patched llama.cpp (slim_edge.runtime_patches) ----------------------------
+
+runtime_app = typer.Typer(no_args_is_help=True,
+                          help="Build and locate the patched llama.cpp runtime (pinned: llama-cpp-python "
+                               f"{runtime.PIN.version} = llama.cpp {runtime.PIN.commit}).")
+
+TargetOpt = Annotated[str, typer.Option("--target", "-t", help=f"one of {', '.join(runtime.TARGETS)}")]
+IsaOpt = Annotated[str, typer.Option("--isa", help="host x86 ISA: avx2 (AVX2+FMA+F16C), avx512 (+VNNI, "
+                                                   "BF16, VBMI) or native (-march=native, not portable)")]
+NativeOpt = Annotated[bool, typer.Option("--native", help="same as --isa native")]
+ArmOpt = Annotated[str, typer.Option("--arm-arch", help="aarch64 -march for linux-arm64/android-arm64")]
+_TOOLS = ", ".join(runtime.DEFAULT_TOOLS)
+ToolOpt = Annotated[Optional[list[str]], typer.Option(
+    "--tool", help=f"build these instead of the default set ({_TOOLS}); repeatable")]
+
+
+def _isa(isa: str, native: bool) -> str:
+    return "native" if native else isa
+
+
+def _report(rt: runtime.Runtime, as_json: bool) -> None:
+    print(f"llama.cpp {runtime.PIN.commit} runtime for {rt.target}: tools in {rt.bin_dir}"
+          + (f", libraries in {rt.lib_dir}" if rt.config.flavor == "host" else ""), file=sys.stderr)
+    if as_json:
+        print(json.dumps(rt.to_json(), indent=2))
+
+
+@runtime_app.command("build")
+def runtime_build(target: TargetOpt = "host", isa: IsaOpt = "avx2", native: NativeOpt = False,
+                  arm_arch: ArmOpt = runtime.DEFAULT_ARM_ARCH, tool: ToolOpt = None,
+                  jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="compile jobs")] = None,
+                  force: Annotated[bool, typer.Option("--force", help="rebuild even if cached")] = False,
+                  keep_build: Annotated[bool, typer.Option("--keep-build", help="keep the tree and build dir "
+                                                           "(.work-<target> in the cache)")] = False,
+                  as_json: JsonOut = False):
+    """Build the patched llama.cpp tools (cached by pin + patch series + target + flags).
+
+    host: AVX2 tools plus the shared libllama the Python bindings load; linux-arm64: static aarch64
+    tools that run under qemu-aarch64 and from /data/local/tmp on a phone.
+
+    Examples:
+      slim-edge runtime build
+      slim-edge runtime build --target linux-arm64
+      slim-edge runtime build --isa avx512 --json
+    """
+    rt = runtime.build(target, isa=_isa(isa, native), arm_arch=arm_arch, tools=tuple(tool) if tool else None,
+                       jobs=jobs, force=force, keep_build=keep_build)
+    _report(rt, as_json)
+
+
+@runtime_app.command("where")
+def runtime_where(target: TargetOpt = "host", isa: IsaOpt = "avx2", native: NativeOpt = False,
+                  arm_arch: ArmOpt = runtime.DEFAULT_ARM_ARCH, tool: ToolOpt = None,
+                  as_json: JsonOut = False):
+    """Print where the built tools are, without building.
+
+    Example:  slim-edge runtime where --target linux-arm64 --json
+    """
+    rt = runtime.find_runtime(target, isa=_isa(isa, native), arm_arch=arm_arch,
+                              tools=tuple(tool) if tool else None)
+    _report(rt, as_json)
+
+
+@runtime_app.command("python-env")
+def runtime_python_env(isa: IsaOpt = "avx2", native: NativeOpt = False):
+    """Print the export line that makes `import llama_cpp` load the patched host library.
+
+    Example:  eval "$(slim-edge runtime python-env)"
+    """
+    rt = runtime.find_runtime("host", isa=_isa(isa, native))
+    for k, v in rt.env().items():
+        print(f"export {k}={v}")
+
+
+@runtime_app.command("source")
+def runtime_source(dest: Annotated[Path, typer.Argument(help="new directory for the tree")],
+                   pristine: Annotated[bool, typer.Option("--pristine",
+                                                          help="leave the patches out")] = False):
+    """Write the pinned llama.cpp tree (patched unless --pristine), e.g. to write a new patch.
+
+    Example:  slim-edge runtime source /tmp/llama.cpp --pristine
+    """
+    patches = runtime.patch_series()
+    runtime.prepare_source(dest, patches, pristine=pristine)
+    added = "" if pristine else f" + {len(patches)} patch(es)"
+    print(f"llama.cpp {runtime.PIN.commit}{added} in {dest}", file=sys.stderr)
+
+
+@runtime_app.command("patches")
+def runtime_patches_cmd(as_json: JsonOut = False):
+    """List the patch series the runtime is built with: file name and sha256 of each patch.
+
+    An empty or incomplete series (a broken install) is an error, as it is for `runtime build`.
+
+    Examples:
+      slim-edge runtime patches
+      slim-edge runtime patches --json
+    """
+    series = runtime.describe_series()
+    if as_json:
+        print(json.dumps(series, indent=2))
+        return
+    for p in series:
+        print(f"{p['sha256']}  {p['name']}")
+    print(f"{len(series)} patches on llama.cpp {runtime.PIN.commit} in {runtime.PATCH_DIR}", file=sys.stderr)
+
+
 def _mount():
     from .converters.gguf_retag import gguf_app
-    from .runtime import app as runtime_app
     app.add_typer(runtime_app, name="runtime")
     app.add_typer(gguf_app, name="gguf")
     from .evals.bench import bench

@@ -27,7 +27,7 @@ def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = Fa
     from .evals.eval_cmd import evaluate
     from .pipeline import run_quantize
     from .quantize import QuantConfig
-    from .runtime import ensure_runtime
+    from .runtime_patches.runtime import ensure_runtime
 
     out = Path(out)
     # CE + KD as the README's measured demo ran: pure distillation (quantize's default since session 16) pays on

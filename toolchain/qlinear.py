@@ -26,6 +26,7 @@ from .errors import SlimEdgeError
 from .formats import get_format
 from .formats.base import Format
 from .formats.stq1_0 import quad_layout
+from .runtime_patches.runtime_sim import VEC_DOT, fake_activation, host_rounding
 
 FP16_MAX = 65504.0
 FP16_TINY = 2.0 ** -24
@@ -178,13 +179,11 @@ def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int 
 
 def activation_type(type_id: int) -> str:
     """The runtime's activation type (vec_dot_type) for weights of GGML type `type_id`."""
-    from .evals.runtime_sim import VEC_DOT  # type: ignore[import-not-found]
     return VEC_DOT[type_id]
 
 
 def round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
     """x as the runtime's matmul sees it (8-bit blocks), exact without autograd; straight-through with it."""
-    from .evals.runtime_sim import fake_activation, host_rounding  # type: ignore[import-not-found]
     q = fake_activation(x.detach().float(), kind, host_rounding()).to(x.dtype)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return q

@@ -211,7 +211,7 @@ def quantize_(model: nn.Module, config: QuantConfig, plan: list[PlanEntry] | Non
     if config.embedding_type != "f16":
         quantize_embedding_(model, config.embedding_type)
     if config.runtime_attention:
-        from .evals.runtime_sim import use_runtime_attention  # type: ignore[import-not-found]
+        from .runtime_patches.runtime_sim import use_runtime_attention
         use_runtime_attention(model)
     return plan
 

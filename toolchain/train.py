@@ -85,7 +85,7 @@ def calibration_tokens(tokenizer, calib: str) -> tuple[torch.Tensor, str]:
             raise SlimEdgeError(f"--calib {calib}: cannot read it as UTF-8 text ({e})") from None
         source = f"file {path}"
     else:
-        from .evals.corpora import get_text  # type: ignore[import-not-found]
+        from .corpora import get_text
         text, source = get_text(calib, split="train")
     from .memory import tokenize_in_pieces  # a 100 MB --calib file in one tokenizer call needs > 8 GB
     ids = torch.from_numpy(tokenize_in_pieces(

@@ -28,7 +28,7 @@ def test_bench_under_qemu_is_labelled_emulated(tmp_path):
         pytest.skip("needs qemu-aarch64 (Debian package qemu-user)")
     from slim_edge.evals.bench import BenchConfig, run_bench, write_results
     from slim_edge.evals.tiny_gguf import tiny_models
-    from slim_edge.runtime import DEVICE_TOOLS, ensure_runtime
+    from slim_edge.runtime_patches.runtime import DEVICE_TOOLS, ensure_runtime
 
     ensure_runtime("linux-arm64", tools=DEVICE_TOOLS)  # what a device bench needs (no llama-cli)
     models = tiny_models(tmp_path / "m", ("q4_0",))

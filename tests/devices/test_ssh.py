@@ -149,7 +149,7 @@ def test_wrong_key_is_a_clear_error(sshd, tmp_path):
 def test_bench_end_to_end_over_ssh(sshd, tmp_path):
     from slim_edge.evals.bench import BenchConfig, run_bench
     from slim_edge.evals.tiny_gguf import tiny_models
-    from slim_edge.runtime import ensure_runtime
+    from slim_edge.runtime_patches.runtime import ensure_runtime
 
     ensure_runtime("host")
     models = tiny_models(tmp_path, ("q4_0",))

@@ -31,7 +31,7 @@ def test_embedding_type_falls_back_to_q8_0_where_rows_are_not_256_blocks():
 def test_quantize_pins_embedding_and_output_to_q6_k(tmp_path):
     """A foreign build is reached through --bin-dir (here: the host runtime's own bin folder)."""
     from slim_edge.converters.gguf_read import read_tensor_table
-    from slim_edge.runtime import ensure_runtime
+    from slim_edge.runtime_patches.runtime import ensure_runtime
 
     bin_dir = ensure_runtime("host").bin_dir
     f16 = kernel_bench.write_random_f16(tmp_path / "f16.gguf", hidden=256, n_layers=1, n_heads=4, n_kv_heads=2,

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.runtime]
 
 @pytest.fixture(scope="module")
 def smollm2_f16(tmp_path_factory):
-    from slim_edge import runtime
+    from slim_edge.runtime_patches import runtime
     from slim_edge.models import cache_dir, resolve
 
     from slim_edge.errors import SlimEdgeError

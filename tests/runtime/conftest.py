@@ -3,9 +3,10 @@
     ~/.cache/slim-edge/test-builds/<flavor>-<key12>/kernel_check     key = sha256(series, kernel_check.c, flags)
 
 Only the ggml libraries are built (a few minutes on 2 cores), from the tree that
-`slim_edge.runtime.prepare_source` extracts and patches; the full runtime (`slim-edge runtime build`)
-is not needed. aarch64 flavors are static and run under qemu-aarch64 with the named CPU. For a host
-flavor whose instructions this CPU lacks (/proc/cpuinfo flags) only the ggml-cpu sources that the series
+`slim_edge.runtime_patches.runtime.prepare_source` extracts and patches; the full runtime
+(`slim-edge runtime build`) is not needed. aarch64 flavors are static and run under qemu-aarch64 with
+the named CPU. For a host flavor whose instructions this CPU lacks (/proc/cpuinfo flags) only the
+ggml-cpu sources that the series
 touches and that hold ISA-specific code (ISA_SOURCES) are compiled, with that flavor's flags, to prove
 that they compile; its tests are then skipped. evals/device_kernels.sh builds and runs every flavor on
 another machine.
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slim_edge import runtime
+from slim_edge.runtime_patches import runtime
 
 KERNEL_CHECK = Path(__file__).resolve().parents[2] / "runtime_patches" / "kernel_check.c"
 COMMON = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_OPENMP=OFF", "-DGGML_NATIVE=OFF",

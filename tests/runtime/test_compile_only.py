@@ -1,7 +1,7 @@
 """What a compile-only build compiles for a flavor this CPU cannot run (conftest.compile_isa_sources)."""
 from runtime.conftest import touched_isa_sources
 
-from slim_edge import runtime
+from slim_edge.runtime_patches import runtime
 
 
 def test_compile_only_covers_the_series_isa_code():

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from slim_edge import runtime
+from slim_edge.runtime_patches import runtime
 from slim_edge.converters.gguf_read import read_tensor_table
 from slim_edge.converters.gguf_types import tensor_bytes, tensor_values
 from slim_edge.formats import get_format
@@ -205,7 +205,7 @@ def perplexity_of(argv, chunks: int, timeout=600) -> float:
 
 @pytest.fixture(scope="module")
 def lee_text(tmp_path_factory):
-    from slim_edge.evals.corpora import get_text
+    from slim_edge.corpora import get_text
 
     path = tmp_path_factory.mktemp("text") / "lee.txt"
     path.write_text(get_text("lee", "eval").text[:20000])

@@ -3,7 +3,7 @@ import sys
 import pytest
 
 from slim_edge.errors import SlimEdgeError
-from slim_edge.evals import corpora
+from slim_edge import corpora
 
 
 def _get(name, split):
@@ -39,7 +39,7 @@ def test_splits_are_disjoint(name):
 
 
 def test_lee_split_by_line_index():
-    from slim_edge.evals.corpora import _LEE_MEMBER, _gensim_member
+    from slim_edge.corpora import _LEE_MEMBER, _gensim_member
 
     _get("lee", "eval")
     lines = _gensim_member(_LEE_MEMBER).decode().split("\n")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from slim_edge.errors import SlimEdgeError
-from slim_edge.evals.runtime_sim import (VEC_DOT, fake_activation, ggml_rope_cos_sin, q8_0_bytes, q8_k_bytes,
-                                         q8_k_reference, quantize_q8_0, quantize_q8_k, simulate)
+from slim_edge.runtime_patches.runtime_sim import (VEC_DOT, fake_activation, ggml_rope_cos_sin, q8_0_bytes,
+                                                   q8_k_bytes, q8_k_reference, quantize_q8_0, quantize_q8_k,
+                                                   simulate)
 
 
 def activation_rows(n: int = 1024) -> np.ndarray:
@@ -138,7 +139,7 @@ def test_jitter_is_seeded(tiny_llama):
 @pytest.mark.runtime
 def test_torch_quantizers_equal_the_runtime_library():
     """from_float and vec_dot_type of the built patched libggml-cpu, called through ctypes."""
-    from slim_edge.runtime import ensure_runtime
+    from slim_edge.runtime_patches.runtime import ensure_runtime
 
     lib = ctypes.CDLL(str(ensure_runtime("host").lib_dir / "libggml-cpu.so"))
 
@@ -167,7 +168,7 @@ def test_torch_quantizers_equal_the_runtime_library():
 def test_f16_kv_attention_keeps_small_gradients():
     """--runtime-attention trains through the half roundings straight-through: values bit for bit the
     runtime's, gradients in float32. A plain cast rounds gradients to half, where these underflow to 0."""
-    from slim_edge.evals.runtime_sim import f16_kv_attention
+    from slim_edge.runtime_patches.runtime_sim import f16_kv_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 16, 8, generator=gen) for _ in range(3))
@@ -187,7 +188,7 @@ def test_f16_kv_attention_keeps_small_gradients():
 def test_runtime_attention_refuses_a_rope_it_does_not_model(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from slim_edge.evals.runtime_sim import use_runtime_attention
+    from slim_edge.runtime_patches.runtime_sim import use_runtime_attention
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}

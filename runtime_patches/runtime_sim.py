@@ -285,7 +285,8 @@ def simulate(model, types: dict[str, int], activations: bool = True, kv_f16: boo
                 kind = VEC_DOT.get(types[name])
                 if kind is None:
                     raise SlimEdgeError(f"{name}: GGUF type {types[name]} has no known vec_dot_type; add it to "
-                                        f"slim_edge.evals.runtime_sim.VEC_DOT from ggml-cpu.c's type_traits_cpu")
+                                        "slim_edge.runtime_patches.runtime_sim.VEC_DOT from ggml-cpu.c's "
+                                        "type_traits_cpu")
                 handles.append(mod.register_forward_pre_hook(
                     lambda m, args, kind=kind: (rounded(args[0], kind), *args[1:])))
         if kv_f16:

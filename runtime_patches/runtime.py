@@ -31,11 +31,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Iterator
 
-import typer
-
-from .errors import SlimEdgeError
+from ..errors import SlimEdgeError
 
 
 @dataclass(frozen=True)
@@ -237,6 +235,12 @@ def series_sha256(patches: list[Path]) -> str:
         h.update(f"{p.name}\0{len(data)}\0".encode())
         h.update(data)
     return h.hexdigest()
+
+
+def describe_series(patch_dir: Path | None = None) -> list[dict]:
+    """[{name, sha256}] of each patch, in order: what `slim-edge runtime patches` shows; the shipped series
+    must be whole (see patch_series)."""
+    return [{"name": p.name, "sha256": _sha256_file(p)} for p in patch_series(patch_dir)]
 
 
 def apply_patches(tree: Path, patches: list[Path]) -> None:
@@ -781,86 +785,3 @@ def _check_structs(llama_cpp) -> None:
                                 f"{ {k: want[k] for k in bad} }: the bindings and libllama.so come from "
                                 f"different commits; reinstall {PIN.package}=={PIN.version} and rebuild "
                                 f"the runtime")
-
-
-# --- CLI --------------------------------------------------------------------------------------
-
-app = typer.Typer(help="Build and locate the patched llama.cpp runtime (pinned: llama-cpp-python "
-                       f"{PIN.version} = llama.cpp {PIN.commit}).", no_args_is_help=True)
-
-TargetOpt = Annotated[str, typer.Option("--target", "-t", help=f"one of {', '.join(TARGETS)}")]
-IsaOpt = Annotated[str, typer.Option("--isa", help="host x86 ISA: avx2 (AVX2+FMA+F16C), avx512 (+VNNI, "
-                                                   "BF16, VBMI) or native (-march=native, not portable)")]
-NativeOpt = Annotated[bool, typer.Option("--native", help="same as --isa native")]
-ArmOpt = Annotated[str, typer.Option("--arm-arch", help="aarch64 -march for linux-arm64/android-arm64")]
-ToolOpt = Annotated[Optional[list[str]], typer.Option(
-    "--tool", help=f"build these instead of the default set ({', '.join(DEFAULT_TOOLS)}); repeatable")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
-
-
-def _isa(isa: str, native: bool) -> str:
-    return "native" if native else isa
-
-
-def _report(rt: Runtime, as_json: bool) -> None:
-    _log(f"llama.cpp {PIN.commit} runtime for {rt.target}: tools in {rt.bin_dir}"
-         + (f", libraries in {rt.lib_dir}" if rt.config.flavor == "host" else ""))
-    if as_json:
-        print(json.dumps(rt.to_json(), indent=2))
-
-
-@app.command("build")
-def build_cmd(target: TargetOpt = "host", isa: IsaOpt = "avx2", native: NativeOpt = False,
-              arm_arch: ArmOpt = DEFAULT_ARM_ARCH, tool: ToolOpt = None,
-              jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="compile jobs")] = None,
-              force: Annotated[bool, typer.Option("--force", help="rebuild even if cached")] = False,
-              keep_build: Annotated[bool, typer.Option(
-                  "--keep-build", help="keep the tree and build dir (.work-<target> in the cache)")] = False,
-              as_json: JsonOpt = False):
-    """Build the patched llama.cpp tools (cached by pin + patch series + target + flags).
-
-    host: AVX2 tools plus the shared libllama the Python bindings load; linux-arm64: static aarch64
-    tools that run under qemu-aarch64 and from /data/local/tmp on a phone.
-
-    Examples:
-      slim-edge runtime build
-      slim-edge runtime build --target linux-arm64
-      slim-edge runtime build --isa avx512 --json
-    """
-    rt = build(target, isa=_isa(isa, native), arm_arch=arm_arch, tools=tuple(tool) if tool else None,
-               jobs=jobs, force=force, keep_build=keep_build)
-    _report(rt, as_json)
-
-
-@app.command("where")
-def where_cmd(target: TargetOpt = "host", isa: IsaOpt = "avx2", native: NativeOpt = False,
-              arm_arch: ArmOpt = DEFAULT_ARM_ARCH, tool: ToolOpt = None, as_json: JsonOpt = False):
-    """Print where the built tools are, without building.
-
-    Example:  slim-edge runtime where --target linux-arm64 --json
-    """
-    rt = find_runtime(target, isa=_isa(isa, native), arm_arch=arm_arch, tools=tuple(tool) if tool else None)
-    _report(rt, as_json)
-
-
-@app.command("python-env")
-def python_env_cmd(isa: IsaOpt = "avx2", native: NativeOpt = False):
-    """Print the export line that makes `import llama_cpp` load the patched host library.
-
-    Example:  eval "$(slim-edge runtime python-env)"
-    """
-    rt = find_runtime("host", isa=_isa(isa, native))
-    for k, v in rt.env().items():
-        print(f"export {k}={v}")
-
-
-@app.command("source")
-def source_cmd(dest: Annotated[Path, typer.Argument(help="new directory for the tree")],
-               pristine: Annotated[bool, typer.Option("--pristine", help="leave the patches out")] = False):
-    """Write the pinned llama.cpp tree (patched unless --pristine), e.g. to write a new patch.
-
-    Example:  slim-edge runtime source /tmp/llama.cpp --pristine
-    """
-    patches = patch_series()
-    prepare_source(dest, patches, pristine=pristine)
-    _log(f"llama.cpp {PIN.commit}" + ("" if pristine else f" + {len(patches)} patch(es)") + f" in {dest}")
