@@ -197,6 +197,28 @@ def test_block_64_mul_mat_on_row_and_column_pairs(kernel_check, name, n):
     assert np.all(np.abs(kern - ref) <= q8_0_bound(w, acts) * (1 + 1e-4) + 1e-5 * mag + 1e-6)
 
 
+@pytest.mark.parametrize("n", [576, 1536])
+@pytest.mark.parametrize("name", BLOCK_64)
+def test_block_64_tiled_gemm_on_smollm2_shapes(kernel_check, name, n):
+    """Rows of 576 (9 blocks) and 1536, 37 rows and 5..37 columns: mul_mat's chunks of 4 or more columns take the
+    AVX2 tiled GEMM (patch 0017: 8 rows x 4 columns a step), here with row tails (37 = 16 + 16 + 5) and column
+    tails (5, 7, 21, 37 are not multiples of 4 nor of the 16-column chunks). Each output within fp32 rounding of
+    the exact dot with the Q8_0 activations, on 1 and 2 threads; elsewhere the same sums come from vec_dot."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(300 + n)
+    x = rng.standard_normal((34, n)) * np.linspace(0.5, 3.0, n)
+    raw = fmt.quantize(np.concatenate([x, edge_rows(n, rng)[1:4]]).astype(np.float32))
+    assert raw.shape[0] == 37
+    w = fmt.dequantize(raw, n)
+    acts = rng.standard_normal((37, n)).astype(np.float32)
+    acts[3, ::29] *= 10  # activation outliers
+    acts[6] = 0
+    kern, exact, mag = checked_vecdot(kernel_check, name, raw, w, acts, n)
+    for cols in (4, 5, 7, 21, 37):
+        for threads in (1, 2):
+            assert_same_sums(kernel_check.mulmat(name, raw, acts[:cols], threads=threads), exact[:cols], mag[:cols], n)
+
+
 def test_selftest(kernel_check):
     """The driver's own check (the one to run on machines pytest cannot reach, e.g. AVX-512)."""
     out = kernel_check.run("selftest", *NEW, "q2_0")
