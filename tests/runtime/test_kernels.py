@@ -180,19 +180,7 @@ def test_block_64_mul_mat_on_row_and_column_pairs(kernel_check, name, n):
     (AVX2: nrows = 2, patch 0015; one block of both rows a step, so 1 and 9 blocks need no tail). Each output
     within fp32 rounding of the exact dot with the Q8_0 activations (a swapped or dropped one of the four sums
     fails), for one column (the one-row path), 2, 4 and 16, on 1 and 2 threads."""
-    fmt = get_format(name)
-    rng = np.random.default_rng(200 + n)
-    x = rng.standard_normal((30, n)) * np.linspace(0.5, 3.0, n)
-    raw = fmt.quantize(np.concatenate([x, edge_rows(n, rng)[1:3]]).astype(np.float32))
-    assert raw.shape[0] == 32
-    w = fmt.dequantize(raw, n)
-    acts = rng.standard_normal((16, n)).astype(np.float32)
-    acts[3, ::29] *= 10  # activation outliers
-    acts[6] = 0
-    kern, exact, mag = checked_vecdot(kernel_check, name, raw, w, acts, n)
-    for cols in (1, 2, 4, 16):
-        for threads in (1, 2):
-            assert_same_sums(kernel_check.mulmat(name, raw, acts[:cols], threads=threads), exact[:cols], mag[:cols], n)
+    w, acts, kern, mag = _mul_mat_columns(kernel_check, name, n, 200 + n, 30, 3, 16, (1, 2, 4, 16))
     ref = acts.astype(np.float64) @ w.astype(np.float64).T
     assert np.all(np.abs(kern - ref) <= q8_0_bound(w, acts) * (1 + 1e-4) + 1e-5 * mag + 1e-6)
 
@@ -204,19 +192,27 @@ def test_block_64_tiled_gemm_on_smollm2_shapes(kernel_check, name, n):
     AVX2 tiled GEMM (patch 0017: 8 rows x 4 columns a step), here with row tails (37 = 16 + 16 + 5) and column
     tails (5, 7, 21, 37 are not multiples of 4 nor of the 16-column chunks). Each output within fp32 rounding of
     the exact dot with the Q8_0 activations, on 1 and 2 threads; elsewhere the same sums come from vec_dot."""
+    _mul_mat_columns(kernel_check, name, n, 300 + n, 34, 4, 37, (4, 5, 7, 21, 37))
+
+
+def _mul_mat_columns(kernel_check, name, n, seed, random_rows, edge_end, ncols, col_counts):
+    """`random_rows` scaled random rows and edge rows 1..edge_end-1 of a 64-block type, ncols activations with
+    outliers and a zero column: mul_mat on the first `cols` columns of each count, on 1 and 2 threads, within fp32
+    rounding of the exact dot with the Q8_0 activations. Returns (w, acts, vec_dot's sums, their magnitudes)."""
     fmt = get_format(name)
-    rng = np.random.default_rng(300 + n)
-    x = rng.standard_normal((34, n)) * np.linspace(0.5, 3.0, n)
-    raw = fmt.quantize(np.concatenate([x, edge_rows(n, rng)[1:4]]).astype(np.float32))
-    assert raw.shape[0] == 37
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((random_rows, n)) * np.linspace(0.5, 3.0, n)
+    raw = fmt.quantize(np.concatenate([x, edge_rows(n, rng)[1:edge_end]]).astype(np.float32))
+    assert raw.shape[0] == random_rows + edge_end - 1
     w = fmt.dequantize(raw, n)
-    acts = rng.standard_normal((37, n)).astype(np.float32)
+    acts = rng.standard_normal((ncols, n)).astype(np.float32)
     acts[3, ::29] *= 10  # activation outliers
     acts[6] = 0
     kern, exact, mag = checked_vecdot(kernel_check, name, raw, w, acts, n)
-    for cols in (4, 5, 7, 21, 37):
+    for cols in col_counts:
         for threads in (1, 2):
             assert_same_sums(kernel_check.mulmat(name, raw, acts[:cols], threads=threads), exact[:cols], mag[:cols], n)
+    return w, acts, kern, mag
 
 
 def test_selftest(kernel_check):
