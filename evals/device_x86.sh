@@ -5,6 +5,7 @@
 #                                                           # + llama-bench/llama-quantize + the models
 #                                                           # (SHAPES, TYPES: fewer than all)
 #   evals/device_x86.sh bench SHAPE OUT                     # llama-bench, 4 lanes of 2 types on own cores
+#                                                           # (LANES="T1,T2 T3": others; CPU_OFFSET=N: from core N)
 #   evals/device_x86.sh prefill SHAPE OUT                   # STQ1_0, Q2_0C: tiled GEMM vs vec_dot (patch 0007)
 #   VARIANTS="BIN_DIR:type ..." evals/device_x86.sh rounds SHAPE OUT
 #                                                           # decode only (tg64), the variants alternated within
@@ -57,7 +58,10 @@ bench|prefill)
     mapfile -t cpus < <(physical_cpus)
     if [[ $1 == bench ]]; then
         lanes=("STQ1_0,Q4_0" "Q2_0C,TQ2_0" "TQ1_0,Q2_0" "Q4_K_M,F16")
-        lane_env=("" "" "" "")
+        # LANES="Q2_0C_64,Q4_0 STQ1_0_64,Q4_K_M": other lanes (space-separated, types comma-separated)
+        [[ -n "${LANES:-}" ]] && read -ra lanes <<< "$LANES"
+        lane_env=()
+        for _ in "${lanes[@]}"; do lane_env+=(""); done
     else
         lanes=("STQ1_0,Q4_0" "Q2_0C,TQ2_0" "STQ1_0,Q2_0C" "Q4_K_M")
         lane_env=("" "" "GGML_CPU_TILED_MM=0" "")

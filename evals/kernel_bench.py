@@ -36,6 +36,10 @@ SHAPES = {
     "1.8b": dict(hidden=2048, n_layers=32, n_heads=16, n_kv_heads=4, ffn=6144, vocab=120818),
     # rows of 576 = 9 blocks of 64: the shape the 64-block types (Q2_0C_64, STQ1_0_64) exist for
     "smollm2-135m": dict(hidden=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn=1536, vocab=49152),
+    # issue 20's 1B-class shape whose rows are multiples of 64 but not of 256 (1600 = 25 x 64, 5440 = 85 x 64), and
+    # the nearest shape the 512/256-blocks (Q2_0C, STQ1_0, TQ2_0) fit (1536 = 3 x 512, 5632 = 11 x 512)
+    "1b-64": dict(hidden=1600, n_layers=24, n_heads=25, n_kv_heads=5, ffn=5440, vocab=49152),
+    "1b-512": dict(hidden=1536, n_layers=24, n_heads=24, n_kv_heads=6, ffn=5632, vocab=49152),
 }
 TYPES = ["STQ1_0", "Q2_0C", "TQ1_0", "TQ2_0", "Q2_0", "Q4_0", "Q4_K_M", "F16"]
 
