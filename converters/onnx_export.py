@@ -23,17 +23,23 @@ The mapping is derived from each format's integer grid `levels` (weight = level 
 
     levels with a common step s (s = 2 for SEQ's odd grid {-3,-1,1,3}):  code = (level - lo) / s,
     scale = s * d, zero point = -lo / s; weight = (code - zp) * scale, computed exactly in float32.
-    bits = the fewest of 2/4/8 holding the codes; zp is MatMulNBits' default 2^(bits-1) when it equals
-    it (no tensor), else packed uint8 when whole, else float (SEQ: zp 1.5, scale 2d).
+    bits = the fewest of 2/4/8 holding the codes (at least --onnx-bits); 2-bit weights always carry float
+    zero points (onnxruntime 1.32's fast 2-bit path; with the default or uint8 ones a 576 x 1536 matrix at
+    one activation row took 13-25x longer); at 4 and 8 bits, levels that fit around the default zero point
+    2^(bits-1) are the codes themselves (step 1, no zero-point tensor), else packed uint8 zp.
 
     q2_0c (SEQ)        2-bit, zp 1.5 float, scale 2d, block 256 (each 512-block's d written twice)
                        2 + 64/256 = 2.25 bpw; the code bytes are the checkpoint's qs bytes unchanged
-    q2_0               2-bit, zp 1 packed uint8, block 64: 2 + 32/64 + 2/64 = 2.53 bpw; qs bytes unchanged
-    tq2_0/tq1_0/stq1_0 ternary: 2-bit, default zp 2 (codes level + 2), block 256: 2.125 bpw (Sherry's
+    q2_0               2-bit, zp 1 float, block 64: 2 + 32/64 + 32/64 = 3 bpw; qs bytes unchanged
+    tq2_0/tq1_0/stq1_0 ternary: 2-bit, zp 2 float (codes level + 2), block 256: 2.25 bpw (Sherry's
                        1.3125-bit slots have no ONNX kernel: its values are re-packed as 2-bit codes)
+    --onnx-bits 4      every grid above as 4-bit codes level + 8, scale d, no zero points: 4 + 32/block bpw
+                       (4.06 for SEQ's 512-blocks), decoded by onnxruntime's fast 4-bit kernel
     q4_0               4-bit, default zp 8, block 32: 5 bpw;  q8_0: 8-bit, default zp 128, block 32: 9 bpw
     embedding q8_0/q4_0: GatherBlockQuantized with the same codes, and a tied head MatMulNBits of the same
-                       initializers (one copy in the file)
+                       initializers (one copy in the file); q8_0's 8-bit codes as two 4-bit halves
+                       (split_8bit: two gathers and two MatMulNBits, summed; +1 bpw for the second scale),
+                       because the 8-bit head alone took 97 % of a decoded token
 
 Scales are float32 (MatMulNBits takes the activation type), so every stored d costs 4 bytes, not 2.
 Kept (float) tensors are float32 initializers: the checkpoint's values exactly.
@@ -60,6 +66,7 @@ ONNX_EXPORT_VERSION = 1
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 MARKER = "slim_edge_onnx.json"  # what makes an output folder slim-edge's own (to replace with --force)
+ONNX_BITS = (2, 4)  # --onnx-bits: the fewest bits per code for the quantized linears
 MAX_BLOCK = {2: 256, 4: 512, 8: 512}  # the largest block MatMulNBits' CPU kernel takes per bit width
 PROTOBUF_LIMIT = 2 << 30
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -83,28 +90,41 @@ class OnnxGrid:
     step: int
     zero_point: float  # the same for every block
     block: int  # the ONNX block size (the format's, split where the kernel limits it)
+    float_zp: bool = False  # zero points as a float tensor even where they are whole
 
     @property
     def default_zp(self) -> bool:
-        return self.zero_point == 1 << (self.bits - 1)
+        return not self.float_zp and self.zero_point == 1 << (self.bits - 1)
 
     @property
     def zp_kind(self) -> str:
-        return "default" if self.default_zp else "uint8" if float(self.zero_point).is_integer() else "float"
+        if self.default_zp:
+            return "default"
+        return "uint8" if float(self.zero_point).is_integer() and not self.float_zp else "float"
 
 
-def onnx_grid(fmt: Format, what: str = "tensor", gather: bool = False) -> OnnxGrid:
-    """The MatMulNBits (gather: GatherBlockQuantized) representation of `fmt`, or a clear error."""
+def onnx_grid(fmt: Format, what: str = "tensor", gather: bool = False, min_bits: int = 2) -> OnnxGrid:
+    """The MatMulNBits (gather: GatherBlockQuantized) representation of `fmt` in at least `min_bits` bits, or
+    a clear error."""
     lv = np.asarray(fmt.levels, np.int64)
     if fmt.block_size < 16 or len(lv) < 2:
         raise SlimEdgeError(f"{what}: format {fmt.name} (block {fmt.block_size}) has no ONNX MatMulNBits "
                             f"mapping; keep it in float (quantize --keep) or choose another scheme")
+    if min_bits not in ONNX_BITS:
+        raise SlimEdgeError(f"--onnx-bits {min_bits}: choose one of {', '.join(map(str, ONNX_BITS))}")
     step = int(np.gcd.reduce(np.diff(lv)))
     span = int((lv[-1] - lv[0]) // step)
-    bits = next(b for b in ((4, 8) if gather else (2, 4, 8)) if span < 1 << b)
+    bits = next(b for b in ((4, 8) if gather else (2, 4, 8)) if span < 1 << b and b >= min_bits)
     half = 1 << (bits - 1)
+    if bits > 2 and -half <= lv[0] and lv[-1] < half:
+        step = 1  # the levels themselves are the codes around the default zero point: no zero-point tensor
     fits_default = lv[0] % step == 0 and -half <= lv[0] // step and lv[-1] // step < half
     grid = OnnxGrid(bits, step, float(half) if fits_default else -int(lv[0]) / step, 0)
+    if bits == 2 and not gather:
+        # onnxruntime 1.32's CPU MatMulNBits runs 2 bits fast only with float zero points: at one activation row
+        # 576 x 1536 takes 0.15 ms with them, 2.0 ms with the default and 3.7 ms with packed uint8 ones
+        # (evals/reports/onnx_bench_host.md); the values are the same
+        grid = OnnxGrid(bits, step, grid.zero_point + 0.0, 0, float_zp=True)
     if grid.zp_kind == "float" and (gather or bits == 8):
         op = "GatherBlockQuantized" if gather else "MatMulNBits"
         raise SlimEdgeError(f"{what}: {fmt.name}'s grid needs {bits}-bit codes with a fractional zero point, "
@@ -115,7 +135,7 @@ def onnx_grid(fmt: Format, what: str = "tensor", gather: bool = False) -> OnnxGr
     if block & (block - 1) or fmt.block_size % block:
         raise SlimEdgeError(f"{what}: {fmt.name}'s block {fmt.block_size} is not a power of two; "
                             f"onnxruntime's MatMulNBits needs one")
-    return OnnxGrid(bits, step, grid.zero_point, block)
+    return OnnxGrid(bits, step, grid.zero_point, block, grid.float_zp)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -159,9 +179,10 @@ class PackedWeight:
         return ((codes - zp) * self.scales.reshape(self.n, nb, 1)).reshape(self.n, self.k)
 
 
-def pack_weight(fmt: Format, raw: np.ndarray, k: int, what: str = "tensor", gather: bool = False) -> PackedWeight:
+def pack_weight(fmt: Format, raw: np.ndarray, k: int, what: str = "tensor", gather: bool = False,
+                min_bits: int = 2) -> PackedWeight:
     """A checkpoint's packed rows (uint8 [n, row_bytes] of `fmt`) as MatMulNBits codes, value for value."""
-    grid = onnx_grid(fmt, what, gather)
+    grid = onnx_grid(fmt, what, gather, min_bits)
     values, d = fmt.unpack(raw)
     n = values.shape[0]
     codes = (values.astype(np.float32) / grid.step + grid.zero_point).astype(np.uint8)
@@ -177,6 +198,25 @@ def pack_weight(fmt: Format, raw: np.ndarray, k: int, what: str = "tensor", gath
     elif grid.zp_kind == "float":
         zps = np.full(n * nb, grid.zero_point, np.float32)
     return PackedWeight(grid, n, k, pack_codes(codes, grid.bits).reshape(n, nb, -1), scales, zps)
+
+
+def split_8bit(pw: PackedWeight) -> list[PackedWeight]:
+    """8-bit codes c (default zero point 128) as two 4-bit MatMulNBits weights whose sum is the same values:
+    (c - 128) * s = (c >> 4 - 8) * 16s + (c & 15 - 0) * s, each term exact in float32 (16s is a power-of-two
+    multiple; |c - 128| * s needs at most 8 + 11 significant bits). onnxruntime 1.32 runs 4-bit MatMulNBits
+    at one activation row ~40x faster than 8-bit, so the q8_0 tied head costs 2 x 4-bit instead of 1 x 8-bit."""
+    g = pw.grid
+    if g.bits != 8 or not g.default_zp:
+        raise ValueError(f"split_8bit needs 8-bit codes with the default zero point, not {g}")
+    c = unpack_codes(pw.codes.reshape(pw.n, -1), 8)
+    nb = pw.k // g.block
+    per_row = -(-nb // 2) * 2
+    zeros = pack_codes(np.zeros((pw.n, per_row), np.uint8), 4)
+    hi = PackedWeight(OnnxGrid(4, g.step * 16, 8.0, g.block), pw.n, pw.k, pack_codes(c >> 4, 4).reshape(pw.n, nb, -1),
+                      pw.scales * np.float32(16), None)
+    lo = PackedWeight(OnnxGrid(4, g.step, 0.0, g.block), pw.n, pw.k, pack_codes(c & 15, 4).reshape(pw.n, nb, -1),
+                      pw.scales.copy(), zeros)
+    return [hi, lo]
 
 
 # --- the graph ------------------------------------------------------------------------------------------
@@ -243,10 +283,10 @@ class _Weights:
     """The checkpoint's tensors as graph initializers: MatMulNBits codes for quantized linears, float32 for
     the rest. Records per weight its op, bits and bytes for the summary."""
 
-    def __init__(self, g: _Graph, meta: dict, tensors: dict):
+    def __init__(self, g: _Graph, meta: dict, tensors: dict, bits: int = 2):
         from ..checkpoint import embedding_codes
 
-        self.g, self.tensors = g, tensors
+        self.g, self.tensors, self.bits = g, tensors, bits
         self.plan = {e["name"]: e for e in meta["plan"]}
         self.emb = embedding_codes(meta, tensors)
         self.report: dict[str, dict] = {}
@@ -262,7 +302,7 @@ class _Weights:
         if e is not None and e["mode"] != "keep":
             fmt = get_format(e["format"])
             n, k = e["shape"]
-            pw = pack_weight(fmt, self.tensors[f"{name}.qweight"].numpy(), k, what=name)
+            pw = pack_weight(fmt, self.tensors[f"{name}.qweight"].numpy(), k, what=name, min_bits=self.bits)
             y = self.g.op("MatMulNBits", x, *self._packed(name, pw), domain=MS_DOMAIN, K=k, N=n,
                           bits=pw.grid.bits, block_size=pw.grid.block, accuracy_level=0)
             self._note(name, "MatMulNBits", fmt.name, pw.grid.bits, pw.nbytes, n * k)
@@ -275,22 +315,29 @@ class _Weights:
             y = self.g.op("Add", y, self.g.const(f"{name}.bias", bias.numpy().astype(np.float32)))
         return y
 
-    def _embedding_codes(self, name: str, gather: bool) -> tuple[PackedWeight, list[str]]:
-        """The embedding's codes as one set of initializers in MatMulNBits' shape, shared by the gather and
-        the tied head (GatherBlockQuantized reads them through a Reshape that onnxruntime folds)."""
+    def _embedding_parts(self, name: str) -> list[tuple[PackedWeight, list[str]]]:
+        """The embedding's codes as initializers in MatMulNBits' shape, shared by the gather and the tied head
+        (GatherBlockQuantized reads them through a Reshape that onnxruntime folds): one part, or for 8-bit codes
+        the two 4-bit halves of split_8bit (the 8-bit head cost 120 ms a token, 97 % of the decode)."""
         _, fmt, raw = self.emb
         k = raw.shape[1] // fmt.type_size * fmt.block_size
-        pw = pack_weight(fmt, raw, k, what=name, gather=gather)
-        return pw, self._packed(name, pw)
+        pw = pack_weight(fmt, raw, k, what=name, gather=True)
+        parts = split_8bit(pw) if pw.grid.bits == 8 else [pw]
+        return [(part, self._packed(f"{name}.{tag}" if len(parts) > 1 else name, part))
+                for tag, part in zip(("hi", "lo"), parts)]
 
     def embedding(self, ids: str, name: str) -> str:
         if self.emb is not None:
-            pw, (codes, scales, *zp) = self._embedding_codes(name, gather=True)
-            data = self.g.op("Reshape", codes, self.g.ints(f"{name}.codes_shape", pw.n, -1))
-            scales = self.g.op("Reshape", scales, self.g.ints(f"{name}.scales_shape", pw.n, -1))
-            self._note(name, "GatherBlockQuantized", self.emb[1].name, pw.grid.bits, pw.nbytes, pw.n * pw.k)
-            return self.g.op("GatherBlockQuantized", data, ids, scales, *zp, domain=MS_DOMAIN, gather_axis=0,
-                             quantize_axis=1, block_size=pw.grid.block, bits=pw.grid.bits)
+            rows = []
+            parts = self._embedding_parts(name)
+            for i, (pw, (codes, scales, *zp)) in enumerate(parts):
+                data = self.g.op("Reshape", codes, self.g.ints(f"{name}.codes_shape{i}", pw.n, -1))
+                scales = self.g.op("Reshape", scales, self.g.ints(f"{name}.scales_shape{i}", pw.n, -1))
+                rows.append(self.g.op("GatherBlockQuantized", data, ids, scales, *zp, domain=MS_DOMAIN, gather_axis=0,
+                                      quantize_axis=1, block_size=pw.grid.block, bits=pw.grid.bits))
+            nbytes = sum(pw.nbytes for pw, _ in parts)
+            self._note(name, "GatherBlockQuantized", self.emb[1].name, 4 * len(parts), nbytes, pw.n * pw.k)
+            return rows[0] if len(rows) == 1 else self.g.op("Add", *rows)
         w = self.tensors[f"{name}.weight"].numpy().astype(np.float32)
         self._note(name, "Gather", "f32", 32, w.nbytes, w.size)
         return self.g.op("Gather", self.g.const(f"{name}.weight", w), ids, axis=0)
@@ -298,9 +345,9 @@ class _Weights:
     def tied_head(self, x: str, name: str) -> str:
         """The output head from the embedding's own values: the same initializers (codes or float matrix)."""
         if self.emb is not None:
-            pw, ins = self._embedding_codes(name, gather=True)
-            return self.g.op("MatMulNBits", x, *ins, domain=MS_DOMAIN, K=pw.k, N=pw.n, bits=pw.grid.bits,
-                             block_size=pw.grid.block, accuracy_level=0)
+            ys = [self.g.op("MatMulNBits", x, *ins, domain=MS_DOMAIN, K=pw.k, N=pw.n, bits=pw.grid.bits,
+                            block_size=pw.grid.block, accuracy_level=0) for pw, ins in self._embedding_parts(name)]
+            return ys[0] if len(ys) == 1 else self.g.op("Add", *ys)
         return self.g.op("MatMul", x, self.g.op("Transpose", f"{name}.weight", perm=[1, 0]))
 
     def _note(self, name, op, fmt, bits, nbytes, n):
@@ -323,13 +370,13 @@ def _rope(g: _Graph, x: str, cos: str, sin: str) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rot, sin))
 
 
-def build_model(meta: dict, tensors: dict, config: dict):
+def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2):
     """The decoder as an onnx.ModelProto and the per-weight report."""
     from onnx import TensorProto, helper
 
     s = _spec(config)
     g = _Graph()
-    w = _Weights(g, meta, tensors)
+    w = _Weights(g, meta, tensors, bits)
     t = tensors
     g.ints("/axes_last", -1)
     g.ints("/zero", 0)
@@ -443,7 +490,7 @@ def genai_config(config: dict, spec: _Spec, tok_config: dict) -> dict:
         "search": {"max_length": config.get("max_position_embeddings"), "do_sample": False, "num_beams": 1}}
 
 
-def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool | None = None) -> dict:
+def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool | None = None, bits: int = 2) -> dict:
     """Write checkpoint `ckpt` as OUT/model.onnx (+ model.onnx.data, by default only past protobuf's 2 GB
     limit), its tokenizer files and genai_config.json; returns the summary that OUT/slim_edge_onnx.json
     also holds."""
@@ -456,7 +503,8 @@ def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool 
     check_output_dir(out, force, is_onnx_export, flag="--onnx", inputs=[ckpt])
     config = json.loads((ckpt / "config.json").read_text())
     spec = _spec(config)
-    model, report, ops = build_model(meta, tensors, config)
+    onnx_grid(get_format("q8_0"), min_bits=bits)  # a bad --onnx-bits fails before anything is read
+    model, report, ops = build_model(meta, tensors, config, bits)
     model.metadata_props.extend([onnx.StringStringEntryProto(key="slim_edge.scheme", value=meta["config"]["scheme"]),
                                  onnx.StringStringEntryProto(key="slim_edge.formats", value=json.dumps(
                                      {k: v["format"] for k, v in report.items()}))])
@@ -475,7 +523,7 @@ def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool 
         lin = {k: v for k, v in report.items() if k in meta_linear_names(meta)}
         n_lin = sum(v["bytes"] * 8 / v["bits_per_weight"] for v in lin.values())
         summary = {"slim_edge_onnx": ONNX_EXPORT_VERSION, "file": str(out / "model.onnx"), "bytes": size,
-                   "external_data": big, "scheme": meta["config"]["scheme"], "opset": OPSET, "ops": ops,
+                   "external_data": big, "scheme": meta["config"]["scheme"], "onnx_bits": bits, "opset": OPSET, "ops": ops,
                    "linear_bits_per_weight": sum(v["bytes"] * 8 for v in lin.values()) / n_lin if lin else 32.0,
                    "weights": report, "trained_for": trained_for(meta["config"]), "source": str(ckpt)}
         (tmp / MARKER).write_text(json.dumps(summary, indent=1))

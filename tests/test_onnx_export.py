@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from slim_edge.checkpoint import dequantized_weights, embedding_codes, load_quantized, read_meta, read_tensors  # noqa: E402
-from slim_edge.converters.onnx_export import (export_onnx, onnx_grid, pack_weight,  # noqa: E402
+from slim_edge.converters.onnx_export import (export_onnx, onnx_grid, pack_weight, split_8bit,  # noqa: E402
                                               require_onnx, unpack_codes)
 from slim_edge.errors import SlimEdgeError  # noqa: E402
 from slim_edge.evals.backends import OnnxLM  # noqa: E402
@@ -90,12 +90,49 @@ def test_onnx_weights_decode_to_the_checkpoint_values_exactly(scheme, onnx_expor
             assert inits[f"{name}.bias"].tobytes() == tensors[f"{name}.bias"].numpy().tobytes()
     emb_name, fmt, raw = embedding_codes(meta, tensors)
     emb = fmt.dequantize(raw, meta["embedding"]["shape"][1])
-    gather = next(n for (op, _), n in nodes.items() if op == "GatherBlockQuantized")
-    head = nodes["MatMulNBits", f"{emb_name}.qweight"]  # the tied head: the same initializers
-    for node in (gather, head):
-        assert decode_node(node, inits).tobytes() == emb.tobytes()
+    # the q8_0 embedding as two 4-bit halves (split_8bit), shared by the two gathers and the tied head's two
+    # MatMulNBits; each pair sums to the embedding's values exactly
+    gathers = [n for (op, _), n in nodes.items() if op == "GatherBlockQuantized"]
+    heads = [nodes["MatMulNBits", f"{emb_name}.{half}.qweight"] for half in ("hi", "lo")]
+    assert len(gathers) == 2
+    for pair in (gathers, heads):
+        hi, lo = (decode_node(node, inits) for node in pair)
+        assert (hi + lo).tobytes() == emb.tobytes()
     assert summary["weights"]["model.layers.0.mlp.up_proj"]["bits"] == 2
-    assert summary["linear_bits_per_weight"] == {"seq2": 2.25, "q2": 2.53125}.get(scheme, 2.125)
+    # 2 bits + a float32 scale and a float32 zero point per block (64 for q2_0, 256 for the others)
+    assert summary["linear_bits_per_weight"] == {"seq2": 2.25, "q2": 3.0}.get(scheme, 2.25)
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q2_0c", "stq1_0", "q2_0"])
+def test_split_8bit_and_4bit_codes_keep_the_values(name):
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(2)
+    k, n = 512, 8
+    raw = fmt.quantize(rng.standard_normal((n, k)).astype(np.float32))
+    want = fmt.dequantize(raw, k)
+    pw = pack_weight(fmt, raw, k, min_bits=4)
+    assert pw.grid.bits == (8 if name == "q8_0" else 4)
+    assert pw.zero_points is None  # the levels around the default zero point: no zero-point tensor
+    assert pw.values().tobytes() == want.tobytes()
+    if name == "q8_0":
+        hi, lo = split_8bit(pw)
+        assert (hi.grid.bits, lo.grid.bits) == (4, 4)
+        assert (hi.values() + lo.values()).tobytes() == want.tobytes()
+
+
+def test_onnx_bits_4_export_decodes_exactly(onnx_exports, tmp_path):
+    ckpt, _, _ = onnx_exports("seq2")
+    summary = export_onnx(ckpt, tmp_path / "o4", bits=4)
+    inits, nodes = onnx_initializers(tmp_path / "o4" / "model.onnx")
+    want = dequantized_weights(read_meta(ckpt), read_tensors(ckpt))
+    for name, w in want.items():
+        node = nodes["MatMulNBits", f"{name}.qweight"]
+        assert node.attribute[[a.name for a in node.attribute].index("bits")].i == 4
+        assert decode_node(node, inits).tobytes() == w.numpy().tobytes(), name
+    assert summary["onnx_bits"] == 4 and summary["linear_bits_per_weight"] == 4.0625  # + a float32 scale per 512
+    with pytest.raises(SlimEdgeError, match="--onnx-bits 3"):
+        export_onnx(ckpt, tmp_path / "o3", bits=3)
+    assert not (tmp_path / "o3").exists()
 
 
 @pytest.mark.parametrize("name", [n for n in FORMATS if n != "f16"])
@@ -195,7 +232,7 @@ def test_export_refuses_to_overwrite_and_cli_writes(onnx_exports, tmp_path):
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     r = CliRunner().invoke(app, ["export", str(ckpt), "--onnx", str(tmp_path / "new")])
     assert r.exit_code == 0, r.output
-    assert "2.531 bits per weight" in r.output and (tmp_path / "new" / "model.onnx").is_file()
+    assert "3.000 bits per weight" in r.output and (tmp_path / "new" / "model.onnx").is_file()
 
 
 def test_unmapped_formats_and_architectures_are_clear_errors(tiny_text, tmp_path):
@@ -223,7 +260,7 @@ def test_inspect_reads_ops_bits_and_size_from_the_file(onnx_exports):
 
     _, out, summary = onnx_exports("seq2")
     r = inspect_onnx(out / "model.onnx")
-    assert r["ops"]["com.microsoft.MatMulNBits"] == 15 and r["ops"]["com.microsoft.GatherBlockQuantized"] == 1
+    assert r["ops"]["com.microsoft.MatMulNBits"] == 16 and r["ops"]["com.microsoft.GatherBlockQuantized"] == 2
     up = next(w for w in r["weights"] if w["name"] == "model.layers.0.mlp.up_proj")
     # 1024 x 512 weights: 2-bit codes, one float32 scale and one float32 zero point per 256
     assert (up["bits"], up["block_size"], up["bytes"]) == (2, 256, 1024 * 512 // 4 + 1024 * 2 * 8)

@@ -186,6 +186,10 @@ def export(
     token_embedding_type: Annotated[Optional[str], typer.Option(
         help="f16 | q8_0 | q4_0 (default: the type the checkpoint's embedding trained on, written as its codes; "
              "q8_0 for a float one)", show_default=False)] = None,
+    onnx_bits: Annotated[int, typer.Option(help="with --onnx: the fewest bits per code of the quantized linears. 2: "
+                                                "the smallest file; 4: the same values in onnxruntime's fast 4-bit "
+                                                "kernel (linears ~2x larger, decode several times faster on CPU: "
+                                                "evals/reports/onnx_bench_host.md)")] = 2,
     output_tensor_type: Annotated[str, typer.Option(help="untied output head: f16 | q8_0 | q4_0")] = "q8_0",
     tensor_type: Annotated[Optional[list[str]], typer.Option(help="REGEX=TYPE for unquantized tensors "
                                                                   "(repeatable)")] = None,
@@ -201,13 +205,15 @@ def export(
       slim-edge export smollm2-135m --type q4_k_m --gguf smollm2-q4_k_m.gguf
 
       slim-edge export runs/seq2 --onnx seq2-onnx
+
+      slim-edge export runs/seq2 --onnx seq2-onnx4 --onnx-bits 4    (faster decode, larger file)
     """
     if onnx is not None:
         from .converters.onnx_export import export_onnx
 
         if gguf is not None or type_ is not None:
             raise SlimEdgeError("--onnx writes an ONNX folder from a checkpoint; leave out --gguf and --type")
-        summary = export_onnx(source, onnx, force=force)
+        summary = export_onnx(source, onnx, force=force, bits=onnx_bits)
         rounded = [k for k, v in summary["trained_for"].items() if v]
         if rounded:
             print(f"slim-edge: note: the checkpoint was trained through llama.cpp's roundings ({', '.join(rounded)}); "
@@ -217,6 +223,8 @@ def export(
               f"wrote {onnx} ({summary['bytes'] / 2**20:.1f} MiB, {summary['linear_bits_per_weight']:.3f} bits per "
               f"weight in the linears)")
         return
+    if onnx_bits != 2:
+        raise SlimEdgeError(f"--onnx-bits {onnx_bits} applies to --onnx exports only; add --onnx DIR or leave it out")
     from .converters.gguf_export import export_baseline, export_checkpoint
     from .converters.model_card import card_path, write_card
 
