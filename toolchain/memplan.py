@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from .distill import CHUNK_ELEMENTS
 from .errors import SlimEdgeError
 from .formats import get_format
-from .memory import config_params
+from .memory import available_ram, config_params
 
 GIB = 2**30
 # fp32 [chunk, vocab] buffers alive at once in one chunk of the loss (distill._chunk): compiled, the gradient the
@@ -74,17 +74,17 @@ def activation_bytes(cfg: dict, autocast: bool) -> int:
 
 def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None = None, *, device: str = "cuda",
                 world: int = 1, shard: str | None = None, compiled: bool | None = None,
-                teacher_copy: bool | None = None) -> MemoryPlan:
+                teacher_copy: int | None = None) -> MemoryPlan:
     """Per-device bytes of a QAT run of `config` (a QuantConfig) on a model of config.json `cfg`.
 
     device: "cuda" (bf16 autocast, a bf16 copy of the teacher) or "cpu" (fp32). shard: None (one process), "ddp"
-    or "fsdp" over `world` ranks. compiled: --compile (default config.compile on cuda). teacher_copy: the bf16
-    teacher copy (default on cuda); without it the teacher runs in fp32 as loaded."""
+    or "fsdp" over `world` ranks. compiled: --compile (default config.compile on cuda). teacher_copy: bytes per
+    weight of the teacher copy QAT runs forward (default 2 on cuda, pipeline's bf16 copy; 0: the loaded one)."""
     batch = config.batch_size if batch is None else batch
     seq_len = config.seq_len if seq_len is None else seq_len
     cuda = device.startswith("cuda")
     compiled = (config.compile and cuda) if compiled is None else compiled
-    teacher_copy = cuda if teacher_copy is None else teacher_copy
+    teacher_copy = (2 if cuda else 0) if teacher_copy is None else teacher_copy
     s = _shape(cfg)
     n = world if shard == "fsdp" else 1
     emb = s["vocab"] * s["h"]
@@ -98,7 +98,7 @@ def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None
     logit = 2 if cuda else 4
     c = {
         "teacher fp32 (evaluations)": 4 * s["params"],
-        "teacher bf16 (QAT forward)": 2 * s["params"] if teacher_copy else 0,
+        "teacher copy (QAT forward)": teacher_copy * s["params"],
         "student latent fp32": 4 * s["params"] // n,
         "block scales fp32": 4 * (scales + emb_scales) // n,
         "embedding codes (cached)": 5 * emb if emb_block else 0,
@@ -173,3 +173,25 @@ def check_fits(cfg: dict, config, available: int, *, device: str, world: int = 1
         f"{config.batch_size} x --seq-len {config.seq_len}, and {available / GIB:.1f} GiB of {what} is free on "
         f"{device}; " + (f"pass {' or '.join(remedies)}" if remedies else "use a larger device or a smaller --seq-len")
         + " (or --no-memory-check to try anyway)\n" + format_plan(plan, available))
+
+
+LIMIT_ENV = "SLIM_EDGE_MEMORY_LIMIT_GIB"  # pretend the device has this much free (tests; a GPU shared with others)
+
+
+def available_memory(device: str, environ=None) -> int | None:
+    """Free bytes on `device`: the GPU's free memory (torch.cuda.mem_get_info), or MemAvailable for cpu;
+    $SLIM_EDGE_MEMORY_LIMIT_GIB instead when set. None when it cannot be known."""
+    import os
+
+    limit = (os.environ if environ is None else environ).get(LIMIT_ENV)
+    if limit:
+        try:
+            return int(float(limit) * GIB)
+        except ValueError:
+            raise SlimEdgeError(f"{LIMIT_ENV}={limit!r}: expected a number of GiB, e.g. 40") from None
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    if device == "cpu":
+        return available_ram()
+    return None
