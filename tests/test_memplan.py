@@ -151,8 +151,8 @@ def test_refused_through_the_cli_with_the_batch_that_fits(tiny_llama, tiny_text,
     env = {**os.environ, LIMIT_ENV: str(limit / GIB)}
     run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
-    assert f"needs about {need / GIB:.1f} GiB" in run.stderr
-    assert f"{limit / GIB:.1f} GiB of RAM is free" in run.stderr
+    assert f"needs about {need / GIB:.2f} GiB of RAM" in run.stderr
+    assert f"{limit / GIB:.2f} GiB of RAM is free" in run.stderr
     assert "pass --batch-size 3 (" in run.stderr and "--no-memory-check" in run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

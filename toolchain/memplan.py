@@ -156,21 +156,21 @@ def check_fits(cfg: dict, config, available: int, *, device: str, world: int = 1
     b = largest_batch(cfg, config, available, device=device, world=world, shard=shard)
     if b:
         need = plan_memory(cfg, config, batch=b, device=device, world=world, shard=shard).total
-        remedies.append(f"--batch-size {b} ({need / GIB:.1f} GiB)")
+        remedies.append(f"--batch-size {b} ({need / GIB:.2f} GiB)")
     if world > 1 and shard != "fsdp":
         need = plan_memory(cfg, config, device=device, world=world, shard="fsdp").total
         if need <= available:
-            remedies.append(f"--shard fsdp ({need / GIB:.1f} GiB on each of the {world} ranks)")
+            remedies.append(f"--shard fsdp ({need / GIB:.2f} GiB on each of the {world} ranks)")
     if world == 1 and device.startswith("cuda"):
         for r in ranks:
             need = plan_memory(cfg, config, device=device, world=r, shard="fsdp").total
             if need <= available:
-                remedies.append(f"torchrun --nproc-per-node {r} ... --shard fsdp ({need / GIB:.1f} GiB per GPU)")
+                remedies.append(f"torchrun --nproc-per-node {r} ... --shard fsdp ({need / GIB:.2f} GiB per GPU)")
                 break
     what = "GPU" if device.startswith("cuda") else "RAM"
     raise SlimEdgeError(
-        f"the run needs about {plan.total / GIB:.1f} GiB per {'GPU' if what == 'GPU' else 'process'} at --batch-size "
-        f"{config.batch_size} x --seq-len {config.seq_len}, and {available / GIB:.1f} GiB of {what} is free on "
+        f"the run needs about {plan.total / GIB:.2f} GiB {'per GPU' if what == 'GPU' else 'of RAM'} at --batch-size "
+        f"{config.batch_size} x --seq-len {config.seq_len}, and {available / GIB:.2f} GiB of {what} is free on "
         f"{device}; " + (f"pass {' or '.join(remedies)}" if remedies else "use a larger device or a smaller --seq-len")
         + " (or --no-memory-check to try anyway)\n" + format_plan(plan, available))
 
