@@ -171,3 +171,23 @@ def test_shard_auto_takes_fsdp_when_a_replica_does_not_fit():
     assert choose_shard(one_b, config, ranks, between, "cuda") == "fsdp"
     assert choose_shard(one_b, config, ranks, ddp.total, "cuda") == "ddp"
     assert choose_shard(one_b, config, ranks, fsdp.total - 1, "cuda") == "ddp"  # neither fits: the replica's error
+
+
+def test_torchrun_shard_auto_trains_fsdp_when_only_the_shards_fit(tiny_text, tmp_path):
+    """Two CPU ranks with --shard auto and a limit between the fsdp and the ddp plan: the run trains sharded."""
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", "llama", layers=4)
+    cfg = json.loads((model / "config.json").read_text())
+    config = QuantConfig(scheme="sherry", steps=2, batch_size=2, seq_len=64)
+    ddp, fsdp = (plan_memory(cfg, config, device="cpu", world=2, shard=s).total for s in ("ddp", "fsdp"))
+    assert fsdp < ddp
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "--no-python",
+            str(SLIM_EDGE), "quantize", str(model), "--scheme", "sherry", "--steps", "2", "--batch-size", "2",
+            "--seq-len", "64", "--calib", str(tiny_text), "--device", "cpu", "-o", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", LIMIT_ENV: str((ddp + fsdp) / 2 / GIB)}
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "--shard auto: fsdp" in run.stderr
+    assert json.loads((out / "report.json").read_text())["shard"] == "fsdp"
