@@ -19,7 +19,10 @@ values and the weight F.linear multiplies (bf16 under autocast, the fp32 fake-qu
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+import torch
 
 from .distill import CHUNK_ELEMENTS
 from .errors import SlimEdgeError
@@ -114,7 +117,7 @@ def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None
     return MemoryPlan({k: v for k, v in c.items() if v}, device, world, shard, batch, seq_len)
 
 
-def format_plan(plan: MemoryPlan, available: int | None = None) -> str:
+def format_memory_plan(plan: MemoryPlan, available: int | None = None) -> str:
     where = "per GPU" if plan.device.startswith("cuda") else "in RAM"
     mode = "" if plan.shard is None else f", {plan.shard} over {plan.world} ranks"
     lines = [f"memory plan {where} ({plan.batch} x {plan.seq_len} tokens{mode}):"]
@@ -172,7 +175,7 @@ def check_fits(cfg: dict, config, available: int, *, device: str, world: int = 1
         f"the run needs about {plan.total / GIB:.2f} GiB {'per GPU' if what == 'GPU' else 'of RAM'} at --batch-size "
         f"{config.batch_size} x --seq-len {config.seq_len}, and {available / GIB:.2f} GiB of {what} is free on "
         f"{device}; " + (f"pass {' or '.join(remedies)}" if remedies else "use a larger device or a smaller --seq-len")
-        + " (or --no-memory-check to try anyway)\n" + format_plan(plan, available))
+        + " (or --no-memory-check to try anyway)\n" + format_memory_plan(plan, available))
 
 
 LIMIT_ENV = "SLIM_EDGE_MEMORY_LIMIT_GIB"  # pretend the device has this much free (tests; a GPU shared with others)
@@ -181,8 +184,6 @@ LIMIT_ENV = "SLIM_EDGE_MEMORY_LIMIT_GIB"  # pretend the device has this much fre
 def available_memory(device: str, environ=None) -> int | None:
     """Free bytes on `device`: the GPU's free memory (torch.cuda.mem_get_info), or MemAvailable for cpu;
     $SLIM_EDGE_MEMORY_LIMIT_GIB instead when set. None when it cannot be known."""
-    import os
-
     limit = (os.environ if environ is None else environ).get(LIMIT_ENV)
     if limit:
         try:
@@ -190,7 +191,6 @@ def available_memory(device: str, environ=None) -> int | None:
         except ValueError:
             raise SlimEdgeError(f"{LIMIT_ENV}={limit!r}: expected a number of GiB, e.g. 40") from None
     if device.startswith("cuda"):
-        import torch
         return torch.cuda.mem_get_info(torch.device(device))[0]
     if device == "cpu":
         return available_ram()

@@ -21,7 +21,7 @@ from .distributed import (World, barrier, broadcast, joined, meta_copy, quiet, r
 from .errors import SlimEdgeError
 from .fsutil import atomic_path, check_free_space
 from .memory import check_model_config
-from .memplan import available_memory, check_fits, choose_shard, format_plan as format_memory, plan_memory
+from .memplan import available_memory, check_fits, choose_shard, format_memory_plan, plan_memory
 from .models import architecture_of, load_model, resolve
 from .budget import SENS_LEN, SENS_SEQS, budget_plan, check_bits, format_sensitivity, overrides_of
 from .quantize import QuantConfig, format_plan, get_scheme, plan_summary, quantize_, make_plan
@@ -177,7 +177,7 @@ def plan_run_memory(folder: Path, config: QuantConfig, world: World, device: str
         plan = check_fits(cfg, config, available, device=device, world=world.size, shard=shard)
     else:
         plan = plan_memory(cfg, config, device=device, world=world.size, shard=shard)
-    print(format_memory(plan, available), file=sys.stderr)
+    print(format_memory_plan(plan, available), file=sys.stderr)
     return config
 
 
