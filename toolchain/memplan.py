@@ -37,6 +37,9 @@ CHUNK_BUFFERS = {True: 2, False: 9}
 # FSDP2 holds a decoder layer's gathered weights while the next one is prefetched, the root's (embedding, norm)
 # for the whole forward, and a layer's unsharded gradients before their reduce-scatter
 FSDP_GATHERED_LAYERS = 3
+# distill_loss_reference (autograd through log_softmax; the session-10 step, kept as the fused loss's reference) at
+# its peak, the `s.exp() * (s - t)` of KL_st: fp32 [tokens, vocab] s, t, exp(t), exp(s), s - t and that product
+REFERENCE_LOSS_BUFFERS = 6
 EMBEDDING_FORMAT = {"q8_0": 32, "q4_0": 32}  # block sizes of the embedding types that hold codes (f16: none)
 
 
@@ -77,12 +80,14 @@ def activation_bytes(cfg: dict, autocast: bool) -> int:
 
 def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None = None, *, device: str = "cuda",
                 world: int = 1, shard: str | None = None, compiled: bool | None = None,
-                teacher_copy: int | None = None) -> MemoryPlan:
+                teacher_copy: int | None = None, reference_loss: bool = False) -> MemoryPlan:
     """Per-device bytes of a QAT run of `config` (a QuantConfig) on a model of config.json `cfg`.
 
     device: "cuda" (bf16 autocast, a bf16 copy of the teacher) or "cpu" (fp32). shard: None (one process), "ddp"
     or "fsdp" over `world` ranks. compiled: --compile (default config.compile on cuda). teacher_copy: bytes per
-    weight of the teacher copy QAT runs forward (default 2 on cuda, pipeline's bf16 copy; 0: the loaded one)."""
+    weight of the teacher copy QAT runs forward (default 2 on cuda, pipeline's bf16 copy; 0: the loaded one).
+    reference_loss: distill.distill_loss_reference in place of the chunked distill_loss. The loss terms are
+    counted for cakld (kl and none keep fewer buffers; none computes no teacher logits)."""
     batch = config.batch_size if batch is None else batch
     seq_len = config.seq_len if seq_len is None else seq_len
     cuda = device.startswith("cuda")
@@ -111,9 +116,15 @@ def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None
         "FSDP gathered weights": 4 * (FSDP_GATHERED_LAYERS * s["layer"] + emb) if shard == "fsdp" else 0,
         "saved per weight": (1 + (2 if cuda else 4)) * quant + 4 * scales + (2 * emb if cuda and emb_block else 0),
         "activations": tokens * activation_bytes(cfg, autocast=cuda),
-        "logits (student, teacher, grad)": 3 * logit * tokens * s["vocab"],
-        "loss chunk": CHUNK_BUFFERS[bool(compiled)] * 4 * min(tokens, max(1, CHUNK_ELEMENTS // s["vocab"])) * s["vocab"],
     }
+    teacher_logits = config.distill != "none"
+    if reference_loss:
+        c["logits (student, teacher)"] = (1 + teacher_logits) * logit * tokens * s["vocab"]
+        c["loss through autograd"] = REFERENCE_LOSS_BUFFERS * 4 * tokens * s["vocab"]
+    else:  # the loss's gradient buffer (distill._FusedDistill) has the logits' dtype
+        c["logits (student, teacher, grad)"] = (2 + teacher_logits) * logit * tokens * s["vocab"]
+        chunk = min(tokens, max(1, CHUNK_ELEMENTS // s["vocab"]))
+        c["loss chunk"] = CHUNK_BUFFERS[bool(compiled)] * 4 * chunk * s["vocab"]
     return MemoryPlan({k: v for k, v in c.items() if v}, device, world, shard, batch, seq_len)
 
 
