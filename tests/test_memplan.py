@@ -156,9 +156,13 @@ def test_refused_through_the_cli_with_the_batch_that_fits(tiny_llama, tiny_text,
     assert "pass --batch-size 3 (" in run.stderr and "--no-memory-check" in run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
-    run = subprocess.run(argv + ["--steps", "0", "--no-memory-check", "--dry-run"], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = subprocess.run(argv + ["--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]  # a dry run says it and goes on to the tensor plan
+    assert "dry run: the real run would stop here" in run.stderr and "pass --batch-size 3 (" in run.stderr
+    assert "bits per weight in the quantized linears" in run.stderr
+    run = subprocess.run(argv + ["--no-memory-check", "--dry-run"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and "would stop" not in run.stderr, run.stderr[-2000:]
 
 
 def test_shard_auto_takes_fsdp_when_a_replica_does_not_fit():

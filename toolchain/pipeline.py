@@ -162,10 +162,11 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
                              time_limit=time_limit, teacher_model=teacher_model, memory_check=memory_check)
 
 
-def plan_run_memory(folder: Path, config: QuantConfig, world: World, device: str, check: bool) -> QuantConfig:
+def plan_run_memory(folder: Path, config: QuantConfig, world: World, device: str, check: bool,
+                    dry_run: bool = False) -> QuantConfig:
     """Print the memory plan of the QAT phase (memplan.py) from config.json, before anything is allocated, and
-    refuse a run that will not fit the device (check); --shard auto becomes ddp or fsdp by what fits.
-    Returns the config with the shard chosen."""
+    refuse a run that will not fit the device (check; a dry run says so and goes on); --shard auto becomes ddp or
+    fsdp by what fits. Returns the config with the shard chosen."""
     cfg = json.loads((folder / "config.json").read_text())
     available = broadcast(world, available_memory(device))  # rank 0's: every rank decides the same
     if config.shard == "auto" and world.size > 1 and available is not None:
@@ -173,10 +174,14 @@ def plan_run_memory(folder: Path, config: QuantConfig, world: World, device: str
         print(f"slim-edge: --shard auto: {shard}", file=sys.stderr)
         config = dataclasses.replace(config, shard=shard)
     shard = sharding(world, config.shard)
+    plan = plan_memory(cfg, config, device=device, world=world.size, shard=shard)
     if check and available is not None:
-        plan = check_fits(cfg, config, available, device=device, world=world.size, shard=shard)
-    else:
-        plan = plan_memory(cfg, config, device=device, world=world.size, shard=shard)
+        try:
+            check_fits(cfg, config, available, device=device, world=world.size, shard=shard)
+        except SlimEdgeError as e:
+            if not dry_run:
+                raise
+            print(f"slim-edge: dry run: the real run would stop here: {str(e).splitlines()[0]}", file=sys.stderr)
     print(format_memory_plan(plan, available), file=sys.stderr)
     return config
 
@@ -208,7 +213,7 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
                             f"to start over")
     check_model_config(refuse_damaged_checkpoint(resolve(model)), copies=2)  # teacher and student
     if config.steps > 0:
-        config = plan_run_memory(resolve(model), config, world, device, memory_check)
+        config = plan_run_memory(resolve(model), config, world, device, memory_check, dry_run)
     seed_everything(config.seed)
     t_start = time.perf_counter()
     teacher, tok, folder = load_model(model, device=device)
