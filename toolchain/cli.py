@@ -102,8 +102,10 @@ def quantize(
     shard: Annotated[str, typer.Option(help="under torchrun: ddp (a full replica of the student per rank, "
                                             "DistributedDataParallel) | fsdp (FSDP2 fully_shard per decoder layer: "
                                             "each rank holds 1/N of the weights, grads and optimizer state) | auto "
-                                            "(ddp for now; a memory planner is to pick fsdp when a replica does "
-                                            "not fit). Ignored by one process")] = "auto",
+                                            "(ddp when a full replica fits the GPU by the memory plan, else fsdp when "
+                                            "the sharded state does). Ignored by one process")] = "auto",
+    memory_check: Annotated[bool, typer.Option(help="refuse a run whose memory plan (printed before training) "
+                                                    "does not fit the device's free memory")] = True,
     checkpoint_every: Annotated[int, typer.Option(help="save the training state every N steps")] = 50,
     time_limit: Annotated[float, typer.Option(help="minutes for the whole run; QAT stops there and saves the "
                                                    "model trained so far. The lr and Arenas schedules run on time, so "
@@ -166,7 +168,7 @@ def quantize(
                          embedding_type=embedding_type or "q8_0")
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
                           checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60,
-                          teacher_model=teacher)
+                          teacher_model=teacher, memory_check=memory_check)
     if as_json and world_from_env().main:  # under torchrun the results are rank 0's
         print(json.dumps(report, indent=1))
 

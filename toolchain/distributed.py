@@ -26,7 +26,8 @@ from .errors import SlimEdgeError
 # rank 0 alone samples teacher tokens (--calib teacher:N) while the others wait in a broadcast: that can take
 # longer than torch's default 10-30 min collective timeout
 TIMEOUT = datetime.timedelta(hours=3)
-# --shard: auto is DDP for now; a memory planner is to pick fsdp when a full replica does not fit (issue 21)
+# --shard: auto is resolved before training by the memory plan (memplan.choose_shard: fsdp when a full replica does
+# not fit the GPU but the sharded state does); left unresolved (train() called directly) it is ddp
 SHARDS = ("auto", "ddp", "fsdp")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -20,6 +21,7 @@ from .distributed import (World, barrier, broadcast, joined, meta_copy, quiet, r
 from .errors import SlimEdgeError
 from .fsutil import atomic_path, check_free_space
 from .memory import check_model_config
+from .memplan import available_memory, check_fits, choose_shard, format_memory_plan, plan_memory
 from .models import architecture_of, load_model, resolve
 from .budget import SENS_LEN, SENS_SEQS, budget_plan, check_bits, format_sensitivity, overrides_of
 from .quantize import QuantConfig, format_plan, get_scheme, plan_summary, quantize_, make_plan
@@ -141,7 +143,8 @@ def check_distributed(world: World, config: QuantConfig, measure: bool) -> None:
 
 def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = False, resume: bool = False,
                  device: str | None = None, checkpoint_every: int = 50, progress: bool = True,
-                 dry_run: bool = False, time_limit: float | None = None, teacher_model: str | None = None) -> dict:
+                 dry_run: bool = False, time_limit: float | None = None, teacher_model: str | None = None,
+                 memory_check: bool = True) -> dict:
     """time_limit: seconds for the whole run; QAT stops there and the model trained so far is saved.
 
     `model` may be a slim-edge checkpoint: training continues from its codes and scales, with the same plan,
@@ -156,12 +159,36 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     with joined(world, device), quiet(world):
         return _run_quantize(model, config, out, world=world, force=force, resume=resume, device=device,
                              checkpoint_every=checkpoint_every, progress=progress and world.main, dry_run=dry_run,
-                             time_limit=time_limit, teacher_model=teacher_model)
+                             time_limit=time_limit, teacher_model=teacher_model, memory_check=memory_check)
+
+
+def plan_run_memory(folder: Path, config: QuantConfig, world: World, device: str, check: bool,
+                    dry_run: bool = False) -> QuantConfig:
+    """Print the memory plan of the QAT phase (memplan.py) from config.json, before anything is allocated, and
+    refuse a run that will not fit the device (check; a dry run says so and goes on); --shard auto becomes ddp or
+    fsdp by what fits. Returns the config with the shard chosen."""
+    cfg = json.loads((folder / "config.json").read_text())
+    available = broadcast(world, available_memory(device))  # rank 0's: every rank decides the same
+    if config.shard == "auto" and world.size > 1 and available is not None:
+        shard = choose_shard(cfg, config, world.size, available, device)
+        print(f"slim-edge: --shard auto: {shard}", file=sys.stderr)
+        config = dataclasses.replace(config, shard=shard)
+    shard = sharding(world, config.shard)
+    plan = plan_memory(cfg, config, device=device, world=world.size, shard=shard)
+    if check and available is not None:
+        try:
+            check_fits(cfg, config, available, device=device, world=world.size, shard=shard)
+        except SlimEdgeError as e:
+            if not dry_run:
+                raise
+            print(f"slim-edge: dry run: the real run would stop here: {str(e).splitlines()[0]}", file=sys.stderr)
+    print(format_memory_plan(plan, available), file=sys.stderr)
+    return config
 
 
 def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, force: bool, resume: bool,
                   device: str, checkpoint_every: int, progress: bool, dry_run: bool, time_limit: float | None,
-                  teacher_model: str | None) -> dict:
+                  teacher_model: str | None, memory_check: bool = True) -> dict:
     out = Path(out)
     init = None
     if is_checkpoint(model):
@@ -185,6 +212,8 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
         raise SlimEdgeError(f"{partial} holds an unfinished run; pass --resume to continue it or --force "
                             f"to start over")
     check_model_config(refuse_damaged_checkpoint(resolve(model)), copies=2)  # teacher and student
+    if config.steps > 0:
+        config = plan_run_memory(resolve(model), config, world, device, memory_check, dry_run)
     seed_everything(config.seed)
     t_start = time.perf_counter()
     teacher, tok, folder = load_model(model, device=device)

@@ -64,7 +64,7 @@ class QuantConfig:
     # on a GPU: fake quantization and the loss through torch.compile. Off by default: Sherry steps 1.4x faster,
     # seq2 5 % slower, and compiled rounding differs from the eager (= exported) values on ~5e-5 of seq2's weights
     compile: bool = False
-    # under torchrun: auto (= ddp for now) | ddp (a full replica per rank) | fsdp (FSDP2: 1/N of the weights,
+    # under torchrun: auto (ddp or fsdp by the memory plan, memplan.choose_shard) | ddp (a full replica per rank) | fsdp (FSDP2: 1/N of the weights,
     # grads and AdamW state per rank); ignored by one process
     shard: str = "auto"
     calib: str = "wiki"
@@ -107,7 +107,7 @@ class QuantConfig:
             raise SlimEdgeError(f"--ce-weight {self.ce_weight} with --distill {self.distill}: the weight of the "
                                 f"cross-entropy must be >= 0, and > 0 without distillation (the loss would be empty)")
         if self.shard not in SHARDS:
-            raise SlimEdgeError(f"--shard {self.shard!r}: choose one of {', '.join(SHARDS)} (auto = ddp for now)")
+            raise SlimEdgeError(f"--shard {self.shard!r}: choose one of {', '.join(SHARDS)} (auto = ddp or fsdp by what fits)")
         if self.embedding_type not in EMBEDDING_TYPES:
             raise SlimEdgeError(f"--embedding-type {self.embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
         if self.bits is not None and not 0 < self.bits <= MAX_BITS:
