@@ -553,3 +553,66 @@ def test_python_m_scripts_end_bad_input_with_one_line_and_exit_2(tmp_path):
         text = script.read_text()
         if 'if __name__ == "__main__":' in text:
             assert "run_main(" in text.split('if __name__ == "__main__":')[1], script.name
+
+
+# --- session 19: the hostile-input re-probe (tests/probe_inputs.py) --------------------------------------------
+def test_paths_that_cannot_be_looked_up_are_named_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from slim_edge.converters.gguf_read import read_tensor_table
+    from slim_edge.fsutil import check_output_dir, check_output_file
+    from slim_edge.runtime_patches.runtime import extract_tree
+
+    os.mkfifo(tmp_path / "fifo.gguf")  # opening it would block for ever
+    os.symlink("b.gguf", tmp_path / "a.gguf")
+    os.symlink("a.gguf", tmp_path / "b.gguf")
+    with pytest.raises(SlimEdgeError, match=r"fifo.gguf is a FIFO, not a GGUF file"):
+        read_tensor_table(tmp_path / "fifo.gguf")
+    with pytest.raises(SlimEdgeError, match=r"a.gguf is a symlink loop, not a GGUF file"):
+        read_tensor_table(tmp_path / "a.gguf")
+    long = tmp_path / ("d" * 5000)
+    for call in (lambda: read_tensor_table(long), lambda: check_output_file(long, False, "--gguf"),
+                 lambda: check_output_dir(long, False, lambda p: True)):
+        with pytest.raises(SlimEdgeError, match=r"\.\.\.\(5\d\d\d characters\): File name too long"):
+            call()
+    with pytest.raises(SlimEdgeError, match=r"File name too long; pick a new directory"):
+        extract_tree(long, sdist=tmp_path / "unused.tar.gz")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SlimEdgeError, match=r"f exists and is not an empty folder"):
+        extract_tree(tmp_path / "f", sdist=tmp_path / "unused.tar.gz")
+    # the CLI's own look-up (is it an ONNX folder?) comes first in `inspect`
+    cli = Path(sys.executable).with_name("slim-edge")
+    proc = subprocess.run([str(cli), "inspect", str(long)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-500:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "File name too long" in proc.stderr
+
+
+def test_runtime_cache_that_is_a_file_and_zero_jobs_are_refused(tmp_path, monkeypatch):
+    from slim_edge.runtime_patches import runtime
+
+    (tmp_path / "cache").write_text("")
+    monkeypatch.setenv("SLIM_EDGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SlimEdgeError, match=r"SLIM_EDGE_CACHE=.*/cache is a file, not a folder"):
+        runtime.cache_root()
+    monkeypatch.setattr(runtime, "require", lambda *a: pytest.fail("went on to build"))
+    for jobs in (0, -3):
+        with pytest.raises(SlimEdgeError, match=rf"--jobs {jobs}: give at least 1 compile job"):
+            runtime.build(jobs=jobs)
+
+
+def test_bench_refuses_options_its_device_ignores_and_a_missing_key(tmp_path):
+    from slim_edge.devices.ssh import SshDevice
+    from slim_edge.evals.bench import bench
+    from slim_edge.evals.tiny_gguf import write_tiny_llama_gguf
+
+    with pytest.raises(SlimEdgeError, match=r"--identity /nonexistent-key: no such key file"):
+        SshDevice(host="pi@127.0.0.1", identity="/nonexistent-key")
+    with pytest.raises(SlimEdgeError, match=r"--port 70000: an ssh port lies between 1 and 65535"):
+        SshDevice(host="pi@127.0.0.1", port=70000)
+    g = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    for device, opts, named in (("host", {"host": "pi@x"}, "--host"), ("ssh", {"host": "pi@x", "serial": "R58"},
+                                "--serial"), ("android", {"port": 2222}, "--port")):
+        with pytest.raises(SlimEdgeError, match=rf"^{named} given with --device {device}, which does not use it"):
+            bench([g], device=device, output=tmp_path / "res", **opts)
+        assert not (tmp_path / "res").exists()

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -19,10 +20,33 @@ def _umask() -> int:
     return mask
 
 
+def path_kind(path: Path, flag: str = "-o") -> str | None:
+    """What `path` is ("a file", "a folder", "a symlink loop", "a FIFO", ...), None when nothing is there; a path
+    the OS cannot look up at all (too long, a file used as a folder) is a SlimEdgeError naming the reason."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        if e.errno == errno.ENOTDIR:
+            return None
+        shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:120]}...({len(str(path))} characters)"
+        raise SlimEdgeError(f"{flag + ' ' if flag else ''}{shown}: {e.strerror}; choose a shorter or valid path") from None
+    if stat.S_ISREG(st.st_mode):
+        return "a file"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    return {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
+
+
 def check_output_file(path: Path, force: bool, flag: str = "-o") -> None:
     """Refuse an existing output file without --force, and a folder or a symlink always: --force replaces a
     file, it does not follow a link to somewhere else or remove a folder."""
     path = Path(path)
+    path_kind(path, flag)  # a path too long to look up is named, not a traceback
     if path.is_symlink():
         raise SlimEdgeError(f"{flag} {path} is a symlink (to {os.readlink(path)}); slim-edge does not write "
                             f"through links: remove it or choose another path")
@@ -37,6 +61,7 @@ def check_output_dir(path: Path, force: bool, is_ours, flag: str = "-o", inputs=
     `is_ours(path)` recognises (slim-edge wrote it), never a file, a link, an input or a folder above one.
     Called before the work, so that a refusal costs nothing."""
     path = Path(path)
+    path_kind(path, flag)
     for src in inputs:
         src = Path(src).resolve()
         out = path.resolve()
