@@ -204,7 +204,10 @@ def extract_tree(dest: Path, sdist: Path | None = None) -> Path:
                             f"pick a new directory") from None
     if taken:
         raise SlimEdgeError(f"{dest} exists and is not an empty folder; pick a new directory")
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SlimEdgeError(f"cannot make {dest} ({e.strerror}); pick a directory you can write to") from None
     prefix = PIN.vendor_prefix
     with tarfile.open(sdist, "r:gz") as tar:
         members = []

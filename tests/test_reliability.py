@@ -616,3 +616,42 @@ def test_bench_refuses_options_its_device_ignores_and_a_missing_key(tmp_path):
         with pytest.raises(SlimEdgeError, match=rf"^{named} given with --device {device}, which does not use it"):
             bench([g], device=device, output=tmp_path / "res", **opts)
         assert not (tmp_path / "res").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write in, root included: immutable (chattr +i), or mode 0500 for a plain user."""
+    import shutil
+    import subprocess
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o500)
+    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(d)]).returncode:
+        pytest.skip("root without chattr +i: no folder is read-only")
+    yield d
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(d)])
+    d.chmod(0o700)
+
+
+def test_a_read_only_output_folder_is_refused_before_any_work(read_only_dir, tiny_llama, tiny_text, no_loading):
+    from slim_edge.demo import run_demo
+    from slim_edge.fsutil import check_output_file
+    from slim_edge.runtime_patches.runtime import extract_tree
+
+    ro = read_only_dir
+    with pytest.raises(SlimEdgeError, match=rf"-o {ro}/out: cannot write in {ro} \("):
+        run_quantize(str(tiny_llama), QuantConfig(calib=str(tiny_text)), ro / "out", progress=False)
+    with pytest.raises(SlimEdgeError, match=rf"--json {ro}/r.json: cannot write in {ro} \("):
+        check_output_file(ro / "r.json", False, "--json")
+    with pytest.raises(SlimEdgeError, match=rf"cannot make {ro}/src \("):
+        extract_tree(ro / "src", sdist=ro / "unused.tar.gz")
+    with pytest.raises(SlimEdgeError, match=rf"-o {ro}/demo: cannot write in {ro} \("):
+        run_demo(out=ro / "demo")
+    with pytest.raises(SlimEdgeError, match=rf"-o {tiny_text} is a file, not a results folder"):
+        run_demo(out=tiny_text)
+    assert list(ro.iterdir()) == []
+    with pytest.raises(SlimEdgeError, match=r"--dry-run with --resume: a dry run trains nothing"):
+        run_quantize(str(tiny_llama), QuantConfig(calib=str(tiny_text)), ro.parent / "out", progress=False,
+                     dry_run=True, resume=True)

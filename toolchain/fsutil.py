@@ -42,6 +42,19 @@ def path_kind(path: Path, flag: str = "-o") -> str | None:
             stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
 
 
+def check_writable(path: Path, flag: str = "-o") -> None:
+    """Refuse an output whose nearest existing folder cannot be written (read-only, immutable, a full quota),
+    found by writing there: the permission bits do not tell for root or a read-only mount."""
+    folder = next((d for d in Path(path).absolute().parents if d.is_dir()), None)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".slim-edge-write-test.", dir=folder)
+    except OSError as e:
+        raise SlimEdgeError(f"{flag} {path}: cannot write in {folder} ({e.strerror}); choose a folder you can "
+                            f"write to") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def check_output_file(path: Path, force: bool, flag: str = "-o") -> None:
     """Refuse an existing output file without --force, and a folder or a symlink always: --force replaces a
     file, it does not follow a link to somewhere else or remove a folder."""
@@ -54,6 +67,7 @@ def check_output_file(path: Path, force: bool, flag: str = "-o") -> None:
         raise SlimEdgeError(f"{flag} {path} is a folder, not a file; choose a file path")
     if path.exists() and not force:
         raise SlimEdgeError(f"{path} already exists; pass --force to replace it, or choose another {flag}")
+    check_writable(path, flag)
 
 
 def check_output_dir(path: Path, force: bool, is_ours, flag: str = "-o", inputs=()) -> None:
@@ -72,6 +86,7 @@ def check_output_dir(path: Path, force: bool, is_ours, flag: str = "-o", inputs=
         kind = "a symlink" if path.is_symlink() else "a file"
         raise SlimEdgeError(f"{flag} {path} is {kind}, not a folder slim-edge wrote; it is left alone: "
                             f"remove it or choose another {flag}")
+    check_writable(path, flag)
     if not path.exists():
         return
     if any(path.iterdir()) and not is_ours(path):
