@@ -655,3 +655,20 @@ def test_a_read_only_output_folder_is_refused_before_any_work(read_only_dir, tin
     with pytest.raises(SlimEdgeError, match=r"--dry-run with --resume: a dry run trains nothing"):
         run_quantize(str(tiny_llama), QuantConfig(calib=str(tiny_text)), ro.parent / "out", progress=False,
                      dry_run=True, resume=True)
+
+
+def test_a_model_the_converter_refuses_is_one_line_without_its_traceback(tiny_llama, tiny_text, tmp_path):
+    # tiny_llama's byte-level tokenizer is one llama.cpp's converter does not recognise
+    import subprocess
+    import sys
+    run_quantize(str(tiny_llama), QuantConfig(steps=0, calib=str(tiny_text)), tmp_path / "ck", progress=False)
+    cli = Path(sys.executable).with_name("slim-edge")
+    proc = subprocess.run([str(cli), "export", str(tmp_path / "ck"), "--gguf", str(tmp_path / "m.gguf")],
+                          capture_output=True, text=True)
+    errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith(("slim-edge: converting", "Writing"))
+              and "Writing model shards" not in ln and ln.strip()]  # the progress bar's own lines
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-1500:]
+    assert errors[0] == ("slim-edge: error: the pinned convert_hf_to_gguf.py cannot convert this model (exit 1): "
+                         "NotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre(); "
+                         "nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
