@@ -672,3 +672,23 @@ def test_a_model_the_converter_refuses_is_one_line_without_its_traceback(tiny_ll
                          "NotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre(); "
                          "nothing was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_text_and_model_paths_that_are_not_files_say_what_they_are(tmp_path, tiny_text):
+    from slim_edge.corpora import read_text_file
+    from slim_edge.evals.eval_cmd import preflight
+    from slim_edge.train import calib_file
+
+    os.mkfifo(tmp_path / "fifo.gguf")
+    os.symlink("b.gguf", tmp_path / "a.gguf")
+    os.symlink("a.gguf", tmp_path / "b.gguf")
+    with pytest.raises(SlimEdgeError, match=rf"--calib {tmp_path}/fifo.gguf: it is a FIFO; pass a UTF-8 text file"):
+        calib_file(str(tmp_path / "fifo.gguf"))
+    with pytest.raises(SlimEdgeError, match=rf"--calib {tmp_path}: it is a folder"):
+        calib_file(str(tmp_path))
+    with pytest.raises(SlimEdgeError, match=r"corpus file .*a.gguf is a symlink loop; pass a UTF-8 text file"):
+        read_text_file(tmp_path / "a.gguf")
+    with pytest.raises(SlimEdgeError, match=r"fifo.gguf is a FIFO, not a GGUF file"):
+        preflight(str(tmp_path / "fifo.gguf"))
+    with pytest.raises(SlimEdgeError, match=r"GGUF file .*none.gguf does not exist"):
+        preflight(str(tmp_path / "none.gguf"))
