@@ -686,7 +686,7 @@ def test_text_and_model_paths_that_are_not_files_say_what_they_are(tmp_path, tin
         calib_file(str(tmp_path / "fifo.gguf"))
     with pytest.raises(SlimEdgeError, match=rf"--calib {tmp_path}: it is a folder"):
         calib_file(str(tmp_path))
-    with pytest.raises(SlimEdgeError, match=r"corpus file .*a.gguf is a symlink loop; pass a UTF-8 text file"):
+    with pytest.raises(SlimEdgeError, match=r"corpus file .*a.gguf is a symlink loop, not a file; pass a UTF-8 text file"):
         read_text_file(tmp_path / "a.gguf")
     with pytest.raises(SlimEdgeError, match=r"fifo.gguf is a FIFO, not a GGUF file"):
         preflight(str(tmp_path / "fifo.gguf"))

@@ -130,8 +130,8 @@ def read_text_file(path: Path | str) -> str:
     path = Path(path)
     kind = path_kind(path, "corpus file")
     if kind != "a file":
-        raise SlimEdgeError(f"corpus file {path} {'does not exist' if kind is None else 'is ' + kind}; pass a UTF-8 "
-                            f"text file")
+        what = "does not exist" if kind is None else f"is {kind}, not a file"
+        raise SlimEdgeError(f"corpus file {path} {what}; pass a UTF-8 text file")
     try:
         raw = path.read_bytes()
     except OSError as e:
