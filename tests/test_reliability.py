@@ -572,7 +572,9 @@ def test_paths_that_cannot_be_looked_up_are_named_not_a_traceback(tmp_path):
     with pytest.raises(SlimEdgeError, match=r"a.gguf is a symlink loop, not a GGUF file"):
         read_tensor_table(tmp_path / "a.gguf")
     long = tmp_path / ("d" * 5000)
+    from slim_edge.converters.model_card import card_path
     for call in (lambda: read_tensor_table(long), lambda: check_output_file(long, False, "--gguf"),
+                 lambda: card_path(long / "m.gguf"),  # export asks for the card's path first
                  lambda: check_output_dir(long, False, lambda p: True)):
         with pytest.raises(SlimEdgeError, match=r"\.\.\.\(5\d\d\d characters\): File name too long"):
             call()
