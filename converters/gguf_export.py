@@ -49,8 +49,10 @@ def run_converter(hf_folder: Path, out: Path, outtype: str = "f32") -> None:
     print(f"slim-edge: converting with the pinned convert_hf_to_gguf.py ({outtype})", file=sys.stderr)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not out.is_file():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
-        raise SlimEdgeError(f"convert_hf_to_gguf.py failed on {hf_folder} (exit {proc.returncode}):\n{tail}")
+        # its traceback is not ours to show; its last line (the exception) says what it could not convert
+        last = ((proc.stdout + proc.stderr).strip().splitlines() or ["no output"])[-1].strip()
+        raise SlimEdgeError(f"the pinned convert_hf_to_gguf.py cannot convert this model (exit {proc.returncode}): "
+                            f"{last}; nothing was written")
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlimEdgeError
+from ..fsutil import path_kind
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -169,11 +170,14 @@ class _Cursor:
 def require_file(path) -> Path:
     """`path` as a Path when it is a file; a SlimEdgeError that says what it is instead."""
     path = Path(path)
-    if path.is_dir():
+    kind = path_kind(path, "")
+    if kind == "a folder":
         raise SlimEdgeError(f"{path} is a folder, not a GGUF file; pass a .gguf file (an ONNX export folder "
                             f"holds model.onnx)")
-    if not path.is_file():
+    if kind is None:
         raise SlimEdgeError(f"{path}: no such file")
+    if kind != "a file":
+        raise SlimEdgeError(f"{path} is {kind}, not a GGUF file; pass a regular .gguf file")
     return path
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import SlimEdgeError
-from ..fsutil import atomic_write, check_output_file
+from ..fsutil import atomic_write, check_output_file, path_kind
 
 MARK = "Made by slim-edge from"  # the line that tells a card slim-edge wrote from anyone's README.md
 
@@ -23,6 +23,7 @@ def card_path(gguf: Path, force: bool = False) -> Path:
     card of this same file), else <name>.README.md. A README.md slim-edge did not write is never replaced;
     call this before exporting, so that a refusal comes before the work."""
     gguf = Path(gguf)
+    path_kind(gguf, "--gguf")  # a path too long to look up is one line, before the README look-ups
     readme = gguf.parent / "README.md"
     if not readme.exists() and not readme.is_symlink():
         return readme

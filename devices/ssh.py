@@ -82,6 +82,10 @@ class SshDevice(Device):
                  workdir: str = "/tmp/slim-edge", scp_protocol: str | None = "auto"):
         if not host:
             raise SlimEdgeError("--device ssh needs --host user@address (e.g. --host pi@192.168.1.20).")
+        if not 1 <= port <= 65535:
+            raise SlimEdgeError(f"--port {port}: an ssh port lies between 1 and 65535")
+        if identity is not None and not Path(identity).expanduser().is_file():
+            raise SlimEdgeError(f"--identity {identity}: no such key file; pass the private key the board accepts")
         self.host, self.port, self.identity = host, port, identity
         self.strict, self.known_hosts, self.workdir = strict_host_key_checking, known_hosts, workdir
         self.runtime_target = "linux-arm64"

@@ -569,6 +569,14 @@ def bench(
     cfg = BenchConfig(prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"), n_gen=n_gen,
                       threads=_ints(threads, "--threads"), repetitions=repetitions, delay=delay,
                       cool_to=cool_to, pin_big_cores=pin, chat_ttft=chat_ttft)
+    given = {"--host": host is not None, "--port": port != 22, "--identity": identity is not None,
+             "--serial": serial is not None}
+    takes = {"ssh": {"--host", "--port", "--identity"}, "android": {"--serial"}}.get(device, set())
+    ignored = [k for k, v in given.items() if v and k not in takes]
+    if ignored and device in {"host", "android", "ssh", "qemu-arm64"}:
+        raise SlimEdgeError(f"{', '.join(ignored)} given with --device {device}, which does not use "
+                            f"{'them' if len(ignored) > 1 else 'it'}; leave {'them' if len(ignored) > 1 else 'it'} "
+                            f"out or pick the device it is for")
     out_dir = output or default_output_dir()
     check_results_dir(out_dir, force)  # refuse before spending minutes measuring
     models = list(models)

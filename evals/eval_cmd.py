@@ -24,7 +24,7 @@ from slim_edge.evals.backends import LlamaCppLM, OnnxLM, TorchLM
 from slim_edge.evals.generation import generation_check
 from slim_edge.evals.kld import concat_stats, summarize, token_stats
 from slim_edge.evals.perplexity import chunk_nll, make_chunks, ppl_from_nll, scored_logits
-from slim_edge.fsutil import atomic_write, check_output_file
+from slim_edge.fsutil import atomic_write, check_output_file, path_kind
 from slim_edge.memory import check_model_config, tokenize_in_pieces
 from slim_edge.models import resolve
 
@@ -67,7 +67,9 @@ def preflight(spec: str) -> int | None:
         n = meta.get(f"{meta.get('general.architecture')}.context_length")
         return n if isinstance(n, int) else None
     if path.suffix == ".gguf":
-        raise SlimEdgeError(f"GGUF file {path} does not exist; export one with slim-edge export")
+        kind = path_kind(path, "")
+        raise SlimEdgeError(f"GGUF file {path} does not exist; export one with slim-edge export" if kind is None
+                            else f"{path} is {kind}, not a GGUF file; pass a regular .gguf file")
     onnx_dir = _onnx_folder(path)
     if onnx_dir is not None:
         genai = onnx_dir / "genai_config.json"

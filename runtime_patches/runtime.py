@@ -101,7 +101,11 @@ _DEBIAN = {  # program -> Debian package that provides it
 
 def cache_root() -> Path:
     if os.environ.get("SLIM_EDGE_CACHE"):
-        return Path(os.environ["SLIM_EDGE_CACHE"]).expanduser()
+        root = Path(os.environ["SLIM_EDGE_CACHE"]).expanduser()
+        if root.exists() and not root.is_dir():
+            raise SlimEdgeError(f"SLIM_EDGE_CACHE={root} is a file, not a folder; point it at a folder (or unset it "
+                                f"for ~/.cache/slim-edge)")
+        return root
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "slim-edge"
 
@@ -193,9 +197,17 @@ def extract_tree(dest: Path, sdist: Path | None = None) -> Path:
     """Write the pristine vendor/llama.cpp tree of the pinned sdist to `dest` (which must not exist)."""
     sdist = sdist or fetch_sdist()
     dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise SlimEdgeError(f"{dest} exists and is not empty; pick a new directory")
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        taken = dest.exists() and (not dest.is_dir() or any(dest.iterdir()))
+    except OSError as e:  # too long a path, a loop: named here, not a traceback
+        raise SlimEdgeError(f"{str(dest)[:120]}{'...' if len(str(dest)) > 120 else ''}: {e.strerror}; "
+                            f"pick a new directory") from None
+    if taken:
+        raise SlimEdgeError(f"{dest} exists and is not an empty folder; pick a new directory")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SlimEdgeError(f"cannot make {dest} ({e.strerror}); pick a directory you can write to") from None
     prefix = PIN.vendor_prefix
     with tarfile.open(sdist, "r:gz") as tar:
         members = []
@@ -563,6 +575,8 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
           tools: tuple[str, ...] | None = None, patches: list[Path] | None = None, jobs: int | None = None,
           force: bool = False, keep_build: bool = False, progress: bool = True) -> Runtime:
     """Build (or reuse) the patched runtime for `target`; returns where its tools and libraries are."""
+    if jobs is not None and jobs < 1:
+        raise SlimEdgeError(f"--jobs {jobs}: give at least 1 compile job (default: one per CPU)")
     config = BuildConfig(target, isa, arm_arch, tuple(tools or DEFAULT_TOOLS))
     patches = patch_series() if patches is None else [Path(p) for p in patches]
     for prog, why in config.required_programs():

@@ -553,3 +553,144 @@ def test_python_m_scripts_end_bad_input_with_one_line_and_exit_2(tmp_path):
         text = script.read_text()
         if 'if __name__ == "__main__":' in text:
             assert "run_main(" in text.split('if __name__ == "__main__":')[1], script.name
+
+
+# --- session 19: the hostile-input re-probe (tests/probe_inputs.py) --------------------------------------------
+def test_paths_that_cannot_be_looked_up_are_named_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from slim_edge.converters.gguf_read import read_tensor_table
+    from slim_edge.fsutil import check_output_dir, check_output_file
+    from slim_edge.runtime_patches.runtime import extract_tree
+
+    os.mkfifo(tmp_path / "fifo.gguf")  # opening it would block for ever
+    os.symlink("b.gguf", tmp_path / "a.gguf")
+    os.symlink("a.gguf", tmp_path / "b.gguf")
+    with pytest.raises(SlimEdgeError, match=r"fifo.gguf is a FIFO, not a GGUF file"):
+        read_tensor_table(tmp_path / "fifo.gguf")
+    with pytest.raises(SlimEdgeError, match=r"a.gguf is a symlink loop, not a GGUF file"):
+        read_tensor_table(tmp_path / "a.gguf")
+    long = tmp_path / ("d" * 5000)
+    from slim_edge.converters.model_card import card_path
+    for call in (lambda: read_tensor_table(long), lambda: check_output_file(long, False, "--gguf"),
+                 lambda: card_path(long / "m.gguf"),  # export asks for the card's path first
+                 lambda: check_output_dir(long, False, lambda p: True)):
+        with pytest.raises(SlimEdgeError, match=r"\.\.\.\(5\d\d\d characters\): File name too long"):
+            call()
+    with pytest.raises(SlimEdgeError, match=r"File name too long; pick a new directory"):
+        extract_tree(long, sdist=tmp_path / "unused.tar.gz")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SlimEdgeError, match=r"f exists and is not an empty folder"):
+        extract_tree(tmp_path / "f", sdist=tmp_path / "unused.tar.gz")
+    # the CLI's own look-up (is it an ONNX folder?) comes first in `inspect`
+    cli = Path(sys.executable).with_name("slim-edge")
+    proc = subprocess.run([str(cli), "inspect", str(long)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-500:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "File name too long" in proc.stderr
+
+
+def test_runtime_cache_that_is_a_file_and_zero_jobs_are_refused(tmp_path, monkeypatch):
+    from slim_edge.runtime_patches import runtime
+
+    (tmp_path / "cache").write_text("")
+    monkeypatch.setenv("SLIM_EDGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SlimEdgeError, match=r"SLIM_EDGE_CACHE=.*/cache is a file, not a folder"):
+        runtime.cache_root()
+    monkeypatch.setattr(runtime, "require", lambda *a: pytest.fail("went on to build"))
+    for jobs in (0, -3):
+        with pytest.raises(SlimEdgeError, match=rf"--jobs {jobs}: give at least 1 compile job"):
+            runtime.build(jobs=jobs)
+
+
+def test_bench_refuses_options_its_device_ignores_and_a_missing_key(tmp_path):
+    from slim_edge.devices.ssh import SshDevice
+    from slim_edge.evals.bench import bench
+    from slim_edge.evals.tiny_gguf import write_tiny_llama_gguf
+
+    with pytest.raises(SlimEdgeError, match=r"--identity /nonexistent-key: no such key file"):
+        SshDevice(host="pi@127.0.0.1", identity="/nonexistent-key")
+    with pytest.raises(SlimEdgeError, match=r"--port 70000: an ssh port lies between 1 and 65535"):
+        SshDevice(host="pi@127.0.0.1", port=70000)
+    g = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    for device, opts, named in (("host", {"host": "pi@x"}, "--host"), ("ssh", {"host": "pi@x", "serial": "R58"},
+                                "--serial"), ("android", {"port": 2222}, "--port")):
+        with pytest.raises(SlimEdgeError, match=rf"^{named} given with --device {device}, which does not use it"):
+            bench([g], device=device, output=tmp_path / "res", **opts)
+        assert not (tmp_path / "res").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write in, root included: immutable (chattr +i), or mode 0500 for a plain user."""
+    import shutil
+    import subprocess
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o500)
+    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(d)]).returncode:
+        pytest.skip("root without chattr +i: no folder is read-only")
+    yield d
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(d)])
+    d.chmod(0o700)
+
+
+def test_a_read_only_output_folder_is_refused_before_any_work(read_only_dir, tiny_llama, tiny_text, no_loading):
+    from slim_edge.demo import run_demo
+    from slim_edge.fsutil import check_output_file
+    from slim_edge.runtime_patches.runtime import extract_tree
+
+    ro = read_only_dir
+    with pytest.raises(SlimEdgeError, match=rf"-o {ro}/out: cannot write in {ro} \("):
+        run_quantize(str(tiny_llama), QuantConfig(calib=str(tiny_text)), ro / "out", progress=False)
+    with pytest.raises(SlimEdgeError, match=rf"--json {ro}/r.json: cannot write in {ro} \("):
+        check_output_file(ro / "r.json", False, "--json")
+    with pytest.raises(SlimEdgeError, match=rf"cannot make {ro}/src \("):
+        extract_tree(ro / "src", sdist=ro / "unused.tar.gz")
+    with pytest.raises(SlimEdgeError, match=rf"-o {ro}/demo: cannot write in {ro} \("):
+        run_demo(out=ro / "demo")
+    with pytest.raises(SlimEdgeError, match=rf"-o {tiny_text} is a file, not a results folder"):
+        run_demo(out=tiny_text)
+    assert list(ro.iterdir()) == []
+    with pytest.raises(SlimEdgeError, match=r"--dry-run with --resume: a dry run trains nothing"):
+        run_quantize(str(tiny_llama), QuantConfig(calib=str(tiny_text)), ro.parent / "out", progress=False,
+                     dry_run=True, resume=True)
+
+
+def test_a_model_the_converter_refuses_is_one_line_without_its_traceback(tiny_llama, tiny_text, tmp_path):
+    # tiny_llama's byte-level tokenizer is one llama.cpp's converter does not recognise
+    import subprocess
+    import sys
+    run_quantize(str(tiny_llama), QuantConfig(steps=0, calib=str(tiny_text)), tmp_path / "ck", progress=False)
+    cli = Path(sys.executable).with_name("slim-edge")
+    proc = subprocess.run([str(cli), "export", str(tmp_path / "ck"), "--gguf", str(tmp_path / "m.gguf")],
+                          capture_output=True, text=True)
+    errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith(("slim-edge: converting", "Writing"))
+              and "Writing model shards" not in ln and ln.strip()]  # the progress bar's own lines
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-1500:]
+    assert errors[0] == ("slim-edge: error: the pinned convert_hf_to_gguf.py cannot convert this model (exit 1): "
+                         "NotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre(); "
+                         "nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_text_and_model_paths_that_are_not_files_say_what_they_are(tmp_path, tiny_text):
+    from slim_edge.corpora import read_text_file
+    from slim_edge.evals.eval_cmd import preflight
+    from slim_edge.train import calib_file
+
+    os.mkfifo(tmp_path / "fifo.gguf")
+    os.symlink("b.gguf", tmp_path / "a.gguf")
+    os.symlink("a.gguf", tmp_path / "b.gguf")
+    with pytest.raises(SlimEdgeError, match=rf"--calib {tmp_path}/fifo.gguf: it is a FIFO; pass a UTF-8 text file"):
+        calib_file(str(tmp_path / "fifo.gguf"))
+    with pytest.raises(SlimEdgeError, match=rf"--calib {tmp_path}: it is a folder"):
+        calib_file(str(tmp_path))
+    with pytest.raises(SlimEdgeError, match=r"corpus file .*a.gguf is a symlink loop, not a file; pass a UTF-8 text file"):
+        read_text_file(tmp_path / "a.gguf")
+    with pytest.raises(SlimEdgeError, match=r"fifo.gguf is a FIFO, not a GGUF file"):
+        preflight(str(tmp_path / "fifo.gguf"))
+    with pytest.raises(SlimEdgeError, match=r"GGUF file .*none.gguf does not exist"):
+        preflight(str(tmp_path / "none.gguf"))

@@ -266,7 +266,9 @@ def inspect(
                slim-edge inspect seq2-onnx/model.onnx
     """
     from .converters.inspect import format_report, inspect_gguf
+    from .fsutil import path_kind
 
+    path_kind(file, "")  # a path too long to look up is one line, before the ONNX test looks inside it
     if file.suffix == ".onnx" or (file / "model.onnx").is_file():
         from .converters.onnx_export import format_onnx_report, inspect_onnx
 

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slim_edge.errors import SlimEdgeError
+from slim_edge.fsutil import path_kind
 from slim_edge.models import cache_dir
 
 GENSIM_VERSION = "4.4.0"
@@ -127,8 +128,10 @@ def get_text(name: str, split: str = "eval") -> CorpusText:
 
 def read_text_file(path: Path | str) -> str:
     path = Path(path)
-    if not path.is_file():
-        raise SlimEdgeError(f"corpus file {path} does not exist or is not a file; pass a UTF-8 text file")
+    kind = path_kind(path, "corpus file")
+    if kind != "a file":
+        what = "does not exist" if kind is None else f"is {kind}, not a file"
+        raise SlimEdgeError(f"corpus file {path} {what}; pass a UTF-8 text file")
     try:
         raw = path.read_bytes()
     except OSError as e:

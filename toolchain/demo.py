@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import SlimEdgeError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, check_writable, path_kind
 
 SCHEMES = ("seq2", "sherry")
 BASELINES = ("f16", "q8_0", "q4_0", "q4_k_m")
@@ -37,6 +37,10 @@ def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = Fa
                                    ptq=ptq, ptq_samples=ptq_samples, ce_weight=1.0) for scheme in SCHEMES}
     if (out / "summary.json").exists() and not force:
         raise SlimEdgeError(f"{out} already holds a finished demo; pass --force to run it again, or -o elsewhere")
+    kind = path_kind(out)
+    if kind not in (None, "a folder"):
+        raise SlimEdgeError(f"-o {out} is {kind}, not a results folder; choose another -o")
+    check_writable(out)  # before the runtime build and the training, not at the first result
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     timings = {}

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -19,10 +20,46 @@ def _umask() -> int:
     return mask
 
 
+def path_kind(path: Path, flag: str = "-o") -> str | None:
+    """What `path` is ("a file", "a folder", "a symlink loop", "a FIFO", ...), None when nothing is there; a path
+    the OS cannot look up at all (too long, a file used as a folder) is a SlimEdgeError naming the reason."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        if e.errno == errno.ENOTDIR:
+            return None
+        shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:120]}...({len(str(path))} characters)"
+        raise SlimEdgeError(f"{flag + ' ' if flag else ''}{shown}: {e.strerror}; choose a shorter or valid path") from None
+    if stat.S_ISREG(st.st_mode):
+        return "a file"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    return {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
+
+
+def check_writable(path: Path, flag: str = "-o") -> None:
+    """Refuse an output whose nearest existing folder cannot be written (read-only, immutable, a full quota),
+    found by writing there: the permission bits do not tell for root or a read-only mount."""
+    folder = next((d for d in Path(path).absolute().parents if d.is_dir()), None)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".slim-edge-write-test.", dir=folder)
+    except OSError as e:
+        raise SlimEdgeError(f"{flag} {path}: cannot write in {folder} ({e.strerror}); choose a folder you can "
+                            f"write to") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def check_output_file(path: Path, force: bool, flag: str = "-o") -> None:
     """Refuse an existing output file without --force, and a folder or a symlink always: --force replaces a
     file, it does not follow a link to somewhere else or remove a folder."""
     path = Path(path)
+    path_kind(path, flag)  # a path too long to look up is named, not a traceback
     if path.is_symlink():
         raise SlimEdgeError(f"{flag} {path} is a symlink (to {os.readlink(path)}); slim-edge does not write "
                             f"through links: remove it or choose another path")
@@ -30,6 +67,7 @@ def check_output_file(path: Path, force: bool, flag: str = "-o") -> None:
         raise SlimEdgeError(f"{flag} {path} is a folder, not a file; choose a file path")
     if path.exists() and not force:
         raise SlimEdgeError(f"{path} already exists; pass --force to replace it, or choose another {flag}")
+    check_writable(path, flag)
 
 
 def check_output_dir(path: Path, force: bool, is_ours, flag: str = "-o", inputs=()) -> None:
@@ -37,6 +75,7 @@ def check_output_dir(path: Path, force: bool, is_ours, flag: str = "-o", inputs=
     `is_ours(path)` recognises (slim-edge wrote it), never a file, a link, an input or a folder above one.
     Called before the work, so that a refusal costs nothing."""
     path = Path(path)
+    path_kind(path, flag)
     for src in inputs:
         src = Path(src).resolve()
         out = path.resolve()
@@ -47,6 +86,7 @@ def check_output_dir(path: Path, force: bool, is_ours, flag: str = "-o", inputs=
         kind = "a symlink" if path.is_symlink() else "a file"
         raise SlimEdgeError(f"{flag} {path} is {kind}, not a folder slim-edge wrote; it is left alone: "
                             f"remove it or choose another {flag}")
+    check_writable(path, flag)
     if not path.exists():
         return
     if any(path.iterdir()) and not is_ours(path):

@@ -190,6 +190,8 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
                   device: str, checkpoint_every: int, progress: bool, dry_run: bool, time_limit: float | None,
                   teacher_model: str | None, memory_check: bool = True) -> dict:
     out = Path(out)
+    if dry_run and resume:
+        raise SlimEdgeError("--dry-run with --resume: a dry run trains nothing, so it resumes nothing; give one of them")
     init = None
     if is_checkpoint(model):
         init, model = Path(model), continue_from(Path(model), config, teacher_model)

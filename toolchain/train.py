@@ -25,6 +25,7 @@ from .distill import distill_loss  # noqa: F401  (re-exported: the loss lives in
 from .distributed import (World, agree, barrier, data_parallel, full_state, fully_sharded, global_mean, load_optimizer,
                           sharding)
 from .errors import SlimEdgeError
+from .fsutil import path_kind
 from .qlinear import QuantLinear, compiled_kernels
 from .quantize import QuantConfig
 
@@ -64,9 +65,10 @@ def calib_file(calib: str) -> Path | None:
     path = Path(calib).expanduser()
     if not (path.suffix or path.exists() or os.sep in calib):
         return None
-    if not path.is_file():
-        raise SlimEdgeError(f"--calib {calib}: no such file; pass a UTF-8 text file or a built-in "
-                            f"corpus name (wiki, lee, pydoc, pydocs)")
+    kind = path_kind(path, "--calib")
+    if kind != "a file":
+        raise SlimEdgeError(f"--calib {calib}: {'no such file' if kind is None else 'it is ' + kind}; pass a UTF-8 "
+                            f"text file or a built-in corpus name (wiki, lee, pydoc, pydocs)")
     size = path.stat().st_size
     # an empty (or blank) file was refused only after the model had loaded, when it came to be tokenized
     if size == 0 or (size < 1 << 16 and not path.read_bytes().strip()):
