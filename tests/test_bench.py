@@ -141,7 +141,8 @@ def test_host_end_to_end_through_the_command(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from slim_edge.evals.bench import bench, llama_cpp_available
+    from slim_edge.cli import bench
+    from slim_edge.evals.bench import llama_cpp_available
     from slim_edge.evals.tiny_gguf import tiny_models
     from slim_edge.runtime_patches.runtime import ensure_runtime
 
@@ -218,7 +219,7 @@ def test_a_wrong_baseline_name_is_named_before_the_fp_model_is_asked_for(tmp_pat
     import typer
     from typer.testing import CliRunner
 
-    from slim_edge.evals.bench import bench
+    from slim_edge.cli import bench
     app = typer.Typer()
     app.command()(bench)
     (tmp_path / "q.gguf").write_bytes(b"GGUF")

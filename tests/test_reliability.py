@@ -134,7 +134,7 @@ def test_eval_json_is_not_overwritten_without_force(tiny_llama, tiny_text, tmp_p
     import typer
     from typer.testing import CliRunner
 
-    from slim_edge.evals.eval_cmd import eval_command
+    from slim_edge.cli import eval_command
 
     app = typer.Typer()
     app.command()(eval_command)

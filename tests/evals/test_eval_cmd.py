@@ -5,7 +5,8 @@ import typer
 from typer.testing import CliRunner
 
 from slim_edge.errors import SlimEdgeError
-from slim_edge.evals.eval_cmd import eval_command, evaluate, format_table
+from slim_edge.cli import eval_command
+from slim_edge.evals.eval_cmd import evaluate, format_table
 
 
 def test_evaluate_model_against_itself(tiny_llama, tiny_text):
