@@ -224,7 +224,7 @@ def format_table(result: dict) -> str:
     return head + "\n".join(lines)
 
 
-def check_results_file(path: Path, specs: list[str], force: bool, option: str = "--json") -> None:
+def check_results_file(path: Path, specs: list[str], force: bool, option: str = "-o") -> None:
     """Refuse the results file before the evaluation, not after it: an existing file without `force`, or one
     of the models themselves."""
     check_output_file(path, force, option)

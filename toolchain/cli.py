@@ -533,9 +533,11 @@ def eval_command(
     threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads for torch and the runtime")] = 2,
     train_text: Annotated[Optional[str], typer.Option(
         help="the text the models were trained on (corpus name or file): refuse overlapping eval text")] = None,
-    json_out: Annotated[Optional[Path], typer.Option(
-        "--json", help="also write the results as JSON to this file ('-' = JSON to stdout, no table)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing --json file")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON to stdout (the table goes to "
+                                                         "stderr)")] = False,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="also write the results as JSON to this "
+                                                                          "file")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing -o file")] = False,
 ):
     """Perplexity, KL divergence against a reference, and a generation loop check.
 
@@ -549,21 +551,26 @@ def eval_command(
 
       slim-edge eval runs/seq2 runs/seq2/model.gguf -r smollm2-135m --corpus wiki --chunks 40
 
-      slim-edge eval smollm2-135m --corpus notes.txt --ctx 256 --gen-tokens 0 --json results.json
+      slim-edge eval smollm2-135m --corpus notes.txt --ctx 256 --gen-tokens 0 -o results.json
+
+      slim-edge eval runs/seq2/model.gguf -r smollm2-135m --chunks 8 --json | jq '.models[1].mean_kld'
     """
     from .evals import eval_cmd
 
-    if json_out is not None and str(json_out) != "-":
-        eval_cmd.check_results_file(json_out, [*models, *([reference] if reference else [])], force, "--json")
+    for m in models:
+        if m.endswith(".json") and not Path(m).is_dir():
+            raise SlimEdgeError(f"MODEL {m} is a .json file, not a model: --json is a flag (JSON on stdout); "
+                                f"write the results to a file with -o {m}")
+    if output is not None:
+        eval_cmd.check_results_file(output, [*models, *([reference] if reference else [])], force, "-o")
     result = eval_cmd.evaluate(models, reference=reference, corpus=corpus, split=split, ctx=ctx, max_chunks=chunks,
                                gen_tokens=gen_tokens, threads=threads, train_text=train_text)
-    if json_out is not None and str(json_out) == "-":
+    print(eval_cmd.format_table(result), file=sys.stderr if as_json else sys.stdout)
+    if as_json:
         print(json.dumps(result, indent=1))
-        return
-    print(eval_cmd.format_table(result))
-    if json_out is not None:
-        eval_cmd.write_results(result, json_out)
-        print(f"slim-edge: wrote {json_out}", file=sys.stderr)
+    if output is not None:
+        eval_cmd.write_results(result, output)
+        print(f"slim-edge: wrote {output}", file=sys.stderr)
 
 
 def main():
