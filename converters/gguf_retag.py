@@ -8,25 +8,16 @@ where they sit); every other byte stays as it is.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
 
 from ..errors import SlimEdgeError
 from ..formats import BY_ID
 from ..fsutil import atomic_path, check_output_file
 from .gguf_read import TensorEntry, read_tensor_table, require_file
-from .inspect import load_problems, printable
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from .inspect import load_problems
 
 
 def _layout(type_id: int):
@@ -125,52 +116,3 @@ def retag(path: Path, out: Path | None = None, *, from_id: int = 42, to_id: int 
                 f.write(struct.pack("<I", to_id))
     return plan, out
 
-
-# --- CLI --------------------------------------------------------------------------------------
-
-gguf_app = typer.Typer(help="Low-level GGUF fixes.", no_args_is_help=True)
-
-
-@gguf_app.callback()
-def _gguf_group():
-    """Low-level GGUF fixes (a group even with one command, so `slim-edge gguf retag` keeps its name)."""
-
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
-
-
-@gguf_app.command("retag")
-def retag_cmd(file: Annotated[Path, typer.Argument(help="GGUF file to fix")],
-              from_id: Annotated[int, typer.Option("--from", help="type id the old file stores")] = 42,
-              to_id: Annotated[int, typer.Option("--to", help="type id to write")] = 43,
-              out: Annotated[Optional[Path], typer.Option("-o", "--output", help="output file "
-                                                          "(default: FILE with -retag before .gguf)")] = None,
-              in_place: Annotated[bool, typer.Option("--in-place", help="replace FILE (atomically)")] = False,
-              force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
-              dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would change")] = False,
-              as_json: JsonOpt = False):
-    """Retag STQ1_0 tensors stored under type 42 (older AngelSlim exports) as 43.
-
-    Only tensors typed --from whose data is laid out as --to (STQ1_0: 42 bytes per 256 weights, vs
-    Q2_0: 18 bytes per 64) change; genuine Q2_0 tensors and all other bytes stay as they are.
-
-    Examples:
-      slim-edge gguf retag model.gguf --dry-run
-      slim-edge gguf retag model.gguf -o model-stq1_0.gguf
-      slim-edge gguf retag model.gguf --in-place
-    """
-    plan, written = retag(file, out, from_id=from_id, to_id=to_id, force=force, in_place=in_place,
-                          dry_run=dry_run)
-    for t in plan.retag:
-        _log(f"  {printable(t.name):40s} {list(t.shape)}  {from_id} -> {to_id}")
-    if plan.keep:
-        _log(f"  kept {len(plan.keep)} tensor(s) typed {from_id} whose bytes match type {from_id}")
-    if dry_run:
-        _log(f"dry run: would retag {len(plan.retag)} tensor(s) {from_id} -> {to_id}; nothing written")
-    elif written is None:
-        _log(f"nothing to retag in {file}: no tensor typed {from_id} has the {to_id} layout; nothing written")
-    else:
-        _log(f"retagged {len(plan.retag)} tensor(s) {from_id} -> {to_id}: {written}")
-    if as_json:
-        print(json.dumps({**plan.to_json(), "output": str(written) if written else None, "dry_run": dry_run},
-                         indent=2))

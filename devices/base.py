@@ -293,21 +293,8 @@ class Device:
 
 def find_runtime_dirs(target: str, tools: tuple[str, ...] | None = None) -> tuple[Path, Path]:
     """(bin dir, lib dir) of the built runtime for `target` that has `tools` (default: the full set)."""
-    built = find_runtime(target, tools=tools)  # its SlimEdgeError says how to build it
-    return _as_dirs(built, target)
-
-
-def _as_dirs(built, target: str) -> tuple[Path, Path]:
-    if isinstance(built, (tuple, list)) and len(built) >= 2:
-        return Path(built[0]), Path(built[1])
-    for b, lib in (("bin_dir", "lib_dir"), ("bin", "lib")):
-        if hasattr(built, b):
-            return Path(getattr(built, b)), Path(getattr(built, lib, getattr(built, b)))
-    if isinstance(built, (str, Path)):
-        root = Path(built)
-        return root / "bin", (root / "lib" if (root / "lib").is_dir() else root / "bin")
-    raise SlimEdgeError(f"slim_edge.runtime_patches.runtime.find_runtime({target!r}) returned {built!r}; "
-                        "expected bin/lib dirs.")
+    rt = find_runtime(target, tools=tools)  # its SlimEdgeError says how to build it
+    return rt.bin_dir, rt.lib_dir
 
 
 def local_run(argv: list[str], *, timeout: float | None = None, input: str | None = None) -> RunResult:

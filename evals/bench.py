@@ -20,9 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
 
 from slim_edge.devices import get_device
 from slim_edge.converters.gguf_read import read_tensor_table
@@ -515,89 +512,33 @@ def write_results(result: BenchResult, out_dir: Path, *, force: bool = False, pl
     return {n: out_dir / n for n in names}
 
 
-# -- the command -------------------------------------------------------------------------------
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SlimEdgeError(f"{what} must be comma-separated integers, e.g. 1,2; got {text!r}.")
+# -- the command's flow (`slim-edge bench` in cli.py parses the options) ------------------------
+def bench_models(models: list[Path], config: BenchConfig, device: str = "host", *,
+                 device_options: dict | None = None, baselines: list[str] | None = None,
+                 fp_model: Path | None = None, compare: str | None = None, output: Path | None = None,
+                 force: bool = False, cleanup: bool = False) -> tuple[BenchResult, dict[str, Path]]:
+    """Add the `baselines` (built from `fp_model`, else from the unquantized file among `models`), run
+    `run_bench` on `device` (get_device(device, **device_options)) and write the results folder `output`
+    (default results/bench-<timestamp>). Returns the result and the files written.
 
-
-def bench(
-    models: Annotated[list[Path], typer.Argument(help="GGUF files to benchmark (slim-edge files and baselines), "
-                                                      "and on the host ONNX exports (run by onnxruntime).")],
-    device: Annotated[str, typer.Option("--device", "-d", help="host | android | ssh | qemu-arm64")] = "host",
-    serial: Annotated[Optional[str], typer.Option(help="android: adb serial when several phones are attached.")] = None,
-    host: Annotated[Optional[str], typer.Option(help="ssh: user@address of the board.")] = None,
-    port: Annotated[int, typer.Option(help="ssh: port.")] = 22,
-    identity: Annotated[Optional[Path], typer.Option(help="ssh: private key file.")] = None,
-    prompt_lengths: Annotated[str, typer.Option("--prompt-lengths", "-p",
-                                                help="Prompt lengths for prefill and TTFT.")] = "128,256,512,1024",
-    n_gen: Annotated[int, typer.Option("--n-gen", "-n", help="Tokens generated in the decode test.")] = 128,
-    threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts.")] = "1,2",
-    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 5,
-    delay: Annotated[int, typer.Option(help="Cool-down seconds between tests and runs.")] = 0,
-    cool_to: Annotated[Optional[float], typer.Option(help="Before each run wait (up to 5 min) until the hottest "
-                                                          "thermal zone reads below this many °C, e.g. 40.")] = None,
-    baselines: Annotated[Optional[str], typer.Option(help="Build and add baselines, e.g. q4_0,q4_k_m,f16.")] = None,
-    fp_model: Annotated[Optional[Path], typer.Option(help="F16/F32 GGUF the baselines are quantized from.")] = None,
-    compare: Annotated[Optional[str], typer.Option(help="Print ratios against this model, e.g. q4_0.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o",
-                                                   help="Results folder (default results/bench-<timestamp>).")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing results folder.")] = False,
-    cleanup: Annotated[bool, typer.Option(help="Remove the device's working folder afterwards.")] = False,
-    pin: Annotated[bool, typer.Option(help="Pin threads to the fastest cores (android/ssh).")] = True,
-    chat_ttft: Annotated[bool, typer.Option(help="host: also time a chat prompt through llama_cpp.")] = True,
-) -> BenchResult:
-    """Measure time to first token and decode speed of GGUF models on a device.
-
-    Examples:
-
-        slim-edge bench model-stq1_0.gguf --baselines q4_0,f16 --fp-model model-f16.gguf --compare q4_0
-
-        slim-edge bench model-q2_0.gguf model-q4_0.gguf --device android --serial R58M12345 -t 2,4 --cool-to 40
-
-        slim-edge bench model-q2_0.gguf --device ssh --host pi@192.168.1.20 --identity ~/.ssh/id_ed25519
-
-        slim-edge bench tiny.gguf --device qemu-arm64 -p 16 -n 8 -r 1   # emulated, not a speed figure
-
-        slim-edge bench seq2.gguf seq2-onnx -t 2   # llama.cpp and onnxruntime side by side on the host
-
-    Writes bench.md (table), bench.json (every sample, device info, runtime commit, CPU features)
-    and ttft.png / decode.png into the results folder; prints the table to stdout.
-    """
-    cfg = BenchConfig(prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"), n_gen=n_gen,
-                      threads=_ints(threads, "--threads"), repetitions=repetitions, delay=delay,
-                      cool_to=cool_to, pin_big_cores=pin, chat_ttft=chat_ttft)
-    given = {"--host": host is not None, "--port": port != 22, "--identity": identity is not None,
-             "--serial": serial is not None}
-    takes = {"ssh": {"--host", "--port", "--identity"}, "android": {"--serial"}}.get(device, set())
-    ignored = [k for k, v in given.items() if v and k not in takes]
-    if ignored and device in {"host", "android", "ssh", "qemu-arm64"}:
-        raise SlimEdgeError(f"{', '.join(ignored)} given with --device {device}, which does not use "
-                            f"{'them' if len(ignored) > 1 else 'it'}; leave {'them' if len(ignored) > 1 else 'it'} "
-                            f"out or pick the device it is for")
+    `output` is checked before anything is measured, and a wrong baseline name before an FP model is
+    looked for: both are cheap to get wrong and minutes to find out."""
     out_dir = output or default_output_dir()
-    check_results_dir(out_dir, force)  # refuse before spending minutes measuring
+    check_results_dir(out_dir, force)
     models = list(models)
-    if baselines:
-        kinds = [k.strip().lower() for k in baselines.split(",") if k.strip()]
-        check_baselines(kinds)  # a wrong type name first: it needs no FP model to be wrong
+    if baselines is not None:
+        check_baselines(baselines)
         src = fp_model or find_fp_model(models)
         if src is None:
             raise SlimEdgeError("--baselines needs an unquantized (F16/F32/BF16) GGUF to quantize from: pass "
                                 "--fp-model PATH or include one among the models.")
-        for b in build_baselines(src, kinds):
+        for b in build_baselines(src, baselines):
             if b.resolve() not in {m.resolve() for m in models}:
                 models.append(b)
-    dev = get_device(device, serial=serial, host=host, port=port,
-                     identity=str(identity.expanduser()) if identity else None)
+    dev = get_device(device, **(device_options or {}))
     try:
-        result = run_bench(models, dev, cfg, compare=compare)
+        result = run_bench(models, dev, config, compare=compare)
     finally:
         if cleanup:
             dev.cleanup()
-    files = write_results(result, out_dir, force=force)
-    typer.echo(result.markdown())
-    typer.echo(f"results: {', '.join(str(p) for p in files.values())}", err=True)
-    return result
+    return result, write_results(result, out_dir, force=force)

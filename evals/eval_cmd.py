@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
 
 import numpy as np
-import typer
 
 from slim_edge.checkpoint import refuse_damaged_checkpoint
 from slim_edge.converters.gguf_read import read_tensor_table
@@ -228,50 +226,14 @@ def format_table(result: dict) -> str:
     return head + "\n".join(lines)
 
 
-ModelsArg = Annotated[list[str], typer.Argument(
-    help="GGUF files (run by the runtime), slim-edge checkpoint folders, HF folders or 'smollm2-135m'")]
+def check_results_file(path: Path, specs: list[str], force: bool, option: str = "-o") -> None:
+    """Refuse the results file before the evaluation, not after it: an existing file without `force`, or one
+    of the models themselves."""
+    check_output_file(path, force, option)
+    if any(Path(m).exists() and Path(m).resolve() == Path(path).resolve() for m in specs):
+        raise SlimEdgeError(f"{option} {path} is one of the models; choose another file for the results")
 
 
-def eval_command(
-    models: ModelsArg,
-    reference: Annotated[Optional[str], typer.Option(
-        "--reference", "-r", help="full-precision model to compare against (KLD, ΔPPL, same top-1)")] = None,
-    corpus: Annotated[str, typer.Option(help="lee | wiki | pydoc | pydocs, or a UTF-8 text file")] = "lee",
-    split: Annotated[str, typer.Option(help="eval (held out) | train, for the built-in corpora")] = "eval",
-    ctx: Annotated[int, typer.Option("--ctx", "-c", help="tokens per chunk; the second half is scored")] = 512,
-    chunks: Annotated[Optional[int], typer.Option("--chunks", help="evaluate at most this many chunks")] = None,
-    gen_tokens: Annotated[int, typer.Option(help="greedy tokens per prompt for the loop check (0 = skip)")] = 64,
-    threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads for torch and the runtime")] = 2,
-    train_text: Annotated[Optional[str], typer.Option(
-        help="the text the models were trained on (corpus name or file): refuse overlapping eval text")] = None,
-    json_out: Annotated[Optional[Path], typer.Option(
-        "--json", help="also write the results as JSON to this file ('-' = JSON to stdout, no table)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing --json file")] = False,
-):
-    """Perplexity, KL divergence against a reference, and a generation loop check.
-
-    Numbers follow llama-perplexity: chunks of --ctx tokens, the second half of each scored, KLD =
-    KL(reference ‖ model) per token. GGUF files run through the pinned llama.cpp runtime, folders
-    through PyTorch, all on the same token ids.
-
-    Examples:
-
-      slim-edge eval runs/sherry/model.gguf --reference smollm2-135m
-
-      slim-edge eval runs/seq2 runs/seq2/model.gguf -r smollm2-135m --corpus wiki --chunks 40
-
-      slim-edge eval smollm2-135m --corpus notes.txt --ctx 256 --gen-tokens 0 --json results.json
-    """
-    if json_out is not None and str(json_out) != "-":
-        check_output_file(json_out, force, "--json")  # before the evaluation, not after it
-        if any(Path(m).exists() and Path(m).resolve() == json_out.resolve() for m in [*models, reference or ""]):
-            raise SlimEdgeError(f"--json {json_out} is one of the models; choose another file for the results")
-    result = evaluate(models, reference=reference, corpus=corpus, split=split, ctx=ctx, max_chunks=chunks,
-                      gen_tokens=gen_tokens, threads=threads, train_text=train_text)
-    if json_out is not None and str(json_out) == "-":
-        print(json.dumps(result, indent=1))
-        return
-    print(format_table(result))
-    if json_out is not None:
-        atomic_write(json_out, json.dumps(result, indent=1) + "\n")
-        print(f"slim-edge: wrote {json_out}", file=sys.stderr)
+def write_results(result: dict, path: Path) -> None:
+    """`evaluate`'s result as JSON, written atomically."""
+    atomic_write(path, json.dumps(result, indent=1) + "\n")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import slim_edge
-from test_export import check_bit_exact
+from gguf_checks import check_bit_exact
 from tiny_models import make_tiny_smol
 
 

@@ -83,7 +83,7 @@ def test_nothing_imports_the_cli():
 
 
 def test_the_graph_sees_function_level_imports():
-    assert "slim_edge.converters.gguf_retag" in import_graph()["slim_edge.cli"]  # imported inside _mount()
+    assert "slim_edge.converters.gguf_retag" in import_graph()["slim_edge.cli"]  # imported inside retag_cmd()
 
 
 def cross_arrows() -> list[str]:

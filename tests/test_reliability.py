@@ -134,19 +134,19 @@ def test_eval_json_is_not_overwritten_without_force(tiny_llama, tiny_text, tmp_p
     import typer
     from typer.testing import CliRunner
 
-    from slim_edge.evals.eval_cmd import eval_command
+    from slim_edge.cli import eval_command
 
     app = typer.Typer()
     app.command()(eval_command)
     out = tmp_path / "r.json"
     out.write_bytes(b"precious")
     monkeypatch.setattr("slim_edge.evals.eval_cmd.evaluate", lambda *a, **k: pytest.fail("evaluated first"))
-    res = CliRunner().invoke(app, [str(tiny_llama), "--corpus", str(tiny_text), "--json", str(out)])
+    res = CliRunner().invoke(app, [str(tiny_llama), "--corpus", str(tiny_text), "-o", str(out)])
     assert isinstance(res.exception, SlimEdgeError) and "pass --force" in str(res.exception)
     assert out.read_bytes() == b"precious"
     model = tmp_path / "m.gguf"
     model.write_bytes(gguf_bytes(ARCH, [("a", (8,), F32, 0)], bytes(32)))
-    res = CliRunner().invoke(app, [str(model), "--json", str(model), "--force"])
+    res = CliRunner().invoke(app, [str(model), "-o", str(model), "--force"])
     assert isinstance(res.exception, SlimEdgeError) and "is one of the models" in str(res.exception)
 
 

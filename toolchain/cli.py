@@ -306,6 +306,7 @@ def demo(
 runtime_app = typer.Typer(no_args_is_help=True,
                           help="Build and locate the patched llama.cpp runtime (pinned: llama-cpp-python "
                                f"{runtime.PIN.version} = llama.cpp {runtime.PIN.commit}).")
+app.add_typer(runtime_app, name="runtime")
 
 TargetOpt = Annotated[str, typer.Option("--target", "-t", help=f"one of {', '.join(runtime.TARGETS)}")]
 IsaOpt = Annotated[str, typer.Option("--isa", help="host x86 ISA: avx2 (AVX2+FMA+F16C), avx512 (+VNNI, "
@@ -408,17 +409,188 @@ def runtime_patches_cmd(as_json: JsonOut = False):
     print(f"{len(series)} patches on llama.cpp {runtime.PIN.commit} in {runtime.PATCH_DIR}", file=sys.stderr)
 
 
-def _mount():
-    from .converters.gguf_retag import gguf_app
-    app.add_typer(runtime_app, name="runtime")
-    app.add_typer(gguf_app, name="gguf")
-    from .evals.bench import bench
-    app.command(name="bench")(bench)
-    from .evals.eval_cmd import eval_command
-    app.command(name="eval")(eval_command)
+# --- slim-edge gguf: low-level GGUF fixes (slim_edge.converters.gguf_retag) -------------------------
+
+gguf_app = typer.Typer(help="Low-level GGUF fixes.", no_args_is_help=True)
+app.add_typer(gguf_app, name="gguf")
 
 
-_mount()
+@gguf_app.callback()
+def _gguf_group():
+    """Low-level GGUF fixes (a group even with one command, so `slim-edge gguf retag` keeps its name)."""
+
+
+@gguf_app.command("retag")
+def retag_cmd(file: Annotated[Path, typer.Argument(help="GGUF file to fix")],
+              from_id: Annotated[int, typer.Option("--from", help="type id the old file stores")] = 42,
+              to_id: Annotated[int, typer.Option("--to", help="type id to write")] = 43,
+              out: Annotated[Optional[Path], typer.Option("-o", "--output", help="output file "
+                                                          "(default: FILE with -retag before .gguf)")] = None,
+              in_place: Annotated[bool, typer.Option("--in-place", help="replace FILE (atomically)")] = False,
+              force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
+              dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would change")] = False,
+              as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")] = False):
+    """Retag STQ1_0 tensors stored under type 42 (older AngelSlim exports) as 43.
+
+    Only tensors typed --from whose data is laid out as --to (STQ1_0: 42 bytes per 256 weights, vs
+    Q2_0: 18 bytes per 64) change; genuine Q2_0 tensors and all other bytes stay as they are.
+
+    Examples:
+      slim-edge gguf retag model.gguf --dry-run
+      slim-edge gguf retag model.gguf -o model-stq1_0.gguf
+      slim-edge gguf retag model.gguf --in-place
+    """
+    from .converters.gguf_retag import retag
+    from .converters.inspect import printable
+
+    plan, written = retag(file, out, from_id=from_id, to_id=to_id, force=force, in_place=in_place,
+                          dry_run=dry_run)
+    log = [f"  {printable(t.name):40s} {list(t.shape)}  {from_id} -> {to_id}" for t in plan.retag]
+    if plan.keep:
+        log.append(f"  kept {len(plan.keep)} tensor(s) typed {from_id} whose bytes match type {from_id}")
+    if dry_run:
+        log.append(f"dry run: would retag {len(plan.retag)} tensor(s) {from_id} -> {to_id}; nothing written")
+    elif written is None:
+        log.append(f"nothing to retag in {file}: no tensor typed {from_id} has the {to_id} layout; nothing written")
+    else:
+        log.append(f"retagged {len(plan.retag)} tensor(s) {from_id} -> {to_id}: {written}")
+    print("\n".join(log), file=sys.stderr, flush=True)
+    if as_json:
+        print(json.dumps({**plan.to_json(), "output": str(written) if written else None, "dry_run": dry_run},
+                         indent=2))
+
+
+# --- slim-edge bench (slim_edge.evals.bench) -------------------------------------------------------
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SlimEdgeError(f"{what} must be comma-separated integers, e.g. 1,2; got {text!r}.")
+
+
+@app.command()
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="GGUF files to benchmark (slim-edge files and baselines), "
+                                                      "and on the host ONNX exports (run by onnxruntime).")],
+    device: Annotated[str, typer.Option("--device", "-d", help="host | android | ssh | qemu-arm64")] = "host",
+    serial: Annotated[Optional[str], typer.Option(help="android: adb serial when several phones are attached.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="ssh: user@address of the board.")] = None,
+    port: Annotated[int, typer.Option(help="ssh: port.")] = 22,
+    identity: Annotated[Optional[Path], typer.Option(help="ssh: private key file.")] = None,
+    prompt_lengths: Annotated[str, typer.Option("--prompt-lengths", "-p",
+                                                help="Prompt lengths for prefill and TTFT.")] = "128,256,512,1024",
+    n_gen: Annotated[int, typer.Option("--n-gen", "-n", help="Tokens generated in the decode test.")] = 128,
+    threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts.")] = "1,2",
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 5,
+    delay: Annotated[int, typer.Option(help="Cool-down seconds between tests and runs.")] = 0,
+    cool_to: Annotated[Optional[float], typer.Option(help="Before each run wait (up to 5 min) until the hottest "
+                                                          "thermal zone reads below this many °C, e.g. 40.")] = None,
+    baselines: Annotated[Optional[str], typer.Option(help="Build and add baselines, e.g. q4_0,q4_k_m,f16.")] = None,
+    fp_model: Annotated[Optional[Path], typer.Option(help="F16/F32 GGUF the baselines are quantized from.")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="Print ratios against this model, e.g. q4_0.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+                                                   help="Results folder (default results/bench-<timestamp>).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing results folder.")] = False,
+    cleanup: Annotated[bool, typer.Option(help="Remove the device's working folder afterwards.")] = False,
+    pin: Annotated[bool, typer.Option(help="Pin threads to the fastest cores (android/ssh).")] = True,
+    chat_ttft: Annotated[bool, typer.Option(help="host: also time a chat prompt through llama_cpp.")] = True,
+):
+    """Measure time to first token and decode speed of GGUF models on a device.
+
+    Examples:
+
+        slim-edge bench model-stq1_0.gguf --baselines q4_0,f16 --fp-model model-f16.gguf --compare q4_0
+
+        slim-edge bench model-q2_0.gguf model-q4_0.gguf --device android --serial R58M12345 -t 2,4 --cool-to 40
+
+        slim-edge bench model-q2_0.gguf --device ssh --host pi@192.168.1.20 --identity ~/.ssh/id_ed25519
+
+        slim-edge bench tiny.gguf --device qemu-arm64 -p 16 -n 8 -r 1   # emulated, not a speed figure
+
+        slim-edge bench seq2.gguf seq2-onnx -t 2   # llama.cpp and onnxruntime side by side on the host
+
+    Writes bench.md (table), bench.json (every sample, device info, runtime commit, CPU features)
+    and ttft.png / decode.png into the results folder; prints the table to stdout.
+    """
+    from .evals.bench import BenchConfig, bench_models
+
+    cfg = BenchConfig(prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"), n_gen=n_gen,
+                      threads=_ints(threads, "--threads"), repetitions=repetitions, delay=delay,
+                      cool_to=cool_to, pin_big_cores=pin, chat_ttft=chat_ttft)
+    given = {"--host": host is not None, "--port": port != 22, "--identity": identity is not None,
+             "--serial": serial is not None}
+    takes = {"ssh": {"--host", "--port", "--identity"}, "android": {"--serial"}}.get(device, set())
+    ignored = [k for k, v in given.items() if v and k not in takes]
+    if ignored and device in {"host", "android", "ssh", "qemu-arm64"}:
+        them = "them" if len(ignored) > 1 else "it"
+        raise SlimEdgeError(f"{', '.join(ignored)} given with --device {device}, which does not use {them}; "
+                            f"leave {them} out or pick the device it is for")
+    kinds = None if not baselines else [k.strip().lower() for k in baselines.split(",") if k.strip()]
+    result, files = bench_models(models, cfg, device, device_options=dict(
+        serial=serial, host=host, port=port, identity=str(identity.expanduser()) if identity else None),
+        baselines=kinds, fp_model=fp_model, compare=compare, output=output, force=force, cleanup=cleanup)
+    print(result.markdown())
+    print(f"results: {', '.join(str(p) for p in files.values())}", file=sys.stderr)
+
+
+# --- slim-edge eval (slim_edge.evals.eval_cmd) -----------------------------------------------------
+
+ModelsArg = Annotated[list[str], typer.Argument(
+    help="GGUF files (run by the runtime), slim-edge checkpoint folders, HF folders or 'smollm2-135m'")]
+
+
+@app.command(name="eval")
+def eval_command(
+    models: ModelsArg,
+    reference: Annotated[Optional[str], typer.Option(
+        "--reference", "-r", help="full-precision model to compare against (KLD, ΔPPL, same top-1)")] = None,
+    corpus: Annotated[str, typer.Option(help="lee | wiki | pydoc | pydocs, or a UTF-8 text file")] = "lee",
+    split: Annotated[str, typer.Option(help="eval (held out) | train, for the built-in corpora")] = "eval",
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="tokens per chunk; the second half is scored")] = 512,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", help="evaluate at most this many chunks")] = None,
+    gen_tokens: Annotated[int, typer.Option(help="greedy tokens per prompt for the loop check (0 = skip)")] = 64,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads for torch and the runtime")] = 2,
+    train_text: Annotated[Optional[str], typer.Option(
+        help="the text the models were trained on (corpus name or file): refuse overlapping eval text")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON to stdout (the table goes to "
+                                                         "stderr)")] = False,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="also write the results as JSON to this "
+                                                                          "file")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing -o file")] = False,
+):
+    """Perplexity, KL divergence against a reference, and a generation loop check.
+
+    Numbers follow llama-perplexity: chunks of --ctx tokens, the second half of each scored, KLD =
+    KL(reference ‖ model) per token. GGUF files run through the pinned llama.cpp runtime, folders
+    through PyTorch, all on the same token ids.
+
+    Examples:
+
+      slim-edge eval runs/sherry/model.gguf --reference smollm2-135m
+
+      slim-edge eval runs/seq2 runs/seq2/model.gguf -r smollm2-135m --corpus wiki --chunks 40
+
+      slim-edge eval smollm2-135m --corpus notes.txt --ctx 256 --gen-tokens 0 -o results.json
+
+      slim-edge eval runs/seq2/model.gguf -r smollm2-135m --chunks 8 --json | jq '.models[1].mean_kld'
+    """
+    from .evals import eval_cmd
+
+    for m in models:
+        if m.endswith(".json") and not Path(m).is_dir():
+            raise SlimEdgeError(f"MODEL {m} is a .json file, not a model: --json is a flag (JSON on stdout); "
+                                f"write the results to a file with -o {m}")
+    if output is not None:
+        eval_cmd.check_results_file(output, [*models, *([reference] if reference else [])], force, "-o")
+    result = eval_cmd.evaluate(models, reference=reference, corpus=corpus, split=split, ctx=ctx, max_chunks=chunks,
+                               gen_tokens=gen_tokens, threads=threads, train_text=train_text)
+    print(eval_cmd.format_table(result), file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        print(json.dumps(result, indent=1))
+    if output is not None:
+        eval_cmd.write_results(result, output)
+        print(f"slim-edge: wrote {output}", file=sys.stderr)
 
 
 def main():

@@ -1,9 +1,11 @@
 """The shared device flow: registry, refusals before copying, runtime lookup."""
 
+import os
+
 import pytest
 
 from slim_edge.devices import DEVICES, get_device
-from slim_edge.devices.base import DeviceInfo, _as_dirs, check_fits, find_runtime_dirs
+from slim_edge.devices.base import DeviceInfo, check_fits, find_runtime_dirs
 from slim_edge.errors import SlimEdgeError
 
 
@@ -38,12 +40,15 @@ def test_too_little_ram(tmp_path):
     check_fits(DeviceInfo(device="host", arch="x86_64"), files)  # unknown figures: nothing to refuse
 
 
-def test_runtime_dirs_shapes(tmp_path):
-    class Rt:
-        bin_dir, lib_dir = tmp_path / "bin", tmp_path / "lib"
+@pytest.mark.runtime
+def test_runtime_dirs_hold_the_built_tools_and_library():
+    from slim_edge.runtime_patches.runtime import ensure_runtime
 
-    assert _as_dirs(Rt(), "host") == (tmp_path / "bin", tmp_path / "lib")
-    assert _as_dirs((tmp_path / "b", tmp_path / "l"), "host") == (tmp_path / "b", tmp_path / "l")
+    rt = ensure_runtime("host")
+    bin_dir, lib_dir = find_runtime_dirs("host")
+    assert (bin_dir, lib_dir) == (rt.root / "bin", rt.root / "lib")
+    assert (bin_dir / "llama-bench").stat().st_size > 0 and os.access(bin_dir / "llama-bench", os.X_OK)
+    assert sorted(p.name for p in lib_dir.glob("libllama.so*"))[0] == "libllama.so"
 
 
 def test_runtime_not_built_for_target(monkeypatch, tmp_path):

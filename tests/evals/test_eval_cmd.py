@@ -5,7 +5,8 @@ import typer
 from typer.testing import CliRunner
 
 from slim_edge.errors import SlimEdgeError
-from slim_edge.evals.eval_cmd import eval_command, evaluate, format_table
+from slim_edge.cli import eval_command
+from slim_edge.evals.eval_cmd import evaluate, format_table
 
 
 def test_evaluate_model_against_itself(tiny_llama, tiny_text):
@@ -27,12 +28,28 @@ def test_cli_writes_json(tiny_llama, tiny_text, tmp_path):
     app = typer.Typer()
     app.command()(eval_command)
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(app, [str(tiny_llama), "--corpus", str(tiny_text), "--ctx", "32", "--chunks", "2",
-                                   "--gen-tokens", "0", "--json", str(out)])
+    args = [str(tiny_llama), "--corpus", str(tiny_text), "--ctx", "32", "--chunks", "2", "--gen-tokens", "0"]
+    res = CliRunner().invoke(app, [*args, "-o", str(out)])
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["scored_tokens"] == 2 * 15 and "mean_kld" not in data["models"][0]
     assert "PPL" in res.stdout
+
+
+def test_cli_json_flag_is_json_on_stdout(tiny_llama, tiny_text, tmp_path):
+    # issue 19: `eval --json F` took a path where every other command's --json is a flag
+    app = typer.Typer()
+    app.command()(eval_command)
+    args = [str(tiny_llama), "--corpus", str(tiny_text), "--ctx", "32", "--chunks", "2", "--gen-tokens", "0"]
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)  # nothing but the JSON on stdout
+    assert data["scored_tokens"] == 2 * 15 and data["chunks"] == 2
+    assert "PPL" in res.stderr and "PPL" not in res.stdout
+    old = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "r.json")])  # the old spelling
+    assert isinstance(old.exception, SlimEdgeError)
+    assert str(old.exception).startswith(f"MODEL {tmp_path / 'r.json'} is a .json file") and "-o " in str(old.exception)
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_train_text_overlap_is_refused(tiny_llama, tiny_text):

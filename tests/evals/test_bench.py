@@ -12,7 +12,7 @@ from slim_edge.errors import SlimEdgeError
 from slim_edge.evals.bench import (wait_cool, BenchConfig, BenchResult, ModelResult, compare_to, llama_bench_argv,
                                    pin_masks, summarize_rows, write_results)
 
-CAPTURED = Path(__file__).resolve().parents[1] / "devices" / "captured"
+CAPTURED = Path(__file__).resolve().parents[2] / "devices" / "captured"
 
 
 def _jsonl(name):
@@ -141,7 +141,8 @@ def test_host_end_to_end_through_the_command(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from slim_edge.evals.bench import bench, llama_cpp_available
+    from slim_edge.cli import bench
+    from slim_edge.evals.bench import llama_cpp_available
     from slim_edge.evals.tiny_gguf import tiny_models
     from slim_edge.runtime_patches.runtime import ensure_runtime
 
@@ -181,7 +182,7 @@ def test_host_end_to_end_through_the_command(tmp_path):
 
 def test_wait_cool_polls_the_real_motorola_zones_until_below_the_limit():
     """A phone cooling by 1 °C per poll from the captured Motorola (SM4375) readings: hottest 42.6 °C."""
-    text = (Path(__file__).resolve().parents[1] / "devices" / "captured" / "thermal_moto_sm4375.txt").read_text()
+    text = (Path(__file__).resolve().parents[2] / "devices" / "captured" / "thermal_moto_sm4375.txt").read_text()
     zones = parse.parse_thermal("\n".join(ln for ln in text.splitlines() if not ln.startswith("#")))
     assert max(zones.values()) == pytest.approx(42.6)
     now, polls = [0.0], []
@@ -218,7 +219,7 @@ def test_a_wrong_baseline_name_is_named_before_the_fp_model_is_asked_for(tmp_pat
     import typer
     from typer.testing import CliRunner
 
-    from slim_edge.evals.bench import bench
+    from slim_edge.cli import bench
     app = typer.Typer()
     app.command()(bench)
     (tmp_path / "q.gguf").write_bytes(b"GGUF")
