@@ -119,12 +119,11 @@ def onnx_grid(fmt: Format, what: str = "tensor", gather: bool = False, min_bits:
     if bits > 2 and -half <= lv[0] and lv[-1] < half:
         step = 1  # the levels themselves are the codes around the default zero point: no zero-point tensor
     fits_default = lv[0] % step == 0 and -half <= lv[0] // step and lv[-1] // step < half
-    grid = OnnxGrid(bits, step, float(half) if fits_default else -int(lv[0]) / step, 0)
-    if bits == 2 and not gather:
-        # onnxruntime 1.32's CPU MatMulNBits runs 2 bits fast only with float zero points: at one activation row
-        # 576 x 1536 takes 0.15 ms with them, 2.0 ms with the default and 3.7 ms with packed uint8 ones
-        # (evals/reports/onnx_bench_host.md); the values are the same
-        grid = OnnxGrid(bits, step, grid.zero_point + 0.0, 0, float_zp=True)
+    # onnxruntime 1.32's CPU MatMulNBits runs 2 bits fast only with float zero points: at one activation row
+    # 576 x 1536 takes 0.15 ms with them, 2.0 ms with the default and 3.7 ms with packed uint8 ones
+    # (evals/reports/onnx_bench_host.md); the values are the same
+    grid = OnnxGrid(bits, step, float(half) if fits_default else -int(lv[0]) / step, 0,
+                    float_zp=bits == 2 and not gather)
     if grid.zp_kind == "float" and (gather or bits == 8):
         op = "GatherBlockQuantized" if gather else "MatMulNBits"
         raise SlimEdgeError(f"{what}: {fmt.name}'s grid needs {bits}-bit codes with a fractional zero point, "
@@ -290,6 +289,7 @@ class _Weights:
         self.plan = {e["name"]: e for e in meta["plan"]}
         self.emb = embedding_codes(meta, tensors)
         self.report: dict[str, dict] = {}
+        self._emb_parts: dict[str, list[tuple[PackedWeight, list[str]]]] = {}
 
     def _packed(self, name: str, pw: PackedWeight) -> list[str]:
         ins = [self.g.const(f"{name}.qweight", pw.codes), self.g.const(f"{name}.scales", pw.scales)]
@@ -318,13 +318,16 @@ class _Weights:
     def _embedding_parts(self, name: str) -> list[tuple[PackedWeight, list[str]]]:
         """The embedding's codes as initializers in MatMulNBits' shape, shared by the gather and the tied head
         (GatherBlockQuantized reads them through a Reshape that onnxruntime folds): one part, or for 8-bit codes
-        the two 4-bit halves of split_8bit (the 8-bit head cost 120 ms a token, 97 % of the decode)."""
-        _, fmt, raw = self.emb
-        k = raw.shape[1] // fmt.type_size * fmt.block_size
-        pw = pack_weight(fmt, raw, k, what=name, gather=True)
-        parts = split_8bit(pw) if pw.grid.bits == 8 else [pw]
-        return [(part, self._packed(f"{name}.{tag}" if len(parts) > 1 else name, part))
-                for tag, part in zip(("hi", "lo"), parts)]
+        the two 4-bit halves of split_8bit (the 8-bit head cost 120 ms a token, 97 % of the decode). Packed once:
+        the gather and the head ask for the same parts."""
+        if name not in self._emb_parts:
+            _, fmt, raw = self.emb
+            k = raw.shape[1] // fmt.type_size * fmt.block_size
+            pw = pack_weight(fmt, raw, k, what=name, gather=True)
+            parts = split_8bit(pw) if pw.grid.bits == 8 else [pw]
+            self._emb_parts[name] = [(part, self._packed(f"{name}.{tag}" if len(parts) > 1 else name, part))
+                                     for tag, part in zip(("hi", "lo"), parts)]
+        return self._emb_parts[name]
 
     def embedding(self, ids: str, name: str) -> str:
         if self.emb is not None:
@@ -335,8 +338,9 @@ class _Weights:
                 scales = self.g.op("Reshape", scales, self.g.ints(f"{name}.scales_shape{i}", pw.n, -1))
                 rows.append(self.g.op("GatherBlockQuantized", data, ids, scales, *zp, domain=MS_DOMAIN, gather_axis=0,
                                       quantize_axis=1, block_size=pw.grid.block, bits=pw.grid.bits))
-            nbytes = sum(pw.nbytes for pw, _ in parts)
-            self._note(name, "GatherBlockQuantized", self.emb[1].name, 4 * len(parts), nbytes, pw.n * pw.k)
+            first = parts[0][0]
+            self._note(name, "GatherBlockQuantized", self.emb[1].name, sum(pw.grid.bits for pw, _ in parts),
+                       sum(pw.nbytes for pw, _ in parts), first.n * first.k)
             return rows[0] if len(rows) == 1 else self.g.op("Add", *rows)
         w = self.tensors[f"{name}.weight"].numpy().astype(np.float32)
         self._note(name, "Gather", "f32", 32, w.nbytes, w.size)
