@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlimEdgeError
-from ..formats import FORMATS, get_format
+from ..formats import FORMATS, embedding_types, get_format
 from ..fsutil import atomic_dir, atomic_path, check_output_file, move_into_place, scratch_dir
 from ..memory import check_model_config
 from ..models import cache_dir
-from .gguf_types import FILE_TYPES, patch_types, raw_tensor
+from .gguf_types import patch_types, raw_tensor
 
 EXPORT_FORMAT_VERSION = 1
-EMBED_TYPES = ("f16", "q8_0", "q4_0")
 # f16 and q8_0 come from the converter, the others from llama-quantize of the F16 file
 BASELINE_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m", "q4_k_s", "q2_k", "tq2_0", "tq1_0")
 
@@ -115,8 +114,9 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
     token_embedding_type = token_embedding_type or (meta.get("embedding") or {}).get("format", "q8_0")
     _check_out(out, force)
     for t in (token_embedding_type, output_tensor_type):
-        if t not in EMBED_TYPES:
-            raise SlimEdgeError(f"embedding/output type {t!r} is not supported; choose one of {', '.join(EMBED_TYPES)}")
+        if t not in embedding_types():
+            raise SlimEdgeError(f"embedding/output type {t!r} is not supported; choose one of "
+                                f"{', '.join(embedding_types())}")
     rules = _parse_overrides(overrides or [])
     tensors = read_tensors(ckpt)
     emb = embedding_codes(meta, tensors)
@@ -182,7 +182,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
                 types[name] = "f32" if data.dtype != np.float16 else "f16"
         primary = max(set(e["format"] for e in plan.values()),
                       key=lambda f: sum(p["shape"][0] * p["shape"][1] for p in plan.values() if p["format"] == f))
-        writer.add_uint32("general.file_type", FILE_TYPES.get(primary, 0))
+        writer.add_uint32("general.file_type", FORMATS[primary].file_type if primary in FORMATS else 0)
         used = sorted({v for v in types.values()})
         custom = [f for f in used if f in FORMATS and not FORMATS[f].stock]
         rounded_as_runtime = trained_for(meta["config"])
@@ -237,7 +237,7 @@ def _kept_fidelity(x: np.ndarray, kind: str, enc: np.ndarray) -> dict:
     out = {"type": kind, "exact": exact, "max_abs_err": float(np.abs(diff).max()),
            "rel_rms_err": float(np.sqrt(np.mean(diff ** 2) / max(float(np.mean(x ** 2)), 1e-30)))}
     if not exact:
-        out["exact_in"] = next((t for t in EMBED_TYPES if t != kind and np.array_equal(
+        out["exact_in"] = next((t for t in embedding_types() if t != kind and np.array_equal(
             _decode_kept(_encode_kept(x, t), t, x.shape[1]), x)), None)
     return out
 
@@ -246,8 +246,8 @@ def _parse_overrides(rules: list[str]) -> list[tuple[re.Pattern, str]]:
     out = []
     for r in rules:
         pat, sep, typ = r.rpartition("=")
-        if not sep or typ not in EMBED_TYPES:
-            raise SlimEdgeError(f"--tensor-type {r!r}: write REGEX=TYPE with TYPE in {', '.join(EMBED_TYPES)} "
+        if not sep or typ not in embedding_types():
+            raise SlimEdgeError(f"--tensor-type {r!r}: write REGEX=TYPE with TYPE in {', '.join(embedding_types())} "
                                 f"(quantized linears keep their trained type)")
         try:
             out.append((re.compile(pat), typ))

@@ -18,15 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlimEdgeError
-from ..formats import BY_ID, FORMATS
+from ..formats import BY_ID
 from .gguf_read import GGUFTable, read_tensor_table
 
 F32, I8 = 0, 24  # GGML_TYPE_F32; GGML_TYPE_I8: one byte per element, block 1
 # AngelSlim's first 1.25-bit files stored STQ1_0 as 42, which upstream later gave to Q2_0
 LEGACY_IDS = {42: "STQ1_0 in AngelSlim files before llama.cpp PR #22836 took 43 (= Q2_0 in the pinned tree)"}
-# llama_ftype values for general.file_type (llama.h of the pinned tree + runtime_patches/0002)
-FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "tq1_0": 36, "tq2_0": 37, "q2_0": 41, "stq1_0": 42, "q2_0c": 43,
-              "q2_0c_64": 44, "stq1_0_64": 45}
 
 
 def raw_tensor(fmt_name: str, packed: np.ndarray) -> np.ndarray:
@@ -99,6 +96,3 @@ def tensor_values(path: Path, name: str, table: GGUFTable | None = None) -> np.n
         values = dequantize(rows, GGMLQuantizationType(type_id))
     return values.reshape(shape[::-1]).astype(np.float32, copy=False)
 
-
-def known_names() -> dict[int, str]:
-    return {f.type_id: f.name.upper() for f in FORMATS.values()}

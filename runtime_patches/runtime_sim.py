@@ -46,16 +46,22 @@ import numpy as np
 import torch
 
 from slim_edge.errors import SlimEdgeError
+from slim_edge.formats import BY_ID, get_format
 
-QK8_0, QK_K = 32, 256
+Q8_0 = get_format("q8_0")  # the activation blocks are weight blocks of this format: its bytes, its block
+QK8_0, QK_K = Q8_0.block_size, 256
 ATTENTION = "slim_edge_f16kv"  # the name registered with transformers' AttentionInterface
-# GGML type id -> vec_dot_type of its CPU matmul (ggml-cpu.c type_traits_cpu, patched pinned tree)
-VEC_DOT = {
-    0: "f32", 1: "f16", 30: "bf16",
-    2: "q8_0", 6: "q8_0", 8: "q8_0", 20: "q8_0", 39: "q8_0", 40: "q8_0", 41: "q8_0", 42: "q8_0", 45: "q8_0", 46: "q8_0",
-    3: "q8_1", 7: "q8_1",
-    **{t: "q8_k" for t in (10, 11, 12, 13, 14, 16, 17, 18, 19, 21, 22, 23, 29, 34, 35, 43, 44)},
+# GGML type id -> vec_dot_type of its CPU matmul (ggml-cpu.c type_traits_cpu, pinned tree), for the stock
+# types slim-edge has no format for; a format carries its own (Format.vec_dot): see `vec_dot_types`
+STOCK_VEC_DOT = {
+    0: "f32", 30: "bf16", 6: "q8_0", 20: "q8_0", 39: "q8_0", 40: "q8_0", 41: "q8_0", 3: "q8_1", 7: "q8_1",
+    **{t: "q8_k" for t in (10, 11, 12, 13, 14, 16, 17, 18, 19, 21, 22, 23, 29)},
 }
+
+
+def vec_dot_types() -> dict[int, str]:
+    """GGML type id -> the activation type its CPU matmul converts inputs to: stock types, then the formats'."""
+    return STOCK_VEC_DOT | {f.type_id: f.vec_dot for f in BY_ID.values()}
 # Q8_0 variants: (id from 127/amax rather than 1/d, round half to even rather than away from zero)
 Q8_0_ROUNDING = {"x86": (True, True), "arm": (False, True), "ref": (False, False)}
 
@@ -106,8 +112,8 @@ def quantize_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def q8_0_bytes(q: torch.Tensor, d: torch.Tensor) -> bytes:
-    """block_q8_0: | d: fp16 | qs[32]: int8 |, 34 bytes per block."""
-    return np.concatenate([d.numpy().view(np.uint8).reshape(-1, 2), q.numpy().view(np.uint8)], axis=1).tobytes()
+    """block_q8_0 (formats/q8_0.py draws it) of Q8_0 activations (q int8 [n, 32], d float16 [n])."""
+    return Q8_0.encode(q.numpy(), d.numpy()).tobytes()
 
 
 def q8_k_bytes(q: torch.Tensor, d: torch.Tensor) -> bytes:
@@ -136,7 +142,7 @@ def q8_k_reference(x: np.ndarray) -> bytes:
 
 
 def fake_activation(x: torch.Tensor, kind: str, rounding: str = "x86") -> torch.Tensor:
-    """x as the runtime's matmul sees it after converting it to `kind` (a VEC_DOT value), in x's shape."""
+    """x as the runtime's matmul sees it after converting it to `kind` (a vec_dot_types() value), in x's shape."""
     if kind == "f32":
         return x
     if kind == "f16":
@@ -282,11 +288,11 @@ def simulate(model, types: dict[str, int], activations: bool = True, kv_f16: boo
             for name, mod in model.named_modules():
                 if name not in types:
                     continue
-                kind = VEC_DOT.get(types[name])
+                kind = vec_dot_types().get(types[name])
                 if kind is None:
                     raise SlimEdgeError(f"{name}: GGUF type {types[name]} has no known vec_dot_type; add it to "
-                                        "slim_edge.runtime_patches.runtime_sim.VEC_DOT from ggml-cpu.c's "
-                                        "type_traits_cpu")
+                                        "slim_edge.runtime_patches.runtime_sim.STOCK_VEC_DOT (or its format's "
+                                        "vec_dot) from ggml-cpu.c's type_traits_cpu")
                 handles.append(mod.register_forward_pre_hook(
                     lambda m, args, kind=kind: (rounded(args[0], kind), *args[1:])))
         if kv_f16:

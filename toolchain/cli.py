@@ -10,6 +10,7 @@ import typer
 
 from .errors import SlimEdgeError, run_main
 from .runtime_patches import runtime
+from .schemes import SCHEMES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Turn an LLM into a 2-bit or 1.25-bit model that runs fast on a phone.\n\n"
@@ -29,8 +30,8 @@ def _root():
 def quantize(
     model: Annotated[str, typer.Argument(help="HF model folder, the embedded default 'smollm2-135m', or a "
                                               "slim-edge checkpoint to continue training")] = "smollm2-135m",
-    scheme: Annotated[Optional[str], typer.Option(help="seq2 | sherry | tequila | ternary | q2 (default: sherry, "
-                                                       "or the checkpoint's own)")] = None,
+    scheme: Annotated[Optional[str], typer.Option(help="; ".join(f"{s.name}: {s.doc}" for s in SCHEMES.values())
+                                                       + " (default: sherry, or the checkpoint's own)")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="full-precision model to distil from when MODEL is a "
                                                         "checkpoint (default: the one it was made from)")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint folder to write")] = Path("runs/out"),

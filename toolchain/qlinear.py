@@ -26,15 +26,20 @@ from .errors import SlimEdgeError
 from .formats import get_format
 from .formats.base import Format
 from .formats.stq1_0 import quad_layout
-from .runtime_patches.runtime_sim import VEC_DOT, fake_activation, host_rounding
+from .runtime_patches.runtime_sim import fake_activation, host_rounding, vec_dot_types
 
 FP16_MAX = 65504.0
 FP16_TINY = 2.0 ** -24
 
 
+# a scheme's values (Scheme.values) other than "grid" (every level of the format): the rule that takes the
+# place of the format's own and the clip range; "sherry" needs the stride-16 quads of stq1_0's layout
+VALUES = {"ternary": ("round", (-1.0, 1.0)), "sherry": ("sherry", (-1.0, 1.0))}
+
+
 def grid_ends(fmt: Format, mode: str) -> tuple[float, float]:
     """The outermost levels (lo, hi) a weight of this format and mode can take: the clip range of z."""
-    return (-1.0, 1.0) if mode in ("ternary", "sherry") else (float(fmt.levels[0]), float(fmt.levels[-1]))
+    return VALUES[mode][1] if mode in VALUES else (float(fmt.levels[0]), float(fmt.levels[-1]))
 
 
 def grid_top(fmt: Format, mode: str) -> float:
@@ -43,8 +48,13 @@ def grid_top(fmt: Format, mode: str) -> float:
 
 
 def grid_rule(fmt: Format, mode: str) -> str:
-    """How z = w / d becomes a grid value: "sherry" (3:4 ternary), "odd" ({-3,-1,1,3}) or "round"."""
-    return "sherry" if mode == "sherry" else "odd" if 0 not in fmt.levels else "round"
+    """How z = w / d becomes a grid value (Format.rule): "sherry" (3:4 ternary), "odd" ({-3,-1,1,3}) or "round"."""
+    return VALUES[mode][0] if mode in VALUES else fmt.rule
+
+
+def grid_quads(fmt: Format, mode: str) -> torch.Tensor | None:
+    """The quads [block / 4, 4] the sherry rule selects in, None for the other rules."""
+    return torch.as_tensor(quad_layout(fmt.block_size)) if grid_rule(fmt, mode) == "sherry" else None
 
 
 def rule_values(z: torch.Tensor, rule: str, lo: float, hi: float, quads: torch.Tensor | None) -> torch.Tensor:
@@ -154,7 +164,7 @@ def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int 
     """PTQ scale per block: MSE search over d = c * absmax / max_level, then one closed-form refit."""
     rows, k = w.shape
     wb = w.detach().float().reshape(rows, k // fmt.block_size, fmt.block_size)
-    if mode == "sherry":  # the values do not depend on d: the kept-weight mean is L2-optimal
+    if grid_rule(fmt, mode) == "sherry":  # the values do not depend on d: the kept-weight mean is L2-optimal
         v = grid_values(wb, fmt, mode, quads)
         return ((v * wb).sum(-1) / (v * v).sum(-1).clamp_min(1)).clamp_min(FP16_TINY)
     top = grid_top(fmt, mode)
@@ -179,7 +189,7 @@ def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int 
 
 def activation_type(type_id: int) -> str:
     """The runtime's activation type (vec_dot_type) for weights of GGML type `type_id`."""
-    return VEC_DOT[type_id]
+    return vec_dot_types()[type_id]
 
 
 def round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -203,7 +213,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone().float())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone().float())
-        quads = torch.as_tensor(quad_layout(self.fmt.block_size)) if mode == "sherry" else None
+        quads = grid_quads(self.fmt, mode)
         self.register_buffer("quads", quads, persistent=False)
         self.scale = nn.Parameter(init_scale(self.weight, self.fmt, mode, quads))
         self.tequila_lambda = tequila_lambda
@@ -253,9 +263,6 @@ class QuantLinear(nn.Module):
 
 
 # --- the token embedding and the tied output head ------------------------------------------------------
-
-EMBEDDING_TYPES = ("q8_0", "q4_0", "f16")  # f16: the float embedding of before (no codes; export picks the type)
-
 
 def embedding_scale(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Block scales of an embedding: q8_0 takes its reference's absmax / 127 (what the converter and

@@ -14,8 +14,8 @@ from torch import nn
 
 from .distributed import SHARDS
 from .errors import SlimEdgeError
-from .formats import get_format
-from .qlinear import EMBEDDING_TYPES, QuantLinear, activation_type, quantize_embedding_
+from .formats import embedding_types, get_format
+from .qlinear import QuantLinear, activation_type, quantize_embedding_
 from .schemes import get_scheme
 
 CONFIG_VERSION = 1
@@ -75,8 +75,7 @@ class QuantConfig:
         scheme = get_scheme(self.scheme)
         if self.target is not None:
             fmt = get_format(self.target)
-            allowed = {"ternary": ("tq2_0", "tq1_0", "q2_0"), "tequila": ("tq2_0", "tq1_0", "q2_0")}.get(
-                scheme.name, scheme.formats)
+            allowed = scheme.targets()
             if fmt.name not in allowed:
                 raise SlimEdgeError(f"--target {fmt.name} cannot hold scheme {scheme.name}'s values; "
                                     f"choose one of: {', '.join(allowed)}")
@@ -108,8 +107,8 @@ class QuantConfig:
                                 f"cross-entropy must be >= 0, and > 0 without distillation (the loss would be empty)")
         if self.shard not in SHARDS:
             raise SlimEdgeError(f"--shard {self.shard!r}: choose one of {', '.join(SHARDS)} (auto = ddp or fsdp by what fits)")
-        if self.embedding_type not in EMBEDDING_TYPES:
-            raise SlimEdgeError(f"--embedding-type {self.embedding_type!r}: choose one of {', '.join(EMBEDDING_TYPES)}")
+        if self.embedding_type not in embedding_types():
+            raise SlimEdgeError(f"--embedding-type {self.embedding_type!r}: choose one of {', '.join(embedding_types())}")
         if self.bits is not None and not 0 < self.bits <= MAX_BITS:
             raise SlimEdgeError(f"--bits {self.bits}: the budget must lie between the scheme's own bits per weight "
                                 f"and {MAX_BITS} (everything in {PROMOTED})")

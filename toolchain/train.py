@@ -28,6 +28,7 @@ from .errors import SlimEdgeError
 from .fsutil import path_kind
 from .qlinear import QuantLinear, compiled_kernels
 from .quantize import QuantConfig
+from .schemes import get_scheme
 
 
 def arenas_lambda(step: int, total: int, lam_max: float, warmup_frac: float) -> float:
@@ -289,8 +290,9 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
             x, y = next(batches)
             x, y = x.to(device), y.to(device)
             lam = arenas_lambda(pos, total, config.arenas_lambda, config.arenas_warmup)
+            scheme = get_scheme(config.scheme)
             for m in qlayers:
-                m.arenas = lam if m.mode == "sherry" else 0.0
+                m.arenas = lam if scheme.arenas and m.mode == scheme.values else 0.0
             _schedule(opt, pos, total, warmup, config)
             t0 = time.perf_counter()
             loss, ce, kd = train_step(model, teacher, x, y, opt, weights + others, scales, config, device)

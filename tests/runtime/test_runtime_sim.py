@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from slim_edge.errors import SlimEdgeError
-from slim_edge.runtime_patches.runtime_sim import (VEC_DOT, fake_activation, ggml_rope_cos_sin, q8_0_bytes,
+from slim_edge.runtime_patches.runtime_sim import (fake_activation, ggml_rope_cos_sin, q8_0_bytes,
                                                    q8_k_bytes, q8_k_reference, quantize_q8_0, quantize_q8_k,
-                                                   simulate)
+                                                   simulate, vec_dot_types)
 
 
 def activation_rows(n: int = 1024) -> np.ndarray:
@@ -151,7 +151,7 @@ def test_torch_quantizers_equal_the_runtime_library():
     lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
     lib.ggml_cpu_init()
     names = {8: "q8_0", 15: "q8_k", 1: "f16", 30: "bf16", 0: "f32", 9: "q8_1"}
-    for type_id, kind in VEC_DOT.items():
+    for type_id, kind in vec_dot_types().items():
         assert names[lib.ggml_get_type_traits_cpu(type_id).contents.vec_dot_type] == kind, type_id
 
     x = activation_rows()

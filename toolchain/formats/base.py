@@ -23,7 +23,14 @@ class Format:
     type_size: int
     levels: tuple[int, ...]  # the integer grid, ascending; weight = level * d
     stock: bool = True  # known to the unpatched pinned llama.cpp
-    scale_init: str = "absmax"  # how the reference quantizer picks d
+    file_type: int = -1  # llama_ftype, general.file_type of a file whose main type this is (llama.h + patch 0002)
+    vec_dot: str = ""  # the activation type the CPU matmul converts inputs to (ggml-cpu.c type_traits_cpu)
+    holds: tuple[str, ...] = ()  # scheme values ("ternary", "sherry") it holds exactly: a valid --target
+    embedding: bool = False  # a --embedding-type: token_embd rows of this type
+
+    # how the torch grid turns z = w / d into a level: "round" (nearest, halves away from zero), "odd"
+    # (the nearest odd level), "sherry" (3:4 ternary per stride-16 quad); a class attribute, set by subclasses
+    rule = "round"
 
     @property
     def bits_per_weight(self) -> float:

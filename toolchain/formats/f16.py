@@ -12,4 +12,5 @@ class F16(Format):
         return np.ascontiguousarray(raw, np.uint8).view(np.float16).astype(np.float32)
 
 
-FORMAT = F16("f16", type_id=1, block_size=1, type_size=2, levels=())
+FORMAT = F16("f16", type_id=1, block_size=1, type_size=2, levels=(), file_type=1, vec_dot="f16",
+             embedding=True)

@@ -22,4 +22,5 @@ class Q2_0(Format):
         # quantize_row_q2_0_ref: d = absmax, roundf(x / d) (clamped to [-1, 2], so +2 never occurs)
         return self.encode(*absmax_roundf(blocks))
 
-FORMAT = Q2_0("q2_0", type_id=42, block_size=64, type_size=2 + 64 // 4, levels=(-1, 0, 1, 2))
+FORMAT = Q2_0("q2_0", type_id=42, block_size=64, type_size=2 + 64 // 4, levels=(-1, 0, 1, 2),
+              file_type=41, vec_dot="q8_0", holds=("ternary", "sherry"))

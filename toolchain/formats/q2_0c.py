@@ -16,6 +16,8 @@ from .base import Format, fp16_bytes, fp16_from, pack_2bit, unpack_2bit
 
 
 class Q2_0C(Format):
+    rule = "odd"  # levels {-3,-1,1,3}: 2*floor(z/2)+1
+
     def encode(self, values, d):
         return np.concatenate([fp16_bytes(d), pack_2bit((values.astype(np.int16) + 3) // 2, lanes=1)], axis=1)
 
@@ -45,4 +47,4 @@ def _odd_levels(x: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 
 FORMAT = Q2_0C("q2_0c", type_id=44, block_size=512, type_size=2 + 512 // 4, levels=(-3, -1, 1, 3),
-               stock=False, scale_init="lloyd")
+               stock=False, file_type=43, vec_dot="q8_k")

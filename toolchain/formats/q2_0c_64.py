@@ -16,4 +16,4 @@ Q2_0's absmax reference leaves 0.7229 on the same rows.
 from .q2_0c import Q2_0C
 
 FORMAT = Q2_0C("q2_0c_64", type_id=45, block_size=64, type_size=2 + 64 // 4, levels=(-3, -1, 1, 3),
-               stock=False, scale_init="lloyd")
+               stock=False, file_type=44, vec_dot="q8_0")

@@ -28,4 +28,5 @@ class Q4_0(Format):
         return self.encode((c - 8).astype(np.int8), d.astype(np.float16))
 
 
-FORMAT = Q4_0("q4_0", type_id=2, block_size=32, type_size=2 + 16, levels=tuple(range(-8, 8)))
+FORMAT = Q4_0("q4_0", type_id=2, block_size=32, type_size=2 + 16, levels=tuple(range(-8, 8)),
+              file_type=2, vec_dot="q8_0", embedding=True)

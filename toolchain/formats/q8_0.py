@@ -25,4 +25,5 @@ class Q8_0(Format):
         return self.encode(q.astype(np.int8), d.astype(np.float16))
 
 
-FORMAT = Q8_0("q8_0", type_id=8, block_size=32, type_size=2 + 32, levels=tuple(range(-127, 128)))
+FORMAT = Q8_0("q8_0", type_id=8, block_size=32, type_size=2 + 32, levels=tuple(range(-127, 128)),
+              file_type=7, vec_dot="q8_0", embedding=True)

@@ -42,6 +42,8 @@ def quad_layout(block_size: int) -> np.ndarray:
 class STQ1_0(Format):
     """Any block that is a multiple of 64 (STQ1_0: 256, STQ1_0_64: 64): qs, then sign bits, then d."""
 
+    rule = "sherry"
+
     @property
     def quads(self) -> np.ndarray:
         return quad_layout(self.block_size)
@@ -92,4 +94,4 @@ def sherry_values(blocks: np.ndarray, quads: np.ndarray) -> np.ndarray:
 
 
 FORMAT = STQ1_0("stq1_0", type_id=43, block_size=256, type_size=32 + 8 + 2, levels=(-1, 0, 1),
-                stock=False, scale_init="kept_mean")
+                stock=False, file_type=42, vec_dot="q8_k", holds=("sherry",))

@@ -15,4 +15,4 @@
 from .stq1_0 import STQ1_0
 
 FORMAT = STQ1_0("stq1_0_64", type_id=46, block_size=64, type_size=64 // 8 + 64 // 32 + 2, levels=(-1, 0, 1),
-                stock=False, scale_init="kept_mean")
+                stock=False, file_type=45, vec_dot="q8_0", holds=("sherry",))

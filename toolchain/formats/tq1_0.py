@@ -44,4 +44,5 @@ class TQ1_0(Format):
         return self.encode(*absmax_roundf(blocks))
 
 
-FORMAT = TQ1_0("tq1_0", type_id=34, block_size=256, type_size=2 + 4 * 13, levels=(-1, 0, 1))
+FORMAT = TQ1_0("tq1_0", type_id=34, block_size=256, type_size=2 + 4 * 13, levels=(-1, 0, 1),
+               file_type=36, vec_dot="q8_k", holds=("ternary",))

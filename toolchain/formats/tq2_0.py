@@ -21,4 +21,5 @@ class TQ2_0(Format):
         return self.encode(*absmax_roundf(blocks))
 
 
-FORMAT = TQ2_0("tq2_0", type_id=35, block_size=256, type_size=64 + 2, levels=(-1, 0, 1))
+FORMAT = TQ2_0("tq2_0", type_id=35, block_size=256, type_size=64 + 2, levels=(-1, 0, 1),
+               file_type=37, vec_dot="q8_k", holds=("ternary",))

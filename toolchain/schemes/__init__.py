@@ -8,6 +8,7 @@ import importlib
 from dataclasses import dataclass
 
 from ..errors import SlimEdgeError
+from ..formats import holding
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,10 @@ class Scheme:
     arenas: bool = False  # Sherry's residual synapse during training
     tequila: bool = False  # dead weights feed a per-output-channel bias
     doc: str = ""
+
+    def targets(self) -> tuple[str, ...]:
+        """The --target values: the scheme's own formats, then every format that holds its values exactly."""
+        return self.formats + tuple(f for f in holding(self.values) if f not in self.formats)
 
 
 NAMES = ("seq2", "sherry", "tequila", "ternary", "q2")
