@@ -21,7 +21,7 @@ from ..formats import FORMATS, embedding_types, get_format
 from ..fsutil import atomic_dir, atomic_path, check_output_file, move_into_place, scratch_dir
 from ..memory import check_model_config
 from ..models import cache_dir
-from .gguf_types import patch_types, raw_tensor
+from .gguf_types import file_type, patch_types, raw_tensor
 
 EXPORT_FORMAT_VERSION = 1
 # f16 and q8_0 come from the converter, the others from llama-quantize of the F16 file
@@ -182,7 +182,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
                 types[name] = "f32" if data.dtype != np.float16 else "f16"
         primary = max(set(e["format"] for e in plan.values()),
                       key=lambda f: sum(p["shape"][0] * p["shape"][1] for p in plan.values() if p["format"] == f))
-        writer.add_uint32("general.file_type", FORMATS[primary].file_type if primary in FORMATS else 0)
+        writer.add_uint32("general.file_type", file_type(primary))
         used = sorted({v for v in types.values()})
         custom = [f for f in used if f in FORMATS and not FORMATS[f].stock]
         rounded_as_runtime = trained_for(meta["config"])

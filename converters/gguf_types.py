@@ -18,12 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlimEdgeError
-from ..formats import BY_ID
+from ..formats import BY_ID, FORMATS
 from .gguf_read import GGUFTable, read_tensor_table
 
 F32, I8 = 0, 24  # GGML_TYPE_F32; GGML_TYPE_I8: one byte per element, block 1
 # AngelSlim's first 1.25-bit files stored STQ1_0 as 42, which upstream later gave to Q2_0
 LEGACY_IDS = {42: "STQ1_0 in AngelSlim files before llama.cpp PR #22836 took 43 (= Q2_0 in the pinned tree)"}
+
+
+def file_type(fmt_name: str) -> int:
+    """general.file_type (llama_ftype) of a file whose main type is `fmt_name`; 0 (ALL_F32) for a float one."""
+    return FORMATS[fmt_name].file_type if fmt_name in FORMATS else 0
 
 
 def raw_tensor(fmt_name: str, packed: np.ndarray) -> np.ndarray:
