@@ -18,9 +18,8 @@ import numpy as np
 
 from ..errors import SlimEdgeError
 from ..formats import FORMATS, embedding_types, get_format
-from ..fsutil import atomic_dir, atomic_path, check_output_file, move_into_place, scratch_dir
+from ..fsutil import atomic_dir, atomic_path, cache_dir, check_output_file, move_into_place, scratch_dir
 from ..memory import check_model_config
-from ..models import cache_dir
 from .gguf_types import file_type, patch_types, raw_tensor
 
 EXPORT_FORMAT_VERSION = 1

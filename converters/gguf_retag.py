@@ -20,10 +20,6 @@ from .gguf_read import TensorEntry, read_tensor_table, require_file
 from .inspect import load_problems
 
 
-def _layout(type_id: int):
-    return BY_ID.get(type_id)
-
-
 def _fits(t: TensorEntry, fmt, alignment: int) -> bool:
     """The tensor's data span is this format's size, up to the alignment padding."""
     if fmt is None or not t.shape or t.shape[0] % fmt.block_size:
@@ -47,7 +43,7 @@ class RetagPlan:
 
 def plan_retag(path: Path, from_id: int = 42, to_id: int = 43) -> RetagPlan:
     """Which tensors typed `from_id` are really `to_id`, told apart by bytes per element."""
-    new, old = _layout(to_id), _layout(from_id)
+    new, old = BY_ID.get(to_id), BY_ID.get(from_id)
     if new is None:
         raise SlimEdgeError(f"--to {to_id}: no known format has GGUF type id {to_id}, so its byte layout "
                             f"cannot be checked; known ids: {sorted(_known_ids())}")

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slim_edge.errors import SlimEdgeError
+from slim_edge.fsutil import sha256_file
 from slim_edge.runtime_patches.runtime import find_runtime
 
 from . import parse
@@ -133,14 +134,6 @@ def safe_name(name: str) -> str:
     ext = ext if re.fullmatch(r"\.[A-Za-z0-9]{1,16}", ext) else ""
     clean = re.sub(r"[^A-Za-z0-9._-]+", "_", stem if ext else name).strip("._-")[:64] or "file"
     return f"{clean}-{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}{ext}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_fits(info: DeviceInfo, files: list[Path], *, what: str = "the model files") -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slim_edge.errors import note
 from slim_edge.evals.tiny_gguf import add_llama_tensors
 
 SHAPES = {
@@ -42,10 +43,6 @@ SHAPES = {
     "1b-512": dict(hidden=1536, n_layers=24, n_heads=24, n_kv_heads=6, ffn=5632, vocab=49152),
 }
 TYPES = ["STQ1_0", "Q2_0C", "TQ1_0", "TQ2_0", "Q2_0", "Q4_0", "Q4_K_M", "F16"]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def write_random_f16(path: Path, hidden, n_layers, n_heads, n_kv_heads, ffn, vocab, seed=0) -> Path:
@@ -125,7 +122,7 @@ def quantize(bin_dir: Path | None, f16: Path, kind: str, out: Path, head: str = 
     if kind == "F16":
         return f16
     if not out.exists():
-        log(f"llama-quantize {kind} (head {head}, embedding {embd}) -> {out.name}")
+        note(f"llama-quantize {kind} (head {head}, embedding {embd}) -> {out.name}")
         llama_quantize(f16, out, kind, bin_dir=bin_dir, token_embedding_type=embd, output_tensor_type=head)
     return out
 
@@ -235,14 +232,14 @@ def measure(a) -> dict | None:
     threads = [int(t) for t in a.threads.split(",")]
     types = a.types.split(",")
     bw = {} if a.prepare else {t: read_bandwidth_gbs(t) for t in threads}
-    log(f"read bandwidth GB/s: {bw}")
+    note(f"read bandwidth GB/s: {bw}")
     result = {"schema": "slim-edge.kernel-bench/1", "machine": machine(), "bandwidth_gbs": bw, "shapes": {}}
     for shape in a.shape or ["llama-3.2-1b"]:
         d = a.work / shape
         d.mkdir(parents=True, exist_ok=True)
         f16 = d / "f16.gguf"
         if not f16.exists():
-            log(f"writing random F16 {shape} ...")
+            note(f"writing random F16 {shape} ...")
             write_random_f16(d / "f16.tmp.gguf", **SHAPES[shape]).rename(f16)
         rows = {}
         default_head = a.head_type.lower() == "q6_k"
@@ -256,7 +253,7 @@ def measure(a) -> dict | None:
             row = rows[f"{kind} {label}" if label else kind] = {
                 "mib": model.stat().st_size / 2**20, "decode_bytes": decode_bytes(model)}
             for t in threads:
-                log(f"llama-bench {shape} {kind} t={t} ...")
+                note(f"llama-bench {shape} {kind} t={t} ...")
                 r = llama_bench(bench, model, t, a.reps)
                 row[f"t{t}"] = {**r, "decode_bound": bw[t] * 1e9 / row["decode_bytes"]}
         result["shapes"][shape] = rows

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import typer
 
-from slim_edge.errors import SlimEdgeError
+from slim_edge.errors import SlimEdgeError, note
 
 MODEL = "smollm2-135m"
 BASELINES = ("f16", "q8_0", "q4_k_m", "q4_0", "q2_k", "tq2_0")
@@ -43,7 +43,7 @@ class Row:
 
 
 def _log(msg: str) -> None:
-    print(f"== quality: {msg}", file=sys.stderr, flush=True)
+    note(msg, prefix="== quality: ")
 
 
 def _quantize_cmd(scheme: str, steps: int, out: Path) -> str:

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import SlimEdgeError
+from ..errors import SlimEdgeError, note
+from ..fsutil import cache_dir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -99,29 +100,6 @@ _DEBIAN = {  # program -> Debian package that provides it
 # --- cache and the pinned source -----------------------------------------------------------
 
 
-def cache_root() -> Path:
-    if os.environ.get("SLIM_EDGE_CACHE"):
-        root = Path(os.environ["SLIM_EDGE_CACHE"]).expanduser()
-        if root.exists() and not root.is_dir():
-            raise SlimEdgeError(f"SLIM_EDGE_CACHE={root} is a file, not a folder; point it at a folder (or unset it "
-                                f"for ~/.cache/slim-edge)")
-        return root
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "slim-edge"
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def require(program: str, why: str) -> str:
     """Path of `program` on PATH, or a SlimEdgeError naming the Debian package to install."""
     found = shutil.which(program)
@@ -134,14 +112,14 @@ def require(program: str, why: str) -> str:
 
 def fetch_sdist(quiet: bool = False) -> Path:
     """The pinned sdist in <cache>/downloads/, downloaded with pip on first use, sha256-checked."""
-    dest = cache_root() / "downloads" / PIN.sdist_name
+    dest = cache_dir() / "downloads" / PIN.sdist_name
     if dest.exists():
         verify_sdist(dest)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     spec = f"{PIN.package}=={PIN.version}"
     if not quiet:
-        _log(f"downloading {spec} (sdist, {PIN.sdist_name}) with pip ...")
+        note(f"downloading {spec} (sdist, {PIN.sdist_name}) with pip ...")
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "--disable-pip-version-check", "-d", tmp, spec]
@@ -159,7 +137,7 @@ def fetch_sdist(quiet: bool = False) -> Path:
 
 def verify_sdist(path: Path) -> None:
     """The pin: the sdist's sha256, and the llama.cpp commit its CHANGELOG names for this version."""
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if digest != PIN.sha256:
         raise SlimEdgeError(
             f"{path}: sha256 is {digest}, the pin is {PIN.sha256} ({PIN.package} {PIN.version}); "
@@ -252,7 +230,7 @@ def series_sha256(patches: list[Path]) -> str:
 def describe_series(patch_dir: Path | None = None) -> list[dict]:
     """[{name, sha256}] of each patch, in order: what `slim-edge runtime patches` shows; the shipped series
     must be whole (see patch_series)."""
-    return [{"name": p.name, "sha256": _sha256_file(p)} for p in patch_series(patch_dir)]
+    return [{"name": p.name, "sha256": sha256_file(p)} for p in patch_series(patch_dir)]
 
 
 def apply_patches(tree: Path, patches: list[Path]) -> None:
@@ -486,7 +464,7 @@ def emulator(cpu: str = QEMU_CPU) -> list[str]:
 
 
 def _runtime_dir(config: BuildConfig, key: str) -> Path:
-    return cache_root() / "runtime" / f"{config.dir_target}-{key[:12]}"
+    return cache_dir() / "runtime" / f"{config.dir_target}-{key[:12]}"
 
 
 def _load_finished(root: Path, config: BuildConfig, key: str) -> Runtime | None:
@@ -543,7 +521,7 @@ def _locked(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _log(f"waiting for another slim-edge build holding {path} ...")
+            note(f"waiting for another slim-edge build holding {path} ...")
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -608,7 +586,7 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
             work.mkdir(parents=True)
             sdist = fetch_sdist(quiet=not progress)
             if progress:
-                _log(f"extracting llama.cpp {PIN.commit} and applying {len(patches)} patch(es) ...")
+                note(f"extracting llama.cpp {PIN.commit} and applying {len(patches)} patch(es) ...")
             extract_tree(src, sdist)
             apply_patches(src, patches)
             stamp.write_text(key + "\n")
@@ -637,12 +615,12 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
                     "build_seconds": round(time.time() - t0, 1)}
         (root / "runtime.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if keep_build:
-            _log(f"kept the patched tree and build dir: {work}")
+            note(f"kept the patched tree and build dir: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
         _write_marker(root / MARKER, key)
         if progress:
-            _log(f"built llama.cpp {PIN.commit} + {len(patches)} patch(es) for {target} in "
+            note(f"built llama.cpp {PIN.commit} + {len(patches)} patch(es) for {target} in "
                  f"{time.time() - t0:.0f} s: {rt.bin_dir}")
         return rt
 
@@ -656,7 +634,7 @@ def _run_logged(cmd: list[str], env: dict, logf, log: Path, what: str, progress:
         from tqdm import tqdm
         bar = tqdm(desc=what, total=None, unit="step", file=sys.stderr, leave=False, mininterval=0.5)
     elif progress:
-        _log(f"{what} ... (log: {log})")
+        note(f"{what} ... (log: {log})")
     tail: deque[str] = deque(maxlen=40)
     # its own process group, so an interrupted build takes its compilers down with it
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -677,7 +655,7 @@ def _run_logged(cmd: list[str], env: dict, logf, log: Path, what: str, progress:
                 bar.refresh()
             elif done * 10 // total > last_decile:
                 last_decile = done * 10 // total
-                _log(f"{what}: {done}/{total}")
+                note(f"{what}: {done}/{total}")
         rc = proc.wait()
     except BaseException:
         with contextlib.suppress(ProcessLookupError):

@@ -13,6 +13,7 @@ import pytest
 from slim_edge.checkpoint import read_meta, write_checkpoint
 from slim_edge.converters.inspect import format_report, inspect_gguf
 from slim_edge.errors import SlimEdgeError
+from slim_edge.fsutil import cache_dir
 from slim_edge.pipeline import run_quantize
 from slim_edge.quantize import QuantConfig
 
@@ -596,7 +597,7 @@ def test_runtime_cache_that_is_a_file_and_zero_jobs_are_refused(tmp_path, monkey
     (tmp_path / "cache").write_text("")
     monkeypatch.setenv("SLIM_EDGE_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SlimEdgeError, match=r"SLIM_EDGE_CACHE=.*/cache is a file, not a folder"):
-        runtime.cache_root()
+        cache_dir()
     monkeypatch.setattr(runtime, "require", lambda *a: pytest.fail("went on to build"))
     for jobs in (0, -3):
         with pytest.raises(SlimEdgeError, match=rf"--jobs {jobs}: give at least 1 compile job"):

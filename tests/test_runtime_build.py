@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from slim_edge.cli import app, main
 from slim_edge.errors import SlimEdgeError
+from slim_edge.fsutil import sha256_file
 from slim_edge.runtime_patches import runtime as rt
 from typer.testing import CliRunner
 
@@ -39,7 +40,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_pin(sdist):
-    assert rt._sha256_file(sdist) == rt.PIN.sha256
+    assert sha256_file(sdist) == rt.PIN.sha256
     assert rt.changelog_commit(sdist) == rt.PIN.commit == "0c1e57098"
     assert rt.submodule_head(sdist) == rt.PIN.commit_full
     assert rt.PIN.commit_full.startswith(rt.PIN.commit)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import SlimEdgeError
 from .formats import get_format
-from .models import cache_dir
+from .fsutil import cache_dir
 from .qlinear import QuantLinear
 from .quantize import MAX_BITS, PROMOTED, PlanEntry, QuantConfig, make_plan
 from .schemes import get_scheme

@@ -52,8 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slim_edge.errors import SlimEdgeError
-from slim_edge.fsutil import path_kind
-from slim_edge.models import cache_dir
+from slim_edge.fsutil import cache_dir, path_kind
 
 GENSIM_VERSION = "4.4.0"
 _LEE_MEMBER = "gensim/test/test_data/lee_background.cor"

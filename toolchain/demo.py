@@ -5,11 +5,10 @@ Every stage reuses what an earlier run of the same folder finished, so a re-run 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-from .errors import SlimEdgeError
+from .errors import SlimEdgeError, note
 from .fsutil import atomic_write, check_writable, path_kind
 
 SCHEMES = ("seq2", "sherry")
@@ -17,7 +16,7 @@ BASELINES = ("f16", "q8_0", "q4_0", "q4_k_m")
 
 
 def _log(msg: str) -> None:
-    print(f"\n== slim-edge demo: {msg}", file=sys.stderr, flush=True)
+    note(msg, prefix="\n== slim-edge demo: ")
 
 
 def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = False, model: str = "smollm2-135m",

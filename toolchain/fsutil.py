@@ -1,10 +1,12 @@
 """Writing outputs safely, in one place: refuse to overwrite without --force, never replace what slim-edge
 did not write, and write atomically (a temporary sibling renamed into place), so that a crash or a full disk
-leaves the old output or none, never half of one and never a temporary file."""
+leaves the old output or none, never half of one and never a temporary file. Also the cache root and a
+file's sha256, the two file facts every part of slim-edge shares."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -12,6 +14,26 @@ import tempfile
 from pathlib import Path
 
 from .errors import SlimEdgeError
+
+
+def cache_dir(*parts: str) -> Path:
+    """A path under slim-edge's cache: $SLIM_EDGE_CACHE, else $XDG_CACHE_HOME/slim-edge, else ~/.cache/slim-edge."""
+    if os.environ.get("SLIM_EDGE_CACHE"):
+        root = Path(os.environ["SLIM_EDGE_CACHE"]).expanduser()
+        if root.exists() and not root.is_dir():
+            raise SlimEdgeError(f"SLIM_EDGE_CACHE={root} is a file, not a folder; point it at a folder (or unset it "
+                                f"for ~/.cache/slim-edge)")
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "slim-edge"
+    return Path(root, *parts)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _umask() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SlimEdgeError
+from .fsutil import cache_dir
 from .memory import check_model_config
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -39,12 +39,6 @@ ARCHITECTURES = {a.hf_name: a for a in (
     Architecture("Qwen3ForCausalLM", "qwen3", permute_qk=False),
     Architecture("HunYuanDenseV1ForCausalLM", "hunyuan-dense", permute_qk=False),
 )}
-
-
-def cache_dir(*parts: str) -> Path:
-    root = os.environ.get("SLIM_EDGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slim-edge")
-    return Path(root, *parts)
 
 
 def architecture_of(config) -> Architecture:

@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.runtime]
 @pytest.fixture(scope="module")
 def smollm2_f16(tmp_path_factory):
     from slim_edge.runtime_patches import runtime
-    from slim_edge.models import cache_dir, resolve
+    from slim_edge.fsutil import cache_dir
+    from slim_edge.models import resolve
 
     from slim_edge.errors import SlimEdgeError
     from slim_edge.evals.backends import bindings

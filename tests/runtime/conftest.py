@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slim_edge.fsutil import cache_dir
 from slim_edge.runtime_patches import runtime
 
 KERNEL_CHECK = Path(__file__).resolve().parents[2] / "runtime_patches" / "kernel_check.c"
@@ -134,7 +135,7 @@ def compile_isa_sources(flavor: Flavor) -> list[str]:
     """Compile-only build for a flavor this CPU cannot run: the series' ISA-specific ggml-cpu sources
     (touched_isa_sources), with the flavor's flags, through ggml's own CMake targets. Returns them."""
     patches = runtime.patch_series()
-    root = runtime.cache_root() / "test-builds" / f"{flavor.name}-compile-{_key(flavor, patches)}"
+    root = cache_dir() / "test-builds" / f"{flavor.name}-compile-{_key(flavor, patches)}"
     done = root / "compiled.txt"
     if done.exists():
         return done.read_text().split()
@@ -163,7 +164,7 @@ def compile_isa_sources(flavor: Flavor) -> list[str]:
 
 def build_kernel_check(flavor: Flavor) -> Path:
     patches = runtime.patch_series()
-    root = runtime.cache_root() / "test-builds" / f"{flavor.name}-{_key(flavor, patches)}"
+    root = cache_dir() / "test-builds" / f"{flavor.name}-{_key(flavor, patches)}"
     exe = root / "kernel_check"
     if exe.exists():
         return exe
