@@ -40,7 +40,6 @@ FSDP_GATHERED_LAYERS = 3
 # distill_loss_reference (autograd through log_softmax; the session-10 step, kept as the fused loss's reference) at
 # its peak, the `s.exp() * (s - t)` of KL_st: fp32 [tokens, vocab] s, t, exp(t), exp(s), s - t and that product
 REFERENCE_LOSS_BUFFERS = 6
-EMBEDDING_FORMAT = {"q8_0": 32, "q4_0": 32}  # block sizes of the embedding types that hold codes (f16: none)
 
 
 @dataclass
@@ -98,7 +97,8 @@ def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None
     emb = s["vocab"] * s["h"]
     quant = s["layers"] * s["layer"]
     scales = quant // get_format(config.formats[0]).block_size
-    emb_block = EMBEDDING_FORMAT.get(config.embedding_type)
+    emb_fmt = get_format(config.embedding_type)
+    emb_block = emb_fmt.block_size if emb_fmt.levels else None  # f16 holds no codes
     emb_scales = emb // emb_block if emb_block else 0
     norms = (2 * s["layers"] + 1) * s["h"]
     trained = quant + scales + norms

@@ -25,8 +25,8 @@ import torch
 
 from .errors import SlimEdgeError
 from .formats.base import Format
-from .formats.stq1_0 import quad_layout
-from .qlinear import FP16_MAX, FP16_TINY, QuantLinear, grid_top, grid_values, init_scale, round_activations
+from .qlinear import (FP16_MAX, FP16_TINY, QuantLinear, grid_quads, grid_rule, grid_top, grid_values, init_scale,
+                      round_activations)
 from .quantize import QuantConfig
 from .train import _batches, _layer_inputs, _layer_out, decoder_layers
 
@@ -61,7 +61,7 @@ def weighted_scale(wb: torch.Tensor, s: torch.Tensor, fmt: Format, mode: str, qu
     each column's squared error weighted by s [block]: GPTQ's cost of an error in column j once the columns
     after it compensate, 1 / [H^-1]_jj. Equal weights give init_scale's scale."""
     s = (s / s.max()).float()
-    if mode == "sherry":
+    if grid_rule(fmt, mode) == "sherry":
         v = grid_values(wb[:, None, :], fmt, mode, quads)[:, 0]
         return ((s * v * wb).sum(-1) / (s * v * v).sum(-1).clamp_min(1e-30)).clamp_min(FP16_TINY)
     top = grid_top(fmt, mode)
@@ -93,7 +93,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quad
     grid_values(latent / scale) == values, except where Sherry's quad zero moved (see `set_quantized`)."""
     rows, k = w.shape
     bs = fmt.block_size
-    sherry = mode == "sherry"
+    sherry = grid_rule(fmt, mode) == "sherry"
     weighted = WEIGHTED_SCALE if weighted is None else weighted
     H = h.detach().to(torch.float64).clone()
     W = w.detach().float().clone()
@@ -107,7 +107,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quad
     latent, values = torch.empty_like(WT), torch.empty_like(WT)
     scale = torch.empty(rows, k // bs, dtype=torch.float32, device=W.device)
     if sherry:  # block-local lane 0 of each quad -> its 4 lanes
-        quads = torch.as_tensor(quad_layout(bs), device=W.device) if quads is None else quads
+        quads = grid_quads(fmt, mode).to(W.device) if quads is None else quads
         quad_of = {int(q[0]): q for q in quads}
         is_zero = torch.zeros(bs, rows, dtype=torch.bool, device=W.device)
         rows_idx = torch.arange(rows, device=W.device)
@@ -160,7 +160,7 @@ def set_quantized(m: QuantLinear, latent: torch.Tensor, scale: torch.Tensor, val
             return fallback
         if attempt == 2:
             raise RuntimeError(f"GPTQ: {int(bad.sum())} weights of {m} do not round to their values")
-        if m.mode == "sherry":  # a quad's values change together: mark whole quads
+        if m.quads is not None:  # a quad's values change together: mark whole quads
             qb = bad.reshape(rows, k // bs, bs)[:, :, m.quads].any(-1, keepdim=True)
             full = torch.zeros(rows, k // bs, bs, dtype=torch.bool, device=bad.device)
             full[:, :, m.quads] = qb.expand(-1, -1, -1, 4)
