@@ -221,7 +221,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     if blob is not None:  # into the plain student: FSDP then shards the resumed weights
         student.load_state_dict(blob["model"], strict=False)
     if config.activation_checkpointing:  # each decoder layer recomputes its forward in the backward
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recompute_layers(student)
     model = student
     if shard == "ddp":
         model = data_parallel(student, device)
@@ -344,6 +344,15 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
                             f"{ckpt_path.with_suffix('.dcp') if shard == 'fsdp' else ckpt_path}: run the same command with --resume to continue")
     student.eval()
     return state
+
+
+def recompute_layers(model) -> None:
+    """--activation-checkpointing: each decoder layer runs under torch.utils.checkpoint (non-reentrant, so FSDP2's
+    hooks gather the layer again for the recompute), through transformers' own per-layer switch."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name; the old one is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def seed_everything(seed: int):
