@@ -265,7 +265,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
             return
         extra = {"state": vars(state), "rng": rng.bit_generator.state, "global_batch": config.batch_size * world.size}
         stale = ckpt_path.with_suffix(".dcp")
-        if shard == "fsdp":
+        if shard == "fsdp" or config.shard == "fsdp":  # one process asked for fsdp: a DCP that N ranks resume
             save_sharded(world, student, opt, extra, stale)
             stale = ckpt_path
         elif world.main:  # the replicas are identical: one copy
@@ -341,7 +341,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
         save()
         barrier(world)  # no rank exits (and has torchrun end the others) before rank 0 has saved
         raise SlimEdgeError(f"interrupted at step {state.step}/{total}; the training state is saved in "
-                            f"{ckpt_path.with_suffix('.dcp') if shard == 'fsdp' else ckpt_path}: run the same command with --resume to continue")
+                            f"{ckpt_path.with_suffix('.dcp') if config.shard == 'fsdp' else ckpt_path}: run the same command with --resume to continue")
     student.eval()
     return state
 
