@@ -222,7 +222,7 @@ def test_a_sharded_teacher_gives_the_losses_of_a_replicated_one(fsdp_run, tiny_l
     _assert_same_model(fsdp_run[0], out)
 
 
-BF16_LOSS_BOUND = 2e-2  # bf16 gathered weights: relative to the fp32 fsdp run's loss, at every step
+BF16_LOSS_BOUND = 5e-2  # bf16 gathered weights: relative to the fp32 fsdp run's loss at every step (measured 1.9e-2)
 
 
 def test_fsdp_bf16_precision_trains_near_fp32_with_fp32_masters(fsdp_run, tiny_llama, tiny_text, tmp_path):
