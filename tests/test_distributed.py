@@ -276,6 +276,8 @@ def test_fsdp_bf16_precision_trains_near_fp32_with_fp32_masters(fsdp_run, tiny_l
 def test_shard_takes_auto_ddp_or_fsdp():
     with pytest.raises(SlimEdgeError, match=r"--shard 'zero3': choose one of auto, ddp, fsdp"):
         QuantConfig(shard="zero3")
+    with pytest.raises(SlimEdgeError, match=r"--fsdp-precision 'fp16': choose one of fp32, bf16"):
+        QuantConfig(fsdp_precision="fp16")
     assert sharding(World(), "fsdp") is None  # one process: no sharding
     assert sharding(World(0, 2), "auto") == "ddp"
     assert sharding(World(1, 2), "fsdp") == "fsdp"

@@ -103,7 +103,10 @@ def quantize(
                                             "DistributedDataParallel) | fsdp (FSDP2 fully_shard per decoder layer: "
                                             "each rank holds 1/N of the weights, grads and optimizer state) | auto "
                                             "(ddp when a full replica fits the GPU by the memory plan, else fsdp when "
-                                            "the sharded state does). Ignored by one process")] = "auto",
+                                            "the sharded state does). fsdp saves its training state as a "
+                                            "torch.distributed.checkpoint folder, OUT.partial/train.dcp/, that any "
+                                            "number of ranks resumes; one process trains as without it, but given "
+                                            "fsdp it saves train.dcp/ too")] = "auto",
     fsdp_precision: Annotated[str, typer.Option(help="under --shard fsdp: fp32 | bf16 (the gathered weights the "
                                                      "forward sees are bf16; the sharded master weights, block scales "
                                                      "and gradient reductions stay fp32)")] = "fp32",
