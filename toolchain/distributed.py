@@ -6,8 +6,10 @@ or FSDP2 (`fully_shard`) holding 1/N of the trained state on each rank (--shard 
 Every rank draws the same global batch of N*B sequences from the one seeded stream and trains on rows
 rank*B:(rank+1)*B, so N ranks at B see, step for step, what one process sees at N*B. Replicas stay identical,
 so rank 0 alone writes the output folder and the training checkpoint; the others wait on a barrier. Under
-FSDP every rank takes part in gathering the full state dicts (full_state) that rank 0 then writes, in the same
-train.pt and folder layouts as one process. A single process (no WORLD_SIZE in the environment) never makes a process group.
+FSDP each rank writes its own shards of the training state into a torch.distributed.checkpoint folder (train.dcp/,
+save_sharded), which any number of ranks resumes; for the output folder every rank takes part in gathering the full
+weights (unsharded) that rank 0 writes in one process's layout. A train.pt of DDP or one process is resumed under
+FSDP too (load_optimizer). A single process (no WORLD_SIZE in the environment) never makes a process group.
 """
 from __future__ import annotations
 
