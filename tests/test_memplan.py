@@ -14,7 +14,7 @@ from slim_edge.evals.qat_throughput import SHAPES
 from slim_edge.memplan import (GIB, LIMIT_ENV, activation_bytes, choose_shard, largest_batch, plan_memory)
 from slim_edge.qlinear import QuantLinear
 from slim_edge.quantize import QuantConfig, make_plan, quantize_
-from slim_edge.train import _optimizer, _trained, train_step
+from slim_edge.train import _optimizer, _trained, recompute_layers, train_step
 
 REPORTS = Path(__file__).resolve().parents[1] / "evals" / "reports"
 SLIM_EDGE = Path(sys.executable).parent / "slim-edge"
@@ -195,3 +195,55 @@ def test_torchrun_shard_auto_trains_fsdp_when_only_the_shards_fit(tiny_text, tmp
     assert run.returncode == 0, run.stderr[-3000:]
     assert "--shard auto: fsdp" in run.stderr
     assert json.loads((out / "report.json").read_text())["shard"] == "fsdp"
+
+
+def test_activation_checkpointing_gives_the_same_grads_and_keeps_only_layer_inputs(tiny_llama, tiny_text, tmp_path):
+    """--activation-checkpointing (torch.utils.checkpoint per decoder layer, non-reentrant): one process's gradients
+    equal those without it; the plan keeps the layers' fp32 inputs and one recomputed layer, and --dry-run shows it."""
+    _, student, config, weights, scales, others = _tiny_student()
+    student.train()
+    redo = copy.deepcopy(student)
+    recompute_layers(redo)
+    calls = []
+    # a pre-hook: the recompute stops (early stop) once the last saved tensor is back, before the MLP returns
+    redo.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randint(0, TINY["vocab_size"], (2, 33), generator=torch.Generator().manual_seed(1))
+    for m in (student, redo):
+        torch.nn.functional.cross_entropy(m(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+    assert len(calls) == 2  # the forward and its recompute in the backward
+    grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    redone = {n: p.grad for n, p in redo.named_parameters() if p.grad is not None}
+    assert grads.keys() == redone.keys() and len(grads) > 10
+    for n in grads:
+        torch.testing.assert_close(redone[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    h, layers = TINY["hidden_size"], TINY["num_hidden_layers"]
+    full, ckpt = (plan_memory(TINY, QuantConfig(scheme="seq2", activation_checkpointing=c), device="cpu")
+                  for c in (False, True))
+    tokens = full.batch * full.seq_len
+    per_layer = (activation_bytes(TINY, autocast=False) - 4 * h) // layers
+    assert ckpt.components["activations (checkpointed: layer inputs + one layer)"] == \
+        tokens * (layers * 4 * h + per_layer + 4 * h)
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    plan = plan_memory(cfg, QuantConfig(scheme="sherry", steps=2, batch_size=2, seq_len=64,
+                                        activation_checkpointing=True), device="cpu")
+    run = subprocess.run([str(SLIM_EDGE), "quantize", str(tiny_llama), "--scheme", "sherry", "--steps", "2",
+                          "--batch-size", "2", "--seq-len", "64", "--calib", str(tiny_text), "--device", "cpu",
+                          "--activation-checkpointing", "--dry-run", "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    value = plan.components["activations (checkpointed: layer inputs + one layer)"] / GIB
+    assert f"activations (checkpointed: layer inputs + one layer) {value:8.2f} GiB" in run.stderr, run.stderr[-2000:]
+
+
+def test_sharded_teacher_is_counted_per_rank():
+    one_b, ranks = SHAPES["llama-1b"], 8
+    base = QuantConfig(scheme="seq2", batch_size=8, seq_len=512)
+    whole = plan_memory(one_b, base, world=ranks, shard="fsdp").components
+    split = plan_memory(one_b, QuantConfig(scheme="seq2", batch_size=8, seq_len=512, shard_teacher=True),
+                        world=ranks, shard="fsdp").components
+    assert split["teacher copy (QAT forward)"] == whole["teacher copy (QAT forward)"] // ranks
+    gathered = whole["FSDP gathered weights"] // 2  # the student's gathered fp32 weights; the teacher's are bf16
+    assert split["FSDP gathered teacher weights"] == gathered
+    bf16 = plan_memory(one_b, QuantConfig(scheme="seq2", batch_size=8, seq_len=512, fsdp_precision="bf16"),
+                       world=ranks, shard="fsdp").components
+    assert bf16["FSDP gathered weights"] == whole["FSDP gathered weights"] // 2

@@ -46,7 +46,8 @@ def is_ours(folder: Path) -> bool:
 
 
 # what an unfinished run keeps in OUT.partial (train.py's training state, pipeline's plan and sampled text)
-PARTIAL_FILES = ("train.pt", "plan.json", "tokens.pt")
+# (train.dcp/: an fsdp run's sharded state, distributed.sharded_checkpoint)
+PARTIAL_FILES = ("train.pt", "train.dcp", "train.dcp.old", "plan.json", "tokens.pt")
 
 
 def check_output(out: Path, force: bool, inputs=()) -> None:

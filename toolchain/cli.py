@@ -104,7 +104,18 @@ def quantize(
                                             "DistributedDataParallel) | fsdp (FSDP2 fully_shard per decoder layer: "
                                             "each rank holds 1/N of the weights, grads and optimizer state) | auto "
                                             "(ddp when a full replica fits the GPU by the memory plan, else fsdp when "
-                                            "the sharded state does). Ignored by one process")] = "auto",
+                                            "the sharded state does). fsdp saves its training state as a "
+                                            "torch.distributed.checkpoint folder, OUT.partial/train.dcp/, that any "
+                                            "number of ranks resumes; one process trains as without it, but given "
+                                            "fsdp it saves train.dcp/ too")] = "auto",
+    fsdp_precision: Annotated[str, typer.Option(help="under --shard fsdp: fp32 | bf16 (the gathered weights the "
+                                                     "forward sees are bf16; the sharded master weights, block scales "
+                                                     "and gradient reductions stay fp32)")] = "fp32",
+    activation_checkpointing: Annotated[bool, typer.Option(
+        "--activation-checkpointing", help="recompute each decoder layer in the backward: autograd keeps only the "
+                                           "layers' inputs (see the --dry-run memory plan)")] = False,
+    shard_teacher: Annotated[bool, typer.Option(
+        "--shard-teacher", help="under --shard fsdp: shard the teacher's QAT copy as the student (1/N per rank)")] = False,
     memory_check: Annotated[bool, typer.Option(help="refuse a run whose memory plan (printed before training) "
                                                     "does not fit the device's free memory")] = True,
     checkpoint_every: Annotated[int, typer.Option(help="save the training state every N steps")] = 50,
@@ -112,7 +123,9 @@ def quantize(
                                                    "model trained so far. The lr and Arenas schedules run on time, so "
                                                    "they end at the limit even when --steps are not reached; 0 = none"
                                               )] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same -o")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same -o (its "
+                                                          "OUT.partial/train.pt, or under fsdp the sharded "
+                                                          "train.dcp/, which any number of ranks resumes)")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-tensor plan and stop")] = False,
     seed: int = 0,
     force: Force = False,
@@ -165,7 +178,8 @@ def quantize(
                          distill=distill, ce_weight=ce_weight, block_steps=block_steps, block_samples=block_samples,
                          ptq=ptq, ptq_samples=ptq_samples,
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,
-                         runtime_attention=runtime_attention, shard=shard, calib=calib, seed=seed, bits=bits,
+                         runtime_attention=runtime_attention, shard=shard, fsdp_precision=fsdp_precision,
+                         activation_checkpointing=activation_checkpointing, shard_teacher=shard_teacher, calib=calib, seed=seed, bits=bits,
                          embedding_type=embedding_type or "q8_0")
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
                           checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60,

@@ -6,8 +6,10 @@ or FSDP2 (`fully_shard`) holding 1/N of the trained state on each rank (--shard 
 Every rank draws the same global batch of N*B sequences from the one seeded stream and trains on rows
 rank*B:(rank+1)*B, so N ranks at B see, step for step, what one process sees at N*B. Replicas stay identical,
 so rank 0 alone writes the output folder and the training checkpoint; the others wait on a barrier. Under
-FSDP every rank takes part in gathering the full state dicts (full_state) that rank 0 then writes, in the same
-train.pt and folder layouts as one process. A single process (no WORLD_SIZE in the environment) never makes a process group.
+FSDP each rank writes its own shards of the training state into a torch.distributed.checkpoint folder (train.dcp/,
+save_sharded), which any number of ranks resumes; for the output folder every rank takes part in gathering the full
+weights (unsharded) that rank 0 writes in one process's layout. A train.pt of DDP or one process is resumed under
+FSDP too (load_optimizer). A single process (no WORLD_SIZE in the environment) never makes a process group.
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ import contextlib
 import copy
 import datetime
 import inspect
+import json
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,6 +34,9 @@ TIMEOUT = datetime.timedelta(hours=3)
 # --shard: auto is resolved before training by the memory plan (memplan.choose_shard: fsdp when a full replica does
 # not fit the GPU but the sharded state does); left unresolved (train() called directly) it is ddp
 SHARDS = ("auto", "ddp", "fsdp")
+# --fsdp-precision: the dtype of the gathered parameters under fsdp (the sharded masters and the gradient
+# reductions stay fp32)
+FSDP_PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -103,18 +111,39 @@ def sharding(world: World, shard: str) -> str | None:
     return "ddp" if shard == "auto" else shard
 
 
-def fully_sharded(module: torch.nn.Module, layers) -> torch.nn.Module:
+def fully_sharded(module: torch.nn.Module, layers, precision: str = "fp32") -> torch.nn.Module:
     """`module` sharded in place with FSDP2: one all-gather group per decoder layer, then the root (embedding,
     final norm, head), so only one layer's full weights are live at a time.
 
-    No MixedPrecisionPolicy: the parameters stay fp32 as under DDP, so fsdp trains the same numbers (the test holds
-    it to the 1-process run) and the block scales' small relative steps are not lost to bf16; on a GPU the matmuls
-    already run in bf16 through train_step's autocast."""
-    from torch.distributed.fsdp import fully_shard  # here: importing it costs every command a second of start-up
+    precision "fp32" (default): no MixedPrecisionPolicy, the parameters stay fp32 as under DDP, so fsdp trains the
+    same numbers (the test holds it to the 1-process run); on a GPU the matmuls already run in bf16 through
+    train_step's autocast. "bf16" (--fsdp-precision): the gathered copies the forward and backward see are bf16 (half
+    the all-gather traffic and gathered memory), the gradients are reduce-scattered in fp32, and the sharded
+    parameters the optimizer steps (latent weights, block scales, norms) stay fp32 master copies, so the scales'
+    small relative steps are not lost to bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # here: a second of start-up otherwise
 
+    if precision not in FSDP_PRECISIONS:
+        raise SlimEdgeError(f"--fsdp-precision {precision!r}: choose one of {', '.join(FSDP_PRECISIONS)}")
+    kw = {}
+    if precision == "bf16":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, **kw)
+    return fully_shard(module, **kw)
+
+
+def sharded_teacher(teacher: torch.nn.Module, layers) -> torch.nn.Module:
+    """The teacher sharded as the student (fully_shard per decoder layer, then the root): each rank holds 1/N of
+    its weights, gathered layer by layer for the forward. It runs forward only, under no_grad: no gradients, and
+    FSDP2 frees each layer's gathered weights after its forward (reshard_after_forward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for p in teacher.parameters():
+        p.requires_grad_(False)
     for layer in layers:
         fully_shard(layer)
-    return fully_shard(module)
+    return fully_shard(teacher)
 
 
 def _state_dict_api():
@@ -162,6 +191,68 @@ def load_optimizer(module: torch.nn.Module, opt: torch.optim.Optimizer, optim_sd
     sd = _state_dict_api()
     sd.set_optimizer_state_dict(module, opt, by_name(optim_sd, param_names(module, opt)),
                                 options=sd.StateDictOptions(full_state_dict=True))
+
+
+# OUT.partial/train.dcp/, the training state of an fsdp run in torch.distributed.checkpoint's layout:
+#   .metadata            rank 0's index of every tensor's global shape and which shard file holds which rows
+#   __<rank>_0.distcp    each rank's own shards of the model and optimizer state, written by that rank alone
+#   slim_edge.json       {"state": TrainState, "rng": the data stream's bit generator state, "global_batch"}
+# written into train.dcp.tmp/ by all ranks, then renamed into place by rank 0 once all have written; the previous
+# one is kept as train.dcp.old/ until the rename and read when a crash fell between the two renames
+DCP_META = "slim_edge.json"
+
+
+def sharded_checkpoint(ckpt_path: Path) -> Path | None:
+    """The whole DCP folder beside ckpt_path (train.pt -> train.dcp, else the train.dcp.old a crash left), or None."""
+    folder = Path(ckpt_path).with_suffix(".dcp")
+    for f in (folder, folder.with_name(folder.name + ".old")):
+        if (f / ".metadata").is_file() and (f / DCP_META).is_file():
+            return f
+    return None
+
+
+def _rank_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """This rank's model and optimizer state dicts, keyed by parameter names: DTensor shards under FSDP, plain
+    tensors for a plain module (one process). The optimizer's state is created (a zero step) when it has none."""
+    sd = _state_dict_api()
+    return {"model": sd.get_model_state_dict(module), "optim": sd.get_optimizer_state_dict(module, opt)}
+
+
+def save_sharded(world: World, module: torch.nn.Module, opt: torch.optim.Optimizer, extra: dict,
+                 folder: Path) -> None:
+    """The training state as a DCP folder (the layout above): every rank writes its own shards, nothing is gathered
+    onto one rank. Every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    if world.main and tmp.exists():  # an earlier save that died half-way
+        shutil.rmtree(tmp)
+    barrier(world)
+    dcp.save(_rank_state(module, opt), checkpoint_id=str(tmp))  # collective: rank 0 writes .metadata last
+    if world.main:
+        (tmp / DCP_META).write_text(json.dumps(extra))
+        if folder.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old.exists():
+            shutil.rmtree(old)
+    barrier(world)  # no rank starts the next save into train.dcp.tmp before the rename
+
+
+def load_sharded(module: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path) -> dict:
+    """A DCP folder into `module` and `opt` as they are sharded now (FSDP over any number of ranks, or one process):
+    DCP reads the rows each rank holds from whichever shard files have them. Returns slim_edge.json."""
+    import torch.distributed.checkpoint as dcp
+
+    sd = _state_dict_api()
+    state = _rank_state(module, opt)
+    dcp.load(state, checkpoint_id=str(folder))
+    sd.set_model_state_dict(module, state["model"])
+    sd.set_optimizer_state_dict(module, opt, state["optim"])
+    return json.loads((Path(folder) / DCP_META).read_text())
 
 
 def meta_copy(module: torch.nn.Module) -> torch.nn.Module:

@@ -14,7 +14,9 @@ decoder layer autograd saves (counted on CPU with saved_tensors_hooks, tests/tes
     rsqrt            two per layer                                                                      8
 
 with a the activation bytes (2 under autocast, 4 in fp32), h hidden, kv the key/value width, f the FFN width;
-and once, the final norm's normalised input (4h). Per weight of a quantized linear autograd keeps its int8 grid
+and once, the final norm's normalised input (4h). With --activation-checkpointing autograd keeps, per token, only each decoder
+layer's input (the fp32 residual stream, 4h) and, in the backward, the table's activations of the one layer being
+recomputed. Per weight of a quantized linear autograd keeps its int8 grid
 values and the weight F.linear multiplies (bf16 under autocast, the fp32 fake-quantized weight otherwise).
 """
 from __future__ import annotations
@@ -67,14 +69,23 @@ def _shape(cfg: dict) -> dict:
                 params=config_params(cfg) + (2 * layers + 1) * h)
 
 
-def activation_bytes(cfg: dict, autocast: bool) -> int:
-    """Bytes autograd saves per token for the whole decoder (the module docstring's table)."""
+def layer_activation_bytes(cfg: dict, autocast: bool) -> int:
+    """Bytes autograd saves per token for one decoder layer (the module docstring's table)."""
     s = _shape(cfg)
     h, kv, f = s["h"], s["kv"], s["f"]
     a = 2 if autocast else 4
     inputs = 5 * 2 * h if autocast else 2 * 4 * h
-    layer = 4 * 4 * h + inputs + a * (2 * h + 2 * kv) + 4 * s["heads"] + 4 * a * f + 8
-    return s["layers"] * layer + 4 * h
+    return 4 * 4 * h + inputs + a * (2 * h + 2 * kv) + 4 * s["heads"] + 4 * a * f + 8
+
+
+def activation_bytes(cfg: dict, autocast: bool, checkpointing: bool = False) -> int:
+    """Bytes autograd saves per token for the whole decoder; checkpointing: the layers' fp32 inputs and the one
+    layer recomputed in the backward."""
+    s = _shape(cfg)
+    layer = layer_activation_bytes(cfg, autocast)
+    if checkpointing:
+        return s["layers"] * 4 * s["h"] + layer + 4 * s["h"]
+    return s["layers"] * layer + 4 * s["h"]
 
 
 def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None = None, *, device: str = "cuda",
@@ -91,12 +102,18 @@ def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None
     seq_len = config.seq_len if seq_len is None else seq_len
     cuda = device.startswith("cuda")
     compiled = (config.compile and cuda) if compiled is None else compiled
-    teacher_copy = (2 if cuda else 0) if teacher_copy is None else teacher_copy
-    s = _shape(cfg)
     n = world if shard == "fsdp" else 1
+    teacher_sharded = n > 1 and getattr(config, "shard_teacher", False)
+    # on cpu the QAT forward uses the loaded teacher, except when it is sharded: pipeline shards an fp32 copy
+    teacher_copy = (2 if cuda else 4 * teacher_sharded) if teacher_copy is None else teacher_copy
+    checkpointing = getattr(config, "activation_checkpointing", False)
+    gathered = 2 if getattr(config, "fsdp_precision", "fp32") == "bf16" else 4
+    s = _shape(cfg)
     emb = s["vocab"] * s["h"]
     quant = s["layers"] * s["layer"]
-    scales = quant // get_format(config.formats[0]).block_size
+    block = get_format(config.formats[0]).block_size
+    scales = quant // block
+    saved_quant = s["layer"] if checkpointing else quant
     emb_fmt = get_format(config.embedding_type)
     emb_block = emb_fmt.block_size if emb_fmt.levels else None  # f16 holds no codes
     emb_scales = emb // emb_block if emb_block else 0
@@ -106,16 +123,21 @@ def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None
     logit = 2 if cuda else 4
     c = {
         "teacher fp32 (evaluations)": 4 * s["params"],
-        "teacher copy (QAT forward)": teacher_copy * s["params"],
+        "teacher copy (QAT forward)": teacher_copy * s["params"] // (n if teacher_sharded else 1),
+        "FSDP gathered teacher weights": (teacher_copy * (FSDP_GATHERED_LAYERS * s["layer"] + emb)
+                                          if teacher_sharded else 0),
         "student latent fp32": 4 * s["params"] // n,
         "block scales fp32": 4 * (scales + emb_scales) // n,
         "embedding codes (cached)": 5 * emb if emb_block else 0,
         "gradients fp32": 4 * trained // n,
         "AdamW moments": 8 * trained // n,
         "DDP gradient buckets": 4 * trained if shard == "ddp" else 0,
-        "FSDP gathered weights": 4 * (FSDP_GATHERED_LAYERS * s["layer"] + emb) if shard == "fsdp" else 0,
-        "saved per weight": (1 + (2 if cuda else 4)) * quant + 4 * scales + (2 * emb if cuda and emb_block else 0),
-        "activations": tokens * activation_bytes(cfg, autocast=cuda),
+        "FSDP gathered weights": gathered * (FSDP_GATHERED_LAYERS * s["layer"] + emb) if shard == "fsdp" else 0,
+        # checkpointed, a layer's grid values and multiplied weights are kept only while it is recomputed
+        "saved per weight": ((1 + (2 if cuda else 4)) * saved_quant + 4 * saved_quant // block
+                             + (2 * emb if cuda and emb_block else 0)),
+        ("activations (checkpointed: layer inputs + one layer)" if checkpointing else "activations"):
+            tokens * activation_bytes(cfg, autocast=cuda, checkpointing=checkpointing),
     }
     teacher_logits = config.distill != "none"
     if reference_loss:

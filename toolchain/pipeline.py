@@ -16,7 +16,8 @@ import torch
 
 from .checkpoint import (check_output, init_from_checkpoint, is_checkpoint, read_meta, refuse_damaged_checkpoint,
                          save_quantized)
-from .distributed import (World, barrier, broadcast, joined, meta_copy, quiet, rank_device, sharding, unsharded,
+from .distributed import (World, barrier, broadcast, joined, meta_copy, quiet, rank_device, sharded_checkpoint,
+                          sharding, unsharded,
                           world_from_env)
 from .errors import SlimEdgeError
 from .fsutil import atomic_path, check_free_space
@@ -141,6 +142,11 @@ def check_distributed(world: World, config: QuantConfig, measure: bool) -> None:
                                 f"in one process with --steps 0 -o DIR, then train DIR under torchrun with {what}")
 
 
+def trained(partial: Path) -> bool:
+    """The partial folder holds a training state: train.pt, or an fsdp run's train.dcp/."""
+    return (partial / "train.pt").is_file() or sharded_checkpoint(partial / "train.pt") is not None
+
+
 def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = False, resume: bool = False,
                  device: str | None = None, checkpoint_every: int = 50, progress: bool = True,
                  dry_run: bool = False, time_limit: float | None = None, teacher_model: str | None = None,
@@ -209,7 +215,7 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
     for item, sampling in parse_calib(config.calib):  # a missing file or bad syntax: before any loading
         if sampling is None:
             calib_file(item)
-    started = (partial / "train.pt").is_file()
+    started = trained(partial)
     if started and not resume and not force:
         raise SlimEdgeError(f"{partial} holds an unfinished run; pass --resume to continue it or --force "
                             f"to start over")
@@ -272,7 +278,7 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
                   f"student learns the text, not the teacher; add text (a file, or on a GPU the teacher's own: "
                   f"--calib wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16) or lower --steps", file=sys.stderr)
     ptq_rows, t_gptq = [], 0.0
-    if config.ptq == "gptq" and init is None and not (partial / "train.pt").is_file():  # a resumed run is past it
+    if config.ptq == "gptq" and init is None and not trained(partial):  # a resumed run is past it
         t0 = time.perf_counter()
         ptq_rows = gptq_(student, ids, config, device=device, progress=progress)
         t_gptq = time.perf_counter() - t0
@@ -287,7 +293,7 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
             tmp.write_text(json.dumps([e.to_json() for e in plan], indent=1))
     barrier(world)
     state, blocks, loss_blocks, t_blocks = None, [], None, 0.0
-    if config.block_steps > 0 and not (partial / "train.pt").is_file():  # a resumed run is past this phase
+    if config.block_steps > 0 and not trained(partial):  # a resumed run is past this phase
         t0 = time.perf_counter()
         blocks = reconstruct_blocks(student, teacher, ids, config, device=device, progress=progress)
         t_blocks = time.perf_counter() - t0
@@ -299,6 +305,8 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
         # QAT's teacher only runs forward, under bf16 autocast anyway: on a GPU a bf16 copy saves the casts
         fast_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if device.startswith("cuda") else teacher
         fsdp = sharding(world, config.shard) == "fsdp"
+        if fsdp and config.shard_teacher and fast_teacher is teacher:  # train() shards it; the evaluations need it whole
+            fast_teacher = copy.deepcopy(teacher)
         skeleton = meta_copy(student) if fsdp and world.main else None  # before train() shards the student
         state = train(student, fast_teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
                       device=device, progress=progress, log=log_lines.append, deadline=deadline, world=world)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .distributed import SHARDS
+from .distributed import FSDP_PRECISIONS, SHARDS
 from .errors import SlimEdgeError
 from .formats import embedding_types, get_format
 from .qlinear import QuantLinear, activation_type, quantize_embedding_
@@ -67,6 +67,14 @@ class QuantConfig:
     # under torchrun: auto (ddp or fsdp by the memory plan, memplan.choose_shard) | ddp (a full replica per rank) | fsdp (FSDP2: 1/N of the weights,
     # grads and AdamW state per rank); ignored by one process
     shard: str = "auto"
+    # under fsdp: the dtype of the gathered weights the forward sees (fp32 | bf16; the sharded masters and the
+    # gradient reductions stay fp32)
+    fsdp_precision: str = "fp32"
+    # recompute each decoder layer's forward in the backward (torch.utils.checkpoint): autograd keeps only the
+    # layers' inputs, for one more forward's compute
+    activation_checkpointing: bool = False
+    # under fsdp: shard the teacher's QAT copy as the student (1/N of its weights per rank)
+    shard_teacher: bool = False
     calib: str = "wiki"
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -107,6 +115,8 @@ class QuantConfig:
                                 f"cross-entropy must be >= 0, and > 0 without distillation (the loss would be empty)")
         if self.shard not in SHARDS:
             raise SlimEdgeError(f"--shard {self.shard!r}: choose one of {', '.join(SHARDS)} (auto = ddp or fsdp by what fits)")
+        if self.fsdp_precision not in FSDP_PRECISIONS:
+            raise SlimEdgeError(f"--fsdp-precision {self.fsdp_precision!r}: choose one of {', '.join(FSDP_PRECISIONS)}")
         if self.embedding_type not in embedding_types():
             raise SlimEdgeError(f"--embedding-type {self.embedding_type!r}: choose one of {', '.join(embedding_types())}")
         if self.bits is not None and not 0 < self.bits <= MAX_BITS:

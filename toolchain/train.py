@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import time
@@ -22,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .distill import distill_loss  # noqa: F401  (re-exported: the loss lives in distill.py)
-from .distributed import (World, agree, barrier, data_parallel, full_state, fully_sharded, global_mean, load_optimizer,
-                          sharding)
+from .distributed import (World, agree, barrier, data_parallel, fully_sharded, global_mean, load_optimizer,
+                          load_sharded, save_sharded, sharded_checkpoint, sharded_teacher, sharding)
 from .errors import SlimEdgeError
 from .fsutil import path_kind
 from .qlinear import QuantLinear, compiled_kernels
@@ -216,29 +217,40 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     for p in student.parameters():
         p.requires_grad_(id(p) in trained)
     shard = sharding(world, config.shard)
-    blob = _checkpoint(ckpt_path, device)
+    folder = None if ckpt_path is None else sharded_checkpoint(ckpt_path)
+    blob = None if folder is not None else _checkpoint(ckpt_path, device)
     if blob is not None:  # into the plain student: FSDP then shards the resumed weights
         student.load_state_dict(blob["model"], strict=False)
+    if config.activation_checkpointing:  # each decoder layer recomputes its forward in the backward
+        recompute_layers(student)
     model = student
     if shard == "ddp":
         model = data_parallel(student, device)
     elif shard == "fsdp":  # the parameters become sharded DTensors: the optimizer takes those
-        fully_sharded(student, decoder_layers(student))
+        fully_sharded(student, decoder_layers(student), config.fsdp_precision)
         weights, scales, others = _trained(student, qlayers)
+        if config.shard_teacher and teacher is not student:
+            sharded_teacher(teacher, decoder_layers(teacher))
     opt = _optimizer(weights, others, scales, config, fused=device.startswith("cuda"))
     state = TrainState()
     rng = np.random.default_rng(config.seed)
-    if blob is not None:
+    saved = None
+    if folder is not None:  # each rank reads its own rows, whatever the world size that wrote it
+        extra = load_sharded(student, opt, folder)
+        state, saved = TrainState(**extra["state"]), extra["global_batch"]
+        rng.bit_generator.state = extra["rng"]
+    elif blob is not None:
         if shard == "fsdp":
             load_optimizer(student, opt, blob["optimizer"])
         else:
             opt.load_state_dict(blob["optimizer"])
-        state = TrainState(**blob["state"])
+        state, saved = TrainState(**blob["state"]), blob.get("global_batch")
         rng.bit_generator.state = blob["rng"]
-        print(f"slim-edge: resumed from {ckpt_path} at step {state.step}", file=sys.stderr)
-        saved = blob.get("global_batch")
+    if folder is not None or blob is not None:
+        where = ckpt_path if folder is None else folder
+        print(f"slim-edge: resumed from {where} at step {state.step}", file=sys.stderr)
         if saved is not None and saved != config.batch_size * world.size:
-            print(f"slim-edge: warning: {ckpt_path} trained on a global batch of {saved} sequences, this run on "
+            print(f"slim-edge: warning: {where} trained on a global batch of {saved} sequences, this run on "
                   f"{config.batch_size * world.size} ({world.size} x --batch-size {config.batch_size}): the data "
                   f"stream differs from the uninterrupted run's", file=sys.stderr)
     total = config.steps
@@ -248,18 +260,25 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     student.train()
 
     def save():
+        """fsdp: every rank writes its shards into train.dcp/ (distributed.save_sharded); else rank 0 writes the
+        one replica as train.pt. Either replaces the other, so a partial folder holds one training state."""
         if ckpt_path is None:
             return
-        if shard == "fsdp":  # a collective: every rank gathers, rank 0 writes
-            model_sd, optim_sd = full_state(student, opt)
+        extra = {"state": vars(state), "rng": rng.bit_generator.state, "global_batch": config.batch_size * world.size}
+        stale = ckpt_path.with_suffix(".dcp")
+        if shard == "fsdp" or config.shard == "fsdp":  # one process asked for fsdp: a DCP that N ranks resume
+            save_sharded(world, student, opt, extra, stale)
+            stale = ckpt_path
         elif world.main:  # the replicas are identical: one copy
-            model_sd, optim_sd = student.state_dict(), opt.state_dict()
-        if not world.main:
-            return
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": dict(model_sd), "optimizer": optim_sd, "state": vars(state),
-                    "rng": rng.bit_generator.state, "global_batch": config.batch_size * world.size}, tmp)
-        os.replace(tmp, ckpt_path)
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": dict(student.state_dict()), "optimizer": opt.state_dict(), **extra}, tmp)
+            os.replace(tmp, ckpt_path)
+        if world.main:
+            for old in (stale, stale.with_name(stale.name + ".old")):
+                if old.is_dir():
+                    shutil.rmtree(old)
+                elif old.exists():
+                    old.unlink()
 
     interrupted = []
     old = {sig: signal.signal(sig, lambda *_: interrupted.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -324,9 +343,18 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
         save()
         barrier(world)  # no rank exits (and has torchrun end the others) before rank 0 has saved
         raise SlimEdgeError(f"interrupted at step {state.step}/{total}; the training state is saved in "
-                            f"{ckpt_path}: run the same command with --resume to continue")
+                            f"{ckpt_path.with_suffix('.dcp') if config.shard == 'fsdp' else ckpt_path}: run the same command with --resume to continue")
     student.eval()
     return state
+
+
+def recompute_layers(model) -> None:
+    """--activation-checkpointing: each decoder layer runs under torch.utils.checkpoint (non-reentrant, so FSDP2's
+    hooks gather the layer again for the recompute), through transformers' own per-layer switch."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name; the old one is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def seed_everything(seed: int):
