@@ -47,6 +47,11 @@ Kept (float) tensors are float32 initializers: the checkpoint's values exactly.
 The graph (Llama family, built with onnx.helper) follows the Optimum / onnxruntime-genai convention:
 inputs input_ids, attention_mask, position_ids [batch, seq] int64 and past_key_values.{i}.key|value
 [batch, kv_heads, past, head_dim]; outputs logits [batch, seq, vocab] and present.{i}.key|value.
+Attention (--onnx-attention): "gqa" (default) runs each layer's attention as one com.microsoft
+GroupQueryAttention (GQA heads, HF RoPE from cos/sin caches and the KV concat inside; past/present BNSH)
+and the RMSNorms with their residual adds as SkipSimplifiedLayerNormalization: ~25 nodes a layer instead of
+~60; "plain" keeps every step in standard ops. gqa takes at most max_position_embeddings tokens (its RoPE
+caches) and derives positions from attention_mask (left-aligned masks, as OnnxLM and genai feed).
 """
 from __future__ import annotations
 
