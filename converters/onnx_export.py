@@ -47,6 +47,11 @@ Kept (float) tensors are float32 initializers: the checkpoint's values exactly.
 The graph (Llama family, built with onnx.helper) follows the Optimum / onnxruntime-genai convention:
 inputs input_ids, attention_mask, position_ids [batch, seq] int64 and past_key_values.{i}.key|value
 [batch, kv_heads, past, head_dim]; outputs logits [batch, seq, vocab] and present.{i}.key|value.
+Attention (--onnx-attention): "gqa" (default) runs each layer's attention as one com.microsoft
+GroupQueryAttention (GQA heads, HF RoPE from cos/sin caches and the KV concat inside; past/present BNSH)
+and the RMSNorms with their residual adds as SkipSimplifiedLayerNormalization: ~25 nodes a layer instead of
+~60; "plain" keeps every step in standard ops. gqa takes at most max_position_embeddings tokens (its RoPE
+caches) and derives positions from attention_mask (left-aligned masks, as OnnxLM and genai feed).
 """
 from __future__ import annotations
 
@@ -70,6 +75,7 @@ ONNX_BITS = (2, 4)  # --onnx-bits: the fewest bits per code for the quantized li
 MAX_BLOCK = {2: 256, 4: 512, 8: 512}  # the largest block MatMulNBits' CPU kernel takes per bit width
 PROTOBUF_LIMIT = 2 << 30
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+ATTENTION = ("gqa", "plain")  # --onnx-attention; the first is the default (evals/reports/onnx_bench_host.md)
 
 
 def require_onnx():
@@ -261,6 +267,7 @@ class _Spec:
     eps: float
     rope_theta: float
     tied: bool
+    max_positions: int
 
 
 def _spec(config: dict) -> _Spec:
@@ -275,7 +282,8 @@ def _spec(config: dict) -> _Spec:
     heads = config["num_attention_heads"]
     return _Spec(config["hidden_size"], heads, config.get("num_key_value_heads") or heads,
                  config.get("head_dim") or config["hidden_size"] // heads, config["num_hidden_layers"],
-                 config["vocab_size"], config["rms_norm_eps"], float(theta), bool(config.get("tie_word_embeddings")))
+                 config["vocab_size"], config["rms_norm_eps"], float(theta), bool(config.get("tie_word_embeddings")),
+                 int(config.get("max_position_embeddings") or 2048))
 
 
 class _Weights:
@@ -374,14 +382,113 @@ def _rope(g: _Graph, x: str, cos: str, sin: str) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rot, sin))
 
 
-def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2):
-    """The decoder as an onnx.ModelProto and the per-weight report."""
+def _kv_io(helper, TensorProto, s: _Spec, i: int) -> tuple[list, list]:
+    """The graph inputs past_key_values.{i}.key|value and outputs present.{i}.key|value of layer i."""
+    ins, outs = [], []
+    for kind in ("key", "value"):
+        ins.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                                 ["batch_size", s.kv_heads, "past_sequence_length", s.head_dim]))
+        outs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                                  ["batch_size", s.kv_heads, "total_sequence_length", s.head_dim]))
+    return ins, outs
+
+
+def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2, attention: str = ATTENTION[0]):
+    """The decoder as an onnx.ModelProto, the per-weight report and the op counts. attention "plain": every
+    step in standard ops; "gqa": com.microsoft GroupQueryAttention (RoPE from cos/sin caches inside, the KV
+    cache concatenated inside) and the fused RMSNorms SimplifiedLayerNormalization /
+    SkipSimplifiedLayerNormalization (the residual add folded in)."""
     from onnx import TensorProto, helper
 
+    if attention not in ATTENTION:
+        raise SlimEdgeError(f"--onnx-attention {attention}: choose one of {', '.join(ATTENTION)}")
     s = _spec(config)
     g = _Graph()
     w = _Weights(g, meta, tensors, bits)
     t = tensors
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", s.vocab])]
+    h = w.embedding("input_ids", "model.embed_tokens")
+    layers = _plain_layers if attention == "plain" else _gqa_layers
+    h = layers(g, w, t, s, h, inputs, outputs)
+    if s.tied:
+        logits = w.tied_head(h, "model.embed_tokens")
+    else:
+        logits = w.linear(h, "lm_head")
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+    graph = helper.make_graph(g.nodes, "slim-edge decoder", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="slim-edge")
+    return model, w.report, g.ops
+
+
+def _inv_freq(s: _Spec) -> np.ndarray:
+    return (1.0 / (s.rope_theta ** (np.arange(0, s.head_dim, 2, dtype=np.int64).astype(np.float32)
+                                    / s.head_dim))).astype(np.float32)
+
+
+def _gqa_layers(g: _Graph, w: _Weights, t: dict, s: _Spec, h: str, inputs: list, outputs: list) -> str:
+    """The decoder blocks with GroupQueryAttention and fused RMSNorms; returns the final norm's output.
+
+    GroupQueryAttention (onnxruntime >= 1.17 inputs only: query, key, value [B, S, heads * D], past_key|value
+    [B, kv_heads, P, D], seqlens_k int32 [B] = total length - 1, total_sequence_length int32 scalar, cos/sin
+    caches [max_positions, D / 2]) takes both lengths from attention_mask, as onnxruntime-genai's builder does,
+    and the positions from them: position i of the new tokens is seqlens_k + 1 - S + i, which is position_ids
+    for the left-aligned masks OnnxLM and genai feed (position_ids is then an unused input)."""
+    from onnx import TensorProto, helper
+
+    g.ints("/axes_last", -1)
+    g.ints("/axes1", 1)
+    seqlens_k = g.op("Cast", g.op("Sub", g.op("ReduceSum", "attention_mask", "/axes1", keepdims=0),
+                                  g.const("/one_i64", np.int64(1))), to=TensorProto.INT32)
+    total = g.op("Cast", g.op("Squeeze", g.op("Shape", "attention_mask", start=1, end=2)), to=TensorProto.INT32)
+    # HF's float32 angles, position * inv_freq, for every position the model takes
+    freqs = np.arange(s.max_positions, dtype=np.float32)[:, None] * _inv_freq(s)[None]
+    cos, sin = g.const("/cos_cache", np.cos(freqs)), g.const("/sin_cache", np.sin(freqs))
+    residual = None  # the input of the next fused norm's skip: the branch output to add to h
+    for i in range(s.layers):
+        p = f"model.layers.{i}"
+        x, h = _fused_norm(g, h, residual, t[f"{p}.input_layernorm.weight"].numpy(), s.eps, f"{p}.input_layernorm")
+        q, k, v = (w.linear(x, f"{p}.self_attn.{n}_proj") for n in "qkv")
+        ins, outs = _kv_io(helper, TensorProto, s, i)
+        inputs.extend(ins)
+        outputs.extend(outs)
+        node = f"/groupqueryattention_{i}"
+        g.nodes.append(helper.make_node(
+            "GroupQueryAttention", [q, k, v, ins[0].name, ins[1].name, seqlens_k, total, cos, sin],
+            [node, outs[0].name, outs[1].name], name=node[1:], domain=MS_DOMAIN, num_heads=s.heads,
+            kv_num_heads=s.kv_heads, scale=float(s.head_dim ** -0.5), do_rotary=1, rotary_interleaved=0))
+        g.ops["GroupQueryAttention"] = g.ops.get("GroupQueryAttention", 0) + 1
+        x, h = _fused_norm(g, h, w.linear(node, f"{p}.self_attn.o_proj"),
+                           t[f"{p}.post_attention_layernorm.weight"].numpy(), s.eps, f"{p}.post_attention_layernorm")
+        gate = w.linear(x, f"{p}.mlp.gate_proj")
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), w.linear(x, f"{p}.mlp.up_proj"))
+        residual = w.linear(act, f"{p}.mlp.down_proj")
+    return _fused_norm(g, h, residual, t["model.norm.weight"].numpy(), s.eps, "model.norm")[0]
+
+
+def _fused_norm(g: _Graph, h: str, branch: str | None, weight: np.ndarray, eps: float, name: str) -> tuple[str, str]:
+    """(RMSNorm(h + branch), h + branch) in one SkipSimplifiedLayerNormalization; without a branch (the first
+    norm) RMSNorm(h) in standard ops and h: SimplifiedLayerNormalization is onnxruntime's op in the standard
+    domain, which onnx's checker refuses."""
+    if branch is None:
+        return _rms_norm(g, h, weight, eps, name), h
+    g.n += 1
+    out = f"/skipsimplifiedlayernormalization_{g.n}"
+    g.nodes.append(g.helper.make_node("SkipSimplifiedLayerNormalization",
+                                      [branch, h, g.const(f"{name}.weight", weight.astype(np.float32))],
+                                      [out, "", "", out + "_sum"], name=out[1:], domain=MS_DOMAIN, epsilon=float(eps)))
+    g.ops["SkipSimplifiedLayerNormalization"] = g.ops.get("SkipSimplifiedLayerNormalization", 0) + 1
+    return out, out + "_sum"
+
+
+def _plain_layers(g: _Graph, w: _Weights, t: dict, s: _Spec, h: str, inputs: list, outputs: list) -> str:
+    """The decoder blocks in standard ONNX ops (HF's LlamaDecoderLayer step by step); returns the final norm's
+    output."""
+    from onnx import TensorProto, helper
+
     g.ints("/axes_last", -1)
     g.ints("/zero", 0)
     g.ints("/half", s.head_dim // 2)
@@ -393,13 +500,10 @@ def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2):
     total = g.op("Shape", "attention_mask", start=1, end=2)
     seq = g.op("Shape", "input_ids", start=1, end=2)
     past = g.op("Sub", total, seq)
-    h = w.embedding("input_ids", "model.embed_tokens")
 
     # RoPE angles: position_ids [B, S] x inv_freq [D/2] -> cos/sin [B, 1, S, D]
-    inv_freq = (1.0 / (s.rope_theta ** (np.arange(0, s.head_dim, 2, dtype=np.int64).astype(np.float32)
-                                        / s.head_dim))).astype(np.float32)
     pos = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), "/axes_last")
-    freqs = g.op("Mul", pos, g.const("/inv_freq", inv_freq))
+    freqs = g.op("Mul", pos, g.const("/inv_freq", _inv_freq(s)))
     emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), "/axis1")
     cos, sin = g.op("Cos", emb), g.op("Sin", emb)
 
@@ -420,10 +524,6 @@ def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2):
     out_shape = g.op("Concat", batch1, seq, g.ints("/hid", s.hidden), axis=0)
     rep = s.heads // s.kv_heads
     scale = g.const("/attn_scale", np.float32(s.head_dim ** -0.5))
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", s.vocab])]
     for i in range(s.layers):
         p = f"model.layers.{i}"
         x = _rms_norm(g, h, t[f"{p}.input_layernorm.weight"].numpy(), s.eps, f"{p}.input_layernorm")
@@ -431,14 +531,12 @@ def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2):
         q = _rope(g, heads(w.linear(x, f"{p}.self_attn.q_proj"), q_shape), cos, sin)
         k = _rope(g, heads(w.linear(x, f"{p}.self_attn.k_proj"), kv_shape), cos, sin)
         v = heads(w.linear(x, f"{p}.self_attn.v_proj"), kv_shape)
-        for kind, new in (("key", k), ("value", v)):
-            name = f"past_key_values.{i}.{kind}"
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
-                                                        ["batch_size", s.kv_heads, "past_sequence_length", s.head_dim]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
-                                                         ["batch_size", s.kv_heads, "total_sequence_length", s.head_dim]))
-            g.nodes.append(helper.make_node("Concat", [name, new], [f"present.{i}.{kind}"], axis=2,
-                                            name=f"present_{i}_{kind}"))
+        ins, outs = _kv_io(helper, TensorProto, s, i)
+        inputs.extend(ins)
+        outputs.extend(outs)
+        for past_kv, present, new in zip(ins, outs, (k, v)):
+            g.nodes.append(helper.make_node("Concat", [past_kv.name, new], [present.name], axis=2,
+                                            name=present.name.replace(".", "_")))
         k_all, v_all = f"present.{i}.key", f"present.{i}.value"
         if rep > 1:  # grouped-query attention: each KV head serves `rep` query heads
             k_all, v_all = (_repeat_kv(g, y, rep, batch1, s) for y in (k_all, v_all))
@@ -450,16 +548,7 @@ def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2):
         gate = w.linear(x, f"{p}.mlp.gate_proj")
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), w.linear(x, f"{p}.mlp.up_proj"))
         h = g.op("Add", h, w.linear(act, f"{p}.mlp.down_proj"))
-    h = _rms_norm(g, h, t["model.norm.weight"].numpy(), s.eps, "model.norm")
-    if s.tied:
-        logits = w.tied_head(h, "model.embed_tokens")
-    else:
-        logits = w.linear(h, "lm_head")
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
-    graph = helper.make_graph(g.nodes, "slim-edge decoder", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-                              producer_name="slim-edge")
-    return model, w.report, g.ops
+    return _rms_norm(g, h, t["model.norm.weight"].numpy(), s.eps, "model.norm")
 
 
 def _repeat_kv(g: _Graph, y: str, rep: int, batch1: str, s: _Spec) -> str:
@@ -491,13 +580,15 @@ def genai_config(config: dict, spec: _Spec, tok_config: dict) -> dict:
                        "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
             "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                         "present_value_names": "present.%d.value"}}},
-        "search": {"max_length": config.get("max_position_embeddings"), "do_sample": False, "num_beams": 1}}
+        "search": {"max_length": config.get("max_position_embeddings"), "do_sample": False, "num_beams": 1,
+                   "past_present_share_buffer": False}}  # past and present are separate tensors of P and P + S
 
 
-def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool | None = None, bits: int = 2) -> dict:
+def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool | None = None, bits: int = 2,
+                attention: str = ATTENTION[0]) -> dict:
     """Write checkpoint `ckpt` as OUT/model.onnx (+ model.onnx.data, by default only past protobuf's 2 GB
     limit), its tokenizer files and genai_config.json; returns the summary that OUT/slim_edge_onnx.json
-    also holds."""
+    also holds. attention: "gqa" (fused contrib ops) or "plain" (standard ops), see build_model."""
     from ..checkpoint import BASE_FILES
     from ..converters.gguf_export import trained_for
 
@@ -508,7 +599,9 @@ def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool 
     config = json.loads((ckpt / "config.json").read_text())
     spec = _spec(config)
     onnx_grid(get_format("q8_0"), min_bits=bits)  # a bad --onnx-bits fails before anything is read
-    model, report, ops = build_model(meta, tensors, config, bits)
+    if attention not in ATTENTION:
+        raise SlimEdgeError(f"--onnx-attention {attention}: choose one of {', '.join(ATTENTION)}")
+    model, report, ops = build_model(meta, tensors, config, bits, attention)
     model.metadata_props.extend([onnx.StringStringEntryProto(key="slim_edge.scheme", value=meta["config"]["scheme"]),
                                  onnx.StringStringEntryProto(key="slim_edge.formats", value=json.dumps(
                                      {k: v["format"] for k, v in report.items()}))])
@@ -527,7 +620,8 @@ def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool 
         lin = {k: v for k, v in report.items() if k in meta_linear_names(meta)}
         n_lin = sum(v["bytes"] * 8 / v["bits_per_weight"] for v in lin.values())
         summary = {"slim_edge_onnx": ONNX_EXPORT_VERSION, "file": str(out / "model.onnx"), "bytes": size,
-                   "external_data": big, "scheme": meta["config"]["scheme"], "onnx_bits": bits, "opset": OPSET, "ops": ops,
+                   "external_data": big, "scheme": meta["config"]["scheme"], "onnx_bits": bits, "attention": attention,
+                   "opset": OPSET, "ops": ops,
                    "linear_bits_per_weight": sum(v["bytes"] * 8 for v in lin.values()) / n_lin if lin else 32.0,
                    "weights": report, "trained_for": trained_for(meta["config"]), "source": str(ckpt)}
         (tmp / MARKER).write_text(json.dumps(summary, indent=1))
@@ -596,7 +690,25 @@ def inspect_onnx(path: Path) -> dict:
             "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}, "ops": ops,
             "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
             "metadata": {p.key: p.value for p in model.metadata_props}, "weights": weights,
+            "attention": _attention_ops(model.graph.node, ops),
             "linear_bits_per_weight": sum(w["bytes"] * 8 for w in quant) / max(sum(w["weights"] for w in quant), 1)}
+
+
+FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "RotaryEmbedding", "SimplifiedLayerNormalization",
+             "SkipSimplifiedLayerNormalization")
+
+
+def _attention_ops(nodes, ops: dict) -> dict:
+    """How the model attends: "gqa" with GroupQueryAttention's heads and RoPE, else "plain" (standard ops), and
+    the counts of the fused ops and of plain attention's Softmax."""
+    gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    r = {"kind": "gqa" if gqa else "plain",
+         "ops": {k: v for k, v in ops.items() if k.split(".")[-1] in FUSED_OPS + ("Softmax",)}}
+    if gqa:
+        attrs = {a.name: a.i for a in gqa[0].attribute if a.type == a.INT}
+        r.update(num_heads=attrs.get("num_heads"), kv_num_heads=attrs.get("kv_num_heads"),
+                 rotary_inside=bool(attrs.get("do_rotary", 0)))
+    return r
 
 
 def _init_bytes(t) -> int:
@@ -611,11 +723,20 @@ def _init_bytes(t) -> int:
     return n * {TensorProto.FLOAT: 4, TensorProto.UINT8: 1, TensorProto.INT64: 8}.get(t.data_type, 4)
 
 
+def _attention_line(a: dict) -> str:
+    ops = ", ".join(f"{k} x{v}" for k, v in a["ops"].items())
+    if a["kind"] == "gqa":
+        return (f"attention: gqa, {a['num_heads']} query / {a['kv_num_heads']} KV heads, RoPE "
+                f"{'inside' if a['rotary_inside'] else 'outside'} ({ops})")
+    return f"attention: plain, standard ops ({ops})"
+
+
 def format_onnx_report(r: dict) -> str:
     lines = [f"{r['file']}: {r['bytes'] / 2**20:.2f} MiB{' (+ external data)' if r['external_data'] else ''}, "
              f"opsets {r['opset']}",
              f"inputs: {', '.join(r['inputs'][:5])}{' ...' if len(r['inputs']) > 5 else ''} ({len(r['inputs'])})",
              "operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1])),
+             _attention_line(r["attention"]),
              f"{'weight':<40} {'op':<21} {'bits':>4} {'block':>5} {'bpw':>7} {'KiB':>9}"]
     for w in r["weights"]:
         lines.append(f"{w['name']:<40} {w['op']:<21} {w['bits']:>4} {w['block_size']:>5} "

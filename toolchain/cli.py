@@ -207,6 +207,10 @@ def export(
                                                 "the smallest file; 4: the same values in onnxruntime's fast 4-bit "
                                                 "kernel (linears ~2x larger, decode several times faster on CPU: "
                                                 "evals/reports/onnx_bench_host.md)")] = 2,
+    onnx_attention: Annotated[Optional[str], typer.Option(
+        help="with --onnx: gqa (default: onnxruntime's fused GroupQueryAttention and RMSNorm ops, faster decode) | "
+             "plain (every step in standard ONNX ops, for runtimes without onnxruntime's contrib ops)",
+        show_default=False)] = None,
     output_tensor_type: Annotated[str, typer.Option(help="untied output head: f16 | q8_0 | q4_0")] = "q8_0",
     tensor_type: Annotated[Optional[list[str]], typer.Option(help="REGEX=TYPE for unquantized tensors "
                                                                   "(repeatable)")] = None,
@@ -224,13 +228,16 @@ def export(
       slim-edge export runs/seq2 --onnx seq2-onnx
 
       slim-edge export runs/seq2 --onnx seq2-onnx4 --onnx-bits 4    (faster decode, larger file)
+
+      slim-edge export runs/seq2 --onnx seq2-plain --onnx-attention plain
     """
     if onnx is not None:
         from .converters.onnx_export import export_onnx
 
         if gguf is not None or type_ is not None:
             raise SlimEdgeError("--onnx writes an ONNX folder from a checkpoint; leave out --gguf and --type")
-        summary = export_onnx(source, onnx, force=force, bits=onnx_bits)
+        summary = export_onnx(source, onnx, force=force, bits=onnx_bits,
+                              **({"attention": onnx_attention} if onnx_attention else {}))
         rounded = [k for k, v in summary["trained_for"].items() if v]
         if rounded:
             print(f"slim-edge: note: the checkpoint was trained through llama.cpp's roundings ({', '.join(rounded)}); "
@@ -242,6 +249,9 @@ def export(
         return
     if onnx_bits != 2:
         raise SlimEdgeError(f"--onnx-bits {onnx_bits} applies to --onnx exports only; add --onnx DIR or leave it out")
+    if onnx_attention is not None:
+        raise SlimEdgeError(f"--onnx-attention {onnx_attention} applies to --onnx exports only; add --onnx DIR or "
+                            f"leave it out")
     from .converters.gguf_export import export_baseline, export_checkpoint
     from .converters.model_card import card_path, write_card
 

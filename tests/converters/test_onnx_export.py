@@ -266,6 +266,19 @@ def test_inspect_reads_ops_bits_and_size_from_the_file(onnx_exports):
     assert (up["bits"], up["block_size"], up["bytes"]) == (2, 256, 1024 * 512 // 4 + 1024 * 2 * 8)
     assert r["linear_bits_per_weight"] == 2.25 and r["bytes"] == summary["bytes"]
     assert "2.250 bits per weight" in format_onnx_report(r)
+    assert r["attention"] == {"kind": "gqa", "num_heads": 4, "kv_num_heads": 2, "rotary_inside": True,
+                              "ops": {"com.microsoft.GroupQueryAttention": 2,
+                                      "com.microsoft.SkipSimplifiedLayerNormalization": 4}}
+    assert ("attention: gqa, 4 query / 2 KV heads, RoPE inside (com.microsoft.GroupQueryAttention x2, "
+            "com.microsoft.SkipSimplifiedLayerNormalization x4)") in format_onnx_report(r)
+
+
+def test_inspect_names_the_plain_attention(both_attentions):
+    from slim_edge.converters.onnx_export import format_onnx_report, inspect_onnx
+
+    r = inspect_onnx(both_attentions[1]["plain"][0])
+    assert r["attention"] == {"kind": "plain", "ops": {"Softmax": 2}}
+    assert "attention: plain, standard ops (Softmax x2)" in format_onnx_report(r)
 
 
 def test_eval_scores_an_onnx_export_against_its_checkpoint(onnx_exports):
@@ -362,3 +375,90 @@ def test_a_float_model_exports_as_the_fp32_baseline(tiny2, tmp_path):
     with torch.no_grad():
         ref = model(torch.as_tensor(ids[None])).logits[0].numpy()
     assert np.abs(OnnxLM(tmp_path / "fp").logits(ids) - ref).max() < 1e-4
+
+
+# --- attention: onnxruntime's fused GroupQueryAttention (the default) and the plain-op graph ------------------
+
+@pytest.fixture(scope="module")
+def both_attentions(onnx_exports, tmp_path_factory):
+    """(checkpoint, {attention: (folder, summary)}) of the sherry checkpoint exported both ways."""
+    ckpt, out, summary = onnx_exports("sherry")
+    plain = tmp_path_factory.mktemp("plain") / "onnx"
+    return ckpt, {"gqa": (out, summary), "plain": (plain, export_onnx(ckpt, plain, attention="plain"))}
+
+
+def test_gqa_is_the_default_and_replaces_the_attention_ops(both_attentions):
+    _, exports = both_attentions
+    (_, gqa), (_, plain) = exports["gqa"], exports["plain"]
+    assert (gqa["attention"], plain["attention"]) == ("gqa", "plain")
+    # per layer one GroupQueryAttention and two SkipSimplifiedLayerNormalization (the post-attention norm and
+    # the next input norm or the final one, each with the residual add inside); no Softmax, Concat or RoPE ops
+    assert (gqa["ops"]["GroupQueryAttention"], gqa["ops"]["SkipSimplifiedLayerNormalization"]) == (2, 4)
+    assert not {"Softmax", "Concat", "Slice", "Expand", "Cos"} & set(gqa["ops"])
+    assert (plain["ops"]["Softmax"], plain["ops"]["Concat"]) == (2, 16) and "GroupQueryAttention" not in plain["ops"]
+    assert sum(gqa["ops"].values()) == 49 and sum(plain["ops"].values()) == 177
+    assert gqa["weights"] == plain["weights"]  # the same codes either way
+
+
+def test_gqa_logits_match_pytorch_and_the_plain_graph(both_attentions, tiny_text):
+    ckpt, exports = both_attentions
+    gqa, plain = OnnxLM(exports["gqa"][0]), OnnxLM(exports["plain"][0])
+    ids = np.asarray(gqa.tokenize(tiny_text.read_text()[3000:4000])[:300], np.int64)
+    assert len(ids) == 300
+    ref, got = _torch_logits(ckpt, ids), gqa.logits(ids)
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() / scale < 2e-5, np.abs(got - ref).max() / scale
+    assert np.abs(got - plain.logits(ids)).max() / scale < 2e-5
+    assert _kld(ref, got) <= 1e-8
+
+
+def test_gqa_decoding_in_chunks_with_past_equals_the_full_forward(both_attentions):
+    ckpt, exports = both_attentions
+    lm = OnnxLM(exports["gqa"][0])
+    ids = np.random.default_rng(3).integers(0, lm.n_vocab, 40)
+    full = lm.logits(ids)
+    # a prompt, single tokens, then chunks of several new tokens on top of a past (seqlens_k and positions
+    # derived from attention_mask inside the graph)
+    bounds = [0, 6, 7, 8, 9, 13, 25, 40]
+    cache, rows = lm.empty_cache(), []
+    for a, b in zip(bounds, bounds[1:]):
+        logits, cache = lm.step(ids[a:b], cache, a)
+        rows.append(logits)
+    assert cache["past_key_values.1.key"].shape == (1, 2, 40, 128)
+    assert np.abs(np.concatenate(rows) - full).max() < 1e-4
+    # the cache itself is the plain graph's (RoPE'd keys, raw values), so the two can hand a cache over
+    _, plain_cache = OnnxLM(exports["plain"][0]).step(ids, lm.empty_cache(), 0)
+    for name, v in plain_cache.items():
+        assert np.abs(cache[name] - v).max() < 1e-4, name
+
+
+def test_onnx_attention_option_is_checked(onnx_exports, tmp_path):
+    from typer.testing import CliRunner
+
+    from slim_edge.cli import app
+
+    ckpt, _, _ = onnx_exports("q2")
+    with pytest.raises(SlimEdgeError, match="--onnx-attention flash: choose one of gqa, plain"):
+        export_onnx(ckpt, tmp_path / "bad", attention="flash")
+    assert not (tmp_path / "bad").exists()
+    r = CliRunner().invoke(app, ["export", str(ckpt), "--onnx", str(tmp_path / "p"), "--onnx-attention", "plain",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["attention"] == "plain"
+    assert json.loads((tmp_path / "p" / "slim_edge_onnx.json").read_text())["ops"]["Softmax"] == 2
+    r = CliRunner().invoke(app, ["export", str(ckpt), "--gguf", str(tmp_path / "x.gguf"), "--onnx-attention", "gqa"])
+    assert isinstance(r.exception, SlimEdgeError) and "applies to --onnx exports only" in str(r.exception)
+
+
+def test_onnx_bench_compare_interleaves_the_models(both_attentions):
+    from slim_edge.evals.onnx_bench import compare, compare_markdown
+
+    _, exports = both_attentions
+    paths = [exports["plain"][0], exports["gqa"][0]]
+    result = compare(paths, [8], n_gen=3, depths=[0, 16], threads=1, repetitions=2)
+    assert [(r["test"], r["model"]) for r in result["rows"]] == [
+        (t, str(p)) for t in ("pp8", "tg3", "tg3@d16") for p in paths]
+    for r in result["rows"]:
+        assert len(r["tps"]) == 2 and r["tps_median"] == pytest.approx(float(np.median(r["tps"])))
+    assert [r["x_first_paired_median"] for r in result["rows"][::2]] == [1.0, 1.0, 1.0]
+    assert compare_markdown(result).count("\n| ") == 7  # the header and six rows
