@@ -135,16 +135,24 @@ def main(argv=None):
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-r", "--repetitions", type=int, default=5)
     ap.add_argument("-o", "--json", type=Path, help="write the samples as JSON here")
+    ap.add_argument("--force", action="store_true", help="overwrite the -o file")
     a = ap.parse_args(argv)
+    if a.json:
+        from slim_edge.fsutil import check_output_file
+        check_output_file(a.json, a.force)
     for m in a.models:
         if not is_onnx_model(m):
-            raise SystemExit(f"{m} is not an ONNX export (no {MARKER}); write one with slim-edge export CKPT --onnx DIR")
+            raise SlimEdgeError(f"{m} is not an ONNX export (no {MARKER}); write one with "
+                                f"slim-edge export CKPT --onnx DIR")
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     result = compare(a.models, ints(a.prompt_lengths), a.n_gen, ints(a.depths), a.threads, a.repetitions)
     if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
+        from slim_edge.fsutil import atomic_write
+        atomic_write(a.json, json.dumps(result, indent=1))
     print(compare_markdown(result), file=sys.stdout)
 
 
 if __name__ == "__main__":
-    main()
+    from slim_edge.errors import run_main
+
+    run_main(main)
