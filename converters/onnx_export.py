@@ -621,6 +621,8 @@ def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool 
         n_lin = sum(v["bytes"] * 8 / v["bits_per_weight"] for v in lin.values())
         summary = {"slim_edge_onnx": ONNX_EXPORT_VERSION, "file": str(out / "model.onnx"), "bytes": size,
                    "external_data": big, "scheme": meta["config"]["scheme"], "onnx_bits": bits, "attention": attention,
+                   # gqa's RoPE caches hold this many positions (onnxruntime refuses past them); plain: no limit
+                   "max_positions": spec.max_positions if attention == "gqa" else None,
                    "opset": OPSET, "ops": ops,
                    "linear_bits_per_weight": sum(v["bytes"] * 8 for v in lin.values()) / n_lin if lin else 32.0,
                    "weights": report, "trained_for": trained_for(meta["config"]), "source": str(ckpt)}

@@ -4,6 +4,7 @@ code never asks which one it holds.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -162,6 +163,17 @@ def bindings():
     return _BINDINGS
 
 
+def gqa_positions(folder: Path) -> int | None:
+    """The positions an ONNX export's GroupQueryAttention holds RoPE caches for (onnxruntime refuses past
+    them), from its slim_edge_onnx.json; None for a plain-attention export, which has no limit."""
+    from slim_edge.converters.onnx_export import MARKER
+
+    try:
+        return json.loads((folder / MARKER).read_text()).get("max_positions")
+    except (OSError, ValueError):
+        return None
+
+
 class OnnxLM:
     """A model written by `slim-edge export --onnx`, run by onnxruntime's CPU execution provider with its
     KV cache (past_key_values.{i}.key|value in, present.{i}.key|value out)."""
@@ -189,6 +201,7 @@ class OnnxLM:
         self.past = [(i.name, i.shape) for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
+        self.max_positions = gqa_positions(folder)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -206,6 +219,11 @@ class OnnxLM:
     def step(self, tokens, cache: dict, start: int) -> tuple[np.ndarray, dict]:
         """Logits [len(tokens), vocab] of `tokens` at positions start.., and the cache extended by them."""
         ids = np.asarray(tokens, np.int64)[None]
+        if self.max_positions is not None and start + ids.shape[1] > self.max_positions:
+            raise SlimEdgeError(f"{self.name}: {ids.shape[1]} token(s) at position {start} reach position "
+                                f"{start + ids.shape[1] - 1}, past the {self.max_positions} positions of its gqa "
+                                f"graph (max_position_embeddings: the RoPE caches of GroupQueryAttention); use a "
+                                f"shorter context, or export with --onnx-attention plain")
         feed = {"input_ids": ids, "attention_mask": np.ones((1, start + ids.shape[1]), np.int64),
                 "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None], **cache}
         out = dict(zip(self.outputs, self.session.run(None, feed)))

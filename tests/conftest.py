@@ -11,6 +11,18 @@ from tiny_models import make_tiny_model
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _patched_runtime_first(request):
+    """Tests marked `runtime` get the patched host runtime built (or found in the cache) before they start.
+    llama_cpp binds its library once per process: a runtime test that reached `bindings()` before any build
+    (a fresh cache) bound the stock library for the whole session, and every later test of a custom type
+    failed to load (CI on a fresh cache: tests/converters/test_export.py ran before the first build)."""
+    if request.node.get_closest_marker("runtime"):
+        from slim_edge.runtime_patches.runtime import ensure_runtime
+
+        ensure_runtime("host")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", layers=1)

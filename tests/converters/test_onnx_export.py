@@ -432,6 +432,24 @@ def test_gqa_decoding_in_chunks_with_past_equals_the_full_forward(both_attention
         assert np.abs(cache[name] - v).max() < 1e-4, name
 
 
+def test_gqa_positions_past_the_rope_caches_are_a_clear_error(both_attentions):
+    """gqa's cos/sin caches hold max_position_embeddings rows (512 on the tiny model): onnxruntime fails a step
+    past them with "cos_cache dimension 0 shall not be less than total_sequence_length"; OnnxLM says what and
+    what to do first. The plain graph computes RoPE from the positions and runs on."""
+    _, exports = both_attentions
+    gqa, plain = OnnxLM(exports["gqa"][0]), OnnxLM(exports["plain"][0])
+    assert (gqa.max_positions, plain.max_positions) == (512, None)
+    ids = np.random.default_rng(4).integers(0, gqa.n_vocab, 512)
+    _, cache = gqa.step(ids, gqa.empty_cache(), 0)  # all 512 positions
+    with pytest.raises(SlimEdgeError, match=r"3 token\(s\) at position 512 reach position 514, past the 512 "
+                                            r"positions .* --onnx-attention plain"):
+        gqa.step(ids[:3], cache, 512)
+    with pytest.raises(SlimEdgeError, match=r"past the 512 positions"):
+        gqa.logits(np.concatenate([ids, ids[:1]]))
+    logits, _ = plain.step(ids[:3], plain.step(ids, plain.empty_cache(), 0)[1], 512)
+    assert logits.shape == (3, plain.n_vocab) and np.isfinite(logits).all()
+
+
 def test_onnx_attention_option_is_checked(onnx_exports, tmp_path):
     from typer.testing import CliRunner
 
