@@ -450,6 +450,38 @@ def test_gqa_positions_past_the_rope_caches_are_a_clear_error(both_attentions):
     assert logits.shape == (3, plain.n_vocab) and np.isfinite(logits).all()
 
 
+def test_portability_check_reports_the_difference_from_saved_logits(both_attentions, tmp_path, capsys):
+    """evals/onnx_portability: save on one onnxruntime, check on another. On the same one the logits are
+    equal bit for bit; saved logits moved by 0.25 are reported as 0.25 off; mistakes are one clear error."""
+    from slim_edge.evals import onnx_portability as port
+
+    _, exports = both_attentions
+    gqa, plain = tmp_path / "gqa", tmp_path / "plain"  # named by folder: the fixture's are both "onnx"
+    gqa.symlink_to(exports["gqa"][0])
+    plain.symlink_to(exports["plain"][0])
+    ref = tmp_path / "ref.npz"
+    port.main(["save", str(gqa), str(plain), "-o", str(ref)])
+    report = port.main(["check", str(gqa), str(plain), "--ref", str(ref), "-o", str(tmp_path / "c.json")])
+    assert json.loads((tmp_path / "c.json").read_text()) == report
+    for name in ("gqa", "plain"):
+        m = report["models"][name]
+        assert m["full_vs_reference"] == 0 and m["chunked_vs_reference"] == 0, (name, m)
+        assert 0 < m["chunked_vs_full"] < 1e-4 and m["logit_scale"] > 1, (name, m)
+    saved = dict(np.load(ref))
+    saved["gqa/full"] = saved["gqa/full"] + np.float32(0.25)
+    np.savez(tmp_path / "moved.npz", **saved)
+    moved = port.check([gqa], tmp_path / "moved.npz")["models"]["gqa"]
+    assert moved["full_vs_reference"] == pytest.approx(0.25, abs=1e-5) and moved["chunked_vs_reference"] == 0
+    with pytest.raises(SlimEdgeError, match=r"already exists; pass --force"):
+        port.main(["save", str(gqa), "-o", str(ref)])
+    with pytest.raises(SlimEdgeError, match=r"holds no logits for an export named 'onnx' \(it has gqa, plain\)"):
+        port.check([exports["gqa"][0]], ref)
+    with pytest.raises(SlimEdgeError, match=r"repeat a name: onnx, onnx"):
+        port.check([exports["gqa"][0], exports["plain"][0]], ref)
+    with pytest.raises(SlimEdgeError, match=r"--ref .*missing.npz does not exist"):
+        port.check([gqa], tmp_path / "missing.npz")
+
+
 def test_onnx_attention_option_is_checked(onnx_exports, tmp_path):
     from typer.testing import CliRunner
 
