@@ -69,6 +69,9 @@ from ..fsutil import atomic_dir, check_output_dir
 
 ONNX_EXPORT_VERSION = 1
 OPSET = 21
+# the IR version that opset 21 came with (ONNX 1.16). helper.make_model stamps the installed onnx's newest
+# (onnx 1.23: 14), which onnxruntime 1.30 refuses ("max supported IR version: 13"); the graph needs nothing newer
+IR_VERSION = 10
 MS_DOMAIN = "com.microsoft"
 MARKER = "slim_edge_onnx.json"  # what makes an output folder slim-edge's own (to replace with --force)
 ONNX_BITS = (2, 4)  # --onnx-bits: the fewest bits per code for the quantized linears
@@ -420,7 +423,7 @@ def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2, attentio
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
     graph = helper.make_graph(g.nodes, "slim-edge decoder", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-                              producer_name="slim-edge")
+                              producer_name="slim-edge", ir_version=IR_VERSION)
     return model, w.report, g.ops
 
 
