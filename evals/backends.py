@@ -163,6 +163,16 @@ def bindings():
     return _BINDINGS
 
 
+def ort_reason(e: Exception) -> str:
+    """onnxruntime's error without the C++ signature it puts between "failed:" and the reason
+    ("...model.cc:202 onnxruntime::Model::Model(onnx::ModelProto&&, ...) Unsupported model IR version: 14")."""
+    msg = " ".join(str(e).split())
+    head, sep, tail = msg.partition(" failed:")
+    if sep and ") " in tail:
+        msg = f"{head} failed: {tail.rsplit(') ', 1)[1]}"
+    return msg if len(msg) <= 400 else msg[:150] + " ... " + msg[-250:]
+
+
 def gqa_positions(folder: Path) -> int | None:
     """The positions an ONNX export's GroupQueryAttention holds RoPE caches for (onnxruntime refuses past
     them), from its slim_edge_onnx.json; None for a plain-attention export, which has no limit."""
@@ -196,7 +206,8 @@ class OnnxLM:
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own error types
-            raise SlimEdgeError(f"onnxruntime could not load {path} ({str(e).strip()[:300]})") from None
+            raise SlimEdgeError(f"onnxruntime {ort.__version__} could not load {path} ({ort_reason(e)}); "
+                                f"re-export it with this slim-edge, or pip install -U onnxruntime") from None
         self.path, self.name = path, name or folder.name
         self.past = [(i.name, i.shape) for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.session.get_outputs()]

@@ -461,6 +461,20 @@ def test_exports_carry_the_ir_version_of_their_opset(both_attentions):
         assert sorted((o.domain, o.version) for o in model.opset_import) == [("", 21), ("com.microsoft", 1)]
 
 
+
+def test_an_export_onnxruntime_refuses_names_the_reason(both_attentions, tmp_path):
+    """What the GPU machine's onnxruntime said of an IR-14 file, as OnnxLM reports it: the reason, not the C++
+    signature onnxruntime wraps it in (which filled the first 300 characters the message kept)."""
+    import onnx
+
+    model = onnx.load(str(both_attentions[1]["gqa"][0] / "model.onnx"))
+    model.ir_version = 99
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(SlimEdgeError, match=r"could not load .*model.onnx \(.*failed: Unsupported model IR version: "
+                                            r"99, max supported IR version: \d+\); re-export"):
+        OnnxLM(tmp_path / "model.onnx")
+
+
 def test_portability_check_reports_the_difference_from_saved_logits(both_attentions, tmp_path, capsys):
     """evals/onnx_portability: save on one onnxruntime, check on another. On the same one the logits are
     equal bit for bit; saved logits moved by 0.25 are reported as 0.25 off; mistakes are one clear error."""
