@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from slim_edge.devices import get_device
 from slim_edge.converters.gguf_read import read_tensor_table
+from slim_edge.devices import get_device
 from slim_edge.devices.base import Device, DeviceInfo, check_fits, safe_name
 from slim_edge.devices.parse import cpu_mask, fastest_cores, parse_llama_bench
 from slim_edge.devices.qemu_arm64 import EMULATED_LABEL

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from slim_edge import corpora
 from slim_edge.checkpoint import refuse_damaged_checkpoint
 from slim_edge.converters.gguf_read import read_tensor_table
 from slim_edge.converters.inspect import inspect_gguf
 from slim_edge.errors import SlimEdgeError
-from slim_edge import corpora
 from slim_edge.evals.backends import LlamaCppLM, OnnxLM, TorchLM
 from slim_edge.evals.generation import generation_check
 from slim_edge.evals.kld import concat_stats, summarize, token_stats

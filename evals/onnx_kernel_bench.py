@@ -23,9 +23,8 @@ CASES = [(2, "float", 0), (2, "default", 0), (2, "uint8", 0), (4, "default", 0),
 
 
 def session(bits: int, zp: str, acc: int, n: int, k: int, block: int, threads: int, seed: int = 0):
-    from onnx import TensorProto as T, helper, numpy_helper
-
     import onnxruntime as ort
+    from onnx import TensorProto as T, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     nb = k // block

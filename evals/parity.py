@@ -41,9 +41,9 @@ import numpy as np
 import torch
 import typer
 
+from slim_edge.corpora import get_text
 from slim_edge.errors import SlimEdgeError
 from slim_edge.evals.backends import LlamaCppLM, TorchLM, kv_cache_type
-from slim_edge.corpora import get_text
 from slim_edge.evals.kld import concat_stats, summarize, token_stats
 from slim_edge.runtime_patches.runtime_sim import host_rounding, rope_supported, simulate
 
@@ -226,7 +226,7 @@ def main(torch_source: Annotated[str, typer.Argument(help="slim-edge checkpoint,
          windows: Annotated[int, typer.Option(help="consecutive windows of --tokens to score")] = 1,
          threads: Annotated[int, typer.Option(help="threads for both sides")] = 2,
          variants: Annotated[str, typer.Option(help=f"comma-separated, of {', '.join(VARIANTS)}")] = ",".join(VARIANTS),
-         rounding: Annotated[Optional[str], typer.Option(help="Q8_0 activation rounding: x86 | arm | ref "
+         rounding: Annotated[str | None, typer.Option(help="Q8_0 activation rounding: x86 | arm | ref "
                                                               "(default: this machine's)")] = None,
          floor: Annotated[bool, typer.Option(help="also measure the simulation's noise floor")] = True,
          kv_cache: Annotated[str, typer.Option(help="the runtime's KV cache type: f16 (llama.cpp's default) | f32")]

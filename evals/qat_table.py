@@ -18,8 +18,8 @@ import torch
 import typer
 
 from slim_edge.checkpoint import load_quantized
-from slim_edge.evals.backends import TorchLM
 from slim_edge.corpora import get_text
+from slim_edge.evals.backends import TorchLM
 from slim_edge.evals.kld import concat_stats, summarize, token_stats
 from slim_edge.evals.perplexity import make_chunks, perplexity, scored_logits
 from slim_edge.models import load_model

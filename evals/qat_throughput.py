@@ -35,8 +35,8 @@ import torch.distributed as dist
 import typer
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from slim_edge.distributed import World, agree, backend, data_parallel, global_mean, rank_device, world_from_env
 from slim_edge.distill import distill_loss, distill_loss_reference
+from slim_edge.distributed import World, agree, backend, data_parallel, global_mean, rank_device, world_from_env
 from slim_edge.models import load_model
 from slim_edge.pipeline import pick_device
 from slim_edge.qlinear import QuantLinear, compiled_kernels

@@ -29,9 +29,9 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import SlimEdgeError, note
 from ..fsutil import cache_dir, sha256_file

@@ -10,8 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-from slim_edge.budget import (calibration_windows, check_bits, choose, entry_bits, measure_sensitivity, plan_bits,
-                              promotable)
+from slim_edge.budget import (
+    calibration_windows,
+    check_bits,
+    choose,
+    entry_bits,
+    measure_sensitivity,
+    plan_bits,
+    promotable,
+)
 from slim_edge.checkpoint import load_quantized, read_meta, read_tensors
 from slim_edge.cli import app
 from slim_edge.converters.gguf_export import export_checkpoint
@@ -23,7 +30,6 @@ from slim_edge.models import load_model
 from slim_edge.pipeline import run_quantize
 from slim_edge.qlinear import QuantEmbedding, QuantLinear, TiedHead
 from slim_edge.quantize import PlanEntry, QuantConfig, make_plan, quantize_
-
 from tiny_models import make_tiny_model, make_tiny_smol
 
 

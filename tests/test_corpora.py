@@ -2,8 +2,8 @@ import sys
 
 import pytest
 
-from slim_edge.errors import SlimEdgeError
 from slim_edge import corpora
+from slim_edge.errors import SlimEdgeError
 
 
 def _get(name, split):

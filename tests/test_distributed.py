@@ -15,8 +15,17 @@ import torch
 from safetensors.torch import load_file
 
 from slim_edge.checkpoint import dequantized_weights, read_meta
-from slim_edge.distributed import (DCP_META, World, data_parallel, load_sharded, no_buffer_sync, save_sharded,
-                                   sharded_checkpoint, sharding, world_from_env)
+from slim_edge.distributed import (
+    DCP_META,
+    World,
+    data_parallel,
+    load_sharded,
+    no_buffer_sync,
+    save_sharded,
+    sharded_checkpoint,
+    sharding,
+    world_from_env,
+)
 from slim_edge.errors import SlimEdgeError
 from slim_edge.pipeline import check_distributed, run_quantize
 from slim_edge.quantize import QuantConfig
@@ -257,9 +266,9 @@ def test_fsdp_bf16_precision_trains_near_fp32_with_fp32_masters(fsdp_run, tiny_l
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from slim_edge.distributed import fully_sharded
+    from slim_edge.qlinear import QuantLinear
     from slim_edge.quantize import make_plan, quantize_
     from slim_edge.train import _optimizer, _trained, decoder_layers, train_step
-    from slim_edge.qlinear import QuantLinear
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

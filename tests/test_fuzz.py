@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_models import make_tiny_smol
-
 from slim_edge.cli import main
 from slim_edge.converters.gguf_export import export_checkpoint
 from slim_edge.pipeline import run_quantize
 from slim_edge.quantize import QuantConfig
+from tiny_models import make_tiny_smol
 
 SEED = 18
 N_GGUF = 64  # mutants of the GGUF file, each read by three commands

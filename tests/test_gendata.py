@@ -6,8 +6,17 @@ import torch
 
 from slim_edge.checkpoint import read_meta
 from slim_edge.errors import SlimEdgeError
-from slim_edge.gendata import (GREEDY_PREFIX, NUCLEUS_K, Sampling, _sample, nucleus, parse_calib, sampling_batch,
-                               teacher_tokens, training_tokens)
+from slim_edge.gendata import (
+    GREEDY_PREFIX,
+    NUCLEUS_K,
+    Sampling,
+    _sample,
+    nucleus,
+    parse_calib,
+    sampling_batch,
+    teacher_tokens,
+    training_tokens,
+)
 from slim_edge.models import load_model
 from slim_edge.pipeline import run_quantize
 from slim_edge.quantize import QuantConfig

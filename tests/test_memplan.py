@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slim_edge.evals.qat_throughput import SHAPES
-from slim_edge.memplan import (GIB, LIMIT_ENV, activation_bytes, choose_shard, largest_batch, plan_memory)
+from slim_edge.memplan import GIB, LIMIT_ENV, activation_bytes, choose_shard, largest_batch, plan_memory
 from slim_edge.qlinear import QuantLinear
 from slim_edge.quantize import QuantConfig, make_plan, quantize_
 from slim_edge.train import _optimizer, _trained, recompute_layers, train_step

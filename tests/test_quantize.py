@@ -15,7 +15,6 @@ from slim_edge.pipeline import run_quantize
 from slim_edge.qlinear import QuantLinear
 from slim_edge.quantize import QuantConfig, make_plan, quantize_
 from slim_edge.train import arenas_lambda, distill_loss
-
 from tiny_models import make_tiny_model
 
 # CE + KD: on these tiny random models pure distillation (the default) falls only ~6 % in 20 steps, too little for
@@ -35,6 +34,7 @@ def test_qat_lowers_loss_and_reloads_exactly(scheme, tiny_llama, tiny_text, tmp_
     x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
     meta = read_meta(out)
     from safetensors.torch import load_file
+
     from slim_edge.checkpoint import dequantized_weights
     tensors = load_file(str(out / "model.safetensors"))
     deq = dequantized_weights(meta, tensors)
@@ -51,6 +51,7 @@ def test_qat_lowers_loss_and_reloads_exactly(scheme, tiny_llama, tiny_text, tmp_
 def test_trained_model_logits_equal_reloaded(tiny_llama, tiny_text, tmp_path):
     """The in-memory QAT model (fake quant, Arenas off) and the reloaded checkpoint agree bit for bit."""
     import copy
+
     from slim_edge.checkpoint import save_quantized
     from slim_edge.train import calibration_tokens, train
 
@@ -333,6 +334,7 @@ def test_act_quant_trains_and_reloads_as_the_runtime_rounds(tiny_llama, tiny_tex
     """--act-quant: QAT through the runtime's Q8_K input rounding (STE) lowers the loss; the reloaded model
     keeps the rounding and equals, bit for bit, the plain model under the parity simulation's rounding."""
     from safetensors.torch import load_file
+
     from slim_edge.runtime_patches.runtime_sim import simulate
 
     out, plain, act_model, plain_model, types = _train_and_reload(tiny_llama, tiny_text, tmp_path, act_quant=True)

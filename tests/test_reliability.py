@@ -605,8 +605,8 @@ def test_runtime_cache_that_is_a_file_and_zero_jobs_are_refused(tmp_path, monkey
 
 
 def test_bench_refuses_options_its_device_ignores_and_a_missing_key(tmp_path):
-    from slim_edge.devices.ssh import SshDevice
     from slim_edge.cli import bench
+    from slim_edge.devices.ssh import SshDevice
     from slim_edge.evals.tiny_gguf import write_tiny_llama_gguf
 
     with pytest.raises(SlimEdgeError, match=r"--identity /nonexistent-key: no such key file"):

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
 from slim_edge.cli import app, main
 from slim_edge.errors import SlimEdgeError
 from slim_edge.fsutil import sha256_file
 from slim_edge.runtime_patches import runtime as rt
-from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module")

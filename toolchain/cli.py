@@ -30,9 +30,9 @@ def _root():
 def quantize(
     model: Annotated[str, typer.Argument(help="HF model folder, the embedded default 'smollm2-135m', or a "
                                               "slim-edge checkpoint to continue training")] = "smollm2-135m",
-    scheme: Annotated[Optional[str], typer.Option(help="; ".join(f"{s.name}: {s.doc}" for s in SCHEMES.values())
+    scheme: Annotated[str | None, typer.Option(help="; ".join(f"{s.name}: {s.doc}" for s in SCHEMES.values())
                                                        + " (default: sherry, or the checkpoint's own)")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="full-precision model to distil from when MODEL is a "
+    teacher: Annotated[str | None, typer.Option(help="full-precision model to distil from when MODEL is a "
                                                         "checkpoint (default: the one it was made from)")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint folder to write")] = Path("runs/out"),
     steps: Annotated[int, typer.Option(help="QAT steps (0 = PTQ only: data-free scale init)")] = 0,
@@ -41,7 +41,7 @@ def quantize(
                                             "the FP model samples itself, e.g. wiki,teacher:2M; data-free when alone; "
                                             "options :temp=T :top_p=P :prompt=K open each sample with K tokens of the "
                                             "text and sample sharper, e.g. wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16)")] = "wiki",
-    target: Annotated[Optional[str], typer.Option(help="override the primary format (e.g. tq1_0)")] = None,
+    target: Annotated[str | None, typer.Option(help="override the primary format (e.g. tq1_0)")] = None,
     lr: Annotated[float, typer.Option(help="learning rate of the latent weights")] = 5e-5,
     scale_lr: Annotated[float, typer.Option(help="learning rate of the block scales; with --scale-update relative "
                                                  "a step moves a scale by about this fraction of its size (3e-2 was best on SmolLM2: "
@@ -78,11 +78,11 @@ def quantize(
                                                   "its time grows with them (fewer on CPU)")] = 128,
     keep: Annotated[str, typer.Option(help="comma-separated module-name fragments kept in high precision")]
     = "embed_tokens,lm_head",
-    bits: Annotated[Optional[float], typer.Option(
+    bits: Annotated[float | None, typer.Option(
         help="bits per weight over the quantized linears, from the scheme's own up to 4.5: the linears whose "
              "PTQ raises the KL to the FP model most per extra bit (measured on the training text) go to q4_0, "
              "the rest stay in the scheme's type (default: none; a checkpoint's own)", show_default=False)] = None,
-    embedding_type: Annotated[Optional[str], typer.Option(
+    embedding_type: Annotated[str | None, typer.Option(
         help="q8_0 | q4_0 | f16: the token embedding and tied head train on the type export writes "
              "(f16 keeps them float; default q8_0, or a checkpoint's own)", show_default=False)] = None,
     act_quant: Annotated[bool, typer.Option("--act-quant", help="train with the runtime's 8-bit activation "
@@ -94,7 +94,7 @@ def quantize(
                                     "angles; the checkpoint keeps it. With --act-quant the PyTorch model then "
                                     "rounds everything the runtime rounds: Sherry's top-1 agreement with "
                                     "llama.cpp went 93.0 -> 96.0 % (eager attention: more GPU memory)")] = False,
-    arenas_lambda: Annotated[Optional[float], typer.Option(
+    arenas_lambda: Annotated[float | None, typer.Option(
         help="Sherry's Arenas peak weight; 0 = off. Default: 1.0 from a full-precision model, 0 when MODEL is a "
              "checkpoint (its codes are trained; a new residual branch would have to be trained away again)",
         show_default=False)] = None,
@@ -192,27 +192,27 @@ def quantize(
 def export(
     source: Annotated[str, typer.Argument(help="a checkpoint folder from `slim-edge quantize`, or (with --type) "
                                               "an HF folder / 'smollm2-135m' for a baseline")],
-    gguf: Annotated[Optional[Path], typer.Option("--gguf", help="GGUF file to write (default: named by the "
+    gguf: Annotated[Path | None, typer.Option("--gguf", help="GGUF file to write (default: named by the "
                                                                "GGUF convention, in the current folder)")] = None,
-    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="write an ONNX Runtime folder instead: model.onnx "
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="write an ONNX Runtime folder instead: model.onnx "
                                                                "(the trained codes as MatMulNBits; from an HF model: a float32 baseline), tokenizer, "
                                                                "genai_config.json")] = None,
-    type_: Annotated[Optional[str], typer.Option("--type", help="baseline from the FP model: f16 | q8_0 (the "
+    type_: Annotated[str | None, typer.Option("--type", help="baseline from the FP model: f16 | q8_0 (the "
                                  "converter) or q4_0 | q4_k_m | q4_k_s | q2_k | tq2_0 | tq1_0 (llama-quantize, "
                                  "llama.cpp's PTQ)")] = None,
-    token_embedding_type: Annotated[Optional[str], typer.Option(
+    token_embedding_type: Annotated[str | None, typer.Option(
         help="f16 | q8_0 | q4_0 (default: the type the checkpoint's embedding trained on, written as its codes; "
              "q8_0 for a float one)", show_default=False)] = None,
     onnx_bits: Annotated[int, typer.Option(help="with --onnx: the fewest bits per code of the quantized linears. 2: "
                                                 "the smallest file; 4: the same values in onnxruntime's fast 4-bit "
                                                 "kernel (linears ~2x larger, decode several times faster on CPU: "
                                                 "evals/reports/onnx_bench_host.md)")] = 2,
-    onnx_attention: Annotated[Optional[str], typer.Option(
+    onnx_attention: Annotated[str | None, typer.Option(
         help="with --onnx: gqa (default: onnxruntime's fused GroupQueryAttention and RMSNorm ops, faster decode) | "
              "plain (every step in standard ONNX ops, for runtimes without onnxruntime's contrib ops)",
         show_default=False)] = None,
     output_tensor_type: Annotated[str, typer.Option(help="untied output head: f16 | q8_0 | q4_0")] = "q8_0",
-    tensor_type: Annotated[Optional[list[str]], typer.Option(help="REGEX=TYPE for unquantized tensors "
+    tensor_type: Annotated[list[str] | None, typer.Option(help="REGEX=TYPE for unquantized tensors "
                                                                   "(repeatable)")] = None,
     force: Force = False,
     as_json: JsonOut = False,
@@ -339,7 +339,7 @@ IsaOpt = Annotated[str, typer.Option("--isa", help="host x86 ISA: avx2 (AVX2+FMA
 NativeOpt = Annotated[bool, typer.Option("--native", help="same as --isa native")]
 ArmOpt = Annotated[str, typer.Option("--arm-arch", help="aarch64 -march for linux-arm64/android-arm64")]
 _TOOLS = ", ".join(runtime.DEFAULT_TOOLS)
-ToolOpt = Annotated[Optional[list[str]], typer.Option(
+ToolOpt = Annotated[list[str] | None, typer.Option(
     "--tool", help=f"build these instead of the default set ({_TOOLS}); repeatable")]
 
 
@@ -357,7 +357,7 @@ def _report(rt: runtime.Runtime, as_json: bool) -> None:
 @runtime_app.command("build")
 def runtime_build(target: TargetOpt = "host", isa: IsaOpt = "avx2", native: NativeOpt = False,
                   arm_arch: ArmOpt = runtime.DEFAULT_ARM_ARCH, tool: ToolOpt = None,
-                  jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="compile jobs")] = None,
+                  jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="compile jobs")] = None,
                   force: Annotated[bool, typer.Option("--force", help="rebuild even if cached")] = False,
                   keep_build: Annotated[bool, typer.Option("--keep-build", help="keep the tree and build dir "
                                                            "(.work-<target> in the cache)")] = False,
@@ -449,7 +449,7 @@ def _gguf_group():
 def retag_cmd(file: Annotated[Path, typer.Argument(help="GGUF file to fix")],
               from_id: Annotated[int, typer.Option("--from", help="type id the old file stores")] = 42,
               to_id: Annotated[int, typer.Option("--to", help="type id to write")] = 43,
-              out: Annotated[Optional[Path], typer.Option("-o", "--output", help="output file "
+              out: Annotated[Path | None, typer.Option("-o", "--output", help="output file "
                                                           "(default: FILE with -retag before .gguf)")] = None,
               in_place: Annotated[bool, typer.Option("--in-place", help="replace FILE (atomically)")] = False,
               force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
@@ -499,22 +499,22 @@ def bench(
     models: Annotated[list[Path], typer.Argument(help="GGUF files to benchmark (slim-edge files and baselines), "
                                                       "and on the host ONNX exports (run by onnxruntime).")],
     device: Annotated[str, typer.Option("--device", "-d", help="host | android | ssh | qemu-arm64")] = "host",
-    serial: Annotated[Optional[str], typer.Option(help="android: adb serial when several phones are attached.")] = None,
-    host: Annotated[Optional[str], typer.Option(help="ssh: user@address of the board.")] = None,
+    serial: Annotated[str | None, typer.Option(help="android: adb serial when several phones are attached.")] = None,
+    host: Annotated[str | None, typer.Option(help="ssh: user@address of the board.")] = None,
     port: Annotated[int, typer.Option(help="ssh: port.")] = 22,
-    identity: Annotated[Optional[Path], typer.Option(help="ssh: private key file.")] = None,
+    identity: Annotated[Path | None, typer.Option(help="ssh: private key file.")] = None,
     prompt_lengths: Annotated[str, typer.Option("--prompt-lengths", "-p",
                                                 help="Prompt lengths for prefill and TTFT.")] = "128,256,512,1024",
     n_gen: Annotated[int, typer.Option("--n-gen", "-n", help="Tokens generated in the decode test.")] = 128,
     threads: Annotated[str, typer.Option("--threads", "-t", help="Thread counts.")] = "1,2",
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 5,
     delay: Annotated[int, typer.Option(help="Cool-down seconds between tests and runs.")] = 0,
-    cool_to: Annotated[Optional[float], typer.Option(help="Before each run wait (up to 5 min) until the hottest "
+    cool_to: Annotated[float | None, typer.Option(help="Before each run wait (up to 5 min) until the hottest "
                                                           "thermal zone reads below this many °C, e.g. 40.")] = None,
-    baselines: Annotated[Optional[str], typer.Option(help="Build and add baselines, e.g. q4_0,q4_k_m,f16.")] = None,
-    fp_model: Annotated[Optional[Path], typer.Option(help="F16/F32 GGUF the baselines are quantized from.")] = None,
-    compare: Annotated[Optional[str], typer.Option(help="Print ratios against this model, e.g. q4_0.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+    baselines: Annotated[str | None, typer.Option(help="Build and add baselines, e.g. q4_0,q4_k_m,f16.")] = None,
+    fp_model: Annotated[Path | None, typer.Option(help="F16/F32 GGUF the baselines are quantized from.")] = None,
+    compare: Annotated[str | None, typer.Option(help="Print ratios against this model, e.g. q4_0.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o",
                                                    help="Results folder (default results/bench-<timestamp>).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing results folder.")] = False,
     cleanup: Annotated[bool, typer.Option(help="Remove the device's working folder afterwards.")] = False,
@@ -568,19 +568,19 @@ ModelsArg = Annotated[list[str], typer.Argument(
 @app.command(name="eval")
 def eval_command(
     models: ModelsArg,
-    reference: Annotated[Optional[str], typer.Option(
+    reference: Annotated[str | None, typer.Option(
         "--reference", "-r", help="full-precision model to compare against (KLD, ΔPPL, same top-1)")] = None,
     corpus: Annotated[str, typer.Option(help="lee | wiki | pydoc | pydocs, or a UTF-8 text file")] = "lee",
     split: Annotated[str, typer.Option(help="eval (held out) | train, for the built-in corpora")] = "eval",
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="tokens per chunk; the second half is scored")] = 512,
-    chunks: Annotated[Optional[int], typer.Option("--chunks", help="evaluate at most this many chunks")] = None,
+    chunks: Annotated[int | None, typer.Option("--chunks", help="evaluate at most this many chunks")] = None,
     gen_tokens: Annotated[int, typer.Option(help="greedy tokens per prompt for the loop check (0 = skip)")] = 64,
     threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads for torch and the runtime")] = 2,
-    train_text: Annotated[Optional[str], typer.Option(
+    train_text: Annotated[str | None, typer.Option(
         help="the text the models were trained on (corpus name or file): refuse overlapping eval text")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON to stdout (the table goes to "
                                                          "stderr)")] = False,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="also write the results as JSON to this "
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="also write the results as JSON to this "
                                                                           "file")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing -o file")] = False,
 ):

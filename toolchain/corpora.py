@@ -42,13 +42,13 @@ import bz2
 import gzip
 import hashlib
 import html
-from html.parser import HTMLParser
 import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 from slim_edge.errors import SlimEdgeError

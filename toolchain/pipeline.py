@@ -14,20 +14,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import (check_output, init_from_checkpoint, is_checkpoint, read_meta, refuse_damaged_checkpoint,
-                         save_quantized)
-from .distributed import (World, barrier, broadcast, joined, meta_copy, quiet, rank_device, sharded_checkpoint,
-                          sharding, unsharded,
-                          world_from_env)
+from .budget import SENS_LEN, SENS_SEQS, budget_plan, check_bits, format_sensitivity, overrides_of
+from .checkpoint import (
+    check_output,
+    init_from_checkpoint,
+    is_checkpoint,
+    read_meta,
+    refuse_damaged_checkpoint,
+    save_quantized,
+)
+from .distributed import (
+    World,
+    barrier,
+    broadcast,
+    joined,
+    meta_copy,
+    quiet,
+    rank_device,
+    sharded_checkpoint,
+    sharding,
+    unsharded,
+    world_from_env,
+)
 from .errors import SlimEdgeError
 from .fsutil import atomic_path, check_free_space
+from .gendata import parse_calib, training_tokens
 from .memory import check_model_config
 from .memplan import available_memory, check_fits, choose_shard, format_memory_plan, plan_memory
 from .models import architecture_of, load_model, resolve
-from .budget import SENS_LEN, SENS_SEQS, budget_plan, check_bits, format_sensitivity, overrides_of
-from .quantize import QuantConfig, format_plan, get_scheme, plan_summary, quantize_, make_plan
-from .gendata import parse_calib, training_tokens
 from .ptq import gptq_, summary_line as gptq_summary
+from .quantize import QuantConfig, format_plan, get_scheme, make_plan, plan_summary, quantize_
 from .train import _batches, calib_file, distill_loss, reconstruct_blocks, seed_everything, train
 
 

@@ -25,8 +25,17 @@ import torch
 
 from .errors import SlimEdgeError
 from .formats.base import Format
-from .qlinear import (FP16_MAX, FP16_TINY, QuantLinear, grid_quads, grid_rule, grid_top, grid_values, init_scale,
-                      round_activations)
+from .qlinear import (
+    FP16_MAX,
+    FP16_TINY,
+    QuantLinear,
+    grid_quads,
+    grid_rule,
+    grid_top,
+    grid_values,
+    init_scale,
+    round_activations,
+)
 from .quantize import QuantConfig
 from .train import _batches, _layer_inputs, _layer_out, decoder_layers
 

@@ -135,7 +135,7 @@ class QuantConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "QuantConfig":
+    def from_json(cls, data: dict) -> QuantConfig:
         version = data.get("version")
         if version != CONFIG_VERSION:
             raise SlimEdgeError(f"quantization config version {version!r} is not supported "

@@ -23,8 +23,20 @@ import torch
 import torch.nn.functional as F
 
 from .distill import distill_loss  # noqa: F401  (re-exported: the loss lives in distill.py)
-from .distributed import (World, agree, barrier, data_parallel, fully_sharded, global_mean, load_optimizer,
-                          load_sharded, save_sharded, sharded_checkpoint, sharded_teacher, sharding)
+from .distributed import (
+    World,
+    agree,
+    barrier,
+    data_parallel,
+    fully_sharded,
+    global_mean,
+    load_optimizer,
+    load_sharded,
+    save_sharded,
+    sharded_checkpoint,
+    sharded_teacher,
+    sharding,
+)
 from .errors import SlimEdgeError
 from .fsutil import path_kind
 from .qlinear import QuantLinear, compiled_kernels

@@ -5,6 +5,7 @@ import struct
 import pytest
 from typer.testing import CliRunner
 
+from gguf_checks import GGUF_NAMES, check_bit_exact
 from slim_edge.checkpoint import read_meta
 from slim_edge.cli import app
 from slim_edge.converters.gguf_export import EXPORT_FORMAT_VERSION, export_checkpoint
@@ -14,8 +15,6 @@ from slim_edge.errors import SlimEdgeError
 from slim_edge.formats import get_format
 from slim_edge.pipeline import run_quantize
 from slim_edge.quantize import QuantConfig
-
-from gguf_checks import GGUF_NAMES, check_bit_exact
 from tiny_models import make_tiny_smol, quantized_exports
 
 

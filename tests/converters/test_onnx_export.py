@@ -11,8 +11,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from slim_edge.checkpoint import dequantized_weights, embedding_codes, load_quantized, read_meta, read_tensors  # noqa: E402
-from slim_edge.converters.onnx_export import (export_onnx, onnx_grid, pack_weight, split_8bit,  # noqa: E402
-                                              require_onnx, unpack_codes)
+from slim_edge.converters.onnx_export import export_onnx, onnx_grid, pack_weight, require_onnx, split_8bit, unpack_codes  # noqa: E402
 from slim_edge.errors import SlimEdgeError  # noqa: E402
 from slim_edge.evals.backends import OnnxLM  # noqa: E402
 from slim_edge.formats import FORMATS, get_format  # noqa: E402
@@ -137,9 +136,8 @@ def test_onnx_bits_4_export_decodes_exactly(onnx_exports, tmp_path):
 
 @pytest.mark.parametrize("name", [n for n in FORMATS if n != "f16"])
 def test_every_format_runs_exactly_in_matmulnbits(name):
-    from onnx import TensorProto as T, helper, numpy_helper
-
     import onnxruntime as ort
+    from onnx import TensorProto as T, helper, numpy_helper
 
     fmt = FORMATS[name]
     rng = np.random.default_rng(1)

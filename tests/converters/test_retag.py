@@ -4,12 +4,13 @@ import struct
 import gguf
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
+from slim_edge.cli import gguf_app
+from slim_edge.converters.gguf_read import read_tensor_table
+from slim_edge.converters.gguf_retag import plan_retag, retag
 from slim_edge.errors import SlimEdgeError
 from slim_edge.formats import get_format
-from slim_edge.converters.gguf_read import read_tensor_table
-from slim_edge.cli import gguf_app
-from slim_edge.converters.gguf_retag import plan_retag, retag
-from typer.testing import CliRunner
 
 STQ, Q2 = get_format("stq1_0"), get_format("q2_0")
 PLACEHOLDER = gguf.GGMLQuantizationType.TQ2_0  # any stock id: gguf 0.19.0 knows neither 42 nor 43

@@ -12,9 +12,18 @@ import time
 import pytest
 
 from slim_edge.devices import android, get_device, parse
-from slim_edge.devices.android import (WORKDIR, AndroidDevice, adb_devices_argv, adb_pull_argv, adb_push_argv,
-                                       adb_shell_argv, check_arm64, choose_serial, with_exit_status)
-from slim_edge.devices.base import THERMAL_COMMAND, DeviceInfo, RunResult, VMHWM_WRAPPER
+from slim_edge.devices.android import (
+    WORKDIR,
+    AndroidDevice,
+    adb_devices_argv,
+    adb_pull_argv,
+    adb_push_argv,
+    adb_shell_argv,
+    check_arm64,
+    choose_serial,
+    with_exit_status,
+)
+from slim_edge.devices.base import THERMAL_COMMAND, VMHWM_WRAPPER, DeviceInfo, RunResult
 from slim_edge.errors import SlimEdgeError
 
 

@@ -9,8 +9,17 @@ import pytest
 from slim_edge.devices import parse
 from slim_edge.devices.base import DeviceInfo
 from slim_edge.errors import SlimEdgeError
-from slim_edge.evals.bench import (wait_cool, BenchConfig, BenchResult, ModelResult, compare_to, llama_bench_argv,
-                                   pin_masks, summarize_rows, write_results)
+from slim_edge.evals.bench import (
+    BenchConfig,
+    BenchResult,
+    ModelResult,
+    compare_to,
+    llama_bench_argv,
+    pin_masks,
+    summarize_rows,
+    wait_cool,
+    write_results,
+)
 
 CAPTURED = Path(__file__).resolve().parents[2] / "devices" / "captured"
 

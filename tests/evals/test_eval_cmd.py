@@ -4,8 +4,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from slim_edge.errors import SlimEdgeError
 from slim_edge.cli import eval_command
+from slim_edge.errors import SlimEdgeError
 from slim_edge.evals.eval_cmd import evaluate, format_table
 
 

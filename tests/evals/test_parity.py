@@ -11,7 +11,6 @@ from slim_edge.converters.gguf_export import _permutation
 from slim_edge.errors import SlimEdgeError
 from slim_edge.evals.parity import load_file_weights
 from slim_edge.formats import get_format
-
 from tiny_models import make_tiny_model
 
 Q8 = get_format("q8_0")

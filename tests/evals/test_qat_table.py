@@ -13,8 +13,8 @@ def _load(folder):
 
 
 def test_held_out_kld_matches_direct_computation(tmp_path):
-    from slim_edge.evals.backends import TorchLM
     from slim_edge.corpora import get_text
+    from slim_edge.evals.backends import TorchLM
     from slim_edge.evals.kld import kl_divergence
     from slim_edge.evals.perplexity import make_chunks, scored_logits
     from slim_edge.evals.qat_table import held_out_ppl

@@ -17,12 +17,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.runtime]
 
 @pytest.fixture(scope="module")
 def smollm2_f16(tmp_path_factory):
-    from slim_edge.runtime_patches import runtime
-    from slim_edge.fsutil import cache_dir
-    from slim_edge.models import resolve
-
     from slim_edge.errors import SlimEdgeError
     from slim_edge.evals.backends import bindings
+    from slim_edge.fsutil import cache_dir
+    from slim_edge.models import resolve
+    from slim_edge.runtime_patches import runtime
 
     try:
         bindings()  # slim-edge's runtime; never import llama_cpp directly (the library is chosen at import)

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from slim_edge.formats import FORMATS, get_format
-from slim_edge.formats.stq1_0 import CODEBOOK, QUADS
+from slim_edge.formats.stq1_0 import CODEBOOK, QUADS, quad_layout
 from slim_edge.qlinear import fake_quant, init_scale
-from slim_edge.formats.stq1_0 import quad_layout
 
 GOLDEN = Path(__file__).parents[1] / "golden"
 QUANTIZED = [n for n in FORMATS if n != "f16"]

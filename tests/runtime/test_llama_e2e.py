@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from slim_edge.runtime_patches import runtime
 from slim_edge.converters.gguf_read import read_tensor_table
 from slim_edge.converters.gguf_types import tensor_bytes, tensor_values
-from slim_edge.formats import get_format
 from slim_edge.evals.tiny_gguf import write_tiny_llama_gguf
+from slim_edge.formats import get_format
+from slim_edge.runtime_patches import runtime
 
 pytestmark = pytest.mark.runtime
 

@@ -7,9 +7,17 @@ import pytest
 import torch
 
 from slim_edge.errors import SlimEdgeError
-from slim_edge.runtime_patches.runtime_sim import (fake_activation, ggml_rope_cos_sin, q8_0_bytes,
-                                                   q8_k_bytes, q8_k_reference, quantize_q8_0, quantize_q8_k,
-                                                   simulate, vec_dot_types)
+from slim_edge.runtime_patches.runtime_sim import (
+    fake_activation,
+    ggml_rope_cos_sin,
+    q8_0_bytes,
+    q8_k_bytes,
+    q8_k_reference,
+    quantize_q8_0,
+    quantize_q8_k,
+    simulate,
+    vec_dot_types,
+)
 
 
 def activation_rows(n: int = 1024) -> np.ndarray:
