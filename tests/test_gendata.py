@@ -29,10 +29,12 @@ def test_parse_calib():
     assert parse_calib("teacher") == [("teacher", Sampling(100_000))]
     assert parse_calib("wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16")[1] == ("teacher", Sampling(4_000_000, 0.7, 0.9, 16))
     assert parse_calib("teacher:temp=0")[0] == ("teacher", Sampling(100_000, temperature=0.0))
+    assert parse_calib("teacher:2M:batch=256")[0] == ("teacher", Sampling(2_000_000, batch=256))
     for bad, msg in [("teacher:lots", "teacher:N"), ("wiki,,lee", "empty source"), ("", "empty source"),
                      ("teacher:0", "no tokens"), ("teacher:1M:temperature=1", "unknown teacher option 'temperature'"),
                      ("teacher:1M:top_p=0", "0 < top_p <= 1"), ("teacher:1M:temp=-1", "temp >= 0"),
-                     ("teacher:1M:prompt=x", "prompt='x' .* not a number")]:
+                     ("teacher:1M:prompt=x", "prompt='x' .* not a number"),
+                     ("teacher:1M:batch=0", r"batch >= 1 \(got .*batch=0\)")]:
         with pytest.raises(SlimEdgeError, match=msg):
             parse_calib(bad)
 
@@ -121,6 +123,13 @@ def test_training_tokens_joins_sources(tiny_llama, tiny_text):
     assert "64 tokens sampled from the FP model (seed 1, temp 0.5, top-p 1, 4-token text prompts)" in src
     with pytest.raises(SlimEdgeError, match="no text source"):
         training_tokens(model, tok, "teacher:64:prompt=4", 32, device="cpu", seed=0, progress=False)
+    # batch=N: N sequences at once (the draws follow the batches, so the samples are teacher_tokens' at batch N)
+    ids, src = training_tokens(model, tok, "teacher:96:batch=1", 32, device="cpu", seed=0, progress=False)
+    assert "96 tokens sampled from the FP model (seed 0, 1 at once)" in src
+    starts = torch.tensor([i for i in range(model.config.vocab_size) if i not in set(tok.all_special_ids)])
+    kw = dict(device="cpu", seed=0, progress=False)
+    assert torch.equal(ids, teacher_tokens(model, 96, 32, starts, batch=1, **kw))
+    assert not torch.equal(ids, teacher_tokens(model, 96, 32, starts, batch=16, **kw))
 
 
 def test_quantize_data_free_and_resume_keeps_the_samples(tiny_llama, tmp_path):

@@ -36,14 +36,17 @@ KV_OVERHEAD = 2.25
 @dataclass(frozen=True)
 class Sampling:
     """How `teacher:N` samples: N tokens, at `temperature` (0 = greedy), from the top-p nucleus, each
-    sequence opening with `prompt` tokens of the text sources (0: one unigram token, then greedy)."""
+    sequence opening with `prompt` tokens of the text sources (0: one unigram token, then greedy), `batch`
+    sequences at once (None: sampling_batch of the free GPU memory; give it when runs share a GPU)."""
     tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     prompt: int = 0
+    batch: int | None = None
 
 
-_SAMPLING_KEYS = {"temp": ("temperature", float), "top_p": ("top_p", float), "prompt": ("prompt", int)}
+_SAMPLING_KEYS = {"temp": ("temperature", float), "top_p": ("top_p", float), "prompt": ("prompt", int),
+                  "batch": ("batch", int)}
 
 
 def _sampling(spec: str, item: str, n: int, options: str) -> Sampling:
@@ -59,9 +62,10 @@ def _sampling(spec: str, item: str, n: int, options: str) -> Sampling:
         except ValueError:
             raise SlimEdgeError(f"--calib {spec!r}: {key}={value!r} in {item!r} is not a number") from None
     s = Sampling(n, **kw)
-    if not (s.temperature >= 0 and 0 < s.top_p <= 1 and s.prompt >= 0):
-        raise SlimEdgeError(f"--calib {spec!r}: {item!r} needs temp >= 0, 0 < top_p <= 1 and prompt >= 0 "
-                            f"(got temp={s.temperature}, top_p={s.top_p}, prompt={s.prompt})")
+    if not (s.temperature >= 0 and 0 < s.top_p <= 1 and s.prompt >= 0 and (s.batch is None or s.batch >= 1)):
+        raise SlimEdgeError(f"--calib {spec!r}: {item!r} needs temp >= 0, 0 < top_p <= 1, prompt >= 0 and "
+                            f"batch >= 1 (got temp={s.temperature}, top_p={s.top_p}, prompt={s.prompt}, "
+                            f"batch={s.batch})")
     return s
 
 
@@ -203,10 +207,11 @@ def training_tokens(model, tokenizer, calib: str, seq_len: int, *, device: str, 
             if s.prompt and not texts:
                 raise SlimEdgeError(f"--calib {calib!r}: prompt={s.prompt} opens the samples with text, but "
                                     f"there is no text source; add one (e.g. wiki,teacher:2M:prompt=16)")
-            ids = teacher_tokens(model, s.tokens, seq_len, starts, device=device, seed=seed + k, progress=progress,
-                                 temperature=s.temperature, top_p=s.top_p, prompt=s.prompt)
-            how = "" if s == Sampling(s.tokens) else \
-                f", temp {s.temperature:g}, top-p {s.top_p:g}" + (f", {s.prompt}-token text prompts" if s.prompt else "")
+            ids = teacher_tokens(model, s.tokens, seq_len, starts, device=device, seed=seed + k, batch=s.batch,
+                                 progress=progress, temperature=s.temperature, top_p=s.top_p, prompt=s.prompt)
+            how = "" if s == Sampling(s.tokens, batch=s.batch) else f", temp {s.temperature:g}, top-p {s.top_p:g}"
+            how += f", {s.prompt}-token text prompts" if s.prompt else ""
+            how += f", {s.batch} at once" if s.batch else ""
             source = f"{len(ids):,} tokens sampled from the FP model (seed {seed + k}{how})"
         parts.append(ids)
         names.append(source)
