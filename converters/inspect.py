@@ -62,7 +62,8 @@ def inspect_gguf(path: Path, runtime: str = "stock") -> dict:
     total_bits = total_n = 0
     for t in table.tensors:
         fmt = BY_ID.get(t.type_id)
-        name, bpw = (fmt.name.upper(), fmt.bits_per_weight) if fmt else OTHER_TYPES.get(t.type_id, (f"type {t.type_id}", None))
+        name, bpw = ((fmt.name.upper(), fmt.bits_per_weight) if fmt
+                     else OTHER_TYPES.get(t.type_id, (f"type {t.type_id}", None)))
         is_legacy = (t.type_id in LEGACY_IDS and fmt is not None and t.n_elements > 0
                      and abs(t.span * 8 / t.n_elements - fmt.bits_per_weight) > 0.5)
         if bpw is None:

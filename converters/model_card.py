@@ -49,7 +49,8 @@ def write_card(gguf: Path, summary: dict, source: str, force: bool = False, extr
         "",
         f"- size: {summary['bytes'] / 2**20:.1f} MiB",
         f"- bits per weight in the quantized linear layers: {bpw:.3f}" if bpw else f"- type: {summary.get('type')}",
-        f"- runtime: {'slim-edge patched llama.cpp (custom types: ' + ', '.join(summary.get('custom_types', [])) + ')' if needs else 'stock llama.cpp / llama-cpp-python 0.3.36'}",
+        "- runtime: " + (f"slim-edge patched llama.cpp (custom types: {', '.join(summary.get('custom_types', []))})"
+                         if needs else "stock llama.cpp / llama-cpp-python 0.3.36"),
         *( ["- trained through the runtime's attention: keep llama.cpp's default F16 KV cache and leave flash "
             "attention off (no `-ctk`/`-ctv`/`-fa`); other settings change what it computes"]
            if (summary.get("trained_for") or {}).get("runtime_attention") else []),

@@ -410,7 +410,8 @@ def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2, attentio
     w = _Weights(g, meta, tensors, bits)
     t = tensors
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                            ["batch_size", "total_sequence_length"]),
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", s.vocab])]
     h = w.embedding("input_ids", "model.embed_tokens")
@@ -573,12 +574,14 @@ def genai_config(config: dict, spec: _Spec, tok_config: dict) -> dict:
     """onnxruntime-genai's genai_config.json for the decoder (its names for our inputs and outputs)."""
     eos = config.get("eos_token_id", tok_config.get("eos_token_id"))
     return {"model": {
-        "bos_token_id": config.get("bos_token_id"), "eos_token_id": eos, "pad_token_id": config.get("pad_token_id", eos),
+        "bos_token_id": config.get("bos_token_id"), "eos_token_id": eos,
+        "pad_token_id": config.get("pad_token_id", eos),
         "context_length": config.get("max_position_embeddings"), "type": "llama", "vocab_size": spec.vocab,
         "decoder": {
             "filename": "model.onnx", "head_size": spec.head_dim, "hidden_size": spec.hidden,
             "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
-            "num_hidden_layers": spec.layers, "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+            "num_hidden_layers": spec.layers,
+            "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
             "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
                        "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
             "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
@@ -699,8 +702,8 @@ def inspect_onnx(path: Path) -> dict:
             "linear_bits_per_weight": sum(w["bytes"] * 8 for w in quant) / max(sum(w["weights"] for w in quant), 1)}
 
 
-FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "RotaryEmbedding", "SimplifiedLayerNormalization",
-             "SkipSimplifiedLayerNormalization")
+FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "RotaryEmbedding",
+             "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
 def _attention_ops(nodes, ops: dict) -> dict:

@@ -44,8 +44,8 @@ def _row(kind: str, n: int, threads: int, samples_ns: list[int], ort_version: st
     ts = [n / (s / 1e9) for s in samples_ns]
     return {"n_prompt": n if kind == "pp" else 0, "n_gen": n if kind == "tg" else 0, "n_threads": threads,
             "avg_ts": float(np.mean(ts)), "stddev_ts": float(np.std(ts, ddof=1)) if len(ts) > 1 else 0.0,
-            "samples_ns": samples_ns, "samples_ts": ts, "model_type": "onnx", "build_commit": f"onnxruntime {ort_version}",
-            "backends": "onnxruntime CPUExecutionProvider"}
+            "samples_ns": samples_ns, "samples_ts": ts, "model_type": "onnx",
+            "build_commit": f"onnxruntime {ort_version}", "backends": "onnxruntime CPUExecutionProvider"}
 
 
 def onnx_bench_rows(path: Path, prompt_lengths: list[int], n_gen: int, threads: int, repetitions: int,

@@ -38,7 +38,8 @@ def session(bits: int, zp: str, acc: int, n: int, k: int, block: int, threads: i
                             bits=bits, block_size=block, accuracy_level=acc)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", T.FLOAT, [None, k])],
                               [helper.make_tensor_value_info("y", T.FLOAT, [None, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -16,7 +16,8 @@ the function `slim-edge quantize` runs. Variants (each on a fresh student, same 
   `torchrun --nproc-per-node N` the process group is torchrun's (nccl on CUDA, gloo on CPU), alone a one-rank
   group; at N=1 it is the cost of the distributed path itself, which `slim-edge quantize` skips at N=1
 Speed does not depend on the values: batches are random token ids (seeded), and `--random` builds the model
-with random weights in the named shape (no model file needed, as kernel benchmarks use random weights). Tokens/s counts one rank's student tokens (batch x seq_len) per second of wall time, synchronised.
+with random weights in the named shape (no model file needed, as kernel benchmarks use random weights). Tokens/s counts
+one rank's student tokens (batch x seq_len) per second of wall time, synchronised.
 """
 from __future__ import annotations
 
@@ -140,8 +141,10 @@ def random_model(shape: str, device: str):
 
 # under torchrun, a rank's traceback goes into torchrun's failure summary (without it only the exit code shows)
 @record
-def main(model: str = "smollm2-135m", random: bool = typer.Option(False, help="random weights in the shape named by "
-                                                                 "--model (smollm2-135m, llama-1b, tiny): no model file"), schemes: str = "seq2,sherry", variants: str = ",".join(VARIANTS),
+def main(model: str = "smollm2-135m",
+         random: bool = typer.Option(False, help="random weights in the shape named by --model (smollm2-135m, "
+                                                 "llama-1b, tiny): no model file"),
+         schemes: str = "seq2,sherry", variants: str = ",".join(VARIANTS),
          batch_size: int = 32, seq_len: int = 512, steps: int = 10, warmup: int = 3, device: str = "auto",
          output: Path = typer.Option(Path("evals/reports/qat_throughput"), "-o")):
     world = world_from_env()
@@ -170,7 +173,8 @@ def main(model: str = "smollm2-135m", random: bool = typer.Option(False, help="r
         return
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
     info = {"command": "python -m slim_edge.evals.qat_throughput " + shlex.join(sys.argv[1:]), "device": gpu,
-            "torch": torch.__version__, "model": model + (" (random weights)" if random else ""), "batch_size": batch_size, "seq_len": seq_len, "world_size": world.size,
+            "torch": torch.__version__, "model": model + (" (random weights)" if random else ""),
+            "batch_size": batch_size, "seq_len": seq_len, "world_size": world.size,
             "steps": steps, "warmup": warmup, "rows": rows}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")

@@ -91,7 +91,8 @@ def main(model: str = "smollm2-135m", device: str = typer.Option(None, help="cpu
              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.startswith("cuda") else None}
         runs.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
-    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or platform.machine()}, " \
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()}, " \
         f"{torch.get_num_threads()} threads"
     info = {"model": model, "device": where, "torch": torch.__version__, "text": source, "seq_len": seq_len,
             "prompt": prompt, "top_p_step": step, "sampling": runs, "command": " ".join(sys.argv)}

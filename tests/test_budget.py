@@ -61,7 +61,8 @@ def test_budget_never_exceeds_bits_and_is_within_one_tensor_of_them():
         n = int(rng.integers(1, 12))
         specs = [(f"t{i}", int(rng.choice([32, 64, 96, 576])), int(rng.choice([64, 128, 512, 1536])),
                   str(rng.choice(["q2_0", "q2_0c", "stq1_0"]))) for i in range(n)]
-        plan = [e for e in _plan(*specs) if e.shape[1] % get_format(e.format).block_size == 0] or _plan(specs[0][:3] + ("q2_0",))
+        plan = ([e for e in _plan(*specs) if e.shape[1] % get_format(e.format).block_size == 0]
+                or _plan(specs[0][:3] + ("q2_0",)))
         table = [{"name": e.name, "kl": float(rng.exponential())} for e in plan]
         have, weights = plan_bits(plan)
         bits = float(rng.uniform(have / weights, 4.5))

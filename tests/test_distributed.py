@@ -223,9 +223,10 @@ def test_two_fsdp_ranks_train_as_one_process_at_twice_the_batch(fsdp_run, refere
     Tight only until the first code flips: the clip (active: the norms are 1.03-1.49 in these steps) takes a norm
     summed from the shards in another order, 1.8e-6 relative off DDP's at step 1 (measured; the losses of steps 1-2
     equal DDP's to 8 digits: Adam's first step is scale-free), Adam turns that into lr-sized steps on near-zero
-    grads from step 2, and once a ternary code flips the runs part chaotically (measured: 5e-7 at step 3, 3e-5 at 4, 1.5e-3 at
-    12; 1.7e-4 of the codes flipped, the scales < 1 % apart). So: DDP's 1e-5 for the first FIRST_STEPS steps, and
-    5e-3 and at most 1e-3 flipped codes after that. A wrong data split or no gradient averaging is off by > 1e-3 at step 1 or 2."""
+    grads from step 2, and once a ternary code flips the runs part chaotically (measured: 5e-7 at step 3, 3e-5 at 4,
+    1.5e-3 at 12; 1.7e-4 of the codes flipped, the scales < 1 % apart). So: DDP's 1e-5 for the first FIRST_STEPS steps,
+    and 5e-3 and at most 1e-3 flipped codes after that. A wrong data split or no gradient averaging is off by > 1e-3 at
+    step 1 or 2."""
     out, rc, stderr = fsdp_run
     assert rc == 0, stderr[-3000:]
     assert stderr.count("wrote ") == 1, "rank 1 printed its summary too"
@@ -467,3 +468,36 @@ def test_data_parallel_takes_the_buffer_keyword_the_installed_torch_knows():
         assert torch.allclose(plain.weight.grad, wrapped.module.weight.grad, rtol=1e-6, atol=1e-7)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_dcp_save_is_on_disk_before_its_rename(tmp_path, monkeypatch):
+    """save_sharded fsyncs every file of train.dcp.tmp/ (all ranks' shards, .metadata, slim_edge.json) and the
+    folder before renaming it to train.dcp/, and the parent after: a crash just after the rename cannot leave
+    train.dcp/ naming files the disk never got whole (the previous one, train.dcp.old/, is gone by then)."""
+    module = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    module(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    folder = tmp_path / "p" / "train.dcp"
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    for step in (1, 2):  # the second save renames the first aside
+        events.clear()
+        save_sharded(World(), module, opt, {"state": {"step": step}}, folder)
+        tmp = str(folder.with_name("train.dcp.tmp"))
+        done = next(i for i, e in enumerate(events) if e == ("replace", tmp, str(folder)))
+        synced = {e[1] for e in events[:done] if e[0] == "fsync"}
+        files = {str(p).replace(str(folder), tmp) for p in folder.iterdir()}
+        assert files and files <= synced and tmp in synced, (files - synced, events)
+        assert ("fsync", str(folder.parent)) in events[done:]
+        assert json.loads((folder / DCP_META).read_text())["state"]["step"] == step
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["train.dcp"]

@@ -27,7 +27,8 @@ def test_parse_calib():
     assert parse_calib("wiki, teacher:2M") == [("wiki", None), ("teacher", Sampling(2_000_000))]
     assert parse_calib("teacher:1.5k,corpus.txt") == [("teacher", Sampling(1500)), ("corpus.txt", None)]
     assert parse_calib("teacher") == [("teacher", Sampling(100_000))]
-    assert parse_calib("wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16")[1] == ("teacher", Sampling(4_000_000, 0.7, 0.9, 16))
+    assert (parse_calib("wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16")[1]
+            == ("teacher", Sampling(4_000_000, 0.7, 0.9, 16)))
     assert parse_calib("teacher:temp=0")[0] == ("teacher", Sampling(100_000, temperature=0.0))
     assert parse_calib("teacher:2M:batch=256")[0] == ("teacher", Sampling(2_000_000, batch=256))
     for bad, msg in [("teacher:lots", "teacher:N"), ("wiki,,lee", "empty source"), ("", "empty source"),

@@ -144,7 +144,8 @@ def test_refused_through_the_cli_with_the_batch_that_fits(tiny_llama, tiny_text,
     cfg = json.loads((tiny_llama / "config.json").read_text())
     config = QuantConfig(scheme="seq2", steps=2, batch_size=8, seq_len=64)
     need = plan_memory(cfg, config, device="cpu").total
-    limit = (plan_memory(cfg, config, batch=3, device="cpu").total + plan_memory(cfg, config, batch=4, device="cpu").total) / 2
+    limit = (plan_memory(cfg, config, batch=3, device="cpu").total
+             + plan_memory(cfg, config, batch=4, device="cpu").total) / 2
     assert largest_batch(cfg, config, int(limit), device="cpu") == 3
     argv = [str(SLIM_EDGE), "quantize", str(tiny_llama), "--scheme", "seq2", "--steps", "2", "--batch-size", "8",
             "--seq-len", "64", "--calib", str(tiny_text), "--device", "cpu", "-o", str(tmp_path / "out")]

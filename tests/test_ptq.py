@@ -76,7 +76,8 @@ def test_weighted_scale_helps_with_outlier_inputs(fmt, mode, ratio):
     err = {}
     for weighted in (False, True):
         _, scale, values = gptq_quantize(w, h, f, mode, quads, weighted=weighted)
-        err[weighted] = rel_output_error(w, (values.reshape(64, -1, f.block_size) * scale[..., None]).reshape(w.shape), h)
+        err[weighted] = rel_output_error(
+            w, (values.reshape(64, -1, f.block_size) * scale[..., None]).reshape(w.shape), h)
     assert err[True] < ratio * err[False], err
 
 

@@ -307,7 +307,8 @@ def test_time_limit_saves_what_is_trained(tiny_llama, tiny_text, tmp_path):
     report = run_quantize(str(tiny_llama), config, tmp_path / "o", progress=False, time_limit=1e-6)
     assert report["training"]["steps"] == 50 and report["training"]["steps_done"] == 0
     assert read_meta(tmp_path / "o")["training"]["steps_done"] == 0
-    assert read_meta(tmp_path / "o")["training"]["passes"] == 0 < read_meta(tmp_path / "o")["training"]["planned_passes"]
+    assert (read_meta(tmp_path / "o")["training"]["passes"] == 0
+            < read_meta(tmp_path / "o")["training"]["planned_passes"])
     load_quantized(tmp_path / "o")
     assert not (tmp_path / "o.partial").exists()
 

@@ -215,7 +215,8 @@ def test_quantize_checks_the_disk_before_any_work_and_its_bound_holds(full_disk,
     assert written <= need <= 1.5 * written + (16 << 20)  # an upper bound: train.pt twice while a save replaces it
     for slow in ("train", "gptq_", "_training_tokens"):
         monkeypatch.setattr(pipeline, slow, lambda *a, **k: pytest.fail("worked before checking the disk"))
-    with pytest.raises(SlimEdgeError, match=rf"not enough disk space in {full_disk}: need {need >> 20} MiB, 1 MiB free"):
+    with pytest.raises(SlimEdgeError, match=rf"not enough disk space in {full_disk}: need {need >> 20} MiB, "
+                                            rf"1 MiB free"):
         run_quantize(str(tiny_llama), config, full_disk / "ckpt", progress=False)
     assert list(full_disk.iterdir()) == []
 
@@ -263,6 +264,27 @@ def test_full_disk_during_an_atomic_file_write_leaves_the_old_file(tmp_path, mon
         write_card(tmp_path / "m.gguf", {"bytes": 2, "type": "f16"}, "x", force=True)
     monkeypatch.setattr(os, "replace", real)
     assert card.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+
+
+def test_an_atomic_folder_is_on_disk_before_its_rename(tmp_path, monkeypatch):
+    """atomic_dir (checkpoints, ONNX exports) fsyncs every file and folder it wrote before the rename that
+    publishes them, so a crash soon after cannot leave the name over half-written files."""
+    from slim_edge.fsutil import atomic_dir
+
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "a.bin").write_bytes(b"a")
+        (tmp / "sub" / "b.json").write_text("{}")
+        (tmp / "link").symlink_to("a.bin")
+    # bottom-up, the link not followed; then the parent, after the rename
+    assert synced == [f"{tmp}/sub/b.json", f"{tmp}/sub", f"{tmp}/a.bin", str(tmp), str(tmp_path)]
+    assert (tmp_path / "out" / "sub" / "b.json").read_text() == "{}"
 
 
 # --- item 6: sizes checked before allocating ----------------------------------------------------------------
@@ -360,7 +382,8 @@ def test_metadata_nested_5000_deep(tmp_path):
 @pytest.mark.parametrize("content,what", [
     ("[]", "a JSON list"), ("null", "a JSON NoneType"), ('{"slim_edge_checkpoint": 1}', "config is None"),
     ('{"slim_edge_checkpoint": 1, "config": {"scheme": "sherry"}, "plan": [{"name": "a", "format": "stq1_0", '
-     '"mode": "sherry", "type_id": 43, "shape": ["64", "256"]}]}', r"the shape of plan entry 0 \(a\) is \['64', '256'\]"),
+     '"mode": "sherry", "type_id": 43, "shape": ["64", "256"]}]}',
+     r"the shape of plan entry 0 \(a\) is \['64', '256'\]"),
     ('{"slim_edge_checkpoint": 1, "config": {"scheme": "sherry"}, "plan": [{"name": "a"}]}', "plan entry 0 is"),
 ])
 def test_damaged_quant_config(content, what, tmp_path):
@@ -492,7 +515,8 @@ def test_bench_copies_nothing_before_refusing_a_non_gguf(tmp_path):
                                          ("tequila_lambda", float("nan")), ("warmup", -3)])
 def test_learning_rates_and_loss_weights_must_be_finite_and_not_negative(field, value):
     # --lr -1 trained by gradient ascent (distillation loss 23.8 -> 249) and --lr nan wrote a NaN model, exit 0
-    with pytest.raises(SlimEdgeError, match=rf"{field.replace('_', '-') if field != 'warmup' else 'warmup'}.* {value!r}"):
+    with pytest.raises(SlimEdgeError, match=rf"{field.replace('_', '-') if field != 'warmup' else 'warmup'}"
+                                            rf".* {value!r}"):
         QuantConfig(**{field: value})
     QuantConfig(scale_lr=0.0, arenas_lambda=0.0, tequila_lambda=0.0)  # zero: frozen scales, no Arenas / Tequila term
 
@@ -689,7 +713,8 @@ def test_text_and_model_paths_that_are_not_files_say_what_they_are(tmp_path, tin
         calib_file(str(tmp_path / "fifo.gguf"))
     with pytest.raises(SlimEdgeError, match=rf"--calib {tmp_path}: it is a folder"):
         calib_file(str(tmp_path))
-    with pytest.raises(SlimEdgeError, match=r"corpus file .*a.gguf is a symlink loop, not a file; pass a UTF-8 text file"):
+    with pytest.raises(SlimEdgeError, match=r"corpus file .*a.gguf is a symlink loop, not a file; pass a UTF-8 "
+                                            r"text file"):
         read_text_file(tmp_path / "a.gguf")
     with pytest.raises(SlimEdgeError, match=r"fifo.gguf is a FIFO, not a GGUF file"):
         preflight(str(tmp_path / "fifo.gguf"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -36,16 +36,19 @@ def quantize(
                                                         "checkpoint (default: the one it was made from)")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint folder to write")] = Path("runs/out"),
     steps: Annotated[int, typer.Option(help="QAT steps (0 = PTQ only: data-free scale init)")] = 0,
-    calib: Annotated[str, typer.Option(help="training text, comma-separated sources: a UTF-8 file, wiki | lee | "
-                                            "pydoc | pydocs (1.4 M tokens of Python's HTML docs), or teacher[:N] (N tokens "
+    calib: Annotated[str, typer.Option(help="training text, comma-separated sources: a UTF-8 file, wiki | lee | pydoc "
+                                            "| pydocs (1.4 M tokens of Python's HTML docs), or teacher[:N] (N tokens "
                                             "the FP model samples itself, e.g. wiki,teacher:2M; data-free when alone; "
                                             "options :temp=T :top_p=P :prompt=K open each sample with K tokens of the "
-                                            "text and sample sharper, e.g. wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16)")] = "wiki",
+                                            "text and sample sharper, e.g. "
+                                            "wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16; :batch=N samples N "
+                                            "sequences at once instead of sizing the batch to 70 % of the free GPU "
+                                            "memory, for runs that share a GPU)")] = "wiki",
     target: Annotated[str | None, typer.Option(help="override the primary format (e.g. tq1_0)")] = None,
     lr: Annotated[float, typer.Option(help="learning rate of the latent weights")] = 5e-5,
     scale_lr: Annotated[float, typer.Option(help="learning rate of the block scales; with --scale-update relative "
-                                                 "a step moves a scale by about this fraction of its size (3e-2 was best on SmolLM2: "
-                                                 "PPL 98.6 vs 493.7 at 1e-3 for seq2)")] = 3e-2,
+                                                 "a step moves a scale by about this fraction of its size (3e-2 was "
+                                                 "best on SmolLM2: PPL 98.6 vs 493.7 at 1e-3 for seq2)")] = 3e-2,
     scale_update: Annotated[str, typer.Option(help="relative (Adam on log d: the same relative step for small and "
                                                    "large scales) | absolute (Adam on d)")] = "relative",
     ste_clipped: Annotated[bool, typer.Option("--ste-clipped", help="keep the straight-through gradient for "
@@ -55,18 +58,21 @@ def quantize(
                                            "1/sqrt(block * top level) (Adam mostly cancels it)")] = False,
     compile: Annotated[bool, typer.Option(help="on a GPU, run fake quantization and the loss through "
                                           "torch.compile (~20 s of compiling): Sherry steps 1.4x faster, seq2 "
-                                          "5 %% slower; compiled rounding differs from the exported values on "
+                                          "5 % slower; compiled rounding differs from the exported values on "
                                           "~5e-5 of seq2's weights (evals/reports/qat_throughput.md)")] = False,
-    batch_size: Annotated[int, typer.Option(help="sequences per step (per rank under torchrun); on a GPU go as large as memory allows: on an H200, SmolLM2-135M at 64 x 512 steps in the time of 32 x 512 (2.25x the tokens/s, 41 GiB; 128: 2.7x, 78 GiB)")] = 4,
+    batch_size: Annotated[int, typer.Option(help="sequences per step (per rank under torchrun); on a GPU go as large "
+                                                 "as memory allows: on an H200, SmolLM2-135M at 64 x 512 steps in the "
+                                                 "time of 32 x 512 (2.25x the tokens/s, 41 GiB; 128: 2.7x, "
+                                                 "78 GiB)")] = 4,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
     distill: Annotated[str, typer.Option(help="cakld | kl | none (CE only)")] = "cakld",
     ce_weight: Annotated[float, typer.Option(help="weight of the cross-entropy on the training text in the loss "
                                                "(ce_weight x CE + KD); 0 (default) = pure distillation: the student "
-                                               "fits the FP model, not the text (a small text seen many times is learnt "
-                                               "by heart). SmolLM2 seq2, H200, equal time: CE + KD (1) PPL 89.1, KLD "
-                                               "1.35; pure KD (0) 66.9, 0.99")] = 0.0,
-    block_steps: Annotated[int, typer.Option(help="block-wise reconstruction steps per decoder layer before "
-                                                  "end-to-end QAT (EfficientQAT's Block-AP; 0 = off; on SmolLM2-135M it did not "
+                                               "fits the FP model, not the text (a small text seen many times is "
+                                               "learnt by heart). SmolLM2 seq2, H200, equal time: CE + KD (1) PPL "
+                                               "89.1, KLD 1.35; pure KD (0) 66.9, 0.99")] = 0.0,
+    block_steps: Annotated[int, typer.Option(help="block-wise reconstruction steps per decoder layer before end-to-end "
+                                                  "QAT (EfficientQAT's Block-AP; 0 = off; on SmolLM2-135M it did not "
                                                   "help, see evals/reports/qat_smollm2.md)")] = 0,
     block_samples: Annotated[int, typer.Option(help="sequences the block-wise phase learns from")] = 128,
     ptq: Annotated[str, typer.Option(help="the PTQ start: rtn (per-block MSE-searched scale, round to nearest; "
@@ -87,7 +93,8 @@ def quantize(
              "(f16 keeps them float; default q8_0, or a checkpoint's own)", show_default=False)] = None,
     act_quant: Annotated[bool, typer.Option("--act-quant", help="train with the runtime's 8-bit activation "
                                             "rounding (Q8_0 / Q8_K blocks per weight type, straight-through); "
-                                            "the checkpoint keeps it, so PyTorch computes what llama.cpp computes")] = False,
+                                            "the checkpoint keeps it, so PyTorch computes what llama.cpp "
+                                            "computes")] = False,
     runtime_attention: Annotated[bool, typer.Option(
         "--runtime-attention", help="train attending as the runtime does: K, V, Q and the attention "
                                     "probabilities in half precision (llama.cpp's F16 KV cache) and ggml's rope "
@@ -115,7 +122,8 @@ def quantize(
         "--activation-checkpointing", help="recompute each decoder layer in the backward: autograd keeps only the "
                                            "layers' inputs (see the --dry-run memory plan)")] = False,
     shard_teacher: Annotated[bool, typer.Option(
-        "--shard-teacher", help="under --shard fsdp: shard the teacher's QAT copy as the student (1/N per rank)")] = False,
+        "--shard-teacher", help="under --shard fsdp: shard the teacher's QAT copy as the student "
+                                "(1/N per rank)")] = False,
     memory_check: Annotated[bool, typer.Option(help="refuse a run whose memory plan (printed before training) "
                                                     "does not fit the device's free memory")] = True,
     checkpoint_every: Annotated[int, typer.Option(help="save the training state every N steps")] = 50,
@@ -139,7 +147,8 @@ def quantize(
 
       slim-edge quantize ./my-llama --scheme seq2 --steps 2000 --calib corpus.txt -o runs/seq2
 
-      slim-edge quantize smollm2-135m --scheme seq2 --ptq gptq --steps 3000 --batch-size 64 --seq-len 512 --time-limit 15 --device cuda -o runs/seq2
+      slim-edge quantize smollm2-135m --scheme seq2 --ptq gptq --steps 3000 --batch-size 64 --seq-len 512 \\
+        --time-limit 15 --device cuda -o runs/seq2
       (session 16's H200 recipe: held-out PPL 66.9, KLD 0.99; the lr schedule ends at the time limit)
 
       slim-edge quantize smollm2-135m --scheme seq2 --steps 2000 --calib wiki,teacher:4M --device cuda -o runs/seq2
@@ -152,9 +161,11 @@ def quantize(
 
       slim-edge quantize smollm2-135m --scheme ternary --target tq1_0 --dry-run
 
-      torchrun --nproc-per-node 4 --no-python slim-edge quantize smollm2-135m --scheme seq2 --steps 1000 --device cuda -o runs/seq2   (data-parallel; --batch-size per GPU)
+      torchrun --nproc-per-node 4 --no-python slim-edge quantize smollm2-135m --scheme seq2 --steps 1000 \\
+        --device cuda -o runs/seq2   (data-parallel; --batch-size per GPU)
 
-      torchrun --nproc-per-node 8 --no-python slim-edge quantize ./my-llama --shard fsdp --steps 1000 --device cuda -o runs/seq2   (sharded)
+      torchrun --nproc-per-node 8 --no-python slim-edge quantize ./my-llama --shard fsdp --steps 1000 \\
+        --device cuda -o runs/seq2   (sharded)
     """
     from .checkpoint import is_checkpoint, read_meta
     from .distributed import world_from_env
@@ -174,13 +185,13 @@ def quantize(
         embedding_type = embedding_type or base.embedding_type
     config = QuantConfig(scheme=scheme, target=target, keep=tuple(k for k in keep.split(",") if k),
                          steps=steps, lr=lr, scale_lr=scale_lr, scale_update=scale_update,
-                         ste_clipped=ste_clipped, lsq_grad=lsq_grad, compile=compile, batch_size=batch_size, seq_len=seq_len,
-                         distill=distill, ce_weight=ce_weight, block_steps=block_steps, block_samples=block_samples,
-                         ptq=ptq, ptq_samples=ptq_samples,
+                         ste_clipped=ste_clipped, lsq_grad=lsq_grad, compile=compile, batch_size=batch_size,
+                         seq_len=seq_len, distill=distill, ce_weight=ce_weight, block_steps=block_steps,
+                         block_samples=block_samples, ptq=ptq, ptq_samples=ptq_samples,
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,
                          runtime_attention=runtime_attention, shard=shard, fsdp_precision=fsdp_precision,
-                         activation_checkpointing=activation_checkpointing, shard_teacher=shard_teacher, calib=calib, seed=seed, bits=bits,
-                         embedding_type=embedding_type or "q8_0")
+                         activation_checkpointing=activation_checkpointing, shard_teacher=shard_teacher, calib=calib,
+                         seed=seed, bits=bits, embedding_type=embedding_type or "q8_0")
     report = run_quantize(model, config, output, force=force, resume=resume, device=device,
                           checkpoint_every=checkpoint_every, dry_run=dry_run, time_limit=time_limit * 60,
                           teacher_model=teacher, memory_check=memory_check)
@@ -195,7 +206,8 @@ def export(
     gguf: Annotated[Path | None, typer.Option("--gguf", help="GGUF file to write (default: named by the "
                                                                "GGUF convention, in the current folder)")] = None,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="write an ONNX Runtime folder instead: model.onnx "
-                                                               "(the trained codes as MatMulNBits; from an HF model: a float32 baseline), tokenizer, "
+                                                               "(the trained codes as MatMulNBits; from an HF model: a "
+                                                               "float32 baseline), tokenizer, "
                                                                "genai_config.json")] = None,
     type_: Annotated[str | None, typer.Option("--type", help="baseline from the FP model: f16 | q8_0 (the "
                                  "converter) or q4_0 | q4_k_m | q4_k_s | q2_k | tq2_0 | tq1_0 (llama-quantize, "
@@ -310,7 +322,8 @@ def demo(
     steps: Annotated[int, typer.Option(help="QAT steps per scheme, 2 x 256 tokens each, after the PTQ start "
                                             "(the defaults take ~17 min on 2 idle cores; the whole demo ~22)")] = 24,
     ptq: Annotated[str, typer.Option(help="PTQ start: gptq (64 x 256 calibration tokens, 2.5-4 min per scheme on 2 "
-                                          "cores; seq2 demo PPL 231 vs 10,186 from rtn) | rtn (round to nearest)")] = "gptq",
+                                          "cores; seq2 demo PPL 231 vs 10,186 from rtn) | "
+                                          "rtn (round to nearest)")] = "gptq",
     output: Annotated[Path, typer.Option("-o", help="results folder")] = Path("results/demo"),
     eval_chunks: Annotated[int, typer.Option(help="512-token chunks of lee:eval scored per model")] = 8,
     bench_reps: Annotated[int, typer.Option(help="llama-bench repetitions per measurement")] = 3,

@@ -2,12 +2,18 @@
 
 Built-in corpora (no model hub needed; everything comes from packages):
 
-| name  | source                                                              | documents       | split rule (document index in file order)               |
-|-------|---------------------------------------------------------------------|-----------------|---------------------------------------------------------|
-| lee   | gensim 4.4.0 wheel: gensim/test/test_data/lee_background.cor         | 300 news, 1/line| exact duplicates dropped (7, keep first); line < 200 → train (196 docs), line ≥ 200 → eval (97 docs) |
-| wiki  | gensim 4.4.0 wheel: enwiki-…-shortened.bz2 (MediaWiki XML)            | 106 articles    | main-namespace, non-redirect pages, markup stripped; article < 90 → train, ≥ 90 → eval |
-| pydoc | CPython's pydoc_data.topics (always installed; varies by Python version) | ~90 topics   | topics sorted by key; every 4th topic (index % 4 == 3) → eval, the rest → train |
-| pydocs | Debian python3.11-doc 3.11.2-6+deb12u9 (PSF licence): /usr/share/doc/python3.11/html | 483 pages | HTML pages sorted by path, minus indexes and pydoc's source pages; every 10th (index % 10 == 9) → eval (48), the rest → train (435) |
+| name   | source                                   | documents    | split rule (document index in file order)         |
+|--------|------------------------------------------|--------------|---------------------------------------------------|
+| lee    | gensim 4.4.0 wheel:                      | 300 news,    | exact duplicates dropped (7, keep first); line <  |
+|        | gensim/test/test_data/lee_background.cor | 1/line       | 200 → train (196 docs), line ≥ 200 → eval (97     |
+|        |                                          |              | docs)                                             |
+| wiki   | gensim 4.4.0 wheel:                      | 106 articles | main-namespace, non-redirect pages, markup        |
+|        | enwiki-…-shortened.bz2 (MediaWiki XML)   |              | stripped; article < 90 → train, ≥ 90 → eval       |
+| pydoc  | CPython's pydoc_data.topics (always      | ~90 topics   | topics sorted by key; every 4th topic (index % 4  |
+|        | installed; varies by Python version)     |              | == 3) → eval, the rest → train                    |
+| pydocs | Debian python3.11-doc 3.11.2-6+deb12u9   | 483 pages    | HTML pages sorted by path, minus indexes and      |
+|        | (PSF licence):                           |              | pydoc's source pages; every 10th (index % 10 ==   |
+|        | /usr/share/doc/python3.11/html           |              | 9) → eval (48), the rest → train (435)            |
 
 Sizes of the train splits (SmolLM2 tokens: its tokenizer, no special tokens):
 
@@ -29,8 +35,9 @@ Debian version above (another version is read unpinned, and says so in its prove
 text is cached in `corpora/pydocs-<digest>-v<N>.txt`.
 
 A sentence of at least 80 characters that also occurs in the eval split is removed from the train
-split (wiki articles quote each other; pydoc topics repeat table rows; pydocs pages repeat notes). A user text file (UTF-8) is used whole for whichever split it is given as; `check_disjoint` refuses a
-training file and an evaluation file that are the same file or share any long sentence.
+split (wiki articles quote each other; pydoc topics repeat table rows; pydocs pages repeat notes). A user text file
+(UTF-8) is used whole for whichever split it is given as; `check_disjoint` refuses a training file and an evaluation
+file that are the same file or share any long sentence.
 
 The gensim wheel is fetched once with `pip download` (it is never installed) into the cache
 (`$SLIM_EDGE_CACHE` or `$XDG_CACHE_HOME/slim-edge` or `~/.cache/slim-edge`, folder `corpora/`); the
@@ -354,8 +361,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # --- MediaWiki markup to plain text --------------------------------------------------------------------
 
 _WIKI_TEXT_VERSION = 1  # bump when strip_wiki_markup changes: the plain text is cached
-_SKIP_SECTIONS = ("primary references", "secondary references", "external link", "references", "external links", "see also", "further reading", "notes", "bibliography",
-                  "sources", "footnotes", "citations")
+_SKIP_SECTIONS = ("primary references", "secondary references", "external link", "references", "external links",
+                  "see also", "further reading", "notes", "bibliography", "sources", "footnotes", "citations")
 _DROP_LINK = re.compile(r"^\s*:?\s*(file|image|category|media|wikipedia|wp|[a-z]{2,3}(-[a-z]+)?):", re.I)
 
 

@@ -7,10 +7,11 @@ Per token, with s = log_softmax(student logits), t = log_softmax(teacher logits)
     KL_st  = sum ps (s - t)   KL(student || teacher)   dKL_st/da  = ps * ((s - t) - KL_st)
     CAKLD  = conf KL_st + (1 - conf) KL_ts, conf = pt[label] (BitDistiller; conf is the teacher's, a constant)
 
-loss = mean over tokens of w CE + KD, w = `ce_weight` (1 in these functions, 0 in `QuantConfig`; 0 is pure distillation, which does not fit
-the training text itself: on a small text repeated many times CE makes the student learn the text, not the
-teacher). Autograd through log_softmax keeps several fp32 [tokens, vocab] tensors alive (for SmolLM2 at 32 x 512 tokens one is 3.2 GB: 25-40 GB a step); here the gradient is written, chunk by
-chunk, into one buffer of the logits' dtype during the forward pass, and the backward pass only scales it.
+loss = mean over tokens of w CE + KD, w = `ce_weight` (1 in these functions, 0 in `QuantConfig`; 0 is pure distillation,
+which does not fit the training text itself: on a small text repeated many times CE makes the student learn the text,
+not the teacher). Autograd through log_softmax keeps several fp32 [tokens, vocab] tensors alive (for SmolLM2 at 32 x 512
+tokens one is 3.2 GB: 25-40 GB a step); here the gradient is written, chunk by chunk, into one buffer of the logits'
+dtype during the forward pass, and the backward pass only scales it.
 """
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ class _FusedDistill(torch.autograd.Function):
         ce = torch.zeros((), dtype=torch.float32, device=a.device)
         kd = torch.zeros((), dtype=torch.float32, device=a.device)
         for i in range(0, n, chunk):
-            c, k, g = compiled(_chunk)(a[i:i + chunk], None if b is None else b[i:i + chunk], y[i:i + chunk], kind, True,
-                                       ce_weight)
+            c, k, g = compiled(_chunk)(a[i:i + chunk], None if b is None else b[i:i + chunk], y[i:i + chunk], kind,
+                                       True, ce_weight)
             ce, kd = ce + c, kd + k
             grad[i:i + chunk] = g / n
         ctx.save_for_backward(grad)

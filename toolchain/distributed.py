@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import SlimEdgeError
+from .fsutil import fsync_dir, fsync_tree
 
 # rank 0 alone samples teacher tokens (--calib teacher:N) while the others wait in a broadcast: that can take
 # longer than torch's default 10-30 min collective timeout
@@ -232,11 +233,13 @@ def save_sharded(world: World, module: torch.nn.Module, opt: torch.optim.Optimiz
     dcp.save(_rank_state(module, opt), checkpoint_id=str(tmp))  # collective: rank 0 writes .metadata last
     if world.main:
         (tmp / DCP_META).write_text(json.dumps(extra))
+        fsync_tree(tmp)  # every rank's shards are on disk before the name says the save is whole
         if folder.exists():
             if old.exists():
                 shutil.rmtree(old)
             os.replace(folder, old)
         os.replace(tmp, folder)
+        fsync_dir(folder.parent)
         if old.exists():
             shutil.rmtree(old)
     barrier(world)  # no rank starts the next save into train.dcp.tmp before the rename

@@ -55,7 +55,8 @@ def path_kind(path: Path, flag: str = "-o") -> str | None:
         if e.errno == errno.ENOTDIR:
             return None
         shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:120]}...({len(str(path))} characters)"
-        raise SlimEdgeError(f"{flag + ' ' if flag else ''}{shown}: {e.strerror}; choose a shorter or valid path") from None
+        raise SlimEdgeError(f"{flag + ' ' if flag else ''}{shown}: {e.strerror}; "
+                            f"choose a shorter or valid path") from None
     if stat.S_ISREG(st.st_mode):
         return "a file"
     if stat.S_ISDIR(st.st_mode):
@@ -132,13 +133,26 @@ def check_free_space(folder: Path, need: int, flag: str = "-o") -> None:
                             f"free some space or choose another {flag}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder: its entries (a rename into it) reach the disk."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then each folder bottom-up: what must precede renaming `folder` into
+    place, or a crash soon after the rename can leave the new name over files the disk never got whole."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(Path(root))
 
 
 @contextlib.contextmanager
@@ -156,7 +170,7 @@ def atomic_path(path: Path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         full = _full_disk(e, path)
@@ -185,6 +199,7 @@ def atomic_dir(path: Path):
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        fsync_tree(tmp)
         if path.exists():  # rename the old one aside first, so that a failed swap loses nothing
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
@@ -192,7 +207,7 @@ def atomic_dir(path: Path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         full = _full_disk(e, path)
@@ -225,5 +240,5 @@ def scratch_dir(near: Path):
 def move_into_place(src: Path, dst: Path) -> Path:
     """Rename a finished file (written in a scratch_dir beside `dst`) over `dst`."""
     os.replace(src, dst)
-    _fsync_dir(Path(dst).parent)
+    fsync_dir(Path(dst).parent)
     return Path(dst)

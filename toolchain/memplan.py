@@ -9,15 +9,16 @@ decoder layer autograd saves (counted on CPU with saved_tensors_hooks, tests/tes
     RMSNorm x2       input and normalised input, fp32 (the residual stream is fp32: the embedding is)  4 x 4h
     linear inputs    under bf16 autocast one bf16 cast per projection (q k v gate up; autocast caches
                      casts of leaf weights only); in fp32 the two norm outputs                          5 x 2h | 2 x 4h
-    attention        q, k, v, output (o_proj's input is the same storage), log-sum-exp                  a(2h + 4kv) + 4 heads
+    attention        q, k, v, output (o_proj's input is the same storage), log-sum-exp                  a(2h + 4kv) +
+                                                                                                        4 heads
     MLP              gate, silu(gate), up, their product                                                4 x a f
     rsqrt            two per layer                                                                      8
 
 with a the activation bytes (2 under autocast, 4 in fp32), h hidden, kv the key/value width, f the FFN width;
-and once, the final norm's normalised input (4h). With --activation-checkpointing autograd keeps, per token, only each decoder
-layer's input (the fp32 residual stream, 4h) and, in the backward, the table's activations of the one layer being
-recomputed. Per weight of a quantized linear autograd keeps its int8 grid
-values and the weight F.linear multiplies (bf16 under autocast, the fp32 fake-quantized weight otherwise).
+and once, the final norm's normalised input (4h). With --activation-checkpointing autograd keeps, per token, only each
+decoder layer's input (the fp32 residual stream, 4h) and, in the backward, the table's activations of the one layer
+being recomputed. Per weight of a quantized linear autograd keeps its int8 grid values and the weight F.linear
+multiplies (bf16 under autocast, the fp32 fake-quantized weight otherwise).
 """
 from __future__ import annotations
 

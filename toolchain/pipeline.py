@@ -213,7 +213,8 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
                   teacher_model: str | None, memory_check: bool = True) -> dict:
     out = Path(out)
     if dry_run and resume:
-        raise SlimEdgeError("--dry-run with --resume: a dry run trains nothing, so it resumes nothing; give one of them")
+        raise SlimEdgeError("--dry-run with --resume: a dry run trains nothing, so it resumes nothing; "
+                            "give one of them")
     init = None
     if is_checkpoint(model):
         init, model = Path(model), continue_from(Path(model), config, teacher_model)
@@ -321,8 +322,8 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
         # QAT's teacher only runs forward, under bf16 autocast anyway: on a GPU a bf16 copy saves the casts
         fast_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if device.startswith("cuda") else teacher
         fsdp = sharding(world, config.shard) == "fsdp"
-        if fsdp and config.shard_teacher and fast_teacher is teacher:  # train() shards it; the evaluations need it whole
-            fast_teacher = copy.deepcopy(teacher)
+        if fsdp and config.shard_teacher and fast_teacher is teacher:
+            fast_teacher = copy.deepcopy(teacher)  # train() shards it; the evaluations need it whole
         skeleton = meta_copy(student) if fsdp and world.main else None  # before train() shards the student
         state = train(student, fast_teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
                       device=device, progress=progress, log=log_lines.append, deadline=deadline, world=world)
@@ -334,14 +335,15 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
     loss_qat = (distill_eval(student, teacher, ids, config, device) if config.steps > 0
                 else loss_blocks if loss_blocks is not None else loss_ptq)
     if not math.isfinite(loss_qat):
-        raise SlimEdgeError(f"the trained model's distillation loss is {loss_qat} (PTQ start: {loss_ptq:.4f}): training "
-                            f"diverged and nothing was written; run again with --force and a lower --lr (now "
+        raise SlimEdgeError(f"the trained model's distillation loss is {loss_qat} (PTQ start: {loss_ptq:.4f}): "
+                            f"training diverged and nothing was written; run again with --force and a lower --lr (now "
                             f"{config.lr}) or --scale-lr (now {config.scale_lr})")
     summary = plan_summary(plan)
     report = {
         # a folder is stored absolute: continuing from another working directory must find the same teacher
         "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
-        "continued_from": None if init is None else str(init.resolve()), "architecture": arch.hf_name, "scheme": config.scheme, "device": device,
+        "continued_from": None if init is None else str(init.resolve()), "architecture": arch.hf_name,
+        "scheme": config.scheme, "device": device,
         "calibration": source, "plan_summary": summary, "budget": budget, "ranks": world.size,
         "shard": sharding(world, config.shard),
         "global_batch": batch,
@@ -349,7 +351,8 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
         "ptq": {"method": config.ptq, "samples": config.ptq_samples, "seconds": round(t_gptq, 1), "layers": ptq_rows},
         "blocks": {"steps_per_layer": config.block_steps, "samples": config.block_samples,
                    "seconds": round(t_blocks, 1), "layers": blocks},
-        "training": {"steps": config.steps, "steps_done": state.step if state else 0, "seconds": round(state.seconds, 1) if state else 0.0,
+        "training": {"steps": config.steps, "steps_done": state.step if state else 0,
+                     "seconds": round(state.seconds, 1) if state else 0.0,
                      "tokens": state.tokens if state else 0, "text_tokens": len(ids),
                      "passes": round((state.tokens if state else 0) / len(ids), 3),  # what the steps done saw
                      "planned_passes": round(passes, 3), "ptq_seconds": round(t_ptq, 1),

@@ -64,8 +64,8 @@ class QuantConfig:
     # on a GPU: fake quantization and the loss through torch.compile. Off by default: Sherry steps 1.4x faster,
     # seq2 5 % slower, and compiled rounding differs from the eager (= exported) values on ~5e-5 of seq2's weights
     compile: bool = False
-    # under torchrun: auto (ddp or fsdp by the memory plan, memplan.choose_shard) | ddp (a full replica per rank) | fsdp (FSDP2: 1/N of the weights,
-    # grads and AdamW state per rank); ignored by one process
+    # under torchrun: auto (ddp or fsdp by the memory plan, memplan.choose_shard) | ddp (a full replica per rank) | fsdp
+    # (FSDP2: 1/N of the weights, grads and AdamW state per rank); ignored by one process
     shard: str = "auto"
     # under fsdp: the dtype of the gathered weights the forward sees (fp32 | bf16; the sharded masters and the
     # gradient reductions stay fp32)
@@ -114,11 +114,13 @@ class QuantConfig:
             raise SlimEdgeError(f"--ce-weight {self.ce_weight} with --distill {self.distill}: the weight of the "
                                 f"cross-entropy must be >= 0, and > 0 without distillation (the loss would be empty)")
         if self.shard not in SHARDS:
-            raise SlimEdgeError(f"--shard {self.shard!r}: choose one of {', '.join(SHARDS)} (auto = ddp or fsdp by what fits)")
+            raise SlimEdgeError(f"--shard {self.shard!r}: choose one of {', '.join(SHARDS)} "
+                                f"(auto = ddp or fsdp by what fits)")
         if self.fsdp_precision not in FSDP_PRECISIONS:
             raise SlimEdgeError(f"--fsdp-precision {self.fsdp_precision!r}: choose one of {', '.join(FSDP_PRECISIONS)}")
         if self.embedding_type not in embedding_types():
-            raise SlimEdgeError(f"--embedding-type {self.embedding_type!r}: choose one of {', '.join(embedding_types())}")
+            raise SlimEdgeError(f"--embedding-type {self.embedding_type!r}: choose one of "
+                                f"{', '.join(embedding_types())}")
         if self.bits is not None and not 0 < self.bits <= MAX_BITS:
             raise SlimEdgeError(f"--bits {self.bits}: the budget must lie between the scheme's own bits per weight "
                                 f"and {MAX_BITS} (everything in {PROMOTED})")

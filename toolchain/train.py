@@ -355,7 +355,8 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
         save()
         barrier(world)  # no rank exits (and has torchrun end the others) before rank 0 has saved
         raise SlimEdgeError(f"interrupted at step {state.step}/{total}; the training state is saved in "
-                            f"{ckpt_path.with_suffix('.dcp') if config.shard == 'fsdp' else ckpt_path}: run the same command with --resume to continue")
+                            f"{ckpt_path.with_suffix('.dcp') if config.shard == 'fsdp' else ckpt_path}: run the same "
+                            f"command with --resume to continue")
     student.eval()
     return state
 

@@ -67,7 +67,8 @@ def decode_node(node, inits: dict) -> np.ndarray:
     zp = np.full((n, nb), 1 << (bits - 1), np.float32)
     if zp_name:
         z = inits[zp_name]
-        zp = unpack_codes(z.reshape(n, -1), bits)[:, :nb].astype(np.float32) if z.dtype == np.uint8 else z.reshape(n, nb)
+        zp = (unpack_codes(z.reshape(n, -1), bits)[:, :nb].astype(np.float32) if z.dtype == np.uint8
+              else z.reshape(n, nb))
     return ((codes.reshape(n, nb, block) - zp[:, :, None]) * scales.reshape(n, nb, 1)).reshape(n, k)
 
 
@@ -152,7 +153,8 @@ def test_every_format_runs_exactly_in_matmulnbits(name):
                             bits=pw.grid.bits, block_size=pw.grid.block)
     graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("A", T.FLOAT, [4, k])],
                               [helper.make_tensor_value_info("Y", T.FLOAT, [4, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     a = rng.standard_normal((4, k)).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
     ref = a.astype(np.float64) @ fmt.dequantize(raw, k).astype(np.float64).T

@@ -86,7 +86,8 @@ def test_probe_and_thermal_command_lines(captured):
     zones = dev.thermal()
     assert dev.lines[1] == ["adb", "-s", "R58M41XYZ12", "shell",
                             'for z in /sys/class/thermal/thermal_zone*; do [ -d "$z" ] || continue; '
-                            'echo "${z##*thermal_zone} $(cat "$z/type" 2>/dev/null) $(cat "$z/temp" 2>/dev/null)"; done']
+                            'echo "${z##*thermal_zone} $(cat "$z/type" 2>/dev/null) '
+                            '$(cat "$z/temp" 2>/dev/null)"; done']
     assert len(zones) == 77 and zones["thermal_zone36 cpu-1-0-usr"] == 42.6
 
 
@@ -314,7 +315,8 @@ def test_runtime_that_does_not_start_is_refused(monkeypatch, tmp_path):
             res = super().shell(command, timeout=timeout)
             if command.endswith("--help >/dev/null"):
                 res.returncode = 126
-                res.stderr = "/system/bin/sh: /data/local/tmp/slim-edge/bin/llama-bench: not executable: 64-bit ELF file\n"
+                res.stderr = ("/system/bin/sh: /data/local/tmp/slim-edge/bin/llama-bench: not executable: "
+                              "64-bit ELF file\n")
             return res
 
     with pytest.raises(SlimEdgeError, match="llama-bench does not start on Android device R58M41XYZ12 \\(exit 126\\)"

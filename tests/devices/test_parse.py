@@ -166,7 +166,8 @@ def test_adb_devices(captured):
 
 
 def test_sha256sum():
-    text = ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855  /data/local/tmp/slim-edge/models/a.gguf\n"
+    text = ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855  "
+            "/data/local/tmp/slim-edge/models/a.gguf\n"
             "sha256sum: /data/local/tmp/slim-edge/models/b.gguf: No such file or directory\n")
     assert parse.parse_sha256sum(text) == {
         "a.gguf": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}

@@ -35,7 +35,8 @@ def test_scp_protocol_and_safe_names():
     assert scp_to_argv("b", "/m/a", "/r/a", protocol="sftp")[:3] == ["scp", "-q", "-s"]
     assert scp_from_argv("b", "/r/a", "/m/a", protocol="legacy")[:3] == ["scp", "-q", "-O"]
     assert safe_name("model-q4_0.gguf") == "model-q4_0.gguf"
-    assert safe_name("$(touch X).gguf") == "touch_X-" + __import__("hashlib").sha256(b"$(touch X).gguf").hexdigest()[:8] + ".gguf"
+    assert (safe_name("$(touch X).gguf")
+            == "touch_X-" + __import__("hashlib").sha256(b"$(touch X).gguf").hexdigest()[:8] + ".gguf")
     assert safe_name("a b.gguf") != safe_name("a;b.gguf") and safe_name("-rf") != "-rf"
 
 

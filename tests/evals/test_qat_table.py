@@ -9,7 +9,8 @@ def _load(folder):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+    return (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(folder))
 
 
 def test_held_out_kld_matches_direct_computation(tmp_path):
@@ -26,7 +27,8 @@ def test_held_out_kld_matches_direct_computation(tmp_path):
     assert self_ref["mean_kld"] == pytest.approx(0.0, abs=1e-12)
     assert self_ref["same_top_pct"] == 100.0
     assert self_ref["ppl"] == pytest.approx(plain["ppl"], rel=1e-9)
-    assert self_ref["tokens"] == plain["tokens"] == 2 * (128 - 1 - 64)  # llama-perplexity scores the second half of each chunk
+    # llama-perplexity scores the second half of each chunk
+    assert self_ref["tokens"] == plain["tokens"] == 2 * (128 - 1 - 64)
 
     r = held_out_ppl(model, tok, max_chunks=2, ctx=128, reference=ref)
     lm, lm_ref = TorchLM(model, tok), TorchLM(ref, tok)

@@ -170,8 +170,9 @@ def test_weighted_quantize_changes_scale():
         assert fmt.quantize(x, w).tobytes() != fmt.quantize(x).tobytes()
 
 
-MODES = [("q2_0c", "grid"), ("q2_0c_64", "grid"), ("stq1_0_64", "sherry"), ("q2_0", "grid"), ("stq1_0", "sherry"), ("q2_0", "sherry"),
-         ("tq2_0", "ternary"), ("tq1_0", "ternary"), ("q2_0", "ternary"), ("q4_0", "grid"), ("q8_0", "grid")]
+MODES = [("q2_0c", "grid"), ("q2_0c_64", "grid"), ("stq1_0_64", "sherry"), ("q2_0", "grid"), ("stq1_0", "sherry"),
+         ("q2_0", "sherry"), ("tq2_0", "ternary"), ("tq1_0", "ternary"), ("q2_0", "ternary"), ("q4_0", "grid"),
+         ("q8_0", "grid")]
 
 
 @pytest.mark.parametrize("name,mode", MODES)

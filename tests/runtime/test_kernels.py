@@ -276,8 +276,8 @@ def test_mul_mat_columns(kernel_check, name, path):
 
 @pytest.mark.parametrize("name", NEW)
 def test_mul_mat_id_routes_each_token_to_its_experts(kernel_check, name):
-    """mul_mat_id (MoE layers): 4 experts of 21 rows (the edge rows in the last), 6 tokens with 2 experts each; every output is the plain
-    mul_mat of the chosen expert's rows with that token, within float rounding."""
+    """mul_mat_id (MoE layers): 4 experts of 21 rows (the edge rows in the last), 6 tokens with 2 experts each; every
+    output is the plain mul_mat of the chosen expert's rows with that token, within float rounding."""
     raw, acts, _, _, mag = mul_mat_case(kernel_check, name, seed=7, random_rows=77, columns=6)  # 84 rows
     n_exp, m = 4, raw.shape[0] // 4
     ids = np.array([[0, 3], [2, 2], [1, 0], [3, 1], [0, 0], [2, 3]], np.int32)

@@ -130,7 +130,8 @@ def test_llama_quantize_64_blocks_on_rows_of_576(host, f16_576, tmp_path, source
     src_table = read_tensor_table(src)
     for ftype, wide_ftype, narrow, wide in (("Q2_0C_64", "Q2_0C", Q2_0C_64, Q2_0C_64),
                                             ("STQ1_0_64", "STQ1_0", STQ1_0_64, STQ1_0_64),
-                                            ("Q2_0C", "Q2_0C", Q2_0C_64, Q2_0C), ("STQ1_0", "STQ1_0", STQ1_0_64, STQ1_0)):
+                                            ("Q2_0C", "Q2_0C", Q2_0C_64, Q2_0C),
+                                            ("STQ1_0", "STQ1_0", STQ1_0_64, STQ1_0)):
         out = tmp_path / f"tiny576-{source}-{ftype}.gguf"
         run([*host.argv("llama-quantize"), src, out, ftype, "2"])
         out_table = read_tensor_table(out)
