@@ -59,7 +59,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from slim_edge.errors import SlimEdgeError
-from slim_edge.fsutil import cache_dir, path_kind
+from slim_edge.fsutil import atomic_write, cache_dir, path_kind
 
 GENSIM_VERSION = "4.4.0"
 _LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
@@ -236,7 +236,7 @@ def _wiki() -> tuple[list[tuple[int, str]], str]:
     cached = corpora_cache() / f"enwiki-shortened-v{_WIKI_TEXT_VERSION}.txt"
     if not cached.is_file():
         articles = wiki_articles(bz2.decompress(_gensim_member(_WIKI_MEMBER)))
-        _atomic_write(cached, "\n\x1e\n".join(articles).encode("utf-8"))
+        atomic_write(cached, "\n\x1e\n".join(articles).encode("utf-8"))
     articles = cached.read_text(encoding="utf-8").split("\n\x1e\n")
     return list(enumerate(articles)), f"gensim {GENSIM_VERSION} wheel, {_WIKI_MEMBER.rsplit('/', 1)[1]}"
 
@@ -273,7 +273,7 @@ def _pydocs() -> tuple[list[tuple[int, str]], str]:
     cached = corpora_cache() / f"pydocs-{digest[:16]}-v{_PYDOCS_TEXT_VERSION}.txt"
     if not cached.is_file():
         texts = [t for t in (sphinx_prose(data.decode("utf-8")) for _, data in pages) if t]
-        _atomic_write(cached, "\n\x1e\n".join(texts).encode("utf-8"))
+        atomic_write(cached, "\n\x1e\n".join(texts).encode("utf-8"))
     texts = cached.read_text(encoding="utf-8").split("\n\x1e\n")
     texts = _without(texts, _pydoc_sentences())  # keep pydocs disjoint from pydoc (both splits)
     pin = "sha256 pinned" if pinned else "version not pinned"
@@ -327,7 +327,7 @@ def _gensim_member(member: str) -> bytes:
     if digest != _SHA256[member]:
         raise SlimEdgeError(f"{member} in {wheel} has sha256 {digest[:12]}…, expected {_SHA256[member][:12]}…; "
                             f"delete {wheel} and retry")
-    _atomic_write(out, data)
+    atomic_write(out, data)
     return data
 
 
@@ -349,13 +349,6 @@ def _gensim_wheel() -> Path:
             f"could not download the gensim {GENSIM_VERSION} wheel ({tail[0]}); run "
             f"`{' '.join(cmd[2:])}` by hand with access to PyPI, or copy the wheel into {folder}")
     return found[0]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 # --- MediaWiki markup to plain text --------------------------------------------------------------------
