@@ -11,6 +11,7 @@ import numpy as np
 
 from slim_edge.converters.onnx_export import MARKER
 from slim_edge.errors import SlimEdgeError
+from slim_edge.fsutil import atomic_write, check_output_file
 
 
 def is_onnx_model(path: Path) -> bool:
@@ -138,7 +139,6 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="overwrite the -o file")
     a = ap.parse_args(argv)
     if a.json:
-        from slim_edge.fsutil import check_output_file
         check_output_file(a.json, a.force)
     for m in a.models:
         if not is_onnx_model(m):
@@ -147,7 +147,6 @@ def main(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     result = compare(a.models, ints(a.prompt_lengths), a.n_gen, ints(a.depths), a.threads, a.repetitions)
     if a.json:
-        from slim_edge.fsutil import atomic_write
         atomic_write(a.json, json.dumps(result, indent=1))
     print(compare_markdown(result), file=sys.stdout)
 

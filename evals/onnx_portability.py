@@ -52,13 +52,14 @@ def save(paths: list[Path], out: Path, force: bool = False) -> dict:
     import onnxruntime as ort
 
     check_output_file(out, force)
+    names = _names(paths)
     arrays = {"onnxruntime": np.array(ort.__version__)}
-    for name, path in zip(_names(paths), paths):
+    for name, path in zip(names, paths):
         for kind, logits in run_export(path).items():
             arrays[f"{name}/{kind}"] = logits
     with atomic_path(out) as tmp, open(tmp, "wb") as f:  # np.savez on a path would add .npz to its name
         np.savez(f, **arrays)
-    return {"onnxruntime": ort.__version__, "models": _names(paths), "file": str(out)}
+    return {"onnxruntime": ort.__version__, "models": names, "file": str(out)}
 
 
 def check(paths: list[Path], ref: Path) -> dict:
