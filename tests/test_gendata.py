@@ -5,12 +5,17 @@ import pytest
 import torch
 
 from slim_edge.checkpoint import read_meta
+from slim_edge.corpora import get_text
 from slim_edge.errors import SlimEdgeError
 from slim_edge.gendata import (
+    DEDUP_NGRAM,
     GREEDY_PREFIX,
     NUCLEUS_K,
     Sampling,
     _sample,
+    cached_samples,
+    drop_overlapping,
+    ngram_keys,
     nucleus,
     parse_calib,
     sampling_batch,
@@ -31,10 +36,12 @@ def test_parse_calib():
             == ("teacher", Sampling(4_000_000, 0.7, 0.9, 16)))
     assert parse_calib("teacher:temp=0")[0] == ("teacher", Sampling(100_000, temperature=0.0))
     assert parse_calib("teacher:2M:batch=256")[0] == ("teacher", Sampling(2_000_000, batch=256))
+    assert parse_calib("teacher:2M:cache=0")[0] == ("teacher", Sampling(2_000_000, cache=False))
     for bad, msg in [("teacher:lots", "teacher:N"), ("wiki,,lee", "empty source"), ("", "empty source"),
                      ("teacher:0", "no tokens"), ("teacher:1M:temperature=1", "unknown teacher option 'temperature'"),
                      ("teacher:1M:top_p=0", "0 < top_p <= 1"), ("teacher:1M:temp=-1", "temp >= 0"),
                      ("teacher:1M:prompt=x", "prompt='x' .* not a number"),
+                     ("teacher:1M:cache=yes", "cache='yes' .* not 0 or 1"),
                      ("teacher:1M:batch=0", r"batch >= 1 \(got .*batch=0\)")]:
         with pytest.raises(SlimEdgeError, match=msg):
             parse_calib(bad)
@@ -149,3 +156,78 @@ def test_quantize_data_free_and_resume_keeps_the_samples(tiny_llama, tmp_path):
                partial / "tokens.pt")
     report = run_quantize(str(tiny_llama), config, tmp_path / "p", progress=False, resume=True)
     assert report["calibration"] == "cached"
+
+
+def test_ngram_keys_are_two_polynomial_hashes_of_each_window():
+    m = (1 << 31) - 1
+    ids = torch.randint(0, 300_000, (3, 40), generator=torch.Generator().manual_seed(0))
+    keys = ngram_keys(ids)
+    assert keys.shape == (3, 40 - DEDUP_NGRAM + 1) and keys.dtype == torch.int64
+    for r, c in [(0, 0), (1, 7), (2, 27)]:
+        h1 = h2 = 0
+        for t in ids[r, c:c + DEDUP_NGRAM].tolist():
+            h1, h2 = (h1 * 1_000_003 + t) % m, (h2 * 911_382_323 + t) % m
+        assert int(keys[r, c]) == h1 * 2**31 + h2
+    assert len(set(keys.flatten().tolist())) == keys.numel()  # random windows: no two keys alike
+    assert torch.equal(ngram_keys(ids[1, 5:30]), keys[1:2, 5:30 - DEDUP_NGRAM + 1])  # a key is its window's
+    assert ngram_keys(ids[:, :DEDUP_NGRAM - 1]).shape == (3, 0)
+
+
+def test_drop_overlapping_drops_rows_that_share_a_13_token_span():
+    g = torch.Generator().manual_seed(1)
+    held = torch.randint(0, 49152, (300,), generator=g)
+    rows = torch.randint(0, 49152, (4, 64), generator=g)
+    rows[0, 20:20 + DEDUP_NGRAM] = held[100:100 + DEDUP_NGRAM]  # a 13-token span of the held-out text
+    rows[1, 40:40 + DEDUP_NGRAM - 1] = held[100:100 + DEDUP_NGRAM - 1]  # 12 tokens only: kept
+    rows[3, -DEDUP_NGRAM:] = held[-DEDUP_NGRAM:]  # at the very end of both
+    kept, dropped = drop_overlapping(rows, torch.unique(ngram_keys(held)), chunk=3)
+    assert dropped == 2 and torch.equal(kept, rows[[1, 2]])
+    assert drop_overlapping(rows, held[:0])[1] == 0
+
+
+def test_cached_samples_are_kept_and_read_back(tiny_llama, monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIM_EDGE_CACHE", str(tmp_path / "cache"))
+    model, tok, _ = load_model(str(tiny_llama))
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    starts = torch.tensor([65, 66, 67])
+    kw = dict(device="cpu", seed=3, progress=False)
+    a, dropped = cached_samples(model, tok, Sampling(200, batch=3), 48, starts, **kw)
+    assert dropped == 0 and len(calls) == 2 * 47  # 5 sequences in 2 batches, 47 steps each
+    assert torch.equal(a, teacher_tokens(model, 200, 48, starts, batch=3, **kw))
+    assert len(list((tmp_path / "cache" / "samples").glob("*.pt"))) == 1
+    calls.clear()
+    b, _ = cached_samples(model, tok, Sampling(200, batch=3), 48, starts, **kw)
+    assert torch.equal(a, b) and b.dtype == torch.int64 and not calls  # from the cache, no forward pass
+    cached_samples(model, tok, Sampling(200, batch=3, cache=False), 48, starts, **kw)
+    assert len(calls) == 2 * 47  # cache=0 samples anew
+    for other in [dict(seed=4), dict(starts=torch.tensor([65, 66, 68]))]:
+        calls.clear()
+        c, _ = cached_samples(model, tok, Sampling(200, batch=3), 48, other.pop("starts", starts), **{**kw, **other})
+        assert calls and not torch.equal(a, c)
+    with torch.no_grad():  # another model: another draw, even from a one-weight change
+        next(model.parameters()).view(-1)[0] += 1e-3
+    calls.clear()
+    cached_samples(model, tok, Sampling(200, batch=3), 48, starts, **kw)
+    assert calls
+
+
+def test_samples_that_continue_held_out_text_are_dropped(tiny_llama, tiny_text, tmp_path):
+    model, tok, _ = load_model(str(tiny_llama))
+    held = tmp_path / "lee_eval.txt"
+    held.write_text(get_text("lee", "eval").text, encoding="utf-8")
+    # prompts drawn from pydoc text and lee:eval joined: those that open with lee:eval are dropped
+    sources = f"{tiny_text},{held}"
+    text_len = len(training_tokens(model, tok, sources, 32, device="cpu", seed=0, progress=False)[0])
+    ids, src = training_tokens(model, tok, f"{sources},teacher:1280:prompt=16:cache=0", 32, device="cpu", seed=0,
+                               progress=False)
+    seqs = ids[text_len + 1:].view(-1, 32)
+    dropped = 40 - len(seqs)
+    assert 5 <= dropped <= 35, src
+    assert f"; {dropped} of 40 sequences dropped, sharing a 13-token span with lee:eval or wiki:eval" in src
+    lee = set(ngram_keys(training_tokens(model, tok, str(held), 32, device="cpu", seed=0, progress=False)[0])
+              .flatten().tolist())
+    assert not lee & set(ngram_keys(seqs).flatten().tolist())  # what is left shares no 13-token span with it
+    with pytest.raises(SlimEdgeError, match="all 20 sequences sampled from the FP model share a 13-token span"):
+        training_tokens(model, tok, f"{held},teacher:640:prompt=16:cache=0", 32, device="cpu", seed=0,
+                        progress=False)

@@ -43,7 +43,10 @@ def quantize(
                                             "text and sample sharper, e.g. "
                                             "wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16; :batch=N samples N "
                                             "sequences at once instead of sizing the batch to 70 % of the free GPU "
-                                            "memory, for runs that share a GPU)")] = "wiki",
+                                            "memory, for runs that share a GPU. Samples are kept in the cache "
+                                            "(samples/) and reused by a run that asks for the same draw; :cache=0 "
+                                            "samples anew. Samples sharing a 13-token span with lee or wiki's "
+                                            "held-out text are dropped)")] = "wiki",
     target: Annotated[str | None, typer.Option(help="override the primary format (e.g. tq1_0)")] = None,
     lr: Annotated[float, typer.Option(help="learning rate of the latent weights")] = 5e-5,
     scale_lr: Annotated[float, typer.Option(help="learning rate of the block scales; with --scale-update relative "

@@ -1,7 +1,7 @@
 """Training tokens: text sources and text sampled from the full-precision model itself.
 
 `--calib` takes comma-separated sources: a UTF-8 file, a built-in corpus (wiki, lee, pydoc, pydocs), or
-`teacher[:N][:temp=T][:top_p=P][:prompt=K]`, N tokens (suffix k or M) that the full-precision model
+`teacher[:N][:temp=T][:top_p=P][:prompt=K][:batch=B][:cache=0]`, N tokens (suffix k or M) that the full-precision model
 writes itself. That is LLM-QAT's data-free distillation: the student learns the teacher's distribution on
 the teacher's own samples, so a user needs no corpus, and the amount of training text is bounded by
 compute, not by what is on disk. By default each sequence starts from one token drawn from the text
@@ -10,18 +10,28 @@ teacher's argmax for the next GREEDY_PREFIX tokens (LLM-QAT found fully random s
 off-distribution), then samples at temperature 1. `prompt=K` opens each sequence with K consecutive
 tokens of the text sources instead (a random window: the samples continue real text), `temp` and
 `top_p` sample from a sharper, truncated distribution (temp=0 is greedy).
+
+Samples are kept in the cache (`samples/` under `slim_edge.fsutil.cache_dir`), keyed by the model's
+weights, the text that opens them, the sampling options, the seed and the sequence length, so that a second
+run (another scheme, another --bits) trains on the same draw without sampling again (`cache=0` turns that
+off). Before they are used or kept, sequences that share a DEDUP_NGRAM-token span with an evaluation text
+(DEDUP_AGAINST: the held-out splits slim-edge reports on) are dropped: a model can have memorised its
+benchmark, and its samples would then carry the held-out text into training.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from .errors import SlimEdgeError
+from .fsutil import atomic_path, cache_dir
 from .train import calibration_tokens
 
 TEACHER = re.compile(r"teacher(?::(\d+(?:\.\d+)?)([kKmM]?))?((?::[a-z_]+=[^:,]*)*)$")
@@ -31,22 +41,33 @@ NUCLEUS_K = 256  # top tokens that top-p sampling looks for the nucleus among fi
 # peak GPU memory of sampling / the bf16 KV cache's size: the cache grows by concatenation (old and new copy
 # live at once) and the logits come on top; measured 2.2 on the H200 (SmolLM2, 50.0 GiB at 2048 x 512)
 KV_OVERHEAD = 2.25
+SAMPLES_VERSION = 1  # part of the cache key: bump it when teacher_tokens draws differently
+DEDUP_NGRAM = 13  # the span GPT-3's contamination check used
+DEDUP_AGAINST = (("lee", "eval"), ("wiki", "eval"))
 
 
 @dataclass(frozen=True)
 class Sampling:
     """How `teacher:N` samples: N tokens, at `temperature` (0 = greedy), from the top-p nucleus, each
     sequence opening with `prompt` tokens of the text sources (0: one unigram token, then greedy), `batch`
-    sequences at once (None: sampling_batch of the free GPU memory; give it when runs share a GPU)."""
+    sequences at once (None: sampling_batch of the free GPU memory; give it when runs share a GPU), `cache`
+    whether the draw is kept in and read from the samples cache."""
     tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     prompt: int = 0
     batch: int | None = None
+    cache: bool = True
+
+
+def _flag(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(value)
+    return value == "1"
 
 
 _SAMPLING_KEYS = {"temp": ("temperature", float), "top_p": ("top_p", float), "prompt": ("prompt", int),
-                  "batch": ("batch", int)}
+                  "batch": ("batch", int), "cache": ("cache", _flag)}
 
 
 def _sampling(spec: str, item: str, n: int, options: str) -> Sampling:
@@ -60,7 +81,8 @@ def _sampling(spec: str, item: str, n: int, options: str) -> Sampling:
         try:
             kw[field] = kind(value)
         except ValueError:
-            raise SlimEdgeError(f"--calib {spec!r}: {key}={value!r} in {item!r} is not a number") from None
+            what = "0 or 1" if kind is _flag else "a number"
+            raise SlimEdgeError(f"--calib {spec!r}: {key}={value!r} in {item!r} is not {what}") from None
     s = Sampling(n, **kw)
     if not (s.temperature >= 0 and 0 < s.top_p <= 1 and s.prompt >= 0 and (s.batch is None or s.batch >= 1)):
         raise SlimEdgeError(f"--calib {spec!r}: {item!r} needs temp >= 0, 0 < top_p <= 1, prompt >= 0 and "
@@ -207,15 +229,122 @@ def training_tokens(model, tokenizer, calib: str, seq_len: int, *, device: str, 
             if s.prompt and not texts:
                 raise SlimEdgeError(f"--calib {calib!r}: prompt={s.prompt} opens the samples with text, but "
                                     f"there is no text source; add one (e.g. wiki,teacher:2M:prompt=16)")
-            ids = teacher_tokens(model, s.tokens, seq_len, starts, device=device, seed=seed + k, batch=s.batch,
-                                 progress=progress, temperature=s.temperature, top_p=s.top_p, prompt=s.prompt)
-            how = "" if s == Sampling(s.tokens, batch=s.batch) else f", temp {s.temperature:g}, top-p {s.top_p:g}"
+            ids, dropped = cached_samples(model, tokenizer, s, seq_len, starts, device=device, seed=seed + k,
+                                          progress=progress)
+            plain = Sampling(s.tokens, batch=s.batch, cache=s.cache)
+            how = "" if s == plain else f", temp {s.temperature:g}, top-p {s.top_p:g}"
             how += f", {s.prompt}-token text prompts" if s.prompt else ""
             how += f", {s.batch} at once" if s.batch else ""
             source = f"{len(ids):,} tokens sampled from the FP model (seed {seed + k}{how})"
+            if dropped:
+                source += (f"; {dropped} of {dropped + len(ids) // seq_len} sequences dropped, sharing a "
+                           f"{DEDUP_NGRAM}-token span with {_against()}")
         parts.append(ids)
         names.append(source)
     eos = tokenizer.eos_token_id
     if eos is not None and len(parts) > 1:
         parts = [p for part in parts for p in (part, torch.tensor([eos]))][:-1]
     return torch.cat(parts), " + ".join(names)
+
+
+def _against() -> str:
+    return " or ".join(f"{name}:{split}" for name, split in DEDUP_AGAINST)
+
+
+def ngram_keys(ids: torch.Tensor, n: int = DEDUP_NGRAM) -> torch.Tensor:
+    """A 62-bit key of every n-token window in each row of `ids` (int64 [rows, length] -> [rows, length - n + 1]):
+    two polynomial hashes modulo 2^31 - 1 side by side; every step stays below 2^62, so int64 never overflows.
+    Two windows that differ get the same key with a probability of about 2^-62."""
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    if ids.shape[-1] < n:
+        return ids.new_empty(ids.shape[0], 0)
+    m = (1 << 31) - 1
+    w = ids.unfold(-1, n, 1) % m
+    h1 = torch.zeros(w.shape[:-1], dtype=torch.int64)
+    h2 = torch.zeros_like(h1)
+    for j in range(n):
+        h1 = (h1 * 1_000_003 + w[..., j]) % m
+        h2 = (h2 * 911_382_323 + w[..., j]) % m
+    return h1 * (1 << 31) + h2
+
+
+def drop_overlapping(seqs: torch.Tensor, banned: torch.Tensor, n: int = DEDUP_NGRAM,
+                     chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """The rows of `seqs` ([rows, length]) that share no n-token window with the text whose ngram_keys are
+    `banned`, and how many rows were dropped."""
+    if not len(banned) or not len(seqs):
+        return seqs, 0
+    hit = torch.cat([torch.isin(ngram_keys(seqs[i:i + chunk], n), banned).any(-1)
+                     for i in range(0, len(seqs), chunk)])
+    return seqs[~hit], int(hit.sum())
+
+
+_EVAL_KEYS: dict[tuple, torch.Tensor | None] = {}
+
+
+def eval_ngram_keys(tokenizer) -> torch.Tensor | None:
+    """ngram_keys of the DEDUP_AGAINST texts under `tokenizer` (each text's own windows, sorted, unique);
+    None, with a warning, when one of them cannot be read (offline without the corpora cache)."""
+    name = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), DEDUP_NGRAM)
+    if name not in _EVAL_KEYS:
+        from .corpora import get_text
+        from .memory import tokenize_in_pieces
+        keys = []
+        try:
+            for corpus, split in DEDUP_AGAINST:
+                text = get_text(corpus, split).text
+                ids = tokenize_in_pieces(lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], text)
+                keys.append(ngram_keys(torch.from_numpy(ids.astype("int64"))).flatten())
+            _EVAL_KEYS[name] = torch.unique(torch.cat(keys))
+        except SlimEdgeError as e:
+            print(f"slim-edge: warning: the teacher's samples are not checked against {_against()} (not kept in "
+                  f"the cache either): {e}", file=sys.stderr)
+            return None
+    return _EVAL_KEYS[name]
+
+
+def samples_key(model, s: Sampling, seq_len: int, starts: torch.Tensor, *, device: str, seed: int) -> str:
+    """What a draw of teacher_tokens depends on, hashed: the model (its config and a float64 sum and absolute
+    sum of every tensor), the opening text, the sampling options, seed, sequence length, device kind (CUDA's
+    generator draws differently from the CPU's), the deduplication rule and SAMPLES_VERSION."""
+    h = hashlib.sha256()
+    what = {"version": SAMPLES_VERSION, **asdict(s), "seq_len": seq_len, "seed": seed,
+            "device": device.split(":")[0], "dedup": [DEDUP_NGRAM, DEDUP_AGAINST]}
+    what.pop("cache")
+    h.update(json.dumps(what, sort_keys=True).encode())
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            t = t.detach().double()
+            h.update(f"{name} {tuple(t.shape)} {t.sum().item():.9g} {t.abs().sum().item():.9g}\n".encode())
+    h.update(starts.to(torch.int64).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_samples(model, tokenizer, s: Sampling, seq_len: int, starts: torch.Tensor, *, device: str, seed: int,
+                   progress: bool = True) -> tuple[torch.Tensor, int]:
+    """teacher_tokens' draw for `s`, without the sequences that overlap an evaluation text, and how many were
+    dropped; read from the samples cache when the same draw was made before (s.cache), else drawn and kept."""
+    path = cache_dir("samples", samples_key(model, s, seq_len, starts, device=device, seed=seed)[:32] + ".pt") \
+        if s.cache else None
+    if path is not None and path.is_file():
+        try:
+            blob = torch.load(path, weights_only=True)
+            print(f"slim-edge: teacher samples read from the cache: {path} (cache=0 samples anew)", file=sys.stderr)
+            return blob["ids"].to(torch.int64), int(blob["dropped"])
+        except Exception as e:  # a damaged cache file is sampled anew and replaced
+            print(f"slim-edge: warning: cannot read {path} ({e}); sampling anew", file=sys.stderr)
+    ids = teacher_tokens(model, s.tokens, seq_len, starts, device=device, seed=seed, batch=s.batch,
+                         progress=progress, temperature=s.temperature, top_p=s.top_p, prompt=s.prompt)
+    banned = eval_ngram_keys(tokenizer)
+    seqs, dropped = drop_overlapping(ids.view(-1, seq_len), banned if banned is not None else ids[:0])
+    if not len(seqs):
+        raise SlimEdgeError(f"all {dropped} sequences sampled from the FP model share a {DEDUP_NGRAM}-token span "
+                            f"with {_against()}: the text that opens them (prompt={s.prompt}) is evaluation "
+                            f"text; give other --calib text")
+    ids = seqs.flatten()
+    if path is not None and banned is not None:
+        small = torch.int32 if model.config.vocab_size < 2**31 else torch.int64
+        with atomic_path(path) as tmp:
+            torch.save({"ids": ids.to(small), "dropped": dropped}, tmp)
+    return ids, dropped
