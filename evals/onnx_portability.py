@@ -1,7 +1,8 @@
 """Do ONNX exports compute the same on another onnxruntime? `save` runs each export on fixed random tokens
 (one forward over all of them, then the same tokens again in chunks over the KV cache) and keeps the logits
 with this onnxruntime's version; `check`, on the other machine, runs the same and reports per export the
-largest logit difference from the saved ones, as JSON. For a user whose onnxruntime is not the one the
+largest logit difference from the saved ones, as JSON (an export this onnxruntime refuses gets its reason
+in the report, and `check` then exits with status 2). For a user whose onnxruntime is not the one the
 export was tested with (CI and this box: 1.32; the GPU machine: 1.30).
 
     python -m slim_edge.evals.onnx_portability save runs/onnx/seq2 runs/onnx/seq2-plain -o ref.npz
@@ -77,7 +78,11 @@ def check(paths: list[Path], ref: Path) -> dict:
             held = sorted({k.split("/")[0] for k in saved.files if "/" in k})
             raise SlimEdgeError(f"{ref} holds no logits for an export named {name!r} (it has {', '.join(held)}); "
                                 f"save them under the same folder name")
-        got = run_export(path, n_tokens=saved[f"{name}/full"].shape[0])
+        try:
+            got = run_export(path, n_tokens=saved[f"{name}/full"].shape[0])
+        except SlimEdgeError as e:  # this runtime refuses the export: its reason is the finding
+            report["models"][name] = {"error": str(e)}
+            continue
         report["models"][name] = {
             "full_vs_reference": float(np.abs(got["full"] - saved[f"{name}/full"]).max()),
             "chunked_vs_reference": float(np.abs(got["chunked"] - saved[f"{name}/chunked"]).max()),
@@ -108,6 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
         if a.output is not None:
             atomic_write(a.output, json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1), file=sys.stdout)
+    failed = [name for name, r in report["models"].items() if "error" in r] if a.mode == "check" else []
+    if failed:
+        raise SlimEdgeError(f"{len(failed)} of {len(report['models'])} exports did not run on onnxruntime "
+                            f"{report['onnxruntime']}: {', '.join(failed)} (their reasons are in the report)")
     return report
 
 

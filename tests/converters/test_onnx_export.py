@@ -478,6 +478,8 @@ def test_an_export_onnxruntime_refuses_names_the_reason(both_attentions, tmp_pat
 def test_portability_check_reports_the_difference_from_saved_logits(both_attentions, tmp_path, capsys):
     """evals/onnx_portability: save on one onnxruntime, check on another. On the same one the logits are
     equal bit for bit; saved logits moved by 0.25 are reported as 0.25 off; mistakes are one clear error."""
+    import onnx
+
     from slim_edge.evals import onnx_portability as port
 
     _, exports = both_attentions
@@ -505,6 +507,17 @@ def test_portability_check_reports_the_difference_from_saved_logits(both_attenti
         port.check([exports["gqa"][0], exports["plain"][0]], ref)
     with pytest.raises(SlimEdgeError, match=r"--ref .*missing.npz does not exist"):
         port.check([gqa], tmp_path / "missing.npz")
+    # an export this onnxruntime refuses: its reason in the report, the others still checked, exit status 2
+    refused = tmp_path / "refused" / "gqa"
+    refused.mkdir(parents=True)
+    model = onnx.load(str(exports["gqa"][0] / "model.onnx"))
+    model.ir_version = 99
+    onnx.save(model, str(refused / "model.onnx"))
+    with pytest.raises(SlimEdgeError, match=r"1 of 2 exports did not run on onnxruntime [0-9.]+: gqa \(their"):
+        port.main(["check", str(refused), str(plain), "--ref", str(ref), "-o", str(tmp_path / "c2.json")])
+    partial = json.loads((tmp_path / "c2.json").read_text())["models"]
+    assert "Unsupported model IR version: 99" in partial["gqa"]["error"]
+    assert partial["plain"]["full_vs_reference"] == 0
 
 
 def test_onnx_attention_option_is_checked(onnx_exports, tmp_path):
