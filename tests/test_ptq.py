@@ -49,6 +49,28 @@ def test_diagonal_hessian_is_round_to_nearest(fmt, mode):
             assert torch.equal(scale, d16)
 
 
+@pytest.mark.parametrize("fmt", ["stq1_0", "q2_0"])
+def test_sherry_zero_by_cost_is_the_weighted_best_quad_when_h_is_diagonal(fmt):
+    """zero_rule="cost": with H diagonal nothing is compensated, so each quad's zero is the lane whose zeroing
+    costs least in the H-weighted error, sum_j (H_jj + damp) (w_j - v_j d)^2 over the quad's four choices
+    (the magnitude rule ignores H_jj: it differs wherever a large input channel holds the smallest weight)."""
+    w, f, quads = _weights(), get_format(fmt), _quads(fmt, "sherry")
+    hd = torch.rand(512, generator=torch.Generator().manual_seed(2)) * 10 + 0.1
+    _, scale, values = gptq_quantize(w, torch.diag(hd), f, "sherry", quads, zero_rule="cost")
+    cost = hd + 0.01 * hd.mean()  # GPTQ's damping, PERCDAMP of the mean diagonal
+    bs = f.block_size
+    wb, vb, cb = w.reshape(32, -1, bs), values.reshape(32, -1, bs), cost.reshape(-1, bs)
+    d = scale[..., None, None]  # [32, blocks, 1, 1]
+    wq, vq, cq = wb[:, :, quads], vb[:, :, quads], cb[:, quads][None]  # [32, blocks, quads, 4]
+    signs = torch.where(wq >= 0, 1.0, -1.0)
+    choices = signs[..., None, :] * (1 - torch.eye(4))  # [.., zero lane, 4]
+    err = ((wq[..., None, :] - choices * d[..., None]) ** 2 * cq[..., None, :]).sum(-1)
+    best = torch.gather(choices, -2, err.argmin(-1)[..., None, None].expand(*err.shape[:-1], 1, 4))[..., 0, :]
+    assert torch.equal(vq, best)
+    _, _, mag = gptq_quantize(w, torch.diag(hd), f, "sherry", quads, zero_rule="magnitude")
+    assert int((mag != values).sum()) > 200  # the rules differ here
+
+
 # relative output error GPTQ / RTN measured on this matrix (32 x 512, X = Z A): q2_0 0.59, q2_0c 0.59,
 # tq2_0 0.63, stq1_0 0.72, q2_0 in sherry mode 0.70
 @pytest.mark.parametrize("fmt,mode,ratio", [("q2_0", "grid", 0.65), ("q2_0c", "grid", 0.65),

@@ -42,6 +42,7 @@ from .train import _batches, _layer_inputs, _layer_out, decoder_layers
 PERCDAMP = 0.01
 LAZY_BATCH = 128
 WEIGHTED_SCALE = True  # block scales by the column-cost-weighted search (weighted_scale), not init_scale
+SHERRY_ZERO = "magnitude"  # a Sherry quad's zero: "magnitude" (smallest |w|) or "cost" (see gptq_quantize)
 
 
 class _Stop(Exception):
@@ -95,7 +96,8 @@ def weighted_scale(wb: torch.Tensor, s: torch.Tensor, fmt: Format, mode: str, qu
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | None = None,
-                  percdamp: float = PERCDAMP, lazy: int = LAZY_BATCH, weighted: bool | None = None):
+                  percdamp: float = PERCDAMP, lazy: int = LAZY_BATCH, weighted: bool | None = None,
+                  zero_rule: str | None = None):
     """GPTQ rounding of w [rows, k] on the grid of (fmt, mode) with Hessian h [k, k].
 
     Returns (latent [rows, k] float32, scale [rows, k // block] fp16-exact float32, values [rows, k]):
@@ -104,6 +106,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quad
     bs = fmt.block_size
     sherry = grid_rule(fmt, mode) == "sherry"
     weighted = WEIGHTED_SCALE if weighted is None else weighted
+    zero_rule = SHERRY_ZERO if zero_rule is None else zero_rule
     H = h.detach().to(torch.float64).clone()
     W = w.detach().float().clone()
     dead = H.diagonal() == 0
@@ -139,8 +142,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quad
             if sherry:
                 if p in quad_of:
                     lanes = quad_of[p]
-                    zq = WT[col - p + lanes] / d[None, :]  # [4, rows]
-                    is_zero[lanes[zq.abs().argmin(dim=0)], rows_idx] = True
+                    wq = WT[col - p + lanes]  # [4, rows]
+                    if zero_rule == "cost":  # zeroing lane j instead of rounding it to +-d, in GPTQ's cost
+                        u2 = U[col - p + lanes, col - p + lanes] ** 2
+                        pick = ((2 * wq.abs() - d[None, :]) / u2[:, None]).argmin(dim=0)
+                    else:
+                        pick = (wq / d[None, :]).abs().argmin(dim=0)
+                    is_zero[lanes[pick], rows_idx] = True
                 v = torch.where(is_zero[p], 0.0, torch.where(z >= 0, 1.0, -1.0))
             else:
                 v = grid_values(z[:, None, None], fmt, mode, None)[:, 0, 0]
