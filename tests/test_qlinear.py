@@ -159,3 +159,42 @@ def test_scale_step_is_relative_to_the_scale(update):
         np.testing.assert_allclose((scales / before).detach().numpy(), np.exp([-1e-2, 1e-2, -1e-2]), rtol=1e-5)
     else:
         np.testing.assert_allclose((scales - before).detach().numpy(), [-1e-2, 1e-2, -1e-2], rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,mode,tequila", [("q2_0c", "grid", 0.0), ("stq1_0", "sherry", 0.0),
+                                              ("tq2_0", "ternary", 0.3)])
+def test_frozen_quantized_quantizes_once_per_weight_version(fmt, mode, tequila, monkeypatch):
+    """Inside frozen_quantized a no-grad forward reuses the quantized weight (and Tequila bias) until the weight
+    or scale changes in place; its output equals the plain forward's bit for bit; with autograd on, nothing is
+    kept (the gradient still reaches the latent weight); outside it, every forward quantizes."""
+    from torch import nn
+
+    from slim_edge import qlinear
+
+    torch.manual_seed(0)
+    m = qlinear.QuantLinear(nn.Linear(512, 16, bias=True), fmt, mode, tequila_lambda=tequila)
+    x = torch.randn(3, 512)
+    calls = []
+    real = qlinear.fake_quant
+    monkeypatch.setattr(qlinear, "fake_quant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        plain = m(x)
+        with qlinear.frozen_quantized(m):
+            n0 = len(calls)
+            a, b = m(x), m(x)
+            assert len(calls) == n0 + 1 and torch.equal(a, plain) and torch.equal(b, plain)
+            m.weight.copy_(torch.randn_like(m.weight) * m.weight.std())  # in place: quantized again
+            c = m(x)
+            assert len(calls) == n0 + 2 and not torch.equal(c, plain)
+            m.scale.mul_(0.5)
+            m(x)
+            m.bias.add_(1.0)
+            m(x)
+            assert len(calls) == n0 + 4
+        fresh = m(x)  # outside: the plain path, which agrees with the last frozen output
+        assert torch.equal(fresh, m(x)) and len(calls) == n0 + 6
+    with qlinear.frozen_quantized(m):
+        m(x).sum().backward()
+        m(x)
+    assert len(calls) == n0 + 8 and m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+    assert m._qcache is None

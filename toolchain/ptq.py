@@ -29,6 +29,7 @@ from .qlinear import (
     FP16_MAX,
     FP16_TINY,
     QuantLinear,
+    frozen_quantized,
     grid_quads,
     grid_rule,
     grid_top,
@@ -284,28 +285,34 @@ def gptq_(student, ids: torch.Tensor, config: QuantConfig, device: str = "cpu", 
     bar = tqdm(total=len(layers), disable=not progress, unit="layer", file=sys.stderr, dynamic_ncols=True,
                desc="gptq")
     try:
-        for i, layer in enumerate(layers):
-            for group in _input_groups(layer, xs[0], kwargs):
-                h = _hessian(layer, xs, kwargs, group[0][1])
-                for mods in _same_grid(group):  # one H: stacked rows round as they would one linear at a time
-                    t0 = time.perf_counter()
-                    ws = [m.weight.detach().clone() for _, m in mods]
-                    rtn = [rel_output_error(w, m.quantized().detach(), h) for w, (_, m) in zip(ws, mods)]
-                    m0 = mods[0][1]
-                    out = gptq_quantize(torch.cat(ws), h, m0.fmt, m0.mode, m0.quads)
-                    sizes = [len(w) for w in ws]
-                    seconds = round(time.perf_counter() - t0, 2)
-                    for (name, m), w, e, parts in zip(mods, ws, rtn, zip(*(t.split(sizes) for t in out))):
-                        row = {"layer": i, "name": name, "format": m.fmt.name, "rel_err_rtn": e,
-                               "fallback": set_quantized(m, *parts), "seconds": seconds}
-                        row["rel_err_gptq"] = rel_output_error(w, m.quantized().detach(), h)
-                        rows.append(row)
-                        if log is not None:
-                            log(row)
-                last = rows[-1]
-                bar.set_postfix(layer=i, rtn=f"{last['rel_err_rtn']:.3g}", gptq=f"{last['rel_err_gptq']:.3g}")
-            xs = [_layer_out(layer, x, kwargs) for x in xs]
-            bar.update(1)
+        with frozen_quantized(student):  # each layer's forwards reuse its quantized weights until GPTQ sets them
+            _gptq_layers(layers, xs, kwargs, rows, bar, log)
     finally:
         bar.close()
     return rows
+
+
+def _gptq_layers(layers, xs, kwargs, rows: list[dict], bar, log) -> None:
+    """GPTQ of each decoder layer in turn (see gptq_); xs: the first layer's inputs, per batch."""
+    for i, layer in enumerate(layers):
+        for group in _input_groups(layer, xs[0], kwargs):
+            h = _hessian(layer, xs, kwargs, group[0][1])
+            for mods in _same_grid(group):  # one H: stacked rows round as they would one linear at a time
+                t0 = time.perf_counter()
+                ws = [m.weight.detach().clone() for _, m in mods]
+                rtn = [rel_output_error(w, m.quantized().detach(), h) for w, (_, m) in zip(ws, mods)]
+                m0 = mods[0][1]
+                out = gptq_quantize(torch.cat(ws), h, m0.fmt, m0.mode, m0.quads)
+                sizes = [len(w) for w in ws]
+                seconds = round(time.perf_counter() - t0, 2)
+                for (name, m), w, e, parts in zip(mods, ws, rtn, zip(*(t.split(sizes) for t in out))):
+                    row = {"layer": i, "name": name, "format": m.fmt.name, "rel_err_rtn": e,
+                           "fallback": set_quantized(m, *parts), "seconds": seconds}
+                    row["rel_err_gptq"] = rel_output_error(w, m.quantized().detach(), h)
+                    rows.append(row)
+                    if log is not None:
+                        log(row)
+            last = rows[-1]
+            bar.set_postfix(layer=i, rtn=f"{last['rel_err_rtn']:.3g}", gptq=f"{last['rel_err_gptq']:.3g}")
+        xs = [_layer_out(layer, x, kwargs) for x in xs]
+        bar.update(1)

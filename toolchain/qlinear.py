@@ -16,6 +16,7 @@ so it only matters for optimizers that do not normalise).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -200,6 +201,21 @@ def round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x + (q - x).detach()
 
 
+@contextmanager
+def frozen_quantized(model: nn.Module):
+    """Inside it, no-grad forwards of `model`'s QuantLinears quantize each weight once (until it changes)
+    instead of at every call: GPTQ's and evaluation's many forwards over unchanged weights. Costs one float
+    copy of the quantized weights while it lasts."""
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in mods:
+        m._qcache = {}
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m._qcache = None
+
+
 class QuantLinear(nn.Module):
     """nn.Linear whose weight trains on a format's grid; `arenas` is Sherry's residual weight λ_t."""
 
@@ -235,9 +251,25 @@ class QuantLinear(nn.Module):
             return self.bias
         return tb if self.bias is None else self.bias + tb
 
+    _qcache: dict | None = None  # {} inside frozen_quantized(): the no-grad forward's weight and bias, kept
+
+    def _forward_weights(self):
+        """(quantized weight, bias) for the forward; inside frozen_quantized() and without autograd, computed
+        once per version of the weight and scale (an in-place update, e.g. GPTQ's or an optimizer's, bumps it)."""
+        if self._qcache is None or torch.is_grad_enabled():
+            wq, values = self.quantized(return_values=True)
+            return wq, self.effective_bias(values)
+        key = (self.weight._version, self.scale._version, self.weight.data_ptr(), self.scale.data_ptr(),
+               self.tequila_lambda, self.bias._version if self.bias is not None else None)
+        if self._qcache.get("key") != key:
+            wq, values = self.quantized(return_values=True)
+            # the storages are held so that their addresses, part of the key, cannot be reused meanwhile
+            self._qcache.update(key=key, w=wq, b=self.effective_bias(values),
+                                keep=(self.weight.untyped_storage(), self.scale.untyped_storage()))
+        return self._qcache["w"], self._qcache["b"]
+
     def forward(self, x):
-        wq, values = self.quantized(return_values=True)
-        b = self.effective_bias(values)
+        wq, b = self._forward_weights()
         if self.act:
             x = round_activations(x, self.act)
         # the same call nn.Linear makes, so a reloaded model gives identical logits
