@@ -56,6 +56,7 @@ caches) and derives positions from attention_mask (left-aligned masks, as OnnxLM
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +74,33 @@ OPSET = 21
 # (onnx 1.23: 14), which onnxruntime 1.30 refuses ("max supported IR version: 13"); the graph needs nothing newer
 IR_VERSION = 10
 MS_DOMAIN = "com.microsoft"
+# the oldest onnxruntime that runs an export, by what its graph holds (measured on the CPU EP, session 21,
+# evals/reports/onnx_portability.md): 1.24-1.26 load 2-bit MatMulNBits and fail in it at run time ("Only 4b
+# quantization is supported for unpacked compute"); 1.20-1.22 refuse GatherBlockQuantized's `bits` attribute
+# and 1.18 the op itself
+MIN_ONNXRUNTIME_2BIT = "1.27"
+MIN_ONNXRUNTIME_GATHER_BITS = "1.24"
 MARKER = "slim_edge_onnx.json"  # what makes an output folder slim-edge's own (to replace with --force)
 ONNX_BITS = (2, 4)  # --onnx-bits: the fewest bits per code for the quantized linears
 MAX_BLOCK = {2: 256, 4: 512, 8: 512}  # the largest block MatMulNBits' CPU kernel takes per bit width
 PROTOBUF_LIMIT = 2 << 30
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 ATTENTION = ("gqa", "plain")  # --onnx-attention; the first is the default (evals/reports/onnx_bench_host.md)
+
+
+def min_onnxruntime(model) -> str | None:
+    """The oldest onnxruntime version (measured) that runs `model`'s contrib ops, None if nothing needs one."""
+    attrs = [(n.op_type, {a.name: a.i for a in n.attribute}) for n in model.graph.node if n.domain == MS_DOMAIN]
+    if any(op == "MatMulNBits" and a.get("bits", 4) < 4 for op, a in attrs):
+        return MIN_ONNXRUNTIME_2BIT
+    if any(op == "GatherBlockQuantized" and "bits" in a for op, a in attrs):
+        return MIN_ONNXRUNTIME_GATHER_BITS
+    return None
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(1, 27, 0) from "1.27.0" (a suffix such as "1.28.0.dev20260101" or "+cu12" is ignored)."""
+    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def require_onnx():
@@ -629,7 +651,7 @@ def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool 
                    "external_data": big, "scheme": meta["config"]["scheme"], "onnx_bits": bits, "attention": attention,
                    # gqa's RoPE caches hold this many positions (onnxruntime refuses past them); plain: no limit
                    "max_positions": spec.max_positions if attention == "gqa" else None,
-                   "opset": OPSET, "ops": ops,
+                   "opset": OPSET, "ops": ops, "min_onnxruntime": min_onnxruntime(model),
                    "linear_bits_per_weight": sum(v["bytes"] * 8 for v in lin.values()) / n_lin if lin else 32.0,
                    "weights": report, "trained_for": trained_for(meta["config"]), "source": str(ckpt)}
         (tmp / MARKER).write_text(json.dumps(summary, indent=1))

@@ -173,15 +173,20 @@ def ort_reason(e: Exception) -> str:
     return msg if len(msg) <= 400 else msg[:150] + " ... " + msg[-250:]
 
 
-def gqa_positions(folder: Path) -> int | None:
-    """The positions an ONNX export's GroupQueryAttention holds RoPE caches for (onnxruntime refuses past
-    them), from its slim_edge_onnx.json; None for a plain-attention export, which has no limit."""
+def export_info(folder: Path) -> dict:
+    """An ONNX export's slim_edge_onnx.json ({} when it has none or it is unreadable)."""
     from slim_edge.converters.onnx_export import MARKER
 
     try:
-        return json.loads((folder / MARKER).read_text()).get("max_positions")
+        return json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def gqa_positions(folder: Path) -> int | None:
+    """The positions an ONNX export's GroupQueryAttention holds RoPE caches for (onnxruntime refuses past
+    them), from its slim_edge_onnx.json; None for a plain-attention export, which has no limit."""
+    return export_info(folder).get("max_positions")
 
 
 class OnnxLM:
@@ -190,7 +195,7 @@ class OnnxLM:
     kind = "onnx"
 
     def __init__(self, path: str | Path, n_threads: int = 2, name: str | None = None):
-        from slim_edge.converters.onnx_export import require_onnx
+        from slim_edge.converters.onnx_export import require_onnx, version_tuple
 
         path = Path(path)
         folder = path if path.is_dir() else path.parent
@@ -199,6 +204,11 @@ class OnnxLM:
             raise SlimEdgeError(f"ONNX model {path} does not exist; pass a folder or model.onnx written by "
                                 f"slim-edge export --onnx")
         _, ort = require_onnx()
+        need = export_info(folder).get("min_onnxruntime")
+        if need and version_tuple(ort.__version__) < version_tuple(need):
+            raise SlimEdgeError(f"{path}: onnxruntime {ort.__version__} is older than {need}, the first that runs "
+                                f"this export's 2-bit MatMulNBits / GatherBlockQuantized (older ones refuse it or "
+                                f"fail in it); pip install -U 'onnxruntime>={need}'")
         so = ort.SessionOptions()
         so.intra_op_num_threads = n_threads
         so.inter_op_num_threads = 1
@@ -237,7 +247,12 @@ class OnnxLM:
                                 f"shorter context, or export with --onnx-attention plain")
         feed = {"input_ids": ids, "attention_mask": np.ones((1, start + ids.shape[1]), np.int64),
                 "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None], **cache}
-        out = dict(zip(self.outputs, self.session.run(None, feed)))
+        try:
+            out = dict(zip(self.outputs, self.session.run(None, feed)))
+        except Exception as e:  # onnxruntime's own error types
+            import onnxruntime as ort
+
+            raise SlimEdgeError(f"onnxruntime {ort.__version__} failed to run {self.path} ({ort_reason(e)})") from None
         return out["logits"][0], {name: out[name.replace("past_key_values.", "present.")] for name, _ in self.past}
 
     def logits(self, tokens, first: int = 0) -> np.ndarray:

@@ -550,3 +550,30 @@ def test_onnx_bench_compare_interleaves_the_models(both_attentions):
         assert len(r["tps"]) == 2 and r["tps_median"] == pytest.approx(float(np.median(r["tps"])))
     assert [r["x_first_paired_median"] for r in result["rows"][::2]] == [1.0, 1.0, 1.0]
     assert compare_markdown(result).count("\n| ") == 7  # the header and six rows
+
+
+def test_exports_name_the_oldest_onnxruntime_that_runs_them(both_attentions, onnx_exports, tmp_path):
+    """slim_edge_onnx.json's min_onnxruntime, from the graph: 2-bit MatMulNBits needs 1.27 (1.24-1.26 fail in it
+    at run time, measured); OnnxLM refuses an older onnxruntime up front with the fix, and an error while
+    running is one SlimEdgeError with onnxruntime's reason, not a traceback."""
+    import shutil
+
+    from slim_edge.converters.onnx_export import version_tuple
+
+    _, exports = both_attentions
+    folder, summary = exports["gqa"]
+    assert summary["min_onnxruntime"] == "1.27" == json.loads((folder / "slim_edge_onnx.json").read_text())[
+        "min_onnxruntime"]
+    assert version_tuple("1.27.0") == (1, 27, 0) and version_tuple("1.28.0.dev20260101+cu12") == (1, 28, 0)
+    assert version_tuple("1.9.0") < version_tuple("1.27") < version_tuple("1.32.0")
+    future = tmp_path / "future"
+    shutil.copytree(folder, future)
+    info = json.loads((future / "slim_edge_onnx.json").read_text())
+    (future / "slim_edge_onnx.json").write_text(json.dumps({**info, "min_onnxruntime": "99.1"}))
+    with pytest.raises(SlimEdgeError, match=r"onnxruntime [0-9.]+ is older than 99.1, the first that runs this "
+                                            r"export.*pip install -U 'onnxruntime>=99.1'"):
+        OnnxLM(future)
+    lm = OnnxLM(folder)
+    bad = {name: np.zeros((1, shape[1], 2, shape[3] + 1), np.float32) for name, shape in lm.past}
+    with pytest.raises(SlimEdgeError, match=r"onnxruntime [0-9.]+ failed to run .*model.onnx \(.*\)"):
+        lm.step([1, 2], bad, 2)
