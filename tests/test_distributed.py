@@ -35,15 +35,21 @@ B, STEPS = 2, 12
 FIRST_STEPS = 3  # fsdp: the steps before a code flips (test_two_fsdp_ranks_...)
 OPTS = dict(scheme="sherry", steps=STEPS, seq_len=64, lr=1e-3, scale_lr=3e-2)
 SLIM_EDGE = Path(sys.executable).parent / "slim-edge"
+PROBE = Path(__file__).with_name("torchrun_probe.py")
 
 
-def _torchrun(tiny_llama, tiny_text, out: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "--no-python",
-            str(SLIM_EDGE), "quantize", str(tiny_llama), "--scheme", OPTS["scheme"], "--steps", str(STEPS),
+def _torchrun(tiny_llama, tiny_text, out: Path, *extra: str, probe: Path | None = None) -> subprocess.Popen:
+    """2 ranks of `slim-edge quantize`; probe: a folder for tests/torchrun_probe.py's per-rank counts of forwards."""
+    program = [str(PROBE)] if probe else ["--no-python", str(SLIM_EDGE)]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", *program,
+            "quantize", str(tiny_llama), "--scheme", OPTS["scheme"], "--steps", str(STEPS),
             "--batch-size", str(B), "--seq-len", str(OPTS["seq_len"]), "--lr", str(OPTS["lr"]),
             "--scale-lr", str(OPTS["scale_lr"]), "--calib", str(tiny_text), "--device", "cpu", "-o", str(out), *extra]
     # two ranks on a 2-core machine: one thread each, or they contend
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if probe:
+        probe.mkdir(parents=True, exist_ok=True)
+        env["SLIM_EDGE_PROBE"] = str(probe)
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -245,6 +251,24 @@ def test_a_sharded_teacher_gives_the_losses_of_a_replicated_one(fsdp_run, tiny_l
     assert len(got) == STEPS
     _assert_same_losses(ref, got)
     _assert_same_model(fsdp_run[0], out)
+
+
+def test_activation_checkpointing_under_fsdp_recomputes_and_trains_the_same(fsdp_run, tiny_llama, tiny_text,
+                                                                           tmp_path):
+    """--activation-checkpointing over 2 fsdp ranks: on each rank every training step runs the decoder layer's MLP
+    twice with autograd on (the forward and its recompute in the backward; the run without it: once), and the losses
+    and the model are those of the same run without it, judged as _assert_parallel_run judges a parallel run."""
+    out, probe = tmp_path / "out", tmp_path / "probe"
+    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp", "--activation-checkpointing",
+                                      probe=probe))
+    assert rc == 0, stderr[-3000:]
+    layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    for rank in (0, 1):
+        calls = json.loads((probe / f"rank{rank}.json").read_text())
+        assert calls["LlamaMLP"] == 2 * STEPS * layers, (rank, calls)
+    ref, got = _losses(fsdp_run[0]), _losses(out)
+    assert len(got) == STEPS and set(got) == set(ref)
+    _assert_parallel_run(fsdp_run[0], out)
 
 
 BF16_LOSS_BOUND = 5e-2  # bf16 gathered weights: relative to the fp32 fsdp run's loss at every step (measured 1.9e-2)
