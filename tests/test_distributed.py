@@ -466,6 +466,33 @@ def test_a_save_keeps_the_previous_checkpoint_until_the_new_one_is_whole(tmp_pat
         dist.destroy_process_group()
 
 
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_a_save_holds_two_training_states_at_most(tmp_path, monkeypatch):
+    """A crash after a save's renames and before it removed train.dcp.old/ leaves it beside a whole train.dcp/: the
+    next save removes it before writing train.dcp.tmp/, so when the new state is whole (just before its rename) the
+    folder holds 2 states, as pipeline.disk_need counts, not 3."""
+    from slim_edge import distributed
+
+    module = torch.nn.Linear(256, 256)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    module(torch.randn(2, 256)).sum().backward()
+    opt.step()
+    folder = tmp_path / "train.dcp"
+    save_sharded(World(), module, opt, {"state": {"step": 1}}, folder)
+    one = _bytes(folder)
+    assert one > 3 * 256 * 256 * 4  # the weight and its two moments
+    shutil.copytree(folder, folder.with_name("train.dcp.old"))  # the crash's leftover
+    peak, fsync_tree = [], distributed.fsync_tree
+    monkeypatch.setattr(distributed, "fsync_tree", lambda p: peak.append(_bytes(tmp_path)) or fsync_tree(p))
+    save_sharded(World(), module, opt, {"state": {"step": 2}}, folder)
+    assert len(peak) == 1 and peak[0] / one == pytest.approx(2, abs=0.01), (peak, one)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.dcp"]
+    assert load_sharded(module, opt, folder)["state"]["step"] == 2
+
+
 def test_sigterm_to_the_whole_job_saves_a_loadable_checkpoint(tiny_llama, tiny_text, tmp_path):
     """As `kill -TERM -PGID` or a scheduler ending the job: torchrun gets SIGTERM and passes it to both ranks."""
     out = tmp_path / "out"

@@ -241,8 +241,13 @@ def save_sharded(world: World, module: torch.nn.Module, opt: torch.optim.Optimiz
 
     folder = Path(folder)
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    if world.main and tmp.exists():  # an earlier save that died half-way
-        shutil.rmtree(tmp)
+    if world.main:
+        if tmp.exists():  # an earlier save that died half-way
+            shutil.rmtree(tmp)
+        if sharded_checkpoint(folder.with_suffix(".pt")) == folder and old.exists():
+            # a crash after the renames below left both; with train.dcp/ whole the old one is never read, and kept it
+            # would be a third training state on disk beside the two pipeline.disk_need counts
+            shutil.rmtree(old)
     barrier(world)
     with one_process_dcp():  # collective: rank 0 writes .metadata last
         dcp.save(_rank_state(module, opt), checkpoint_id=str(tmp))

@@ -123,7 +123,9 @@ def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: s
 def disk_need(model, config: QuantConfig) -> int:
     """Bytes a run writes beside -o at its peak, an upper bound: the training state in OUT.partial (train.dcp/:
     the student's fp32 state and AdamW's two moments, every parameter counted as trained), twice while a save
-    replaces the last one, the teacher's samples (int64), and the checkpoint (every tensor counted in fp32)."""
+    replaces the last one (train.dcp/ and train.dcp.tmp/, then train.dcp.old/ and train.dcp/: save_sharded removes a
+    train.dcp.old/ that a crash left beside a whole train.dcp/ before it writes, so never three), the teacher's
+    samples (int64), and the checkpoint (every tensor counted in fp32)."""
     params = sum(p.numel() for p in model.parameters())
     state = 2 * (4 + 8) * params if config.steps > 0 else 0
     samples = 8 * sum(n.tokens for _, n in parse_calib(config.calib) if n is not None)
