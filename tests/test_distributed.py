@@ -410,10 +410,30 @@ def test_fsdp_ranks_resume_an_fsdp_checkpoint(stopped_fsdp, tiny_llama, tiny_tex
     _assert_close_model(reference, out, flipped=1e-3)
 
 
-@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
-def test_two_ranks_resume_a_one_process_dcp_checkpoint(shard, tiny_llama, tiny_text, reference, tmp_path):
+def _as_train_pt(folder: Path) -> Path:
+    """A train.dcp/ rewritten as the train.pt of before DCP (one process's module and optimizer state dicts, the
+    optimizer's parameters numbered in its param_groups' order, the DCP's slim_edge.json beside them); train.dcp/
+    removed. Checked against opt.state_dict() of an AdamW with two groups: equal."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from slim_edge.distributed import by_index
+
+    flat, ckpt = folder.with_name("flat.tmp"), folder.with_name("train.pt")
+    dcp_to_torch_save(folder, flat)
+    sd = torch.load(flat, weights_only=True)
+    names = [n for g in sd["optim"]["param_groups"] for n in g["params"]]
+    torch.save({"model": sd["model"], "optimizer": by_index(sd["optim"], names),
+                **json.loads((folder / DCP_META).read_text())}, ckpt)
+    flat.unlink()
+    shutil.rmtree(folder)
+    return ckpt
+
+
+@pytest.mark.parametrize("shard,legacy", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_two_ranks_resume_a_one_process_dcp_checkpoint(shard, legacy, tiny_llama, tiny_text, reference, tmp_path):
     """1 -> 2: one process saves a DCP folder (one shard file, --shard alike); SIGTERM; 2 ranks (ddp or fsdp) resume
-    it and end as the uninterrupted run (_assert_parallel_run's tolerance after the resumed step)."""
+    it and end as the uninterrupted run (_assert_parallel_run's tolerance after the resumed step). legacy: the same
+    state as an earlier version's train.pt, which fsdp ranks load through load_optimizer."""
     out = tmp_path / "out"
     folder = out.with_name("out.partial") / "train.dcp"
     argv = [str(SLIM_EDGE), "quantize", str(tiny_llama), "--scheme", OPTS["scheme"], "--steps", str(STEPS),
@@ -432,9 +452,10 @@ def test_two_ranks_resume_a_one_process_dcp_checkpoint(shard, tiny_llama, tiny_t
     assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", DCP_META]
     step = _dcp_step(out)
     assert 1 <= step < STEPS
+    where = _as_train_pt(folder) if legacy else folder
     rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", shard, "--resume"))
     assert rc == 0, stderr[-3000:]
-    assert f"resumed from {folder} at step {step}" in stderr and "warning" not in stderr.lower()
+    assert f"resumed from {where} at step {step}" in stderr and "warning" not in stderr.lower()
     got = _losses(out)
     assert min(got) == step + 1 and max(got) == STEPS
     _assert_fsdp_losses(_losses(reference), got)
