@@ -487,6 +487,33 @@ def test_a_save_keeps_the_previous_checkpoint_until_the_new_one_is_whole(tmp_pat
         dist.destroy_process_group()
 
 
+def test_a_damaged_or_foreign_dcp_is_refused_with_its_reason(tmp_path):
+    """load_sharded: another model's state, a truncated or missing shard file and a damaged slim_edge.json are each
+    one SlimEdgeError line naming the folder and DCP's reason, not CheckpointException's per-rank tracebacks."""
+    lin = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(lin.parameters())
+    folder = tmp_path / "train.dcp"
+    save_sharded(World(), lin, opt, {"state": {"step": 1}}, folder)
+    other = torch.nn.Linear(4, 2)
+    with pytest.raises(SlimEdgeError, match=r"train\.dcp: cannot resume from it \(ValueError: Size mismatch between "
+                                            r"saved torch\.Size\(\[3, 4\]\) and current: torch\.Size\(\[2, 4\]\) "
+                                            r"for model\.weight\).*--force instead of --resume"):
+        load_sharded(other, torch.optim.AdamW(other.parameters()), folder)
+    shard = folder / "__0_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])
+    with pytest.raises(SlimEdgeError, match=r"cannot resume from it \(EOFError\)"):
+        load_sharded(lin, opt, folder)
+    shard.unlink()
+    with pytest.raises(SlimEdgeError, match=r"cannot resume from it \(FileNotFoundError: .*No such file"):
+        load_sharded(lin, opt, folder)
+    shard.write_bytes(data)
+    assert load_sharded(lin, opt, folder)["state"]["step"] == 1
+    (folder / DCP_META).write_text("{")
+    with pytest.raises(SlimEdgeError, match=r"cannot resume from it \(JSONDecodeError: Expecting property name"):
+        load_sharded(lin, opt, folder)
+
+
 def _bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 

@@ -267,16 +267,33 @@ def save_sharded(world: World, module: torch.nn.Module, opt: torch.optim.Optimiz
 
 def load_sharded(module: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path) -> dict:
     """A DCP folder into `module` and `opt` as they are sharded now (FSDP over any number of ranks, or one process):
-    DCP reads the rows each rank holds from whichever shard files have them. Returns slim_edge.json."""
+    DCP reads the rows each rank holds from whichever shard files have them. Returns slim_edge.json. A damaged folder,
+    or one of another model, is a SlimEdgeError on every rank (DCP hands each rank every rank's failure)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     sd = _state_dict_api()
     state = _rank_state(module, opt)
-    with one_process_dcp():
-        dcp.load(state, checkpoint_id=str(folder))
+    try:
+        with one_process_dcp():
+            dcp.load(state, checkpoint_id=str(folder))
+        extra = json.loads((Path(folder) / DCP_META).read_text())
+    except (CheckpointException, OSError, ValueError) as e:
+        raise SlimEdgeError(f"{folder}: cannot resume from it ({_reason(e)}): it is damaged, or was saved by another "
+                            f"model or settings; resume with the settings it was made with, or run with --force "
+                            f"instead of --resume to start over") from None
     sd.set_model_state_dict(module, state["model"])
     sd.set_optimizer_state_dict(module, opt, state["optim"])
-    return json.loads((Path(folder) / DCP_META).read_text())
+    return extra
+
+
+def _reason(e: BaseException) -> str:
+    """The first failure inside a CheckpointException (which carries every rank's traceback), in one line."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
