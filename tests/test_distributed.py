@@ -353,9 +353,9 @@ def test_sigterm_to_one_rank_saves_a_loadable_checkpoint(stopped):
     assert f"interrupted at step {meta['state']['step']}/{STEPS}" in stderr  # both ranks stopped at the saved step
 
 
-def test_one_process_resumes_a_two_rank_checkpoint(tiny_llama, tiny_text, reference, stopped):
+def test_one_process_resumes_a_two_rank_checkpoint(tiny_llama, tiny_text, reference, stopped, tmp_path):
     """2 DDP ranks -> 1 process, from train.dcp/."""
-    out = stopped[0]
+    out = _copied(stopped, tmp_path)
     step = _dcp_step(out)
     _one_process(tiny_llama, tiny_text, out, resume=True)
     got = _losses(out)
@@ -402,6 +402,22 @@ def test_fsdp_ranks_resume_an_fsdp_checkpoint(stopped_fsdp, tiny_llama, tiny_tex
     out = _copied(stopped_fsdp, tmp_path)
     step = _dcp_step(out)
     rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp", "--resume"))
+    assert rc == 0, stderr[-3000:]
+    assert f"resumed from {out.with_name('out.partial') / 'train.dcp'} at step {step}" in stderr
+    got = _losses(out)
+    assert min(got) == step + 1 and max(got) == STEPS
+    _assert_fsdp_losses(_losses(reference), got)
+    _assert_close_model(reference, out, flipped=1e-3)
+
+
+@pytest.mark.parametrize("source,shard", [("stopped", "fsdp"), ("stopped_fsdp", "ddp")])
+def test_two_ranks_resume_the_other_shardings_checkpoint(source, shard, request, tiny_llama, tiny_text, reference,
+                                                          tmp_path):
+    """2 DDP ranks -> 2 fsdp ranks, and 2 fsdp -> 2 DDP: DCP reads the replicated tensors DDP's ranks shared out
+    into FSDP's rows, and FSDP's shards into DDP's full replicas; both continue as the uninterrupted run."""
+    out = _copied(request.getfixturevalue(source), tmp_path)
+    step = _dcp_step(out)
+    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", shard, "--resume"))
     assert rc == 0, stderr[-3000:]
     assert f"resumed from {out.with_name('out.partial') / 'train.dcp'} at step {step}" in stderr
     got = _losses(out)
