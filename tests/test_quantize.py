@@ -476,6 +476,11 @@ def test_resume_refuses_a_pickle_that_runs_code(tiny_llama, tiny_text, tmp_path)
     with pytest.raises(SlimEdgeError, match="refusing to resume.*delete it"):
         train(student, teacher, ids, config, ckpt_path=ckpt, progress=False)
     assert not marker.exists()
+    torch.save({"model": {}, "state": {}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # an earlier version's train.pt, cut short
+    with pytest.raises(SlimEdgeError, match=r"train\.pt: cannot resume from it \(PytorchStreamReader failed .*\): "
+                                            r"it is damaged; run with --force instead of --resume"):
+        train(student, teacher, ids, config, ckpt_path=ckpt, progress=False)
 
 
 def test_calib_file_is_tokenized_in_pieces_with_the_ids_of_the_whole_text(tiny_llama, tmp_path):

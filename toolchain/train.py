@@ -156,6 +156,10 @@ def _checkpoint(ckpt_path: Path | None, device: str) -> dict | None:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise SlimEdgeError(f"{ckpt_path}: refusing to resume from it: it holds more than tensors and numbers "
                             f"({first}); delete it to start over") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated: torch's zip reader fails, or a pickle ends early
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SlimEdgeError(f"{ckpt_path}: cannot resume from it ({first}): it is damaged; run with --force "
+                            f"instead of --resume to start over") from None
 
 
 def _optimizer(weights, others, scales, config: QuantConfig, fused: bool = False) -> torch.optim.Optimizer:
