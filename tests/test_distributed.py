@@ -1,5 +1,6 @@
 """torchrun data parallelism on CPU (gloo), real processes: 2 ranks x batch B train as 1 process x batch 2B,
-a SIGTERM to one rank stops both at one step with a loadable checkpoint, and 1 process resumes it."""
+a SIGTERM to one rank stops both at one step with a loadable checkpoint (train.dcp/, DDP as FSDP), and 1 process
+resumes it, as 2 ranks resume one process's."""
 import json
 import os
 import shutil
@@ -35,15 +36,21 @@ B, STEPS = 2, 12
 FIRST_STEPS = 3  # fsdp: the steps before a code flips (test_two_fsdp_ranks_...)
 OPTS = dict(scheme="sherry", steps=STEPS, seq_len=64, lr=1e-3, scale_lr=3e-2)
 SLIM_EDGE = Path(sys.executable).parent / "slim-edge"
+PROBE = Path(__file__).with_name("torchrun_probe.py")
 
 
-def _torchrun(tiny_llama, tiny_text, out: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "--no-python",
-            str(SLIM_EDGE), "quantize", str(tiny_llama), "--scheme", OPTS["scheme"], "--steps", str(STEPS),
+def _torchrun(tiny_llama, tiny_text, out: Path, *extra: str, probe: Path | None = None) -> subprocess.Popen:
+    """2 ranks of `slim-edge quantize`; probe: a folder for tests/torchrun_probe.py's per-rank counts of forwards."""
+    program = [str(PROBE)] if probe else ["--no-python", str(SLIM_EDGE)]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", *program,
+            "quantize", str(tiny_llama), "--scheme", OPTS["scheme"], "--steps", str(STEPS),
             "--batch-size", str(B), "--seq-len", str(OPTS["seq_len"]), "--lr", str(OPTS["lr"]),
             "--scale-lr", str(OPTS["scale_lr"]), "--calib", str(tiny_text), "--device", "cpu", "-o", str(out), *extra]
     # two ranks on a 2-core machine: one thread each, or they contend
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if probe:
+        probe.mkdir(parents=True, exist_ok=True)
+        env["SLIM_EDGE_PROBE"] = str(probe)
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -169,7 +176,7 @@ def stopped_fsdp(tiny_llama, tiny_text, tmp_path_factory) -> tuple[Path, int, st
 
 
 def _stop_rank_1(tiny_llama, tiny_text, out: Path, *extra: str) -> tuple[Path, int, str]:
-    ckpt = out.with_name("out.partial") / ("train.dcp/.metadata" if "fsdp" in extra else "train.pt")
+    ckpt = out.with_name("out.partial") / "train.dcp" / ".metadata"
     proc = _torchrun(tiny_llama, tiny_text, out, "--checkpoint-every", "1", *extra)
     t0 = time.monotonic()
     while not ckpt.is_file() and proc.poll() is None and time.monotonic() - t0 < 90:
@@ -247,6 +254,24 @@ def test_a_sharded_teacher_gives_the_losses_of_a_replicated_one(fsdp_run, tiny_l
     _assert_same_model(fsdp_run[0], out)
 
 
+def test_activation_checkpointing_under_fsdp_recomputes_and_trains_the_same(fsdp_run, tiny_llama, tiny_text,
+                                                                           tmp_path):
+    """--activation-checkpointing over 2 fsdp ranks: on each rank every training step runs the decoder layer's MLP
+    twice with autograd on (the forward and its recompute in the backward; the run without it: once), and the losses
+    and the model are those of the same run without it, judged as _assert_parallel_run judges a parallel run."""
+    out, probe = tmp_path / "out", tmp_path / "probe"
+    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp", "--activation-checkpointing",
+                                      probe=probe))
+    assert rc == 0, stderr[-3000:]
+    layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    for rank in (0, 1):
+        calls = json.loads((probe / f"rank{rank}.json").read_text())
+        assert calls["LlamaMLP"] == 2 * STEPS * layers, (rank, calls)
+    ref, got = _losses(fsdp_run[0]), _losses(out)
+    assert len(got) == STEPS and set(got) == set(ref)
+    _assert_parallel_run(fsdp_run[0], out)
+
+
 BF16_LOSS_BOUND = 5e-2  # bf16 gathered weights: relative to the fp32 fsdp run's loss at every step (measured 1.9e-2)
 
 
@@ -312,18 +337,26 @@ def test_shard_takes_auto_ddp_or_fsdp():
 
 
 def test_sigterm_to_one_rank_saves_a_loadable_checkpoint(stopped):
+    """DDP saves train.dcp/ as fsdp does: DCP writes each replicated tensor once, so both ranks' files hold a share
+    (together one replica: each under 80 % of the two), and nothing half-written or in the train.pt layout is left."""
     out, rc, stderr = stopped
     assert rc != 0 and "interrupted at step" in stderr, stderr[-3000:]
     partial = out.with_name("out.partial")
     assert not out.exists() and not list(partial.glob("*.tmp")) and not list(partial.glob(".*.tmp"))
-    blob = torch.load(partial / "train.pt", weights_only=True)
-    assert 1 <= blob["state"]["step"] < STEPS and blob["global_batch"] == 2 * B
-    assert f"interrupted at step {blob['state']['step']}/{STEPS}" in stderr  # both ranks stopped at the saved step
+    folder = partial / "train.dcp"
+    assert sorted(p.name for p in partial.glob("train*")) == ["train.dcp"]
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", DCP_META]
+    sizes = [(folder / f"__{r}_0.distcp").stat().st_size for r in (0, 1)]
+    assert max(sizes) < 0.8 * sum(sizes), sizes
+    meta = json.loads((folder / DCP_META).read_text())
+    assert 1 <= meta["state"]["step"] < STEPS and meta["global_batch"] == 2 * B
+    assert f"interrupted at step {meta['state']['step']}/{STEPS}" in stderr  # both ranks stopped at the saved step
 
 
-def test_one_process_resumes_a_two_rank_checkpoint(tiny_llama, tiny_text, reference, stopped):
-    out = stopped[0]
-    step = torch.load(out.with_name("out.partial") / "train.pt", weights_only=True)["state"]["step"]
+def test_one_process_resumes_a_two_rank_checkpoint(tiny_llama, tiny_text, reference, stopped, tmp_path):
+    """2 DDP ranks -> 1 process, from train.dcp/."""
+    out = _copied(stopped, tmp_path)
+    step = _dcp_step(out)
     _one_process(tiny_llama, tiny_text, out, resume=True)
     got = _losses(out)
     assert min(got) == step + 1 and max(got) == STEPS
@@ -377,15 +410,52 @@ def test_fsdp_ranks_resume_an_fsdp_checkpoint(stopped_fsdp, tiny_llama, tiny_tex
     _assert_close_model(reference, out, flipped=1e-3)
 
 
-def test_two_fsdp_ranks_resume_a_one_process_dcp_checkpoint(tiny_llama, tiny_text, reference, tmp_path):
-    """1 -> 2: one process given --shard fsdp saves a DCP folder (one shard file); SIGTERM; 2 fsdp ranks resume it
-    and end as the uninterrupted run (the fsdp tolerance)."""
+@pytest.mark.parametrize("source,shard", [("stopped", "fsdp"), ("stopped_fsdp", "ddp")])
+def test_two_ranks_resume_the_other_shardings_checkpoint(source, shard, request, tiny_llama, tiny_text, reference,
+                                                          tmp_path):
+    """2 DDP ranks -> 2 fsdp ranks, and 2 fsdp -> 2 DDP: DCP reads the replicated tensors DDP's ranks shared out
+    into FSDP's rows, and FSDP's shards into DDP's full replicas; both continue as the uninterrupted run."""
+    out = _copied(request.getfixturevalue(source), tmp_path)
+    step = _dcp_step(out)
+    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", shard, "--resume"))
+    assert rc == 0, stderr[-3000:]
+    assert f"resumed from {out.with_name('out.partial') / 'train.dcp'} at step {step}" in stderr
+    got = _losses(out)
+    assert min(got) == step + 1 and max(got) == STEPS
+    _assert_fsdp_losses(_losses(reference), got)
+    _assert_close_model(reference, out, flipped=1e-3)
+
+
+def _as_train_pt(folder: Path) -> Path:
+    """A train.dcp/ rewritten as the train.pt of before DCP (one process's module and optimizer state dicts, the
+    optimizer's parameters numbered in its param_groups' order, the DCP's slim_edge.json beside them); train.dcp/
+    removed. Checked against opt.state_dict() of an AdamW with two groups: equal."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from slim_edge.distributed import by_index
+
+    flat, ckpt = folder.with_name("flat.tmp"), folder.with_name("train.pt")
+    dcp_to_torch_save(folder, flat)
+    sd = torch.load(flat, weights_only=True)
+    names = [n for g in sd["optim"]["param_groups"] for n in g["params"]]
+    torch.save({"model": sd["model"], "optimizer": by_index(sd["optim"], names),
+                **json.loads((folder / DCP_META).read_text())}, ckpt)
+    flat.unlink()
+    shutil.rmtree(folder)
+    return ckpt
+
+
+@pytest.mark.parametrize("shard,legacy", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_two_ranks_resume_a_one_process_dcp_checkpoint(shard, legacy, tiny_llama, tiny_text, reference, tmp_path):
+    """1 -> 2: one process saves a DCP folder (one shard file, --shard alike); SIGTERM; 2 ranks (ddp or fsdp) resume
+    it and end as the uninterrupted run (_assert_parallel_run's tolerance after the resumed step). legacy: the same
+    state as an earlier version's train.pt, which fsdp ranks load through load_optimizer."""
     out = tmp_path / "out"
     folder = out.with_name("out.partial") / "train.dcp"
     argv = [str(SLIM_EDGE), "quantize", str(tiny_llama), "--scheme", OPTS["scheme"], "--steps", str(STEPS),
             "--batch-size", str(2 * B), "--seq-len", str(OPTS["seq_len"]), "--lr", str(OPTS["lr"]),
             "--scale-lr", str(OPTS["scale_lr"]), "--calib", str(tiny_text), "--device", "cpu", "-o", str(out),
-            "--shard", "fsdp", "--checkpoint-every", "1"]
+            "--shard", shard, "--checkpoint-every", "1"]
     proc = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     t0 = time.monotonic()
@@ -398,9 +468,10 @@ def test_two_fsdp_ranks_resume_a_one_process_dcp_checkpoint(tiny_llama, tiny_tex
     assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", DCP_META]
     step = _dcp_step(out)
     assert 1 <= step < STEPS
-    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp", "--resume"))
+    where = _as_train_pt(folder) if legacy else folder
+    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", shard, "--resume"))
     assert rc == 0, stderr[-3000:]
-    assert f"resumed from {folder} at step {step}" in stderr and "warning" not in stderr
+    assert f"resumed from {where} at step {step}" in stderr and "warning" not in stderr.lower()
     got = _losses(out)
     assert min(got) == step + 1 and max(got) == STEPS
     _assert_fsdp_losses(_losses(reference), got)
@@ -432,10 +503,64 @@ def test_a_save_keeps_the_previous_checkpoint_until_the_new_one_is_whole(tmp_pat
         dist.destroy_process_group()
 
 
+def test_a_damaged_or_foreign_dcp_is_refused_with_its_reason(tmp_path):
+    """load_sharded: another model's state, a truncated or missing shard file and a damaged slim_edge.json are each
+    one SlimEdgeError line naming the folder and DCP's reason, not CheckpointException's per-rank tracebacks."""
+    lin = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(lin.parameters())
+    folder = tmp_path / "train.dcp"
+    save_sharded(World(), lin, opt, {"state": {"step": 1}}, folder)
+    other = torch.nn.Linear(4, 2)
+    with pytest.raises(SlimEdgeError, match=r"train\.dcp: cannot resume from it \(ValueError: Size mismatch between "
+                                            r"saved torch\.Size\(\[3, 4\]\) and current: torch\.Size\(\[2, 4\]\) "
+                                            r"for model\.weight\).*--force instead of --resume"):
+        load_sharded(other, torch.optim.AdamW(other.parameters()), folder)
+    shard = folder / "__0_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])
+    with pytest.raises(SlimEdgeError, match=r"cannot resume from it \(EOFError\)"):
+        load_sharded(lin, opt, folder)
+    shard.unlink()
+    with pytest.raises(SlimEdgeError, match=r"cannot resume from it \(FileNotFoundError: .*No such file"):
+        load_sharded(lin, opt, folder)
+    shard.write_bytes(data)
+    assert load_sharded(lin, opt, folder)["state"]["step"] == 1
+    (folder / DCP_META).write_text("{")
+    with pytest.raises(SlimEdgeError, match=r"cannot resume from it \(JSONDecodeError: Expecting property name"):
+        load_sharded(lin, opt, folder)
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_a_save_holds_two_training_states_at_most(tmp_path, monkeypatch):
+    """A crash after a save's renames and before it removed train.dcp.old/ leaves it beside a whole train.dcp/: the
+    next save removes it before writing train.dcp.tmp/, so when the new state is whole (just before its rename) the
+    folder holds 2 states, as pipeline.disk_need counts, not 3."""
+    from slim_edge import distributed
+
+    module = torch.nn.Linear(256, 256)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    module(torch.randn(2, 256)).sum().backward()
+    opt.step()
+    folder = tmp_path / "train.dcp"
+    save_sharded(World(), module, opt, {"state": {"step": 1}}, folder)
+    one = _bytes(folder)
+    assert one > 3 * 256 * 256 * 4  # the weight and its two moments
+    shutil.copytree(folder, folder.with_name("train.dcp.old"))  # the crash's leftover
+    peak, fsync_tree = [], distributed.fsync_tree
+    monkeypatch.setattr(distributed, "fsync_tree", lambda p: peak.append(_bytes(tmp_path)) or fsync_tree(p))
+    save_sharded(World(), module, opt, {"state": {"step": 2}}, folder)
+    assert len(peak) == 1 and peak[0] / one == pytest.approx(2, abs=0.01), (peak, one)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.dcp"]
+    assert load_sharded(module, opt, folder)["state"]["step"] == 2
+
+
 def test_sigterm_to_the_whole_job_saves_a_loadable_checkpoint(tiny_llama, tiny_text, tmp_path):
     """As `kill -TERM -PGID` or a scheduler ending the job: torchrun gets SIGTERM and passes it to both ranks."""
     out = tmp_path / "out"
-    ckpt = out.with_name("out.partial") / "train.pt"
+    ckpt = out.with_name("out.partial") / "train.dcp" / ".metadata"
     proc = _torchrun(tiny_llama, tiny_text, out, "--checkpoint-every", "1")
     t0 = time.monotonic()
     while not ckpt.is_file() and proc.poll() is None and time.monotonic() - t0 < 90:
@@ -443,9 +568,10 @@ def test_sigterm_to_the_whole_job_saves_a_loadable_checkpoint(tiny_llama, tiny_t
     assert ckpt.is_file(), "training did not start"
     os.killpg(proc.pid, signal.SIGTERM)
     rc, _, stderr = _finish(proc)
-    step = torch.load(ckpt, weights_only=True)["state"]["step"]
+    step = _dcp_step(out)
     assert rc != 0 and 1 <= step < STEPS
-    assert not list(ckpt.parent.glob("*.tmp")) and not list(ckpt.parent.glob(".*.tmp"))
+    partial = out.with_name("out.partial")
+    assert not list(partial.glob("*.tmp")) and not list(partial.glob(".*.tmp"))
     assert stderr.count(f"interrupted at step {step}/{STEPS}") == 2, stderr[-3000:]  # each rank's error, one step
 
 

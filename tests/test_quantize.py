@@ -227,13 +227,16 @@ def test_dry_run_prints_plan(tiny_llama, tmp_path):
     assert data["summary"]["bits_per_weight"] == pytest.approx(1.3125)
 
 
-def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_llama, tiny_text, tmp_path):
-    """SIGINT mid-training saves the state; resuming gives bit-identical weights to a straight run."""
+def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_llama, tiny_text, tmp_path, capsys):
+    """SIGINT mid-training saves the state as train.dcp/ (torch.distributed.checkpoint, what any world size resumes);
+    resuming gives bit-identical weights to a straight run, and so does resuming the same state saved as an earlier
+    version's train.pt, which the next save replaces by train.dcp/."""
     import copy
     import os
     import signal
 
-    from slim_edge.train import calibration_tokens, train
+    from slim_edge.distributed import DCP_META, load_sharded, sharded_checkpoint
+    from slim_edge.train import _optimizer, _trained, calibration_tokens, train
 
     teacher, tok, _ = load_model(str(tiny_llama))
     config = QuantConfig(scheme="sherry", steps=6, calib=str(tiny_text), **FAST)
@@ -255,14 +258,31 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_llama, tiny_text, tm
         if entry["step"] == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(SlimEdgeError, match="interrupted at step 3/6.*--resume"):
+    with pytest.raises(SlimEdgeError, match=r"interrupted at step 3/6.*train\.dcp: run the same command with --resume"):
         train(first, teacher, ids, config, ckpt_path=ckpt, progress=False, log=interrupt)
-    assert ckpt.is_file()
+    folder = tmp_path / "train.dcp"
+    assert sharded_checkpoint(ckpt) == folder and not ckpt.exists()
+    assert json.loads((folder / DCP_META).read_text())["state"]["step"] == 3
     resumed = fresh()
     state = train(resumed, teacher, ids, config, ckpt_path=ckpt, progress=False)
     assert state.step == 6
     for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
+
+    # the same state in the train.pt layout of before DCP: rank 0's module and optimizer state dicts
+    old = fresh()
+    opt = _optimizer(*(lambda w, s, o: (w, o, s))(*_trained(old, [m for m in old.modules()
+                                                                  if isinstance(m, QuantLinear)])), config)
+    extra = load_sharded(old, opt, folder)
+    torch.save({"model": dict(old.state_dict()), "optimizer": opt.state_dict(), **extra}, ckpt)
+    shutil.rmtree(folder)
+    capsys.readouterr()
+    legacy = fresh()
+    assert train(legacy, teacher, ids, config, ckpt_path=ckpt, every=5, progress=False).step == 6
+    assert f"resumed from {ckpt} at step 3" in capsys.readouterr().err
+    for (n, a), (_, b) in zip(straight.state_dict().items(), legacy.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not ckpt.exists() and json.loads((folder / DCP_META).read_text())["state"]["step"] == 5
 
 
 @pytest.mark.parametrize("scheme", ["seq2", "sherry"])
@@ -456,6 +476,11 @@ def test_resume_refuses_a_pickle_that_runs_code(tiny_llama, tiny_text, tmp_path)
     with pytest.raises(SlimEdgeError, match="refusing to resume.*delete it"):
         train(student, teacher, ids, config, ckpt_path=ckpt, progress=False)
     assert not marker.exists()
+    torch.save({"model": {}, "state": {}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # an earlier version's train.pt, cut short
+    with pytest.raises(SlimEdgeError, match=r"train\.pt: cannot resume from it \(PytorchStreamReader failed .*\): "
+                                            r"it is damaged; run with --force instead of --resume"):
+        train(student, teacher, ids, config, ckpt_path=ckpt, progress=False)
 
 
 def test_calib_file_is_tokenized_in_pieces_with_the_ids_of_the_whole_text(tiny_llama, tmp_path):

@@ -206,13 +206,13 @@ def test_quantize_checks_the_disk_before_any_work_and_its_bound_holds(full_disk,
 
     def measured(*a, **k):  # the real training; the size of its last saved state
         state = train(*a, **k)
-        sizes["train.pt"] = k["ckpt_path"].stat().st_size
+        sizes["train.dcp"] = sum(f.stat().st_size for f in k["ckpt_path"].with_suffix(".dcp").iterdir())
         return state
     monkeypatch.setattr(pipeline, "train", measured)
     run_quantize(str(tiny_llama), config, tmp_path / "ckpt", progress=False, checkpoint_every=1)
-    written = 2 * sizes["train.pt"] + sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
+    written = 2 * sizes["train.dcp"] + sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
     need = pipeline.disk_need(load_model(str(tiny_llama))[0], config)
-    assert written <= need <= 1.5 * written + (16 << 20)  # an upper bound: train.pt twice while a save replaces it
+    assert written <= need <= 1.5 * written + (16 << 20)  # an upper bound: train.dcp/ twice while a save replaces it
     for slow in ("train", "gptq_", "_training_tokens"):
         monkeypatch.setattr(pipeline, slow, lambda *a, **k: pytest.fail("worked before checking the disk"))
     with pytest.raises(SlimEdgeError, match=rf"not enough disk space in {full_disk}: need {need >> 20} MiB, "

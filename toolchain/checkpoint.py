@@ -46,7 +46,7 @@ def is_ours(folder: Path) -> bool:
 
 
 # what an unfinished run keeps in OUT.partial (train.py's training state, pipeline's plan and sampled text)
-# (train.dcp/: an fsdp run's sharded state, distributed.sharded_checkpoint)
+# (train.dcp/: the training state, distributed.sharded_checkpoint; train.pt: an earlier version's)
 PARTIAL_FILES = ("train.pt", "train.dcp", "train.dcp.old", "plan.json", "tokens.pt")
 
 

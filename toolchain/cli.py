@@ -114,10 +114,10 @@ def quantize(
                                             "DistributedDataParallel) | fsdp (FSDP2 fully_shard per decoder layer: "
                                             "each rank holds 1/N of the weights, grads and optimizer state) | auto "
                                             "(ddp when a full replica fits the GPU by the memory plan, else fsdp when "
-                                            "the sharded state does). fsdp saves its training state as a "
-                                            "torch.distributed.checkpoint folder, OUT.partial/train.dcp/, that any "
-                                            "number of ranks resumes; one process trains as without it, but given "
-                                            "fsdp it saves train.dcp/ too")] = "auto",
+                                            "the sharded state does). One process trains as without it. "
+                                            "Every run saves its training state as a torch.distributed.checkpoint "
+                                            "folder, OUT.partial/train.dcp/, that any number of ranks resumes, "
+                                            "sharded or not")] = "auto",
     fsdp_precision: Annotated[str, typer.Option(help="under --shard fsdp: fp32 | bf16 (the gathered weights the "
                                                      "forward sees are bf16; the sharded master weights, block scales "
                                                      "and gradient reductions stay fp32)")] = "fp32",
@@ -135,8 +135,8 @@ def quantize(
                                                    "they end at the limit even when --steps are not reached; 0 = none"
                                               )] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same -o (its "
-                                                          "OUT.partial/train.pt, or under fsdp the sharded "
-                                                          "train.dcp/, which any number of ranks resumes)")] = False,
+                                                          "OUT.partial/train.dcp/, which any number of ranks "
+                                                          "resumes, or an older version's train.pt)")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the per-tensor plan and stop")] = False,
     seed: int = 0,
     force: Force = False,

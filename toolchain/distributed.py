@@ -5,11 +5,13 @@ or FSDP2 (`fully_shard`) holding 1/N of the trained state on each rank (--shard 
 
 Every rank draws the same global batch of N*B sequences from the one seeded stream and trains on rows
 rank*B:(rank+1)*B, so N ranks at B see, step for step, what one process sees at N*B. Replicas stay identical,
-so rank 0 alone writes the output folder and the training checkpoint; the others wait on a barrier. Under
-FSDP each rank writes its own shards of the training state into a torch.distributed.checkpoint folder (train.dcp/,
-save_sharded), which any number of ranks resumes; for the output folder every rank takes part in gathering the full
-weights (unsharded) that rank 0 writes in one process's layout. A train.pt of DDP or one process is resumed under
-FSDP too (load_optimizer). A single process (no WORLD_SIZE in the environment) never makes a process group.
+so rank 0 alone writes the output folder; the others wait on a barrier. The training state is a
+torch.distributed.checkpoint folder (train.dcp/, save_sharded) whatever the run: under FSDP each rank writes its own
+shards, under DDP DCP writes each replicated tensor once, one process writes all of it; any number of ranks, sharded
+or not, resumes it. For the output folder under FSDP every rank takes part in gathering the full weights (unsharded)
+that rank 0 writes in one process's layout. A train.pt (the training state before DCP: rank 0's replica) is still
+resumed, under FSDP too (load_optimizer). A single process (no WORLD_SIZE in the environment) never makes a process
+group.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import inspect
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,9 +197,11 @@ def load_optimizer(module: torch.nn.Module, opt: torch.optim.Optimizer, optim_sd
                                 options=sd.StateDictOptions(full_state_dict=True))
 
 
-# OUT.partial/train.dcp/, the training state of an fsdp run in torch.distributed.checkpoint's layout:
+# OUT.partial/train.dcp/, the training state of a run (any world size, any --shard) in torch.distributed.checkpoint's
+# layout:
 #   .metadata            rank 0's index of every tensor's global shape and which shard file holds which rows
-#   __<rank>_0.distcp    each rank's own shards of the model and optimizer state, written by that rank alone
+#   __<rank>_0.distcp    the model and optimizer state this rank wrote: its own shards under fsdp, its share of the
+#                        replicated tensors under ddp (each written by one rank), all of it for one process
 #   slim_edge.json       {"state": TrainState, "rng": the data stream's bit generator state, "global_batch"}
 # written into train.dcp.tmp/ by all ranks, then renamed into place by rank 0 once all have written; the previous
 # one is kept as train.dcp.old/ until the rename and read when a crash fell between the two renames
@@ -219,18 +224,33 @@ def _rank_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     return {"model": sd.get_model_state_dict(module), "optim": sd.get_optimizer_state_dict(module, opt)}
 
 
+@contextlib.contextmanager
+def one_process_dcp():
+    """DCP without a process group (one process) warns at every save and load that it assumes one process: it is
+    what slim-edge means, so the warning would only repeat itself in every run's log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
 def save_sharded(world: World, module: torch.nn.Module, opt: torch.optim.Optimizer, extra: dict,
                  folder: Path) -> None:
-    """The training state as a DCP folder (the layout above): every rank writes its own shards, nothing is gathered
-    onto one rank. Every rank must call it."""
+    """The training state as a DCP folder (the layout above): every rank writes its own shards (fsdp) or its share
+    of the replicated tensors (ddp), nothing is gathered onto one rank. Every rank must call it."""
     import torch.distributed.checkpoint as dcp
 
     folder = Path(folder)
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    if world.main and tmp.exists():  # an earlier save that died half-way
-        shutil.rmtree(tmp)
+    if world.main:
+        if tmp.exists():  # an earlier save that died half-way
+            shutil.rmtree(tmp)
+        if sharded_checkpoint(folder.with_suffix(".pt")) == folder and old.exists():
+            # a crash after the renames below left both; with train.dcp/ whole the old one is never read, and kept it
+            # would be a third training state on disk beside the two pipeline.disk_need counts
+            shutil.rmtree(old)
     barrier(world)
-    dcp.save(_rank_state(module, opt), checkpoint_id=str(tmp))  # collective: rank 0 writes .metadata last
+    with one_process_dcp():  # collective: rank 0 writes .metadata last
+        dcp.save(_rank_state(module, opt), checkpoint_id=str(tmp))
     if world.main:
         (tmp / DCP_META).write_text(json.dumps(extra))
         fsync_tree(tmp)  # every rank's shards are on disk before the name says the save is whole
@@ -247,15 +267,33 @@ def save_sharded(world: World, module: torch.nn.Module, opt: torch.optim.Optimiz
 
 def load_sharded(module: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path) -> dict:
     """A DCP folder into `module` and `opt` as they are sharded now (FSDP over any number of ranks, or one process):
-    DCP reads the rows each rank holds from whichever shard files have them. Returns slim_edge.json."""
+    DCP reads the rows each rank holds from whichever shard files have them. Returns slim_edge.json. A damaged folder,
+    or one of another model, is a SlimEdgeError on every rank (DCP hands each rank every rank's failure)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     sd = _state_dict_api()
     state = _rank_state(module, opt)
-    dcp.load(state, checkpoint_id=str(folder))
+    try:
+        with one_process_dcp():
+            dcp.load(state, checkpoint_id=str(folder))
+        extra = json.loads((Path(folder) / DCP_META).read_text())
+    except (CheckpointException, OSError, ValueError) as e:
+        raise SlimEdgeError(f"{folder}: cannot resume from it ({_reason(e)}): it is damaged, or was saved by another "
+                            f"model or settings; resume with the settings it was made with, or run with --force "
+                            f"instead of --resume to start over") from None
     sd.set_model_state_dict(module, state["model"])
     sd.set_optimizer_state_dict(module, opt, state["optim"])
-    return json.loads((Path(folder) / DCP_META).read_text())
+    return extra
+
+
+def _reason(e: BaseException) -> str:
+    """The first failure inside a CheckpointException (which carries every rank's traceback), in one line."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def meta_copy(module: torch.nn.Module) -> torch.nn.Module:

@@ -121,9 +121,11 @@ def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: s
 
 
 def disk_need(model, config: QuantConfig) -> int:
-    """Bytes a run writes beside -o at its peak, an upper bound: the training state in OUT.partial (train.pt:
+    """Bytes a run writes beside -o at its peak, an upper bound: the training state in OUT.partial (train.dcp/:
     the student's fp32 state and AdamW's two moments, every parameter counted as trained), twice while a save
-    replaces the last one, the teacher's samples (int64), and the checkpoint (every tensor counted in fp32)."""
+    replaces the last one (train.dcp/ and train.dcp.tmp/, then train.dcp.old/ and train.dcp/: save_sharded removes a
+    train.dcp.old/ that a crash left beside a whole train.dcp/ before it writes, so never three), the teacher's
+    samples (int64), and the checkpoint (every tensor counted in fp32)."""
     params = sum(p.numel() for p in model.parameters())
     state = 2 * (4 + 8) * params if config.steps > 0 else 0
     samples = 8 * sum(n.tokens for _, n in parse_calib(config.calib) if n is not None)
@@ -159,7 +161,7 @@ def check_distributed(world: World, config: QuantConfig, measure: bool) -> None:
 
 
 def trained(partial: Path) -> bool:
-    """The partial folder holds a training state: train.pt, or an fsdp run's train.dcp/."""
+    """The partial folder holds a training state: train.dcp/ (or the train.pt of an earlier version)."""
     return (partial / "train.pt").is_file() or sharded_checkpoint(partial / "train.pt") is not None
 
 
@@ -227,7 +229,7 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
     # --resume without a partial run is a fresh run: it replaces nothing without --force
     check_output(out, force or (resume and partial.is_dir()),
                  inputs=[p for p in (model, init) if p is not None and Path(p).exists()])
-    # a partial run that trained has a train.pt; one that failed before (bad input, Ctrl-C in GPTQ) holds at most
+    # a partial run that trained has a train.dcp/; one that failed before (bad input, Ctrl-C in GPTQ) holds at most
     # its teacher samples, which the next run with the same --calib, --seq-len, --seed and model reuses
     for item, sampling in parse_calib(config.calib):  # a missing file or bad syntax: before any loading
         if sampling is None:

@@ -11,7 +11,6 @@ import math
 import os
 import pickle
 import random
-import shutil
 import signal
 import sys
 import time
@@ -157,6 +156,10 @@ def _checkpoint(ckpt_path: Path | None, device: str) -> dict | None:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise SlimEdgeError(f"{ckpt_path}: refusing to resume from it: it holds more than tensors and numbers "
                             f"({first}); delete it to start over") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated: torch's zip reader fails, or a pickle ends early
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SlimEdgeError(f"{ckpt_path}: cannot resume from it ({first}): it is damaged; run with --force "
+                            f"instead of --resume to start over") from None
 
 
 def _optimizer(weights, others, scales, config: QuantConfig, fused: bool = False) -> torch.optim.Optimizer:
@@ -247,11 +250,11 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     state = TrainState()
     rng = np.random.default_rng(config.seed)
     saved = None
-    if folder is not None:  # each rank reads its own rows, whatever the world size that wrote it
+    if folder is not None:  # each rank reads the rows it holds, whatever the world size and sharding that wrote it
         extra = load_sharded(student, opt, folder)
         state, saved = TrainState(**extra["state"]), extra["global_batch"]
         rng.bit_generator.state = extra["rng"]
-    elif blob is not None:
+    elif blob is not None:  # a train.pt of an earlier version (rank 0's replica): read, never written
         if shard == "fsdp":
             load_optimizer(student, opt, blob["optimizer"])
         else:
@@ -272,25 +275,15 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     student.train()
 
     def save():
-        """fsdp: every rank writes its shards into train.dcp/ (distributed.save_sharded); else rank 0 writes the
-        one replica as train.pt. Either replaces the other, so a partial folder holds one training state."""
+        """Every rank writes into train.dcp/ (distributed.save_sharded): under fsdp its own shards; under ddp DCP
+        writes each replicated tensor once, spread over the ranks; one process writes all. Any world size and
+        sharding resumes it. A train.pt (the layout before DCP, still read above) is removed once it is saved."""
         if ckpt_path is None:
             return
         extra = {"state": vars(state), "rng": rng.bit_generator.state, "global_batch": config.batch_size * world.size}
-        stale = ckpt_path.with_suffix(".dcp")
-        if shard == "fsdp" or config.shard == "fsdp":  # one process asked for fsdp: a DCP that N ranks resume
-            save_sharded(world, student, opt, extra, stale)
-            stale = ckpt_path
-        elif world.main:  # the replicas are identical: one copy
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": dict(student.state_dict()), "optimizer": opt.state_dict(), **extra}, tmp)
-            os.replace(tmp, ckpt_path)
-        if world.main:
-            for old in (stale, stale.with_name(stale.name + ".old")):
-                if old.is_dir():
-                    shutil.rmtree(old)
-                elif old.exists():
-                    old.unlink()
+        save_sharded(world, student, opt, extra, ckpt_path.with_suffix(".dcp"))
+        if world.main and ckpt_path.exists():
+            ckpt_path.unlink()
 
     interrupted = []
     old = {sig: signal.signal(sig, lambda *_: interrupted.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -355,7 +348,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
         save()
         barrier(world)  # no rank exits (and has torchrun end the others) before rank 0 has saved
         raise SlimEdgeError(f"interrupted at step {state.step}/{total}; the training state is saved in "
-                            f"{ckpt_path.with_suffix('.dcp') if config.shard == 'fsdp' else ckpt_path}: run the same "
+                            f"{ckpt_path.with_suffix('.dcp')}: run the same "
                             f"command with --resume to continue")
     student.eval()
     return state
