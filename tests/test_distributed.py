@@ -397,24 +397,12 @@ def test_fsdp_checkpoint_is_sharded_dcp_and_one_process_resumes_it(stopped_fsdp,
     _assert_close_model(reference, out, flipped=1e-3)
 
 
-def test_fsdp_ranks_resume_an_fsdp_checkpoint(stopped_fsdp, tiny_llama, tiny_text, reference, tmp_path):
-    """2 fsdp ranks resume the train.dcp/ of 2 fsdp ranks, each reading its own rows."""
-    out = _copied(stopped_fsdp, tmp_path)
-    step = _dcp_step(out)
-    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp", "--resume"))
-    assert rc == 0, stderr[-3000:]
-    assert f"resumed from {out.with_name('out.partial') / 'train.dcp'} at step {step}" in stderr
-    got = _losses(out)
-    assert min(got) == step + 1 and max(got) == STEPS
-    _assert_fsdp_losses(_losses(reference), got)
-    _assert_close_model(reference, out, flipped=1e-3)
-
-
-@pytest.mark.parametrize("source,shard", [("stopped", "fsdp"), ("stopped_fsdp", "ddp")])
+@pytest.mark.parametrize("source,shard", [("stopped", "fsdp"), ("stopped_fsdp", "ddp"), ("stopped_fsdp", "fsdp")])
 def test_two_ranks_resume_the_other_shardings_checkpoint(source, shard, request, tiny_llama, tiny_text, reference,
                                                           tmp_path):
-    """2 DDP ranks -> 2 fsdp ranks, and 2 fsdp -> 2 DDP: DCP reads the replicated tensors DDP's ranks shared out
-    into FSDP's rows, and FSDP's shards into DDP's full replicas; both continue as the uninterrupted run."""
+    """2 DDP ranks -> 2 fsdp ranks, 2 fsdp -> 2 DDP and 2 fsdp -> 2 fsdp (each reading its own rows): DCP reads the
+    replicated tensors DDP's ranks shared out into FSDP's rows, and FSDP's shards into DDP's full replicas; all
+    continue as the uninterrupted run."""
     out = _copied(request.getfixturevalue(source), tmp_path)
     step = _dcp_step(out)
     rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", shard, "--resume"))
