@@ -93,7 +93,7 @@ def missing_cpu_flags(flavor: Flavor) -> list[str]:
 
 # ggml-cpu sources (relative to ggml/src/ggml-cpu) whose code depends on the ISA: what a compile-only
 # build of a flavor compiles, where the series touches them
-ISA_SOURCES = ("arch/x86/", "arch/arm/", "tiled/")
+ISA_SOURCES = ("arch/x86/", "arch/arm/", "tiled/", "repack.cpp")  # repack.cpp: the 64-block repack is AVX2-only (0018)
 
 
 def touched_isa_sources(patches: list[Path], arch: str) -> list[str]:
@@ -141,7 +141,10 @@ def compile_isa_sources(flavor: Flavor) -> list[str]:
     """Compile-only build for a flavor this CPU cannot run: the series' ISA-specific ggml-cpu sources
     (touched_isa_sources), with the flavor's flags, through ggml's own CMake targets. Returns them."""
     patches = runtime.patch_series()
-    root = cache_dir() / "test-builds" / f"{flavor.name}-compile-{_key(flavor, patches)}"
+    sources = touched_isa_sources(patches, "arm" if flavor.qemu_cpu else "x86")
+    # the source list is part of the key: a new entry in ISA_SOURCES must not reuse an older, shorter build
+    listed = hashlib.sha256(" ".join(sources).encode()).hexdigest()[:6]
+    root = cache_dir() / "test-builds" / f"{flavor.name}-compile-{_key(flavor, patches)}-{listed}"
     done = root / "compiled.txt"
     if done.exists():
         return done.read_text().split()
@@ -149,7 +152,6 @@ def compile_isa_sources(flavor: Flavor) -> list[str]:
         build_kernel_check(flavor)  # no file targets without ninja: the whole build proves it as well
         return []
     src, bld = _patched_tree(root, patches)
-    sources = touched_isa_sources(patches, "arm" if flavor.qemu_cpu else "x86")
     log = root / "build.log"
     with open(log, "w") as f:
         _step(["cmake", "-S", str(src), "-B", str(bld), "-G", "Ninja", *COMMON, *flavor.cmake, "-DGGML_CCACHE=OFF"],
@@ -252,8 +254,8 @@ class KernelCheck:
         """`repack`: the weights in the CPU backend's repack buffer (llama.cpp's --repack 1); None where that
         buffer does not take the type (kernel_check exits 3)."""
         pw, px = self._files(raw, x.astype(np.float32))
-        self.run("mulmat", type_name, x.shape[1], pw, px, self.tmp / "out.f32", threads, *(["repack"] if repack else []),
-                 env=env, ok=(0, 3) if repack else (0,))
+        self.run("mulmat", type_name, x.shape[1], pw, px, self.tmp / "out.f32", threads,
+                 *(["repack"] if repack else []), env=env, ok=(0, 3) if repack else (0,))
         if self.returncode == 3:
             return None
         return np.fromfile(self.tmp / "out.f32", np.float32).reshape(x.shape[0], raw.shape[0])
