@@ -7,15 +7,20 @@
 //                                                                         the exact dot of the dequantized row with
 //                                                                         the dequantized quantized activations
 //                                                                         (OUT = [2, N, M] float32)
-//   kernel_check mulmat     TYPE K W.bin X.f32 OUT.f32 [THREADS]         ggml_mul_mat on the CPU backend, OUT = [N, M]
+//   kernel_check mulmat     TYPE K W.bin X.f32 OUT.f32 [THREADS] [repack]
+//                                                                         ggml_mul_mat on the CPU backend, OUT = [N, M];
+//                                                                         `repack`: W in the repack buffer (as llama.cpp
+//                                                                         loads it with --repack 1), exit status 3 if
+//                                                                         that buffer does not take TYPE
 //   kernel_check getrows    TYPE K W.bin IDS.i32 OUT.f32 [THREADS]       ggml_get_rows on the CPU backend (the token
 //                                                                         embedding lookup), OUT = [N_IDS, K]
 //   kernel_check mulmatid   TYPE K W.bin X.f32 IDS.i32 OUT.f32 N_EXPERTS [THREADS]
 //                                                                         ggml_mul_mat_id (MoE experts): W = N_EXPERTS
 //                                                                         x M rows, X = T tokens, IDS = [T, N_USED],
 //                                                                         OUT = [T, N_USED, M]
-//   kernel_check selftest   [TYPE ...]                                    random rows: vec_dot and mul_mat against the
-//                                                                         exact reference; exit status 1 on a mismatch
+//   kernel_check selftest   [TYPE ...]                                    random rows: vec_dot and mul_mat (also from the
+//                                                                         repack buffer, for the types it takes) against
+//                                                                         the exact reference; exit status 1 on a mismatch
 //   kernel_check bench      TYPE K M [REPS]                               ns per weight of vec_dot (one thread)
 //   kernel_check benchmm    TYPE K M N [REPS] [repack]                    ns per weight per column of ggml_mul_mat
 //                                                                         ([M, K] x [N, K] from float activations,
@@ -213,19 +218,52 @@ static int cmp_double(const void * a, const void * b) {
     return (x > y) - (x < y);
 }
 
+// the buffer type for weights: plain, or the CPU backend's first extra buffer type, as llama.cpp's --repack 1 uses
+// it (repack.cpp: Q4_0, Q4_K, ..., Q2_0C_64, STQ1_0_64)
+static ggml_backend_buffer_type_t weight_buft(int repack) {
+    if (!repack) return ggml_backend_cpu_buffer_type();
+    ggml_backend_reg_t reg = ggml_backend_cpu_reg();
+    ggml_backend_dev_get_extra_bufts_t get_extra =
+        (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+    ggml_backend_buffer_type_t * extra = get_extra ? get_extra(ggml_backend_reg_dev_get(reg, 0)) : NULL;
+    if (!extra || !extra[0]) die("this build has no repack buffer type", NULL);
+    return extra[0];
+}
+
+// mul_mat with W in the repack buffer; 0 (and out untouched) where that buffer does not take the type (it leaves
+// the tensor's extra, its repack traits, empty)
+static int mulmat_repacked(enum ggml_type type, int64_t k, const void * w, int64_t m, const float * x, int64_t n,
+                           float * out, int n_threads) {
+    ggml_backend_t be = ggml_backend_cpu_init();
+    ggml_backend_cpu_set_n_threads(be, n_threads);
+    struct ggml_init_params params = { 8*ggml_tensor_overhead() + ggml_graph_overhead(), NULL, true };
+    struct ggml_context * ctx_w = ggml_init(params);
+    struct ggml_context * ctx   = ggml_init(params);
+    struct ggml_tensor * tw = ggml_new_tensor_2d(ctx_w, type, k, m);
+    struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
+    struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);
+    struct ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, ty);
+    ggml_backend_buffer_t bw = ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, weight_buft(1));
+    ggml_backend_buffer_t bx = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_cpu_buffer_type());
+    if (!bw || !bx) die("cannot allocate the tensors", NULL);
+    const int taken = tw->extra != NULL;
+    if (taken) {
+        ggml_backend_tensor_set(tw, w, 0, ggml_nbytes(tw));  // repacks
+        ggml_backend_tensor_set(tx, x, 0, ggml_nbytes(tx));
+        if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) die("mul_mat failed", NULL);
+        ggml_backend_tensor_get(ty, out, 0, ggml_nbytes(ty));
+    }
+    ggml_backend_buffer_free(bw); ggml_backend_buffer_free(bx);
+    ggml_free(ctx_w); ggml_free(ctx);
+    ggml_backend_free(be);
+    return taken;
+}
+
 static void benchmm(enum ggml_type type, int64_t k, int64_t m, int64_t n, int reps, int repack) {
     ggml_backend_t be = ggml_backend_cpu_init();
     ggml_backend_cpu_set_n_threads(be, 1);
-    ggml_backend_buffer_type_t wbuft = ggml_backend_cpu_buffer_type();
-    if (repack) {
-        // the CPU backend's extra buffer types, as llama.cpp's --repack 1 uses them (repack.cpp: Q4_0, Q4_K, ...)
-        ggml_backend_reg_t reg = ggml_backend_cpu_reg();
-        ggml_backend_dev_get_extra_bufts_t get_extra =
-            (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
-        ggml_backend_buffer_type_t * extra = get_extra ? get_extra(ggml_backend_reg_dev_get(reg, 0)) : NULL;
-        if (!extra || !extra[0]) die("this build has no repack buffer type", NULL);
-        wbuft = extra[0];
-    }
+    ggml_backend_buffer_type_t wbuft = weight_buft(repack);
     struct ggml_init_params params = { 8*ggml_tensor_overhead() + ggml_graph_overhead(), NULL, true };
     struct ggml_context * ctx_w = ggml_init(params);
     struct ggml_context * ctx   = ggml_init(params);
@@ -290,16 +328,22 @@ static int selftest_type(enum ggml_type type) {
         vecdot(type, k, w, m, x, n, kern, ref, mag);
         // mul_mat on the first 3 (vec_dot), 16 (tiled: narrow path) and all 19 (tiled: wide) columns, where tiled
         // applies
-        const int64_t ns[] = { 3, 16, n };
+        // and from the repack buffer where it takes the type: 1 column (gemv), 3, 16 and 19 (gemm)
+        const int64_t ns[] = { 3, 16, n, -1, -3, -16, -n };
         for (size_t in = 0; in < sizeof(ns)/sizeof(ns[0]); ++in) {
-            mulmat(type, k, w, m, x, ns[in], mm, 2);
-            for (int64_t i = 0; i < ns[in]*m; ++i) {
+            if (ns[in] > 0) {
+                mulmat(type, k, w, m, x, ns[in], mm, 2);
+            } else if (!mulmat_repacked(type, k, w, m, x, -ns[in], mm, 2)) {
+                continue;
+            }
+            const int64_t nc = ns[in] > 0 ? ns[in] : -ns[in];
+            for (int64_t i = 0; i < nc*m; ++i) {
                 const double tol = 1e-5*mag[i] + 1e-6;
                 if (fabs(kern[i] - ref[i]) > tol || fabs(mm[i] - ref[i]) > tol) {
                     if (fails < 5) {
-                        fprintf(stderr, "  %s k=%lld n=%lld out %lld: vec_dot %.6g mul_mat %.6g exact %.6g (tol %.3g)\n",
-                                ggml_type_name(type), (long long) k, (long long) ns[in], (long long) i, kern[i], mm[i],
-                                ref[i], tol);
+                        fprintf(stderr, "  %s k=%lld n=%lld%s out %lld: vec_dot %.6g mul_mat %.6g exact %.6g (tol %.3g)\n",
+                                ggml_type_name(type), (long long) k, (long long) nc, ns[in] < 0 ? " repacked" : "",
+                                (long long) i, kern[i], mm[i], ref[i], tol);
                     }
                     fails++;
                 }
@@ -360,7 +404,7 @@ int main(int argc, char ** argv) {
         return 0;
     }
     if (strcmp(mode, "vecdot") == 0 || strcmp(mode, "mulmat") == 0) {
-        if (argc < 7) die("vecdot|mulmat TYPE K W.bin X.f32 OUT.f32", NULL);
+        if (argc < 7) die("vecdot|mulmat TYPE K W.bin X.f32 OUT.f32 [THREADS] [repack]", NULL);
         size_t szw, szx;
         void  * w = read_file(argv[4], &szw);
         float * x = read_file(argv[5], &szx);
@@ -371,7 +415,15 @@ int main(int argc, char ** argv) {
             write_file(argv[6], out, 2*n*m*sizeof(float));
         } else {
             float * out = malloc(n*m*sizeof(float));
-            mulmat(type, k, w, m, x, n, out, argc > 7 ? atoi(argv[7]) : 2);
+            const int threads = argc > 7 ? atoi(argv[7]) : 2;
+            if (argc > 8 && strcmp(argv[8], "repack") == 0) {
+                if (!mulmat_repacked(type, k, w, m, x, n, out, threads)) {
+                    fprintf(stderr, "kernel_check: the repack buffer does not take %s (k=%lld)\n", argv[2], (long long) k);
+                    return 3;
+                }
+            } else {
+                mulmat(type, k, w, m, x, n, out, threads);
+            }
             write_file(argv[6], out, n*m*sizeof(float));
         }
         return 0;

@@ -50,6 +50,12 @@ class Flavor:
         return "-DGGML_AVX2=ON" in self.cmake
 
     @property
+    def repacks_64(self) -> bool:
+        """Patch 0018's load-time repack of Q2_0C_64 / STQ1_0_64 is compiled in (x86 with AVX2); elsewhere the
+        repack buffer does not take them."""
+        return "-DGGML_AVX2=ON" in self.cmake
+
+    @property
     def programs(self) -> list[str]:
         return [self.cc, "cmake"] + (["qemu-aarch64"] if self.qemu_cpu else [])
 
@@ -87,7 +93,7 @@ def missing_cpu_flags(flavor: Flavor) -> list[str]:
 
 # ggml-cpu sources (relative to ggml/src/ggml-cpu) whose code depends on the ISA: what a compile-only
 # build of a flavor compiles, where the series touches them
-ISA_SOURCES = ("arch/x86/", "arch/arm/", "tiled/")
+ISA_SOURCES = ("arch/x86/", "arch/arm/", "tiled/", "repack.cpp")  # repack.cpp: the 64-block repack is AVX2-only (0018)
 
 
 def touched_isa_sources(patches: list[Path], arch: str) -> list[str]:
@@ -135,7 +141,10 @@ def compile_isa_sources(flavor: Flavor) -> list[str]:
     """Compile-only build for a flavor this CPU cannot run: the series' ISA-specific ggml-cpu sources
     (touched_isa_sources), with the flavor's flags, through ggml's own CMake targets. Returns them."""
     patches = runtime.patch_series()
-    root = cache_dir() / "test-builds" / f"{flavor.name}-compile-{_key(flavor, patches)}"
+    sources = touched_isa_sources(patches, "arm" if flavor.qemu_cpu else "x86")
+    # the source list is part of the key: a new entry in ISA_SOURCES must not reuse an older, shorter build
+    listed = hashlib.sha256(" ".join(sources).encode()).hexdigest()[:6]
+    root = cache_dir() / "test-builds" / f"{flavor.name}-compile-{_key(flavor, patches)}-{listed}"
     done = root / "compiled.txt"
     if done.exists():
         return done.read_text().split()
@@ -143,7 +152,6 @@ def compile_isa_sources(flavor: Flavor) -> list[str]:
         build_kernel_check(flavor)  # no file targets without ninja: the whole build proves it as well
         return []
     src, bld = _patched_tree(root, patches)
-    sources = touched_isa_sources(patches, "arm" if flavor.qemu_cpu else "x86")
     log = root / "build.log"
     with open(log, "w") as f:
         _step(["cmake", "-S", str(src), "-B", str(bld), "-G", "Ninja", *COMMON, *flavor.cmake, "-DGGML_CCACHE=OFF"],
@@ -195,11 +203,13 @@ class KernelCheck:
         self.argv = ([shutil.which("qemu-aarch64"), "-cpu", flavor.qemu_cpu] if flavor.qemu_cpu else []) + [str(exe)]
         self.flavor, self.tmp = flavor, tmp
 
-    def run(self, *args, env: dict[str, str] | None = None) -> str:
-        """`env`: extra environment variables, e.g. GGML_CPU_TILED_MM=0 (qemu-aarch64 passes them on)."""
+    def run(self, *args, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> str:
+        """`env`: extra environment variables, e.g. GGML_CPU_TILED_MM=0 (qemu-aarch64 passes them on); `ok`: the
+        exit statuses that are not a failure (self.returncode holds the last one)."""
         proc = subprocess.run([*self.argv, *map(str, args)], capture_output=True, text=True, timeout=900,
                               env=dict(os.environ, **env) if env else None)
-        assert proc.returncode == 0, f"kernel_check {' '.join(map(str, args))} failed:\n{proc.stdout}{proc.stderr}"
+        assert proc.returncode in ok, f"kernel_check {' '.join(map(str, args))} failed:\n{proc.stdout}{proc.stderr}"
+        self.returncode = proc.returncode
         return proc.stdout
 
     def _files(self, *arrays):
@@ -240,9 +250,14 @@ class KernelCheck:
         return np.fromfile(self.tmp / "out.f32", np.float32).reshape(x.shape[0], ids.shape[1], -1)
 
     def mulmat(self, type_name: str, raw: np.ndarray, x: np.ndarray, threads: int = 2,
-               env: dict[str, str] | None = None) -> np.ndarray:
+               env: dict[str, str] | None = None, repack: bool = False) -> np.ndarray | None:
+        """`repack`: the weights in the CPU backend's repack buffer (llama.cpp's --repack 1); None where that
+        buffer does not take the type (kernel_check exits 3)."""
         pw, px = self._files(raw, x.astype(np.float32))
-        self.run("mulmat", type_name, x.shape[1], pw, px, self.tmp / "out.f32", threads, env=env)
+        self.run("mulmat", type_name, x.shape[1], pw, px, self.tmp / "out.f32", threads,
+                 *(["repack"] if repack else []), env=env, ok=(0, 3) if repack else (0,))
+        if self.returncode == 3:
+            return None
         return np.fromfile(self.tmp / "out.f32", np.float32).reshape(x.shape[0], raw.shape[0])
 
 

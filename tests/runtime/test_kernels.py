@@ -180,7 +180,7 @@ def test_block_64_mul_mat_on_row_and_column_pairs(kernel_check, name, n):
     (AVX2: nrows = 2, patch 0015; one block of both rows a step, so 1 and 9 blocks need no tail). Each output
     within fp32 rounding of the exact dot with the Q8_0 activations (a swapped or dropped one of the four sums
     fails), for one column (the one-row path), 2, 4 and 16, on 1 and 2 threads."""
-    w, acts, kern, mag = _mul_mat_columns(kernel_check, name, n, 200 + n, 30, 3, 16, (1, 2, 4, 16))
+    _, w, acts, kern, mag = _mul_mat_columns(kernel_check, name, n, 200 + n, 30, 3, 16, (1, 2, 4, 16))
     ref = acts.astype(np.float64) @ w.astype(np.float64).T
     assert np.all(np.abs(kern - ref) <= q8_0_bound(w, acts) * (1 + 1e-4) + 1e-5 * mag + 1e-6)
 
@@ -195,10 +195,35 @@ def test_block_64_tiled_gemm_on_smollm2_shapes(kernel_check, name, n):
     _mul_mat_columns(kernel_check, name, n, 300 + n, 34, 4, 37, (4, 5, 7, 21, 37))
 
 
+@pytest.mark.parametrize("rows", [37, 16, 3])
+@pytest.mark.parametrize("n", [576, 1536])
+@pytest.mark.parametrize("name", BLOCK_64)
+def test_block_64_repacked_mul_mat(kernel_check, name, n, rows):
+    """Weights in the repack buffer (patch 0018: groups of 8 rows interleaved at load, the last rows % 8 left in
+    the file's layout; 37 = 4 groups + 5, 16 = 2 groups, 3 = the tail alone): 1-3 columns take its 8-row gemv, 4
+    or more its 8 x 4 gemm (5, 7, 21, 37 columns: short column groups). On 1 and 2 threads (2 threads split the
+    groups, one of them ending in the tail), each output within fp32 rounding of the exact dot with the Q8_0
+    activations, so within the Q8_0 bound of the float reference, as the plain mul_mat. Flavors without the
+    repack (not AVX2) must refuse the type."""
+    random_rows = max(rows - 6, 1)
+    raw, w, acts, kern, mag = _mul_mat_columns(kernel_check, name, n, 400 + n + rows, random_rows,
+                                               rows - random_rows + 1, 37, (1, 3))
+    ref = acts.astype(np.float64) @ w.astype(np.float64).T
+    bound = q8_0_bound(w, acts) * (1 + 1e-4) + 1e-5 * mag + 1e-6
+    for cols in (1, 2, 3, 4, 5, 7, 21, 37):
+        for threads in (1, 2):
+            got = kernel_check.mulmat(name, raw, acts[:cols], threads=threads, repack=True)
+            if not kernel_check.flavor.repacks_64:
+                assert got is None, "the repack buffer took a 64-block type outside AVX2"
+                return
+            assert_same_sums(got, kern[:cols], mag[:cols], n)
+            assert np.all(np.abs(got - ref[:cols]) <= bound[:cols])
+
+
 def _mul_mat_columns(kernel_check, name, n, seed, random_rows, edge_end, ncols, col_counts):
     """`random_rows` scaled random rows and edge rows 1..edge_end-1 of a 64-block type, ncols activations with
     outliers and a zero column: mul_mat on the first `cols` columns of each count, on 1 and 2 threads, within fp32
-    rounding of the exact dot with the Q8_0 activations. Returns (w, acts, vec_dot's sums, their magnitudes)."""
+    rounding of the exact dot with the Q8_0 activations. Returns (raw, w, acts, vec_dot's sums, their magnitudes)."""
     fmt = get_format(name)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((random_rows, n)) * np.linspace(0.5, 3.0, n)
@@ -212,7 +237,7 @@ def _mul_mat_columns(kernel_check, name, n, seed, random_rows, edge_end, ncols, 
     for cols in col_counts:
         for threads in (1, 2):
             assert_same_sums(kernel_check.mulmat(name, raw, acts[:cols], threads=threads), exact[:cols], mag[:cols], n)
-    return w, acts, kern, mag
+    return raw, w, acts, kern, mag
 
 
 def test_selftest(kernel_check):

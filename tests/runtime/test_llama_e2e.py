@@ -230,3 +230,21 @@ def test_perplexity_is_the_same_on_x86_and_arm(host, f16, lee_text, tmp_path, ft
     a76 = perplexity_of([*arm.argv("llama-perplexity", cpu="cortex-a76"), *args], chunks=4, timeout=1200)
     assert 10 < x86 < 1e4  # random weights over a 512-token vocabulary: near 512, not inf or nan
     assert abs(x86 / a76 - 1) < 1e-3, (x86, a76)
+
+
+@pytest.mark.parametrize("ftype", ["Q2_0C_64", "STQ1_0_64"])
+def test_64_block_repack_keeps_the_perplexity(host, f16_576, lee_text, tmp_path, ftype):
+    """Patch 0018 (x86 AVX2): llama.cpp's default --repack puts the 64-block linear layers into the CPU_REPACK
+    buffer (8-row groups, its own gemv / gemm); -nr keeps them in the file's layout (patches 0016 / 0017). Real
+    text through rows of 576 and 1536: the two agree within 1e-3, the tolerance of the x86 / ARM comparison (the
+    kernels sum floats in other orders and the 8-bit activations between layers amplify the last bits)."""
+    out = tmp_path / f"tiny576-{ftype}.gguf"
+    run([*host.argv("llama-quantize"), f16_576, out, ftype, "2"])
+    args = [*host.argv("llama-perplexity"), "-m", out, "-f", lee_text, "-c", "128", "--chunks", "4", "-t", "2",
+            "-v"]  # -v: the load log names each buffer type
+    on, off = run(args), run([*args, "-nr"])
+    assert "CPU_REPACK model buffer size" in on.stderr, on.stderr[-2000:]
+    assert "CPU_REPACK" not in off.stderr, off.stderr[-2000:]
+    ppl_on, ppl_off = (float(re.findall(r"\[4\](\d+\.\d+)", p.stdout + p.stderr)[-1]) for p in (on, off))
+    assert 10 < ppl_on < 1e4
+    assert abs(ppl_on / ppl_off - 1) < 1e-3, (ppl_on, ppl_off)
