@@ -230,20 +230,33 @@ static ggml_backend_buffer_type_t weight_buft(int repack) {
     return extra[0];
 }
 
+// y = W x as a one-node graph: W [m rows of k] in its own context (to be allocated from a weight buffer type),
+// x [n columns of k] and the graph in another
+struct mm_graph { struct ggml_context * ctx_w, * ctx; struct ggml_tensor * w, * x, * y; struct ggml_cgraph * gf; };
+
+static struct mm_graph mm_graph_new(enum ggml_type type, int64_t k, int64_t m, int64_t n) {
+    struct ggml_init_params params = { 8*ggml_tensor_overhead() + ggml_graph_overhead(), NULL, true };
+    struct mm_graph g;
+    g.ctx_w = ggml_init(params);
+    g.ctx   = ggml_init(params);
+    g.w  = ggml_new_tensor_2d(g.ctx_w, type, k, m);
+    g.x  = ggml_new_tensor_2d(g.ctx, GGML_TYPE_F32, k, n);
+    g.y  = ggml_mul_mat(g.ctx, g.w, g.x);
+    g.gf = ggml_new_graph(g.ctx);
+    ggml_build_forward_expand(g.gf, g.y);
+    return g;
+}
+
 // mul_mat with W in the repack buffer; 0 (and out untouched) where that buffer does not take the type (it leaves
 // the tensor's extra, its repack traits, empty)
 static int mulmat_repacked(enum ggml_type type, int64_t k, const void * w, int64_t m, const float * x, int64_t n,
                            float * out, int n_threads) {
     ggml_backend_t be = ggml_backend_cpu_init();
     ggml_backend_cpu_set_n_threads(be, n_threads);
-    struct ggml_init_params params = { 8*ggml_tensor_overhead() + ggml_graph_overhead(), NULL, true };
-    struct ggml_context * ctx_w = ggml_init(params);
-    struct ggml_context * ctx   = ggml_init(params);
-    struct ggml_tensor * tw = ggml_new_tensor_2d(ctx_w, type, k, m);
-    struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
-    struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);
-    struct ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, ty);
+    struct mm_graph g = mm_graph_new(type, k, m, n);
+    struct ggml_context * ctx_w = g.ctx_w, * ctx = g.ctx;
+    struct ggml_tensor * tw = g.w, * tx = g.x, * ty = g.y;
+    struct ggml_cgraph * gf = g.gf;
     ggml_backend_buffer_t bw = ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, weight_buft(1));
     ggml_backend_buffer_t bx = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_cpu_buffer_type());
     if (!bw || !bx) die("cannot allocate the tensors", NULL);
@@ -264,14 +277,10 @@ static void benchmm(enum ggml_type type, int64_t k, int64_t m, int64_t n, int re
     ggml_backend_t be = ggml_backend_cpu_init();
     ggml_backend_cpu_set_n_threads(be, 1);
     ggml_backend_buffer_type_t wbuft = weight_buft(repack);
-    struct ggml_init_params params = { 8*ggml_tensor_overhead() + ggml_graph_overhead(), NULL, true };
-    struct ggml_context * ctx_w = ggml_init(params);
-    struct ggml_context * ctx   = ggml_init(params);
-    struct ggml_tensor * tw = ggml_new_tensor_2d(ctx_w, type, k, m);
-    struct ggml_tensor * tx = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
-    struct ggml_tensor * ty = ggml_mul_mat(ctx, tw, tx);
-    struct ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, ty);
+    struct mm_graph g = mm_graph_new(type, k, m, n);
+    struct ggml_context * ctx_w = g.ctx_w, * ctx = g.ctx;
+    struct ggml_tensor * tw = g.w, * tx = g.x, * ty = g.y;
+    struct ggml_cgraph * gf = g.gf;
     ggml_backend_buffer_t bw = ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, wbuft);
     ggml_backend_buffer_t bx = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_cpu_buffer_type());
     if (!bw || !bx) die("cannot allocate the tensors", NULL);
