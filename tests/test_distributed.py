@@ -206,6 +206,57 @@ def test_rank_shards_are_the_global_batch():
     assert torch.equal(torch.cat(shards), one)
 
 
+def test_accumulated_passes_are_the_rows_of_the_global_batch():
+    """2 ranks x 1 sequence x 2 accumulated passes draw the rows one process draws at batch 4, rank 0 the first two."""
+    ids = torch.arange(1000)
+    one = next(_batches(ids, 2 * B, 16, np.random.default_rng(0)))[0]
+    micro = [next(_batches(ids, B // 2, 16, np.random.default_rng(0), World(r, 2), accumulation=2)) for r in range(2)]
+    assert all(len(m) == 2 and m[0][0].shape == (B // 2, 16) for m in micro)
+    assert torch.equal(torch.cat([x for m in micro for x, _ in m]), one)
+    assert torch.equal(micro[1][0][1][:, :-1], one[B:B + 1, 1:])  # y is x shifted by one
+    with pytest.raises(SlimEdgeError, match=r"--global-batch-size 8 is not a multiple of --batch-size 2 x 3 ranks "
+                                            r"= 6: pass 6 or 12"):
+        QuantConfig(batch_size=2, global_batch_size=8).accumulation(3)
+    with pytest.raises(SlimEdgeError, match=r"--global-batch-size 8 is not a multiple of --batch-size 3: pass a "
+                                            r"multiple of it, e.g. 9"):
+        QuantConfig(batch_size=3, global_batch_size=8)
+    cli = subprocess.run([str(SLIM_EDGE), "quantize", "--batch-size", "3", "--global-batch-size", "8", "--dry-run"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert "slim-edge: error: --global-batch-size 8 is not a multiple of --batch-size 3" in cli.stderr, cli.stderr
+
+
+def test_one_process_accumulating_two_passes_trains_as_one_pass_at_twice_the_batch(tiny_llama, tiny_text, tmp_path,
+                                                                                  reference, capfd):
+    """--batch-size B --global-batch-size 2B in one process: each step sums the gradients of two passes of B, each
+    weighted 1/2, so the losses (the passes' mean) and the model are those of one pass of 2B (the reference),
+    judged as a parallel run (the matmuls see B rows instead of 2B: float noise)."""
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_quantize(str(tiny_llama), QuantConfig(batch_size=B, global_batch_size=2 * B, calib=str(tiny_text), **OPTS),
+                     out, progress=False, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert f"{STEPS} steps x {2 * B} ({B} x 2 accumulated passes) x {OPTS['seq_len']}" in capfd.readouterr().err
+    assert len(_losses(out)) == STEPS
+    _assert_parallel_run(reference, out)
+    meta = read_meta(out)
+    assert meta["training"]["tokens"] == STEPS * 2 * B * OPTS["seq_len"]
+
+
+def test_two_ranks_accumulating_train_as_one_process_at_the_global_batch(tiny_llama, tiny_text, tmp_path, reference):
+    """2 DDP ranks x 1 sequence x 2 accumulated passes (no all-reduce in the first pass's backward): the global
+    batch of 4 = 2B, so the run is the reference's."""
+    out = tmp_path / "out"
+    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--batch-size", str(B // 2),
+                                      "--global-batch-size", str(2 * B)))
+    assert rc == 0, stderr[-3000:]
+    assert f"{STEPS} steps x {2 * B} (2 ranks x {B // 2} x 2 accumulated passes)" in stderr
+    _assert_parallel_run(reference, out)
+
+
 def test_two_ranks_train_as_one_process_at_twice_the_batch(tiny_llama, tiny_text, tmp_path, reference):
     out = tmp_path / "out"
     rc, stdout, stderr = _finish(_torchrun(tiny_llama, tiny_text, out))

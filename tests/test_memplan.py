@@ -155,6 +155,8 @@ def test_refused_through_the_cli_with_the_batch_that_fits(tiny_llama, tiny_text,
     assert f"needs about {need / GIB:.2f} GiB of RAM" in run.stderr
     assert f"{limit / GIB:.2f} GiB of RAM is free" in run.stderr
     assert "pass --batch-size 3 (" in run.stderr and "--no-memory-check" in run.stderr
+    # the same optimizer step in passes that fit: the largest batch <= 3 that divides 8
+    assert "or --batch-size 2 --global-batch-size 8 (the same 8-sequence step in 4 accumulated passes" in run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     run = subprocess.run(argv + ["--dry-run"], env=env, capture_output=True, text=True, timeout=300)

@@ -67,6 +67,11 @@ def quantize(
                                                  "as memory allows: on an H200, SmolLM2-135M at 64 x 512 steps in the "
                                                  "time of 32 x 512 (2.25x the tokens/s, 41 GiB; 128: 2.7x, "
                                                  "78 GiB)")] = 4,
+    global_batch_size: Annotated[int, typer.Option(help="sequences per optimizer step over all ranks, a multiple of "
+                                                        "--batch-size x ranks: each rank sums the gradients of "
+                                                        "global / (batch x ranks) passes (gradient accumulation), "
+                                                        "so a small GPU takes the step a large one would; 0 "
+                                                        "(default): --batch-size x ranks")] = 0,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
     distill: Annotated[str, typer.Option(help="cakld | kl | none (CE only)")] = "cakld",
     ce_weight: Annotated[float, typer.Option(help="weight of the cross-entropy on the training text in the loss "
@@ -167,6 +172,9 @@ def quantize(
       torchrun --nproc-per-node 4 --no-python slim-edge quantize smollm2-135m --scheme seq2 --steps 1000 \\
         --device cuda -o runs/seq2   (data-parallel; --batch-size per GPU)
 
+      slim-edge quantize smollm2-135m --scheme seq2 --batch-size 16 --global-batch-size 64 --device cuda \
+        -o runs/seq2   (the 64-sequence step of a larger GPU in 4 accumulated passes of 16)
+
       torchrun --nproc-per-node 8 --no-python slim-edge quantize ./my-llama --shard fsdp --steps 1000 \\
         --device cuda -o runs/seq2   (sharded)
     """
@@ -189,6 +197,7 @@ def quantize(
     config = QuantConfig(scheme=scheme, target=target, keep=tuple(k for k in keep.split(",") if k),
                          steps=steps, lr=lr, scale_lr=scale_lr, scale_update=scale_update,
                          ste_clipped=ste_clipped, lsq_grad=lsq_grad, compile=compile, batch_size=batch_size,
+                         global_batch_size=global_batch_size,
                          seq_len=seq_len, distill=distill, ce_weight=ce_weight, block_steps=block_steps,
                          block_samples=block_samples, ptq=ptq, ptq_samples=ptq_samples,
                          arenas_lambda=arenas_lambda, tequila_lambda=tequila_lambda, act_quant=act_quant,

@@ -194,6 +194,11 @@ def check_fits(cfg: dict, config, available: int, *, device: str, world: int = 1
     if b:
         need = plan_memory(cfg, config, batch=b, device=device, world=world, shard=shard).total
         remedies.append(f"--batch-size {b} ({need / GIB:.2f} GiB)")
+        g = config.global_batch(world)
+        same = next((k for k in range(b, 0, -1) if g % (k * world) == 0), 1)
+        need = plan_memory(cfg, config, batch=same, device=device, world=world, shard=shard).total
+        remedies.append(f"--batch-size {same} --global-batch-size {g} (the same {g}-sequence step in "
+                        f"{g // (same * world)} accumulated passes, {need / GIB:.2f} GiB)")
     if world > 1 and shard != "fsdp":
         need = plan_memory(cfg, config, device=device, world=world, shard="fsdp").total
         if need <= available:

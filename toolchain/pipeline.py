@@ -179,6 +179,7 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     world = world_from_env()
     measure = config.bits is not None and not is_checkpoint(model)
     check_distributed(world, config, measure)
+    config.accumulation(world.size)  # a global batch the ranks cannot split is refused before anything loads
     device = rank_device(world, pick_device(device))
     with joined(world, device), quiet(world):
         return _run_quantize(model, config, out, world=world, force=force, resume=resume, device=device,
@@ -284,12 +285,12 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
     if init is not None:
         init_from_checkpoint(student, init, seed=config.seed)
         print(f"slim-edge: continuing {init} (distilling from {model})", file=sys.stderr)
-    batch = config.batch_size * world.size  # --batch-size is per rank
+    batch = config.global_batch(world.size)  # --batch-size is per rank and pass
     seen = config.steps * batch * config.seq_len
     passes = seen / len(ids)  # windows are drawn uniformly from the joined text: every source alike
     if config.steps > 0:
-        ranks = "" if world.size == 1 else f" ({world.size} ranks x {config.batch_size})"
-        print(f"slim-edge: {config.steps} steps x {batch}{ranks} x {config.seq_len} = "
+        how = "" if batch == config.batch_size else f" ({config.batch_text(world.size)})"
+        print(f"slim-edge: {config.steps} steps x {batch}{how} x {config.seq_len} = "
               f"{seen:,} tokens seen, {passes:.3g} passes over "
               f"every source (windows are drawn uniformly from the joined text)", file=sys.stderr)
         if passes > MAX_PASSES:

@@ -43,6 +43,9 @@ class QuantConfig:
     ste_clipped: bool = False  # keep the straight-through weight gradient outside the clip range
     lsq_grad: bool = False  # multiply the scale gradient by LSQ's 1/sqrt(block * top level)
     batch_size: int = 4
+    # sequences per optimizer step over all ranks; 0: --batch-size x ranks. A multiple of that: each rank runs
+    # global / (batch_size x ranks) forward-backward passes of batch_size and sums their gradients (accumulation)
+    global_batch_size: int = 0
     seq_len: int = 256
     warmup: int = 0  # steps of linear lr warm-up (default: 5% of steps)
     distill: str = "cakld"  # cakld | kl | none
@@ -91,6 +94,13 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise SlimEdgeError(f"--{name.replace('_', '-')} {value!r}: it must be an integer of at least {low}")
+        if not isinstance(self.global_batch_size, int) or self.global_batch_size < 0:
+            raise SlimEdgeError(f"--global-batch-size {self.global_batch_size!r}: it must be a whole number of "
+                                f"sequences (0: --batch-size x ranks, no accumulation)")
+        if self.global_batch_size and self.global_batch_size % self.batch_size:
+            raise SlimEdgeError(f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size "
+                                f"{self.batch_size}: pass a multiple of it, e.g. "
+                                f"{max(1, round(self.global_batch_size / self.batch_size)) * self.batch_size}")
         for name, strict in (("lr", True), ("scale_lr", False), ("arenas_lambda", False), ("tequila_lambda", False)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (strict and value == 0):
@@ -125,6 +135,30 @@ class QuantConfig:
             raise SlimEdgeError(f"--bits {self.bits}: the budget must lie between the scheme's own bits per weight "
                                 f"and {MAX_BITS} (everything in {PROMOTED})")
         self.keep = tuple(self.keep)
+
+    def accumulation(self, ranks: int = 1) -> int:
+        """Forward-backward passes of batch_size per rank and optimizer step, for the global batch over `ranks`."""
+        per_pass = self.batch_size * ranks
+        if not self.global_batch_size:
+            return 1
+        if self.global_batch_size % per_pass:
+            lo = max(1, self.global_batch_size // per_pass) * per_pass
+            raise SlimEdgeError(f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size "
+                                f"{self.batch_size} x {ranks} rank{'s' if ranks > 1 else ''} = {per_pass}: pass "
+                                f"{lo} or {lo + per_pass}")
+        return self.global_batch_size // per_pass
+
+    def global_batch(self, ranks: int = 1) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.batch_size * ranks * self.accumulation(ranks)
+
+    def batch_text(self, ranks: int = 1) -> str:
+        """How the global batch is made, e.g. "2 ranks x 4 x 8 accumulated passes"."""
+        parts = ([f"{ranks} ranks"] if ranks > 1 else []) + [str(self.batch_size)]
+        k = self.accumulation(ranks)
+        if k > 1:
+            parts.append(f"{k} accumulated passes")
+        return " x ".join(parts) if len(parts) > 1 else f"--batch-size {self.batch_size}"
 
     @property
     def formats(self) -> tuple[str, ...]:

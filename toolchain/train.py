@@ -7,6 +7,7 @@ the last step, so the final model has no residual branch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -119,15 +120,20 @@ class TrainState:
     last_loss: float | None = None
 
 
-def _batches(ids: torch.Tensor, batch: int, seq: int, rng: np.random.Generator, world: World = World()):
-    """Batches of `batch` sequences per rank: the global batch of world.size * batch is drawn on every rank
-    and each takes its own rows, so the stream does not depend on how many ranks share it."""
+def _batches(ids: torch.Tensor, batch: int, seq: int, rng: np.random.Generator, world: World = World(),
+             accumulation: int = 1):
+    """Steps of `accumulation` micro-batches of `batch` sequences per rank: the global batch of
+    world.size * accumulation * batch is drawn on every rank and each takes its own rows, cut into micro-batches, so
+    the stream does not depend on how many ranks share it or how many passes each rank makes (accumulation 1: each
+    step is one (x, y))."""
     seq = min(seq, len(ids) - 1)
-    lo = world.rank * batch
+    per_rank = batch * accumulation
+    lo = world.rank * per_rank
     while True:
-        starts = rng.integers(0, len(ids) - seq - 1, size=batch * world.size)[lo:lo + batch]
+        starts = rng.integers(0, len(ids) - seq - 1, size=per_rank * world.size)[lo:lo + per_rank]
         x = torch.stack([ids[s:s + seq + 1] for s in starts])
-        yield x[:, :-1], x[:, 1:]
+        micro = [(x[i:i + batch, :-1], x[i:i + batch, 1:]) for i in range(0, per_rank, batch)]
+        yield micro[0] if accumulation == 1 else micro
 
 
 def _quant_params(qlayers):
@@ -197,20 +203,46 @@ def _schedule(opt, step: int, total: int, warmup: int, config: QuantConfig) -> N
         g["lr"] = learning_rate(step, total, base, warmup)
 
 
-def train_step(student, teacher, x, y, opt, clipped, scales, config: QuantConfig, device: str, loss_fn=distill_loss):
-    """One QAT step: teacher forward, student forward and backward, clip, optimizer step; (loss, ce, kd)."""
-    # bf16 autocast on GPUs speeds training; exactness lives in the exported values, not here
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-        with torch.no_grad():
-            t_logits = teacher(x).logits if config.distill != "none" else None
-        s_logits = student(x).logits
-    loss, ce, kd = loss_fn(s_logits, t_logits, y, config.distill, ce_weight=config.ce_weight)
-    del s_logits, t_logits
+def train_step(student, teacher, x, y, opt, clipped, scales, config: QuantConfig, device: str, loss_fn=distill_loss,
+               micro: list | None = None):
+    """One QAT step: teacher forward, student forward and backward, clip, optimizer step; (loss, ce, kd).
+
+    micro: the step's micro-batches [(x, y), ...] instead of x, y (gradient accumulation): each backward adds
+    1/len(micro) of its loss's gradient, so the step's gradient is the mean over all of them as one batch's would be
+    (equal micro-batches, a loss that is a mean over tokens); under DDP only the last one all-reduces (_gradient_sync).
+    The losses returned are the micro-batches' mean."""
+    micro = micro or [(x, y)]
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total = []
+    for i, (xi, yi) in enumerate(micro):
+        last = i == len(micro) - 1
+        with _gradient_sync(student, last):
+            # bf16 autocast on GPUs speeds training; exactness lives in the exported values, not here
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+                with torch.no_grad():
+                    t_logits = teacher(xi).logits if config.distill != "none" else None
+                s_logits = student(xi).logits
+            parts = loss_fn(s_logits, t_logits, yi, config.distill, ce_weight=config.ce_weight)
+            del s_logits, t_logits
+            (parts[0] / len(micro) if len(micro) > 1 else parts[0]).backward()
+        total.append([p.detach() for p in parts])
     torch.nn.utils.clip_grad_norm_(clipped, 1.0)
     _step(opt, scales, config)
-    return loss, ce, kd
+    if len(total) == 1:
+        return tuple(total[0])
+    return tuple(torch.stack(col).mean() for col in zip(*total))
+
+
+@contextlib.contextmanager
+def _gradient_sync(model, sync: bool):
+    """DDP: no all-reduce in this backward unless `sync` (no_sync; the gradients add up locally). FSDP2 reduce-scatters
+    every pass: skipping it would hold unsharded gradients (the full model's, what fsdp is there to avoid) until the
+    last pass, and the memory plan counts 1/N. One process: nothing to skip."""
+    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        yield
+        return
+    with model.no_sync():
+        yield
 
 
 def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: Path | None = None,
@@ -264,13 +296,14 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     if folder is not None or blob is not None:
         where = ckpt_path if folder is None else folder
         print(f"slim-edge: resumed from {where} at step {state.step}", file=sys.stderr)
-        if saved is not None and saved != config.batch_size * world.size:
+        if saved is not None and saved != config.global_batch(world.size):
             print(f"slim-edge: warning: {where} trained on a global batch of {saved} sequences, this run on "
-                  f"{config.batch_size * world.size} ({world.size} x --batch-size {config.batch_size}): the data "
+                  f"{config.global_batch(world.size)} ({config.batch_text(world.size)}): the data "
                   f"stream differs from the uninterrupted run's", file=sys.stderr)
     total = config.steps
     warmup = config.warmup or max(1, total // 20)
-    batches = _batches(ids, config.batch_size, config.seq_len, rng, world)
+    accumulation = config.accumulation(world.size)
+    batches = _batches(ids, config.batch_size, config.seq_len, rng, world, accumulation)
     teacher.eval()
     student.train()
 
@@ -280,7 +313,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
         sharding resumes it. A train.pt (the layout before DCP, still read above) is removed once it is saved."""
         if ckpt_path is None:
             return
-        extra = {"state": vars(state), "rng": rng.bit_generator.state, "global_batch": config.batch_size * world.size}
+        extra = {"state": vars(state), "rng": rng.bit_generator.state, "global_batch": config.global_batch(world.size)}
         save_sharded(world, student, opt, extra, ckpt_path.with_suffix(".dcp"))
         if world.main and ckpt_path.exists():
             ckpt_path.unlink()
@@ -311,19 +344,20 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
                 break
             pos = schedule_step(state.step, total, step0, time_frac)
             # replay the data stream up to the resumed step is unnecessary: the rng state was saved
-            x, y = next(batches)
-            x, y = x.to(device), y.to(device)
+            micro = next(batches)
+            micro = [(x.to(device), y.to(device)) for x, y in (micro if accumulation > 1 else [micro])]
             lam = arenas_lambda(pos, total, config.arenas_lambda, config.arenas_warmup)
             scheme = get_scheme(config.scheme)
             for m in qlayers:
                 m.arenas = lam if scheme.arenas and m.mode == scheme.values else 0.0
             _schedule(opt, pos, total, warmup, config)
             t0 = time.perf_counter()
-            loss, ce, kd = train_step(model, teacher, x, y, opt, weights + others, scales, config, device)
+            loss, ce, kd = train_step(model, teacher, None, None, opt, weights + others, scales, config, device,
+                                      micro=micro)
             val, ce, kd = global_mean(world, [loss, ce, kd], device)
             state.seconds += time.perf_counter() - t0
             state.step += 1
-            state.tokens += x.numel() * world.size
+            state.tokens += sum(x.numel() for x, _ in micro) * world.size
             if not math.isfinite(val):
                 raise SlimEdgeError(f"training diverged at step {state.step} (loss {val}); "
                                     f"lower --lr (now {config.lr}) or --scale-lr (now {config.scale_lr})")
