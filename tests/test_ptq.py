@@ -38,11 +38,14 @@ def _correlated_hessian(k=512, n=2048, seed=1):
 @pytest.mark.parametrize("fmt,mode", GRIDS)
 def test_diagonal_hessian_is_round_to_nearest(fmt, mode):
     """No cross terms, nothing to compensate: GPTQ's values are round-to-nearest with its scales, bit for bit,
-    and with H = I (equal column weights) the scales are init_scale's too."""
+    and with H = I (equal column weights) the scales are init_scale's too. Sherry's quad zero: with H = I the
+    default cost rule is the magnitude rule (equal costs); with unequal H_jj it weighs them (the next test), so there
+    the magnitude rule is the round to nearest."""
     w, f, quads = _weights(), get_format(fmt), _quads(fmt, mode)
     d16 = init_scale(w, f, mode, quads).to(torch.float16).float()
     for h in (torch.eye(512), torch.diag(torch.rand(512, generator=torch.Generator().manual_seed(2)) + 0.1)):
-        latent, scale, values = gptq_quantize(w, h, f, mode, quads)
+        rule = None if h[1, 1] == 1 else "magnitude"
+        latent, scale, values = gptq_quantize(w, h, f, mode, quads, zero_rule=rule)
         _, rtn = fake_quant(w, scale, f, mode, quads, return_values=True)
         assert torch.equal(values, rtn) and torch.equal(latent, w)
         if h[1, 1] == 1:
