@@ -267,7 +267,9 @@ def test_bits_dry_run_samples_nothing_and_plans_what_the_run_does(tiny_smol, tin
 
     drawn, sample = [], gendata.teacher_tokens
     monkeypatch.setattr(gendata, "teacher_tokens", lambda *a, **k: drawn.append(a[1]) or sample(*a, **k))
-    config = QuantConfig(scheme="seq2", bits=2.5, steps=0, batch_size=1, seq_len=32, calib=f"{tiny_text},teacher:64")
+    # :cache=0: an earlier run may have left this draw in the user's samples cache (then nothing is drawn)
+    config = QuantConfig(scheme="seq2", bits=2.5, steps=0, batch_size=1, seq_len=32,
+                         calib=f"{tiny_text},teacher:64:cache=0")
     dry = run_quantize(str(tiny_smol), config, tmp_path / "dry", progress=False, dry_run=True)
     assert drawn == [] and not list(tmp_path.iterdir())  # no sample, nothing written
     run_quantize(str(tiny_smol), config, tmp_path / "run", progress=False)
