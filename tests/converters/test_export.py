@@ -132,18 +132,24 @@ def test_export_refuses_to_overwrite(tiny_smol, tiny_text, tmp_path):
 
 @pytest.mark.runtime
 def test_stock_type_export_runs_in_unpatched_bindings(tiny_smol, tiny_text, tmp_path):
-    """ternary -> TQ2_0 + Q2_0: the stock llama-cpp-python 0.3.36 library (no LLAMA_CPP_LIB_PATH) loads it."""
+    """ternary -> TQ2_0 + Q2_0: the pinned llama.cpp with no patch at all (built once, cached by its key; the bindings
+    are installed without a library of their own) loads it and generates through llama-cpp-python 0.3.36."""
     import json
     import os
     import subprocess
     import sys
+
+    from slim_edge.runtime_patches.runtime import ensure_runtime
+
+    stock = ensure_runtime("host", patches=[], tools=("llama-completion",), progress=False)
+    assert stock.key != ensure_runtime("host").key
 
     ckpt = tmp_path / "ckpt"
     run_quantize(str(tiny_smol), QuantConfig(scheme="ternary", steps=0, batch_size=1, seq_len=32,
                                              calib=str(tiny_text)), ckpt, progress=False)
     out = tmp_path / "t.gguf"
     assert export_checkpoint(ckpt, out)["needs_patched_runtime"] is False
-    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}, **stock.env()}
     code = ("import json, sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, verbose=False); "
             "toks = llm.tokenize(b'The capital of France is'); "
             "out = [int(t) for t, _ in zip(llm.generate(toks, temp=0.0, reset=True), range(8))]; "
