@@ -35,7 +35,9 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	  echo "building llama-cpp-python $(LLAMA_CPP_PYTHON) without its library (kept in $(LLAMA_WHEELS))" && \
 	  $(BINDINGS_ENV) $(PIP) wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEELS).tmp llama-cpp-python==$(LLAMA_CPP_PYTHON) && \
 	  rm -rf $(LLAMA_WHEELS) && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); fi
-	$(PIP) install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+	@# with their dependencies (diskcache, jinja2); an install of the same version with its own library goes first
+	$(PIP) uninstall -q -y llama-cpp-python >/dev/null 2>&1 || true
+	$(PIP) install -q $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	touch $@
 
 test: setup

@@ -731,7 +731,10 @@ def load_bindings(runtime: Runtime | None = None):
         os.environ.update(rt.env())
     try:
         import llama_cpp
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] != "llama_cpp":
+            raise SlimEdgeError(f"llama_cpp is installed but its dependency {e.name} is not: "
+                                f"pip install {PIN.package}=={PIN.version} with its dependencies") from None
         raise SlimEdgeError(
             f"llama_cpp is not installed; install the pinned bindings without their own build: "
             f"CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install --no-cache-dir {PIN.package}=={PIN.version}") from None
