@@ -7,8 +7,10 @@
    `nucleus` (the nucleus looked for among the top NUCLEUS_K tokens, rows that need more sorted in full)
    against sorting the whole vocabulary per row (the sampler before session 14), same rows, and a check
    that both give the same distribution bit for bit.
-2. Whole sampling, tokens/s, per sampling batch (sequences generated at once; on a GPU the default is
-   gendata.sampling_batch's, sized to the free memory), with peak GPU memory.
+2. Whole sampling, tokens/s, per decoding engine (`--engines`: gendata.KVDecoder's preallocated cache, kv, against
+   transformers' own cache) and sampling batch (sequences generated at once; on a GPU each engine's default,
+   gendata.sampling_batch of the free memory, is added), with peak GPU memory and whether the engines drew the
+   same tokens at the same batch.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import typer
 
 from slim_edge.evals.qat_throughput import _sync
 from slim_edge.fsutil import atomic_path
-from slim_edge.gendata import NUCLEUS_K, keep_nucleus, nucleus, sampling_batch, teacher_tokens
+from slim_edge.gendata import NUCLEUS_K, decoding_engine, keep_nucleus, nucleus, sampling_batch, teacher_tokens
 from slim_edge.models import load_model
 from slim_edge.pipeline import pick_device
 from slim_edge.train import calibration_tokens
@@ -46,6 +48,7 @@ def _time(fn, device: str, repeat: int) -> float:
 
 def main(model: str = "smollm2-135m", device: str = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
          batches: str = typer.Option("16,64", help="sampling batches to time whole sampling at"),
+         engines: str = typer.Option("kv,transformers", help="decoding engines to time (gendata.teacher_tokens)"),
          rows: int = typer.Option(256, help="distributions the top-p step is timed on"),
          tokens: int = typer.Option(4096, help="tokens sampled per whole-sampling measurement"),
          seq_len: int = 512, temp: float = 0.7, top_p: float = 0.9, prompt: int = 16,
@@ -73,24 +76,30 @@ def main(model: str = "smollm2-135m", device: str = typer.Option(None, help="cpu
             "full_sort_ms": round(t_old * 1e3, 3), "top_k_ms": round(t_new * 1e3, 3),
             "speedup": round(t_old / t_new, 2)}
     print(json.dumps(step), file=sys.stderr, flush=True)
-    runs = []
-    sizes = [int(b) for b in batches.split(",") if b]
-    if device.startswith("cuda"):
-        sizes.append(sampling_batch(m.config, seq_len, torch.cuda.mem_get_info(device)[0]))
-    for b in dict.fromkeys(sizes):
-        n = max(tokens, b * seq_len) if device.startswith("cuda") else tokens
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        _sync(device)
-        t = time.perf_counter()
-        out = teacher_tokens(m, n, seq_len, ids, device=device, seed=0, batch=b, progress=False,
-                             temperature=temp, top_p=top_p, prompt=prompt)
-        _sync(device)
-        dt = time.perf_counter() - t
-        r = {"batch": b, "tokens": len(out), "seconds": round(dt, 2), "tokens_per_s": round(len(out) / dt),
-             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.startswith("cuda") else None}
-        runs.append(r)
-        print(json.dumps(r), file=sys.stderr, flush=True)
+    runs, drawn = [], {}
+    cuda = device.startswith("cuda")
+    for engine in [e for e in engines.split(",") if e]:
+        decoding_engine(m, seq_len, device, engine)  # refuses an unknown engine before any timing
+        sizes = [int(b) for b in batches.split(",") if b]
+        if cuda:
+            sizes.append(sampling_batch(m.config, seq_len, torch.cuda.mem_get_info(device)[0], kv=engine == "kv"))
+        for b in dict.fromkeys(sizes):
+            n = max(tokens, b * seq_len) if cuda else tokens
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            _sync(device)
+            t = time.perf_counter()
+            out = teacher_tokens(m, n, seq_len, ids, device=device, seed=0, batch=b, progress=False,
+                                 temperature=temp, top_p=top_p, prompt=prompt, engine=engine)
+            _sync(device)
+            dt = time.perf_counter() - t
+            first = drawn.setdefault((b, n), out)
+            r = {"engine": engine, "batch": b, "tokens": len(out), "seconds": round(dt, 2),
+                 "tokens_per_s": round(len(out) / dt), "same_tokens_as_first_engine_pct":
+                 round(100 * float((first == out).double().mean()), 1),
+                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None}
+            runs.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
     where = torch.cuda.get_device_name() if device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()}, " \
         f"{torch.get_num_threads()} threads"
@@ -102,9 +111,10 @@ def main(model: str = "smollm2-135m", device: str = typer.Option(None, help="cpu
              f"vocabulary {step['vocab']}; {wide} rows need more than the top {NUCLEUS_K}): full sort "
              f"{step['full_sort_ms']} ms, top-{NUCLEUS_K} first {step['top_k_ms']} ms = {step['speedup']}x; "
              f"the same distribution bit for bit: {same}.", "",
-             "| sampling batch | tokens | seconds | tokens/s | peak GiB |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['batch']} | {r['tokens']:,} | {r['seconds']} | {r['tokens_per_s']:,} | {r['peak_gib'] or '-'} |"
-              for r in runs]
+             "| engine | sampling batch | tokens | seconds | tokens/s | peak GiB | same tokens as the first engine % |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['engine']} | {r['batch']} | {r['tokens']:,} | {r['seconds']} | {r['tokens_per_s']:,} | "
+              f"{r['peak_gib'] or '-'} | {r['same_tokens_as_first_engine_pct']} |" for r in runs]
     output.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(info, indent=1) + "\n"), (".md", "\n".join(lines) + "\n")):
         with atomic_path(output.with_suffix(suffix)) as tmp:

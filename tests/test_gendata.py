@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from slim_edge import gendata
 from slim_edge.checkpoint import read_meta
 from slim_edge.corpora import get_text
 from slim_edge.errors import SlimEdgeError
@@ -11,9 +12,11 @@ from slim_edge.gendata import (
     DEDUP_NGRAM,
     GREEDY_PREFIX,
     NUCLEUS_K,
+    KVDecoder,
     Sampling,
     _sample,
     cached_samples,
+    decoding_engine,
     drop_overlapping,
     ngram_keys,
     nucleus,
@@ -25,6 +28,7 @@ from slim_edge.gendata import (
 from slim_edge.models import load_model
 from slim_edge.pipeline import run_quantize
 from slim_edge.quantize import QuantConfig
+from tiny_models import make_tiny_model
 
 
 def test_parse_calib():
@@ -98,6 +102,65 @@ def test_sampling_batch_sizes_the_kv_cache_to_the_free_memory():
     assert sampling_batch(smollm2, 512, 19 * gib) == 512  # an H200 shared with three trainings
     assert sampling_batch(smollm2, 1024, 19 * gib) == 256
     assert sampling_batch(smollm2, 512, gib // 4) == 16 and sampling_batch(smollm2, 512, 1 << 42) == 4096
+
+
+def test_sampling_batch_of_the_preallocated_cache():
+    smollm2 = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                              vocab_size=49152)
+    gib = 1 << 30
+    # per 512-token sequence: the cache, 30 x 3 x 64 x 512 x 2 (k, v) x 2 bytes = 11.8 MB, once, plus 6 float32
+    # rows of the vocabulary, 1.2 MB: 13.0 MB, against 26.5 MB for transformers' growing cache
+    assert sampling_batch(smollm2, 512, 78 * gib, kv=True) == 4096  # an idle H100 (2048 with transformers)
+    assert sampling_batch(smollm2, 512, 78 * gib) == 2048
+    assert sampling_batch(smollm2, 512, 19 * gib, kv=True) == 1024
+    assert sampling_batch(smollm2, 512, 9 * gib, kv=True) == 512  # 0.7 * 9 GiB / 13.0 MB = 520
+    assert sampling_batch(smollm2, 512, int(8.8 * gib), kv=True) == 256  # 509 (the cache alone: 560)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "hunyuan-dense"])
+def test_the_preallocated_kv_cache_decodes_as_the_models_forward(arch, tmp_path):
+    model = load_model(str(make_tiny_model(tmp_path / arch, arch, layers=2, hidden=128, intermediate=256)))[0]
+    model.eval()
+    assert KVDecoder.supported(model, 24) and decoding_engine(model, 24, "cpu") == "kv"
+    ids = torch.randint(256, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        dec = KVDecoder(model, 3, 24, "cpu")
+        got = [dec.step(ids[:, :5], 0)] + [dec.step(ids[:, t:t + 1], t) for t in range(5, 24)]
+    # an opening of 5 tokens at once, then one at a time: each step's logits are the forward's at that position
+    assert torch.allclose(torch.stack(got, 1), want[:, 4:], atol=1e-5, rtol=1e-5)
+    assert KVDecoder.agrees(model, "cpu") < 1e-5
+    # and the draws: every sampling mode gives the tokens that transformers' own cache gives (float32, CPU)
+    starts = torch.arange(10, 250)
+    for kw in (dict(temperature=0, prompt=8), dict(prompt=0), dict(top_p=0.9, prompt=4, temperature=0.8)):
+        a = teacher_tokens(model, 100, 24, starts, device="cpu", seed=3, batch=3, progress=False, engine="kv", **kw)
+        b = teacher_tokens(model, 100, 24, starts, device="cpu", seed=3, batch=3, progress=False,
+                           engine="transformers", **kw)
+        assert torch.equal(a, b), kw
+    with pytest.raises(ValueError, match="several tokens only at position 0"):
+        dec.step(ids[:, :2], 3)
+    with pytest.raises(SlimEdgeError, match="give auto, kv or transformers"):
+        decoding_engine(model, 24, "cpu", "vllm")
+
+
+def test_models_of_another_structure_sample_through_transformers(tiny_llama, monkeypatch, capsys):
+    model = load_model(str(tiny_llama))[0]
+    layer = model.model.layers[0]
+    assert decoding_engine(model, 48, "cpu") == "kv"
+    # a layer that computes what KVDecoder does not know: its forward shifts the residual stream (a hook runs
+    # where the layer itself is called: the model's forward, not KVDecoder; a scale would vanish in the last norm)
+    hook = layer.register_forward_hook(lambda m, args, out: out + 1.0)
+    assert KVDecoder.supported(model, 48) and KVDecoder.agrees(model, "cpu") > 0.02
+    assert decoding_engine(model, 48, "cpu") == "transformers"
+    assert "differs from its forward by" in capsys.readouterr().err
+    hook.remove()
+    # a child KVDecoder does not run, and a sliding window shorter than the sequences
+    layer.add_module("post_feedforward_layernorm", torch.nn.Identity())
+    assert not KVDecoder.supported(model, 48) and decoding_engine(model, 48, "cpu") == "transformers"
+    del layer.post_feedforward_layernorm
+    assert KVDecoder.supported(model, 48)
+    monkeypatch.setattr(model.config, "sliding_window", 32, raising=False)
+    assert not KVDecoder.supported(model, 48) and KVDecoder.supported(model, 32)
 
 
 def test_teacher_tokens_open_with_text_and_sample_sharper(tiny_llama):
@@ -188,19 +251,20 @@ def test_drop_overlapping_drops_rows_that_share_a_13_token_span():
 def test_cached_samples_are_kept_and_read_back(tiny_llama, monkeypatch, tmp_path):
     monkeypatch.setenv("SLIM_EDGE_CACHE", str(tmp_path / "cache"))
     model, tok, _ = load_model(str(tiny_llama))
-    calls = []
-    model.register_forward_hook(lambda *a: calls.append(1))
+    calls, sample = [], gendata.teacher_tokens  # the draws: each sampled token is one KVDecoder step
+    monkeypatch.setattr(gendata, "teacher_tokens", lambda *a, **k: calls.append(a[1]) or sample(*a, **k))
     starts = torch.tensor([65, 66, 67])
     kw = dict(device="cpu", seed=3, progress=False)
     a, dropped = cached_samples(model, tok, Sampling(200, batch=3), 48, starts, **kw)
-    assert dropped == 0 and len(calls) == 2 * 47  # 5 sequences in 2 batches, 47 steps each
+    assert dropped == 0 and calls == [200]
     assert torch.equal(a, teacher_tokens(model, 200, 48, starts, batch=3, **kw))
+    calls.clear()
     assert len(list((tmp_path / "cache" / "samples").glob("*.pt"))) == 1
     calls.clear()
     b, _ = cached_samples(model, tok, Sampling(200, batch=3), 48, starts, **kw)
-    assert torch.equal(a, b) and b.dtype == torch.int64 and not calls  # from the cache, no forward pass
+    assert torch.equal(a, b) and b.dtype == torch.int64 and not calls  # from the cache, not drawn
     cached_samples(model, tok, Sampling(200, batch=3, cache=False), 48, starts, **kw)
-    assert len(calls) == 2 * 47  # cache=0 samples anew
+    assert calls == [200]  # cache=0 samples anew
     for other in [dict(seed=4), dict(starts=torch.tensor([65, 66, 68]))]:
         calls.clear()
         c, _ = cached_samples(model, tok, Sampling(200, batch=3), 48, other.pop("starts", starts), **{**kw, **other})

@@ -9,7 +9,8 @@ sources' unigram distribution (uniform over the non-special vocabulary when ther
 teacher's argmax for the next GREEDY_PREFIX tokens (LLM-QAT found fully random starts drift
 off-distribution), then samples at temperature 1. `prompt=K` opens each sequence with K consecutive
 tokens of the text sources instead (a random window: the samples continue real text), `temp` and
-`top_p` sample from a sharper, truncated distribution (temp=0 is greedy).
+`top_p` sample from a sharper, truncated distribution (temp=0 is greedy). Llama-family teachers decode
+through KVDecoder (a key/value cache allocated once, written in place); other models through transformers' cache.
 
 Samples are kept in the cache (`samples/` under `slim_edge.fsutil.cache_dir`), keyed by the model's
 weights, the text that opens them, the sampling options, the seed and the sequence length, so that a second
@@ -41,7 +42,8 @@ NUCLEUS_K = 256  # top tokens that top-p sampling looks for the nucleus among fi
 # peak GPU memory of sampling / the bf16 KV cache's size: the cache grows by concatenation (old and new copy
 # live at once) and the logits come on top; measured 2.2 on the H200 (SmolLM2, 50.0 GiB at 2048 x 512)
 KV_OVERHEAD = 2.25
-SAMPLES_VERSION = 1  # part of the cache key: bump it when teacher_tokens draws differently
+LOGIT_COPIES = 6  # float32 [vocab] rows per sequence a KVDecoder sampling step holds at once (logits, softmax, ...)
+SAMPLES_VERSION = 2  # part of the cache key: bump it when teacher_tokens draws differently (2: KVDecoder)
 DEDUP_NGRAM = 13  # the span GPT-3's contamination check used
 DEDUP_AGAINST = (("lee", "eval"), ("wiki", "eval"))
 
@@ -116,24 +118,27 @@ def parse_calib(spec: str) -> list[tuple[str, Sampling | None]]:
 @torch.no_grad()
 def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, device: str, seed: int,
                    batch: int | None = None, progress: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-                   prompt: int = 0) -> torch.Tensor:
+                   prompt: int = 0, engine: str = "auto") -> torch.Tensor:
     """ceil(n_tokens / seq_len) sequences of seq_len tokens sampled from `model`, flattened (int64, CPU).
 
     starts: a token stream. prompt = 0: each sequence opens with one of its tokens, drawn uniformly (the
     stream's unigram distribution), then GREEDY_PREFIX greedy tokens; prompt = K: with K consecutive tokens
-    of it from a uniformly drawn offset. Then samples at `temperature` (0: argmax) from the top-p nucleus."""
+    of it from a uniformly drawn offset. Then samples at `temperature` (0: argmax) from the top-p nucleus.
+    engine: "kv" (KVDecoder), "transformers" (the model's forward with its own cache) or "auto" (KVDecoder
+    where the model has its structure and its logits agree with the model's forward, see decoding_engine)."""
     if prompt >= seq_len or (prompt and len(starts) < prompt):
         raise SlimEdgeError(f"teacher prompt={prompt} needs fewer than --seq-len {seq_len} tokens and a text "
                             f"source of at least {prompt} tokens (it has {len(starts)})")
     from tqdm.auto import tqdm
 
     n_seq = math.ceil(n_tokens / seq_len)
-    if batch is None:
-        batch = sampling_batch(model.config, seq_len, torch.cuda.mem_get_info(device)[0]) \
-            if device.startswith("cuda") else 16
-    gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
+    kv = decoding_engine(model, seq_len, device, engine) == "kv"
+    if batch is None:
+        batch = sampling_batch(model.config, seq_len, torch.cuda.mem_get_info(device)[0], kv=kv) \
+            if device.startswith("cuda") else 16
+    gen = torch.Generator(device=device).manual_seed(seed)
     # transformers 5.2x calls the KV cache `cache`; earlier releases (the GPU machine's 5.17) `past_key_values`
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     starts = starts.to(device)
@@ -141,7 +146,10 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
     bar = tqdm(total=n_seq * seq_len, disable=not progress, unit="tok", unit_scale=True, file=sys.stderr,
                desc="sampling training text from the FP model", dynamic_ncols=True)
     width = max(prompt, 1)  # the tokens each sequence opens with
+    dec = None
     try:
+        if kv:
+            dec = KVDecoder(model, min(batch, n_seq), seq_len, device)
         for b0 in range(0, n_seq, batch):
             nb = min(batch, n_seq - b0)
             pick = torch.randint(len(starts) - width + 1, (nb,), generator=gen, device=device)
@@ -150,9 +158,12 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
             bar.update(nb * (width - 1))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
                 for t in range(width - 1, seq_len - 1):
-                    res = model(input_ids=tok, use_cache=True, **{key: past})
-                    past = res[key]
-                    logits = res.logits[:, -1].float()
+                    if dec is not None:  # the whole opening at the first step, then one token
+                        logits = dec.step(tok, t + 1 - tok.shape[1]).float()
+                    else:
+                        res = model(input_ids=tok, use_cache=True, **{key: past})
+                        past = res[key]
+                        logits = res.logits[:, -1].float()
                     if (not prompt and t < GREEDY_PREFIX) or temperature == 0:
                         tok = logits.argmax(-1, keepdim=True)
                     else:
@@ -163,10 +174,123 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
             seqs.append(torch.cat(out, 1).cpu())
     finally:
         bar.close()
+        del dec
         model.train(was_training)
         if device.startswith("cuda"):  # the KV caches' blocks would stay reserved and starve a second run
             torch.cuda.empty_cache()
     return torch.cat(seqs).flatten()
+
+
+def decoding_engine(model, seq_len: int, device: str, engine: str = "auto") -> str:
+    """"kv" or "transformers" for teacher_tokens: what `engine` asks, "auto" resolved (KVDecoder where
+    KVDecoder.supported and its logits agree with the model's forward to SELF_CHECK_TOL, else transformers)."""
+    if engine not in ("auto", "kv", "transformers"):
+        raise SlimEdgeError(f"teacher sampling engine {engine!r}: give auto, kv or transformers")
+    if engine != "auto":
+        return engine
+    if not KVDecoder.supported(model, seq_len):
+        return "transformers"
+    err = KVDecoder.agrees(model, device)
+    if err > SELF_CHECK_TOL:
+        print(f"slim-edge: note: {type(model).__name__} decoded through a preallocated KV cache differs from its "
+              f"forward by {err:.3g} of the largest logit; sampling through transformers' cache (slower)",
+              file=sys.stderr)
+        return "transformers"
+    return "kv"
+
+
+# the children a decoder layer and its attention may have for KVDecoder to run it (Llama, SmolLM2, Qwen2, Qwen3 with
+# its head norms before the rotary embedding, HunYuan dense with them after it, Mistral): anything else (other norms,
+# a gate on the attention, a layer of its own) is left to transformers
+DECODER_LAYER = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
+DECODER_ATTENTION = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "query_layernorm",
+                               "key_layernorm", "rotary_emb"})
+SELF_CHECK_TOKENS = 8
+SELF_CHECK_TOL = 0.02  # decoded vs full-forward logits, largest difference over the largest logit (bf16: ~3e-3)
+
+
+class KVDecoder:
+    """One token per sequence per call for `batch` sequences of up to `seq_len` tokens of a Llama-family
+    causal LM, through the model's own modules, against a key/value cache allocated once.
+
+    transformers' cache grows by concatenation: every generated token copies the whole cache of every layer (and
+    peaks at twice its size); here each token's keys and values are written in place and attention reads the
+    filled part. The numbers are the model's own (its norms, projections, MLP and rotary embedding), so a draw
+    differs from transformers' only by the rounding of the cache (bf16 on CUDA, as there). `supported` says
+    whether a model has the structure this assumes; `agrees` checks it numerically before a draw trusts it."""
+
+    def __init__(self, model, batch: int, seq_len: int, device: str):
+        inner, cfg = model.model, model.config
+        self.model, self.inner, self.seq_len = model, inner, seq_len
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        dtype = torch.bfloat16 if device.startswith("cuda") else next(model.parameters()).dtype
+        shape = (len(inner.layers), batch, self.kv_heads, seq_len, self.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        probe = torch.zeros(1, dtype=torch.float32, device=device)
+        self.cos, self.sin = inner.rotary_emb(probe, torch.arange(seq_len, device=device)[None])  # [1, T, hd]
+
+    @staticmethod
+    def supported(model, seq_len: int) -> bool:
+        inner, cfg = getattr(model, "model", None), getattr(model, "config", None)
+        layers = getattr(inner, "layers", None)
+        if not all(hasattr(o, a) for o, a in ((inner, "embed_tokens"), (inner, "norm"), (inner, "rotary_emb"),
+                                              (model, "lm_head"))) or not layers:
+            return False
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True) and window < seq_len:
+            return False
+        return all({n for n, _ in layer.named_children()} == DECODER_LAYER
+                   and {n for n, _ in layer.self_attn.named_children()} <= DECODER_ATTENTION
+                   and {"q_proj", "k_proj", "v_proj", "o_proj"} <= {n for n, _ in layer.self_attn.named_children()}
+                   and hasattr(layer.self_attn, "scaling") for layer in layers)
+
+    def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:  # x [B, h, T, hd], rotate-half convention
+        cos, sin = self.cos[:, None, pos:pos + x.shape[2]], self.sin[:, None, pos:pos + x.shape[2]]
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    def step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [B, vocab] of the last position after feeding tok [B, T] at positions pos..pos+T-1 (every
+        earlier position fed before); T > 1 (an opening text) only at pos 0."""
+        b, n = tok.shape
+        if n > 1 and pos:
+            raise ValueError(f"KVDecoder.step: {n} tokens at position {pos}; several tokens only at position 0")
+        x = self.inner.embed_tokens(tok)
+        for i, layer in enumerate(self.inner.layers):
+            att = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = att.q_proj(h).view(b, n, self.heads, self.head_dim)
+            k = att.k_proj(h).view(b, n, self.kv_heads, self.head_dim)
+            if hasattr(att, "q_norm"):
+                q, k = att.q_norm(q), att.k_norm(k)
+            q, k = self._rope(q.transpose(1, 2), pos), self._rope(k.transpose(1, 2), pos)
+            if hasattr(att, "query_layernorm"):
+                q, k = att.query_layernorm(q), att.key_layernorm(k)
+            self.k[i, :b, :, pos:pos + n] = k
+            self.v[i, :b, :, pos:pos + n] = att.v_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.to(self.k.dtype), self.k[i, :b, :, :pos + n], self.v[i, :b, :, :pos + n], is_causal=n > 1,
+                scale=att.scaling, enable_gqa=self.kv_heads != self.heads)
+            x = x + att.o_proj(o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(self.inner.norm(x[:, -1]))
+
+    @staticmethod
+    @torch.no_grad()
+    def agrees(model, device: str) -> float:
+        """Largest |decoded - full-forward| logit over the largest |logit|, on SELF_CHECK_TOKENS tokens (the first
+        two fed at once, as an opening text is, then one at a time)."""
+        n = SELF_CHECK_TOKENS
+        ids = (torch.arange(n, device=device) * 7919 + 11)[None] % model.config.vocab_size
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            want = model(input_ids=ids).logits[0, 1:].float()
+            dec = KVDecoder(model, 1, n, device)
+            got = torch.stack([dec.step(ids[:, :2], 0)[0].float()]
+                              + [dec.step(ids[:, t:t + 1], t)[0].float() for t in range(2, n)])
+        return float((got - want).abs().max() / want.abs().max())
 
 
 def _sample(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
@@ -199,14 +323,17 @@ def keep_nucleus(like: torch.Tensor, p: torch.Tensor, idx: torch.Tensor, top_p: 
     return torch.zeros_like(like).scatter_(-1, idx, p.masked_fill(p.cumsum(-1) - p >= top_p, 0))
 
 
-def sampling_batch(config, seq_len: int, free_bytes: int) -> int:
-    """Sequences sampled at once on a GPU: the largest power of two (16..4096) whose KV cache, at
-    KV_OVERHEAD times its size, fits in 70 % of `free_bytes`. Larger batches are what makes sampling fast
-    (H200, SmolLM2, 512-token sequences: 8.5 k tokens/s at 512 sequences, 35 k at 2048, 45 k at 4096)."""
+def sampling_batch(config, seq_len: int, free_bytes: int, kv: bool = False) -> int:
+    """Sequences sampled at once on a GPU: the largest power of two (16..4096) whose memory fits in 70 % of
+    `free_bytes`. transformers' cache (kv False) peaks at KV_OVERHEAD times the bf16 cache's size; KVDecoder's
+    (kv True) is allocated once, at its size, and the float32 logits and their copies (LOGIT_COPIES) come on top.
+    Larger batches are what makes sampling fast (H200, SmolLM2, 512-token sequences, transformers' cache: 8.5 k
+    tokens/s at 512 sequences, 35 k at 2048, 45 k at 4096)."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_seq = 2 * config.num_hidden_layers * kv_heads * head_dim * seq_len * 2 * KV_OVERHEAD  # k and v, bf16
+    cache = 2 * config.num_hidden_layers * kv_heads * head_dim * seq_len * 2  # k and v, bf16
+    per_seq = cache + LOGIT_COPIES * 4 * config.vocab_size if kv else cache * KV_OVERHEAD
     fit = int(0.7 * free_bytes / per_seq)
     return max(16, min(4096, 1 << max(0, fit.bit_length() - 1)))
 
