@@ -476,11 +476,11 @@ def test_an_export_onnxruntime_refuses_names_the_reason(both_attentions, tmp_pat
 
 
 def test_portability_check_reports_the_difference_from_saved_logits(both_attentions, tmp_path, capsys):
-    """evals/onnx_portability: save on one onnxruntime, check on another. On the same one the logits are
+    """evals/lab/onnx_portability: save on one onnxruntime, check on another. On the same one the logits are
     equal bit for bit; saved logits moved by 0.25 are reported as 0.25 off; mistakes are one clear error."""
     import onnx
 
-    from slim_edge.evals import onnx_portability as port
+    from slim_edge.evals.lab import onnx_portability as port
 
     _, exports = both_attentions
     gqa, plain = tmp_path / "gqa", tmp_path / "plain"  # named by folder: the fixture's are both "onnx"
@@ -539,7 +539,7 @@ def test_onnx_attention_option_is_checked(onnx_exports, tmp_path):
 
 
 def test_onnx_bench_compare_interleaves_the_models(both_attentions):
-    from slim_edge.evals.onnx_bench import compare, compare_markdown
+    from slim_edge.evals.lab.onnx_bench import compare, compare_markdown
 
     _, exports = both_attentions
     paths = [exports["plain"][0], exports["gqa"][0]]

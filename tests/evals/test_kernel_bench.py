@@ -4,7 +4,7 @@ import pytest
 
 from slim_edge.converters.gguf_export import llama_quantize, llama_quantize_argv
 from slim_edge.errors import SlimEdgeError
-from slim_edge.evals import kernel_bench
+from slim_edge.evals.lab import kernel_bench
 
 
 def test_llama_quantize_argv():

@@ -72,7 +72,7 @@ def main(argv=None):
     import json
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m slim_edge.evals.onnx_bench", description=compare.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m slim_edge.evals.lab.onnx_bench", description=compare.__doc__)
     ap.add_argument("models", nargs="+", type=Path, help="ONNX export folders (the first is the reference)")
     ap.add_argument("-p", "--prompt-lengths", default="128,512")
     ap.add_argument("-n", "--n-gen", type=int, default=64)
