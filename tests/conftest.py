@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import make_tiny_model
+from slim_edge.converters.onnx_export import export_onnx
+from tiny_models import make_tiny_model, quantized_exports
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -36,3 +37,24 @@ def tiny_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "pydoc.txt"
     path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:60_000], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny2(tmp_path_factory) -> Path:
+    """Two decoder layers, so that the KV cache of a layer feeds a later one."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny2") / "llama", "llama", layers=2)
+
+
+@pytest.fixture(scope="session")
+def onnx_exports(tiny2, tiny_text, tmp_path_factory):
+    """scheme -> (checkpoint, ONNX folder, summary) at PTQ on the tiny model, made on first use (needs onnx:
+    tests/converters/test_onnx_export.py, and the lab's ONNX scripts in tests/evals/lab/)."""
+    return quantized_exports(tmp_path_factory, tiny2, tiny_text, 0, "onnx", export_onnx)
+
+
+@pytest.fixture(scope="session")
+def both_attentions(onnx_exports, tmp_path_factory):
+    """(checkpoint, {attention: (folder, summary)}) of the sherry checkpoint exported both ways."""
+    ckpt, out, summary = onnx_exports("sherry")
+    plain = tmp_path_factory.mktemp("plain") / "onnx"
+    return ckpt, {"gqa": (out, summary), "plain": (plain, export_onnx(ckpt, plain, attention="plain"))}

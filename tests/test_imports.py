@@ -3,6 +3,8 @@ function-level imports alike), and the two rules it must keep:
 
 - the training/export side (slim_edge.* but the CLI and the demo, converters, devices, runtime_patches)
   never imports slim_edge.evals: evaluation code may use training code, not the other way round;
+- shipped code (everything but slim_edge.evals.lab) never imports the lab: its research scripts may use
+  shipped code, not the other way round, so that a script can change or go with its report;
 - nothing in the package imports slim_edge.cli: it is the console entry, the top of the graph.
 
 `python tests/test_imports.py` prints the arrows between the packages.
@@ -18,6 +20,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP = ("slim_edge.cli", "slim_edge.demo")  # may use evaluation code: they run the whole job
+LAB = "slim_edge.evals.lab"
 
 
 PACKAGE_DIR = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
@@ -64,7 +67,7 @@ def area(mod: str) -> str:
 
 
 def training_side(mod: str) -> bool:
-    return area(mod) != "slim_edge.evals" and mod not in TOP
+    return not _is_under(area(mod), "slim_edge.evals") and mod not in TOP
 
 
 def _is_under(target: str, package: str) -> bool:
@@ -75,6 +78,16 @@ def test_training_never_imports_evals():
     bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if training_side(m)
                  for t in ts if _is_under(t, "slim_edge.evals"))
     assert not bad, "training/export code imports evaluation code:\n" + "\n".join(bad)
+
+
+def test_shipped_code_never_imports_the_lab():
+    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if not _is_under(m, LAB)
+                 for t in ts if _is_under(t, LAB))
+    assert not bad, f"shipped code imports the lab ({LAB}); move what it needs out of the lab:\n" + "\n".join(bad)
+
+
+def test_the_graph_sees_the_lab():
+    assert "slim_edge.evals.lab.qat_table" in import_graph()["slim_edge.evals.lab.ptq_zero_rule"]
 
 
 def test_nothing_imports_the_cli():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slim_edge.evals.qat_throughput import SHAPES
+from slim_edge.evals.lab.qat_throughput import SHAPES
 from slim_edge.memplan import GIB, LIMIT_ENV, activation_bytes, choose_shard, largest_batch, plan_memory
 from slim_edge.qlinear import QuantLinear
 from slim_edge.quantize import QuantConfig, make_plan, quantize_
@@ -19,7 +19,7 @@ from slim_edge.train import _optimizer, _trained, recompute_layers, train_step
 REPORTS = Path(__file__).resolve().parents[1] / "evals" / "reports"
 SLIM_EDGE = Path(sys.executable).parent / "slim-edge"
 TOLERANCE = 0.15  # issue 21: the estimate within 15 % of the measured peak
-# qat_throughput's variants as the planner models them (evals/qat_throughput.py's docstring)
+# qat_throughput's variants as the planner models them (evals/lab/qat_throughput.py's docstring)
 VARIANTS = {
     "session10": dict(compiled=False, teacher_copy=4, reference_loss=True),
     "loss": dict(compiled=False, teacher_copy=4),  # the teacher copy left in fp32

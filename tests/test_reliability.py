@@ -567,16 +567,16 @@ def test_a_dry_run_checks_calib_before_loading_the_model(calib, msg, tiny_llama,
 
 # --- session 18 ----------------------------------------------------------------------------------------------------
 def test_python_m_scripts_end_bad_input_with_one_line_and_exit_2(tmp_path):
-    # `python -m slim_edge.evals.ckpt_parts unpack EMPTY_DIR OUT` printed a Typer traceback (a SlimEdgeError)
+    # `python -m slim_edge.evals.lab.ckpt_parts unpack EMPTY_DIR OUT` printed a Typer traceback (a SlimEdgeError)
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "slim_edge.evals.ckpt_parts", "unpack", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "slim_edge.evals.lab.ckpt_parts", "unpack", str(tmp_path),
                            str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"slim-edge: error: {tmp_path} holds no part*.safetensors")
-    # every research script's entry point runs through the same handler
+    # every entry point under evals/, the lab's research scripts included, runs through the same handler
     evals = Path(__file__).resolve().parents[1] / "evals"
-    for script in sorted(evals.glob("*.py")):
+    for script in sorted(evals.glob("*.py")) + sorted(evals.glob("lab/*.py")):
         text = script.read_text()
         if 'if __name__ == "__main__":' in text:
             assert "run_main(" in text.split('if __name__ == "__main__":')[1], script.name

@@ -45,7 +45,7 @@ LAZY_BATCH = 128
 WEIGHTED_SCALE = True  # block scales by the column-cost-weighted search (weighted_scale), not init_scale
 # a Sherry quad's zero: "cost" (the lane whose zeroing costs least in GPTQ's error, see gptq_quantize) or "magnitude"
 # (smallest |w|). cost: SmolLM2-135M sherry at 0 steps 11,082 vs 18,910 held-out PPL, KLD 5.99 vs 6.55 (H100,
-# 128 x 512 samples, `python -m slim_edge.evals.ptq_zero_rule`, evals/reports/ptq_smollm2.md, session 22)
+# 128 x 512 samples, `python -m slim_edge.evals.lab.ptq_zero_rule`, evals/reports/ptq_smollm2.md, session 22)
 SHERRY_ZERO = "cost"
 
 

@@ -8,7 +8,12 @@ from typer.testing import CliRunner
 from gguf_checks import GGUF_NAMES, check_bit_exact
 from slim_edge.checkpoint import read_meta
 from slim_edge.cli import app
-from slim_edge.converters.gguf_export import EXPORT_FORMAT_VERSION, export_checkpoint
+from slim_edge.converters.gguf_export import (
+    EXPORT_FORMAT_VERSION,
+    export_checkpoint,
+    llama_quantize,
+    llama_quantize_argv,
+)
 from slim_edge.converters.gguf_read import read_tensor_table
 from slim_edge.converters.inspect import inspect_gguf
 from slim_edge.errors import SlimEdgeError
@@ -180,6 +185,22 @@ def test_rows_of_576_export_to_the_64_blocks_and_run_as_trained(scheme, types, t
     r = parity(str(ckpt), out, n_tokens=128, variants=("weights", "act+kv+rope"), floor=False)
     assert r["variants"]["act+kv+rope"]["mean_kld"] <= 0.01, r["variants"]
     assert r["variants"]["weights"]["mean_kld"] <= 0.01, r["variants"]
+
+
+# --- llama-quantize: the one helper for stock types (export --type, bench --baselines, kernel_bench) -----
+def test_llama_quantize_argv():
+    assert llama_quantize_argv(["/b/llama-quantize"], "f16.gguf", "q.gguf.tmp", "q4_k_m",
+                               token_embedding_type="q6_K", output_tensor_type="q6_K") == [
+        "/b/llama-quantize", "--token-embedding-type", "q6_K", "--output-tensor-type", "q6_K",
+        "f16.gguf", "q.gguf.tmp", "Q4_K_M"]
+    # the type alone (export --type, bench --baselines); the prefix may be several words (qemu for arm64)
+    assert llama_quantize_argv(["qemu-aarch64", "-cpu", "cortex-a76", "/rt/llama-quantize"], "a", "b", "Q4_0") == [
+        "qemu-aarch64", "-cpu", "cortex-a76", "/rt/llama-quantize", "a", "b", "Q4_0"]
+
+
+def test_bin_dir_without_llama_quantize(tmp_path):
+    with pytest.raises(SlimEdgeError, match=f"--bin-dir {tmp_path} has no llama-quantize.*bin folder"):
+        llama_quantize(tmp_path / "f16.gguf", tmp_path / "q4_0.gguf", "Q4_0", bin_dir=tmp_path)
 
 
 # --- the real model -----------------------------------------------------------------------------

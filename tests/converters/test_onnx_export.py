@@ -18,21 +18,9 @@ from slim_edge.formats import FORMATS, get_format  # noqa: E402
 from slim_edge.formats.base import Format  # noqa: E402
 from slim_edge.pipeline import run_quantize  # noqa: E402
 from slim_edge.quantize import QuantConfig  # noqa: E402
-from tiny_models import make_tiny_model, quantized_exports  # noqa: E402
+from tiny_models import make_tiny_model  # noqa: E402
 
 SCHEMES = ["seq2", "sherry", "tequila", "ternary", "q2"]
-
-
-@pytest.fixture(scope="module")
-def tiny2(tmp_path_factory) -> Path:
-    """Two decoder layers, so that the KV cache of a layer feeds a later one."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny2") / "llama", "llama", layers=2)
-
-
-@pytest.fixture(scope="module")
-def onnx_exports(tiny2, tiny_text, tmp_path_factory):
-    """scheme -> (checkpoint, ONNX folder, summary) at PTQ on the tiny model, made on first use."""
-    return quantized_exports(tmp_path_factory, tiny2, tiny_text, 0, "onnx", export_onnx)
 
 
 def onnx_initializers(path: Path) -> tuple[dict, dict]:
@@ -379,14 +367,6 @@ def test_a_float_model_exports_as_the_fp32_baseline(tiny2, tmp_path):
 
 # --- attention: onnxruntime's fused GroupQueryAttention (the default) and the plain-op graph ------------------
 
-@pytest.fixture(scope="module")
-def both_attentions(onnx_exports, tmp_path_factory):
-    """(checkpoint, {attention: (folder, summary)}) of the sherry checkpoint exported both ways."""
-    ckpt, out, summary = onnx_exports("sherry")
-    plain = tmp_path_factory.mktemp("plain") / "onnx"
-    return ckpt, {"gqa": (out, summary), "plain": (plain, export_onnx(ckpt, plain, attention="plain"))}
-
-
 def test_gqa_is_the_default_and_replaces_the_attention_ops(both_attentions):
     _, exports = both_attentions
     (_, gqa), (_, plain) = exports["gqa"], exports["plain"]
@@ -475,51 +455,6 @@ def test_an_export_onnxruntime_refuses_names_the_reason(both_attentions, tmp_pat
         OnnxLM(tmp_path / "model.onnx")
 
 
-def test_portability_check_reports_the_difference_from_saved_logits(both_attentions, tmp_path, capsys):
-    """evals/onnx_portability: save on one onnxruntime, check on another. On the same one the logits are
-    equal bit for bit; saved logits moved by 0.25 are reported as 0.25 off; mistakes are one clear error."""
-    import onnx
-
-    from slim_edge.evals import onnx_portability as port
-
-    _, exports = both_attentions
-    gqa, plain = tmp_path / "gqa", tmp_path / "plain"  # named by folder: the fixture's are both "onnx"
-    gqa.symlink_to(exports["gqa"][0])
-    plain.symlink_to(exports["plain"][0])
-    ref = tmp_path / "ref.npz"
-    port.main(["save", str(gqa), str(plain), "-o", str(ref)])
-    report = port.main(["check", str(gqa), str(plain), "--ref", str(ref), "-o", str(tmp_path / "c.json")])
-    assert json.loads((tmp_path / "c.json").read_text()) == report
-    for name in ("gqa", "plain"):
-        m = report["models"][name]
-        assert m["full_vs_reference"] == 0 and m["chunked_vs_reference"] == 0, (name, m)
-        assert 0 < m["chunked_vs_full"] < 1e-4 and m["logit_scale"] > 1, (name, m)
-    saved = dict(np.load(ref))
-    saved["gqa/full"] = saved["gqa/full"] + np.float32(0.25)
-    np.savez(tmp_path / "moved.npz", **saved)
-    moved = port.check([gqa], tmp_path / "moved.npz")["models"]["gqa"]
-    assert moved["full_vs_reference"] == pytest.approx(0.25, abs=1e-5) and moved["chunked_vs_reference"] == 0
-    with pytest.raises(SlimEdgeError, match=r"already exists; pass --force"):
-        port.main(["save", str(gqa), "-o", str(ref)])
-    with pytest.raises(SlimEdgeError, match=r"holds no logits for an export named 'onnx' \(it has gqa, plain\)"):
-        port.check([exports["gqa"][0]], ref)
-    with pytest.raises(SlimEdgeError, match=r"repeat a name: onnx, onnx"):
-        port.check([exports["gqa"][0], exports["plain"][0]], ref)
-    with pytest.raises(SlimEdgeError, match=r"--ref .*missing.npz does not exist"):
-        port.check([gqa], tmp_path / "missing.npz")
-    # an export this onnxruntime refuses: its reason in the report, the others still checked, exit status 2
-    refused = tmp_path / "refused" / "gqa"
-    refused.mkdir(parents=True)
-    model = onnx.load(str(exports["gqa"][0] / "model.onnx"))
-    model.ir_version = 99
-    onnx.save(model, str(refused / "model.onnx"))
-    with pytest.raises(SlimEdgeError, match=r"1 of 2 exports did not run on onnxruntime [0-9.]+: gqa \(their"):
-        port.main(["check", str(refused), str(plain), "--ref", str(ref), "-o", str(tmp_path / "c2.json")])
-    partial = json.loads((tmp_path / "c2.json").read_text())["models"]
-    assert "Unsupported model IR version: 99" in partial["gqa"]["error"]
-    assert partial["plain"]["full_vs_reference"] == 0
-
-
 def test_onnx_attention_option_is_checked(onnx_exports, tmp_path):
     from typer.testing import CliRunner
 
@@ -536,20 +471,6 @@ def test_onnx_attention_option_is_checked(onnx_exports, tmp_path):
     assert json.loads((tmp_path / "p" / "slim_edge_onnx.json").read_text())["ops"]["Softmax"] == 2
     r = CliRunner().invoke(app, ["export", str(ckpt), "--gguf", str(tmp_path / "x.gguf"), "--onnx-attention", "gqa"])
     assert isinstance(r.exception, SlimEdgeError) and "applies to --onnx exports only" in str(r.exception)
-
-
-def test_onnx_bench_compare_interleaves_the_models(both_attentions):
-    from slim_edge.evals.onnx_bench import compare, compare_markdown
-
-    _, exports = both_attentions
-    paths = [exports["plain"][0], exports["gqa"][0]]
-    result = compare(paths, [8], n_gen=3, depths=[0, 16], threads=1, repetitions=2)
-    assert [(r["test"], r["model"]) for r in result["rows"]] == [
-        (t, str(p)) for t in ("pp8", "tg3", "tg3@d16") for p in paths]
-    for r in result["rows"]:
-        assert len(r["tps"]) == 2 and r["tps_median"] == pytest.approx(float(np.median(r["tps"])))
-    assert [r["x_first_paired_median"] for r in result["rows"][::2]] == [1.0, 1.0, 1.0]
-    assert compare_markdown(result).count("\n| ") == 7  # the header and six rows
 
 
 def test_exports_name_the_oldest_onnxruntime_that_runs_them(both_attentions, onnx_exports, tmp_path):

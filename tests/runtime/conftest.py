@@ -8,7 +8,7 @@ Only the ggml libraries are built (a few minutes on 2 cores), from the tree that
 the named CPU. For a host flavor whose instructions this CPU lacks (/proc/cpuinfo flags) only the
 ggml-cpu sources that the series
 touches and that hold ISA-specific code (ISA_SOURCES) are compiled, with that flavor's flags, to prove
-that they compile; its tests are then skipped. evals/device_kernels.sh builds and runs every flavor on
+that they compile; its tests are then skipped. evals/lab/device_kernels.sh builds and runs every flavor on
 another machine.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Flavors (conftest.py): host-generic (x86-64 without AVX: the generic C kernels); host-avx2; host-avx512
 (VNNI path; run only where /proc/cpuinfo lists avx512f/bw/vl/vnni; elsewhere the series' x86 sources
-are compiled with its flags and the tests skipped: evals/device_kernels.sh runs it on another host);
+are compiled with its flags and the tests skipped: evals/lab/device_kernels.sh runs it on another host);
 arm64-dotprod under qemu -cpu cortex-a76 (sdot path); arm64-v8 under qemu -cpu cortex-a53 (plain NEON path).
 """
 import numpy as np

@@ -1,7 +1,7 @@
 """Quality table: llama-quantize PTQ baselines next to slim-edge schemes at PTQ and after QAT, every row a
 GGUF file run by the patched runtime and compared with the F16 file on the same held-out tokens.
 
-    python -m slim_edge.evals.quality_table -o evals/reports/quality_smollm2 \\
+    python -m slim_edge.evals.lab.quality_table -o evals/reports/quality_smollm2 \\
         [--qat-steps 44] [--reuse results/demo] [--extra 'LABEL=FILE.gguf=COMMAND' ...]
 
 Rows it makes itself (cached in --runs, so a re-run only evaluates):
@@ -169,7 +169,7 @@ def main(output: Path = typer.Option(..., "-o", help="report path without suffix
     result = {"rows": out_rows, "eval": {k: v for k, v in ev.items() if k != "models"},
               "machine": f"{platform.machine()}, {platform.processor() or platform.system()}, 2 threads",
               "bindings": version("llama_cpp_python"), "date": time.strftime("%Y-%m-%d"),
-              "argv": "python -m slim_edge.evals.quality_table " + " ".join(sys.argv[1:]),
+              "argv": "python -m slim_edge.evals.lab.quality_table " + " ".join(sys.argv[1:]),
               "total_s": time.perf_counter() - t0}
     output.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((js, json.dumps(result, indent=1, default=str)), (md, to_markdown(result))):

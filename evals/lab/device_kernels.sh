@@ -8,7 +8,7 @@
 # not reach (AVX-512 VNNI) and for real ARM cores (qemu's timing means nothing): an aarch64 Linux box, or a
 # phone with a native cmake and compiler (e.g. Termux).
 #
-#   evals/device_kernels.sh PATCHED_LLAMA_CPP_DIR OUT_DIR
+#   evals/lab/device_kernels.sh PATCHED_LLAMA_CPP_DIR OUT_DIR
 #
 # PATCHED_LLAMA_CPP_DIR: e.g. `slim-edge runtime source DIR`. OUT_DIR gets five files: cpu.txt, and per
 # flavor FLAVOR.log (the build) and FLAVOR.txt (selftest, each type's best ns/weight, every bench line);
@@ -19,7 +19,7 @@ set -euo pipefail
 src=$(cd "$1" && pwd)
 mkdir -p "$2"
 out=$(cd "$2" && pwd)
-check_c="$(cd "$(dirname "$0")/.." && pwd)/runtime_patches/kernel_check.c"
+check_c="$(cd "$(dirname "$0")/../.." && pwd)/runtime_patches/kernel_check.c"
 jobs=$(nproc)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -1,7 +1,7 @@
 """Sherry's quad zero in GPTQ, by magnitude or by GPTQ's cost, side by side on one model (issue 17, PTQ start).
 
-    python -m slim_edge.evals.ptq_zero_rule --out runs/ptqz [--scheme sherry] [--samples 64] [--chunks 40]
-    python -m slim_edge.evals.ptq_zero_rule --out runs/ptqz --layers 0,11,28     # minutes on a CPU
+    python -m slim_edge.evals.lab.ptq_zero_rule --out runs/ptqz [--scheme sherry] [--samples 64] [--chunks 40]
+    python -m slim_edge.evals.lab.ptq_zero_rule --out runs/ptqz --layers 0,11,28     # minutes on a CPU
 
 Full run (a GPU's job: on 2 CPU cores GPTQ takes over a minute per layer): `slim-edge quantize MODEL --scheme S
 --steps 0 --ptq gptq --ptq-samples N` once per rule (ptq.SHERRY_ZERO), then the held-out perplexity and mean
@@ -26,7 +26,7 @@ import torch
 from slim_edge import ptq
 from slim_edge.checkpoint import load_quantized
 from slim_edge.errors import run_main
-from slim_edge.evals.qat_table import held_out_ppl
+from slim_edge.evals.lab.qat_table import held_out_ppl
 from slim_edge.fsutil import atomic_write
 from slim_edge.models import load_model
 from slim_edge.pipeline import make_plan, run_quantize

@@ -1,7 +1,7 @@
 """GPTQ's wall time with and without `qlinear.frozen_quantized` (each weight quantized once per version, not at
 every forward), side by side in one run on the first layers of a model, and whether the results are equal.
 
-    python -m slim_edge.evals.gptq_bench [--model smollm2-135m] [--scheme sherry] [--layers 2] [--rounds 2]
+    python -m slim_edge.evals.lab.gptq_bench [--model smollm2-135m] [--scheme sherry] [--layers 2] [--rounds 2]
 
 Prints one JSON line: seconds per round of each variant (interleaved), their ratio, and `identical`
 (every latent and scale of the two students equal bit for bit).

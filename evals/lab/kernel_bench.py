@@ -1,8 +1,8 @@
 """Kernel benchmark: prefill (pp512) and decode (tg128) of every 1-4 bit type in real model shapes.
 
-    python -m slim_edge.evals.kernel_bench [--shape llama-3.2-1b|1.8b|smollm2-135m] [--bin-dir DIR] [-r 3] [-t 1,2]
-    python -m slim_edge.evals.kernel_bench --merge lane1.json lane2.json --out table   # runs split by --types
-    GGML_CPU_TILED_MM=0 python -m slim_edge.evals.kernel_bench --types STQ1_0 --label vec_dot  # a variant's rows
+    python -m slim_edge.evals.lab.kernel_bench [--shape llama-3.2-1b|1.8b|smollm2-135m] [--bin-dir DIR] [-r 3] [-t 1,2]
+    python -m slim_edge.evals.lab.kernel_bench --merge lane1.json lane2.json --out table   # runs split by --types
+    GGML_CPU_TILED_MM=0 python -m slim_edge.evals.lab.kernel_bench --types STQ1_0 --label vec_dot  # a variant's rows
 
 One F16 GGUF with random normal weights is written per shape (llama architecture, a filler vocabulary
 of the real size), then llama-quantize makes each type with the embedding and the output head pinned to

@@ -1,6 +1,6 @@
 """QAT step throughput and peak GPU memory, per scheme and per step variant, side by side in one run.
 
-    python -m slim_edge.evals.qat_throughput --schemes seq2,sherry --batch-size 32 --seq-len 512 \
+    python -m slim_edge.evals.lab.qat_throughput --schemes seq2,sherry --batch-size 32 --seq-len 512 \
         -o evals/reports/qat_throughput
 
 One step = teacher forward + student forward/backward + loss + clip + optimizer step: `train.train_step`,
@@ -172,7 +172,7 @@ def main(model: str = "smollm2-135m",
     if not world.main:
         return
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
-    info = {"command": "python -m slim_edge.evals.qat_throughput " + shlex.join(sys.argv[1:]), "device": gpu,
+    info = {"command": "python -m slim_edge.evals.lab.qat_throughput " + shlex.join(sys.argv[1:]), "device": gpu,
             "torch": torch.__version__, "model": model + (" (random weights)" if random else ""),
             "batch_size": batch_size, "seq_len": seq_len, "world_size": world.size,
             "steps": steps, "warmup": warmup, "rows": rows}

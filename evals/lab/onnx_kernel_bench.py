@@ -1,7 +1,7 @@
 """onnxruntime's CPU MatMulNBits per representation of the same weight, side by side in one run: which bit width,
 zero-point kind and accuracy level it runs fast, at one activation row (decode) and at many (prefill).
 
-    python -m slim_edge.evals.onnx_kernel_bench [--n 1536 --k 576 --block 64 --threads 1 --rows 1,128]
+    python -m slim_edge.evals.lab.onnx_kernel_bench [--n 1536 --k 576 --block 64 --threads 1 --rows 1,128]
 
 Why it exists: `slim-edge export --onnx` picks the representation of each weight from these numbers (float zero
 points at 2 bits, the q8_0 head as two 4-bit halves, `--onnx-bits 4`); rerun it on another onnxruntime version

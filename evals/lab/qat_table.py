@@ -1,6 +1,6 @@
 """QAT quality table: PyTorch perplexity on held-out text at PTQ (0 steps) and after QAT, per scheme.
 
-    python -m slim_edge.evals.qat_table --schemes seq2,sherry --steps 150 -o evals/reports/qat_cpu
+    python -m slim_edge.evals.lab.qat_table --schemes seq2,sherry --steps 150 -o evals/reports/qat_cpu
 
 Trains on `--calib` (default wiki:train), measures on lee:eval, which training never sees; writes
 <out>.md and <out>.json with the commands, step counts and wall times. Checkpoints land in --runs.
