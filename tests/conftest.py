@@ -12,6 +12,20 @@ from tiny_models import make_tiny_model, quantized_exports
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _samples_of_this_session(tmp_path_factory):
+    """Teacher samples drawn by tests go to a folder of this session, not the user's cache: a draw kept there by
+    one test (or an earlier run) let a later test read it instead of sampling, so tests that count draws passed
+    or failed with the order they ran in. Set in os.environ, so the CLI's subprocesses see it too."""
+    old = os.environ.get("SLIM_EDGE_SAMPLES")
+    os.environ["SLIM_EDGE_SAMPLES"] = str(tmp_path_factory.mktemp("samples"))
+    yield
+    if old is None:
+        os.environ.pop("SLIM_EDGE_SAMPLES", None)
+    else:
+        os.environ["SLIM_EDGE_SAMPLES"] = old
+
+
 @pytest.fixture(autouse=True)
 def _patched_runtime_first(request):
     """Tests marked `runtime` get the patched host runtime built (or found in the cache) before they start.

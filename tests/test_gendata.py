@@ -250,6 +250,7 @@ def test_drop_overlapping_drops_rows_that_share_a_13_token_span():
 
 def test_cached_samples_are_kept_and_read_back(tiny_llama, monkeypatch, tmp_path):
     monkeypatch.setenv("SLIM_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SLIM_EDGE_SAMPLES")  # conftest points it at the session's temp dir
     model, tok, _ = load_model(str(tiny_llama))
     calls, sample = [], gendata.teacher_tokens  # the draws: each sampled token is one KVDecoder step
     monkeypatch.setattr(gendata, "teacher_tokens", lambda *a, **k: calls.append(a[1]) or sample(*a, **k))
@@ -260,6 +261,14 @@ def test_cached_samples_are_kept_and_read_back(tiny_llama, monkeypatch, tmp_path
     assert torch.equal(a, teacher_tokens(model, 200, 48, starts, batch=3, **kw))
     calls.clear()
     assert len(list((tmp_path / "cache" / "samples").glob("*.pt"))) == 1
+    monkeypatch.setenv("SLIM_EDGE_SAMPLES", str(tmp_path / "elsewhere"))
+    cached_samples(model, tok, Sampling(200, batch=3), 48, starts, **kw)
+    assert len(list((tmp_path / "elsewhere").glob("*.pt"))) == 1 and calls == [200]  # a folder of its own
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SLIM_EDGE_SAMPLES", str(tmp_path / "file"))
+    with pytest.raises(SlimEdgeError, match="SLIM_EDGE_SAMPLES=.*file is a file, not a folder"):
+        cached_samples(model, tok, Sampling(200, batch=3), 48, starts, **kw)
+    monkeypatch.delenv("SLIM_EDGE_SAMPLES")
     calls.clear()
     b, _ = cached_samples(model, tok, Sampling(200, batch=3), 48, starts, **kw)
     assert torch.equal(a, b) and b.dtype == torch.int64 and not calls  # from the cache, not drawn

@@ -44,7 +44,8 @@ def quantize(
                                             "wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16; :batch=N samples N "
                                             "sequences at once instead of sizing the batch to 70 % of the free GPU "
                                             "memory, for runs that share a GPU. Samples are kept in the cache "
-                                            "(samples/) and reused by a run that asks for the same draw; :cache=0 "
+                                            "(samples/, or $SLIM_EDGE_SAMPLES) and reused by a run that asks for the "
+                                            "same draw; :cache=0 "
                                             "samples anew. Samples sharing a 13-token span with lee or wiki's "
                                             "held-out text are dropped)")] = "wiki",
     target: Annotated[str | None, typer.Option(help="override the primary format (e.g. tq1_0)")] = None,

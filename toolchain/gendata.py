@@ -12,8 +12,8 @@ tokens of the text sources instead (a random window: the samples continue real t
 `top_p` sample from a sharper, truncated distribution (temp=0 is greedy). Llama-family teachers decode
 through KVDecoder (a key/value cache allocated once, written in place); other models through transformers' cache.
 
-Samples are kept in the cache (`samples/` under `slim_edge.fsutil.cache_dir`), keyed by the model's
-weights, the text that opens them, the sampling options, the seed and the sequence length, so that a second
+Samples are kept in the cache (`samples/` under `slim_edge.fsutil.cache_dir`, or $SLIM_EDGE_SAMPLES), keyed by
+the model's weights, the text that opens them, the sampling options, the seed and the sequence length, so that a second
 run (another scheme, another --bits) trains on the same draw without sampling again (`cache=0` turns that
 off). Before they are used or kept, sequences that share a DEDUP_NGRAM-token span with an evaluation text
 (DEDUP_AGAINST: the held-out splits slim-edge reports on) are dropped: a model can have memorised its
@@ -25,9 +25,11 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -448,11 +450,23 @@ def samples_key(model, s: Sampling, seq_len: int, starts: torch.Tensor, *, devic
     return h.hexdigest()
 
 
+def samples_dir() -> Path:
+    """Where teacher samples are kept: $SLIM_EDGE_SAMPLES, else samples/ under the cache (fsutil.cache_dir)."""
+    where = os.environ.get("SLIM_EDGE_SAMPLES")
+    if where:
+        path = Path(where).expanduser()
+        if path.exists() and not path.is_dir():
+            raise SlimEdgeError(f"SLIM_EDGE_SAMPLES={path} is a file, not a folder; point it at a folder (or unset "
+                                f"it for samples/ under the cache)")
+        return path
+    return cache_dir("samples")
+
+
 def cached_samples(model, tokenizer, s: Sampling, seq_len: int, starts: torch.Tensor, *, device: str, seed: int,
                    progress: bool = True) -> tuple[torch.Tensor, int]:
     """teacher_tokens' draw for `s`, without the sequences that overlap an evaluation text, and how many were
     dropped; read from the samples cache when the same draw was made before (s.cache), else drawn and kept."""
-    path = cache_dir("samples", samples_key(model, s, seq_len, starts, device=device, seed=seed)[:32] + ".pt") \
+    path = samples_dir() / (samples_key(model, s, seq_len, starts, device=device, seed=seed)[:32] + ".pt") \
         if s.cache else None
     if path is not None and path.is_file():
         try:
