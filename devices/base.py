@@ -284,9 +284,10 @@ class Device:
         return find_runtime_dirs(self.runtime_target, tools)
 
 
-def find_runtime_dirs(target: str, tools: tuple[str, ...] | None = None) -> tuple[Path, Path]:
-    """(bin dir, lib dir) of the built runtime for `target` that has `tools` (default: the full set)."""
-    rt = find_runtime(target, tools=tools)  # its SlimEdgeError says how to build it
+def find_runtime_dirs(target: str, tools: tuple[str, ...] | None = None, isa: str = "avx2") -> tuple[Path, Path]:
+    """(bin dir, lib dir) of the built runtime for `target` that has `tools` (default: the full set); `isa`: the
+    host build's x86 ISA (runtime.ISAS)."""
+    rt = find_runtime(target, tools=tools, isa=isa)  # its SlimEdgeError says how to build it
     return rt.bin_dir, rt.lib_dir
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from slim_edge.errors import SlimEdgeError
 
-from .base import Device, RunResult
+from .base import Device, RunResult, find_runtime_dirs
 
 
 def run_with_rusage(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
@@ -73,8 +73,12 @@ class HostDevice(Device):
     runtime_target = "host"
     copies_files = False
 
-    def __init__(self, workdir: str | None = None):
+    def __init__(self, workdir: str | None = None, isa: str = "avx2"):
         self.workdir = workdir or tempfile.mkdtemp(prefix="slim-edge-host-")
+        self.isa = isa  # which host build runs: `slim-edge runtime build --isa ...`
+
+    def runtime_dirs(self, tools: tuple[str, ...] | None = None) -> tuple[Path, Path]:
+        return find_runtime_dirs(self.runtime_target, tools, isa=self.isa)
 
     def shell(self, command: str, *, timeout: float | None = None) -> RunResult:
         p = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=timeout)

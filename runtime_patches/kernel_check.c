@@ -18,6 +18,7 @@
 //                                                                         ggml_mul_mat_id (MoE experts): W = N_EXPERTS
 //                                                                         x M rows, X = T tokens, IDS = [T, N_USED],
 //                                                                         OUT = [T, N_USED, M]
+//   kernel_check cpu                                                      the SIMD features this build was compiled with
 //   kernel_check selftest   [TYPE ...]                                    random rows: vec_dot and mul_mat (also from the
 //                                                                         repack buffer, for the types it takes) against
 //                                                                         the exact reference; exit status 1 on a mismatch
@@ -366,14 +367,15 @@ static int selftest_type(enum ggml_type type) {
 
 int main(int argc, char ** argv) {
     ggml_cpu_init();
-    if (argc < 2) die("usage: kernel_check quantize|dequantize|vecdot|mulmat|getrows|mulmatid|selftest|bench|benchmm ...", NULL);
+    if (argc < 2) die("usage: kernel_check quantize|dequantize|vecdot|mulmat|getrows|mulmatid|cpu|selftest|bench|benchmm ...", NULL);
     const char * mode = argv[1];
 
-    if (strcmp(mode, "selftest") == 0) {
+    if (strcmp(mode, "selftest") == 0 || strcmp(mode, "cpu") == 0) {
         const char * def[] = { "stq1_0", "q2_0c", "q2_0" };
         int fails = 0;
         printf("cpu: avx2=%d avx512=%d avx512_vnni=%d neon=%d dotprod=%d\n", ggml_cpu_has_avx2(),
                ggml_cpu_has_avx512(), ggml_cpu_has_avx512_vnni(), ggml_cpu_has_neon(), ggml_cpu_has_dotprod());
+        if (strcmp(mode, "cpu") == 0) return 0;
         if (argc > 2) {
             for (int i = 2; i < argc; ++i) fails += selftest_type(type_by_name(argv[i]));
         } else {

@@ -641,7 +641,8 @@ def test_bench_refuses_options_its_device_ignores_and_a_missing_key(tmp_path):
         SshDevice(host="pi@127.0.0.1", port=70000)
     g = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     for device, opts, named in (("host", {"host": "pi@x"}, "--host"), ("ssh", {"host": "pi@x", "serial": "R58"},
-                                "--serial"), ("android", {"port": 2222}, "--port")):
+                                "--serial"), ("android", {"port": 2222}, "--port"),
+                                ("ssh", {"host": "pi@x", "isa": "avx512"}, "--isa")):
         with pytest.raises(SlimEdgeError, match=rf"^{named} given with --device {device}, which does not use it"):
             bench([g], device=device, output=tmp_path / "res", **opts)
         assert not (tmp_path / "res").exists()

@@ -546,6 +546,8 @@ def bench(
     cleanup: Annotated[bool, typer.Option(help="Remove the device's working folder afterwards.")] = False,
     pin: Annotated[bool, typer.Option(help="Pin threads to the fastest cores (android/ssh).")] = True,
     chat_ttft: Annotated[bool, typer.Option(help="host: also time a chat prompt through llama_cpp.")] = True,
+    isa: Annotated[str, typer.Option("--isa", help="host: the runtime build to run, by its x86 ISA (avx2, "
+                                                   "avx512, native: `slim-edge runtime build --isa`).")] = "avx2",
 ):
     """Measure time to first token and decode speed of GGUF models on a device.
 
@@ -561,6 +563,8 @@ def bench(
 
         slim-edge bench seq2.gguf seq2-onnx -t 2   # llama.cpp and onnxruntime side by side on the host
 
+        slim-edge bench seq2.gguf q4_0.gguf --isa avx512 --compare q4_0   # the AVX-512 (VNNI) build
+
     Writes bench.md (table), bench.json (every sample, device info, runtime commit, CPU features)
     and ttft.png / decode.png into the results folder; prints the table to stdout.
     """
@@ -571,7 +575,8 @@ def bench(
                       cool_to=cool_to, pin_big_cores=pin, chat_ttft=chat_ttft)
     given = {"--host": host is not None, "--port": port != 22, "--identity": identity is not None,
              "--serial": serial is not None}
-    takes = {"ssh": {"--host", "--port", "--identity"}, "android": {"--serial"}}.get(device, set())
+    given["--isa"] = isa != "avx2"
+    takes = {"ssh": {"--host", "--port", "--identity"}, "android": {"--serial"}, "host": {"--isa"}}.get(device, set())
     ignored = [k for k, v in given.items() if v and k not in takes]
     if ignored and device in {"host", "android", "ssh", "qemu-arm64"}:
         them = "them" if len(ignored) > 1 else "it"
@@ -579,7 +584,8 @@ def bench(
                             f"leave {them} out or pick the device it is for")
     kinds = None if not baselines else [k.strip().lower() for k in baselines.split(",") if k.strip()]
     result, files = bench_models(models, cfg, device, device_options=dict(
-        serial=serial, host=host, port=port, identity=str(identity.expanduser()) if identity else None),
+        serial=serial, host=host, port=port, identity=str(identity.expanduser()) if identity else None,
+        isa=isa if device == "host" else None),
         baselines=kinds, fp_model=fp_model, compare=compare, output=output, force=force, cleanup=cleanup)
     print(result.markdown())
     print(f"results: {', '.join(str(p) for p in files.values())}", file=sys.stderr)

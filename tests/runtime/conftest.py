@@ -56,6 +56,12 @@ class Flavor:
         return "-DGGML_AVX2=ON" in self.cmake
 
     @property
+    def vnni_512(self) -> bool:
+        """Patch 0019's AVX-512 VNNI gemv of the repacked Q2_0C_64 / STQ1_0_64 is compiled in (AVX512 F/BW + VNNI);
+        elsewhere the repacked decode is 0018's AVX2 gemv."""
+        return "-DGGML_AVX512=ON" in self.cmake and "-DGGML_AVX512_VNNI=ON" in self.cmake
+
+    @property
     def programs(self) -> list[str]:
         return [self.cc, "cmake"] + (["qemu-aarch64"] if self.qemu_cpu else [])
 

@@ -220,6 +220,29 @@ def test_block_64_repacked_mul_mat(kernel_check, name, n, rows):
             assert np.all(np.abs(got - ref[:cols]) <= bound[:cols])
 
 
+@pytest.mark.parametrize("n", [64, 576, 8192])
+@pytest.mark.parametrize("name", BLOCK_64)
+def test_block_64_repacked_gemv_row_lengths(kernel_check, name, n):
+    """The repacked 8-row gemv (decode) from the shortest row to the longest the repack takes: 1 block, 9 (SmolLM2)
+    and 128 (GGML_GEMM64_MAX_K = 8192: AVX-512's per-column activation table of patch 0019 at its full 64 KiB). 17
+    rows = 2 groups + a tail row, 1 and 2 columns on 1 and 2 threads: within fp32 rounding of the exact dot with the
+    Q8_0 activations and within the Q8_0 bound of the float reference. On host-avx512 the build carries AVX-512 VNNI
+    (kernel_check cpu), so 0019's kernel is the one held to the reference there; elsewhere 0018's AVX2 gemv is."""
+    cpu = kernel_check.run("cpu")
+    assert ("avx512=1 avx512_vnni=1" in cpu) == kernel_check.flavor.vnni_512, cpu
+    raw, w, acts, kern, mag = _mul_mat_columns(kernel_check, name, n, 500 + n, 11, 7, 7, (1, 2))
+    ref = acts.astype(np.float64) @ w.astype(np.float64).T
+    bound = q8_0_bound(w, acts) * (1 + 1e-4) + 1e-5 * mag + 1e-6
+    for cols in (1, 2):
+        for threads in (1, 2):
+            got = kernel_check.mulmat(name, raw, acts[:cols], threads=threads, repack=True)
+            if not kernel_check.flavor.repacks_64:
+                assert got is None, "the repack buffer took a 64-block type outside AVX2"
+                return
+            assert_same_sums(got, kern[:cols], mag[:cols], n)
+            assert np.all(np.abs(got - ref[:cols]) <= bound[:cols])
+
+
 def _mul_mat_columns(kernel_check, name, n, seed, random_rows, edge_end, ncols, col_counts):
     """`random_rows` scaled random rows and edge rows 1..edge_end-1 of a 64-block type, ncols activations with
     outliers and a zero column: mul_mat on the first `cols` columns of each count, on 1 and 2 threads, within fp32
