@@ -12,7 +12,7 @@ LLAMA_CPP_PYTHON := 0.3.36
 USER_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)
 LLAMA_WHEELS := $(USER_CACHE)/slim-edge/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON)-$(shell echo '$(BINDINGS_ENV) $(shell $(PYTHON) -c "import sys; print(sys.version_info[:2])")' | sha256sum | cut -c1-12)
 
-.PHONY: setup system-deps test test-fast lint demo clean
+.PHONY: setup system-deps test test-fast lint format demo clean
 
 setup: system-deps $(VENV)/.setup-done
 
@@ -48,6 +48,10 @@ test-fast: setup
 
 lint:
 	$(VENV)/bin/ruff check toolchain converters devices evals runtime_patches tests
+	$(VENV)/bin/ruff format --check toolchain converters devices evals runtime_patches tests
+
+format:
+	$(VENV)/bin/ruff format toolchain converters devices evals runtime_patches tests
 
 demo: setup
 	$(VENV)/bin/slim-edge demo

@@ -6,6 +6,7 @@ linear is replaced by its packed blocks from the checkpoint, in the converter's 
 q/k rows are permuted for rope, found by exact comparison with the converter's f32 tensor). A token
 embedding trained on its type (quantize --embedding-type) is written as its stored codes the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,10 @@ def run_converter(hf_folder: Path, out: Path, outtype: str = "f32") -> None:
     if proc.returncode != 0 or not out.is_file():
         # its traceback is not ours to show; its last line (the exception) says what it could not convert
         last = ((proc.stdout + proc.stderr).strip().splitlines() or ["no output"])[-1].strip()
-        raise SlimEdgeError(f"the pinned convert_hf_to_gguf.py cannot convert this model (exit {proc.returncode}): "
-                            f"{last}; nothing was written")
+        raise SlimEdgeError(
+            f"the pinned convert_hf_to_gguf.py cannot convert this model (exit {proc.returncode}): "
+            f"{last}; nothing was written"
+        )
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -86,8 +89,10 @@ def _row_order(converted: np.ndarray, ours: np.ndarray, config: dict, name: str)
     for perm in candidates:
         if np.array_equal(converted.reshape(ours.shape), ours[perm]):
             return perm
-    raise SlimEdgeError(f"{name}: the converter's tensor matches no known row order of the checkpoint's; "
-                        f"this architecture's conversion is not supported by exact export yet")
+    raise SlimEdgeError(
+        f"{name}: the converter's tensor matches no known row order of the checkpoint's; "
+        f"this architecture's conversion is not supported by exact export yet"
+    )
 
 
 def default_name(meta: dict, label: str) -> str:
@@ -97,9 +102,15 @@ def default_name(meta: dict, label: str) -> str:
     return f"{base}-{label.upper()}.gguf"
 
 
-def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None = None,
-                      output_tensor_type: str = "q8_0", overrides: list[str] | None = None,
-                      force: bool = False) -> dict:
+def export_checkpoint(
+    ckpt: Path,
+    out: Path,
+    *,
+    token_embedding_type: str | None = None,
+    output_tensor_type: str = "q8_0",
+    overrides: list[str] | None = None,
+    force: bool = False,
+) -> dict:
     """Write the checkpoint as GGUF; returns a summary (types, sizes, metadata).
 
     token_embedding_type: default the type the checkpoint's embedding trained on (its codes are written),
@@ -114,8 +125,9 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
     _check_out(out, force)
     for t in (token_embedding_type, output_tensor_type):
         if t not in embedding_types():
-            raise SlimEdgeError(f"embedding/output type {t!r} is not supported; choose one of "
-                                f"{', '.join(embedding_types())}")
+            raise SlimEdgeError(
+                f"embedding/output type {t!r} is not supported; choose one of {', '.join(embedding_types())}"
+            )
     rules = _parse_overrides(overrides or [])
     tensors = read_tensors(ckpt)
     emb = embedding_codes(meta, tensors)
@@ -133,8 +145,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
         reader = gguf.GGUFReader(tmp / "f32.gguf")
         arch = str(reader.fields["general.architecture"].contents())
         n_layers = int(config["num_hidden_layers"])
-        name_map = gguf.get_tensor_name_map(
-            next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
+        name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
         to_gguf = {}
         for hf_name in plan:
             g = name_map.get_name(hf_name + ".weight", try_suffixes=(".weight",))
@@ -162,8 +173,9 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
                 writer.add_tensor(name, data.astype(np.float32))
                 types[name] = "f32"
             elif data.ndim == 2 and (name.startswith("token_embd") or name.startswith("output.")):
-                want = _override(rules, name) or (token_embedding_type if name.startswith("token_embd")
-                                                  else output_tensor_type)
+                want = _override(rules, name) or (
+                    token_embedding_type if name.startswith("token_embd") else output_tensor_type
+                )
                 x = data.astype(np.float32)
                 if name.startswith("token_embd") and emb is not None and want == emb[1].name:
                     enc = emb[2][_row_order(x, emb[1].dequantize(emb[2], x.shape[1]), {}, emb[0])]
@@ -179,8 +191,10 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
             else:
                 writer.add_tensor(name, data.astype(np.float32) if data.dtype != np.float16 else data)
                 types[name] = "f32" if data.dtype != np.float16 else "f16"
-        primary = max(set(e["format"] for e in plan.values()),
-                      key=lambda f: sum(p["shape"][0] * p["shape"][1] for p in plan.values() if p["format"] == f))
+        primary = max(
+            set(e["format"] for e in plan.values()),
+            key=lambda f: sum(p["shape"][0] * p["shape"][1] for p in plan.values() if p["format"] == f),
+        )
         writer.add_uint32("general.file_type", file_type(primary))
         used = sorted({v for v in types.values()})
         custom = [f for f in used if f in FORMATS and not FORMATS[f].stock]
@@ -190,11 +204,14 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
             "slim_edge.scheme": meta["config"]["scheme"],
             "slim_edge.plan": json.dumps(meta["plan"]),
             "slim_edge.type_ids": json.dumps({f: FORMATS[f].type_id for f in used if f in FORMATS}),
-            "slim_edge.runtime": ("slim-edge patched llama.cpp (types: " + ", ".join(custom) + ")") if custom
+            "slim_edge.runtime": ("slim-edge patched llama.cpp (types: " + ", ".join(custom) + ")")
+            if custom
             else "stock llama.cpp",
             "slim_edge.trained_for": json.dumps(rounded_as_runtime),
-            "slim_edge.training": json.dumps({k: meta.get(k) for k in ("training", "distill_loss", "calibration")
-                                              if k in meta} | {"steps": meta["config"]["steps"]}),
+            "slim_edge.training": json.dumps(
+                {k: meta.get(k) for k in ("training", "distill_loss", "calibration") if k in meta}
+                | {"steps": meta["config"]["steps"]}
+            ),
         }
         for k, v in slim.items():
             (writer.add_uint32 if isinstance(v, int) else writer.add_string)(k, v)
@@ -207,9 +224,17 @@ def export_checkpoint(ckpt: Path, out: Path, *, token_embedding_type: str | None
     size = out.stat().st_size
     n_lin = sum(e["shape"][0] * e["shape"][1] for e in plan.values())
     bits = sum(e["shape"][0] * e["shape"][1] * get_format(e["format"]).bits_per_weight for e in plan.values())
-    summary = {"file": str(out), "bytes": size, "scheme": meta["config"]["scheme"], "types": types,
-               "linear_bits_per_weight": bits / max(n_lin, 1), "needs_patched_runtime": bool(custom),
-               "custom_types": custom, "kept": kept, "trained_for": rounded_as_runtime}
+    summary = {
+        "file": str(out),
+        "bytes": size,
+        "scheme": meta["config"]["scheme"],
+        "types": types,
+        "linear_bits_per_weight": bits / max(n_lin, 1),
+        "needs_patched_runtime": bool(custom),
+        "custom_types": custom,
+        "kept": kept,
+        "trained_for": rounded_as_runtime,
+    }
     return summary
 
 
@@ -233,11 +258,21 @@ def _kept_fidelity(x: np.ndarray, kind: str, enc: np.ndarray) -> dict:
     back = _decode_kept(enc, kind, x.shape[1])
     diff = back - x
     exact = bool(np.array_equal(back, x))
-    out = {"type": kind, "exact": exact, "max_abs_err": float(np.abs(diff).max()),
-           "rel_rms_err": float(np.sqrt(np.mean(diff ** 2) / max(float(np.mean(x ** 2)), 1e-30)))}
+    out = {
+        "type": kind,
+        "exact": exact,
+        "max_abs_err": float(np.abs(diff).max()),
+        "rel_rms_err": float(np.sqrt(np.mean(diff**2) / max(float(np.mean(x**2)), 1e-30))),
+    }
     if not exact:
-        out["exact_in"] = next((t for t in embedding_types() if t != kind and np.array_equal(
-            _decode_kept(_encode_kept(x, t), t, x.shape[1]), x)), None)
+        out["exact_in"] = next(
+            (
+                t
+                for t in embedding_types()
+                if t != kind and np.array_equal(_decode_kept(_encode_kept(x, t), t, x.shape[1]), x)
+            ),
+            None,
+        )
     return out
 
 
@@ -246,8 +281,10 @@ def _parse_overrides(rules: list[str]) -> list[tuple[re.Pattern, str]]:
     for r in rules:
         pat, sep, typ = r.rpartition("=")
         if not sep or typ not in embedding_types():
-            raise SlimEdgeError(f"--tensor-type {r!r}: write REGEX=TYPE with TYPE in {', '.join(embedding_types())} "
-                                f"(quantized linears keep their trained type)")
+            raise SlimEdgeError(
+                f"--tensor-type {r!r}: write REGEX=TYPE with TYPE in {', '.join(embedding_types())} "
+                f"(quantized linears keep their trained type)"
+            )
         try:
             out.append((re.compile(pat), typ))
         except re.error as e:
@@ -262,8 +299,15 @@ def _override(rules, name: str) -> str | None:
     return None
 
 
-def llama_quantize_argv(tool: list[str], src: Path, dst: Path, type_: str, *,
-                        token_embedding_type: str | None = None, output_tensor_type: str | None = None) -> list[str]:
+def llama_quantize_argv(
+    tool: list[str],
+    src: Path,
+    dst: Path,
+    type_: str,
+    *,
+    token_embedding_type: str | None = None,
+    output_tensor_type: str | None = None,
+) -> list[str]:
     """`llama-quantize [--token-embedding-type T] [--output-tensor-type T] SRC DST TYPE`; `tool` is the
     command prefix that runs llama-quantize."""
     argv = list(tool)
@@ -274,8 +318,15 @@ def llama_quantize_argv(tool: list[str], src: Path, dst: Path, type_: str, *,
     return argv + [str(src), str(dst), type_.upper()]
 
 
-def llama_quantize(src: Path, dst: Path, type_: str, *, bin_dir: Path | None = None,
-                   token_embedding_type: str | None = None, output_tensor_type: str | None = None) -> Path:
+def llama_quantize(
+    src: Path,
+    dst: Path,
+    type_: str,
+    *,
+    bin_dir: Path | None = None,
+    token_embedding_type: str | None = None,
+    output_tensor_type: str | None = None,
+) -> Path:
     """Quantize `src` to `type_` with llama-quantize, written to a temporary file first; returns `dst`.
 
     bin_dir: the folder of another llama.cpp build's llama-quantize (default: the patched host runtime).
@@ -288,18 +339,23 @@ def llama_quantize(src: Path, dst: Path, type_: str, *, bin_dir: Path | None = N
     else:
         exe = Path(bin_dir) / "llama-quantize"
         if not exe.is_file():
-            raise SlimEdgeError(f"--bin-dir {bin_dir} has no llama-quantize; pass the bin folder of a llama.cpp "
-                                "build (the one holding llama-quantize and llama-bench), or leave --bin-dir out "
-                                "to use slim-edge's host runtime.")
+            raise SlimEdgeError(
+                f"--bin-dir {bin_dir} has no llama-quantize; pass the bin folder of a llama.cpp "
+                "build (the one holding llama-quantize and llama-bench), or leave --bin-dir out "
+                "to use slim-edge's host runtime."
+            )
         tool = [str(exe)]
     dst = Path(dst)
     with atomic_path(dst) as tmp:
-        argv = llama_quantize_argv(tool, src, tmp, type_, token_embedding_type=token_embedding_type,
-                                   output_tensor_type=output_tensor_type)
+        argv = llama_quantize_argv(
+            tool, src, tmp, type_, token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type
+        )
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SlimEdgeError(f"llama-quantize {type_.upper()} of {src} failed (exit {proc.returncode}):\n"
-                                f"{proc.stderr.strip()[-1500:]}")
+            raise SlimEdgeError(
+                f"llama-quantize {type_.upper()} of {src} failed (exit {proc.returncode}):\n"
+                f"{proc.stderr.strip()[-1500:]}"
+            )
     return dst
 
 

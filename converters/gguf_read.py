@@ -15,6 +15,7 @@ interprets a type id.
 
 dims are in ggml order: dims[0] is the row length.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -32,9 +33,19 @@ VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 DEFAULT_ALIGNMENT = 32
 # GGUF value type id -> (name, struct code); 8 and 9 are the variable-length string and array
-VALUE_TYPES = {0: ("uint8", "B"), 1: ("int8", "b"), 2: ("uint16", "H"), 3: ("int16", "h"), 4: ("uint32", "I"),
-               5: ("int32", "i"), 6: ("float32", "f"), 7: ("bool", "?"), 10: ("uint64", "Q"),
-               11: ("int64", "q"), 12: ("float64", "d")}
+VALUE_TYPES = {
+    0: ("uint8", "B"),
+    1: ("int8", "b"),
+    2: ("uint16", "H"),
+    3: ("int16", "h"),
+    4: ("uint32", "I"),
+    5: ("int32", "i"),
+    6: ("float32", "f"),
+    7: ("bool", "?"),
+    10: ("uint64", "Q"),
+    11: ("int64", "q"),
+    12: ("float64", "d"),
+}
 STRING, ARRAY = 8, 9
 TYPE_NAMES = {**{k: v[0] for k, v in VALUE_TYPES.items()}, STRING: "string", ARRAY: "array"}
 # arrays of arrays this deep exist in no writer; the bound keeps a crafted file from exhausting the stack
@@ -45,6 +56,7 @@ MAX_NESTING = 16
 class LongArray:
     """An array read with `array_limit` that held at least that many items: walked, not kept, so a 100 MB
     vocabulary costs nothing to inspect."""
+
     item_type: str
     count: int
 
@@ -94,7 +106,8 @@ class _Cursor:
         if n < 0 or self.pos + n > self.size:
             raise SlimEdgeError(
                 f"{self.path}: truncated or corrupt GGUF: {what} at byte {self.pos} needs {n} bytes but the "
-                f"file ends at byte {self.size}; the file is incomplete (re-download or re-export it)")
+                f"file ends at byte {self.size}; the file is incomplete (re-download or re-export it)"
+            )
         start = self.pos
         self.pos += n
         return start
@@ -109,10 +122,11 @@ class _Cursor:
         if not keep:
             return None
         try:
-            return bytes(self.buf[start:start + n]).decode("utf-8")
+            return bytes(self.buf[start : start + n]).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise SlimEdgeError(f"{self.path}: {what} at byte {start} is not valid UTF-8 ({e.reason}); "
-                                f"the file is corrupt") from None
+            raise SlimEdgeError(
+                f"{self.path}: {what} at byte {start} is not valid UTF-8 ({e.reason}); the file is corrupt"
+            ) from None
 
     def value(self, vtype: int, what: str, keep: bool, depth: int = 0):
         """One value of GGUF type `vtype`: returned when `keep`, else skipped (None)."""
@@ -123,8 +137,10 @@ class _Cursor:
             return self.string(what, keep)
         if vtype == ARRAY:
             if depth >= MAX_NESTING:
-                raise SlimEdgeError(f"{self.path}: {what} nests arrays more than {MAX_NESTING} deep (byte "
-                                    f"{self.pos - 4}); no GGUF writer does that: the file is corrupt")
+                raise SlimEdgeError(
+                    f"{self.path}: {what} nests arrays more than {MAX_NESTING} deep (byte "
+                    f"{self.pos - 4}); no GGUF writer does that: the file is corrupt"
+                )
             itype = self.scalar("I", f"item type of {what}")
             count = self.scalar("Q", f"item count of {what}")
             if keep and self.array_limit is not None and count >= self.array_limit:
@@ -137,13 +153,17 @@ class _Cursor:
                     return None
                 return np.frombuffer(self.buf, np.dtype("<" + code), count, start).tolist()
             if itype not in (STRING, ARRAY):
-                raise SlimEdgeError(f"{self.path}: {what} is an array of unknown GGUF value type {itype} "
-                                    f"(byte {self.pos - 12}); known types are 0..12: the file is corrupt or "
-                                    f"newer than this reader")
+                raise SlimEdgeError(
+                    f"{self.path}: {what} is an array of unknown GGUF value type {itype} "
+                    f"(byte {self.pos - 12}); known types are 0..12: the file is corrupt or "
+                    f"newer than this reader"
+                )
             items = [self.value(itype, f"item {i} of {what}", keep, depth + 1) for i in range(count)]
             return items if keep else None
-        raise SlimEdgeError(f"{self.path}: {what} has unknown GGUF value type {vtype} (byte {self.pos - 4}); "
-                            f"known types are 0..12: the file is corrupt or newer than this reader")
+        raise SlimEdgeError(
+            f"{self.path}: {what} has unknown GGUF value type {vtype} (byte {self.pos - 4}); "
+            f"known types are 0..12: the file is corrupt or newer than this reader"
+        )
 
     def value_skip(self, itype: int, count: int, what: str, depth: int) -> None:
         """Walk past `count` items of type `itype` (the array's header already read)."""
@@ -151,9 +171,11 @@ class _Cursor:
             self.need(count * struct.calcsize(VALUE_TYPES[itype][1]), f"{count} {TYPE_NAMES[itype]} items of {what}")
             return
         if itype not in (STRING, ARRAY):
-            raise SlimEdgeError(f"{self.path}: {what} is an array of unknown GGUF value type {itype} "
-                                f"(byte {self.pos - 12}); known types are 0..12: the file is corrupt or "
-                                f"newer than this reader")
+            raise SlimEdgeError(
+                f"{self.path}: {what} is an array of unknown GGUF value type {itype} "
+                f"(byte {self.pos - 12}); known types are 0..12: the file is corrupt or "
+                f"newer than this reader"
+            )
         for i in range(count):
             self.value(itype, f"item {i} of {what}", False, depth + 1)
 
@@ -172,8 +194,9 @@ def require_file(path) -> Path:
     path = Path(path)
     kind = path_kind(path, "")
     if kind == "a folder":
-        raise SlimEdgeError(f"{path} is a folder, not a GGUF file; pass a .gguf file (an ONNX export folder "
-                            f"holds model.onnx)")
+        raise SlimEdgeError(
+            f"{path} is a folder, not a GGUF file; pass a .gguf file (an ONNX export folder holds model.onnx)"
+        )
     if kind is None:
         raise SlimEdgeError(f"{path}: no such file")
     if kind != "a file":
@@ -190,8 +213,9 @@ def read_tensor_table(path: Path, metadata: bool = False, array_limit: int | Non
     with open(path, "rb") as f:
         head = f.read(4)
         if head != MAGIC:
-            raise SlimEdgeError(f"{path}: not a GGUF file (it starts with {head!r}, a GGUF file with "
-                                f"{MAGIC!r}); pass a .gguf file")
+            raise SlimEdgeError(
+                f"{path}: not a GGUF file (it starts with {head!r}, a GGUF file with {MAGIC!r}); pass a .gguf file"
+            )
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _parse(_Cursor(buf, path, array_limit), size, metadata)
 
@@ -206,11 +230,15 @@ def _parse(c: _Cursor, size: int, want_meta: bool) -> GGUFTable:
     c.pos = 4
     version = c.scalar("I", "version")
     if version & 0xFFFF == 0:
-        raise SlimEdgeError(f"{path}: big-endian GGUF (version field {version:#x}); slim-edge reads "
-                            f"little-endian files only: convert it on a little-endian machine")
+        raise SlimEdgeError(
+            f"{path}: big-endian GGUF (version field {version:#x}); slim-edge reads "
+            f"little-endian files only: convert it on a little-endian machine"
+        )
     if version not in VERSIONS:
-        raise SlimEdgeError(f"{path}: GGUF version {version}; slim-edge reads versions "
-                            f"{', '.join(map(str, VERSIONS))}: re-convert it with a current llama.cpp")
+        raise SlimEdgeError(
+            f"{path}: GGUF version {version}; slim-edge reads versions "
+            f"{', '.join(map(str, VERSIONS))}: re-convert it with a current llama.cpp"
+        )
     n_tensors, n_kv = c.scalar("Q", "tensor count"), c.scalar("Q", "metadata count")
     meta, kv_types = {}, {}
     alignment = DEFAULT_ALIGNMENT
@@ -222,8 +250,10 @@ def _parse(c: _Cursor, size: int, want_meta: bool) -> GGUFTable:
         value = c.value(vtype, f"value of {key!r}", want_meta or is_alignment)
         if is_alignment:
             if vtype != 4 or not value or value & (value - 1):
-                raise SlimEdgeError(f"{path}: general.alignment is {value!r} ({TYPE_NAMES.get(vtype, vtype)}); "
-                                    f"GGUF needs a uint32 power of two: the file is corrupt")
+                raise SlimEdgeError(
+                    f"{path}: general.alignment is {value!r} ({TYPE_NAMES.get(vtype, vtype)}); "
+                    f"GGUF needs a uint32 power of two: the file is corrupt"
+                )
             alignment = value
         if want_meta:
             meta[key] = value
@@ -234,8 +264,9 @@ def _parse(c: _Cursor, size: int, want_meta: bool) -> GGUFTable:
         name = c.string(f"name of tensor {i}")
         n_dims = c.scalar("I", f"dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise SlimEdgeError(f"{path}: tensor {name!r} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}: "
-                                f"the file is corrupt")
+            raise SlimEdgeError(
+                f"{path}: tensor {name!r} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}: the file is corrupt"
+            )
         shape = tuple(c.scalar("Q", f"dimension {d} of tensor {name!r}") for d in range(n_dims))
         type_pos = c.pos
         type_id, offset = c.scalar("I", f"type of tensor {name!r}"), c.scalar("Q", f"offset of tensor {name!r}")
@@ -246,6 +277,8 @@ def _parse(c: _Cursor, size: int, want_meta: bool) -> GGUFTable:
         end = nxt.offset if nxt is not None else size - data_start
         t.span = end - t.offset
         if t.span < 0:
-            raise SlimEdgeError(f"{path}: tensor {t.name!r} at data offset {t.offset} lies past the end of the "
-                                f"file ({size} bytes); the file is truncated (re-download or re-export it)")
+            raise SlimEdgeError(
+                f"{path}: tensor {t.name!r} at data offset {t.offset} lies past the end of the "
+                f"file ({size} bytes); the file is truncated (re-download or re-export it)"
+            )
     return GGUFTable(version, alignment, data_start, size, tensors, info_start, meta, kv_types)

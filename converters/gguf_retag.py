@@ -6,6 +6,7 @@ bytes per weight (STQ1_0: 42 bytes per 256 weights, Q2_0: 18 per 64), so each te
 says which one it holds. Only the u32 type fields of the STQ1_0 tensors change (see gguf_read for
 where they sit); every other byte stays as it is.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -37,23 +38,33 @@ class RetagPlan:
     keep: list[TensorEntry]  # carry from_id and have its layout: genuine, left alone
 
     def to_json(self) -> dict:
-        return {"input": str(self.path), "from": self.from_id, "to": self.to_id,
-                "retagged": [t.name for t in self.retag], "kept": [t.name for t in self.keep]}
+        return {
+            "input": str(self.path),
+            "from": self.from_id,
+            "to": self.to_id,
+            "retagged": [t.name for t in self.retag],
+            "kept": [t.name for t in self.keep],
+        }
 
 
 def plan_retag(path: Path, from_id: int = 42, to_id: int = 43) -> RetagPlan:
     """Which tensors typed `from_id` are really `to_id`, told apart by bytes per element."""
     new, old = BY_ID.get(to_id), BY_ID.get(from_id)
     if new is None:
-        raise SlimEdgeError(f"--to {to_id}: no known format has GGUF type id {to_id}, so its byte layout "
-                            f"cannot be checked; known ids: {sorted(_known_ids())}")
+        raise SlimEdgeError(
+            f"--to {to_id}: no known format has GGUF type id {to_id}, so its byte layout "
+            f"cannot be checked; known ids: {sorted(_known_ids())}"
+        )
     if from_id == to_id:
         raise SlimEdgeError(f"--from and --to are both {from_id}; nothing to retag")
     table = read_tensor_table(path)
     problems = load_problems(table)
     if problems:
-        raise SlimEdgeError(f"{path}: {problems[0]}" + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1
-                            else "") + "; the file is damaged beyond a type id: nothing written, re-export it")
+        raise SlimEdgeError(
+            f"{path}: {problems[0]}"
+            + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+            + "; the file is damaged beyond a type id: nothing written, re-export it"
+        )
     retag, keep = [], []
     for t in table.tensors:
         if t.type_id != from_id:
@@ -69,7 +80,8 @@ def plan_retag(path: Path, from_id: int = 42, to_id: int = 43) -> RetagPlan:
                 f"{path}: tensor {t.name!r} (shape {list(t.shape)}, type {from_id}) spans {t.span} bytes, "
                 f"which {'fits both' if is_new else 'fits neither'} {new.name} "
                 f"({new.type_size} B / {new.block_size}) and {old_desc}; the file is not an AngelSlim "
-                f"{new.name} export, left unchanged")
+                f"{new.name} export, left unchanged"
+            )
     return RetagPlan(Path(path), from_id, to_id, retag, keep)
 
 
@@ -77,8 +89,16 @@ def _known_ids():
     return BY_ID.keys()
 
 
-def retag(path: Path, out: Path | None = None, *, from_id: int = 42, to_id: int = 43, force: bool = False,
-          in_place: bool = False, dry_run: bool = False) -> tuple[RetagPlan, Path | None]:
+def retag(
+    path: Path,
+    out: Path | None = None,
+    *,
+    from_id: int = 42,
+    to_id: int = 43,
+    force: bool = False,
+    in_place: bool = False,
+    dry_run: bool = False,
+) -> tuple[RetagPlan, Path | None]:
     """Rewrite the type field of every tensor `plan_retag` picks; nothing else changes, byte for byte.
 
     Writes a copy next to the output, patches it, fsyncs and renames it over the output (fsutil.atomic_path),
@@ -111,4 +131,3 @@ def retag(path: Path, out: Path | None = None, *, from_id: int = 42, to_id: int 
                 f.seek(t.type_pos)
                 f.write(struct.pack("<I", to_id))
     return plan, out
-

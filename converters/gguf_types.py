@@ -10,6 +10,7 @@ dims[0] becomes the row length in weights and type the real id. Sizes are unchan
 moves and the header keeps its length. Reading goes through `gguf_read.read_tensor_table`, which
 accepts any id.
 """
+
 from __future__ import annotations
 
 import struct
@@ -73,12 +74,14 @@ def tensor_bytes(path: Path, name: str, table: GGUFTable | None = None) -> tuple
         if t.name == name:
             layout = _layout(t.type_id)
             if layout is None:
-                raise SlimEdgeError(f"{path}: tensor {name!r} has type {t.type_id}, which neither slim-edge nor "
-                                    f"gguf-py can read")
+                raise SlimEdgeError(
+                    f"{path}: tensor {name!r} has type {t.type_id}, which neither slim-edge nor gguf-py can read"
+                )
             nbytes = t.n_elements // layout[0] * layout[1]
             if nbytes > t.span:
-                raise SlimEdgeError(f"{path}: tensor {name!r} needs {nbytes} bytes, the file holds {t.span}; "
-                                    f"the file is truncated")
+                raise SlimEdgeError(
+                    f"{path}: tensor {name!r} needs {nbytes} bytes, the file holds {t.span}; the file is truncated"
+                )
             raw = np.fromfile(path, np.uint8, count=nbytes, offset=table.data_start + t.offset)
             return t.type_id, t.shape, raw
     raise SlimEdgeError(f"{path}: no tensor named {name!r}")
@@ -100,4 +103,3 @@ def tensor_values(path: Path, name: str, table: GGUFTable | None = None) -> np.n
 
         values = dequantize(rows, GGMLQuantizationType(type_id))
     return values.reshape(shape[::-1]).astype(np.float32, copy=False)
-

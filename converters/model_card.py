@@ -1,4 +1,5 @@
 """The model card (README.md) written beside an exported GGUF."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,35 +33,57 @@ def card_path(gguf: Path, force: bool = False) -> Path:
     card = gguf.with_name(gguf.stem + ".README.md")
     check_output_file(card, force, "model card")
     if card.exists() and not _card_of(card, gguf):
-        raise SlimEdgeError(f"{card} exists and is not slim-edge's card of {gguf.name}; it is left alone: "
-                            f"move it away or export to another folder")
+        raise SlimEdgeError(
+            f"{card} exists and is not slim-edge's card of {gguf.name}; it is left alone: "
+            f"move it away or export to another folder"
+        )
     return card
 
 
-def write_card(gguf: Path, summary: dict, source: str, force: bool = False, extra: str = "",
-               card: Path | None = None) -> Path:
+def write_card(
+    gguf: Path, summary: dict, source: str, force: bool = False, extra: str = "", card: Path | None = None
+) -> Path:
     gguf = Path(gguf)
     card = card or card_path(gguf, force)
     needs = summary.get("needs_patched_runtime")
     bpw = summary.get("linear_bits_per_weight")
     lines = [
-        f"# {gguf.name}", "",
+        f"# {gguf.name}",
+        "",
         f"Made by slim-edge from `{source}`" + (f", scheme `{summary['scheme']}`." if summary.get("scheme") else "."),
         "",
         f"- size: {summary['bytes'] / 2**20:.1f} MiB",
         f"- bits per weight in the quantized linear layers: {bpw:.3f}" if bpw else f"- type: {summary.get('type')}",
-        "- runtime: " + (f"slim-edge patched llama.cpp (custom types: {', '.join(summary.get('custom_types', []))})"
-                         if needs else "stock llama.cpp / llama-cpp-python 0.3.36"),
-        *( ["- trained through the runtime's attention: keep llama.cpp's default F16 KV cache and leave flash "
-            "attention off (no `-ctk`/`-ctv`/`-fa`); other settings change what it computes"]
-           if (summary.get("trained_for") or {}).get("runtime_attention") else []),
-        "", "## Run it", "",
+        "- runtime: "
+        + (
+            f"slim-edge patched llama.cpp (custom types: {', '.join(summary.get('custom_types', []))})"
+            if needs
+            else "stock llama.cpp / llama-cpp-python 0.3.36"
+        ),
+        *(
+            [
+                "- trained through the runtime's attention: keep llama.cpp's default F16 KV cache and leave flash "
+                "attention off (no `-ctk`/`-ctv`/`-fa`); other settings change what it computes"
+            ]
+            if (summary.get("trained_for") or {}).get("runtime_attention")
+            else []
+        ),
+        "",
+        "## Run it",
+        "",
         "```",
-        *( ["slim-edge runtime build            # once: the patched llama.cpp",
-            f"$(slim-edge runtime where --tool llama-completion) -m {gguf.name} -p 'Hello' -n 64"] if needs else
-           [f"llama-completion -m {gguf.name} -p 'Hello' -n 64"]),
+        *(
+            [
+                "slim-edge runtime build            # once: the patched llama.cpp",
+                f"$(slim-edge runtime where --tool llama-completion) -m {gguf.name} -p 'Hello' -n 64",
+            ]
+            if needs
+            else [f"llama-completion -m {gguf.name} -p 'Hello' -n 64"]
+        ),
         f"slim-edge eval {gguf.name} --reference smollm2-135m    # perplexity and KL divergence against FP",
-        "```", "", extra,
+        "```",
+        "",
+        extra,
     ]
     atomic_write(card, "\n".join(lines) + "\n")
     return card

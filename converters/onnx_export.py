@@ -53,6 +53,7 @@ and the RMSNorms with their residual adds as SkipSimplifiedLayerNormalization: ~
 ~60; "plain" keeps every step in standard ops. gqa takes at most max_position_embeddings tokens (its RoPE
 caches) and derives positions from attention_mask (left-aligned masks, as OnnxLM and genai feed).
 """
+
 from __future__ import annotations
 
 import json
@@ -109,14 +110,16 @@ def require_onnx():
         import onnx
         import onnxruntime
     except ImportError as e:
-        raise SlimEdgeError(f"ONNX export and eval need onnx and onnxruntime ({e}); install them with "
-                            f"pip install 'slim-edge[onnx]'") from None
+        raise SlimEdgeError(
+            f"ONNX export and eval need onnx and onnxruntime ({e}); install them with pip install 'slim-edge[onnx]'"
+        ) from None
     return onnx, onnxruntime
 
 
 @dataclass(frozen=True)
 class OnnxGrid:
     """How a format's values become MatMulNBits codes: weight = (code - zero_point) * step * d."""
+
     bits: int
     step: int
     zero_point: float  # the same for every block
@@ -139,8 +142,10 @@ def onnx_grid(fmt: Format, what: str = "tensor", gather: bool = False, min_bits:
     a clear error."""
     lv = np.asarray(fmt.levels, np.int64)
     if fmt.block_size < 16 or len(lv) < 2:
-        raise SlimEdgeError(f"{what}: format {fmt.name} (block {fmt.block_size}) has no ONNX MatMulNBits "
-                            f"mapping; keep it in float (quantize --keep) or choose another scheme")
+        raise SlimEdgeError(
+            f"{what}: format {fmt.name} (block {fmt.block_size}) has no ONNX MatMulNBits "
+            f"mapping; keep it in float (quantize --keep) or choose another scheme"
+        )
     if min_bits not in ONNX_BITS:
         raise SlimEdgeError(f"--onnx-bits {min_bits}: choose one of {', '.join(map(str, ONNX_BITS))}")
     step = int(np.gcd.reduce(np.diff(lv)))
@@ -153,18 +158,22 @@ def onnx_grid(fmt: Format, what: str = "tensor", gather: bool = False, min_bits:
     # onnxruntime 1.32's CPU MatMulNBits runs 2 bits fast only with float zero points: at one activation row
     # 576 x 1536 takes 0.15 ms with them, 2.0 ms with the default and 3.7 ms with packed uint8 ones
     # (evals/reports/onnx_bench_host.md); the values are the same
-    grid = OnnxGrid(bits, step, float(half) if fits_default else -int(lv[0]) / step, 0,
-                    float_zp=bits == 2 and not gather)
+    grid = OnnxGrid(
+        bits, step, float(half) if fits_default else -int(lv[0]) / step, 0, float_zp=bits == 2 and not gather
+    )
     if grid.zp_kind == "float" and (gather or bits == 8):
         op = "GatherBlockQuantized" if gather else "MatMulNBits"
-        raise SlimEdgeError(f"{what}: {fmt.name}'s grid needs {bits}-bit codes with a fractional zero point, "
-                            f"which onnxruntime's {op} does not run; use q8_0, q4_0 or f16 there")
+        raise SlimEdgeError(
+            f"{what}: {fmt.name}'s grid needs {bits}-bit codes with a fractional zero point, "
+            f"which onnxruntime's {op} does not run; use q8_0, q4_0 or f16 there"
+        )
     block = fmt.block_size
     while block > MAX_BLOCK[bits]:
         block //= 2
     if block & (block - 1) or fmt.block_size % block:
-        raise SlimEdgeError(f"{what}: {fmt.name}'s block {fmt.block_size} is not a power of two; "
-                            f"onnxruntime's MatMulNBits needs one")
+        raise SlimEdgeError(
+            f"{what}: {fmt.name}'s block {fmt.block_size} is not a power of two; onnxruntime's MatMulNBits needs one"
+        )
     return OnnxGrid(bits, step, grid.zero_point, block, grid.float_zp)
 
 
@@ -186,6 +195,7 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
 class PackedWeight:
     """One weight [n, k] in MatMulNBits form: codes uint8 [n, k / block, block * bits / 8], scales float32
     [n * k / block], zero points (None = the default, packed uint8 [n, ...] or float32 [n * k / block])."""
+
     grid: OnnxGrid
     n: int
     k: int
@@ -204,13 +214,17 @@ class PackedWeight:
         codes = unpack_codes(self.codes.reshape(self.n, -1), g.bits).astype(np.float32).reshape(self.n, nb, g.block)
         zp = np.float32(g.zero_point)
         if self.zero_points is not None:
-            zp = (unpack_codes(self.zero_points, g.bits)[:, :nb] if self.zero_points.dtype == np.uint8
-                  else self.zero_points.reshape(self.n, nb)).astype(np.float32)[:, :, None]
+            zp = (
+                unpack_codes(self.zero_points, g.bits)[:, :nb]
+                if self.zero_points.dtype == np.uint8
+                else self.zero_points.reshape(self.n, nb)
+            ).astype(np.float32)[:, :, None]
         return ((codes - zp) * self.scales.reshape(self.n, nb, 1)).reshape(self.n, self.k)
 
 
-def pack_weight(fmt: Format, raw: np.ndarray, k: int, what: str = "tensor", gather: bool = False,
-                min_bits: int = 2) -> PackedWeight:
+def pack_weight(
+    fmt: Format, raw: np.ndarray, k: int, what: str = "tensor", gather: bool = False, min_bits: int = 2
+) -> PackedWeight:
     """A checkpoint's packed rows (uint8 [n, row_bytes] of `fmt`) as MatMulNBits codes, value for value."""
     grid = onnx_grid(fmt, what, gather, min_bits)
     values, d = fmt.unpack(raw)
@@ -242,14 +256,27 @@ def split_8bit(pw: PackedWeight) -> list[PackedWeight]:
     nb = pw.k // g.block
     per_row = -(-nb // 2) * 2
     zeros = pack_codes(np.zeros((pw.n, per_row), np.uint8), 4)
-    hi = PackedWeight(OnnxGrid(4, g.step * 16, 8.0, g.block), pw.n, pw.k, pack_codes(c >> 4, 4).reshape(pw.n, nb, -1),
-                      pw.scales * np.float32(16), None)
-    lo = PackedWeight(OnnxGrid(4, g.step, 0.0, g.block), pw.n, pw.k, pack_codes(c & 15, 4).reshape(pw.n, nb, -1),
-                      pw.scales.copy(), zeros)
+    hi = PackedWeight(
+        OnnxGrid(4, g.step * 16, 8.0, g.block),
+        pw.n,
+        pw.k,
+        pack_codes(c >> 4, 4).reshape(pw.n, nb, -1),
+        pw.scales * np.float32(16),
+        None,
+    )
+    lo = PackedWeight(
+        OnnxGrid(4, g.step, 0.0, g.block),
+        pw.n,
+        pw.k,
+        pack_codes(c & 15, 4).reshape(pw.n, nb, -1),
+        pw.scales.copy(),
+        zeros,
+    )
     return [hi, lo]
 
 
 # --- the graph ------------------------------------------------------------------------------------------
+
 
 class _Graph:
     """Nodes and initializers, each output named after its op and a counter."""
@@ -272,8 +299,9 @@ class _Graph:
     def op(self, op_type: str, *inputs: str, domain: str = "", **attrs) -> str:
         self.n += 1
         out = f"/{op_type.lower()}_{self.n}"
-        self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], name=out[1:], domain=domain or None,
-                                                **attrs))
+        self.nodes.append(
+            self.helper.make_node(op_type, list(inputs), [out], name=out[1:], domain=domain or None, **attrs)
+        )
         self.ops[op_type] = self.ops.get(op_type, 0) + 1
         return out
 
@@ -298,17 +326,29 @@ class _Spec:
 def _spec(config: dict) -> _Spec:
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise SlimEdgeError(f"ONNX export supports {', '.join(SUPPORTED_ARCHITECTURES)}; this checkpoint is {arch}: "
-                            f"export it with --gguf instead")
+        raise SlimEdgeError(
+            f"ONNX export supports {', '.join(SUPPORTED_ARCHITECTURES)}; this checkpoint is {arch}: "
+            f"export it with --gguf instead"
+        )
     if config.get("rope_scaling") or (config.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-        raise SlimEdgeError(f"ONNX export: rope scaling {config.get('rope_scaling') or config.get('rope_parameters')} "
-                            f"is not supported yet (only the plain RoPE of SmolLM2 / Llama 2)")
+        raise SlimEdgeError(
+            f"ONNX export: rope scaling {config.get('rope_scaling') or config.get('rope_parameters')} "
+            f"is not supported yet (only the plain RoPE of SmolLM2 / Llama 2)"
+        )
     theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     heads = config["num_attention_heads"]
-    return _Spec(config["hidden_size"], heads, config.get("num_key_value_heads") or heads,
-                 config.get("head_dim") or config["hidden_size"] // heads, config["num_hidden_layers"],
-                 config["vocab_size"], config["rms_norm_eps"], float(theta), bool(config.get("tie_word_embeddings")),
-                 int(config.get("max_position_embeddings") or 2048))
+    return _Spec(
+        config["hidden_size"],
+        heads,
+        config.get("num_key_value_heads") or heads,
+        config.get("head_dim") or config["hidden_size"] // heads,
+        config["num_hidden_layers"],
+        config["vocab_size"],
+        config["rms_norm_eps"],
+        float(theta),
+        bool(config.get("tie_word_embeddings")),
+        int(config.get("max_position_embeddings") or 2048),
+    )
 
 
 class _Weights:
@@ -336,8 +376,17 @@ class _Weights:
             fmt = get_format(e["format"])
             n, k = e["shape"]
             pw = pack_weight(fmt, self.tensors[f"{name}.qweight"].numpy(), k, what=name, min_bits=self.bits)
-            y = self.g.op("MatMulNBits", x, *self._packed(name, pw), domain=MS_DOMAIN, K=k, N=n,
-                          bits=pw.grid.bits, block_size=pw.grid.block, accuracy_level=0)
+            y = self.g.op(
+                "MatMulNBits",
+                x,
+                *self._packed(name, pw),
+                domain=MS_DOMAIN,
+                K=k,
+                N=n,
+                bits=pw.grid.bits,
+                block_size=pw.grid.block,
+                accuracy_level=0,
+            )
             self._note(name, "MatMulNBits", fmt.name, pw.grid.bits, pw.nbytes, n * k)
         else:
             w = self.tensors[f"{name}.weight"].numpy().astype(np.float32)
@@ -358,8 +407,10 @@ class _Weights:
             k = raw.shape[1] // fmt.type_size * fmt.block_size
             pw = pack_weight(fmt, raw, k, what=name, gather=True)
             parts = split_8bit(pw) if pw.grid.bits == 8 else [pw]
-            self._emb_parts[name] = [(part, self._packed(f"{name}.{tag}" if len(parts) > 1 else name, part))
-                                     for tag, part in zip(("hi", "lo"), parts)]
+            self._emb_parts[name] = [
+                (part, self._packed(f"{name}.{tag}" if len(parts) > 1 else name, part))
+                for tag, part in zip(("hi", "lo"), parts)
+            ]
         return self._emb_parts[name]
 
     def embedding(self, ids: str, name: str) -> str:
@@ -369,11 +420,29 @@ class _Weights:
             for i, (pw, (codes, scales, *zp)) in enumerate(parts):
                 data = self.g.op("Reshape", codes, self.g.ints(f"{name}.codes_shape{i}", pw.n, -1))
                 scales = self.g.op("Reshape", scales, self.g.ints(f"{name}.scales_shape{i}", pw.n, -1))
-                rows.append(self.g.op("GatherBlockQuantized", data, ids, scales, *zp, domain=MS_DOMAIN, gather_axis=0,
-                                      quantize_axis=1, block_size=pw.grid.block, bits=pw.grid.bits))
+                rows.append(
+                    self.g.op(
+                        "GatherBlockQuantized",
+                        data,
+                        ids,
+                        scales,
+                        *zp,
+                        domain=MS_DOMAIN,
+                        gather_axis=0,
+                        quantize_axis=1,
+                        block_size=pw.grid.block,
+                        bits=pw.grid.bits,
+                    )
+                )
             first = parts[0][0]
-            self._note(name, "GatherBlockQuantized", self.emb[1].name, sum(pw.grid.bits for pw, _ in parts),
-                       sum(pw.nbytes for pw, _ in parts), first.n * first.k)
+            self._note(
+                name,
+                "GatherBlockQuantized",
+                self.emb[1].name,
+                sum(pw.grid.bits for pw, _ in parts),
+                sum(pw.nbytes for pw, _ in parts),
+                first.n * first.k,
+            )
             return rows[0] if len(rows) == 1 else self.g.op("Add", *rows)
         w = self.tensors[f"{name}.weight"].numpy().astype(np.float32)
         self._note(name, "Gather", "f32", 32, w.nbytes, w.size)
@@ -382,14 +451,31 @@ class _Weights:
     def tied_head(self, x: str, name: str) -> str:
         """The output head from the embedding's own values: the same initializers (codes or float matrix)."""
         if self.emb is not None:
-            ys = [self.g.op("MatMulNBits", x, *ins, domain=MS_DOMAIN, K=pw.k, N=pw.n, bits=pw.grid.bits,
-                            block_size=pw.grid.block, accuracy_level=0) for pw, ins in self._embedding_parts(name)]
+            ys = [
+                self.g.op(
+                    "MatMulNBits",
+                    x,
+                    *ins,
+                    domain=MS_DOMAIN,
+                    K=pw.k,
+                    N=pw.n,
+                    bits=pw.grid.bits,
+                    block_size=pw.grid.block,
+                    accuracy_level=0,
+                )
+                for pw, ins in self._embedding_parts(name)
+            ]
             return ys[0] if len(ys) == 1 else self.g.op("Add", *ys)
         return self.g.op("MatMul", x, self.g.op("Transpose", f"{name}.weight", perm=[1, 0]))
 
     def _note(self, name, op, fmt, bits, nbytes, n):
-        self.report[name] = {"op": op, "format": fmt, "bits": bits, "bytes": int(nbytes),
-                             "bits_per_weight": nbytes * 8 / n}
+        self.report[name] = {
+            "op": op,
+            "format": fmt,
+            "bits": bits,
+            "bytes": int(nbytes),
+            "bits_per_weight": nbytes * 8 / n,
+        }
 
 
 def _rms_norm(g: _Graph, x: str, weight: np.ndarray, eps: float, name: str) -> str:
@@ -411,10 +497,20 @@ def _kv_io(helper, TensorProto, s: _Spec, i: int) -> tuple[list, list]:
     """The graph inputs past_key_values.{i}.key|value and outputs present.{i}.key|value of layer i."""
     ins, outs = [], []
     for kind in ("key", "value"):
-        ins.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
-                                                 ["batch_size", s.kv_heads, "past_sequence_length", s.head_dim]))
-        outs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
-                                                  ["batch_size", s.kv_heads, "total_sequence_length", s.head_dim]))
+        ins.append(
+            helper.make_tensor_value_info(
+                f"past_key_values.{i}.{kind}",
+                TensorProto.FLOAT,
+                ["batch_size", s.kv_heads, "past_sequence_length", s.head_dim],
+            )
+        )
+        outs.append(
+            helper.make_tensor_value_info(
+                f"present.{i}.{kind}",
+                TensorProto.FLOAT,
+                ["batch_size", s.kv_heads, "total_sequence_length", s.head_dim],
+            )
+        )
     return ins, outs
 
 
@@ -431,10 +527,11 @@ def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2, attentio
     g = _Graph()
     w = _Weights(g, meta, tensors, bits)
     t = tensors
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                            ["batch_size", "total_sequence_length"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+    ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", s.vocab])]
     h = w.embedding("input_ids", "model.embed_tokens")
     layers = _plain_layers if attention == "plain" else _gqa_layers
@@ -445,14 +542,19 @@ def build_model(meta: dict, tensors: dict, config: dict, bits: int = 2, attentio
         logits = w.linear(h, "lm_head")
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
     graph = helper.make_graph(g.nodes, "slim-edge decoder", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-                              producer_name="slim-edge", ir_version=IR_VERSION)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="slim-edge",
+        ir_version=IR_VERSION,
+    )
     return model, w.report, g.ops
 
 
 def _inv_freq(s: _Spec) -> np.ndarray:
-    return (1.0 / (s.rope_theta ** (np.arange(0, s.head_dim, 2, dtype=np.int64).astype(np.float32)
-                                    / s.head_dim))).astype(np.float32)
+    return (
+        1.0 / (s.rope_theta ** (np.arange(0, s.head_dim, 2, dtype=np.int64).astype(np.float32) / s.head_dim))
+    ).astype(np.float32)
 
 
 def _gqa_layers(g: _Graph, w: _Weights, t: dict, s: _Spec, h: str, inputs: list, outputs: list) -> str:
@@ -467,8 +569,11 @@ def _gqa_layers(g: _Graph, w: _Weights, t: dict, s: _Spec, h: str, inputs: list,
 
     g.ints("/axes_last", -1)
     g.ints("/axes1", 1)
-    seqlens_k = g.op("Cast", g.op("Sub", g.op("ReduceSum", "attention_mask", "/axes1", keepdims=0),
-                                  g.const("/one_i64", np.int64(1))), to=TensorProto.INT32)
+    seqlens_k = g.op(
+        "Cast",
+        g.op("Sub", g.op("ReduceSum", "attention_mask", "/axes1", keepdims=0), g.const("/one_i64", np.int64(1))),
+        to=TensorProto.INT32,
+    )
     total = g.op("Cast", g.op("Squeeze", g.op("Shape", "attention_mask", start=1, end=2)), to=TensorProto.INT32)
     # HF's float32 angles, position * inv_freq, for every position the model takes
     freqs = np.arange(s.max_positions, dtype=np.float32)[:, None] * _inv_freq(s)[None]
@@ -482,13 +587,29 @@ def _gqa_layers(g: _Graph, w: _Weights, t: dict, s: _Spec, h: str, inputs: list,
         inputs.extend(ins)
         outputs.extend(outs)
         node = f"/groupqueryattention_{i}"
-        g.nodes.append(helper.make_node(
-            "GroupQueryAttention", [q, k, v, ins[0].name, ins[1].name, seqlens_k, total, cos, sin],
-            [node, outs[0].name, outs[1].name], name=node[1:], domain=MS_DOMAIN, num_heads=s.heads,
-            kv_num_heads=s.kv_heads, scale=float(s.head_dim ** -0.5), do_rotary=1, rotary_interleaved=0))
+        g.nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [q, k, v, ins[0].name, ins[1].name, seqlens_k, total, cos, sin],
+                [node, outs[0].name, outs[1].name],
+                name=node[1:],
+                domain=MS_DOMAIN,
+                num_heads=s.heads,
+                kv_num_heads=s.kv_heads,
+                scale=float(s.head_dim**-0.5),
+                do_rotary=1,
+                rotary_interleaved=0,
+            )
+        )
         g.ops["GroupQueryAttention"] = g.ops.get("GroupQueryAttention", 0) + 1
-        x, h = _fused_norm(g, h, w.linear(node, f"{p}.self_attn.o_proj"),
-                           t[f"{p}.post_attention_layernorm.weight"].numpy(), s.eps, f"{p}.post_attention_layernorm")
+        x, h = _fused_norm(
+            g,
+            h,
+            w.linear(node, f"{p}.self_attn.o_proj"),
+            t[f"{p}.post_attention_layernorm.weight"].numpy(),
+            s.eps,
+            f"{p}.post_attention_layernorm",
+        )
         gate = w.linear(x, f"{p}.mlp.gate_proj")
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), w.linear(x, f"{p}.mlp.up_proj"))
         residual = w.linear(act, f"{p}.mlp.down_proj")
@@ -503,9 +624,16 @@ def _fused_norm(g: _Graph, h: str, branch: str | None, weight: np.ndarray, eps: 
         return _rms_norm(g, h, weight, eps, name), h
     g.n += 1
     out = f"/skipsimplifiedlayernormalization_{g.n}"
-    g.nodes.append(g.helper.make_node("SkipSimplifiedLayerNormalization",
-                                      [branch, h, g.const(f"{name}.weight", weight.astype(np.float32))],
-                                      [out, "", "", out + "_sum"], name=out[1:], domain=MS_DOMAIN, epsilon=float(eps)))
+    g.nodes.append(
+        g.helper.make_node(
+            "SkipSimplifiedLayerNormalization",
+            [branch, h, g.const(f"{name}.weight", weight.astype(np.float32))],
+            [out, "", "", out + "_sum"],
+            name=out[1:],
+            domain=MS_DOMAIN,
+            epsilon=float(eps),
+        )
+    )
     g.ops["SkipSimplifiedLayerNormalization"] = g.ops.get("SkipSimplifiedLayerNormalization", 0) + 1
     return out, out + "_sum"
 
@@ -540,8 +668,12 @@ def _plain_layers(g: _Graph, w: _Weights, t: dict, s: _Spec, h: str, inputs: lis
     k_pos = g.op("Range", g.const("/zero_s", np.int64(0)), g.op("Squeeze", total), "/step")
     causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, g.ints("/axes0", 0)), g.op("Unsqueeze", q_pos, "/axes_last"))
     keep = g.op("Cast", g.op("Unsqueeze", "attention_mask", g.ints("/axes12", 1, 2)), to=TensorProto.BOOL)
-    mask = g.op("Where", g.op("And", causal, keep), g.const("/zero_f", np.float32(0)),
-                g.const("/min_f", np.float32(np.finfo(np.float32).min)))
+    mask = g.op(
+        "Where",
+        g.op("And", causal, keep),
+        g.const("/zero_f", np.float32(0)),
+        g.const("/min_f", np.float32(np.finfo(np.float32).min)),
+    )
 
     batch = g.op("Gather", ids_shape, g.const("/idx0", np.int64(0)), axis=0)
     batch1 = g.op("Unsqueeze", batch, "/axes0")
@@ -549,7 +681,7 @@ def _plain_layers(g: _Graph, w: _Weights, t: dict, s: _Spec, h: str, inputs: lis
     kv_shape = g.op("Concat", batch1, seq, g.ints("/kvhd", s.kv_heads, s.head_dim), axis=0)
     out_shape = g.op("Concat", batch1, seq, g.ints("/hid", s.hidden), axis=0)
     rep = s.heads // s.kv_heads
-    scale = g.const("/attn_scale", np.float32(s.head_dim ** -0.5))
+    scale = g.const("/attn_scale", np.float32(s.head_dim**-0.5))
     for i in range(s.layers):
         p = f"model.layers.{i}"
         x = _rms_norm(g, h, t[f"{p}.input_layernorm.weight"].numpy(), s.eps, f"{p}.input_layernorm")
@@ -561,8 +693,11 @@ def _plain_layers(g: _Graph, w: _Weights, t: dict, s: _Spec, h: str, inputs: lis
         inputs.extend(ins)
         outputs.extend(outs)
         for past_kv, present, new in zip(ins, outs, (k, v)):
-            g.nodes.append(helper.make_node("Concat", [past_kv.name, new], [present.name], axis=2,
-                                            name=present.name.replace(".", "_")))
+            g.nodes.append(
+                helper.make_node(
+                    "Concat", [past_kv.name, new], [present.name], axis=2, name=present.name.replace(".", "_")
+                )
+            )
         k_all, v_all = f"present.{i}.key", f"present.{i}.value"
         if rep > 1:  # grouped-query attention: each KV head serves `rep` query heads
             k_all, v_all = (_repeat_kv(g, y, rep, batch1, s) for y in (k_all, v_all))
@@ -588,6 +723,7 @@ def _repeat_kv(g: _Graph, y: str, rep: int, batch1: str, s: _Spec) -> str:
 
 # --- the folder -----------------------------------------------------------------------------------------
 
+
 def is_onnx_export(folder: Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
@@ -595,25 +731,53 @@ def is_onnx_export(folder: Path) -> bool:
 def genai_config(config: dict, spec: _Spec, tok_config: dict) -> dict:
     """onnxruntime-genai's genai_config.json for the decoder (its names for our inputs and outputs)."""
     eos = config.get("eos_token_id", tok_config.get("eos_token_id"))
-    return {"model": {
-        "bos_token_id": config.get("bos_token_id"), "eos_token_id": eos,
-        "pad_token_id": config.get("pad_token_id", eos),
-        "context_length": config.get("max_position_embeddings"), "type": "llama", "vocab_size": spec.vocab,
-        "decoder": {
-            "filename": "model.onnx", "head_size": spec.head_dim, "hidden_size": spec.hidden,
-            "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
-            "num_hidden_layers": spec.layers,
-            "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
-                       "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-            "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                        "present_value_names": "present.%d.value"}}},
-        "search": {"max_length": config.get("max_position_embeddings"), "do_sample": False, "num_beams": 1,
-                   "past_present_share_buffer": False}}  # past and present are separate tensors of P and P + S
+    return {
+        "model": {
+            "bos_token_id": config.get("bos_token_id"),
+            "eos_token_id": eos,
+            "pad_token_id": config.get("pad_token_id", eos),
+            "context_length": config.get("max_position_embeddings"),
+            "type": "llama",
+            "vocab_size": spec.vocab,
+            "decoder": {
+                "filename": "model.onnx",
+                "head_size": spec.head_dim,
+                "hidden_size": spec.hidden,
+                "num_attention_heads": spec.heads,
+                "num_key_value_heads": spec.kv_heads,
+                "num_hidden_layers": spec.layers,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "max_length": config.get("max_position_embeddings"),
+            "do_sample": False,
+            "num_beams": 1,
+            "past_present_share_buffer": False,
+        },
+    }  # past and present are separate tensors of P and P + S
 
 
-def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool | None = None, bits: int = 2,
-                attention: str = ATTENTION[0]) -> dict:
+def export_onnx(
+    ckpt: Path,
+    out: Path,
+    force: bool = False,
+    external_data: bool | None = None,
+    bits: int = 2,
+    attention: str = ATTENTION[0],
+) -> dict:
     """Write checkpoint `ckpt` as OUT/model.onnx (+ model.onnx.data, by default only past protobuf's 2 GB
     limit), its tokenizer files and genai_config.json; returns the summary that OUT/slim_edge_onnx.json
     also holds. attention: "gqa" (fused contrib ops) or "plain" (standard ops), see build_model."""
@@ -630,30 +794,54 @@ def export_onnx(ckpt: Path, out: Path, force: bool = False, external_data: bool 
     if attention not in ATTENTION:
         raise SlimEdgeError(f"--onnx-attention {attention}: choose one of {', '.join(ATTENTION)}")
     model, report, ops = build_model(meta, tensors, config, bits, attention)
-    model.metadata_props.extend([onnx.StringStringEntryProto(key="slim_edge.scheme", value=meta["config"]["scheme"]),
-                                 onnx.StringStringEntryProto(key="slim_edge.formats", value=json.dumps(
-                                     {k: v["format"] for k, v in report.items()}))])
+    model.metadata_props.extend(
+        [
+            onnx.StringStringEntryProto(key="slim_edge.scheme", value=meta["config"]["scheme"]),
+            onnx.StringStringEntryProto(
+                key="slim_edge.formats", value=json.dumps({k: v["format"] for k, v in report.items()})
+            ),
+        ]
+    )
     big = model.ByteSize() > PROTOBUF_LIMIT - (64 << 20) if external_data is None else external_data
     with atomic_dir(out) as tmp:
-        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=big, all_tensors_to_one_file=True,
-                        location="model.onnx.data")
+        onnx.save_model(
+            model,
+            str(tmp / "model.onnx"),
+            save_as_external_data=big,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+        )
         onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
         for f in BASE_FILES:
             if (ckpt / f).is_file():
                 shutil.copy2(ckpt / f, tmp / f)
-        tok_config = json.loads((ckpt / "tokenizer_config.json").read_text()) \
-            if (ckpt / "tokenizer_config.json").is_file() else {}
+        tok_config = (
+            json.loads((ckpt / "tokenizer_config.json").read_text())
+            if (ckpt / "tokenizer_config.json").is_file()
+            else {}
+        )
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(config, spec, tok_config), indent=1))
         size = sum(f.stat().st_size for f in tmp.glob("model.onnx*"))
         lin = {k: v for k, v in report.items() if k in meta_linear_names(meta)}
         n_lin = sum(v["bytes"] * 8 / v["bits_per_weight"] for v in lin.values())
-        summary = {"slim_edge_onnx": ONNX_EXPORT_VERSION, "file": str(out / "model.onnx"), "bytes": size,
-                   "external_data": big, "scheme": meta["config"]["scheme"], "onnx_bits": bits, "attention": attention,
-                   # gqa's RoPE caches hold this many positions (onnxruntime refuses past them); plain: no limit
-                   "max_positions": spec.max_positions if attention == "gqa" else None,
-                   "opset": OPSET, "ops": ops, "min_onnxruntime": min_onnxruntime(model),
-                   "linear_bits_per_weight": sum(v["bytes"] * 8 for v in lin.values()) / n_lin if lin else 32.0,
-                   "weights": report, "trained_for": trained_for(meta["config"]), "source": str(ckpt)}
+        summary = {
+            "slim_edge_onnx": ONNX_EXPORT_VERSION,
+            "file": str(out / "model.onnx"),
+            "bytes": size,
+            "external_data": big,
+            "scheme": meta["config"]["scheme"],
+            "onnx_bits": bits,
+            "attention": attention,
+            # gqa's RoPE caches hold this many positions (onnxruntime refuses past them); plain: no limit
+            "max_positions": spec.max_positions if attention == "gqa" else None,
+            "opset": OPSET,
+            "ops": ops,
+            "min_onnxruntime": min_onnxruntime(model),
+            "linear_bits_per_weight": sum(v["bytes"] * 8 for v in lin.values()) / n_lin if lin else 32.0,
+            "weights": report,
+            "trained_for": trained_for(meta["config"]),
+            "source": str(ckpt),
+        }
         (tmp / MARKER).write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -676,6 +864,7 @@ def meta_linear_names(meta: dict) -> set[str]:
 
 # --- inspect --------------------------------------------------------------------------------------------
 
+
 def inspect_onnx(path: Path) -> dict:
     """Operators, per-weight bits and bytes, and size of an ONNX model, read from the file itself."""
     onnx, _ = require_onnx()
@@ -694,50 +883,89 @@ def inspect_onnx(path: Path) -> dict:
     ops: dict[str, int] = {}
     weights = []
     for n in model.graph.node:
-        ops[n.op_type if not n.domain else f"{n.domain}.{n.op_type}"] = ops.get(
-            n.op_type if not n.domain else f"{n.domain}.{n.op_type}", 0) + 1
+        ops[n.op_type if not n.domain else f"{n.domain}.{n.op_type}"] = (
+            ops.get(n.op_type if not n.domain else f"{n.domain}.{n.op_type}", 0) + 1
+        )
         attrs = {a.name: a.i for a in n.attribute}
         if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
             ins = [source.get(i, i) for i in n.input]
             data = ins[1] if n.op_type == "MatMulNBits" else ins[0]
             nbytes = sizes[data] + sum(sizes[i] for i in ins[2:] if i in sizes)
-            count = (attrs["N"] * attrs["K"] if n.op_type == "MatMulNBits"
-                     else shapes[data][0] * shapes[data][2] * attrs["block_size"])
+            count = (
+                attrs["N"] * attrs["K"]
+                if n.op_type == "MatMulNBits"
+                else shapes[data][0] * shapes[data][2] * attrs["block_size"]
+            )
             tied = n.op_type == "MatMulNBits" and data in gathered
-            weights.append({"name": "lm_head (tied: the embedding's codes)" if tied else data.removesuffix(".qweight"),
-                            "op": n.op_type, "bits": attrs.get("bits", 4), "block_size": attrs["block_size"],
-                            "weights": count, "bytes": 0 if tied else nbytes, "bits_per_weight": nbytes * 8 / count,
-                            "linear": n.op_type == "MatMulNBits" and not tied})
+            weights.append(
+                {
+                    "name": "lm_head (tied: the embedding's codes)" if tied else data.removesuffix(".qweight"),
+                    "op": n.op_type,
+                    "bits": attrs.get("bits", 4),
+                    "block_size": attrs["block_size"],
+                    "weights": count,
+                    "bytes": 0 if tied else nbytes,
+                    "bits_per_weight": nbytes * 8 / count,
+                    "linear": n.op_type == "MatMulNBits" and not tied,
+                }
+            )
         elif n.op_type in ("MatMul", "Gather") and any(i in sizes and len(shapes[i]) == 2 for i in n.input):
             w = next(i for i in n.input if i in sizes and len(shapes[i]) == 2)
             count = shapes[w][0] * shapes[w][1]
-            weights.append({"name": w.removesuffix(".weight_t").removesuffix(".weight"), "op": n.op_type,
-                            "bits": 32, "block_size": 0, "weights": count, "bytes": sizes[w],
-                            "bits_per_weight": sizes[w] * 8 / count, "linear": False})
+            weights.append(
+                {
+                    "name": w.removesuffix(".weight_t").removesuffix(".weight"),
+                    "op": n.op_type,
+                    "bits": 32,
+                    "block_size": 0,
+                    "weights": count,
+                    "bytes": sizes[w],
+                    "bits_per_weight": sizes[w] * 8 / count,
+                    "linear": False,
+                }
+            )
     files = [path] + ([path.with_name(path.name + ".data")] if path.with_name(path.name + ".data").is_file() else [])
     quant = [w for w in weights if w["linear"]]
-    return {"file": str(path), "bytes": sum(f.stat().st_size for f in files), "external_data": len(files) > 1,
-            "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}, "ops": ops,
-            "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
-            "metadata": {p.key: p.value for p in model.metadata_props}, "weights": weights,
-            "attention": _attention_ops(model.graph.node, ops),
-            "linear_bits_per_weight": sum(w["bytes"] * 8 for w in quant) / max(sum(w["weights"] for w in quant), 1)}
+    return {
+        "file": str(path),
+        "bytes": sum(f.stat().st_size for f in files),
+        "external_data": len(files) > 1,
+        "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "ops": ops,
+        "inputs": [i.name for i in model.graph.input],
+        "outputs": [o.name for o in model.graph.output],
+        "metadata": {p.key: p.value for p in model.metadata_props},
+        "weights": weights,
+        "attention": _attention_ops(model.graph.node, ops),
+        "linear_bits_per_weight": sum(w["bytes"] * 8 for w in quant) / max(sum(w["weights"] for w in quant), 1),
+    }
 
 
-FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "RotaryEmbedding",
-             "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
+FUSED_OPS = (
+    "GroupQueryAttention",
+    "MultiHeadAttention",
+    "Attention",
+    "RotaryEmbedding",
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+)
 
 
 def _attention_ops(nodes, ops: dict) -> dict:
     """How the model attends: "gqa" with GroupQueryAttention's heads and RoPE, else "plain" (standard ops), and
     the counts of the fused ops and of plain attention's Softmax."""
     gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
-    r = {"kind": "gqa" if gqa else "plain",
-         "ops": {k: v for k, v in ops.items() if k.split(".")[-1] in FUSED_OPS + ("Softmax",)}}
+    r = {
+        "kind": "gqa" if gqa else "plain",
+        "ops": {k: v for k, v in ops.items() if k.split(".")[-1] in FUSED_OPS + ("Softmax",)},
+    }
     if gqa:
         attrs = {a.name: a.i for a in gqa[0].attribute if a.type == a.INT}
-        r.update(num_heads=attrs.get("num_heads"), kv_num_heads=attrs.get("kv_num_heads"),
-                 rotary_inside=bool(attrs.get("do_rotary", 0)))
+        r.update(
+            num_heads=attrs.get("num_heads"),
+            kv_num_heads=attrs.get("kv_num_heads"),
+            rotary_inside=bool(attrs.get("do_rotary", 0)),
+        )
     return r
 
 
@@ -756,21 +984,27 @@ def _init_bytes(t) -> int:
 def _attention_line(a: dict) -> str:
     ops = ", ".join(f"{k} x{v}" for k, v in a["ops"].items())
     if a["kind"] == "gqa":
-        return (f"attention: gqa, {a['num_heads']} query / {a['kv_num_heads']} KV heads, RoPE "
-                f"{'inside' if a['rotary_inside'] else 'outside'} ({ops})")
+        return (
+            f"attention: gqa, {a['num_heads']} query / {a['kv_num_heads']} KV heads, RoPE "
+            f"{'inside' if a['rotary_inside'] else 'outside'} ({ops})"
+        )
     return f"attention: plain, standard ops ({ops})"
 
 
 def format_onnx_report(r: dict) -> str:
-    lines = [f"{r['file']}: {r['bytes'] / 2**20:.2f} MiB{' (+ external data)' if r['external_data'] else ''}, "
-             f"opsets {r['opset']}",
-             f"inputs: {', '.join(r['inputs'][:5])}{' ...' if len(r['inputs']) > 5 else ''} ({len(r['inputs'])})",
-             "operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1])),
-             _attention_line(r["attention"]),
-             f"{'weight':<40} {'op':<21} {'bits':>4} {'block':>5} {'bpw':>7} {'KiB':>9}"]
+    lines = [
+        f"{r['file']}: {r['bytes'] / 2**20:.2f} MiB{' (+ external data)' if r['external_data'] else ''}, "
+        f"opsets {r['opset']}",
+        f"inputs: {', '.join(r['inputs'][:5])}{' ...' if len(r['inputs']) > 5 else ''} ({len(r['inputs'])})",
+        "operators: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1])),
+        _attention_line(r["attention"]),
+        f"{'weight':<40} {'op':<21} {'bits':>4} {'block':>5} {'bpw':>7} {'KiB':>9}",
+    ]
     for w in r["weights"]:
-        lines.append(f"{w['name']:<40} {w['op']:<21} {w['bits']:>4} {w['block_size']:>5} "
-                     f"{w['bits_per_weight']:>7.3f} {w['bytes'] / 1024:>9.1f}")
+        lines.append(
+            f"{w['name']:<40} {w['op']:<21} {w['bits']:>4} {w['block_size']:>5} "
+            f"{w['bits_per_weight']:>7.3f} {w['bytes'] / 1024:>9.1f}"
+        )
     lines.append(f"{r['linear_bits_per_weight']:.3f} bits per weight in the quantized linears")
     for k, v in r["metadata"].items():
         lines.append(f"{k}: {v[:100]}")

@@ -54,10 +54,15 @@ def remote_result(res: RunResult, serial: str | None) -> RunResult:
     stdout, status = parse.split_exit_status(res.stdout)
     if status is not None:
         return replace(res, stdout=stdout, returncode=status)
-    why = (f"adb exited with {res.returncode}" if res.returncode else
-           "adb exited with 0 but the command's exit status never came back (disconnected mid-command?)")
-    note = (f"slim-edge: the command did not run to its end on Android device {serial or '(default)'}: {why}. "
-            "Check `adb devices` and the USB cable, then retry.")
+    why = (
+        f"adb exited with {res.returncode}"
+        if res.returncode
+        else "adb exited with 0 but the command's exit status never came back (disconnected mid-command?)"
+    )
+    note = (
+        f"slim-edge: the command did not run to its end on Android device {serial or '(default)'}: {why}. "
+        "Check `adb devices` and the USB cable, then retry."
+    )
     return replace(res, returncode=res.returncode or 255, stderr=f"{res.stderr.rstrip()}\n{note}".lstrip())
 
 
@@ -83,23 +88,29 @@ def check_arm64(serial: str | None, abi: str, machine: str, *, static: bool = Tr
             raise SlimEdgeError(
                 f"{who} runs 32-bit Android on a 64-bit kernel ({seen}): the Android NDK build of the runtime "
                 "needs /system/bin/linker64, which 32-bit Android lacks. Unset ANDROID_NDK and rebuild to get "
-                "the static arm64 build, which runs there.")
-        return [f"32-bit Android on a 64-bit kernel ({seen}): the static arm64 runtime runs on the kernel "
-                "directly; the phone's own apps are 32-bit"]
+                "the static arm64 build, which runs there."
+            )
+        return [
+            f"32-bit Android on a 64-bit kernel ({seen}): the static arm64 runtime runs on the kernel "
+            "directly; the phone's own apps are 32-bit"
+        ]
     if machine.startswith("arm"):
         raise SlimEdgeError(
             f"{who} runs a 32-bit ARM kernel ({seen}), which cannot execute arm64 programs even where the CPU "
             f"itself is 64-bit (ARMv8), so the static arm64 build of the runtime cannot run there; slim-edge has "
-            f"no 32-bit ARM runtime. {use}")
+            f"no 32-bit ARM runtime. {use}"
+        )
     if machine in ("x86_64", "i686", "i386", "x86"):
         raise SlimEdgeError(
             f"{who} is an x86 phone or emulator image ({seen}); the slim-edge runtime is arm64 only. Use an arm64 "
-            "phone or an arm64-v8a emulator image, or `--device qemu-arm64` to check correctness on this machine.")
+            "phone or an arm64-v8a emulator image, or `--device qemu-arm64` to check correctness on this machine."
+        )
     if machine and machine != "unknown":
         raise SlimEdgeError(f"{who} reports {seen}; the slim-edge runtime is built for arm64-v8a only. {use}")
     if not android64:  # uname printed nothing: the ABI is all there is to go on
-        raise SlimEdgeError(f"{who} reports ro.product.cpu.abi={abi!r}; the slim-edge runtime is built for "
-                            f"arm64-v8a only. {use}")
+        raise SlimEdgeError(
+            f"{who} reports ro.product.cpu.abi={abi!r}; the slim-edge runtime is built for arm64-v8a only. {use}"
+        )
     return []
 
 
@@ -110,24 +121,31 @@ def choose_serial(devices_output: str, serial: str | None) -> str:
         state = dict(devices).get(serial)
         if state is None:
             seen = ", ".join(f"{s} ({st})" for s, st in devices) or "none"
-            raise SlimEdgeError(f"No Android device with serial {serial!r} is attached (attached: {seen}). "
-                                "Check `adb devices` and pass one of those to --serial.")
+            raise SlimEdgeError(
+                f"No Android device with serial {serial!r} is attached (attached: {seen}). "
+                "Check `adb devices` and pass one of those to --serial."
+            )
         devices = [(serial, state)]
     if not devices:
-        raise SlimEdgeError("No Android device is attached (`adb devices` lists none). Connect the phone by USB, "
-                            "enable Developer options > USB debugging, and accept the prompt on the phone.")
+        raise SlimEdgeError(
+            "No Android device is attached (`adb devices` lists none). Connect the phone by USB, "
+            "enable Developer options > USB debugging, and accept the prompt on the phone."
+        )
     unauthorized = [s for s, st in devices if st == "unauthorized"]
     if unauthorized and len(devices) == len(unauthorized):
-        raise SlimEdgeError(f"Android device {unauthorized[0]} is unauthorized. Unlock the phone and accept "
-                            "'Allow USB debugging?' for this computer (if no prompt shows, revoke USB debugging "
-                            "authorizations in Developer options and reconnect), then retry.")
+        raise SlimEdgeError(
+            f"Android device {unauthorized[0]} is unauthorized. Unlock the phone and accept "
+            "'Allow USB debugging?' for this computer (if no prompt shows, revoke USB debugging "
+            "authorizations in Developer options and reconnect), then retry."
+        )
     ready = [s for s, st in devices if st == "device"]
     if not ready:
-        raise SlimEdgeError(f"Android device {devices[0][0]} is {devices[0][1]!r}, not ready. "
-                            "Reconnect it or run `adb reconnect`, then retry.")
+        raise SlimEdgeError(
+            f"Android device {devices[0][0]} is {devices[0][1]!r}, not ready. "
+            "Reconnect it or run `adb reconnect`, then retry."
+        )
     if len(ready) > 1:
-        raise SlimEdgeError(f"{len(ready)} Android devices are attached ({', '.join(ready)}). "
-                            "Pick one with --serial.")
+        raise SlimEdgeError(f"{len(ready)} Android devices are attached ({', '.join(ready)}). Pick one with --serial.")
     return ready[0]
 
 
@@ -141,8 +159,10 @@ class AndroidDevice(Device):
 
     def check_connection(self) -> None:
         if shutil.which("adb") is None:
-            raise SlimEdgeError("adb is not on PATH. Install it (Debian/Ubuntu: apt-get install adb; "
-                                "elsewhere: Android SDK platform-tools) and retry.")
+            raise SlimEdgeError(
+                "adb is not on PATH. Install it (Debian/Ubuntu: apt-get install adb; "
+                "elsewhere: Android SDK platform-tools) and retry."
+            )
         res = local_run(adb_devices_argv(), timeout=60)
         self.serial = choose_serial(res.stdout, self.serial)
 
@@ -164,7 +184,8 @@ class AndroidDevice(Device):
                 raise SlimEdgeError(
                     f"The arm64 runtime's {tool} does not start on Android device {self.serial} (exit "
                     f"{res.returncode}): {said}. 'not executable: 64-bit ELF file' means the phone cannot run "
-                    "arm64 programs (a 32-bit kernel): use a phone that runs 64-bit Android.")
+                    "arm64 programs (a 32-bit kernel): use a phone that runs 64-bit Android."
+                )
         return paths, env
 
     def copy_to(self, local: Path, remote: str) -> None:

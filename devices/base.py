@@ -23,8 +23,10 @@ from . import parse
 
 # One `N type temp` line per thermal zone, the shape people paste from phones; temp stays empty where
 # the read fails (some zones refuse it even to adb's shell user).
-THERMAL_COMMAND = ('for z in /sys/class/thermal/thermal_zone*; do [ -d "$z" ] || continue; '
-                   'echo "${z##*thermal_zone} $(cat "$z/type" 2>/dev/null) $(cat "$z/temp" 2>/dev/null)"; done')
+THERMAL_COMMAND = (
+    'for z in /sys/class/thermal/thermal_zone*; do [ -d "$z" ] || continue; '
+    'echo "${z##*thermal_zone} $(cat "$z/type" 2>/dev/null) $(cat "$z/temp" 2>/dev/null)"; done'
+)
 
 # Prints one section per fact; every command may fail (no getprop off Android, no cpufreq in VMs).
 PROBE_SCRIPT = r"""
@@ -43,7 +45,7 @@ echo @@nproc; nproc 2>/dev/null || grep -c ^processor /proc/cpuinfo
 # high-water mark, so the last reading before exit is the peak up to the polling interval.
 VMHWM_WRAPPER = (
     '"$@" & pid=$!; hwm=0; '
-    'while kill -0 $pid 2>/dev/null; do '
+    "while kill -0 $pid 2>/dev/null; do "
     "h=$(sed -n 's/^VmHWM:[^0-9]*\\([0-9]*\\).*/\\1/p' /proc/$pid/status 2>/dev/null); "
     '[ -n "$h" ] && hwm=$h; sleep 0.2; done; '
     "wait $pid; rc=$?; echo SLIM_EDGE_VMHWM_KB=$hwm >&2; exit $rc"
@@ -179,8 +181,7 @@ class Device:
 
     def info(self) -> DeviceInfo:
         parent = self.workdir.rsplit("/", 1)[0] or "/"
-        res = self.shell(PROBE_SCRIPT.format(workdir_parent=shlex.quote(parent), thermal=THERMAL_COMMAND),
-                         timeout=120)
+        res = self.shell(PROBE_SCRIPT.format(workdir_parent=shlex.quote(parent), thermal=THERMAL_COMMAND), timeout=120)
         info = info_from_probe(self.name, res.stdout, emulated=self.emulated)
         self.check_info(info)
         return info
@@ -258,9 +259,15 @@ class Device:
             )
         return res
 
-    def run_measured(self, argv: list[str], *, env: dict[str, str] | None = None,
-                     timeout: float | None = None, use_gnu_time: bool = False,
-                     stdout_file: str | None = None) -> RunResult:
+    def run_measured(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        use_gnu_time: bool = False,
+        stdout_file: str | None = None,
+    ) -> RunResult:
         """Run argv in the working folder and report its peak memory (GNU time -v when the device
         has it, else VmHWM polled from /proc/<pid>/status). With stdout_file, stdout is written to
         that file in the working folder (to pull afterwards) instead of streamed back."""
@@ -269,8 +276,7 @@ class Device:
         if use_gnu_time:
             line = f"cd {shlex.quote(self.workdir)} && {env_part} /usr/bin/time -v {cmd}"
         else:
-            line = (f"cd {shlex.quote(self.workdir)} && {env_part} sh -c {shlex.quote(VMHWM_WRAPPER)} "
-                    f"slim-edge {cmd}")
+            line = f"cd {shlex.quote(self.workdir)} && {env_part} sh -c {shlex.quote(VMHWM_WRAPPER)} slim-edge {cmd}"
         if stdout_file:
             line += f" > {shlex.quote(stdout_file)}"
         res = self.shell(line, timeout=timeout)

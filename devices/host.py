@@ -14,8 +14,9 @@ from slim_edge.errors import SlimEdgeError
 from .base import Device, RunResult, find_runtime_dirs
 
 
-def run_with_rusage(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-                    timeout: float | None = None) -> RunResult:
+def run_with_rusage(
+    argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None, timeout: float | None = None
+) -> RunResult:
     """Run argv locally and report its peak RSS in kB.
 
     The peak is the child's VmHWM (/proc/PID/status), polled while it runs: wait4()'s ru_maxrss is not usable
@@ -49,8 +50,14 @@ def run_with_rusage(argv: list[str], *, env: dict[str, str] | None = None, cwd: 
         rss, method = (hwm[0], "VmHWM") if hwm[0] else (usage.ru_maxrss, "wait4 ru_maxrss")
         out.seek(0)
         err.seek(0)
-        return RunResult(argv, proc.returncode, out.read(), err.read(),
-                         peak_rss_kb=rss or None, peak_rss_method=method if rss else None)
+        return RunResult(
+            argv,
+            proc.returncode,
+            out.read(),
+            err.read(),
+            peak_rss_kb=rss or None,
+            peak_rss_method=method if rss else None,
+        )
 
 
 def _poll_vmhwm(pid: int, hwm: list[int], done: threading.Event, every_s: float = 0.01) -> None:

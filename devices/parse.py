@@ -12,9 +12,28 @@ import re
 from slim_edge.errors import SlimEdgeError
 
 # The CPU features that decide which llama.cpp kernels run (arm64 /proc/cpuinfo names, then x86 flags).
-FEATURES_OF_INTEREST = ("asimd", "asimddp", "asimdhp", "i8mm", "bf16", "sve", "sve2", "sme", "sme2",
-                        "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
-                        "avx512_vnni", "avx512_bf16", "amx_int8")
+FEATURES_OF_INTEREST = (
+    "asimd",
+    "asimddp",
+    "asimdhp",
+    "i8mm",
+    "bf16",
+    "sve",
+    "sve2",
+    "sme",
+    "sme2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_int8",
+)
 
 _GETPROP_LINE = re.compile(r"^\[([^\]]+)\]: \[(.*)\]\s*$")
 
@@ -230,7 +249,7 @@ def split_exit_status(stdout: str) -> tuple[str, int | None]:
     if not found:
         return stdout, None
     m = found[-1]
-    return stdout[:m.start()] + stdout[m.end():], int(m.group(1))
+    return stdout[: m.start()] + stdout[m.end() :], int(m.group(1))
 
 
 def parse_sha256sum(text: str) -> dict[str, str]:
@@ -291,8 +310,8 @@ def parse_sections(text: str, marker: str = "@@") -> dict[str, str]:
     out: dict[str, list[str]] = {}
     cur = None
     for line in text.splitlines():
-        if line.startswith(marker) and line[len(marker):].strip():
-            cur = line[len(marker):].strip()
+        if line.startswith(marker) and line[len(marker) :].strip():
+            cur = line[len(marker) :].strip()
             out[cur] = []
         elif cur is not None:
             out[cur].append(line)

@@ -2,6 +2,7 @@
 llama-cpp-python). Both expose the same small interface, so perplexity, KL divergence and generation
 code never asks which one it holds.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from slim_edge.errors import SlimEdgeError
 
 class TorchLM:
     """An HF causal LM and its tokenizer, float32 on CPU unless the model says otherwise."""
+
     kind = "torch"
 
     def __init__(self, model, tokenizer, name: str = "torch"):
@@ -48,7 +50,7 @@ class TorchLM:
         keep = {"logits_to_keep": len(tokens) - first} if self._keeps_logits else {}
         with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=False, **keep)
-        return out.logits[0, -(len(tokens) - first):].float().cpu().numpy()
+        return out.logits[0, -(len(tokens) - first) :].float().cpu().numpy()
 
     def greedy(self, prompt: list[int], n_new: int, stop_at_eos: bool = True) -> list[int]:
         import inspect
@@ -83,10 +85,12 @@ def kv_cache_type(name: str) -> int:
 
 class LlamaCppLM:
     """A GGUF file run by the pinned llama.cpp through llama-cpp-python, all logits kept."""
+
     kind = "gguf"
 
-    def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int = 2, name: str | None = None,
-                 kv_cache: str = "f16"):
+    def __init__(
+        self, path: str | Path, n_ctx: int = 512, n_threads: int = 2, name: str | None = None, kv_cache: str = "f16"
+    ):
         path = Path(path)
         if not path.is_file():
             raise SlimEdgeError(f"GGUF file {path} does not exist; pass a .gguf written by slim-edge export")
@@ -95,12 +99,22 @@ class LlamaCppLM:
         self.path = path
         self.name = name or path.name
         try:
-            self.llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                                       n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
-                                       type_k=kv_type, type_v=kv_type)
+            self.llm = llama_cpp.Llama(
+                str(path),
+                logits_all=True,
+                n_ctx=n_ctx,
+                n_batch=min(n_ctx, 512),
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                verbose=False,
+                type_k=kv_type,
+                type_v=kv_type,
+            )
         except (ValueError, RuntimeError) as e:
-            raise SlimEdgeError(f"llama.cpp could not load {path} ({e}); check that the runtime was built with "
-                                f"the patches for its tensor types (slim-edge runtime build)") from None
+            raise SlimEdgeError(
+                f"llama.cpp could not load {path} ({e}); check that the runtime was built with "
+                f"the patches for its tensor types (slim-edge runtime build)"
+            ) from None
         self.n_ctx = n_ctx
         self.n_vocab = int(self.llm.n_vocab())
         self.bos_id = int(self.llm.token_bos())
@@ -119,7 +133,7 @@ class LlamaCppLM:
             raise SlimEdgeError(f"{len(tokens)} tokens do not fit the runtime context of {self.n_ctx}")
         self.llm.reset()
         self.llm.eval(tokens)
-        return np.array(self.llm.scores[first:len(tokens)], dtype=np.float32)
+        return np.array(self.llm.scores[first : len(tokens)], dtype=np.float32)
 
     def greedy(self, prompt: list[int], n_new: int, stop_at_eos: bool = True) -> list[int]:
         if len(prompt) + n_new > self.n_ctx:
@@ -155,13 +169,19 @@ def bindings():
         try:
             import llama_cpp
         except ImportError:
-            raise SlimEdgeError(f"{e}; the Python bindings are not installed either: "
-                                f"pip install 'slim-edge[runtime]'") from None
+            raise SlimEdgeError(
+                f"{e}; the Python bindings are not installed either: pip install 'slim-edge[runtime]'"
+            ) from None
         except OSError:  # `make setup` installs them without a library of their own (LLAMA_BUILD=OFF)
-            raise SlimEdgeError(f"{e} (llama-cpp-python has no library of its own to fall back on: it binds "
-                                f"the patched runtime once that is built)") from None
-        print(f"slim-edge: {e}. Using llama-cpp-python's own stock library meanwhile "
-              f"(slim-edge's custom tensor types will not load).", file=sys.stderr)
+            raise SlimEdgeError(
+                f"{e} (llama-cpp-python has no library of its own to fall back on: it binds "
+                f"the patched runtime once that is built)"
+            ) from None
+        print(
+            f"slim-edge: {e}. Using llama-cpp-python's own stock library meanwhile "
+            f"(slim-edge's custom tensor types will not load).",
+            file=sys.stderr,
+        )
         _BINDINGS = llama_cpp
     return _BINDINGS
 
@@ -195,6 +215,7 @@ def gqa_positions(folder: Path) -> int | None:
 class OnnxLM:
     """A model written by `slim-edge export --onnx`, run by onnxruntime's CPU execution provider with its
     KV cache (past_key_values.{i}.key|value in, present.{i}.key|value out)."""
+
     kind = "onnx"
 
     def __init__(self, path: str | Path, n_threads: int = 2, name: str | None = None):
@@ -204,14 +225,17 @@ class OnnxLM:
         folder = path if path.is_dir() else path.parent
         path = folder / "model.onnx" if path.is_dir() else path
         if not path.is_file():
-            raise SlimEdgeError(f"ONNX model {path} does not exist; pass a folder or model.onnx written by "
-                                f"slim-edge export --onnx")
+            raise SlimEdgeError(
+                f"ONNX model {path} does not exist; pass a folder or model.onnx written by slim-edge export --onnx"
+            )
         _, ort = require_onnx()
         need = export_info(folder).get("min_onnxruntime")
         if need and version_tuple(ort.__version__) < version_tuple(need):
-            raise SlimEdgeError(f"{path}: onnxruntime {ort.__version__} is older than {need}, the first that runs "
-                                f"this export's 2-bit MatMulNBits / GatherBlockQuantized (older ones refuse it or "
-                                f"fail in it); pip install -U 'onnxruntime>={need}'")
+            raise SlimEdgeError(
+                f"{path}: onnxruntime {ort.__version__} is older than {need}, the first that runs "
+                f"this export's 2-bit MatMulNBits / GatherBlockQuantized (older ones refuse it or "
+                f"fail in it); pip install -U 'onnxruntime>={need}'"
+            )
         so = ort.SessionOptions()
         so.intra_op_num_threads = n_threads
         so.inter_op_num_threads = 1
@@ -219,8 +243,10 @@ class OnnxLM:
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own error types
-            raise SlimEdgeError(f"onnxruntime {ort.__version__} could not load {path} ({ort_reason(e)}); "
-                                f"re-export it with this slim-edge, or pip install -U onnxruntime") from None
+            raise SlimEdgeError(
+                f"onnxruntime {ort.__version__} could not load {path} ({ort_reason(e)}); "
+                f"re-export it with this slim-edge, or pip install -U onnxruntime"
+            ) from None
         self.path, self.name = path, name or folder.name
         self.past = [(i.name, i.shape) for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -244,12 +270,18 @@ class OnnxLM:
         """Logits [len(tokens), vocab] of `tokens` at positions start.., and the cache extended by them."""
         ids = np.asarray(tokens, np.int64)[None]
         if self.max_positions is not None and start + ids.shape[1] > self.max_positions:
-            raise SlimEdgeError(f"{self.name}: {ids.shape[1]} token(s) at position {start} reach position "
-                                f"{start + ids.shape[1] - 1}, past the {self.max_positions} positions of its gqa "
-                                f"graph (max_position_embeddings: the RoPE caches of GroupQueryAttention); use a "
-                                f"shorter context, or export with --onnx-attention plain")
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, start + ids.shape[1]), np.int64),
-                "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None], **cache}
+            raise SlimEdgeError(
+                f"{self.name}: {ids.shape[1]} token(s) at position {start} reach position "
+                f"{start + ids.shape[1] - 1}, past the {self.max_positions} positions of its gqa "
+                f"graph (max_position_embeddings: the RoPE caches of GroupQueryAttention); use a "
+                f"shorter context, or export with --onnx-attention plain"
+            )
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones((1, start + ids.shape[1]), np.int64),
+            "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None],
+            **cache,
+        }
         try:
             out = dict(zip(self.outputs, self.session.run(None, feed)))
         except Exception as e:  # onnxruntime's own error types

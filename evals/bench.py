@@ -38,8 +38,11 @@ FP_FILE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}  # general.file_type values of 
 
 CHAT_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant that answers briefly."},
-    {"role": "user", "content": "I am flying to Lisbon next week for three days. What should I pack for "
-                                "the trip, and which neighbourhoods are worth walking around in the evening?"},
+    {
+        "role": "user",
+        "content": "I am flying to Lisbon next week for three days. What should I pack for "
+        "the trip, and which neighbourhoods are worth walking around in the evening?",
+    },
 ]
 
 
@@ -57,8 +60,9 @@ class BenchConfig:
 
     def __post_init__(self):
         if not self.prompt_lengths or any(p <= 0 for p in self.prompt_lengths):
-            raise SlimEdgeError(f"Prompt lengths must be positive integers; got {self.prompt_lengths}. "
-                                "Example: -p 128,256,512,1024.")
+            raise SlimEdgeError(
+                f"Prompt lengths must be positive integers; got {self.prompt_lengths}. Example: -p 128,256,512,1024."
+            )
         if not self.threads or any(t <= 0 for t in self.threads):
             raise SlimEdgeError(f"Thread counts must be positive integers; got {self.threads}. Example: -t 1,2.")
         if self.repetitions < 1:
@@ -71,8 +75,9 @@ class BenchConfig:
             raise SlimEdgeError(f"--cool-to takes a temperature in °C between 20 and 90; got {self.cool_to}.")
 
 
-def wait_cool(read_zones, limit_c: float, timeout_s: float = 300.0, poll_s: float = 5.0,
-              sleep=time.sleep, clock=time.monotonic) -> tuple[float, float | None]:
+def wait_cool(
+    read_zones, limit_c: float, timeout_s: float = 300.0, poll_s: float = 5.0, sleep=time.sleep, clock=time.monotonic
+) -> tuple[float, float | None]:
     """Poll `read_zones()` ({zone: °C}) until the hottest zone is below `limit_c` or `timeout_s` passes.
     Returns (seconds waited, last hottest reading); a device without zones returns at once."""
     t0 = clock()
@@ -93,10 +98,10 @@ class ModelResult:
     peak_rss_kb: int | None = None
     peak_rss_method: str | None = None
     prefill: list[dict] = field(default_factory=list)  # per (n_prompt, n_threads)
-    decode: list[dict] = field(default_factory=list)   # per (n_gen, n_threads)
+    decode: list[dict] = field(default_factory=list)  # per (n_gen, n_threads)
     chat_ttft: list[dict] = field(default_factory=list)  # host only, per n_threads
     thermal_after_c: list[dict] = field(default_factory=list)  # zone readings after each run
-    rows: list[dict] = field(default_factory=list)     # raw llama-bench rows, with samples_ns
+    rows: list[dict] = field(default_factory=list)  # raw llama-bench rows, with samples_ns
 
 
 @dataclass
@@ -134,8 +139,21 @@ class BenchResult:
 
 # -- pure helpers ------------------------------------------------------------------------------
 def llama_bench_argv(bench: str, model: str, cfg: BenchConfig, threads: int, mask: str | None) -> list[str]:
-    argv = [bench, "-m", model, "-p", ",".join(map(str, cfg.prompt_lengths)), "-n", str(cfg.n_gen),
-            "-t", str(threads), "-r", str(cfg.repetitions), "-o", "jsonl"]
+    argv = [
+        bench,
+        "-m",
+        model,
+        "-p",
+        ",".join(map(str, cfg.prompt_lengths)),
+        "-n",
+        str(cfg.n_gen),
+        "-t",
+        str(threads),
+        "-r",
+        str(cfg.repetitions),
+        "-o",
+        "jsonl",
+    ]
     if cfg.delay:
         argv += ["--delay", str(cfg.delay)]
     if mask:
@@ -165,13 +183,25 @@ def summarize_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     for r in rows:
         samples_ns = [float(x) for x in r.get("samples_ns", [])]
         samples_ts = [float(x) for x in r.get("samples_ts", [])]
-        base = {"n_threads": int(r.get("n_threads", 0)), "tps_mean": float(r["avg_ts"]),
-                "tps_std": float(r.get("stddev_ts", 0.0)), "samples_ns": samples_ns, "samples_ts": samples_ts}
+        base = {
+            "n_threads": int(r.get("n_threads", 0)),
+            "tps_mean": float(r["avg_ts"]),
+            "tps_std": float(r.get("stddev_ts", 0.0)),
+            "samples_ns": samples_ns,
+            "samples_ts": samples_ts,
+        }
         if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
             ttft_ms = [ns / 1e6 for ns in samples_ns] or [r["n_prompt"] / float(r["avg_ts"]) * 1e3]
             mean, std = _mean_std(ttft_ms)
-            prefill.append({"n_prompt": int(r["n_prompt"]), **base, "ttft_ms_mean": mean, "ttft_ms_std": std,
-                            "ttft_ms_samples": ttft_ms})
+            prefill.append(
+                {
+                    "n_prompt": int(r["n_prompt"]),
+                    **base,
+                    "ttft_ms_mean": mean,
+                    "ttft_ms_std": std,
+                    "ttft_ms_samples": ttft_ms,
+                }
+            )
         elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
             decode.append({"n_gen": int(r["n_gen"]), **base})
     prefill.sort(key=lambda e: (e["n_threads"], e["n_prompt"]))
@@ -183,13 +213,16 @@ def compare_to(result: BenchResult, baseline: str) -> dict:
     """Ratios of every model against the model named (or formatted) `baseline`: t/s ratio > 1 and
     TTFT ratio < 1 mean faster than the baseline."""
     key = baseline.lower()
-    matches = [m for m in result.models if m.name.lower() == key] or \
-              [m for m in result.models if key in m.name.lower().replace("-", "_").replace(".", "_")]
+    matches = [m for m in result.models if m.name.lower() == key] or [
+        m for m in result.models if key in m.name.lower().replace("-", "_").replace(".", "_")
+    ]
     if len(matches) != 1:
         names = ", ".join(m.name for m in result.models)
         what = "matches none" if not matches else f"matches {len(matches)} ({', '.join(m.name for m in matches)})"
-        raise SlimEdgeError(f"--compare {baseline!r} {what} of the benchmarked models ({names}). "
-                            "Pass the exact model name (the file name without .gguf).")
+        raise SlimEdgeError(
+            f"--compare {baseline!r} {what} of the benchmarked models ({names}). "
+            "Pass the exact model name (the file name without .gguf)."
+        )
     base = matches[0]
     bp = {(e["n_prompt"], e["n_threads"]): e for e in base.prefill}
     bd = {(e["n_gen"], e["n_threads"]): e for e in base.decode}
@@ -198,14 +231,27 @@ def compare_to(result: BenchResult, baseline: str) -> dict:
         for e in m.prefill:
             b = bp.get((e["n_prompt"], e["n_threads"]))
             if b:
-                rows.append({"model": m.name, "test": f"pp{e['n_prompt']}", "n_threads": e["n_threads"],
-                             "tps_ratio": e["tps_mean"] / b["tps_mean"],
-                             "ttft_ratio": e["ttft_ms_mean"] / b["ttft_ms_mean"]})
+                rows.append(
+                    {
+                        "model": m.name,
+                        "test": f"pp{e['n_prompt']}",
+                        "n_threads": e["n_threads"],
+                        "tps_ratio": e["tps_mean"] / b["tps_mean"],
+                        "ttft_ratio": e["ttft_ms_mean"] / b["ttft_ms_mean"],
+                    }
+                )
         for e in m.decode:
             b = bd.get((e["n_gen"], e["n_threads"]))
             if b:
-                rows.append({"model": m.name, "test": f"tg{e['n_gen']}", "n_threads": e["n_threads"],
-                             "tps_ratio": e["tps_mean"] / b["tps_mean"], "ttft_ratio": None})
+                rows.append(
+                    {
+                        "model": m.name,
+                        "test": f"tg{e['n_gen']}",
+                        "n_threads": e["n_threads"],
+                        "tps_ratio": e["tps_mean"] / b["tps_mean"],
+                        "ttft_ratio": None,
+                    }
+                )
     return {"baseline": base.name, "rows": rows}
 
 
@@ -219,44 +265,67 @@ def markdown_table(result: BenchResult) -> str:
     if result.emulated:
         lines += [f"**{EMULATED_LABEL}** — {result.device.arch}", ""]
     note = " note |" if result.emulated else ""
-    lines += ["| model | size | threads | test | t/s | TTFT ms | peak mem |" + note,
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" --- |" if note else "")]
+    lines += [
+        "| model | size | threads | test | t/s | TTFT ms | peak mem |" + note,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" --- |" if note else ""),
+    ]
     tail = f" {EMULATED_LABEL} |" if result.emulated else ""
     for m in result.models:
         mem = "n/a" if m.peak_rss_kb is None else f"{m.peak_rss_kb / 1024:.1f} MiB"
         for e in m.prefill:
-            lines.append(f"| {m.name} | {_mib(m.file_size)} | {e['n_threads']} | pp{e['n_prompt']} | "
-                         f"{e['tps_mean']:.2f} ± {e['tps_std']:.2f} | {e['ttft_ms_mean']:.1f} ± {e['ttft_ms_std']:.1f} "
-                         f"| {mem} |" + tail)
+            lines.append(
+                f"| {m.name} | {_mib(m.file_size)} | {e['n_threads']} | pp{e['n_prompt']} | "
+                f"{e['tps_mean']:.2f} ± {e['tps_std']:.2f} | {e['ttft_ms_mean']:.1f} ± {e['ttft_ms_std']:.1f} "
+                f"| {mem} |" + tail
+            )
         for e in m.decode:
-            lines.append(f"| {m.name} | {_mib(m.file_size)} | {e['n_threads']} | tg{e['n_gen']} | "
-                         f"{e['tps_mean']:.2f} ± {e['tps_std']:.2f} | | {mem} |" + tail)
+            lines.append(
+                f"| {m.name} | {_mib(m.file_size)} | {e['n_threads']} | tg{e['n_gen']} | "
+                f"{e['tps_mean']:.2f} ± {e['tps_std']:.2f} | | {mem} |" + tail
+            )
     chats = [(m, c) for m in result.models for c in m.chat_ttft]
     if chats:
-        lines += ["", "Time to first token on a real chat prompt (llama_cpp create_chat_completion, max_tokens=1):",
-                  "", "| model | threads | prompt tokens | TTFT ms (wall) | t_p_eval ms |" + note,
-                  "| --- | ---: | ---: | ---: | ---: |" + (" --- |" if note else "")]
+        lines += [
+            "",
+            "Time to first token on a real chat prompt (llama_cpp create_chat_completion, max_tokens=1):",
+            "",
+            "| model | threads | prompt tokens | TTFT ms (wall) | t_p_eval ms |" + note,
+            "| --- | ---: | ---: | ---: | ---: |" + (" --- |" if note else ""),
+        ]
         for m, c in chats:
-            lines.append(f"| {m.name} | {c['n_threads']} | {c['n_prompt_tokens']} | {c['wall_ms_mean']:.1f} ± "
-                         f"{c['wall_ms_std']:.1f} | {c['t_p_eval_ms_mean']:.1f} ± {c['t_p_eval_ms_std']:.1f} |" + tail)
+            lines.append(
+                f"| {m.name} | {c['n_threads']} | {c['n_prompt_tokens']} | {c['wall_ms_mean']:.1f} ± "
+                f"{c['wall_ms_std']:.1f} | {c['t_p_eval_ms_mean']:.1f} ± {c['t_p_eval_ms_std']:.1f} |" + tail
+            )
     if result.compare:
-        lines += ["", f"Ratios against {result.compare['baseline']} (t/s: >1 is faster; TTFT: <1 is faster):", "",
-                  "| model | test | threads | t/s ratio | TTFT ratio |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            f"Ratios against {result.compare['baseline']} (t/s: >1 is faster; TTFT: <1 is faster):",
+            "",
+            "| model | test | threads | t/s ratio | TTFT ratio |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
         for r in result.compare["rows"]:
             tt = "" if r["ttft_ratio"] is None else f"{r['ttft_ratio']:.2f}x"
             lines.append(f"| {r['model']} | {r['test']} | {r['n_threads']} | {r['tps_ratio']:.2f}x | {tt} |")
     d = result.device
     methods = sorted({m.peak_rss_method for m in result.models if m.peak_rss_method})
-    lines += ["", f"device: {d.device} · {d.soc} · {d.model or d.arch}"
-              + (f" · Android {d.android_version}" if d.android_version else "")
-              + f" · features: {' '.join(d.cpu_features_of_interest) or 'n/a'}"
-              + (" · pinned (cpu-strict) " + ", ".join(f"t{t} {m}" for t, m in result.cpu_masks.items())
-                 if result.cpu_masks else "")
-              + (f" · hottest zone at start {max(d.thermal_c.values()):.1f} °C" if d.thermal_c else ""),
-              f"runtime: {result.runtime.get('target')} · build {result.runtime.get('build_commit')} "
-              f"({result.runtime.get('build_number')})"
-              + (f" · {result.runtime['onnxruntime']} (CPU EP)" if result.runtime.get("onnxruntime") else "")
-              + f" · peak memory by {', '.join(methods) or 'n/a'}"]
+    lines += [
+        "",
+        f"device: {d.device} · {d.soc} · {d.model or d.arch}"
+        + (f" · Android {d.android_version}" if d.android_version else "")
+        + f" · features: {' '.join(d.cpu_features_of_interest) or 'n/a'}"
+        + (
+            " · pinned (cpu-strict) " + ", ".join(f"t{t} {m}" for t, m in result.cpu_masks.items())
+            if result.cpu_masks
+            else ""
+        )
+        + (f" · hottest zone at start {max(d.thermal_c.values()):.1f} °C" if d.thermal_c else ""),
+        f"runtime: {result.runtime.get('target')} · build {result.runtime.get('build_commit')} "
+        f"({result.runtime.get('build_number')})"
+        + (f" · {result.runtime['onnxruntime']} (CPU EP)" if result.runtime.get("onnxruntime") else "")
+        + f" · peak memory by {', '.join(methods) or 'n/a'}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -284,8 +353,9 @@ def check_baselines(kinds: list[str]) -> None:
 
     unknown = [k for k in kinds if k not in BASELINE_TYPES]
     if unknown or not kinds:
-        raise SlimEdgeError(f"Unknown baseline(s) {', '.join(unknown) or '(none given)'}; choose from "
-                            f"{', '.join(BASELINE_TYPES)}.")
+        raise SlimEdgeError(
+            f"Unknown baseline(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(BASELINE_TYPES)}."
+        )
 
 
 def build_baselines(fp_model: Path, kinds: list[str], out_dir: Path | None = None) -> list[Path]:
@@ -336,8 +406,7 @@ print(json.dumps({"n_prompt_tokens": prompt_tokens, "wall_ms": wall, "t_p_eval_m
 """
 
 
-def measure_chat_ttft(model: Path, threads: int, reps: int, lib_dir: Path | None = None,
-                      n_ctx: int = 2048) -> dict:
+def measure_chat_ttft(model: Path, threads: int, reps: int, lib_dir: Path | None = None, n_ctx: int = 2048) -> dict:
     """TTFT of one chat turn through llama_cpp (in a child process, so LLAMA_CPP_LIB_PATH can
     point at the runtime's libllama.so)."""
     env = dict(os.environ)
@@ -345,17 +414,26 @@ def measure_chat_ttft(model: Path, threads: int, reps: int, lib_dir: Path | None
         env["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
         env["LD_LIBRARY_PATH"] = str(lib_dir) + os.pathsep + env.get("LD_LIBRARY_PATH", "")
     args = {"model": str(model), "threads": threads, "reps": reps, "n_ctx": n_ctx, "messages": CHAT_MESSAGES}
-    p = subprocess.run([sys.executable, "-c", _CHAT_TTFT_SCRIPT, json.dumps(args)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", _CHAT_TTFT_SCRIPT, json.dumps(args)], capture_output=True, text=True, env=env
+    )
     if p.returncode != 0:
         raise SlimEdgeError(f"Chat TTFT through llama_cpp failed for {model.name}: {p.stderr.strip()[-600:]}")
     r = json.loads(p.stdout.strip().splitlines()[-1])
     wm, ws = _mean_std(r["wall_ms"])
     pm, ps = _mean_std(r["t_p_eval_ms"])
-    return {"n_threads": threads, "n_prompt_tokens": r["n_prompt_tokens"], "wall_ms_mean": wm, "wall_ms_std": ws,
-            "t_p_eval_ms_mean": pm, "t_p_eval_ms_std": ps, "wall_ms_samples": r["wall_ms"],
-            "t_p_eval_ms_samples": r["t_p_eval_ms"], "n_p_eval": r["n_p_eval"],
-            "source": "llama_cpp create_chat_completion(max_tokens=1) + llama_perf_context"}
+    return {
+        "n_threads": threads,
+        "n_prompt_tokens": r["n_prompt_tokens"],
+        "wall_ms_mean": wm,
+        "wall_ms_std": ws,
+        "t_p_eval_ms_mean": pm,
+        "t_p_eval_ms_std": ps,
+        "wall_ms_samples": r["wall_ms"],
+        "t_p_eval_ms_samples": r["t_p_eval_ms"],
+        "n_p_eval": r["n_p_eval"],
+        "source": "llama_cpp create_chat_completion(max_tokens=1) + llama_perf_context",
+    }
 
 
 def llama_cpp_available() -> bool:
@@ -397,14 +475,23 @@ def _decode_ns(lm, n: int, rng) -> int:
 
 def _row(kind: str, n: int, threads: int, samples_ns: list[int], ort_version: str) -> dict:
     ts = [n / (s / 1e9) for s in samples_ns]
-    return {"n_prompt": n if kind == "pp" else 0, "n_gen": n if kind == "tg" else 0, "n_threads": threads,
-            "avg_ts": float(np.mean(ts)), "stddev_ts": float(np.std(ts, ddof=1)) if len(ts) > 1 else 0.0,
-            "samples_ns": samples_ns, "samples_ts": ts, "model_type": "onnx",
-            "build_commit": f"onnxruntime {ort_version}", "backends": "onnxruntime CPUExecutionProvider"}
+    return {
+        "n_prompt": n if kind == "pp" else 0,
+        "n_gen": n if kind == "tg" else 0,
+        "n_threads": threads,
+        "avg_ts": float(np.mean(ts)),
+        "stddev_ts": float(np.std(ts, ddof=1)) if len(ts) > 1 else 0.0,
+        "samples_ns": samples_ns,
+        "samples_ts": ts,
+        "model_type": "onnx",
+        "build_commit": f"onnxruntime {ort_version}",
+        "backends": "onnxruntime CPUExecutionProvider",
+    }
 
 
-def onnx_bench_rows(path: Path, prompt_lengths: list[int], n_gen: int, threads: int, repetitions: int,
-                    seed: int = 0) -> list[dict]:
+def onnx_bench_rows(
+    path: Path, prompt_lengths: list[int], n_gen: int, threads: int, repetitions: int, seed: int = 0
+) -> list[dict]:
     """llama-bench-style rows (pp per prompt length, then tg) for the ONNX model at `path`."""
     import onnxruntime
 
@@ -417,17 +504,26 @@ def onnx_bench_rows(path: Path, prompt_lengths: list[int], n_gen: int, threads: 
     rows = []
     for p in prompt_lengths:
         _prefill_ns(lm, p, rng)  # warm-up: onnxruntime allocates and packs on the first run of a shape
-        rows.append(_row("pp", p, threads, [_prefill_ns(lm, p, rng) for _ in range(repetitions)],
-                         onnxruntime.__version__))
+        rows.append(
+            _row("pp", p, threads, [_prefill_ns(lm, p, rng) for _ in range(repetitions)], onnxruntime.__version__)
+        )
     _decode_ns(lm, min(n_gen, 4), rng)
-    rows.append(_row("tg", n_gen, threads, [_decode_ns(lm, n_gen, rng) for _ in range(repetitions)],
-                     onnxruntime.__version__))
+    rows.append(
+        _row("tg", n_gen, threads, [_decode_ns(lm, n_gen, rng) for _ in range(repetitions)], onnxruntime.__version__)
+    )
     return rows
 
 
 # -- the benchmark -----------------------------------------------------------------------------
-def run_bench(models: list[Path | str], device: Device | str = "host", config: BenchConfig | None = None,
-              *, compare: str | None = None, progress: bool = True, log=None) -> BenchResult:
+def run_bench(
+    models: list[Path | str],
+    device: Device | str = "host",
+    config: BenchConfig | None = None,
+    *,
+    compare: str | None = None,
+    progress: bool = True,
+    log=None,
+) -> BenchResult:
     """Benchmark each GGUF in `models` on `device` and return every measurement.
 
     >>> result = run_bench(["tiny-q4_0.gguf", "tiny-f16.gguf"], "host", BenchConfig(threads=[1]))
@@ -441,10 +537,13 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
     onnx_paths = [p for p in paths if is_onnx_model(p)]
     missing = [str(p) for p in paths if not p.is_file() and p not in onnx_paths]
     if missing:
-        raise SlimEdgeError(f"Model file(s) not found: {', '.join(missing)}. Pass paths to GGUF files or ONNX "
-                            f"exports (model.onnx or its folder).")
-    names = [p.name[:-5] if p.name.endswith(".gguf") else p.parent.name if p.name == "model.onnx" else p.name
-             for p in paths]
+        raise SlimEdgeError(
+            f"Model file(s) not found: {', '.join(missing)}. Pass paths to GGUF files or ONNX "
+            f"exports (model.onnx or its folder)."
+        )
+    names = [
+        p.name[:-5] if p.name.endswith(".gguf") else p.parent.name if p.name == "model.onnx" else p.name for p in paths
+    ]
     if len(set(names)) != len(names):
         raise SlimEdgeError(f"Two models share a name ({', '.join(names)}); rename one so results stay apart.")
     onnx_names = {p: n for p, n in zip(paths, names) if p in onnx_paths}
@@ -454,8 +553,10 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
         read_tensor_table(p)
     dev = get_device(device) if isinstance(device, str) else device
     if onnx_paths and dev.name != "host":
-        raise SlimEdgeError(f"ONNX models are benchmarked on the host only (onnxruntime here); drop "
-                            f"{', '.join(map(str, onnx_paths))} or use --device host")
+        raise SlimEdgeError(
+            f"ONNX models are benchmarked on the host only (onnxruntime here); drop "
+            f"{', '.join(map(str, onnx_paths))} or use --device host"
+        )
 
     dev.check_connection()
     info = dev.info()
@@ -469,8 +570,10 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
     staged = dev.stage(paths, subdir="models")
     masks = pin_masks(info.max_freqs_khz, cfg.threads) if cfg.pin_big_cores else {}
     if masks:
-        log("[bench] pinning each thread to one of the fastest cores (highest cpuinfo_max_freq): "
-            + ", ".join(f"{t} thread(s) -> mask {m}" for t, m in masks.items()))
+        log(
+            "[bench] pinning each thread to one of the fastest cores (highest cpuinfo_max_freq): "
+            + ", ".join(f"{t} thread(s) -> mask {m}" for t, m in masks.items())
+        )
 
     results, runtime = [], {"target": dev.runtime_target}
     jobs = [(p, n, t) for p, n in zip(paths, names) for t in cfg.threads]
@@ -487,8 +590,9 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
         argv = llama_bench_argv(tools["llama-bench"], staged[path], cfg, threads, masks.get(threads))
         if dev.copies_files:  # llama-bench writes its JSONL on the device; pull it back
             remote_out = f"results/{safe_name(f'{name}-t{threads}.jsonl')}"
-            res = dev.run_measured(argv, env=env, timeout=cfg.timeout, use_gnu_time=info.has_gnu_time,
-                                   stdout_file=remote_out)
+            res = dev.run_measured(
+                argv, env=env, timeout=cfg.timeout, use_gnu_time=info.has_gnu_time, stdout_file=remote_out
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 pulled = dev.pull(remote_out, Path(tmp) / "out.jsonl") if res.returncode == 0 else None
                 text = pulled.read_text() if pulled else ""
@@ -497,20 +601,27 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
             text = res.stdout
         rows = parse_llama_bench(text)
         if res.returncode != 0 or not rows:
-            raise SlimEdgeError(f"llama-bench failed on {info.device} for {path.name} (exit {res.returncode}): "
-                                f"{(res.stderr.strip() or res.stdout.strip())[-1200:]}")
+            raise SlimEdgeError(
+                f"llama-bench failed on {info.device} for {path.name} (exit {res.returncode}): "
+                f"{(res.stderr.strip() or res.stdout.strip())[-1200:]}"
+            )
         mr = by_name.get(name)
         if mr is None:
-            mr = by_name[name] = ModelResult(name=name, path=str(path), file_size=path.stat().st_size,
-                                             model_type=str(rows[0].get("model_type", "")))
+            mr = by_name[name] = ModelResult(
+                name=name, path=str(path), file_size=path.stat().st_size, model_type=str(rows[0].get("model_type", ""))
+            )
             results.append(mr)
         mr.rows += rows
         if res.peak_rss_kb is not None and (mr.peak_rss_kb is None or res.peak_rss_kb > mr.peak_rss_kb):
             mr.peak_rss_kb, mr.peak_rss_method = res.peak_rss_kb, res.peak_rss_method
         if info.thermal_c:
             mr.thermal_after_c.append({"n_threads": threads, "zones": dev.thermal()})
-        runtime.update(build_commit=rows[0].get("build_commit"), build_number=rows[0].get("build_number"),
-                       backends=rows[0].get("backends"), cpu_info=rows[0].get("cpu_info"))
+        runtime.update(
+            build_commit=rows[0].get("build_commit"),
+            build_number=rows[0].get("build_number"),
+            backends=rows[0].get("backends"),
+            cpu_info=rows[0].get("cpu_info"),
+        )
         bar.update(1)
     bar.close()
     for path, name in onnx_names.items():  # onnxruntime on the host, measured as llama-bench measures
@@ -532,8 +643,14 @@ def run_bench(models: list[Path | str], device: Device | str = "host", config: B
         else:
             log("[bench] llama_cpp is not installed: skipping the chat-prompt TTFT (pip install 'slim-edge[runtime]')")
 
-    result = BenchResult(device=info, config=cfg, models=results, runtime=runtime, cpu_masks=masks,
-                         created=datetime.now().isoformat(timespec="seconds"))
+    result = BenchResult(
+        device=info,
+        config=cfg,
+        models=results,
+        runtime=runtime,
+        cpu_masks=masks,
+        created=datetime.now().isoformat(timespec="seconds"),
+    )
     if compare:
         result.compare = compare_to(result, compare)
     return result
@@ -576,10 +693,19 @@ def write_results(result: BenchResult, out_dir: Path, *, force: bool = False, pl
 
 
 # -- the command's flow (`slim-edge bench` in cli.py parses the options) ------------------------
-def bench_models(models: list[Path], config: BenchConfig, device: str = "host", *,
-                 device_options: dict | None = None, baselines: list[str] | None = None,
-                 fp_model: Path | None = None, compare: str | None = None, output: Path | None = None,
-                 force: bool = False, cleanup: bool = False) -> tuple[BenchResult, dict[str, Path]]:
+def bench_models(
+    models: list[Path],
+    config: BenchConfig,
+    device: str = "host",
+    *,
+    device_options: dict | None = None,
+    baselines: list[str] | None = None,
+    fp_model: Path | None = None,
+    compare: str | None = None,
+    output: Path | None = None,
+    force: bool = False,
+    cleanup: bool = False,
+) -> tuple[BenchResult, dict[str, Path]]:
     """Add the `baselines` (built from `fp_model`, else from the unquantized file among `models`), run
     `run_bench` on `device` (get_device(device, **device_options)) and write the results folder `output`
     (default results/bench-<timestamp>). Returns the result and the files written.
@@ -593,8 +719,10 @@ def bench_models(models: list[Path], config: BenchConfig, device: str = "host", 
         check_baselines(baselines)
         src = fp_model or find_fp_model(models)
         if src is None:
-            raise SlimEdgeError("--baselines needs an unquantized (F16/F32/BF16) GGUF to quantize from: pass "
-                                "--fp-model PATH or include one among the models.")
+            raise SlimEdgeError(
+                "--baselines needs an unquantized (F16/F32/BF16) GGUF to quantize from: pass "
+                "--fp-model PATH or include one among the models."
+            )
         for b in build_baselines(src, baselines):
             if b.resolve() not in {m.resolve() for m in models}:
                 models.append(b)

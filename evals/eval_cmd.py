@@ -5,6 +5,7 @@ All models see the same token ids: the text is tokenized once, by the reference'
 first model's), and cut into chunks as llama-perplexity does (see perplexity.py). Models are loaded
 together and every chunk is run through each of them, so only one chunk of logits per model is held.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,8 @@ from slim_edge.models import resolve
 
 # the loop check needs a few hundred tokens; the runtime's context (and its KV cache) grows with this
 MAX_GEN_TOKENS = 4096
+
+
 def _is_gguf_file(path: Path) -> bool:
     """True for an existing GGUF file, False for a path that is not a file; any other file is refused."""
     if not path.is_file():
@@ -35,8 +38,10 @@ def _is_gguf_file(path: Path) -> bool:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise SlimEdgeError(f"{path} is not a GGUF file (starts with {magic!r}); pass a .gguf file, a "
-                            f"checkpoint folder or an HF model folder")
+        raise SlimEdgeError(
+            f"{path} is not a GGUF file (starts with {magic!r}); pass a .gguf file, a "
+            f"checkpoint folder or an HF model folder"
+        )
     return True
 
 
@@ -66,8 +71,11 @@ def preflight(spec: str) -> int | None:
         return n if isinstance(n, int) else None
     if path.suffix == ".gguf":
         kind = path_kind(path, "")
-        raise SlimEdgeError(f"GGUF file {path} does not exist; export one with slim-edge export" if kind is None
-                            else f"{path} is {kind}, not a GGUF file; pass a regular .gguf file")
+        raise SlimEdgeError(
+            f"GGUF file {path} does not exist; export one with slim-edge export"
+            if kind is None
+            else f"{path} is {kind}, not a GGUF file; pass a regular .gguf file"
+        )
     onnx_dir = _onnx_folder(path)
     if onnx_dir is not None:
         genai = onnx_dir / "genai_config.json"
@@ -94,6 +102,7 @@ def load_lm(spec: str, ctx: int = 512, threads: int = 2):
     torch.set_num_threads(threads)
     if (path / "quant_config.json").is_file():
         from slim_edge import load_quantized
+
         model, tok = load_quantized(path)
         return TorchLM(model, tok, name=path.name)
     from slim_edge.models import load_model
@@ -102,9 +111,18 @@ def load_lm(spec: str, ctx: int = 512, threads: int = 2):
     return TorchLM(model, tok, name=spec if not path.exists() else path.name)
 
 
-def evaluate(models: list[str], reference: str | None = None, corpus: str = "lee", split: str = "eval",
-             ctx: int = 512, max_chunks: int | None = None, gen_tokens: int = 64, threads: int = 2,
-             train_text: str | None = None, progress: bool = True) -> dict:
+def evaluate(
+    models: list[str],
+    reference: str | None = None,
+    corpus: str = "lee",
+    split: str = "eval",
+    ctx: int = 512,
+    max_chunks: int | None = None,
+    gen_tokens: int = 64,
+    threads: int = 2,
+    train_text: str | None = None,
+    progress: bool = True,
+) -> dict:
     """PPL of each model (and of the reference), and with a reference its KLD, ΔPPL and same-top-1 %,
     on `split` of `corpus`; plus a greedy generation check of `gen_tokens` tokens (0 = skip).
 
@@ -116,8 +134,9 @@ def evaluate(models: list[str], reference: str | None = None, corpus: str = "lee
     if threads < 1:
         raise SlimEdgeError(f"--threads {threads}: need at least 1 CPU thread")
     if not 0 <= gen_tokens <= MAX_GEN_TOKENS:
-        raise SlimEdgeError(f"--gen-tokens {gen_tokens}: give 0 (skip) to {MAX_GEN_TOKENS}; the loop check "
-                            f"needs a few hundred at most")
+        raise SlimEdgeError(
+            f"--gen-tokens {gen_tokens}: give 0 (skip) to {MAX_GEN_TOKENS}; the loop check needs a few hundred at most"
+        )
     if ctx < 4 or ctx % 2:
         raise SlimEdgeError(f"--ctx {ctx} is not usable; pass an even context of at least 4, e.g. 512")
     if max_chunks is not None and max_chunks < 1:
@@ -127,8 +146,10 @@ def evaluate(models: list[str], reference: str | None = None, corpus: str = "lee
     for spec in specs:
         n_ctx = preflight(spec)
         if n_ctx is not None and need > n_ctx:
-            raise SlimEdgeError(f"--ctx {ctx} with --gen-tokens {gen_tokens} needs a context of {need} tokens; "
-                                f"{spec} was trained for {n_ctx}: lower --ctx (or --gen-tokens)")
+            raise SlimEdgeError(
+                f"--ctx {ctx} with --gen-tokens {gen_tokens} needs a context of {need} tokens; "
+                f"{spec} was trained for {n_ctx}: lower --ctx (or --gen-tokens)"
+            )
     text = corpora.get_text(corpus, split)
     if train_text is not None:
         train = corpora.get_text(train_text, "train")
@@ -138,11 +159,13 @@ def evaluate(models: list[str], reference: str | None = None, corpus: str = "lee
     tokenizer_lm = lms[0]
     for lm, spec in zip(lms[1:], specs[1:]):
         if lm.n_vocab != tokenizer_lm.n_vocab:
-            raise SlimEdgeError(f"{spec} has a vocabulary of {lm.n_vocab} tokens, {specs[0]} of "
-                                f"{tokenizer_lm.n_vocab}: models compared on the same tokens need the same tokenizer")
+            raise SlimEdgeError(
+                f"{spec} has a vocabulary of {lm.n_vocab} tokens, {specs[0]} of "
+                f"{tokenizer_lm.n_vocab}: models compared on the same tokens need the same tokenizer"
+            )
     ids = tokenize_in_pieces(tokenizer_lm.tokenize, text.text)
     _check_tokenizers(lms, tokenizer_lm, text.text)
-    used = ids if max_chunks is None else ids[:max(max_chunks, 2) * ctx]  # make_chunks copies what it gets
+    used = ids if max_chunks is None else ids[: max(max_chunks, 2) * ctx]  # make_chunks copies what it gets
     chunks = make_chunks(used, ctx, max_chunks, tokenizer_lm.add_bos, tokenizer_lm.bos_id)
     n_text_tokens = len(ids) + int(bool(tokenizer_lm.add_bos))
 
@@ -165,8 +188,14 @@ def evaluate(models: list[str], reference: str | None = None, corpus: str = "lee
     rows = []
     for j, (lm, spec) in enumerate(zip(lms, specs)):
         ppl, err = ppl_from_nll(np.concatenate(nll[j]))
-        row = {"model": spec, "name": lm.name, "backend": lm.kind, "is_reference": ref is not None and j == 0,
-               "ppl": ppl, "ppl_err": err}
+        row = {
+            "model": spec,
+            "name": lm.name,
+            "backend": lm.kind,
+            "is_reference": ref is not None and j == 0,
+            "ppl": ppl,
+            "ppl_err": err,
+        }
         if stats[j]:
             s = summarize(concat_stats(stats[j]))
             row.update({k: v for k, v in s.items() if k not in ("tokens", "ppl", "ppl_err")})
@@ -177,9 +206,18 @@ def evaluate(models: list[str], reference: str | None = None, corpus: str = "lee
             row["generation"] = g
         rows.append(row)
     return {
-        "corpus": text.name, "split": text.split, "provenance": text.provenance, "corpus_sha256": text.sha256,
-        "ctx": ctx, "chunks": chunks.n_chunk, "text_tokens": n_text_tokens, "scored_tokens": chunks.n_scored,
-        "tokenized_by": specs[0], "add_bos": chunks.add_bos, "reference": reference, "models": rows,
+        "corpus": text.name,
+        "split": text.split,
+        "provenance": text.provenance,
+        "corpus_sha256": text.sha256,
+        "ctx": ctx,
+        "chunks": chunks.n_chunk,
+        "text_tokens": n_text_tokens,
+        "scored_tokens": chunks.n_scored,
+        "tokenized_by": specs[0],
+        "add_bos": chunks.add_bos,
+        "reference": reference,
+        "models": rows,
     }
 
 
@@ -189,15 +227,20 @@ def _check_tokenizers(lms, tokenizer_lm, text: str, probe_chars: int = 4000) -> 
     want = tokenizer_lm.tokenize(probe)
     for lm in lms:
         if lm is not tokenizer_lm and lm.tokenize(probe) != want:
-            print(f"slim-edge: note: {lm.name}'s own tokenizer splits the text differently from "
-                  f"{tokenizer_lm.name}'s; all models are scored on {tokenizer_lm.name}'s tokens", file=sys.stderr)
+            print(
+                f"slim-edge: note: {lm.name}'s own tokenizer splits the text differently from "
+                f"{tokenizer_lm.name}'s; all models are scored on {tokenizer_lm.name}'s tokens",
+                file=sys.stderr,
+            )
 
 
 def format_table(result: dict) -> str:
     """llama-perplexity-style summary, one row per model."""
-    head = (f"corpus {result['provenance']}\n"
-            f"{result['text_tokens']} tokens (by {result['tokenized_by']}'s tokenizer), {result['chunks']} chunks of "
-            f"{result['ctx']}, {result['scored_tokens']} scored tokens (second half of each chunk)\n")
+    head = (
+        f"corpus {result['provenance']}\n"
+        f"{result['text_tokens']} tokens (by {result['tokenized_by']}'s tokenizer), {result['chunks']} chunks of "
+        f"{result['ctx']}, {result['scored_tokens']} scored tokens (second half of each chunk)\n"
+    )
     has_kld = any("mean_kld" in r for r in result["models"])
     has_gen = any("repeat_rate" in r for r in result["models"])
     cols = ["model", "backend", "PPL", "± err"]
@@ -211,17 +254,25 @@ def format_table(result: dict) -> str:
         row = [name, r["backend"], f"{r['ppl']:.4f}", f"{r['ppl_err']:.4f}"]
         if has_kld:
             if "mean_kld" in r:
-                row += [f"{r['delta_ppl']:+.4f}", f"{r['delta_ppl_err']:.4f}", f"{r['mean_kld']:.6f}",
-                        f"{r['median_kld']:.6f}", f"{r['p99_kld']:.6f}", f"{r['same_top_pct']:.3f}"]
+                row += [
+                    f"{r['delta_ppl']:+.4f}",
+                    f"{r['delta_ppl_err']:.4f}",
+                    f"{r['mean_kld']:.6f}",
+                    f"{r['median_kld']:.6f}",
+                    f"{r['p99_kld']:.6f}",
+                    f"{r['same_top_pct']:.3f}",
+                ]
             else:
                 row += ["—"] * 6
         if has_gen:
-            row += [f"{100 * r['repeat_rate']:.1f}", f"{r['loops']}/{len(r['generation']['continuations'])}"] \
-                if "repeat_rate" in r else ["—", "—"]
+            row += (
+                [f"{100 * r['repeat_rate']:.1f}", f"{r['loops']}/{len(r['generation']['continuations'])}"]
+                if "repeat_rate" in r
+                else ["—", "—"]
+            )
         table.append(row)
     widths = [max(len(t[c]) for t in table) for c in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(t, widths)))
-             for t in table]
+    lines = ["  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(t, widths))) for t in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return head + "\n".join(lines)
 

@@ -6,6 +6,7 @@ Broken low-bit models often keep a fine perplexity yet fall into loops when they
 - tail loop: the smallest period p ≤ 32 such that the last max(3·p, 16) tokens repeat with period p
   (0 when the tail is not a loop).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,13 +15,13 @@ PROMPTS = (
     "The history of the city begins in the twelfth century, when",
     "To make a good cup of tea, you should",
     "The main difference between a virus and a bacterium is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
 )
 
 
 def repeat_rate(tokens, n: int = 4) -> float:
     """Fraction of the n-grams of `tokens` that occurred earlier in `tokens` (0.0 when there are none)."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:
         return 0.0
     seen, repeated = set(), 0

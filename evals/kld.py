@@ -10,6 +10,7 @@ Two deliberate differences: llama.cpp stores the base log-probabilities as 16-bi
 16-nat window and skips vocabulary entries with p_base < e^-16; here both distributions are exact
 float64 log-softmax over the whole vocabulary.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,10 @@ def token_stats(base_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray
     base_logits = np.asarray(base_logits)
     logits = np.asarray(logits)
     if base_logits.ndim != 2 or base_logits.shape != logits.shape:
-        raise SlimEdgeError(f"logit arrays must both be [tokens, vocab]; got {base_logits.shape} and "
-                            f"{logits.shape}: compare models with the same vocabulary on the same tokens")
+        raise SlimEdgeError(
+            f"logit arrays must both be [tokens, vocab]; got {base_logits.shape} and "
+            f"{logits.shape}: compare models with the same vocabulary on the same tokens"
+        )
     lp_base = log_softmax(base_logits)
     lp = log_softmax(logits)
     p_base = np.exp(lp_base)
@@ -96,9 +99,12 @@ def summarize(stats: dict) -> dict:
     same = float(stats["same_top"].mean())
     out = {
         "tokens": n,
-        "mean_kld": mean_kld, "mean_kld_err": kld_err,
+        "mean_kld": mean_kld,
+        "mean_kld_err": kld_err,
         "median_kld": float(0.5 * (s[n // 2] + s[n // 2 - 1]) if n % 2 == 0 else s[n // 2]),
-        "p90_kld": _percentile(s, 0.90), "p99_kld": _percentile(s, 0.99), "max_kld": float(s[-1]),
+        "p90_kld": _percentile(s, 0.90),
+        "p99_kld": _percentile(s, 0.99),
+        "max_kld": float(s[-1]),
         "same_top_pct": 100.0 * same,
         "same_top_pct_err": 100.0 * math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0,
     }
@@ -109,16 +115,23 @@ def summarize(stats: dict) -> dict:
         cov = _covariance(nll, nll_base)
         ppl, ppl_base = math.exp(lp), math.exp(lb)
         ppl_err, ppl_base_err = ppl * lp_err, ppl_base * lb_err
-        diff_var = ppl_err ** 2 + ppl_base_err ** 2 - 2.0 * ppl * ppl_base * cov
-        ratio_var = lp_err ** 2 + lb_err ** 2 - 2.0 * cov
+        diff_var = ppl_err**2 + ppl_base_err**2 - 2.0 * ppl * ppl_base * cov
+        ratio_var = lp_err**2 + lb_err**2 - 2.0 * cov
         msq, msq_err = mean_and_uncertainty(stats["p_diff"] ** 2)
-        out.update({
-            "ppl": ppl, "ppl_err": ppl_err, "ppl_base": ppl_base, "ppl_base_err": ppl_base_err,
-            "delta_ppl": ppl - ppl_base, "delta_ppl_err": math.sqrt(max(diff_var, 0.0)),
-            "ln_ppl_ratio": lp - lb, "ln_ppl_ratio_err": math.sqrt(max(ratio_var, 0.0)),
-            "rms_dp_pct": 100.0 * math.sqrt(msq),
-            "rms_dp_pct_err": 100.0 * 0.5 / math.sqrt(msq) * msq_err if msq > 0 else 0.0,
-        })
+        out.update(
+            {
+                "ppl": ppl,
+                "ppl_err": ppl_err,
+                "ppl_base": ppl_base,
+                "ppl_base_err": ppl_base_err,
+                "delta_ppl": ppl - ppl_base,
+                "delta_ppl_err": math.sqrt(max(diff_var, 0.0)),
+                "ln_ppl_ratio": lp - lb,
+                "ln_ppl_ratio_err": math.sqrt(max(ratio_var, 0.0)),
+                "rms_dp_pct": 100.0 * math.sqrt(msq),
+                "rms_dp_pct_err": 100.0 * 0.5 / math.sqrt(msq) * msq_err if msq > 0 else 0.0,
+            }
+        )
     return out
 
 

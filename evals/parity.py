@@ -30,6 +30,7 @@ F16 one. The variants that model the F16 cache then do not apply; what is left b
 
 See runtime_patches/runtime_sim.py for what the runtime does and where in ggml it does it.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,10 @@ def _row_orders(rows: int, config) -> list[np.ndarray]:
 def _as_hf(values: torch.Tensor, current: torch.Tensor, config) -> torch.Tensor:
     """The GGUF tensor in the HF parameter's row order: the candidate order closest to the current weights."""
     if values.shape != current.shape:
-        raise SlimEdgeError(f"GGUF tensor of shape {tuple(values.shape)} does not fit the model's "
-                            f"{tuple(current.shape)}; pass the checkpoint or model this file was exported from")
+        raise SlimEdgeError(
+            f"GGUF tensor of shape {tuple(values.shape)} does not fit the model's "
+            f"{tuple(current.shape)}; pass the checkpoint or model this file was exported from"
+        )
     if values.dim() == 1:
         return values
     best, best_err = None, None
@@ -111,8 +114,10 @@ def load_file_weights(model, gguf: Path) -> dict:
     names = {hf: gguf_name(hf) for hf in params}
     missing = [hf for hf, g in names.items() if g is None]
     if missing:
-        raise SlimEdgeError(f"{gguf} holds no tensor for {', '.join(missing[:4])}"
-                            f"{' ...' if len(missing) > 4 else ''}; pass the checkpoint or model it was exported from")
+        raise SlimEdgeError(
+            f"{gguf} holds no tensor for {', '.join(missing[:4])}"
+            f"{' ...' if len(missing) > 4 else ''}; pass the checkpoint or model it was exported from"
+        )
     changed = []
     with torch.no_grad():
         for hf, p in params.items():
@@ -139,9 +144,17 @@ def _load_torch(torch_source: str):
     return model, tok
 
 
-def parity(torch_source: str, gguf: Path, n_tokens: int = 512, threads: int = 2,
-           variants: tuple[str, ...] = VARIANTS, rounding: str | None = None, floor: bool = True,
-           windows: int = 1, kv_cache: str = "f16") -> dict:
+def parity(
+    torch_source: str,
+    gguf: Path,
+    n_tokens: int = 512,
+    threads: int = 2,
+    variants: tuple[str, ...] = VARIANTS,
+    rounding: str | None = None,
+    floor: bool = True,
+    windows: int = 1,
+    kv_cache: str = "f16",
+) -> dict:
     """Mean KLD and same-top-1 % of the runtime against each PyTorch variant, on `windows` consecutive
     windows of `n_tokens` of lee:eval (each evaluated from an empty context), and (`floor`) of the fullest
     simulation against itself with 1e-7 jitter (mean over FLOOR_SEEDS)."""
@@ -150,17 +163,21 @@ def parity(torch_source: str, gguf: Path, n_tokens: int = 512, threads: int = 2,
         raise SlimEdgeError(f"unknown parity variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     kv_cache_type(kv_cache)  # an unknown type fails here, before the slow part
     if kv_cache != "f16" and any("kv" in v for v in variants):
-        raise SlimEdgeError(f"variants {', '.join(v for v in variants if 'kv' in v)} model the runtime's F16 KV "
-                            f"cache, which --kv-cache {kv_cache} turns off; ask for weights, file or act")
+        raise SlimEdgeError(
+            f"variants {', '.join(v for v in variants if 'kv' in v)} model the runtime's F16 KV "
+            f"cache, which --kv-cache {kv_cache} turns off; ask for weights, file or act"
+        )
     rounding = rounding or host_rounding()
     torch.set_num_threads(threads)
     model, tok = _load_torch(torch_source)
     lm = TorchLM(model, tok)
     text = lm.tokenize(get_text("lee", "eval").text)
     if windows < 1 or windows * n_tokens > len(text):
-        raise SlimEdgeError(f"{windows} window(s) of {n_tokens} tokens do not fit lee:eval ({len(text)} tokens); "
-                            f"ask for at most {len(text) // n_tokens}")
-    chunks = [text[w * n_tokens:(w + 1) * n_tokens] for w in range(windows)]
+        raise SlimEdgeError(
+            f"{windows} window(s) of {n_tokens} tokens do not fit lee:eval ({len(text)} tokens); "
+            f"ask for at most {len(text) // n_tokens}"
+        )
+    chunks = [text[w * n_tokens : (w + 1) * n_tokens] for w in range(windows)]
     runtime = LlamaCppLM(gguf, n_ctx=n_tokens, n_threads=threads, kv_cache=kv_cache)
     theirs = [runtime.logits(ids) for ids in chunks]
     targets = [np.array(ids[1:] + [0]) for ids in chunks]
@@ -173,8 +190,15 @@ def parity(torch_source: str, gguf: Path, n_tokens: int = 512, threads: int = 2,
             r["same_top_pct_per_window"] = [float(100 * p["same_top"].mean()) for p in parts]
         return r
 
-    out = {"torch": str(torch_source), "gguf": str(gguf), "tokens": windows * n_tokens, "windows": windows,
-           "rounding": rounding, "kv_cache": kv_cache, "variants": {}}
+    out = {
+        "torch": str(torch_source),
+        "gguf": str(gguf),
+        "tokens": windows * n_tokens,
+        "windows": windows,
+        "rounding": rounding,
+        "kv_cache": kv_cache,
+        "variants": {},
+    }
     if "act+kv+rope" in variants and not rope_supported(model.config):
         print("slim-edge parity: this model's rope is not plain rope; leaving out act+kv+rope", file=sys.stderr)
         variants = tuple(v for v in variants if v != "act+kv+rope")
@@ -190,52 +214,79 @@ def parity(torch_source: str, gguf: Path, n_tokens: int = 512, threads: int = 2,
         with simulate(model, info["types"] if info else {}, rounding=rounding, **last):
             ours = [lm.logits(ids) for ids in chunks]
         out["variants"][v] = s = stats(ours, theirs)
-        print(f"slim-edge parity: {v:12s} KLD {s['mean_kld']:.5f}  same top-1 {s['same_top_pct']:.2f} %",
-              file=sys.stderr, flush=True)
+        print(
+            f"slim-edge parity: {v:12s} KLD {s['mean_kld']:.5f}  same top-1 {s['same_top_pct']:.2f} %",
+            file=sys.stderr,
+            flush=True,
+        )
     if floor and last is not None and last["activations"]:
         runs = []
         for seed in FLOOR_SEEDS:
             with simulate(model, info["types"], rounding=rounding, jitter=FLOOR_JITTER, seed=seed, **last):
                 runs.append(stats(ours, [lm.logits(ids) for ids in chunks]))
         out["floor"] = s = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if not k.endswith("_per_window")}
-        s.update(jitter=FLOOR_JITTER, of=next(reversed(out["variants"])), runs=runs,
-                 same_top_range=[min(r["same_top_pct"] for r in runs), max(r["same_top_pct"] for r in runs)])
-        print(f"slim-edge parity: floor        KLD {s['mean_kld']:.5f}  same top-1 {s['same_top_pct']:.2f} % "
-              f"({s['of']} vs itself, inputs jittered by {FLOOR_JITTER:g}, mean of {len(runs)})",
-              file=sys.stderr, flush=True)
+        s.update(
+            jitter=FLOOR_JITTER,
+            of=next(reversed(out["variants"])),
+            runs=runs,
+            same_top_range=[min(r["same_top_pct"] for r in runs), max(r["same_top_pct"] for r in runs)],
+        )
+        print(
+            f"slim-edge parity: floor        KLD {s['mean_kld']:.5f}  same top-1 {s['same_top_pct']:.2f} % "
+            f"({s['of']} vs itself, inputs jittered by {FLOOR_JITTER:g}, mean of {len(runs)})",
+            file=sys.stderr,
+            flush=True,
+        )
     return out
 
 
 def format_table(r: dict) -> str:
-    lines = [f"{r['torch']} vs {r['gguf']} ({r['tokens']} tokens of lee:eval, Q8_0 rounding {r['rounding']}, "
-             f"{r.get('kv_cache', 'f16').upper()} KV cache)",
-             "", "| PyTorch side | mean KLD | same top-1 % |", "|---|---:|---:|"]
+    lines = [
+        f"{r['torch']} vs {r['gguf']} ({r['tokens']} tokens of lee:eval, Q8_0 rounding {r['rounding']}, "
+        f"{r.get('kv_cache', 'f16').upper()} KV cache)",
+        "",
+        "| PyTorch side | mean KLD | same top-1 % |",
+        "|---|---:|---:|",
+    ]
     for v, s in r["variants"].items():
         lines.append(f"| {v} | {s['mean_kld']:.5f} ± {s['mean_kld_err']:.5f} | {s['same_top_pct']:.2f} |")
     if "floor" in r:
         s = r["floor"]
         lo, hi = s["same_top_range"]
-        lines.append(f"| noise floor ({s['of']} vs itself, {s['jitter']:g} jitter, mean of {len(s['runs'])}) | "
-                     f"{s['mean_kld']:.5f} ± {s['mean_kld_err']:.5f} | {s['same_top_pct']:.2f} ({lo:.2f}-{hi:.2f}) |")
+        lines.append(
+            f"| noise floor ({s['of']} vs itself, {s['jitter']:g} jitter, mean of {len(s['runs'])}) | "
+            f"{s['mean_kld']:.5f} ± {s['mean_kld_err']:.5f} | {s['same_top_pct']:.2f} ({lo:.2f}-{hi:.2f}) |"
+        )
     return "\n".join(lines)
 
 
-def main(torch_source: Annotated[str, typer.Argument(help="slim-edge checkpoint, HF folder or 'smollm2-135m'")],
-         gguf: Annotated[Path, typer.Argument(help="the GGUF exported from it")],
-         tokens: Annotated[int, typer.Option(help="held-out tokens of lee:eval per window")] = 512,
-         windows: Annotated[int, typer.Option(help="consecutive windows of --tokens to score")] = 1,
-         threads: Annotated[int, typer.Option(help="threads for both sides")] = 2,
-         variants: Annotated[str, typer.Option(help=f"comma-separated, of {', '.join(VARIANTS)}")] = ",".join(VARIANTS),
-         rounding: Annotated[str | None, typer.Option(help="Q8_0 activation rounding: x86 | arm | ref "
-                                                              "(default: this machine's)")] = None,
-         floor: Annotated[bool, typer.Option(help="also measure the simulation's noise floor")] = True,
-         kv_cache: Annotated[str, typer.Option(help="the runtime's KV cache type: f16 (llama.cpp's default) | f32")]
-         = "f16",
-         as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False):
+def main(
+    torch_source: Annotated[str, typer.Argument(help="slim-edge checkpoint, HF folder or 'smollm2-135m'")],
+    gguf: Annotated[Path, typer.Argument(help="the GGUF exported from it")],
+    tokens: Annotated[int, typer.Option(help="held-out tokens of lee:eval per window")] = 512,
+    windows: Annotated[int, typer.Option(help="consecutive windows of --tokens to score")] = 1,
+    threads: Annotated[int, typer.Option(help="threads for both sides")] = 2,
+    variants: Annotated[str, typer.Option(help=f"comma-separated, of {', '.join(VARIANTS)}")] = ",".join(VARIANTS),
+    rounding: Annotated[
+        str | None, typer.Option(help="Q8_0 activation rounding: x86 | arm | ref (default: this machine's)")
+    ] = None,
+    floor: Annotated[bool, typer.Option(help="also measure the simulation's noise floor")] = True,
+    kv_cache: Annotated[str, typer.Option(help="the runtime's KV cache type: f16 (llama.cpp's default) | f32")] = "f16",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False,
+):
     """Where the runtime and PyTorch part: KLD and same-top-1 % per PyTorch variant (see the module doc)."""
     try:
-        r = parity(torch_source, gguf, tokens, threads, tuple(v for v in variants.split(",") if v), rounding, floor,
-                   windows, kv_cache)
+        r = parity(
+            torch_source,
+            gguf,
+            tokens,
+            threads,
+            tuple(v for v in variants.split(",") if v),
+            rounding,
+            floor,
+            windows,
+            kv_cache,
+        )
     except SlimEdgeError as e:
         print(f"slim-edge: error: {e}", file=sys.stderr)
         raise typer.Exit(2)

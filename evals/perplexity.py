@@ -7,6 +7,7 @@ Only the second half is scored: the logits at positions first = ctx/2 .. ctx−2
 first+1 .. ctx−1, so each chunk scores ctx − 1 − ctx/2 tokens (255 for ctx = 512).
 PPL = exp(mean NLL); its error is PPL·sqrt((E[nll²] − E[nll]²)/(n − 1)), as llama-perplexity prints.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,6 +22,7 @@ from slim_edge.evals.kld import log_softmax
 @dataclass(frozen=True)
 class Chunks:
     """The evaluation tokens cut into chunks, ready for any backend."""
+
     tokens: np.ndarray  # int32 [n_chunk, ctx], BOS already placed when add_bos
     targets: np.ndarray  # int32 [n_chunk, ctx - 1 - first]: the scored tokens
     ctx: int
@@ -40,8 +42,9 @@ class Chunks:
         return self.targets.size
 
 
-def make_chunks(text_tokens, ctx: int = 512, max_chunks: int | None = None, add_bos: bool = False,
-                bos_id: int | None = None) -> Chunks:
+def make_chunks(
+    text_tokens, ctx: int = 512, max_chunks: int | None = None, add_bos: bool = False, bos_id: int | None = None
+) -> Chunks:
     """Chunks of `ctx` tokens from the token ids of the whole text (without BOS)."""
     if ctx < 4 or ctx % 2:
         raise SlimEdgeError(f"context {ctx} is not usable; pass an even context of at least 4, e.g. 512")
@@ -49,8 +52,10 @@ def make_chunks(text_tokens, ctx: int = 512, max_chunks: int | None = None, add_
         raise SlimEdgeError("the tokenizer adds BOS but has no BOS token id; fix the tokenizer config")
     toks = ([bos_id] if add_bos else []) + [int(t) for t in text_tokens]
     if len(toks) < 2 * ctx:
-        raise SlimEdgeError(f"the text tokenizes to only {len(toks)} tokens; a context of {ctx} needs at least "
-                            f"{2 * ctx}: use a longer text or a smaller --ctx")
+        raise SlimEdgeError(
+            f"the text tokenizes to only {len(toks)} tokens; a context of {ctx} needs at least "
+            f"{2 * ctx}: use a longer text or a smaller --ctx"
+        )
     n_chunk = len(toks) // ctx
     if max_chunks is not None:
         if max_chunks < 1:
@@ -58,7 +63,7 @@ def make_chunks(text_tokens, ctx: int = 512, max_chunks: int | None = None, add_
         n_chunk = min(n_chunk, max_chunks)
     arr = np.asarray(toks[: n_chunk * ctx], dtype=np.int32).reshape(n_chunk, ctx)
     first = ctx // 2
-    targets = arr[:, first + 1:].copy()
+    targets = arr[:, first + 1 :].copy()
     if add_bos:
         arr = arr.copy()
         arr[:, 0] = bos_id

@@ -23,8 +23,18 @@ def _title(result, what: str) -> str:
 
 def _stamp(ax, result) -> None:
     if result.emulated:
-        ax.text(0.5, 0.5, EMULATED_LABEL, transform=ax.transAxes, ha="center", va="center", fontsize=18,
-                color="red", alpha=0.25, rotation=20)
+        ax.text(
+            0.5,
+            0.5,
+            EMULATED_LABEL,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=18,
+            color="red",
+            alpha=0.25,
+            rotation=20,
+        )
 
 
 def _save(fig, path: Path, result) -> None:
@@ -42,8 +52,14 @@ def plot_ttft(result, path: Path) -> Path:
     for m in result.models:
         for t in sorted({e["n_threads"] for e in m.prefill}):
             es = [e for e in m.prefill if e["n_threads"] == t]
-            ax.errorbar([e["n_prompt"] for e in es], [e["ttft_ms_mean"] for e in es],
-                        yerr=[e["ttft_ms_std"] for e in es], marker="o", capsize=3, label=f"{m.name} · {t}t")
+            ax.errorbar(
+                [e["n_prompt"] for e in es],
+                [e["ttft_ms_mean"] for e in es],
+                yerr=[e["ttft_ms_std"] for e in es],
+                marker="o",
+                capsize=3,
+                label=f"{m.name} · {t}t",
+            )
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("time to first token (ms)")
     ax.set_xscale("log", base=2)

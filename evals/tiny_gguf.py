@@ -16,8 +16,33 @@ import numpy as np
 
 # gguf-py token types (llama.cpp's llama_token_type): 1 normal, 2 unknown, 3 control, 6 byte.
 _NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
-_WORDS = ("the", "and", "of", "to", "in", "is", "you", "that", "it", "for", "on", "with", "as", "are",
-          "this", "be", "at", "have", "or", "from", "model", "phone", "token", "fast", "small")
+_WORDS = (
+    "the",
+    "and",
+    "of",
+    "to",
+    "in",
+    "is",
+    "you",
+    "that",
+    "it",
+    "for",
+    "on",
+    "with",
+    "as",
+    "are",
+    "this",
+    "be",
+    "at",
+    "have",
+    "or",
+    "from",
+    "model",
+    "phone",
+    "token",
+    "fast",
+    "small",
+)
 
 
 def tiny_vocab(size: int = 512) -> tuple[list[str], list[float], list[int]]:
@@ -43,9 +68,19 @@ def tiny_vocab(size: int = 512) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_tiny_llama_gguf(path: str | Path, *, hidden: int = 256, n_layers: int = 2, n_heads: int = 4,
-                          n_kv_heads: int = 2, ffn: int = 512, vocab_size: int = 512, context: int = 2048,
-                          seed: int = 0, name: str = "slim-edge tiny llama") -> Path:
+def write_tiny_llama_gguf(
+    path: str | Path,
+    *,
+    hidden: int = 256,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    ffn: int = 512,
+    vocab_size: int = 512,
+    context: int = 2048,
+    seed: int = 0,
+    name: str = "slim-edge tiny llama",
+) -> Path:
     """Write an F16 llama GGUF with random normal weights; returns the path."""
     import gguf
 

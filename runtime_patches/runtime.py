@@ -10,6 +10,7 @@ bytes), the target and its flags. The cache root is $SLIM_EDGE_CACHE, else $XDG_
 else ~/.cache/slim-edge. The Python bindings (llama-cpp-python, same pin, so the ctypes structs
 match) load our libllama.so through LLAMA_CPP_LIB_PATH: see `load_bindings`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,7 @@ PIN = Pin(
 TARGETS = ("host", "linux-arm64", "android-arm64")
 ISAS = ("avx2", "avx512", "native")
 # llama-cli pulls in the server and mtmd libraries; llama-completion is the plain prompt -> text tool
-DEFAULT_TOOLS = ("llama-cli", "llama-completion", "llama-bench", "llama-perplexity", "llama-quantize",
-                 "llama-imatrix")
+DEFAULT_TOOLS = ("llama-cli", "llama-completion", "llama-bench", "llama-perplexity", "llama-quantize", "llama-imatrix")
 # what a device bench and a perplexity run need: without llama-cli (which pulls in the server and mtmd
 # libraries) an aarch64 build has far fewer binaries to link statically; find_runtime takes either set
 DEVICE_TOOLS = ("llama-bench", "llama-completion", "llama-perplexity")
@@ -76,24 +76,35 @@ DEFAULT_ARM_ARCH = "armv8.2-a+dotprod"
 ANDROID_PLATFORM = "android-28"
 QEMU_CPU = "cortex-a76"  # has dotprod, lacks i8mm: the floor the aarch64 build targets
 PATCH_GLOB = "[0-9][0-9][0-9][0-9]-*.patch"
+
+
 def _shipped_patch_dir() -> Path:
     """The series as package data: runtime_patches/ in a source tree, slim_edge/runtime_patches/ in a wheel."""
     from importlib.resources import files
+
     return Path(str(files("slim_edge.runtime_patches")))
 
 
 PATCH_DIR = _shipped_patch_dir()
 MARKER = ".complete"
 _X86_ISA = {  # GGML_* options set explicitly with GGML_NATIVE=OFF, so a cached build is reproducible
-    "avx2": dict(SSE42=1, AVX=1, AVX2=1, BMI2=1, FMA=1, F16C=1, AVX_VNNI=0,
-                 AVX512=0, AVX512_VBMI=0, AVX512_VNNI=0, AVX512_BF16=0),
-    "avx512": dict(SSE42=1, AVX=1, AVX2=1, BMI2=1, FMA=1, F16C=1, AVX_VNNI=0,
-                   AVX512=1, AVX512_VBMI=1, AVX512_VNNI=1, AVX512_BF16=1),
+    "avx2": dict(
+        SSE42=1, AVX=1, AVX2=1, BMI2=1, FMA=1, F16C=1, AVX_VNNI=0, AVX512=0, AVX512_VBMI=0, AVX512_VNNI=0, AVX512_BF16=0
+    ),
+    "avx512": dict(
+        SSE42=1, AVX=1, AVX2=1, BMI2=1, FMA=1, F16C=1, AVX_VNNI=0, AVX512=1, AVX512_VBMI=1, AVX512_VNNI=1, AVX512_BF16=1
+    ),
 }
 _DEBIAN = {  # program -> Debian package that provides it
-    "cmake": "cmake", "cc": "build-essential", "c++": "build-essential", "make": "build-essential",
-    "aarch64-linux-gnu-gcc": "g++-aarch64-linux-gnu", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
-    "qemu-aarch64": "qemu-user", "patch": "patch", "pip": "python3-pip",
+    "cmake": "cmake",
+    "cc": "build-essential",
+    "c++": "build-essential",
+    "make": "build-essential",
+    "aarch64-linux-gnu-gcc": "g++-aarch64-linux-gnu",
+    "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+    "qemu-aarch64": "qemu-user",
+    "patch": "patch",
+    "pip": "python3-pip",
 }
 
 
@@ -105,8 +116,7 @@ def require(program: str, why: str) -> str:
     found = shutil.which(program)
     if found is None:
         pkg = _DEBIAN.get(program, program)
-        raise SlimEdgeError(
-            f"{program} not found on PATH (needed {why}); install it: sudo apt-get install {pkg}")
+        raise SlimEdgeError(f"{program} not found on PATH (needed {why}); install it: sudo apt-get install {pkg}")
     return found
 
 
@@ -121,15 +131,27 @@ def fetch_sdist(quiet: bool = False) -> Path:
     if not quiet:
         note(f"downloading {spec} (sdist, {PIN.sdist_name}) with pip ...")
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-d", tmp, spec]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            spec,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / PIN.sdist_name
         if proc.returncode != 0 or not got.exists():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
             raise SlimEdgeError(
                 f"could not download {spec} with pip (exit {proc.returncode}):\n{tail}\n"
-                f"offline? copy {PIN.sdist_name} (sha256 {PIN.sha256}) to {dest}")
+                f"offline? copy {PIN.sdist_name} (sha256 {PIN.sha256}) to {dest}"
+            )
         verify_sdist(got)
         os.replace(got, dest)
     return dest
@@ -141,12 +163,14 @@ def verify_sdist(path: Path) -> None:
     if digest != PIN.sha256:
         raise SlimEdgeError(
             f"{path}: sha256 is {digest}, the pin is {PIN.sha256} ({PIN.package} {PIN.version}); "
-            f"delete the file and run again to download it afresh")
+            f"delete the file and run again to download it afresh"
+        )
     commit, head = changelog_commit(path), submodule_head(path)
     if commit is None or not (commit.startswith(PIN.commit) or PIN.commit.startswith(commit)):
         raise SlimEdgeError(
             f"{path}: CHANGELOG names llama.cpp commit {commit!r} for {PIN.version}, the pin is "
-            f"{PIN.commit}; the sdist is not the pinned one")
+            f"{PIN.commit}; the sdist is not the pinned one"
+        )
     if head != PIN.commit_full:
         raise SlimEdgeError(f"{path}: vendor/llama.cpp is at {head!r}, the pin is {PIN.commit_full}")
 
@@ -178,8 +202,9 @@ def extract_tree(dest: Path, sdist: Path | None = None) -> Path:
     try:
         taken = dest.exists() and (not dest.is_dir() or any(dest.iterdir()))
     except OSError as e:  # too long a path, a loop: named here, not a traceback
-        raise SlimEdgeError(f"{str(dest)[:120]}{'...' if len(str(dest)) > 120 else ''}: {e.strerror}; "
-                            f"pick a new directory") from None
+        raise SlimEdgeError(
+            f"{str(dest)[:120]}{'...' if len(str(dest)) > 120 else ''}: {e.strerror}; pick a new directory"
+        ) from None
     if taken:
         raise SlimEdgeError(f"{dest} exists and is not an empty folder; pick a new directory")
     try:
@@ -190,7 +215,7 @@ def extract_tree(dest: Path, sdist: Path | None = None) -> Path:
     with tarfile.open(sdist, "r:gz") as tar:
         members = []
         for m in tar:
-            rel = m.name[len(prefix):] if m.name.startswith(prefix) else ""
+            rel = m.name[len(prefix) :] if m.name.startswith(prefix) else ""
             # vendor/llama.cpp/.git is a submodule gitfile pointing into the sdist's own .git: outside
             # the sdist it is a broken repository that makes `git apply` and cmake's git calls fail
             if rel and rel.split("/")[0] != ".git":
@@ -212,9 +237,11 @@ def patch_series(patch_dir: Path | None = None) -> list[Path]:
     if patch_dir is None:
         numbers = [int(p.name[:4]) for p in series]
         if numbers != list(range(1, len(series) + 1)) or not series:
-            raise SlimEdgeError(f"the runtime patch series in {d} is {'empty' if not series else 'incomplete'} "
-                                f"(numbers {numbers or 'none'}); reinstall slim-edge (the wheel carries "
-                                f"runtime_patches/0001-*.patch onwards as package data)")
+            raise SlimEdgeError(
+                f"the runtime patch series in {d} is {'empty' if not series else 'incomplete'} "
+                f"(numbers {numbers or 'none'}); reinstall slim-edge (the wheel carries "
+                f"runtime_patches/0001-*.patch onwards as package data)"
+            )
     return series
 
 
@@ -246,8 +273,18 @@ def apply_patches(tree: Path, patches: list[Path]) -> None:
         if git:
             cmd = [git, "apply", "--whitespace=nowarn", str(p)]
         else:
-            cmd = ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "--no-backup-if-mismatch",
-                   "-r", "-", "-i", str(p)]
+            cmd = [
+                "patch",
+                "-p1",
+                "--forward",
+                "--batch",
+                "--fuzz=0",
+                "--no-backup-if-mismatch",
+                "-r",
+                "-",
+                "-i",
+                str(p),
+            ]
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             out = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -255,7 +292,8 @@ def apply_patches(tree: Path, patches: list[Path]) -> None:
                 f"patch {p.name} does not apply to llama.cpp {PIN.commit} "
                 f"({' '.join(cmd[:2])} exit {proc.returncode}):\n{out}\n"
                 f"fix or regenerate {p} against the pristine tree (`slim-edge runtime source DIR "
-                f"--pristine`)")
+                f"--pristine`)"
+            )
 
 
 def prepare_source(dest: Path, patches: list[Path] | None = None, pristine: bool = False) -> Path:
@@ -272,6 +310,7 @@ def prepare_source(dest: Path, patches: list[Path] | None = None, pristine: bool
 @dataclass(frozen=True)
 class BuildConfig:
     """Everything that changes the binaries, besides the pin and the patches."""
+
     target: str = "host"
     isa: str = "avx2"  # host only
     arm_arch: str = DEFAULT_ARM_ARCH  # aarch64 only
@@ -340,27 +379,45 @@ class BuildConfig:
             "LLAMA_BUILD_COMMIT": PIN.commit,
         }
         if self.flavor == "host":
-            d.update(BUILD_SHARED_LIBS=True, CMAKE_BUILD_WITH_INSTALL_RPATH=True,
-                     CMAKE_INSTALL_RPATH="$ORIGIN/../lib;$ORIGIN")
+            d.update(
+                BUILD_SHARED_LIBS=True,
+                CMAKE_BUILD_WITH_INSTALL_RPATH=True,
+                CMAKE_INSTALL_RPATH="$ORIGIN/../lib;$ORIGIN",
+            )
             if self.isa == "native":
                 d["GGML_NATIVE"] = True
             else:
                 d["GGML_NATIVE"] = False
                 d.update({f"GGML_{k}": bool(v) for k, v in _X86_ISA[self.isa].items()})
         elif self.flavor == "aarch64-static":
-            d.update(CMAKE_SYSTEM_NAME="Linux", CMAKE_SYSTEM_PROCESSOR="aarch64",
-                     CMAKE_C_COMPILER="aarch64-linux-gnu-gcc", CMAKE_CXX_COMPILER="aarch64-linux-gnu-g++",
-                     CMAKE_FIND_ROOT_PATH="/usr/aarch64-linux-gnu",
-                     CMAKE_FIND_ROOT_PATH_MODE_PROGRAM="NEVER", CMAKE_FIND_ROOT_PATH_MODE_LIBRARY="ONLY",
-                     CMAKE_FIND_ROOT_PATH_MODE_INCLUDE="ONLY", CMAKE_FIND_ROOT_PATH_MODE_PACKAGE="ONLY",
-                     BUILD_SHARED_LIBS=False, CMAKE_EXE_LINKER_FLAGS="-static",
-                     # FindOpenMP hands the linker libgomp.so, which -static refuses; ggml's own
-                     # thread pool is what the NDK build (and upstream's Android docs) use anyway
-                     GGML_OPENMP=False, GGML_NATIVE=False, GGML_CPU_ARM_ARCH=self.arm_arch)
+            d.update(
+                CMAKE_SYSTEM_NAME="Linux",
+                CMAKE_SYSTEM_PROCESSOR="aarch64",
+                CMAKE_C_COMPILER="aarch64-linux-gnu-gcc",
+                CMAKE_CXX_COMPILER="aarch64-linux-gnu-g++",
+                CMAKE_FIND_ROOT_PATH="/usr/aarch64-linux-gnu",
+                CMAKE_FIND_ROOT_PATH_MODE_PROGRAM="NEVER",
+                CMAKE_FIND_ROOT_PATH_MODE_LIBRARY="ONLY",
+                CMAKE_FIND_ROOT_PATH_MODE_INCLUDE="ONLY",
+                CMAKE_FIND_ROOT_PATH_MODE_PACKAGE="ONLY",
+                BUILD_SHARED_LIBS=False,
+                CMAKE_EXE_LINKER_FLAGS="-static",
+                # FindOpenMP hands the linker libgomp.so, which -static refuses; ggml's own
+                # thread pool is what the NDK build (and upstream's Android docs) use anyway
+                GGML_OPENMP=False,
+                GGML_NATIVE=False,
+                GGML_CPU_ARM_ARCH=self.arm_arch,
+            )
         else:  # ndk; the toolchain file path is added at build time (it is a path of this machine)
-            d.update(ANDROID_ABI="arm64-v8a", ANDROID_PLATFORM=ANDROID_PLATFORM, BUILD_SHARED_LIBS=False,
-                     GGML_NATIVE=False, GGML_OPENMP=False, GGML_LLAMAFILE=False,
-                     GGML_CPU_ARM_ARCH=self.arm_arch)
+            d.update(
+                ANDROID_ABI="arm64-v8a",
+                ANDROID_PLATFORM=ANDROID_PLATFORM,
+                BUILD_SHARED_LIBS=False,
+                GGML_NATIVE=False,
+                GGML_OPENMP=False,
+                GGML_LLAMAFILE=False,
+                GGML_CPU_ARM_ARCH=self.arm_arch,
+            )
         return [f"-D{k}={_cmake_value(v)}" for k, v in sorted(d.items())]
 
     def required_programs(self) -> list[tuple[str, str]]:
@@ -368,8 +425,10 @@ class BuildConfig:
         if self.flavor == "host":
             progs += [("cc", "to compile llama.cpp for the host"), ("c++", "to compile llama.cpp")]
         elif self.flavor == "aarch64-static":
-            progs += [("aarch64-linux-gnu-gcc", f"to cross-compile llama.cpp for {self.target}"),
-                      ("aarch64-linux-gnu-g++", f"to cross-compile llama.cpp for {self.target}")]
+            progs += [
+                ("aarch64-linux-gnu-gcc", f"to cross-compile llama.cpp for {self.target}"),
+                ("aarch64-linux-gnu-g++", f"to cross-compile llama.cpp for {self.target}"),
+            ]
         if not shutil.which("ninja"):
             progs.append(("make", "to run the build (ninja is not installed)"))
         return progs
@@ -383,8 +442,10 @@ def _ndk_revision() -> str:
     ndk = Path(os.environ["ANDROID_NDK"])
     props = ndk / "source.properties"
     if not (ndk / "build/cmake/android.toolchain.cmake").exists():
-        raise SlimEdgeError(f"ANDROID_NDK={ndk} has no build/cmake/android.toolchain.cmake; point it at an "
-                            f"unpacked Android NDK, or unset it to get the static aarch64 build")
+        raise SlimEdgeError(
+            f"ANDROID_NDK={ndk} has no build/cmake/android.toolchain.cmake; point it at an "
+            f"unpacked Android NDK, or unset it to get the static aarch64 build"
+        )
     m = re.search(r"Pkg\.Revision\s*=\s*(\S+)", props.read_text()) if props.exists() else None
     return m.group(1) if m else "unknown"
 
@@ -423,16 +484,20 @@ class Runtime:
 
     def tool(self, name: str) -> Path:
         if name not in self.tools:
-            raise SlimEdgeError(f"{name} is not part of this runtime ({', '.join(self.tools)}); build it: "
-                                f"`slim-edge runtime build --target {self.target} --tool {name}`")
+            raise SlimEdgeError(
+                f"{name} is not part of this runtime ({', '.join(self.tools)}); build it: "
+                f"`slim-edge runtime build --target {self.target} --tool {name}`"
+            )
         return self.tools[name]
 
     def argv(self, name: str, cpu: str = QEMU_CPU) -> list[str]:
         """Command prefix that runs `name` here: directly on the host, under qemu-aarch64 for arm64."""
         path = str(self.tool(name))
         if self.config.flavor == "ndk":
-            raise SlimEdgeError(f"{name} was built with the Android NDK (bionic) and runs only on the phone; "
-                                f"push it with adb, or unset ANDROID_NDK for a static build qemu can run")
+            raise SlimEdgeError(
+                f"{name} was built with the Android NDK (bionic) and runs only on the phone; "
+                f"push it with adb, or unset ANDROID_NDK for a static build qemu can run"
+            )
         if self.config.flavor == "host" or platform.machine() in ("aarch64", "arm64"):
             return [path]
         return emulator(cpu) + [path]
@@ -440,8 +505,7 @@ class Runtime:
     def env(self) -> dict[str, str]:
         """Environment for the Python bindings (see `load_bindings`)."""
         if self.config.flavor != "host":
-            raise SlimEdgeError(f"the Python bindings load host libraries; {self.target} has none "
-                                f"(use --target host)")
+            raise SlimEdgeError(f"the Python bindings load host libraries; {self.target} has none (use --target host)")
         e = {"LLAMA_CPP_LIB_PATH": str(self.lib_dir)}
         if (self.lib_dir / "libmtmd.so").exists():
             e["MTMD_CPP_LIB"] = str(self.lib_dir)
@@ -449,9 +513,14 @@ class Runtime:
 
     def to_json(self) -> dict:
         return {
-            "target": self.target, "key": self.key, "root": str(self.root), "bin": str(self.bin_dir),
-            "lib": str(self.lib_dir), "tools": {k: str(v) for k, v in sorted(self.tools.items())},
-            "llama_cpp_commit": PIN.commit, "flavor": self.config.flavor,
+            "target": self.target,
+            "key": self.key,
+            "root": str(self.root),
+            "bin": str(self.bin_dir),
+            "lib": str(self.lib_dir),
+            "tools": {k: str(v) for k, v in sorted(self.tools.items())},
+            "llama_cpp_commit": PIN.commit,
+            "flavor": self.config.flavor,
             "isa": self.config.isa if self.config.flavor == "host" else None,
             "arm_arch": None if self.config.flavor == "host" else self.config.arm_arch,
             "log": str(self.log),
@@ -480,15 +549,22 @@ def _load_finished(root: Path, config: BuildConfig, key: str) -> Runtime | None:
     return Runtime(config.target, key, root, tools, config)
 
 
-def find_runtime(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_ARM_ARCH,
-                 tools: tuple[str, ...] | None = None, patches: list[Path] | None = None) -> Runtime:
+def find_runtime(
+    target: str = "host",
+    *,
+    isa: str = "avx2",
+    arm_arch: str = DEFAULT_ARM_ARCH,
+    tools: tuple[str, ...] | None = None,
+    patches: list[Path] | None = None,
+) -> Runtime:
     """The finished build for this configuration and the current patch series, else a SlimEdgeError."""
     wanted = tuple(tools or DEFAULT_TOOLS)
     patches = patch_series() if patches is None else patches
     # a full default build (or the DEVICE_TOOLS one) serves any subset of its tools (kernel_bench asks for
     # llama-bench + llama-quantize, a device bench for llama-bench)
-    configs = [BuildConfig(target, isa, arm_arch, t) for t in (DEFAULT_TOOLS, DEVICE_TOOLS)
-               if set(wanted) < set(t)] + [BuildConfig(target, isa, arm_arch, wanted)]
+    configs = [BuildConfig(target, isa, arm_arch, t) for t in (DEFAULT_TOOLS, DEVICE_TOOLS) if set(wanted) < set(t)] + [
+        BuildConfig(target, isa, arm_arch, wanted)
+    ]
     rt = None
     for config in configs:
         key = config.key(patches)
@@ -499,7 +575,8 @@ def find_runtime(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEF
         flags = f" --isa {config.isa}" if config.flavor == "host" and config.isa != "avx2" else ""
         raise SlimEdgeError(
             f"no llama.cpp runtime built for target {target} with the current {len(patches)} patch(es) "
-            f"(key {key[:12]}); run `slim-edge runtime build --target {target}{flags}`")
+            f"(key {key[:12]}); run `slim-edge runtime build --target {target}{flags}`"
+        )
     return rt
 
 
@@ -549,9 +626,18 @@ def _work_dir(parent: Path, name: str) -> Iterator[Path]:
         yield parent / name
 
 
-def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_ARM_ARCH,
-          tools: tuple[str, ...] | None = None, patches: list[Path] | None = None, jobs: int | None = None,
-          force: bool = False, keep_build: bool = False, progress: bool = True) -> Runtime:
+def build(
+    target: str = "host",
+    *,
+    isa: str = "avx2",
+    arm_arch: str = DEFAULT_ARM_ARCH,
+    tools: tuple[str, ...] | None = None,
+    patches: list[Path] | None = None,
+    jobs: int | None = None,
+    force: bool = False,
+    keep_build: bool = False,
+    progress: bool = True,
+) -> Runtime:
     """Build (or reuse) the patched runtime for `target`; returns where its tools and libraries are."""
     if jobs is not None and jobs < 1:
         raise SlimEdgeError(f"--jobs {jobs}: give at least 1 compile job (default: one per CPU)")
@@ -597,22 +683,32 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
         gen = ["-G", "Ninja"] if shutil.which("ninja") else ["-G", "Unix Makefiles"]
         if (bld / "CMakeCache.txt").exists() and gen[1] not in (bld / "CMakeCache.txt").read_text():
             shutil.rmtree(bld)
-        env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(work), LC_ALL="C",
-                   CCACHE_BASEDIR=str(work), CCACHE_NOHASHDIR="1")
+        env = dict(
+            os.environ, GIT_CEILING_DIRECTORIES=str(work), LC_ALL="C", CCACHE_BASEDIR=str(work), CCACHE_NOHASHDIR="1"
+        )
         log = root / "build.log"
         build_targets = list(config.tools) + (["llama", "ggml"] if config.flavor == "host" else [])
         jobs = jobs or os.cpu_count() or 2
         with open(log, "w", buffering=1) as logf:  # line-buffered: `tail -f` shows progress
             logf.write(f"# slim-edge runtime build {config} key {key}\n")
-            _run_logged(["cmake", "-S", str(src), "-B", str(bld), *gen, *args], env, logf, log,
-                        "configuring", progress)
+            _run_logged(["cmake", "-S", str(src), "-B", str(bld), *gen, *args], env, logf, log, "configuring", progress)
             what = f"building {target} ({len(build_targets)} targets, -j{jobs})"
-            _run_logged(["cmake", "--build", str(bld), "-j", str(jobs), "--target", *build_targets],
-                        env, logf, log, what, progress)
+            _run_logged(
+                ["cmake", "--build", str(bld), "-j", str(jobs), "--target", *build_targets],
+                env,
+                logf,
+                log,
+                what,
+                progress,
+            )
         rt = _install(root, bld, config, key)
-        manifest = {**rt.to_json(), "tools": {k: str(v.relative_to(root)) for k, v in rt.tools.items()},
-                    "patches": [p.name for p in patches], "key_material": config.key_material(patches),
-                    "build_seconds": round(time.time() - t0, 1)}
+        manifest = {
+            **rt.to_json(),
+            "tools": {k: str(v.relative_to(root)) for k, v in rt.tools.items()},
+            "patches": [p.name for p in patches],
+            "key_material": config.key_material(patches),
+            "build_seconds": round(time.time() - t0, 1),
+        }
         (root / "runtime.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if keep_build:
             note(f"kept the patched tree and build dir: {work}")
@@ -620,8 +716,10 @@ def build(target: str = "host", *, isa: str = "avx2", arm_arch: str = DEFAULT_AR
             shutil.rmtree(work, ignore_errors=True)
         _write_marker(root / MARKER, key)
         if progress:
-            note(f"built llama.cpp {PIN.commit} + {len(patches)} patch(es) for {target} in "
-                 f"{time.time() - t0:.0f} s: {rt.bin_dir}")
+            note(
+                f"built llama.cpp {PIN.commit} + {len(patches)} patch(es) for {target} in "
+                f"{time.time() - t0:.0f} s: {rt.bin_dir}"
+            )
         return rt
 
 
@@ -632,13 +730,22 @@ def _run_logged(cmd: list[str], env: dict, logf, log: Path, what: str, progress:
     bar, last_decile = None, -1
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
+
         bar = tqdm(desc=what, total=None, unit="step", file=sys.stderr, leave=False, mininterval=0.5)
     elif progress:
         note(f"{what} ... (log: {log})")
     tail: deque[str] = deque(maxlen=40)
     # its own process group, so an interrupted build takes its compilers down with it
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+    )
     old_term = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -669,8 +776,9 @@ def _run_logged(cmd: list[str], env: dict, logf, log: Path, what: str, progress:
             bar.close()
         logf.flush()
     if rc != 0:
-        raise SlimEdgeError(f"{what} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail)
-                            + f"\nfull log: {log}")
+        raise SlimEdgeError(
+            f"{what} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail) + f"\nfull log: {log}"
+        )
 
 
 def _raise_interrupt(signum, frame):
@@ -713,8 +821,19 @@ def _write_marker(path: Path, key: str) -> None:
 
 # --- Python bindings --------------------------------------------------------------------------
 
-_CTX_DEFAULTS = {"n_ctx": 512, "n_batch": 2048, "n_ubatch": 512, "n_seq_max": 1, "type_k": 1, "type_v": 1,
-                 "offload_kqv": True, "no_perf": True, "swa_full": True, "kv_unified": False, "n_samplers": 0}
+_CTX_DEFAULTS = {
+    "n_ctx": 512,
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "n_seq_max": 1,
+    "type_k": 1,
+    "type_v": 1,
+    "offload_kqv": True,
+    "no_perf": True,
+    "swa_full": True,
+    "kv_unified": False,
+    "n_samplers": 0,
+}
 _MODEL_DEFAULTS = {"n_gpu_layers": -1, "vocab_only": False, "use_extra_bufts": True, "load_mtp": False}
 
 
@@ -733,26 +852,34 @@ def load_bindings(runtime: Runtime | None = None):
         import llama_cpp
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] != "llama_cpp":
-            raise SlimEdgeError(f"llama_cpp is installed but its dependency {e.name} is not: "
-                                f"pip install {PIN.package}=={PIN.version} with its dependencies") from None
+            raise SlimEdgeError(
+                f"llama_cpp is installed but its dependency {e.name} is not: "
+                f"pip install {PIN.package}=={PIN.version} with its dependencies"
+            ) from None
         raise SlimEdgeError(
             f"llama_cpp is not installed; install the pinned bindings without their own build: "
-            f"CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install --no-cache-dir {PIN.package}=={PIN.version}") from None
+            f"CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install --no-cache-dir {PIN.package}=={PIN.version}"
+        ) from None
     except (OSError, RuntimeError) as e:  # the library failed to load
         where = os.environ.get("LLAMA_CPP_LIB_PATH")
-        raise SlimEdgeError(f"import llama_cpp with LLAMA_CPP_LIB_PATH={where} "
-                            f"failed: {e}; rebuild with `slim-edge runtime build --force`") from None
+        raise SlimEdgeError(
+            f"import llama_cpp with LLAMA_CPP_LIB_PATH={where} "
+            f"failed: {e}; rebuild with `slim-edge runtime build --force`"
+        ) from None
     if getattr(llama_cpp, "__version__", None) != PIN.version:
-        raise SlimEdgeError(f"llama_cpp {llama_cpp.__version__} is installed, the pin is {PIN.version} "
-                            f"(its ctypes structs must match llama.cpp {PIN.commit}); "
-                            f"pip install {PIN.package}=={PIN.version}")
+        raise SlimEdgeError(
+            f"llama_cpp {llama_cpp.__version__} is installed, the pin is {PIN.version} "
+            f"(its ctypes structs must match llama.cpp {PIN.commit}); "
+            f"pip install {PIN.package}=={PIN.version}"
+        )
     loaded = Path(llama_cpp.llama_cpp._lib._name).resolve()
     if loaded.parent != lib:
-        raise SlimEdgeError(f"llama_cpp was already imported with {loaded}, not {lib / 'libllama.so'}; "
-                            f"call load_bindings() before importing llama_cpp, or export "
-                            f"LLAMA_CPP_LIB_PATH={lib}")
-    stray = [str(p) for p in loaded_libraries()
-             if re.match(r"lib(llama|ggml)", p.name) and p.parent.resolve() != lib]
+        raise SlimEdgeError(
+            f"llama_cpp was already imported with {loaded}, not {lib / 'libllama.so'}; "
+            f"call load_bindings() before importing llama_cpp, or export "
+            f"LLAMA_CPP_LIB_PATH={lib}"
+        )
+    stray = [str(p) for p in loaded_libraries() if re.match(r"lib(llama|ggml)", p.name) and p.parent.resolve() != lib]
     if stray:
         raise SlimEdgeError(f"another llama.cpp build is loaded in this process: {', '.join(stray)}")
     _check_structs(llama_cpp)
@@ -770,13 +897,14 @@ def loaded_libraries() -> list[Path]:
 
 
 def _check_structs(llama_cpp) -> None:
-    checks = (("llama_context_default_params", _CTX_DEFAULTS),
-              ("llama_model_default_params", _MODEL_DEFAULTS))
+    checks = (("llama_context_default_params", _CTX_DEFAULTS), ("llama_model_default_params", _MODEL_DEFAULTS))
     for fn, want in checks:
         got = getattr(llama_cpp, fn)()
         bad = {k: getattr(got, k) for k, v in want.items() if getattr(got, k) != v}
         if bad:
-            raise SlimEdgeError(f"{fn}() through the bindings gives {bad}, llama.cpp {PIN.commit} sets "
-                                f"{ {k: want[k] for k in bad} }: the bindings and libllama.so come from "
-                                f"different commits; reinstall {PIN.package}=={PIN.version} and rebuild "
-                                f"the runtime")
+            raise SlimEdgeError(
+                f"{fn}() through the bindings gives {bad}, llama.cpp {PIN.commit} sets "
+                f"{ {k: want[k] for k in bad} }: the bindings and libllama.so come from "
+                f"different commits; reinstall {PIN.package}=={PIN.version} and rebuild "
+                f"the runtime"
+            )

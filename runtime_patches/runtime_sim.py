@@ -37,6 +37,7 @@ type's activation rounding, attention goes through `f16_kv_attention`, the rotar
 matches the runtime only as well as it matches itself with its inputs jittered by 1e-7 (`jitter`):
 see parity.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +55,15 @@ ATTENTION = "slim_edge_f16kv"  # the name registered with transformers' Attentio
 # GGML type id -> vec_dot_type of its CPU matmul (ggml-cpu.c type_traits_cpu, pinned tree), for the stock
 # types slim-edge has no format for; a format carries its own (Format.vec_dot): see `vec_dot_types`
 STOCK_VEC_DOT = {
-    0: "f32", 30: "bf16", 6: "q8_0", 20: "q8_0", 39: "q8_0", 40: "q8_0", 41: "q8_0", 3: "q8_1", 7: "q8_1",
+    0: "f32",
+    30: "bf16",
+    6: "q8_0",
+    20: "q8_0",
+    39: "q8_0",
+    40: "q8_0",
+    41: "q8_0",
+    3: "q8_1",
+    7: "q8_1",
     **{t: "q8_k" for t in (10, 11, 12, 13, 14, 16, 17, 18, 19, 21, 22, 23, 29)},
 }
 
@@ -62,6 +71,8 @@ STOCK_VEC_DOT = {
 def vec_dot_types() -> dict[int, str]:
     """GGML type id -> the activation type its CPU matmul converts inputs to: stock types, then the formats'."""
     return STOCK_VEC_DOT | {f.type_id: f.vec_dot for f in BY_ID.values()}
+
+
 # Q8_0 variants: (id from 127/amax rather than 1/d, round half to even rather than away from zero)
 Q8_0_ROUNDING = {"x86": (True, True), "arm": (False, True), "ref": (False, False)}
 
@@ -82,8 +93,10 @@ def _div(a, b: torch.Tensor) -> torch.Tensor:
 
 def _blocks(x: torch.Tensor, size: int, what: str) -> torch.Tensor:
     if x.shape[-1] % size:
-        raise SlimEdgeError(f"{what}: row length {x.shape[-1]} is not a multiple of {size}; the runtime "
-                            f"could not use this activation type for it either")
+        raise SlimEdgeError(
+            f"{what}: row length {x.shape[-1]} is not a multiple of {size}; the runtime "
+            f"could not use this activation type for it either"
+        )
     return x.float().reshape(-1, size)
 
 
@@ -119,8 +132,11 @@ def q8_0_bytes(q: torch.Tensor, d: torch.Tensor) -> bytes:
 def q8_k_bytes(q: torch.Tensor, d: torch.Tensor) -> bytes:
     """block_q8_K: | d: f32 | qs[256]: int8 | bsums[16]: int16 (sums of 16 qs) |, 292 bytes per block."""
     bsums = q.to(torch.int16).reshape(-1, QK_K // 16, 16).sum(dim=2, dtype=torch.int16)
-    parts = [d.numpy().astype("<f4").view(np.uint8).reshape(-1, 4), q.numpy().view(np.uint8),
-             bsums.numpy().astype("<i2").view(np.uint8).reshape(-1, 32)]
+    parts = [
+        d.numpy().astype("<f4").view(np.uint8).reshape(-1, 4),
+        q.numpy().view(np.uint8),
+        bsums.numpy().astype("<i2").view(np.uint8).reshape(-1, 32),
+    ]
     return np.concatenate(parts, axis=1).tobytes()
 
 
@@ -196,8 +212,9 @@ def ggml_rope_cos_sin(positions: torch.Tensor, dim: int, base: float) -> tuple[t
     so angle i is p * s^i rounded i times; HF computes p * (1 / base^(2i/dim)) once. The two differ by up
     to ~1e-5 rad at p = 500, enough to flip a few 8-bit activation roundings downstream.
     """
-    scale = torch.tensor(float(np.float32(base)) ** float(np.float32(-2.0) / np.float32(dim)),
-                         dtype=torch.float64).float()  # powf, correctly rounded
+    scale = torch.tensor(
+        float(np.float32(base)) ** float(np.float32(-2.0) / np.float32(dim)), dtype=torch.float64
+    ).float()  # powf, correctly rounded
     theta = positions.float()
     angles = []
     for _ in range(dim // 2):
@@ -216,8 +233,10 @@ def rope_supported(config) -> bool:
 
 def _rope_hook(config, fix: str):
     if not rope_supported(config):
-        raise SlimEdgeError(f"rope simulation covers plain rope only; this model's rope is "
-                            f"{getattr(config, 'rope_parameters', None)}: {fix}")
+        raise SlimEdgeError(
+            f"rope simulation covers plain rope only; this model's rope is "
+            f"{getattr(config, 'rope_parameters', None)}: {fix}"
+        )
     params = getattr(config, "rope_parameters", None) or {}
     base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -226,6 +245,7 @@ def _rope_hook(config, fix: str):
         position_ids = args[1] if len(args) > 1 else kwargs["position_ids"]
         cos, sin = ggml_rope_cos_sin(position_ids, dim, base)
         return cos.to(output[0].dtype), sin.to(output[1].dtype)
+
     return hook
 
 
@@ -263,8 +283,16 @@ def use_runtime_attention(model) -> None:
 
 
 @contextlib.contextmanager
-def simulate(model, types: dict[str, int], activations: bool = True, kv_f16: bool = True,
-             rope: bool = False, rounding: str | None = None, jitter: float = 0.0, seed: int = 0):
+def simulate(
+    model,
+    types: dict[str, int],
+    activations: bool = True,
+    kv_f16: bool = True,
+    rope: bool = False,
+    rounding: str | None = None,
+    jitter: float = 0.0,
+    seed: int = 0,
+):
     """Inside the block, `model` rounds like the runtime: each nn.Linear named in `types` (module name ->
     GGML type id of its weight in the GGUF) gets its input converted to that type's vec_dot_type, with
     `kv_f16` attention uses the F16 KV cache, with `rope` the rotary angles are ggml's. Undone on exit.
@@ -290,11 +318,14 @@ def simulate(model, types: dict[str, int], activations: bool = True, kv_f16: boo
                     continue
                 kind = vec_dot_types().get(types[name])
                 if kind is None:
-                    raise SlimEdgeError(f"{name}: GGUF type {types[name]} has no known vec_dot_type; add it to "
-                                        "slim_edge.runtime_patches.runtime_sim.STOCK_VEC_DOT (or its format's "
-                                        "vec_dot) from ggml-cpu.c's type_traits_cpu")
-                handles.append(mod.register_forward_pre_hook(
-                    lambda m, args, kind=kind: (rounded(args[0], kind), *args[1:])))
+                    raise SlimEdgeError(
+                        f"{name}: GGUF type {types[name]} has no known vec_dot_type; add it to "
+                        "slim_edge.runtime_patches.runtime_sim.STOCK_VEC_DOT (or its format's "
+                        "vec_dot) from ggml-cpu.c's type_traits_cpu"
+                    )
+                handles.append(
+                    mod.register_forward_pre_hook(lambda m, args, kind=kind: (rounded(args[0], kind), *args[1:]))
+                )
         if kv_f16:
             old_attn = use_f16_kv_attention(model)
         yield model

@@ -1,4 +1,5 @@
 """A GGUF export holds exactly a checkpoint's trained codes: the check shared by the export and API tests."""
+
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,15 @@ from slim_edge.converters.gguf_read import read_tensor_table
 from slim_edge.converters.gguf_types import tensor_bytes, tensor_values
 from slim_edge.formats import get_format
 
-GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+GGUF_NAMES = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
 
 
 def _gguf_name(hf: str, kind: str = "weight") -> str:

@@ -6,6 +6,7 @@ fresh folder, on a tiny random model, checkpoint and GGUF built once under --wor
 
     .venv/bin/python tests/probe_inputs.py --work /tmp/probe18 [--json out.json] [-k NAME]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ def build_fixtures(f: Path) -> None:
     f.mkdir(parents=True, exist_ok=True)
     (f / "text.txt").write_text("\n\n".join(topics[k] for k in sorted(topics))[:60_000])
     make_tiny_smol(f / "model")  # SmolLM2's tokenizer: the converter knows it, so export gets to its outputs
-    run_quantize(str(f / "model"), QuantConfig(scheme="sherry", steps=0, calib=str(f / "text.txt")), f / "ckpt",
-                 progress=False)
+    run_quantize(
+        str(f / "model"), QuantConfig(scheme="sherry", steps=0, calib=str(f / "text.txt")), f / "ckpt", progress=False
+    )
     write_tiny_llama_gguf(f / "tiny.gguf")
     (f / "zero").write_bytes(b"")
     (f / "zero.gguf").write_bytes(b"")
@@ -160,8 +162,13 @@ def probes(F: str) -> list[tuple]:
         ("b.device", b + ["--device", "tpu"], 2, "tpu", {}),
         ("b.ssh-no-host", b + ["--device", "ssh"], 2, "--host", {}),
         ("b.ssh-port", b + ["--device", "ssh", "--host", "pi@127.0.0.1", "--port", "70000"], 2, "70000", {}),
-        ("b.ssh-identity", b + ["--device", "ssh", "--host", "pi@127.0.0.1", "--identity", "/nonexistent-key"], 2,
-         "/nonexistent-key", {}),
+        (
+            "b.ssh-identity",
+            b + ["--device", "ssh", "--host", "pi@127.0.0.1", "--identity", "/nonexistent-key"],
+            2,
+            "/nonexistent-key",
+            {},
+        ),
         ("b.host-with-host", b + ["--device", "host", "--host", "pi@x"], 2, "--host", {}),
         ("b.android-serial-ssh", b + ["--device", "ssh", "--host", "pi@x", "--serial", "R58"], 2, "--serial", {}),
         ("b.qemu-threads", b + ["--device", "qemu-arm64", "-t", "0"], 2, "0", {}),
@@ -208,12 +215,21 @@ def run_probe(name, argv, want, needle, env, fixtures: Path, scratch: Path, time
     before = _tree(fixtures)
     t0 = time.monotonic()
     try:
-        p = subprocess.run([CLI, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env}, stdin=subprocess.DEVNULL)
+        p = subprocess.run(
+            [CLI, *argv],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},
+            stdin=subprocess.DEVNULL,
+        )
         rc, err = p.returncode, p.stderr
     except subprocess.TimeoutExpired as ex:
-        rc, err = "timeout", (ex.stderr or b"").decode(errors="replace") if isinstance(ex.stderr, bytes) else \
-            (ex.stderr or "")
+        rc, err = (
+            "timeout",
+            (ex.stderr or b"").decode(errors="replace") if isinstance(ex.stderr, bytes) else (ex.stderr or ""),
+        )
     left = sorted((_tree(fixtures) - before) | _tree(cwd))
     errors = [ln for ln in err.splitlines() if ln.startswith("slim-edge: error:") or ln.startswith("Error")]
     last = err.strip().splitlines()[-1] if err.strip() else ""
@@ -229,8 +245,16 @@ def run_probe(name, argv, want, needle, env, fixtures: Path, scratch: Path, time
             faults.append(f"message lacks {needle!r}")
     if left and want != 0:
         faults.append(f"left {len(left)} path(s): {left[:2]}")
-    return {"name": name, "argv": argv, "rc": rc, "seconds": round(time.monotonic() - t0, 1),
-            "clean": not faults, "faults": faults, "message": last[:300], "error_lines": len(errors)}
+    return {
+        "name": name,
+        "argv": argv,
+        "rc": rc,
+        "seconds": round(time.monotonic() - t0, 1),
+        "clean": not faults,
+        "faults": faults,
+        "message": last[:300],
+        "error_lines": len(errors),
+    }
 
 
 def main() -> None:
@@ -248,8 +272,11 @@ def main() -> None:
         if args.k in name:
             r = run_probe(name, argv, want, needle, env, fixtures, scratch, args.timeout)
             results.append(r)
-            print(f"{'clean' if r['clean'] else 'NOT CLEAN':9} {name:24} rc={r['rc']} {r['seconds']:5}s "
-                  f"{'; '.join(r['faults'])} | {r['message'][:160]}", flush=True)
+            print(
+                f"{'clean' if r['clean'] else 'NOT CLEAN':9} {name:24} rc={r['rc']} {r['seconds']:5}s "
+                f"{'; '.join(r['faults'])} | {r['message'][:160]}",
+                flush=True,
+            )
     shutil.rmtree(scratch, ignore_errors=True)
     n_clean = sum(r["clean"] for r in results)
     print(f"{len(results)} bad inputs tried, {n_clean} clean, {len(results) - n_clean} not clean")

@@ -1,4 +1,5 @@
 """The public Python API (slim_edge.quantize_ / QuantConfig / load_quantized / export_gguf) does what the CLI does."""
+
 import subprocess
 import sys
 
@@ -17,11 +18,17 @@ def test_api_quantize_load_export_equal_the_cli(tmp_path, tiny_text):
     assert report["training"]["steps_done"] == 1
     model, _ = slim_edge.load_quantized(tmp_path / "ckpt")
     slim_edge.export_gguf(tmp_path / "ckpt", tmp_path / "api.gguf")
-    weights = {n: (m.weight.detach().numpy(), None if m.bias is None else m.bias.detach().numpy())
-               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    weights = {
+        n: (m.weight.detach().numpy(), None if m.bias is None else m.bias.detach().numpy())
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    }
     assert check_bit_exact(tmp_path / "ckpt", tmp_path / "api.gguf", weights) > 0
-    subprocess.run([sys.executable, "-m", "slim_edge.cli", "export", str(tmp_path / "ckpt"), "--gguf",
-                    str(tmp_path / "cli.gguf")], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "slim_edge.cli", "export", str(tmp_path / "ckpt"), "--gguf", str(tmp_path / "cli.gguf")],
+        check=True,
+        capture_output=True,
+    )
     assert (tmp_path / "api.gguf").read_bytes() == (tmp_path / "cli.gguf").read_bytes()
 
 

@@ -1,5 +1,6 @@
 """quantize --bits: the budget's greedy choice, its measured sensitivity, q4_0 linears, and the token embedding
 trained on its export type (codes in the checkpoint, the same bytes in the GGUF)."""
+
 import json
 import math
 
@@ -59,10 +60,18 @@ def test_budget_never_exceeds_bits_and_is_within_one_tensor_of_them():
     rng = np.random.default_rng(0)
     for trial in range(200):
         n = int(rng.integers(1, 12))
-        specs = [(f"t{i}", int(rng.choice([32, 64, 96, 576])), int(rng.choice([64, 128, 512, 1536])),
-                  str(rng.choice(["q2_0", "q2_0c", "stq1_0"]))) for i in range(n)]
-        plan = ([e for e in _plan(*specs) if e.shape[1] % get_format(e.format).block_size == 0]
-                or _plan(specs[0][:3] + ("q2_0",)))
+        specs = [
+            (
+                f"t{i}",
+                int(rng.choice([32, 64, 96, 576])),
+                int(rng.choice([64, 128, 512, 1536])),
+                str(rng.choice(["q2_0", "q2_0c", "stq1_0"])),
+            )
+            for i in range(n)
+        ]
+        plan = [e for e in _plan(*specs) if e.shape[1] % get_format(e.format).block_size == 0] or _plan(
+            specs[0][:3] + ("q2_0",)
+        )
         table = [{"name": e.name, "kl": float(rng.exponential())} for e in plan]
         have, weights = plan_bits(plan)
         bits = float(rng.uniform(have / weights, 4.5))
@@ -82,12 +91,28 @@ def test_bits_outside_the_scheme_and_q4_0_are_clean_errors(tiny_llama, tmp_path)
     plan = make_plan(model, QuantConfig(scheme="seq2"))
     assert plan_bits(plan)[0] / plan_bits(plan)[1] == 2.03125  # q2_0c everywhere: (2 + 128) * 8 / 512
     check_bits(plan, 2.03125, "seq2")
-    with pytest.raises(SlimEdgeError, match=r"^--bits 2\.0: seq2 itself takes 2\.0312 bits per weight .*between "
-                                            r"2\.0313 and 4\.5") as e:
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"^--bits 2\.0: seq2 itself takes 2\.0312 bits per weight .*between "
+        r"2\.0313 and 4\.5",
+    ) as e:
         check_bits(plan, 2.0, "seq2")
     assert "\n" not in str(e.value)
-    r = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--scheme", "sherry", "--bits", "1.2", "-o",
-                                 str(tmp_path / "out"), "--calib", "pydoc"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "quantize",
+            str(tiny_llama),
+            "--scheme",
+            "sherry",
+            "--bits",
+            "1.2",
+            "-o",
+            str(tmp_path / "out"),
+            "--calib",
+            "pydoc",
+        ],
+    )
     assert isinstance(r.exception, SlimEdgeError) and "sherry itself takes 1.3125 bits" in str(r.exception)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
@@ -194,8 +219,13 @@ def test_bits_checkpoint_exports_its_q4_0_linears_and_embedding_codes(bits_expor
     table = meta["budget"]["sensitivity"]
     assert len(table) == 14 and {r["name"] for r in table if r["promoted"]} == {e["name"] for e in promoted}
     assert json.loads((ckpt / "report.json").read_text())["budget"]["sensitivity"] == table
-    assert meta["embedding"] == {"name": "model.embed_tokens", "shape": [49152, 512], "format": "q8_0",
-                                 "type_id": 8, "tied": True}
+    assert meta["embedding"] == {
+        "name": "model.embed_tokens",
+        "shape": [49152, 512],
+        "format": "q8_0",
+        "type_id": 8,
+        "tied": True,
+    }
     tensors = read_tensors(ckpt)
     codes = tensors["model.embed_tokens.qweight"].numpy()
     assert "model.embed_tokens.weight" not in tensors and "lm_head.weight" not in tensors
@@ -205,8 +235,15 @@ def test_bits_checkpoint_exports_its_q4_0_linears_and_embedding_codes(bits_expor
     assert (type_id, shape) == (8, (512, 49152)) and np.array_equal(raw.reshape(codes.shape), codes)
     assert "output.weight" not in {t.name for t in table.tensors}  # tied: the runtime multiplies by token_embd
     assert summary["kept"]["token_embd.weight"]["exact"]
-    gguf = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    gguf = {
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+    }
     for e in plan:
         parts = e["name"].split(".")
         type_id, _, raw = tensor_bytes(out, f"blk.{parts[2]}.{gguf[parts[-1]]}.weight", table)
@@ -220,9 +257,14 @@ def test_bits_checkpoint_exports_its_q4_0_linears_and_embedding_codes(bits_expor
     assert torch.equal(model.model.embed_tokens.weight, deq) and model.lm_head.weight is model.model.embed_tokens.weight
 
     # continuing the checkpoint keeps its plan and its embedding codes (they do not train)
-    more = run_quantize(str(ckpt), QuantConfig(scheme="seq2", bits=2.5, steps=1, batch_size=1, seq_len=32,
-                                               calib=str(tiny_text), arenas_lambda=0.0), tmp_path / "more",
-                        progress=False)
+    more = run_quantize(
+        str(ckpt),
+        QuantConfig(
+            scheme="seq2", bits=2.5, steps=1, batch_size=1, seq_len=32, calib=str(tiny_text), arenas_lambda=0.0
+        ),
+        tmp_path / "more",
+        progress=False,
+    )
     assert read_meta(tmp_path / "more")["plan"] == plan and more["budget"] is None
     assert np.array_equal(read_tensors(tmp_path / "more")["model.embed_tokens.qweight"].numpy(), codes)
 
@@ -231,8 +273,12 @@ def test_q4_0_embedding_export_writes_the_trained_codes_not_a_requantization(tin
     """The reference Q4_0 quantizer of the trained values would pick other scales (signed max / -8): only the
     stored codes give the file the model that trained."""
     ckpt = tmp_path / "ckpt"
-    run_quantize(str(tiny_smol), QuantConfig(scheme="q2", embedding_type="q4_0", steps=0, batch_size=1, seq_len=32,
-                                             calib=str(tiny_text)), ckpt, progress=False)
+    run_quantize(
+        str(tiny_smol),
+        QuantConfig(scheme="q2", embedding_type="q4_0", steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
+        ckpt,
+        progress=False,
+    )
     codes = read_tensors(ckpt)["model.embed_tokens.qweight"].numpy()
     values = get_format("q4_0").dequantize(codes, 512)
     assert not np.array_equal(get_format("q4_0").quantize(values), codes)  # a re-quantization would differ
@@ -240,8 +286,12 @@ def test_q4_0_embedding_export_writes_the_trained_codes_not_a_requantization(tin
     summary = export_checkpoint(ckpt, out)
     type_id, shape, raw = tensor_bytes(out, "token_embd.weight")
     assert (type_id, shape) == (2, (512, 49152)) and np.array_equal(raw.reshape(codes.shape), codes)
-    assert summary["kept"]["token_embd.weight"] == {"type": "q4_0", "exact": True, "max_abs_err": 0.0,
-                                                   "rel_rms_err": 0.0}
+    assert summary["kept"]["token_embd.weight"] == {
+        "type": "q4_0",
+        "exact": True,
+        "max_abs_err": 0.0,
+        "rel_rms_err": 0.0,
+    }
 
 
 @pytest.mark.runtime
@@ -255,8 +305,12 @@ def test_bits_export_generates_in_the_patched_runtime(bits_export):
     host = runtime.ensure_runtime("host")
     _, _, out, summary = bits_export
     assert {"q4_0", "q2_0c", "q8_0"} <= set(summary["types"].values())
-    proc = subprocess.run([*host.argv("llama-bench"), "-m", str(out), "-p", "16", "-n", "8", "-r", "1", "-t", "2",
-                           "-o", "json"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*host.argv("llama-bench"), "-m", str(out), "-p", "16", "-n", "8", "-r", "1", "-t", "2", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout)
     assert [(r["n_prompt"], r["n_gen"]) for r in rows] == [(16, 0), (0, 8)] and all(r["avg_ts"] > 0 for r in rows)
@@ -268,8 +322,9 @@ def test_bits_dry_run_samples_nothing_and_plans_what_the_run_does(tiny_smol, tin
     drawn, sample = [], gendata.teacher_tokens
     monkeypatch.setattr(gendata, "teacher_tokens", lambda *a, **k: drawn.append(a[1]) or sample(*a, **k))
     # :cache=0: an earlier run may have left this draw in the user's samples cache (then nothing is drawn)
-    config = QuantConfig(scheme="seq2", bits=2.5, steps=0, batch_size=1, seq_len=32,
-                         calib=f"{tiny_text},teacher:64:cache=0")
+    config = QuantConfig(
+        scheme="seq2", bits=2.5, steps=0, batch_size=1, seq_len=32, calib=f"{tiny_text},teacher:64:cache=0"
+    )
     dry = run_quantize(str(tiny_smol), config, tmp_path / "dry", progress=False, dry_run=True)
     assert drawn == [] and not list(tmp_path.iterdir())  # no sample, nothing written
     run_quantize(str(tiny_smol), config, tmp_path / "run", progress=False)

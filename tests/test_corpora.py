@@ -18,12 +18,15 @@ def _get(name, split):
 
 
 # (documents, characters) of each split; the texts are pinned by the wheel members' sha256
-@pytest.mark.parametrize("name,split,docs,chars", [
-    ("lee", "train", 196, 236719),
-    ("lee", "eval", 97, 115702),
-    ("wiki", "train", 90, 2229966),
-    ("wiki", "eval", 16, 587374),
-])
+@pytest.mark.parametrize(
+    "name,split,docs,chars",
+    [
+        ("lee", "train", 196, 236719),
+        ("lee", "eval", 97, 115702),
+        ("wiki", "train", 90, 2229966),
+        ("wiki", "eval", 16, 587374),
+    ],
+)
 def test_builtin_split_sizes(name, split, docs, chars):
     c = _get(name, split)
     assert (c.n_docs, len(c.text)) == (docs, chars)
@@ -64,9 +67,11 @@ def test_unpacks_as_text_and_provenance():
 
 
 def test_wiki_markup_is_stripped():
-    raw = ("{{Infobox|a={{nested|b}}}}'''Bold''' is a [[Link target|word]] and [[plain]].<ref>cite</ref> "
-           "[http://x.org Site] &amp; [[File:X.jpg|thumb|a [[caption]]]]\n== History ==\n* item\n"
-           "== References ==\n* gone")
+    raw = (
+        "{{Infobox|a={{nested|b}}}}'''Bold''' is a [[Link target|word]] and [[plain]].<ref>cite</ref> "
+        "[http://x.org Site] &amp; [[File:X.jpg|thumb|a [[caption]]]]\n== History ==\n* item\n"
+        "== References ==\n* gone"
+    )
     assert corpora.strip_wiki_markup(raw) == "Bold is a word and plain. Site &\nHistory\nitem"
 
 
@@ -77,11 +82,14 @@ def test_user_file(tmp_path):
     assert c.text == "hello world\n" and c.provenance.startswith(f"file {p} (whole file, 12 chars")
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"", "is empty"),
-    (b"  \n\t\n", "is empty"),
-    (b"caf\xe9 au lait", r"not UTF-8 \(byte 0xe9 at offset 3\)"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "is empty"),
+        (b"  \n\t\n", "is empty"),
+        (b"caf\xe9 au lait", r"not UTF-8 \(byte 0xe9 at offset 3\)"),
+    ],
+)
 def test_bad_files(tmp_path, content, match):
     p = tmp_path / "bad.txt"
     p.write_bytes(content)
@@ -165,15 +173,17 @@ def test_pydocs_markup_is_gone():
 
 
 def test_sphinx_prose_keeps_paragraphs_only():
-    page = ('<html><head><title>T</title><script>var x = 1;</script></head><body>'
-            '<div class="related" role="navigation"><a href="a.html">previous</a></div>'
-            '<div class="body" role="main"><section><h1>Title<a class="headerlink" href="#t">¶</a></h1>'
-            '<p>One &amp; <code class="xref"><span class="pre">two</span></code>\n  three.</p>'
-            '<div class="highlight"><pre>&gt;&gt;&gt; code()</pre></div><table><tr><td>cell</td></tr></table>'
-            '<dl><dt class="sig">f(x)<br/></dt><dd><p>Does <em>f</em> .</p><ul><li>item</li></ul></dd></dl>'
-            '<div class="toctree-wrapper"><ul><li>toc</li></ul></div><p>a &lt; b</p></section></div>'
-            '<div class="sphinxsidebar" role="navigation"><p>Sidebar.</p></div><div class="footer">© PSF</div>'
-            '</body></html>')
+    page = (
+        "<html><head><title>T</title><script>var x = 1;</script></head><body>"
+        '<div class="related" role="navigation"><a href="a.html">previous</a></div>'
+        '<div class="body" role="main"><section><h1>Title<a class="headerlink" href="#t">¶</a></h1>'
+        '<p>One &amp; <code class="xref"><span class="pre">two</span></code>\n  three.</p>'
+        '<div class="highlight"><pre>&gt;&gt;&gt; code()</pre></div><table><tr><td>cell</td></tr></table>'
+        '<dl><dt class="sig">f(x)<br/></dt><dd><p>Does <em>f</em> .</p><ul><li>item</li></ul></dd></dl>'
+        '<div class="toctree-wrapper"><ul><li>toc</li></ul></div><p>a &lt; b</p></section></div>'
+        '<div class="sphinxsidebar" role="navigation"><p>Sidebar.</p></div><div class="footer">© PSF</div>'
+        "</body></html>"
+    )
     assert corpora.sphinx_prose(page) == "Title\n\nOne & two three.\n\nDoes f.\n\nitem\n\na < b"
 
 

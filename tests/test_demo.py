@@ -1,4 +1,5 @@
 """The README's main command, `slim-edge demo`, end to end on the embedded SmolLM2-135M (short settings)."""
+
 import json
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def test_demo_end_to_end(tmp_path):
 def test_a_bad_demo_option_is_refused_before_any_folder_or_build(tmp_path, monkeypatch):
     # `demo --ptq foo` built the runtime and made results/demo, then failed at the first quantize
     import slim_edge.runtime_patches.runtime as runtime
+
     monkeypatch.setattr(runtime, "ensure_runtime", lambda *a, **k: pytest.fail("the runtime was built first"))
     with pytest.raises(SlimEdgeError, match=r"--ptq 'foo': choose rtn"):
         run_demo(out=tmp_path / "demo", ptq="foo")

@@ -1,4 +1,5 @@
 """The chunked distillation loss: its value and its closed-form gradient against autograd of the formulas."""
+
 import pytest
 import torch
 

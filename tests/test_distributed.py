@@ -1,6 +1,7 @@
 """torchrun data parallelism on CPU (gloo), real processes: 2 ranks x batch B train as 1 process x batch 2B,
 a SIGTERM to one rank stops both at one step with a loadable checkpoint (train.dcp/, DDP as FSDP), and 1 process
 resumes it, as 2 ranks resume one process's."""
+
 import json
 import os
 import shutil
@@ -42,17 +43,44 @@ PROBE = Path(__file__).with_name("torchrun_probe.py")
 def _torchrun(tiny_llama, tiny_text, out: Path, *extra: str, probe: Path | None = None) -> subprocess.Popen:
     """2 ranks of `slim-edge quantize`; probe: a folder for tests/torchrun_probe.py's per-rank counts of forwards."""
     program = [str(PROBE)] if probe else ["--no-python", str(SLIM_EDGE)]
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", *program,
-            "quantize", str(tiny_llama), "--scheme", OPTS["scheme"], "--steps", str(STEPS),
-            "--batch-size", str(B), "--seq-len", str(OPTS["seq_len"]), "--lr", str(OPTS["lr"]),
-            "--scale-lr", str(OPTS["scale_lr"]), "--calib", str(tiny_text), "--device", "cpu", "-o", str(out), *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        *program,
+        "quantize",
+        str(tiny_llama),
+        "--scheme",
+        OPTS["scheme"],
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        str(B),
+        "--seq-len",
+        str(OPTS["seq_len"]),
+        "--lr",
+        str(OPTS["lr"]),
+        "--scale-lr",
+        str(OPTS["scale_lr"]),
+        "--calib",
+        str(tiny_text),
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+        *extra,
+    ]
     # two ranks on a 2-core machine: one thread each, or they contend
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if probe:
         probe.mkdir(parents=True, exist_ok=True)
         env["SLIM_EDGE_PROBE"] = str(probe)
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
@@ -73,8 +101,14 @@ def _one_process(tiny_llama, tiny_text, out: Path, **options) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: the same summation order in the matmuls
     try:
-        return run_quantize(str(tiny_llama), QuantConfig(batch_size=2 * B, calib=str(tiny_text), **OPTS), out,
-                            progress=False, device="cpu", **options)
+        return run_quantize(
+            str(tiny_llama),
+            QuantConfig(batch_size=2 * B, calib=str(tiny_text), **OPTS),
+            out,
+            progress=False,
+            device="cpu",
+            **options,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -110,7 +144,7 @@ def _assert_same_model(a: Path, b: Path):
     assert wa.keys() == wb.keys() and wa
     for k in wa:
         assert torch.equal(wa[k] == 0, wb[k] == 0), k
-        torch.testing.assert_close(wa[k], wb[k], rtol=2 ** -10, atol=0, msg=k)
+        torch.testing.assert_close(wa[k], wb[k], rtol=2**-10, atol=0, msg=k)
 
 
 def _assert_close_model(a: Path, b: Path, flipped: float):
@@ -213,21 +247,31 @@ def test_accumulated_passes_are_the_rows_of_the_global_batch():
     micro = [next(_batches(ids, B // 2, 16, np.random.default_rng(0), World(r, 2), accumulation=2)) for r in range(2)]
     assert all(len(m) == 2 and m[0][0].shape == (B // 2, 16) for m in micro)
     assert torch.equal(torch.cat([x for m in micro for x, _ in m]), one)
-    assert torch.equal(micro[1][0][1][:, :-1], one[B:B + 1, 1:])  # y is x shifted by one
-    with pytest.raises(SlimEdgeError, match=r"--global-batch-size 8 is not a multiple of --batch-size 2 x 3 ranks "
-                                            r"= 6: pass 6 or 12"):
+    assert torch.equal(micro[1][0][1][:, :-1], one[B : B + 1, 1:])  # y is x shifted by one
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"--global-batch-size 8 is not a multiple of --batch-size 2 x 3 ranks "
+        r"= 6: pass 6 or 12",
+    ):
         QuantConfig(batch_size=2, global_batch_size=8).accumulation(3)
-    with pytest.raises(SlimEdgeError, match=r"--global-batch-size 8 is not a multiple of --batch-size 3: pass a "
-                                            r"multiple of it, e.g. 9"):
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"--global-batch-size 8 is not a multiple of --batch-size 3: pass a "
+        r"multiple of it, e.g. 9",
+    ):
         QuantConfig(batch_size=3, global_batch_size=8)
-    cli = subprocess.run([str(SLIM_EDGE), "quantize", "--batch-size", "3", "--global-batch-size", "8", "--dry-run"],
-                         capture_output=True, text=True)
+    cli = subprocess.run(
+        [str(SLIM_EDGE), "quantize", "--batch-size", "3", "--global-batch-size", "8", "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert "slim-edge: error: --global-batch-size 8 is not a multiple of --batch-size 3" in cli.stderr, cli.stderr
 
 
-def test_one_process_accumulating_two_passes_trains_as_one_pass_at_twice_the_batch(tiny_llama, tiny_text, tmp_path,
-                                                                                  reference, capfd):
+def test_one_process_accumulating_two_passes_trains_as_one_pass_at_twice_the_batch(
+    tiny_llama, tiny_text, tmp_path, reference, capfd
+):
     """--batch-size B --global-batch-size 2B in one process: each step sums the gradients of two passes of B, each
     weighted 1/2, so the losses (the passes' mean) and the model are those of one pass of 2B (the reference),
     judged as a parallel run (the matmuls see B rows instead of 2B: float noise)."""
@@ -235,8 +279,13 @@ def test_one_process_accumulating_two_passes_trains_as_one_pass_at_twice_the_bat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_quantize(str(tiny_llama), QuantConfig(batch_size=B, global_batch_size=2 * B, calib=str(tiny_text), **OPTS),
-                     out, progress=False, device="cpu")
+        run_quantize(
+            str(tiny_llama),
+            QuantConfig(batch_size=B, global_batch_size=2 * B, calib=str(tiny_text), **OPTS),
+            out,
+            progress=False,
+            device="cpu",
+        )
     finally:
         torch.set_num_threads(threads)
     assert f"{STEPS} steps x {2 * B} ({B} x 2 accumulated passes) x {OPTS['seq_len']}" in capfd.readouterr().err
@@ -250,8 +299,9 @@ def test_two_ranks_accumulating_train_as_one_process_at_the_global_batch(tiny_ll
     """2 DDP ranks x 1 sequence x 2 accumulated passes (no all-reduce in the first pass's backward): the global
     batch of 4 = 2B, so the run is the reference's."""
     out = tmp_path / "out"
-    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--batch-size", str(B // 2),
-                                      "--global-batch-size", str(2 * B)))
+    rc, _, stderr = _finish(
+        _torchrun(tiny_llama, tiny_text, out, "--batch-size", str(B // 2), "--global-batch-size", str(2 * B))
+    )
     assert rc == 0, stderr[-3000:]
     assert f"{STEPS} steps x {2 * B} (2 ranks x {B // 2} x 2 accumulated passes)" in stderr
     _assert_parallel_run(reference, out)
@@ -305,14 +355,14 @@ def test_a_sharded_teacher_gives_the_losses_of_a_replicated_one(fsdp_run, tiny_l
     _assert_same_model(fsdp_run[0], out)
 
 
-def test_activation_checkpointing_under_fsdp_recomputes_and_trains_the_same(fsdp_run, tiny_llama, tiny_text,
-                                                                           tmp_path):
+def test_activation_checkpointing_under_fsdp_recomputes_and_trains_the_same(fsdp_run, tiny_llama, tiny_text, tmp_path):
     """--activation-checkpointing over 2 fsdp ranks: on each rank every training step runs the decoder layer's MLP
     twice with autograd on (the forward and its recompute in the backward; the run without it: once), and the losses
     and the model are those of the same run without it, judged as _assert_parallel_run judges a parallel run."""
     out, probe = tmp_path / "out", tmp_path / "probe"
-    rc, _, stderr = _finish(_torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp", "--activation-checkpointing",
-                                      probe=probe))
+    rc, _, stderr = _finish(
+        _torchrun(tiny_llama, tiny_text, out, "--shard", "fsdp", "--activation-checkpointing", probe=probe)
+    )
     assert rc == 0, stderr[-3000:]
     layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
     for rank in (0, 1):
@@ -350,8 +400,11 @@ def test_fsdp_bf16_precision_trains_near_fp32_with_fp32_masters(fsdp_run, tiny_l
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         torch.manual_seed(0)
-        teacher = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                                               num_attention_heads=4, vocab_size=256)).eval()
+        teacher = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4, vocab_size=256
+            )
+        ).eval()
         config = QuantConfig(scheme="sherry", steps=1, batch_size=2, seq_len=32)
         student = __import__("copy").deepcopy(teacher)
         quantize_(student, config, make_plan(student, config))
@@ -425,8 +478,9 @@ def _dcp_step(out: Path) -> int:
     return json.loads((out.with_name("out.partial") / "train.dcp" / DCP_META).read_text())["state"]["step"]
 
 
-def test_fsdp_checkpoint_is_sharded_dcp_and_one_process_resumes_it(stopped_fsdp, tiny_llama, tiny_text, reference,
-                                                                    tmp_path):
+def test_fsdp_checkpoint_is_sharded_dcp_and_one_process_resumes_it(
+    stopped_fsdp, tiny_llama, tiny_text, reference, tmp_path
+):
     """SIGTERM under fsdp: each rank wrote its own shard file into train.dcp/ (torch.distributed.checkpoint), nothing
     half-written is left, and one process resumes it (2 ranks -> 1) as the uninterrupted run continues."""
     _, rc, stderr = stopped_fsdp
@@ -449,8 +503,9 @@ def test_fsdp_checkpoint_is_sharded_dcp_and_one_process_resumes_it(stopped_fsdp,
 
 
 @pytest.mark.parametrize("source,shard", [("stopped", "fsdp"), ("stopped_fsdp", "ddp"), ("stopped_fsdp", "fsdp")])
-def test_two_ranks_resume_the_other_shardings_checkpoint(source, shard, request, tiny_llama, tiny_text, reference,
-                                                          tmp_path):
+def test_two_ranks_resume_the_other_shardings_checkpoint(
+    source, shard, request, tiny_llama, tiny_text, reference, tmp_path
+):
     """2 DDP ranks -> 2 fsdp ranks, 2 fsdp -> 2 DDP and 2 fsdp -> 2 fsdp (each reading its own rows): DCP reads the
     replicated tensors DDP's ranks shared out into FSDP's rows, and FSDP's shards into DDP's full replicas; all
     continue as the uninterrupted run."""
@@ -477,8 +532,14 @@ def _as_train_pt(folder: Path) -> Path:
     dcp_to_torch_save(folder, flat)
     sd = torch.load(flat, weights_only=True)
     names = [n for g in sd["optim"]["param_groups"] for n in g["params"]]
-    torch.save({"model": sd["model"], "optimizer": by_index(sd["optim"], names),
-                **json.loads((folder / DCP_META).read_text())}, ckpt)
+    torch.save(
+        {
+            "model": sd["model"],
+            "optimizer": by_index(sd["optim"], names),
+            **json.loads((folder / DCP_META).read_text()),
+        },
+        ckpt,
+    )
     flat.unlink()
     shutil.rmtree(folder)
     return ckpt
@@ -491,12 +552,41 @@ def test_two_ranks_resume_a_one_process_dcp_checkpoint(shard, legacy, tiny_llama
     state as an earlier version's train.pt, which fsdp ranks load through load_optimizer."""
     out = tmp_path / "out"
     folder = out.with_name("out.partial") / "train.dcp"
-    argv = [str(SLIM_EDGE), "quantize", str(tiny_llama), "--scheme", OPTS["scheme"], "--steps", str(STEPS),
-            "--batch-size", str(2 * B), "--seq-len", str(OPTS["seq_len"]), "--lr", str(OPTS["lr"]),
-            "--scale-lr", str(OPTS["scale_lr"]), "--calib", str(tiny_text), "--device", "cpu", "-o", str(out),
-            "--shard", shard, "--checkpoint-every", "1"]
-    proc = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    argv = [
+        str(SLIM_EDGE),
+        "quantize",
+        str(tiny_llama),
+        "--scheme",
+        OPTS["scheme"],
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        str(2 * B),
+        "--seq-len",
+        str(OPTS["seq_len"]),
+        "--lr",
+        str(OPTS["lr"]),
+        "--scale-lr",
+        str(OPTS["scale_lr"]),
+        "--calib",
+        str(tiny_text),
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+        "--shard",
+        shard,
+        "--checkpoint-every",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     t0 = time.monotonic()
     while not (folder / ".metadata").is_file() and proc.poll() is None and time.monotonic() - t0 < 90:
         time.sleep(0.01)
@@ -521,6 +611,7 @@ def test_a_save_keeps_the_previous_checkpoint_until_the_new_one_is_whole(tmp_pat
     """save_sharded: a crash after the old folder moved aside and before the new one moved in leaves train.dcp.old,
     which sharded_checkpoint finds; a leftover train.dcp.tmp (a save that died half-way) is never read."""
     import torch.distributed as dist
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         lin = torch.nn.Linear(4, 2)
@@ -550,13 +641,16 @@ def test_a_damaged_or_foreign_dcp_is_refused_with_its_reason(tmp_path):
     folder = tmp_path / "train.dcp"
     save_sharded(World(), lin, opt, {"state": {"step": 1}}, folder)
     other = torch.nn.Linear(4, 2)
-    with pytest.raises(SlimEdgeError, match=r"train\.dcp: cannot resume from it \(ValueError: Size mismatch between "
-                                            r"saved torch\.Size\(\[3, 4\]\) and current: torch\.Size\(\[2, 4\]\) "
-                                            r"for model\.weight\).*--force instead of --resume"):
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"train\.dcp: cannot resume from it \(ValueError: Size mismatch between "
+        r"saved torch\.Size\(\[3, 4\]\) and current: torch\.Size\(\[2, 4\]\) "
+        r"for model\.weight\).*--force instead of --resume",
+    ):
         load_sharded(other, torch.optim.AdamW(other.parameters()), folder)
     shard = folder / "__0_0.distcp"
     data = shard.read_bytes()
-    shard.write_bytes(data[:len(data) // 2])
+    shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(SlimEdgeError, match=r"cannot resume from it \(EOFError\)"):
         load_sharded(lin, opt, folder)
     shard.unlink()
@@ -618,9 +712,11 @@ def test_data_parallel_takes_the_buffer_keyword_the_installed_torch_knows():
     """torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers; 2.11 (the lent H200's) has only the old
     name, and passing the new one there was a TypeError under torchrun."""
     assert no_buffer_sync(["self", "module", "broadcast_buffers"]) == {"broadcast_buffers": False}
-    assert no_buffer_sync(["self", "module", "broadcast_buffers", "forward_sync_buffers"]) == \
-        {"forward_sync_buffers": False}
+    assert no_buffer_sync(["self", "module", "broadcast_buffers", "forward_sync_buffers"]) == {
+        "forward_sync_buffers": False
+    }
     import torch.distributed as dist
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         torch.manual_seed(0)
@@ -653,6 +749,7 @@ def test_a_dcp_save_is_on_disk_before_its_rename(tmp_path, monkeypatch):
     def replace(src, dst):
         events.append(("replace", str(src), str(dst)))
         real_replace(src, dst)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     for step in (1, 2):  # the second save renames the first aside

@@ -8,6 +8,7 @@ of one call stays bounded (tracemalloc peak): 96 MB for the readers of the 28 MB
 checkpoint's own export for `export`. `eval` and `bench` hand a file that slim-edge's reader
 accepts to llama.cpp, which is out of this test's reach (a crash there is llama.cpp's).
 """
+
 from __future__ import annotations
 
 import json
@@ -83,16 +84,16 @@ def mutate_gguf(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
     if kind == 2:
         at = int(rng.integers(4, 24))  # version, n_tensors, n_kv
         v = ABSURD[int(rng.integers(len(ABSURD)))]
-        b[at:at + 8] = struct.pack("<Q", v)
-        return bytes(b[:len(data)]), f"u64 {v} at {at}"
+        b[at : at + 8] = struct.pack("<Q", v)
+        return bytes(b[: len(data)]), f"u64 {v} at {at}"
     if kind == 3:
         at = int(rng.integers(24, end - 8))
         v = ABSURD[int(rng.integers(len(ABSURD)))]
-        b[at:at + 8] = struct.pack("<Q", v)
+        b[at : at + 8] = struct.pack("<Q", v)
         return bytes(b), f"u64 {v} at {at}"
     at, n = int(rng.integers(24, end)), int(rng.integers(1, 64))
     if rng.integers(2):
-        return bytes(b[:at] + b[at + n:]), f"{n} bytes deleted at {at}"
+        return bytes(b[:at] + b[at + n :]), f"{n} bytes deleted at {at}"
     return bytes(b[:at]) + rng.bytes(n) + bytes(b[at:]), f"{n} random bytes inserted at {at}"
 
 
@@ -180,8 +181,11 @@ def test_fuzz_gguf_readers(originals, tmp_path, capsys):
         path.write_bytes(mutant)
         out = tmp_path / "out" / f"r{i}.gguf"
         out.parent.mkdir(exist_ok=True)
-        for args, o in ((["inspect", str(path)], None), (["inspect", str(path), "--json"], None),
-                        (["gguf", "retag", str(path), "-o", str(out)], out)):
+        for args, o in (
+            (["inspect", str(path)], None),
+            (["inspect", str(path), "--json"], None),
+            (["gguf", "retag", str(path), "-o", str(out)], out),
+        ):
             codes.append(check_call(args, what, capsys, o))
         path.unlink()
     # the mutations reach the reader's refusals, and some leave a readable file (flips in tensor names)
@@ -197,8 +201,9 @@ def test_fuzz_checkpoint_export(originals, tmp_path, capsys):
         what = mutate_checkpoint(ckpt, folder, rng)
         out = tmp_path / "out" / f"e{i}.gguf"
         out.parent.mkdir(exist_ok=True)
-        codes.append(check_call(["export", str(folder), "--gguf", str(out)], what, capsys, out,
-                                1.25 * export_peak / 2**20))
+        codes.append(
+            check_call(["export", str(folder), "--gguf", str(out)], what, capsys, out, 1.25 * export_peak / 2**20)
+        )
         shutil.rmtree(folder)
         for p in out.parent.iterdir():  # a mutant that still exports (a damaged field it does not read)
             p.unlink()

@@ -1,4 +1,5 @@
 """--calib sources and training text sampled from the FP model (data-free distillation)."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -36,17 +37,25 @@ def test_parse_calib():
     assert parse_calib("wiki, teacher:2M") == [("wiki", None), ("teacher", Sampling(2_000_000))]
     assert parse_calib("teacher:1.5k,corpus.txt") == [("teacher", Sampling(1500)), ("corpus.txt", None)]
     assert parse_calib("teacher") == [("teacher", Sampling(100_000))]
-    assert (parse_calib("wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16")[1]
-            == ("teacher", Sampling(4_000_000, 0.7, 0.9, 16)))
+    assert parse_calib("wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16")[1] == (
+        "teacher",
+        Sampling(4_000_000, 0.7, 0.9, 16),
+    )
     assert parse_calib("teacher:temp=0")[0] == ("teacher", Sampling(100_000, temperature=0.0))
     assert parse_calib("teacher:2M:batch=256")[0] == ("teacher", Sampling(2_000_000, batch=256))
     assert parse_calib("teacher:2M:cache=0")[0] == ("teacher", Sampling(2_000_000, cache=False))
-    for bad, msg in [("teacher:lots", "teacher:N"), ("wiki,,lee", "empty source"), ("", "empty source"),
-                     ("teacher:0", "no tokens"), ("teacher:1M:temperature=1", "unknown teacher option 'temperature'"),
-                     ("teacher:1M:top_p=0", "0 < top_p <= 1"), ("teacher:1M:temp=-1", "temp >= 0"),
-                     ("teacher:1M:prompt=x", "prompt='x' .* not a number"),
-                     ("teacher:1M:cache=yes", "cache='yes' .* not 0 or 1"),
-                     ("teacher:1M:batch=0", r"batch >= 1 \(got .*batch=0\)")]:
+    for bad, msg in [
+        ("teacher:lots", "teacher:N"),
+        ("wiki,,lee", "empty source"),
+        ("", "empty source"),
+        ("teacher:0", "no tokens"),
+        ("teacher:1M:temperature=1", "unknown teacher option 'temperature'"),
+        ("teacher:1M:top_p=0", "0 < top_p <= 1"),
+        ("teacher:1M:temp=-1", "temp >= 0"),
+        ("teacher:1M:prompt=x", "prompt='x' .* not a number"),
+        ("teacher:1M:cache=yes", "cache='yes' .* not 0 or 1"),
+        ("teacher:1M:batch=0", r"batch >= 1 \(got .*batch=0\)"),
+    ]:
         with pytest.raises(SlimEdgeError, match=msg):
             parse_calib(bad)
 
@@ -65,9 +74,9 @@ def test_teacher_tokens_are_the_models_own_seeded_samples(tiny_llama):
     with torch.no_grad():
         logits = model(seqs).logits
     greedy = logits[:, :GREEDY_PREFIX].argmax(-1)
-    assert torch.equal(seqs[:, 1:1 + GREEDY_PREFIX], greedy)
+    assert torch.equal(seqs[:, 1 : 1 + GREEDY_PREFIX], greedy)
     # and after them, sampling: not the argmax everywhere
-    assert not torch.equal(seqs[:, 1 + GREEDY_PREFIX:], logits[:, GREEDY_PREFIX:-1].argmax(-1))
+    assert not torch.equal(seqs[:, 1 + GREEDY_PREFIX :], logits[:, GREEDY_PREFIX:-1].argmax(-1))
 
 
 def test_sample_keeps_the_top_p_nucleus():
@@ -105,8 +114,9 @@ def test_sampling_batch_sizes_the_kv_cache_to_the_free_memory():
 
 
 def test_sampling_batch_of_the_preallocated_cache():
-    smollm2 = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
-                              vocab_size=49152)
+    smollm2 = SimpleNamespace(
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576, vocab_size=49152
+    )
     gib = 1 << 30
     # per 512-token sequence: the cache, 30 x 3 x 64 x 512 x 2 (k, v) x 2 bytes = 11.8 MB, once, plus 6 float32
     # rows of the vocabulary, 1.2 MB: 13.0 MB, against 26.5 MB for transformers' growing cache
@@ -126,7 +136,7 @@ def test_the_preallocated_kv_cache_decodes_as_the_models_forward(arch, tmp_path)
     with torch.no_grad():
         want = model(input_ids=ids).logits
         dec = KVDecoder(model, 3, 24, "cpu")
-        got = [dec.step(ids[:, :5], 0)] + [dec.step(ids[:, t:t + 1], t) for t in range(5, 24)]
+        got = [dec.step(ids[:, :5], 0)] + [dec.step(ids[:, t : t + 1], t) for t in range(5, 24)]
     # an opening of 5 tokens at once, then one at a time: each step's logits are the forward's at that position
     assert torch.allclose(torch.stack(got, 1), want[:, 4:], atol=1e-5, rtol=1e-5)
     assert KVDecoder.agrees(model, "cpu") < 1e-5
@@ -134,8 +144,9 @@ def test_the_preallocated_kv_cache_decodes_as_the_models_forward(arch, tmp_path)
     starts = torch.arange(10, 250)
     for kw in (dict(temperature=0, prompt=8), dict(prompt=0), dict(top_p=0.9, prompt=4, temperature=0.8)):
         a = teacher_tokens(model, 100, 24, starts, device="cpu", seed=3, batch=3, progress=False, engine="kv", **kw)
-        b = teacher_tokens(model, 100, 24, starts, device="cpu", seed=3, batch=3, progress=False,
-                           engine="transformers", **kw)
+        b = teacher_tokens(
+            model, 100, 24, starts, device="cpu", seed=3, batch=3, progress=False, engine="transformers", **kw
+        )
         assert torch.equal(a, b), kw
     with pytest.raises(ValueError, match="several tokens only at position 0"):
         dec.step(ids[:, :2], 3)
@@ -166,12 +177,11 @@ def test_models_of_another_structure_sample_through_transformers(tiny_llama, mon
 def test_teacher_tokens_open_with_text_and_sample_sharper(tiny_llama):
     model, tok, _ = load_model(str(tiny_llama))
     text = torch.arange(10, 250)
-    a = teacher_tokens(model, 4 * 40, 40, text, device="cpu", seed=1, batch=4, progress=False, prompt=8,
-                       temperature=0)
+    a = teacher_tokens(model, 4 * 40, 40, text, device="cpu", seed=1, batch=4, progress=False, prompt=8, temperature=0)
     seqs = a.view(4, 40)
     for s in seqs:  # 8 consecutive tokens of the text, then the model's argmax continuation
         o = int(s[0]) - 10
-        assert torch.equal(s[:8], text[o:o + 8])
+        assert torch.equal(s[:8], text[o : o + 8])
     with torch.no_grad():
         logits = model(seqs).logits
     assert torch.equal(seqs[:, 8:], logits[:, 7:-1].argmax(-1))
@@ -184,13 +194,14 @@ def test_training_tokens_joins_sources(tiny_llama, tiny_text):
     text_ids, src = training_tokens(model, tok, str(tiny_text), 32, device="cpu", seed=0, progress=False)
     ids, src = training_tokens(model, tok, f"{tiny_text},teacher:64", 32, device="cpu", seed=0, progress=False)
     assert len(ids) == len(text_ids) + 1 + 64
-    assert torch.equal(ids[:len(text_ids)], text_ids) and int(ids[len(text_ids)]) == tok.eos_token_id
+    assert torch.equal(ids[: len(text_ids)], text_ids) and int(ids[len(text_ids)]) == tok.eos_token_id
     assert "64 tokens sampled from the FP model" in src
     # the text's unigram distribution seeds the samples: every first token occurs in the text
-    firsts = ids[len(text_ids) + 1:].view(2, 32)[:, 0]
+    firsts = ids[len(text_ids) + 1 :].view(2, 32)[:, 0]
     assert all(int(t) in set(text_ids.tolist()) for t in firsts)
-    ids, src = training_tokens(model, tok, f"{tiny_text},teacher:64:temp=0.5:prompt=4", 32, device="cpu", seed=0,
-                               progress=False)
+    ids, src = training_tokens(
+        model, tok, f"{tiny_text},teacher:64:temp=0.5:prompt=4", 32, device="cpu", seed=0, progress=False
+    )
     assert "64 tokens sampled from the FP model (seed 1, temp 0.5, top-p 1, 4-token text prompts)" in src
     with pytest.raises(SlimEdgeError, match="no text source"):
         training_tokens(model, tok, "teacher:64:prompt=4", 32, device="cpu", seed=0, progress=False)
@@ -214,9 +225,17 @@ def test_quantize_data_free_and_resume_keeps_the_samples(tiny_llama, tmp_path):
     # --resume trains on the cached samples, not a new draw
     partial = tmp_path / "p.partial"
     partial.mkdir()
-    torch.save({"calib": "teacher:256", "seq_len": 32, "seed": 0, "model": str(tiny_llama),
-                "ids": torch.arange(300) % 200, "source": "cached"},
-               partial / "tokens.pt")
+    torch.save(
+        {
+            "calib": "teacher:256",
+            "seq_len": 32,
+            "seed": 0,
+            "model": str(tiny_llama),
+            "ids": torch.arange(300) % 200,
+            "source": "cached",
+        },
+        partial / "tokens.pt",
+    )
     report = run_quantize(str(tiny_llama), config, tmp_path / "p", progress=False, resume=True)
     assert report["calibration"] == "cached"
 
@@ -228,20 +247,20 @@ def test_ngram_keys_are_two_polynomial_hashes_of_each_window():
     assert keys.shape == (3, 40 - DEDUP_NGRAM + 1) and keys.dtype == torch.int64
     for r, c in [(0, 0), (1, 7), (2, 27)]:
         h1 = h2 = 0
-        for t in ids[r, c:c + DEDUP_NGRAM].tolist():
+        for t in ids[r, c : c + DEDUP_NGRAM].tolist():
             h1, h2 = (h1 * 1_000_003 + t) % m, (h2 * 911_382_323 + t) % m
         assert int(keys[r, c]) == h1 * 2**31 + h2
     assert len(set(keys.flatten().tolist())) == keys.numel()  # random windows: no two keys alike
-    assert torch.equal(ngram_keys(ids[1, 5:30]), keys[1:2, 5:30 - DEDUP_NGRAM + 1])  # a key is its window's
-    assert ngram_keys(ids[:, :DEDUP_NGRAM - 1]).shape == (3, 0)
+    assert torch.equal(ngram_keys(ids[1, 5:30]), keys[1:2, 5 : 30 - DEDUP_NGRAM + 1])  # a key is its window's
+    assert ngram_keys(ids[:, : DEDUP_NGRAM - 1]).shape == (3, 0)
 
 
 def test_drop_overlapping_drops_rows_that_share_a_13_token_span():
     g = torch.Generator().manual_seed(1)
     held = torch.randint(0, 49152, (300,), generator=g)
     rows = torch.randint(0, 49152, (4, 64), generator=g)
-    rows[0, 20:20 + DEDUP_NGRAM] = held[100:100 + DEDUP_NGRAM]  # a 13-token span of the held-out text
-    rows[1, 40:40 + DEDUP_NGRAM - 1] = held[100:100 + DEDUP_NGRAM - 1]  # 12 tokens only: kept
+    rows[0, 20 : 20 + DEDUP_NGRAM] = held[100 : 100 + DEDUP_NGRAM]  # a 13-token span of the held-out text
+    rows[1, 40 : 40 + DEDUP_NGRAM - 1] = held[100 : 100 + DEDUP_NGRAM - 1]  # 12 tokens only: kept
     rows[3, -DEDUP_NGRAM:] = held[-DEDUP_NGRAM:]  # at the very end of both
     kept, dropped = drop_overlapping(rows, torch.unique(ngram_keys(held)), chunk=3)
     assert dropped == 2 and torch.equal(kept, rows[[1, 2]])
@@ -292,15 +311,18 @@ def test_samples_that_continue_held_out_text_are_dropped(tiny_llama, tiny_text, 
     # prompts drawn from pydoc text and lee:eval joined: those that open with lee:eval are dropped
     sources = f"{tiny_text},{held}"
     text_len = len(training_tokens(model, tok, sources, 32, device="cpu", seed=0, progress=False)[0])
-    ids, src = training_tokens(model, tok, f"{sources},teacher:1280:prompt=16:cache=0", 32, device="cpu", seed=0,
-                               progress=False)
-    seqs = ids[text_len + 1:].view(-1, 32)
+    ids, src = training_tokens(
+        model, tok, f"{sources},teacher:1280:prompt=16:cache=0", 32, device="cpu", seed=0, progress=False
+    )
+    seqs = ids[text_len + 1 :].view(-1, 32)
     dropped = 40 - len(seqs)
     assert 5 <= dropped <= 35, src
     assert f"; {dropped} of 40 sequences dropped, sharing a 13-token span with lee:eval or wiki:eval" in src
-    lee = set(ngram_keys(training_tokens(model, tok, str(held), 32, device="cpu", seed=0, progress=False)[0])
-              .flatten().tolist())
+    lee = set(
+        ngram_keys(training_tokens(model, tok, str(held), 32, device="cpu", seed=0, progress=False)[0])
+        .flatten()
+        .tolist()
+    )
     assert not lee & set(ngram_keys(seqs).flatten().tolist())  # what is left shares no 13-token span with it
     with pytest.raises(SlimEdgeError, match="all 20 sequences sampled from the FP model share a 13-token span"):
-        training_tokens(model, tok, f"{held},teacher:640:prompt=16:cache=0", 32, device="cpu", seed=0,
-                        progress=False)
+        training_tokens(model, tok, f"{held},teacher:640:prompt=16:cache=0", 32, device="cpu", seed=0, progress=False)

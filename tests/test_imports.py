@@ -9,6 +9,7 @@ function-level imports alike), and the two rules it must keep:
 
 `python tests/test_imports.py` prints the arrows between the packages.
 """
+
 from __future__ import annotations
 
 import ast
@@ -75,14 +76,20 @@ def _is_under(target: str, package: str) -> bool:
 
 
 def test_training_never_imports_evals():
-    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if training_side(m)
-                 for t in ts if _is_under(t, "slim_edge.evals"))
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, ts in import_graph().items()
+        if training_side(m)
+        for t in ts
+        if _is_under(t, "slim_edge.evals")
+    )
     assert not bad, "training/export code imports evaluation code:\n" + "\n".join(bad)
 
 
 def test_shipped_code_never_imports_the_lab():
-    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if not _is_under(m, LAB)
-                 for t in ts if _is_under(t, LAB))
+    bad = sorted(
+        f"{m} -> {t}" for m, ts in import_graph().items() if not _is_under(m, LAB) for t in ts if _is_under(t, LAB)
+    )
     assert not bad, f"shipped code imports the lab ({LAB}); move what it needs out of the lab:\n" + "\n".join(bad)
 
 

@@ -1,5 +1,6 @@
 """The memory planner: held to every committed GPU measurement (within 15 %), its components held byte for byte to
 what a tiny model really holds on CPU, the refusal through the real CLI, and --shard auto's choice."""
+
 import copy
 import json
 import os
@@ -27,8 +28,15 @@ VARIANTS = {
     "loss+bf16t+kernels": dict(compiled=True, teacher_copy=2),
     "loss+bf16t+kernels+ddp": dict(compiled=True, teacher_copy=2, shard="ddp"),
 }
-TINY = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
+TINY = dict(
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    tie_word_embeddings=True,
+)
 
 
 def measured_rows():
@@ -41,8 +49,18 @@ def measured_rows():
         if isinstance(node, dict):
             here = {**inherited, **{k: v for k, v in node.items() if not isinstance(v, (dict, list))}}
             if node.get("peak_gib") is not None and "variant" in node:
-                found.append((name, here["model"], here["scheme"], here["variant"], here["batch_size"],
-                              here["seq_len"], here.get("world_size", 1), here["peak_gib"]))
+                found.append(
+                    (
+                        name,
+                        here["model"],
+                        here["scheme"],
+                        here["variant"],
+                        here["batch_size"],
+                        here["seq_len"],
+                        here.get("world_size", 1),
+                        here["peak_gib"],
+                    )
+                )
             for v in node.values():
                 walk(v, here, name)
         elif isinstance(node, list):
@@ -60,8 +78,9 @@ def test_estimate_within_15_percent_of_every_measured_peak():
     worst = 0.0
     for name, model, scheme, variant, batch, seq, world, peak in rows:
         shape = SHAPES[model.split(" ")[0]]  # "smollm2-135m (random weights)": the real model has the same shape
-        plan = plan_memory(shape, QuantConfig(scheme=scheme), batch, seq, device="cuda", world=world,
-                           **VARIANTS[variant])
+        plan = plan_memory(
+            shape, QuantConfig(scheme=scheme), batch, seq, device="cuda", world=world, **VARIANTS[variant]
+        )
         err = abs(plan.total / GIB - peak) / peak
         worst = max(worst, err)
         assert err <= TOLERANCE, (name, model, variant, batch, plan.total / GIB, peak)
@@ -144,11 +163,29 @@ def test_refused_through_the_cli_with_the_batch_that_fits(tiny_llama, tiny_text,
     cfg = json.loads((tiny_llama / "config.json").read_text())
     config = QuantConfig(scheme="seq2", steps=2, batch_size=8, seq_len=64)
     need = plan_memory(cfg, config, device="cpu").total
-    limit = (plan_memory(cfg, config, batch=3, device="cpu").total
-             + plan_memory(cfg, config, batch=4, device="cpu").total) / 2
+    limit = (
+        plan_memory(cfg, config, batch=3, device="cpu").total + plan_memory(cfg, config, batch=4, device="cpu").total
+    ) / 2
     assert largest_batch(cfg, config, int(limit), device="cpu") == 3
-    argv = [str(SLIM_EDGE), "quantize", str(tiny_llama), "--scheme", "seq2", "--steps", "2", "--batch-size", "8",
-            "--seq-len", "64", "--calib", str(tiny_text), "--device", "cpu", "-o", str(tmp_path / "out")]
+    argv = [
+        str(SLIM_EDGE),
+        "quantize",
+        str(tiny_llama),
+        "--scheme",
+        "seq2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "64",
+        "--calib",
+        str(tiny_text),
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "out"),
+    ]
     env = {**os.environ, LIMIT_ENV: str(limit / GIB)}
     run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
@@ -163,8 +200,9 @@ def test_refused_through_the_cli_with_the_batch_that_fits(tiny_llama, tiny_text,
     assert run.returncode == 0, run.stderr[-2000:]  # a dry run says it and goes on to the tensor plan
     assert "dry run: the real run would stop here" in run.stderr and "pass --batch-size 3 (" in run.stderr
     assert "bits per weight in the quantized linears" in run.stderr
-    run = subprocess.run(argv + ["--no-memory-check", "--dry-run"], env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        argv + ["--no-memory-check", "--dry-run"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0 and "would stop" not in run.stderr, run.stderr[-2000:]
 
 
@@ -190,9 +228,32 @@ def test_torchrun_shard_auto_trains_fsdp_when_only_the_shards_fit(tiny_text, tmp
     ddp, fsdp = (plan_memory(cfg, config, device="cpu", world=2, shard=s).total for s in ("ddp", "fsdp"))
     assert fsdp < ddp
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "--no-python",
-            str(SLIM_EDGE), "quantize", str(model), "--scheme", "sherry", "--steps", "2", "--batch-size", "2",
-            "--seq-len", "64", "--calib", str(tiny_text), "--device", "cpu", "-o", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        "--no-python",
+        str(SLIM_EDGE),
+        "quantize",
+        str(model),
+        "--scheme",
+        "sherry",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--calib",
+        str(tiny_text),
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", LIMIT_ENV: str((ddp + fsdp) / 2 / GIB)}
     run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -220,19 +281,46 @@ def test_activation_checkpointing_gives_the_same_grads_and_keeps_only_layer_inpu
     for n in grads:
         torch.testing.assert_close(redone[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
     h, layers = TINY["hidden_size"], TINY["num_hidden_layers"]
-    full, ckpt = (plan_memory(TINY, QuantConfig(scheme="seq2", activation_checkpointing=c), device="cpu")
-                  for c in (False, True))
+    full, ckpt = (
+        plan_memory(TINY, QuantConfig(scheme="seq2", activation_checkpointing=c), device="cpu") for c in (False, True)
+    )
     tokens = full.batch * full.seq_len
     per_layer = (activation_bytes(TINY, autocast=False) - 4 * h) // layers
-    assert ckpt.components["activations (checkpointed: layer inputs + one layer)"] == \
-        tokens * (layers * 4 * h + per_layer + 4 * h)
+    assert ckpt.components["activations (checkpointed: layer inputs + one layer)"] == tokens * (
+        layers * 4 * h + per_layer + 4 * h
+    )
     cfg = json.loads((tiny_llama / "config.json").read_text())
-    plan = plan_memory(cfg, QuantConfig(scheme="sherry", steps=2, batch_size=2, seq_len=64,
-                                        activation_checkpointing=True), device="cpu")
-    run = subprocess.run([str(SLIM_EDGE), "quantize", str(tiny_llama), "--scheme", "sherry", "--steps", "2",
-                          "--batch-size", "2", "--seq-len", "64", "--calib", str(tiny_text), "--device", "cpu",
-                          "--activation-checkpointing", "--dry-run", "-o", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=300)
+    plan = plan_memory(
+        cfg,
+        QuantConfig(scheme="sherry", steps=2, batch_size=2, seq_len=64, activation_checkpointing=True),
+        device="cpu",
+    )
+    run = subprocess.run(
+        [
+            str(SLIM_EDGE),
+            "quantize",
+            str(tiny_llama),
+            "--scheme",
+            "sherry",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+            "--calib",
+            str(tiny_text),
+            "--device",
+            "cpu",
+            "--activation-checkpointing",
+            "--dry-run",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     value = plan.components["activations (checkpointed: layer inputs + one layer)"] / GIB
     assert f"activations (checkpointed: layer inputs + one layer) {value:8.2f} GiB" in run.stderr, run.stderr[-2000:]
@@ -242,11 +330,13 @@ def test_sharded_teacher_is_counted_per_rank():
     one_b, ranks = SHAPES["llama-1b"], 8
     base = QuantConfig(scheme="seq2", batch_size=8, seq_len=512)
     whole = plan_memory(one_b, base, world=ranks, shard="fsdp").components
-    split = plan_memory(one_b, QuantConfig(scheme="seq2", batch_size=8, seq_len=512, shard_teacher=True),
-                        world=ranks, shard="fsdp").components
+    split = plan_memory(
+        one_b, QuantConfig(scheme="seq2", batch_size=8, seq_len=512, shard_teacher=True), world=ranks, shard="fsdp"
+    ).components
     assert split["teacher copy (QAT forward)"] == whole["teacher copy (QAT forward)"] // ranks
     gathered = whole["FSDP gathered weights"] // 2  # the student's gathered fp32 weights; the teacher's are bf16
     assert split["FSDP gathered teacher weights"] == gathered
-    bf16 = plan_memory(one_b, QuantConfig(scheme="seq2", batch_size=8, seq_len=512, fsdp_precision="bf16"),
-                       world=ranks, shard="fsdp").components
+    bf16 = plan_memory(
+        one_b, QuantConfig(scheme="seq2", batch_size=8, seq_len=512, fsdp_precision="bf16"), world=ranks, shard="fsdp"
+    ).components
     assert bf16["FSDP gathered weights"] == whole["FSDP gathered weights"] // 2

@@ -1,5 +1,6 @@
 """GPTQ on slim-edge's grids (toolchain/ptq.py): RTN when H is diagonal, lower output error when inputs
 correlate, latents that the QuantLinear forward rounds to exactly GPTQ's values, and a better 0-step model."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,16 @@ from slim_edge.qlinear import QuantLinear, fake_quant, init_scale
 from slim_edge.quantize import QuantConfig
 from slim_edge.train import calibration_tokens
 
-GRIDS = [("q2_0", "grid"), ("q2_0c", "grid"), ("tq2_0", "ternary"), ("tq1_0", "ternary"), ("q4_0", "grid"),
-         ("stq1_0", "sherry"), ("q2_0", "sherry"), ("q2_0", "ternary")]
+GRIDS = [
+    ("q2_0", "grid"),
+    ("q2_0c", "grid"),
+    ("tq2_0", "ternary"),
+    ("tq1_0", "ternary"),
+    ("q4_0", "grid"),
+    ("stq1_0", "sherry"),
+    ("q2_0", "sherry"),
+    ("q2_0", "ternary"),
+]
 
 
 def _quads(fmt, mode):
@@ -30,7 +39,7 @@ def _weights(rows=32, k=512, seed=0):
 
 def _correlated_hessian(k=512, n=2048, seed=1):
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(k, k, generator=g) / k ** 0.5 + 0.3 * torch.eye(k)
+    a = torch.randn(k, k, generator=g) / k**0.5 + 0.3 * torch.eye(k)
     x = torch.randn(n, k, generator=g) @ a
     return 2 * x.T @ x / n
 
@@ -76,9 +85,16 @@ def test_sherry_zero_by_cost_is_the_weighted_best_quad_when_h_is_diagonal(fmt):
 
 # relative output error GPTQ / RTN measured on this matrix (32 x 512, X = Z A): q2_0 0.59, q2_0c 0.59,
 # tq2_0 0.63, stq1_0 0.72, q2_0 in sherry mode 0.70
-@pytest.mark.parametrize("fmt,mode,ratio", [("q2_0", "grid", 0.65), ("q2_0c", "grid", 0.65),
-                                            ("tq2_0", "ternary", 0.68), ("stq1_0", "sherry", 0.78),
-                                            ("q2_0", "sherry", 0.76)])
+@pytest.mark.parametrize(
+    "fmt,mode,ratio",
+    [
+        ("q2_0", "grid", 0.65),
+        ("q2_0c", "grid", 0.65),
+        ("tq2_0", "ternary", 0.68),
+        ("stq1_0", "sherry", 0.78),
+        ("q2_0", "sherry", 0.76),
+    ],
+)
 def test_gptq_beats_rtn_on_correlated_inputs(fmt, mode, ratio):
     w, f, quads, h = _weights(), get_format(fmt), _quads(fmt, mode), _correlated_hessian()
     rtn = rel_output_error(w, fake_quant(w, init_scale(w, f, mode, quads), f, mode, quads), h)
@@ -88,13 +104,14 @@ def test_gptq_beats_rtn_on_correlated_inputs(fmt, mode, ratio):
     assert gptq < ratio * rtn, (gptq, rtn, gptq / rtn)
 
 
-@pytest.mark.parametrize("fmt,mode,ratio", [("q2_0", "grid", 0.55), ("tq2_0", "ternary", 0.65),
-                                            ("stq1_0", "sherry", 0.75)])
+@pytest.mark.parametrize(
+    "fmt,mode,ratio", [("q2_0", "grid", 0.55), ("tq2_0", "ternary", 0.65), ("stq1_0", "sherry", 0.75)]
+)
 def test_weighted_scale_helps_with_outlier_inputs(fmt, mode, ratio):
     """A few input channels 20x larger (as in LLMs' down_proj): block scales weighted by GPTQ's column cost
     keep those columns accurate. Measured output error weighted / plain: q2_0 0.46, tq2_0 0.56, stq1_0 0.66."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4096, 512, generator=g) @ (torch.randn(512, 512, generator=g) / 512 ** 0.5 + 0.3 * torch.eye(512))
+    x = torch.randn(4096, 512, generator=g) @ (torch.randn(512, 512, generator=g) / 512**0.5 + 0.3 * torch.eye(512))
     x[:, [5, 77, 300]] *= 20
     h, w = 2 * x.T @ x / len(x), torch.randn(64, 512, generator=g) * 0.05
     f, quads = get_format(fmt), _quads(fmt, mode)
@@ -102,7 +119,8 @@ def test_weighted_scale_helps_with_outlier_inputs(fmt, mode, ratio):
     for weighted in (False, True):
         _, scale, values = gptq_quantize(w, h, f, mode, quads, weighted=weighted)
         err[weighted] = rel_output_error(
-            w, (values.reshape(64, -1, f.block_size) * scale[..., None]).reshape(w.shape), h)
+            w, (values.reshape(64, -1, f.block_size) * scale[..., None]).reshape(w.shape), h
+        )
     assert err[True] < ratio * err[False], err
 
 
@@ -148,8 +166,9 @@ def test_gptq_start_has_lower_distillation_loss(tiny_llama, tmp_path, tiny_text)
         report = run_quantize(str(model), QuantConfig(ptq=ptq, **fast), tmp_path / ptq, progress=False)
         loss[ptq] = report["distill_loss"]["ptq"]
     teacher = load_model(str(model))[0]
-    base = distill_eval(teacher, teacher, calibration_tokens(load_model(str(model))[1], str(tiny_text))[0],
-                        QuantConfig(**fast), "cpu")  # the teacher's own CE: the loss with KD = 0
+    base = distill_eval(
+        teacher, teacher, calibration_tokens(load_model(str(model))[1], str(tiny_text))[0], QuantConfig(**fast), "cpu"
+    )  # the teacher's own CE: the loss with KD = 0
     rows = report["ptq"]["layers"]
     assert len(rows) == 7 and all(r["rel_err_gptq"] < r["rel_err_rtn"] for r in rows), rows
     assert loss["gptq"] - base < 0.25 * (loss["rtn"] - base), (loss, base)  # measured 0.086 vs 0.549

@@ -5,6 +5,7 @@ With z = w / d, [lo, hi] the grid's end levels and L = sum(G * q) for a fixed ra
   clipped (z beyond the end level the weight took): dL/dw = 0,  dL/dd = sum G * v   (q = v * d exactly there)
 The analytic side below computes the levels itself (nearest level, Sherry's 3:4 rule) in numpy.
 """
+
 import math
 import zlib
 
@@ -124,7 +125,7 @@ def test_clipped_scale_gradient_is_the_finite_difference(name, mode, ends, level
     keep = _levels_of(z, mode, levels, fmt.block_size) != 0
     g = torch.tensor(rng.normal(size=z.shape) * keep, dtype=torch.float64)
     quads = torch.as_tensor(quad_layout(fmt.block_size)) if mode == "sherry" else None
-    h = 2.0 ** -8  # 0.5 + h is exact in fp16
+    h = 2.0**-8  # 0.5 + h is exact in fp16
 
     def loss(d):
         return float((fake_quant(w, torch.full((2, 1), d), fmt, mode, quads).double() * g).sum())
@@ -137,6 +138,7 @@ def test_clipped_scale_gradient_is_the_finite_difference(name, mode, ends, level
 
 def test_lsq_grad_factor_is_one_over_sqrt_block_times_top():
     from slim_edge.qlinear import lsq_grad_scale
+
     assert lsq_grad_scale(get_format("q2_0c"), "grid") == 1 / math.sqrt(512 * 3)
     assert lsq_grad_scale(get_format("q2_0"), "grid") == 1 / math.sqrt(64 * 2)
     assert lsq_grad_scale(get_format("stq1_0"), "sherry") == 1 / math.sqrt(256)
@@ -161,8 +163,9 @@ def test_scale_step_is_relative_to_the_scale(update):
         np.testing.assert_allclose((scales - before).detach().numpy(), [-1e-2, 1e-2, -1e-2], rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt,mode,tequila", [("q2_0c", "grid", 0.0), ("stq1_0", "sherry", 0.0),
-                                              ("tq2_0", "ternary", 0.3)])
+@pytest.mark.parametrize(
+    "fmt,mode,tequila", [("q2_0c", "grid", 0.0), ("stq1_0", "sherry", 0.0), ("tq2_0", "ternary", 0.3)]
+)
 def test_frozen_quantized_quantizes_once_per_weight_version(fmt, mode, tequila, monkeypatch):
     """Inside frozen_quantized a no-grad forward reuses the quantized weight (and Tequila bias) until the weight
     or scale changes in place; its output equals the plain forward's bit for bit; with autograd on, nothing is

@@ -1,4 +1,5 @@
 """quantize: plans, QAT on tiny random models for every scheme, exact reload, clean errors."""
+
 import json
 import shutil
 
@@ -36,6 +37,7 @@ def test_qat_lowers_loss_and_reloads_exactly(scheme, tiny_llama, tiny_text, tmp_
     from safetensors.torch import load_file
 
     from slim_edge.checkpoint import dequantized_weights
+
     tensors = load_file(str(out / "model.safetensors"))
     deq = dequantized_weights(meta, tensors)
     for name, w in deq.items():
@@ -72,8 +74,9 @@ def test_trained_model_logits_equal_reloaded(tiny_llama, tiny_text, tmp_path):
 def test_architectures(arch, tmp_path, tiny_text):
     folder = make_tiny_model(tmp_path / arch, arch, hidden=512, layers=1)
     out = tmp_path / f"{arch}-q"
-    report = run_quantize(str(folder), QuantConfig(scheme="seq2", steps=2, calib=str(tiny_text), **FAST), out,
-                          progress=False)
+    report = run_quantize(
+        str(folder), QuantConfig(scheme="seq2", steps=2, calib=str(tiny_text), **FAST), out, progress=False
+    )
     assert report["plan_summary"]["by_format"] == {"q2_0c": 7}
     model, _ = load_quantized(out)
     with torch.no_grad():
@@ -97,8 +100,10 @@ def test_fallback_plan_is_decided_before_training(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme,formats,max_bpw", [("seq2", {"q2_0c": 30, "q2_0c_64": 180}, 2.3),
-                                                    ("sherry", {"stq1_0": 30, "stq1_0_64": 180}, 1.6)])
+@pytest.mark.parametrize(
+    "scheme,formats,max_bpw",
+    [("seq2", {"q2_0c": 30, "q2_0c_64": 180}, 2.3), ("sherry", {"stq1_0": 30, "stq1_0_64": 180}, 1.6)],
+)
 def test_smollm2_dry_run_plans_no_stock_fallback(scheme, formats, max_bpw, tmp_path):
     """`slim-edge quantize smollm2-135m --scheme seq2|sherry --dry-run`: every linear on the scheme's own types
     (rows of 576 on the 64-blocks, the FFN's 1536 on 512/256); measured 2.1953 (seq2) and 1.4531 (sherry) bpw."""
@@ -134,12 +139,13 @@ def test_time_limit_ends_the_schedules(tiny_llama, tiny_text):
     ids, _ = calibration_tokens(tok, config.calib)
     ticks = iter(range(10**6))
     seen = []
-    state = train(student, teacher, ids, config, progress=False, log=seen.append, deadline=12,
-                  clock=lambda: float(next(ticks)))
+    state = train(
+        student, teacher, ids, config, progress=False, log=seen.append, deadline=12, clock=lambda: float(next(ticks))
+    )
     assert state.step == 11 and len(seen) == 11
     lam = [e["arenas"] for e in seen]
     assert max(lam) > 0.5 and lam[-1] == 0.0  # 11 steps walk the 50-step schedule: up, then down to 0
-    assert all(a >= b for a, b in zip(lam[lam.index(max(lam)):], lam[lam.index(max(lam)) + 1:]))
+    assert all(a >= b for a, b in zip(lam[lam.index(max(lam)) :], lam[lam.index(max(lam)) + 1 :]))
     warmup = max(1, config.steps // 20)
     assert seen[-1]["lr"] == pytest.approx(learning_rate(49, 50, config.lr, warmup))
 
@@ -162,8 +168,9 @@ def test_cakld_matches_definition():
 
 def test_default_loss_is_pure_distillation(tiny_llama, tiny_text, tmp_path):
     """quantize's default trains on KD alone (measured better on held-out text); CE is still reported."""
-    config = QuantConfig(scheme="seq2", steps=3, calib=str(tiny_text),
-                         **{k: v for k, v in FAST.items() if k != "ce_weight"})
+    config = QuantConfig(
+        scheme="seq2", steps=3, calib=str(tiny_text), **{k: v for k, v in FAST.items() if k != "ce_weight"}
+    )
     assert config.ce_weight == 0.0
     report = run_quantize(str(tiny_llama), config, tmp_path / "q", progress=False)
     log = report["training"]["log"]
@@ -187,6 +194,7 @@ runner = CliRunner()
 
 def _cli(*args):
     from slim_edge.cli import main  # noqa: F401  (main maps SlimEdgeError to exit 2)
+
     return runner.invoke(app, list(args))
 
 
@@ -271,8 +279,9 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_llama, tiny_text, tm
 
     # the same state in the train.pt layout of before DCP: rank 0's module and optimizer state dicts
     old = fresh()
-    opt = _optimizer(*(lambda w, s, o: (w, o, s))(*_trained(old, [m for m in old.modules()
-                                                                  if isinstance(m, QuantLinear)])), config)
+    opt = _optimizer(
+        *(lambda w, s, o: (w, o, s))(*_trained(old, [m for m in old.modules() if isinstance(m, QuantLinear)])), config
+    )
     extra = load_sharded(old, opt, folder)
     torch.save({"model": dict(old.state_dict()), "optimizer": opt.state_dict(), **extra}, ckpt)
     shutil.rmtree(folder)
@@ -304,8 +313,10 @@ def test_block_reconstruction_lowers_layer_and_logit_error(scheme, tiny_text, tm
     x = tok(text, return_tensors="pt")["input_ids"][:, :256].reshape(2, 128)
     with torch.no_grad():
         t = teacher(x).logits
-        err = {k: float(((load_quantized(tmp_path / k)[0](x).logits - t) ** 2).sum() / (t ** 2).sum())
-               for k in ("ptq", "out")}
+        err = {
+            k: float(((load_quantized(tmp_path / k)[0](x).logits - t) ** 2).sum() / (t**2).sum())
+            for k in ("ptq", "out")
+        }
     assert err["out"] < 0.8 * err["ptq"], err
 
 
@@ -327,8 +338,9 @@ def test_time_limit_saves_what_is_trained(tiny_llama, tiny_text, tmp_path):
     report = run_quantize(str(tiny_llama), config, tmp_path / "o", progress=False, time_limit=1e-6)
     assert report["training"]["steps"] == 50 and report["training"]["steps_done"] == 0
     assert read_meta(tmp_path / "o")["training"]["steps_done"] == 0
-    assert (read_meta(tmp_path / "o")["training"]["passes"] == 0
-            < read_meta(tmp_path / "o")["training"]["planned_passes"])
+    assert (
+        read_meta(tmp_path / "o")["training"]["passes"] == 0 < read_meta(tmp_path / "o")["training"]["planned_passes"]
+    )
     load_quantized(tmp_path / "o")
     assert not (tmp_path / "o.partial").exists()
 
@@ -377,8 +389,9 @@ def test_runtime_attention_trains_and_reloads_as_the_runtime_attends(tiny_llama,
     (act+kv+rope), and differs from the --act-quant-only model."""
     from slim_edge.runtime_patches.runtime_sim import simulate
 
-    out, _, rt_model, plain_model, types = _train_and_reload(tiny_llama, tiny_text, tmp_path, act_quant=True,
-                                                             runtime_attention=True)
+    out, _, rt_model, plain_model, types = _train_and_reload(
+        tiny_llama, tiny_text, tmp_path, act_quant=True, runtime_attention=True
+    )
     x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a = rt_model(x).logits
@@ -388,8 +401,11 @@ def test_runtime_attention_trains_and_reloads_as_the_runtime_attends(tiny_llama,
             full = plain_model(x).logits
     assert torch.equal(a, full) and not torch.equal(a, act_only)
     with pytest.raises(SlimEdgeError, match="pass --runtime-attention to continue it"):
-        run_quantize(str(out), QuantConfig(scheme="sherry", steps=1, calib=str(tiny_text), act_quant=True, **FAST),
-                     tmp_path / "c")
+        run_quantize(
+            str(out),
+            QuantConfig(scheme="sherry", steps=1, calib=str(tiny_text), act_quant=True, **FAST),
+            tmp_path / "c",
+        )
 
 
 def test_continue_from_checkpoint(tiny_llama, tiny_text, tmp_path):
@@ -398,16 +414,19 @@ def test_continue_from_checkpoint(tiny_llama, tiny_text, tmp_path):
     from safetensors.torch import load_file
 
     first = tmp_path / "first"
-    run_quantize(str(tiny_llama), QuantConfig(scheme="sherry", steps=6, calib=str(tiny_text), **FAST), first,
-                 progress=False)
+    run_quantize(
+        str(tiny_llama), QuantConfig(scheme="sherry", steps=6, calib=str(tiny_text), **FAST), first, progress=False
+    )
     same = tmp_path / "same"
-    report = run_quantize(str(first), QuantConfig(scheme="sherry", steps=0, calib=str(tiny_text), **FAST), same,
-                          progress=False)
+    report = run_quantize(
+        str(first), QuantConfig(scheme="sherry", steps=0, calib=str(tiny_text), **FAST), same, progress=False
+    )
     assert report["continued_from"] == str(first) and report["model"] == str(tiny_llama)
     a, b = load_file(str(first / "model.safetensors")), load_file(str(same / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the latents start spread inside their bins (not on the grid points, where the scales would drift)
     from slim_edge.checkpoint import LATENT_SPREAD, init_from_checkpoint
+
     student = load_model(str(tiny_llama))[0]
     quantize_(student, QuantConfig(scheme="sherry", **FAST))
     init_from_checkpoint(student, first, seed=0)
@@ -416,10 +435,15 @@ def test_continue_from_checkpoint(tiny_llama, tiny_text, tmp_path):
     r = q.weight.detach() / q.scale.detach().repeat_interleave(q.fmt.block_size, dim=1) - v
     assert float(r.abs().max()) <= LATENT_SPREAD + 1e-5 and float(r.std()) > 0.2
     seq2 = tmp_path / "seq2"
-    run_quantize(str(tiny_llama), QuantConfig(scheme="seq2", steps=6, calib=str(tiny_text), **FAST), seq2,
-                 progress=False)
-    report = run_quantize(str(seq2), QuantConfig(scheme="seq2", steps=20, calib=str(tiny_text),
-                                                 **{**FAST, "lr": 3e-4}), tmp_path / "more", progress=False)
+    run_quantize(
+        str(tiny_llama), QuantConfig(scheme="seq2", steps=6, calib=str(tiny_text), **FAST), seq2, progress=False
+    )
+    report = run_quantize(
+        str(seq2),
+        QuantConfig(scheme="seq2", steps=20, calib=str(tiny_text), **{**FAST, "lr": 3e-4}),
+        tmp_path / "more",
+        progress=False,
+    )
     # "ptq" is here the checkpoint's own loss: training goes on from it
     assert report["distill_loss"]["final"] < 0.99 * report["distill_loss"]["ptq"]
     r = _cli("quantize", str(first), "--scheme", "seq2", "-o", str(tmp_path / "x"))
@@ -429,13 +453,24 @@ def test_continue_from_checkpoint(tiny_llama, tiny_text, tmp_path):
     # ... and Arenas to off: a continued checkpoint has trained codes, no residual branch to anneal again
     assert read_meta(tmp_path / "y")["config"]["arenas_lambda"] == 0.0
     assert read_meta(first)["config"]["arenas_lambda"] == 1.0
-    r = _cli("quantize", str(first), "--steps", "0", "--arenas-lambda", "0.5", "--calib", str(tiny_text),
-             "-o", str(tmp_path / "z"))
+    r = _cli(
+        "quantize",
+        str(first),
+        "--steps",
+        "0",
+        "--arenas-lambda",
+        "0.5",
+        "--calib",
+        str(tiny_text),
+        "-o",
+        str(tmp_path / "z"),
+    )
     assert r.exit_code == 0 and read_meta(tmp_path / "z")["config"]["arenas_lambda"] == 0.5
 
 
 def test_quantize_reports_passes_and_warns_past_four(tiny_llama, tiny_text, tmp_path, capsys):
     from slim_edge.pipeline import MAX_PASSES
+
     small = tmp_path / "small.txt"
     small.write_text(tiny_text.read_text(encoding="utf-8")[:1500], encoding="utf-8")
     config = QuantConfig(scheme="q2", steps=3, calib=str(small), **FAST)
@@ -446,8 +481,12 @@ def test_quantize_reports_passes_and_warns_past_four(tiny_llama, tiny_text, tmp_
     assert f"{3 * FAST['batch_size'] * FAST['seq_len']:,} tokens seen" in err
     assert ("warning" in err) == (t["passes"] > MAX_PASSES)
     many = int(5 * t["text_tokens"] / (FAST["batch_size"] * FAST["seq_len"])) + 1  # just past 5 passes
-    report = run_quantize(str(tiny_llama), QuantConfig(scheme="q2", steps=many, calib=str(small), **FAST),
-                          tmp_path / "many", progress=False)
+    report = run_quantize(
+        str(tiny_llama),
+        QuantConfig(scheme="q2", steps=many, calib=str(small), **FAST),
+        tmp_path / "many",
+        progress=False,
+    )
     assert report["training"]["passes"] > 5
     assert "warning: 5." in capsys.readouterr().err
 
@@ -460,6 +499,7 @@ class _Touch:
 
     def __reduce__(self):
         from pathlib import Path
+
         return (Path.touch, (Path(self.path),))
 
 
@@ -478,8 +518,11 @@ def test_resume_refuses_a_pickle_that_runs_code(tiny_llama, tiny_text, tmp_path)
     assert not marker.exists()
     torch.save({"model": {}, "state": {}}, ckpt)
     ckpt.write_bytes(ckpt.read_bytes()[:100])  # an earlier version's train.pt, cut short
-    with pytest.raises(SlimEdgeError, match=r"train\.pt: cannot resume from it \(PytorchStreamReader failed .*\): "
-                                            r"it is damaged; run with --force instead of --resume"):
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"train\.pt: cannot resume from it \(PytorchStreamReader failed .*\): "
+        r"it is damaged; run with --force instead of --resume",
+    ):
         train(student, teacher, ids, config, ckpt_path=ckpt, progress=False)
 
 
@@ -500,13 +543,19 @@ def test_calib_file_is_tokenized_in_pieces_with_the_ids_of_the_whole_text(tiny_l
 
 
 def test_a_relative_model_path_is_stored_absolute_so_continuing_elsewhere_finds_the_teacher(
-        tiny_llama, tiny_text, tmp_path, monkeypatch):
+    tiny_llama, tiny_text, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tiny_llama.parent)
     first = tmp_path / "first"
-    report = run_quantize(tiny_llama.name, QuantConfig(scheme="sherry", steps=0, calib=str(tiny_text), **FAST),
-                          first, progress=False)
+    report = run_quantize(
+        tiny_llama.name, QuantConfig(scheme="sherry", steps=0, calib=str(tiny_text), **FAST), first, progress=False
+    )
     assert report["model"] == str(tiny_llama.resolve())
     monkeypatch.chdir(tmp_path)  # tiny_llama.name means nothing here
-    report = run_quantize(str(first), QuantConfig(scheme="sherry", steps=0, calib=str(tiny_text), **FAST),
-                          tmp_path / "again", progress=False)
+    report = run_quantize(
+        str(first),
+        QuantConfig(scheme="sherry", steps=0, calib=str(tiny_text), **FAST),
+        tmp_path / "again",
+        progress=False,
+    )
     assert report["model"] == str(tiny_llama.resolve())

@@ -1,5 +1,6 @@
 """Issue 18: hostile and mistaken input. Outputs that are not ours are never removed or overwritten, bad input
 is one SlimEdgeError (value seen, remedy), sizes are checked before anything is allocated."""
+
 import errno
 import json
 import os
@@ -49,8 +50,10 @@ ARCH = (kv_str("general.architecture", "llama"),)
 @pytest.fixture
 def no_loading(monkeypatch):
     """Every refusal must come before the model is loaded (so before any training)."""
+
     def fail(*a, **k):
         raise AssertionError("the model was loaded: the check came too late")
+
     monkeypatch.setattr("slim_edge.pipeline.load_model", fail)
 
 
@@ -156,6 +159,7 @@ def test_full_disk_during_checkpoint_save_leaves_nothing(tiny_llama, tmp_path, m
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr("safetensors.torch.save_file", full)
     with pytest.raises(SlimEdgeError, match=r"the disk is full writing .*ckpt \(No space left on device\)"):
         write_checkpoint({"w": torch.zeros(4)}, {"slim_edge_checkpoint": 1}, tiny_llama, tmp_path / "ckpt")
@@ -169,8 +173,10 @@ def full_disk(tmp_path):
 
     d = tmp_path / "small"
     d.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
-                                           capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True).returncode
+    ):
         pytest.skip("needs root and mount to make a small file system")
     yield d
     subprocess.run(["umount", str(d)], check=True)
@@ -196,8 +202,9 @@ def test_a_real_full_disk_during_checkpoint_save_and_retag(full_disk, tiny_llama
     assert list(full_disk.iterdir()) == []
 
 
-def test_quantize_checks_the_disk_before_any_work_and_its_bound_holds(full_disk, tiny_llama, tiny_text, tmp_path,
-                                                                     monkeypatch):
+def test_quantize_checks_the_disk_before_any_work_and_its_bound_holds(
+    full_disk, tiny_llama, tiny_text, tmp_path, monkeypatch
+):
     from slim_edge import pipeline
     from slim_edge.models import load_model
 
@@ -208,6 +215,7 @@ def test_quantize_checks_the_disk_before_any_work_and_its_bound_holds(full_disk,
         state = train(*a, **k)
         sizes["train.dcp"] = sum(f.stat().st_size for f in k["ckpt_path"].with_suffix(".dcp").iterdir())
         return state
+
     monkeypatch.setattr(pipeline, "train", measured)
     run_quantize(str(tiny_llama), config, tmp_path / "ckpt", progress=False, checkpoint_every=1)
     written = 2 * sizes["train.dcp"] + sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
@@ -215,14 +223,18 @@ def test_quantize_checks_the_disk_before_any_work_and_its_bound_holds(full_disk,
     assert written <= need <= 1.5 * written + (16 << 20)  # an upper bound: train.dcp/ twice while a save replaces it
     for slow in ("train", "gptq_", "_training_tokens"):
         monkeypatch.setattr(pipeline, slow, lambda *a, **k: pytest.fail("worked before checking the disk"))
-    with pytest.raises(SlimEdgeError, match=rf"not enough disk space in {full_disk}: need {need >> 20} MiB, "
-                                            rf"1 MiB free"):
+    with pytest.raises(
+        SlimEdgeError,
+        match=rf"not enough disk space in {full_disk}: need {need >> 20} MiB, "
+        rf"1 MiB free",
+    ):
         run_quantize(str(tiny_llama), config, full_disk / "ckpt", progress=False)
     assert list(full_disk.iterdir()) == []
 
 
-def test_a_run_that_failed_before_training_blocks_nothing_and_its_samples_are_reused(tiny_llama, tiny_text,
-                                                                                     tmp_path, monkeypatch):
+def test_a_run_that_failed_before_training_blocks_nothing_and_its_samples_are_reused(
+    tiny_llama, tiny_text, tmp_path, monkeypatch
+):
     from dataclasses import replace
 
     from slim_edge import gendata, pipeline
@@ -232,18 +244,21 @@ def test_a_run_that_failed_before_training_blocks_nothing_and_its_samples_are_re
     monkeypatch.setattr(gendata, "teacher_tokens", lambda *a, **k: drawn.append(a[1]) or sample(*a, **k))
     # :cache=0: the user's samples cache may hold this draw from an earlier test (then nothing is drawn at all);
     # what is tested here is the .partial folder's copy
-    config = QuantConfig(scheme="seq2", steps=1, batch_size=1, seq_len=32, calib=f"{tiny_text},teacher:64:cache=0",
-                         ptq="gptq")
+    config = QuantConfig(
+        scheme="seq2", steps=1, batch_size=1, seq_len=32, calib=f"{tiny_text},teacher:64:cache=0", ptq="gptq"
+    )
     gptq = pipeline.gptq_
 
     def fail_after_sampling(out):
         def broken(*a, **k):
             raise SlimEdgeError("GPTQ failed")
+
         monkeypatch.setattr(pipeline, "gptq_", broken)
         with pytest.raises(SlimEdgeError, match="GPTQ failed"):
             run_quantize(str(tiny_llama), config, out, progress=False)
         monkeypatch.setattr(pipeline, "gptq_", gptq)
         assert sorted(p.name for p in out.with_name(out.name + ".partial").iterdir()) == ["tokens.pt"]
+
     fail_after_sampling(tmp_path / "a")
     run_quantize(str(tiny_llama), replace(config, ptq="rtn"), tmp_path / "a", progress=False)  # no --resume/--force
     assert drawn == [64] and is_checkpoint(tmp_path / "a") and not (tmp_path / "a.partial").exists()
@@ -261,6 +276,7 @@ def test_full_disk_during_an_atomic_file_write_leaves_the_old_file(tmp_path, mon
 
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(SlimEdgeError, match="the disk is full"):
         write_card(tmp_path / "m.gguf", {"bytes": 2, "type": "f16"}, "x", force=True)
@@ -278,6 +294,7 @@ def test_an_atomic_folder_is_on_disk_before_its_rename(tmp_path, monkeypatch):
     def fsync(fd):
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real(fd)
+
     monkeypatch.setattr(os, "fsync", fsync)
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "sub").mkdir()
@@ -312,8 +329,9 @@ def test_load_model_checks_config_sizes_before_allocating(tiny_llama, tmp_path, 
     big.mkdir()
     config = json.loads((tiny_llama / "config.json").read_text())
     (big / "config.json").write_text(json.dumps({**config, "hidden_size": 2**20, "intermediate_size": 2**22}))
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
-                        lambda *a, **k: pytest.fail("allocated first"))
+    monkeypatch.setattr(
+        "transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("allocated first")
+    )
     with pytest.raises(SlimEdgeError, match=r"hidden_size/vocab_size"):
         load_model(str(big))
 
@@ -369,8 +387,9 @@ def test_zero_dimension_on_a_type_42_tensor(tmp_path):
     path = tmp_path / "z.gguf"
     path.write_bytes(gguf_bytes(ARCH, [("blk.0.attn_q.weight", (64, 0), 42, 0)], bytes(32)))
     r = inspect_gguf(path, "patched")
-    assert r["loads"] is False and r["problems"] == ["tensor 'blk.0.attn_q.weight' has a zero dimension "
-                                                     "(shape [64, 0])"]
+    assert r["loads"] is False and r["problems"] == [
+        "tensor 'blk.0.attn_q.weight' has a zero dimension (shape [64, 0])"
+    ]
 
 
 def test_metadata_nested_5000_deep(tmp_path):
@@ -381,13 +400,20 @@ def test_metadata_nested_5000_deep(tmp_path):
         inspect_gguf(path)
 
 
-@pytest.mark.parametrize("content,what", [
-    ("[]", "a JSON list"), ("null", "a JSON NoneType"), ('{"slim_edge_checkpoint": 1}', "config is None"),
-    ('{"slim_edge_checkpoint": 1, "config": {"scheme": "sherry"}, "plan": [{"name": "a", "format": "stq1_0", '
-     '"mode": "sherry", "type_id": 43, "shape": ["64", "256"]}]}',
-     r"the shape of plan entry 0 \(a\) is \['64', '256'\]"),
-    ('{"slim_edge_checkpoint": 1, "config": {"scheme": "sherry"}, "plan": [{"name": "a"}]}', "plan entry 0 is"),
-])
+@pytest.mark.parametrize(
+    "content,what",
+    [
+        ("[]", "a JSON list"),
+        ("null", "a JSON NoneType"),
+        ('{"slim_edge_checkpoint": 1}', "config is None"),
+        (
+            '{"slim_edge_checkpoint": 1, "config": {"scheme": "sherry"}, "plan": [{"name": "a", "format": "stq1_0", '
+            '"mode": "sherry", "type_id": 43, "shape": ["64", "256"]}]}',
+            r"the shape of plan entry 0 \(a\) is \['64', '256'\]",
+        ),
+        ('{"slim_edge_checkpoint": 1, "config": {"scheme": "sherry"}, "plan": [{"name": "a"}]}', "plan entry 0 is"),
+    ],
+)
 def test_damaged_quant_config(content, what, tmp_path):
     (tmp_path / "quant_config.json").write_text(content)
     with pytest.raises(SlimEdgeError, match=f"is damaged: .*{what}.*re-run slim-edge quantize"):
@@ -428,8 +454,10 @@ def test_a_checkpoint_without_quant_config_is_not_trained_as_an_hf_model(tiny_ll
 def test_inspect_says_no_for_files_llama_cpp_refuses(tmp_path):
     cases = {
         "dup": ([("a", (8,), F32, 0), ("a", (8,), F32, 32)], "tensor name 'a' appears twice"),
-        "misaligned": ([("a", (8,), F32, 0), ("b", (8,), F32, 40)],
-                       "tensor 'b' starts at data offset 40, not a multiple of the alignment 32"),
+        "misaligned": (
+            [("a", (8,), F32, 0), ("b", (8,), F32, 40)],
+            "tensor 'b' starts at data offset 40, not a multiple of the alignment 32",
+        ),
         "rows": ([("a", (100, 1), 43, 0)], "tensor 'a': rows of 100 weights are not whole STQ1_0 blocks of 256"),
     }
     for name, (tensors, problem) in cases.items():
@@ -442,8 +470,11 @@ def test_inspect_says_no_for_files_llama_cpp_refuses(tmp_path):
 
 def test_inspect_escapes_terminal_control_characters(tmp_path):
     path = tmp_path / "esc.gguf"
-    path.write_bytes(gguf_bytes(ARCH + (kv_str("general.name", "\x1b[2J\x1b]0;owned\x07"),),
-                                [("t\x1b[31m", (8,), F32, 0)], bytes(32)))
+    path.write_bytes(
+        gguf_bytes(
+            ARCH + (kv_str("general.name", "\x1b[2J\x1b]0;owned\x07"),), [("t\x1b[31m", (8,), F32, 0)], bytes(32)
+        )
+    )
     text = format_report(inspect_gguf(path))
     assert "\x1b" not in text and "\x07" not in text
     assert "general.name: \\x1b[2J\\x1b]0;owned\\x07" in text and "t\\x1b[31m" in text
@@ -468,7 +499,7 @@ def test_retag_refuses_a_damaged_file_and_in_place_keeps_a_symlink(tmp_path):
     assert link.is_symlink() and written == target.resolve()
     data = target.read_bytes()
     pos = data.index(_s("blk.0.attn_k.weight")) + len(_s("blk.0.attn_k.weight")) + 4 + 2 * 8
-    assert struct.unpack_from("<I", data, pos)[0] == 43 and data[:pos] + data[pos + 4:] == good[:pos] + good[pos + 4:]
+    assert struct.unpack_from("<I", data, pos)[0] == 43 and data[:pos] + data[pos + 4 :] == good[:pos] + good[pos + 4 :]
 
 
 def test_eval_says_what_is_wrong_with_a_truncated_or_legacy_gguf(tmp_path, tiny_text, monkeypatch):
@@ -512,23 +543,44 @@ def test_bench_copies_nothing_before_refusing_a_non_gguf(tmp_path):
 
 
 # --- session 17's re-probe: options that trained silently on nonsense ------------------------------------------
-@pytest.mark.parametrize("field,value", [("lr", -1.0), ("lr", 0.0), ("lr", float("nan")), ("scale_lr", -0.1),
-                                         ("scale_lr", float("inf")), ("arenas_lambda", -1.0),
-                                         ("tequila_lambda", float("nan")), ("warmup", -3)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lr", -1.0),
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("scale_lr", -0.1),
+        ("scale_lr", float("inf")),
+        ("arenas_lambda", -1.0),
+        ("tequila_lambda", float("nan")),
+        ("warmup", -3),
+    ],
+)
 def test_learning_rates_and_loss_weights_must_be_finite_and_not_negative(field, value):
     # --lr -1 trained by gradient ascent (distillation loss 23.8 -> 249) and --lr nan wrote a NaN model, exit 0
-    with pytest.raises(SlimEdgeError, match=rf"{field.replace('_', '-') if field != 'warmup' else 'warmup'}"
-                                            rf".* {value!r}"):
+    with pytest.raises(
+        SlimEdgeError,
+        match=rf"{field.replace('_', '-') if field != 'warmup' else 'warmup'}"
+        rf".* {value!r}",
+    ):
         QuantConfig(**{field: value})
     QuantConfig(scale_lr=0.0, arenas_lambda=0.0, tequila_lambda=0.0)  # zero: frozen scales, no Arenas / Tequila term
 
 
 def test_teacher_for_a_model_that_is_not_a_checkpoint_is_refused(tiny_llama, tiny_text, tmp_path, no_loading):
     # --teacher was ignored unless MODEL is a checkpoint: `--teacher /nonexistent` trained from MODEL, exit 0
-    with pytest.raises(SlimEdgeError, match=r"--teacher /nonexistent: a teacher is only chosen when MODEL is a "
-                                            r"slim-edge checkpoint"):
-        run_quantize(str(tiny_llama), QuantConfig(calib=str(tiny_text)), tmp_path / "o", progress=False,
-                     teacher_model="/nonexistent")
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"--teacher /nonexistent: a teacher is only chosen when MODEL is a "
+        r"slim-edge checkpoint",
+    ):
+        run_quantize(
+            str(tiny_llama),
+            QuantConfig(calib=str(tiny_text)),
+            tmp_path / "o",
+            progress=False,
+            teacher_model="/nonexistent",
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -544,6 +596,7 @@ def test_a_run_whose_trained_model_is_not_finite_writes_nothing(tiny_llama, tiny
 def test_a_folder_given_as_a_gguf_file_is_named_a_folder(tmp_path):
     # inspect and retag said "d: no such file" for a folder that exists
     from slim_edge.converters.gguf_retag import retag
+
     for read in (inspect_gguf, retag):
         with pytest.raises(SlimEdgeError, match=r"is a folder, not a GGUF file; pass a .gguf file"):
             read(tmp_path)
@@ -551,10 +604,15 @@ def test_a_folder_given_as_a_gguf_file_is_named_a_folder(tmp_path):
             read(tmp_path / "none.gguf")
 
 
-@pytest.mark.parametrize("calib,msg", [("/nonexistent.txt", r"--calib /nonexistent.txt: no such file"),
-                                       ("wiki,teacher:abc", r"cannot read 'teacher:abc'; write teacher or teacher:N"),
-                                       ("EMPTY", r"EMPTY: the file is empty \(0 bytes\)"),
-                                       ("BLANK", r"BLANK: the file is empty \(3 bytes\)")])
+@pytest.mark.parametrize(
+    "calib,msg",
+    [
+        ("/nonexistent.txt", r"--calib /nonexistent.txt: no such file"),
+        ("wiki,teacher:abc", r"cannot read 'teacher:abc'; write teacher or teacher:N"),
+        ("EMPTY", r"EMPTY: the file is empty \(0 bytes\)"),
+        ("BLANK", r"BLANK: the file is empty \(3 bytes\)"),
+    ],
+)
 def test_a_dry_run_checks_calib_before_loading_the_model(calib, msg, tiny_llama, tmp_path, no_loading):
     # --dry-run planned and exited 0 on a --calib the real run refuses; an empty file was refused only after the
     # model had loaded (session 18)
@@ -570,8 +628,12 @@ def test_python_m_scripts_end_bad_input_with_one_line_and_exit_2(tmp_path):
     # `python -m slim_edge.evals.lab.ckpt_parts unpack EMPTY_DIR OUT` printed a Typer traceback (a SlimEdgeError)
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "slim_edge.evals.lab.ckpt_parts", "unpack", str(tmp_path),
-                           str(tmp_path / "out")], capture_output=True, text=True)
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "slim_edge.evals.lab.ckpt_parts", "unpack", str(tmp_path), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"slim-edge: error: {tmp_path} holds no part*.safetensors")
     # every entry point under evals/, the lab's research scripts included, runs through the same handler
@@ -600,9 +662,13 @@ def test_paths_that_cannot_be_looked_up_are_named_not_a_traceback(tmp_path):
         read_tensor_table(tmp_path / "a.gguf")
     long = tmp_path / ("d" * 5000)
     from slim_edge.converters.model_card import card_path
-    for call in (lambda: read_tensor_table(long), lambda: check_output_file(long, False, "--gguf"),
-                 lambda: card_path(long / "m.gguf"),  # export asks for the card's path first
-                 lambda: check_output_dir(long, False, lambda p: True)):
+
+    for call in (
+        lambda: read_tensor_table(long),
+        lambda: check_output_file(long, False, "--gguf"),
+        lambda: card_path(long / "m.gguf"),  # export asks for the card's path first
+        lambda: check_output_dir(long, False, lambda p: True),
+    ):
         with pytest.raises(SlimEdgeError, match=r"\.\.\.\(5\d\d\d characters\): File name too long"):
             call()
     with pytest.raises(SlimEdgeError, match=r"File name too long; pick a new directory"):
@@ -640,9 +706,12 @@ def test_bench_refuses_options_its_device_ignores_and_a_missing_key(tmp_path):
     with pytest.raises(SlimEdgeError, match=r"--port 70000: an ssh port lies between 1 and 65535"):
         SshDevice(host="pi@127.0.0.1", port=70000)
     g = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
-    for device, opts, named in (("host", {"host": "pi@x"}, "--host"), ("ssh", {"host": "pi@x", "serial": "R58"},
-                                "--serial"), ("android", {"port": 2222}, "--port"),
-                                ("ssh", {"host": "pi@x", "isa": "avx512"}, "--isa")):
+    for device, opts, named in (
+        ("host", {"host": "pi@x"}, "--host"),
+        ("ssh", {"host": "pi@x", "serial": "R58"}, "--serial"),
+        ("android", {"port": 2222}, "--port"),
+        ("ssh", {"host": "pi@x", "isa": "avx512"}, "--isa"),
+    ):
         with pytest.raises(SlimEdgeError, match=rf"^{named} given with --device {device}, which does not use it"):
             bench([g], device=device, output=tmp_path / "res", **opts)
         assert not (tmp_path / "res").exists()
@@ -653,6 +722,7 @@ def read_only_dir(tmp_path):
     """A folder nobody can write in, root included: immutable (chattr +i), or mode 0500 for a plain user."""
     import shutil
     import subprocess
+
     d = tmp_path / "ro"
     d.mkdir()
     if os.geteuid() != 0:
@@ -683,24 +753,37 @@ def test_a_read_only_output_folder_is_refused_before_any_work(read_only_dir, tin
         run_demo(out=tiny_text)
     assert list(ro.iterdir()) == []
     with pytest.raises(SlimEdgeError, match=r"--dry-run with --resume: a dry run trains nothing"):
-        run_quantize(str(tiny_llama), QuantConfig(calib=str(tiny_text)), ro.parent / "out", progress=False,
-                     dry_run=True, resume=True)
+        run_quantize(
+            str(tiny_llama),
+            QuantConfig(calib=str(tiny_text)),
+            ro.parent / "out",
+            progress=False,
+            dry_run=True,
+            resume=True,
+        )
 
 
 def test_a_model_the_converter_refuses_is_one_line_without_its_traceback(tiny_llama, tiny_text, tmp_path):
     # tiny_llama's byte-level tokenizer is one llama.cpp's converter does not recognise
     import subprocess
     import sys
+
     run_quantize(str(tiny_llama), QuantConfig(steps=0, calib=str(tiny_text)), tmp_path / "ck", progress=False)
     cli = Path(sys.executable).with_name("slim-edge")
-    proc = subprocess.run([str(cli), "export", str(tmp_path / "ck"), "--gguf", str(tmp_path / "m.gguf")],
-                          capture_output=True, text=True)
-    errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith(("slim-edge: converting", "Writing"))
-              and "Writing model shards" not in ln and ln.strip()]  # the progress bar's own lines
+    proc = subprocess.run(
+        [str(cli), "export", str(tmp_path / "ck"), "--gguf", str(tmp_path / "m.gguf")], capture_output=True, text=True
+    )
+    errors = [
+        ln
+        for ln in proc.stderr.splitlines()
+        if not ln.startswith(("slim-edge: converting", "Writing")) and "Writing model shards" not in ln and ln.strip()
+    ]  # the progress bar's own lines
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-1500:]
-    assert errors[0] == ("slim-edge: error: the pinned convert_hf_to_gguf.py cannot convert this model (exit 1): "
-                         "NotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre(); "
-                         "nothing was written")
+    assert errors[0] == (
+        "slim-edge: error: the pinned convert_hf_to_gguf.py cannot convert this model (exit 1): "
+        "NotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre(); "
+        "nothing was written"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
@@ -716,8 +799,11 @@ def test_text_and_model_paths_that_are_not_files_say_what_they_are(tmp_path, tin
         calib_file(str(tmp_path / "fifo.gguf"))
     with pytest.raises(SlimEdgeError, match=rf"--calib {tmp_path}: it is a folder"):
         calib_file(str(tmp_path))
-    with pytest.raises(SlimEdgeError, match=r"corpus file .*a.gguf is a symlink loop, not a file; pass a UTF-8 "
-                                            r"text file"):
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"corpus file .*a.gguf is a symlink loop, not a file; pass a UTF-8 "
+        r"text file",
+    ):
         read_text_file(tmp_path / "a.gguf")
     with pytest.raises(SlimEdgeError, match=r"fifo.gguf is a FIFO, not a GGUF file"):
         preflight(str(tmp_path / "fifo.gguf"))

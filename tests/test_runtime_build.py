@@ -1,4 +1,5 @@
 """The pinned runtime: the pin, the patch series, the cache key, the builds and their errors."""
+
 import importlib.util
 import json
 import os
@@ -147,9 +148,16 @@ def test_cache_key(tmp_path, cache, monkeypatch):
     (pdir / "0001-x.patch").rename(pdir / "0001-y.patch")
     assert host.key(rt.patch_series(pdir)) != k1  # its name
     assert host.key([]) != k1
-    keys = {c.key([]) for c in (host, rt.BuildConfig("host", isa="avx512"), rt.BuildConfig("linux-arm64"),
-                               rt.BuildConfig("host", tools=("llama-bench",)),
-                               rt.BuildConfig("linux-arm64", arm_arch="armv8.6-a+dotprod+i8mm"))}
+    keys = {
+        c.key([])
+        for c in (
+            host,
+            rt.BuildConfig("host", isa="avx512"),
+            rt.BuildConfig("linux-arm64"),
+            rt.BuildConfig("host", tools=("llama-bench",)),
+            rt.BuildConfig("linux-arm64", arm_arch="armv8.6-a+dotprod+i8mm"),
+        )
+    }
     assert len(keys) == 5
     # tool order does not matter; android-arm64 without an NDK is the static linux-arm64 build
     assert rt.BuildConfig(tools=("b", "a")).key([]) == rt.BuildConfig(tools=("a", "b")).key([])
@@ -295,10 +303,14 @@ def test_the_bindings_carry_no_library_and_say_what_to_build(tmp_path):
     _need_bindings()
     spec = importlib.util.find_spec("llama_cpp")
     assert not list(Path(spec.origin).parent.rglob("libllama*")), "the bindings were built with their own library"
-    env = {**{k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")},
-           "SLIM_EDGE_CACHE": str(tmp_path / "cache")}
-    code = ("from slim_edge.errors import SlimEdgeError\nfrom slim_edge.evals.backends import bindings\n"
-            "try:\n    bindings()\nexcept SlimEdgeError as e:\n    print('REFUSED', e)\n")
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")},
+        "SLIM_EDGE_CACHE": str(tmp_path / "cache"),
+    }
+    code = (
+        "from slim_edge.errors import SlimEdgeError\nfrom slim_edge.evals.backends import bindings\n"
+        "try:\n    bindings()\nexcept SlimEdgeError as e:\n    print('REFUSED', e)\n"
+    )
     r = _run([sys.executable, "-c", code], env=env)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "REFUSED no llama.cpp runtime built for target host" in r.stdout, r.stdout
@@ -309,10 +321,12 @@ def test_the_bindings_carry_no_library_and_say_what_to_build(tmp_path):
 @pytest.mark.runtime
 def test_bindings_refuse_a_foreign_library(host_runtime, tmp_path):
     _need_bindings()
-    code = ("import os, shutil, sys; from slim_edge.runtime_patches import runtime as rt\n"
-            f"d = sys.argv[1]; shutil.copytree({str(host_runtime.lib_dir)!r}, d, symlinks=True)\n"
-            "os.environ['LLAMA_CPP_LIB_PATH'] = d\nimport llama_cpp\n"
-            "try:\n    rt.load_bindings()\nexcept rt.SlimEdgeError as e:\n    print('REFUSED', e)\n")
+    code = (
+        "import os, shutil, sys; from slim_edge.runtime_patches import runtime as rt\n"
+        f"d = sys.argv[1]; shutil.copytree({str(host_runtime.lib_dir)!r}, d, symlinks=True)\n"
+        "os.environ['LLAMA_CPP_LIB_PATH'] = d\nimport llama_cpp\n"
+        "try:\n    rt.load_bindings()\nexcept rt.SlimEdgeError as e:\n    print('REFUSED', e)\n"
+    )
     r = _run([sys.executable, "-c", code, str(tmp_path / "other")])
     assert "REFUSED llama_cpp was already imported with" in r.stdout, r.stdout + r.stderr
 
@@ -337,8 +351,14 @@ def test_failed_step_shows_the_log_tail(tmp_path):
     log = tmp_path / "build.log"
     want = r"(?s)building x failed \(exit 3\).*boom.*full log"
     with open(log, "w") as f, pytest.raises(SlimEdgeError, match=want):
-        rt._run_logged(["sh", "-c", "echo '[1/2] cc a.c'; echo boom; exit 3"], dict(os.environ), f, log,
-                       "building x", progress=False)
+        rt._run_logged(
+            ["sh", "-c", "echo '[1/2] cc a.c'; echo boom; exit 3"],
+            dict(os.environ),
+            f,
+            log,
+            "building x",
+            progress=False,
+        )
     assert "boom" in log.read_text()
 
 
@@ -384,8 +404,10 @@ def test_cli_patches_lists_the_series():
     r = CliRunner().invoke(app, ["runtime", "patches", "--json"])
     assert r.exit_code == 0, r.output
     import hashlib
-    assert json.loads(r.stdout) == [{"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                                    for p in rt.patch_series()]
+
+    assert json.loads(r.stdout) == [
+        {"name": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in rt.patch_series()
+    ]
     r = CliRunner().invoke(app, ["runtime", "patches"])
     assert r.exit_code == 0
     assert r.stdout.splitlines()[0].endswith("  0001-ggml-add-STQ1_0-and-Q2_0C-types.patch")
@@ -408,16 +430,42 @@ def test_cli_patches_refuses_an_empty_or_incomplete_series(monkeypatch, tmp_path
 
 def test_a_wheel_install_finds_the_whole_series(tmp_path):
     """Installed from a wheel (no source tree), the runtime reads its patches as package data, byte for byte."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "whl"), str(REPO)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "whl"),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((tmp_path / "whl").glob("slim_edge-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
-                    str(wheel)], check=True, capture_output=True)
-    code = ("import json, hashlib, slim_edge.runtime_patches.runtime as rt; print(json.dumps([rt.__file__] + "
-            "[[p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in rt.patch_series()]))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    code = (
+        "import json, hashlib, slim_edge.runtime_patches.runtime as rt; print(json.dumps([rt.__file__] + "
+        "[[p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in rt.patch_series()]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    ).stdout
     where, *got = json.loads(out)
     assert where.startswith(str(tmp_path / "site"))
     import hashlib
+
     assert got == [[p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in rt.patch_series()]

@@ -1,4 +1,5 @@
 """Tiny random HF models (dimensions multiples of every block size, 512) and a byte tokenizer."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,32 +15,50 @@ def _byte_tokenizer(folder: Path):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0],
-                                   bos_token=sorted(alphabet)[1])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0], bos_token=sorted(alphabet)[1])
     fast.save_pretrained(folder)
     return fast
 
 
-def make_tiny_model(folder: Path, arch: str = "llama", hidden: int = 512, layers: int = 2, seed: int = 0,
-                    intermediate: int = 1024, vocab: int = 256) -> Path:
+def make_tiny_model(
+    folder: Path,
+    arch: str = "llama",
+    hidden: int = 512,
+    layers: int = 2,
+    seed: int = 0,
+    intermediate: int = 1024,
+    vocab: int = 256,
+) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
-                  tie_word_embeddings=True, rms_norm_eps=1e-5)
+    common = dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
     if arch == "llama":
         from transformers import LlamaConfig as C
+
         config = C(**common)
     elif arch == "qwen2":
         from transformers import Qwen2Config as C
+
         config = C(**common)
     elif arch == "qwen3":
         from transformers import Qwen3Config as C
+
         config = C(head_dim=hidden // 4, **common)
     elif arch == "hunyuan-dense":
         from transformers import HunYuanDenseV1Config as C
+
         config = C(head_dim=hidden // 4, **common)
     else:
         raise ValueError(arch)
@@ -79,8 +98,13 @@ def quantized_exports(tmp_path_factory, model: Path, text: Path, steps: int, nam
     def get(scheme: str):
         if scheme not in made:
             d = tmp_path_factory.mktemp(f"{Path(name).stem}-{scheme}")
-            run_quantize(str(model), QuantConfig(scheme=scheme, steps=steps, batch_size=1, seq_len=32,
-                                                 calib=str(text)), d / "ckpt", progress=False)
+            run_quantize(
+                str(model),
+                QuantConfig(scheme=scheme, steps=steps, batch_size=1, seq_len=32, calib=str(text)),
+                d / "ckpt",
+                progress=False,
+            )
             made[scheme] = (d / "ckpt", d / name, export(d / "ckpt", d / name))
         return made[scheme]
+
     return get

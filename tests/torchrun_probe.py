@@ -2,6 +2,7 @@
 with autograd on: --activation-checkpointing runs each decoder layer's forward a second time in the backward, the
 teacher's and the evaluations' forwards run under no_grad. Rank R writes {class name: calls} to
 $SLIM_EDGE_PROBE/rank<R>.json."""
+
 import collections
 import json
 import os

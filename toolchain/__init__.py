@@ -9,14 +9,16 @@ The Python API beside the CLI (each name is imported on first use, so `import sl
     model, tokenizer = slim_edge.load_quantized("runs/seq2")             # exact weights, plain nn.Linear
     summary = slim_edge.export_gguf("runs/seq2", "seq2.gguf")            # = slim-edge export --gguf
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = ["QuantConfig", "quantize_", "load_quantized", "export_gguf", "__version__"]
 
 
-def quantize_(model: str, config=None, output=None, *, force: bool = False, device: str | None = None,
-              **options) -> dict:
+def quantize_(
+    model: str, config=None, output=None, *, force: bool = False, device: str | None = None, **options
+) -> dict:
     """QAT of `model` (an HF folder, a hub-style name such as 'smollm2-135m', or a checkpoint to continue) with
     `config` (a QuantConfig; default QuantConfig()) into the checkpoint folder `output`; returns the run's report.
     `options` are run_quantize's (resume, checkpoint_every, progress, dry_run, time_limit in seconds,
@@ -28,8 +30,10 @@ def quantize_(model: str, config=None, output=None, *, force: bool = False, devi
     from .quantize import QuantConfig
 
     if output is None:
-        raise SlimEdgeError("quantize_: give the checkpoint folder to write, e.g. "
-                            "slim_edge.quantize_('smollm2-135m', config, 'runs/seq2')")
+        raise SlimEdgeError(
+            "quantize_: give the checkpoint folder to write, e.g. "
+            "slim_edge.quantize_('smollm2-135m', config, 'runs/seq2')"
+        )
     return run_quantize(model, config or QuantConfig(), Path(output), force=force, device=device, **options)
 
 
@@ -46,8 +50,10 @@ def export_gguf(checkpoint, out, **options) -> dict:
 def __getattr__(name: str):
     if name == "QuantConfig":
         from .quantize import QuantConfig
+
         return QuantConfig
     if name == "load_quantized":
         from .checkpoint import load_quantized
+
         return load_quantized
     raise AttributeError(f"module 'slim_edge' has no attribute {name!r}")

@@ -14,6 +14,7 @@ plan_summary reports); the budget is floor(B * weights).
 Speed (SmolLM2-135M: 210 tensors): one batched forward per tensor on the teacher itself, one tensor swapped
 in at a time; the decoder layers before the swapped one replay their recorded outputs instead of running.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,9 +56,11 @@ def check_bits(plan: list[PlanEntry], bits: float, scheme: str) -> None:
     have, n = plan_bits(plan)
     low = have / n
     if not low - 1e-9 <= bits <= MAX_BITS:
-        raise SlimEdgeError(f"--bits {bits}: {scheme} itself takes {low:.4f} bits per weight on this model's linears "
-                            f"and all-{PROMOTED} {MAX_BITS}; choose --bits between {math.ceil(low * 1e4) / 1e4} "
-                            f"and {MAX_BITS}, or leave it out")
+        raise SlimEdgeError(
+            f"--bits {bits}: {scheme} itself takes {low:.4f} bits per weight on this model's linears "
+            f"and all-{PROMOTED} {MAX_BITS}; choose --bits between {math.ceil(low * 1e4) / 1e4} "
+            f"and {MAX_BITS}, or leave it out"
+        )
 
 
 def promotable(e: PlanEntry) -> bool:
@@ -86,7 +89,7 @@ def calibration_windows(ids: torch.Tensor, n_seqs: int = SENS_SEQS, seq_len: int
     """n_seqs windows of seq_len tokens spread evenly over the text: [n_seqs, seq_len]."""
     seq_len = min(seq_len, len(ids))
     starts = np.linspace(0, len(ids) - seq_len, n_seqs).astype(int)
-    return torch.stack([ids[s:s + seq_len] for s in starts])
+    return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
 class _Replay(nn.Module):
@@ -112,9 +115,17 @@ def _layer_of(model: nn.Module, names: list[str]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def measure_sensitivity(model: nn.Module, plan: list[PlanEntry], ids: torch.Tensor, config: QuantConfig, *,
-                        device: str = "cpu", progress: bool = True, n_seqs: int = SENS_SEQS,
-                        seq_len: int = SENS_LEN) -> list[dict]:
+def measure_sensitivity(
+    model: nn.Module,
+    plan: list[PlanEntry],
+    ids: torch.Tensor,
+    config: QuantConfig,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    n_seqs: int = SENS_SEQS,
+    seq_len: int = SENS_LEN,
+) -> list[dict]:
     """One row per promotable entry: the mean KL(teacher || teacher with only this tensor at PTQ) per token.
 
     `model` (the float teacher) is used in place and restored."""
@@ -126,8 +137,9 @@ def measure_sensitivity(model: nn.Module, plan: list[PlanEntry], ids: torch.Tens
     layer_of = _layer_of(model, [e.name for e in entries])
     layers = decoder_layers(model) if any(i >= 0 for i in layer_of.values()) else []
     outs = [None] * len(layers)
-    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: outs.__setitem__(i, out))
-             for i, layer in enumerate(layers)]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, out, i=i: outs.__setitem__(i, out)) for i, layer in enumerate(layers)
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -137,15 +149,17 @@ def measure_sensitivity(model: nn.Module, plan: list[PlanEntry], ids: torch.Tens
             h.remove()
     p_t = logp_t.exp()
     rows = []
-    bar = tqdm(entries, disable=not progress, unit="tensor", file=sys.stderr, dynamic_ncols=True,
-               desc="sensitivity")
+    bar = tqdm(entries, disable=not progress, unit="tensor", file=sys.stderr, dynamic_ncols=True, desc="sensitivity")
     try:
         for e in bar:
             parent_name, _, child = e.name.rpartition(".")
             parent = model.get_submodule(parent_name)
             linear = getattr(parent, child)
-            q = QuantLinear(linear, e.format, e.mode,
-                            tequila_lambda=config.tequila_lambda if scheme.tequila else 0.0).to(device).eval()
+            q = (
+                QuantLinear(linear, e.format, e.mode, tequila_lambda=config.tequila_lambda if scheme.tequila else 0.0)
+                .to(device)
+                .eval()
+            )
             first = layer_of[e.name]
             saved = [layers[j] for j in range(max(first, 0))]
             setattr(parent, child, q)
@@ -158,9 +172,16 @@ def measure_sensitivity(model: nn.Module, plan: list[PlanEntry], ids: torch.Tens
                 for j, layer in enumerate(saved):
                     layers[j] = layer
             kl = float((p_t * (logp_t - logp_s)).sum(-1).mean())
-            rows.append({"name": e.name, "shape": list(e.shape), "format": e.format,
-                         "bpw": round(e.bits_per_weight, 4), "kl": kl,
-                         "extra_bits": entry_bits(e, PROMOTED) - entry_bits(e)})
+            rows.append(
+                {
+                    "name": e.name,
+                    "shape": list(e.shape),
+                    "format": e.format,
+                    "bpw": round(e.bits_per_weight, 4),
+                    "kl": kl,
+                    "extra_bits": entry_bits(e, PROMOTED) - entry_bits(e),
+                }
+            )
             bar.set_postfix(kl=f"{kl:.3g}")
     finally:
         bar.close()
@@ -168,8 +189,9 @@ def measure_sensitivity(model: nn.Module, plan: list[PlanEntry], ids: torch.Tens
     return rows
 
 
-def budget_plan(model: nn.Module, config: QuantConfig, ids: torch.Tensor, *, device: str = "cpu",
-                progress: bool = True) -> tuple[list[PlanEntry], dict]:
+def budget_plan(
+    model: nn.Module, config: QuantConfig, ids: torch.Tensor, *, device: str = "cpu", progress: bool = True
+) -> tuple[list[PlanEntry], dict]:
     """The plan for config.bits: measure every linear's sensitivity on `model` (the float teacher) over
     windows of `ids` (the training text), promote greedily. Returns (plan, report) where the report holds
     the sensitivity table (every promotable tensor, most sensitive first) and the bits reached."""
@@ -193,16 +215,34 @@ def budget_plan(model: nn.Module, config: QuantConfig, ids: torch.Tensor, *, dev
         r["promoted"] = r["name"] in overrides
     table.sort(key=lambda r: -r["kl"])
     have, n = plan_bits(plan)
-    report = {"bits": config.bits, "bits_per_weight": have / n, "base_bits_per_weight": plan_bits(base)[0] / n,
-              "promoted": len(overrides), "promoted_to": PROMOTED, "sequences": SENS_SEQS, "seq_len": SENS_LEN,
-              "seconds": round(time.perf_counter() - t0, 1), "sensitivity": table}
+    report = {
+        "bits": config.bits,
+        "bits_per_weight": have / n,
+        "base_bits_per_weight": plan_bits(base)[0] / n,
+        "promoted": len(overrides),
+        "promoted_to": PROMOTED,
+        "sequences": SENS_SEQS,
+        "seq_len": SENS_LEN,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "sensitivity": table,
+    }
     return plan, report
 
 
 def _key(model: nn.Module, plan: list[PlanEntry], ids: torch.Tensor, config: QuantConfig) -> str:
     """What a sensitivity table depends on: the planned weights, their formats, the windows, the scheme."""
-    h = hashlib.sha256(json.dumps([SENSITIVITY_VERSION, SENS_SEQS, SENS_LEN, config.scheme, config.tequila_lambda,
-                                   [(e.name, e.format, e.mode) for e in plan]]).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            [
+                SENSITIVITY_VERSION,
+                SENS_SEQS,
+                SENS_LEN,
+                config.scheme,
+                config.tequila_lambda,
+                [(e.name, e.format, e.mode) for e in plan],
+            ]
+        ).encode()
+    )
     h.update(calibration_windows(ids).numpy().tobytes())
     for e in plan:
         h.update(model.get_submodule(e.name).weight.detach().float().cpu().numpy().tobytes())
@@ -213,11 +253,14 @@ def format_sensitivity(report: dict, top: int = 12) -> str:
     """The most sensitive tensors and what the budget did."""
     lines = [f"{'tensor':42} {'format':>7} {'KL':>9} {'KL/Mbit':>9}  promoted"]
     for r in report["sensitivity"][:top]:
-        lines.append(f"{r['name']:42} {r['format']:>7} {r['kl']:9.4g} {r['kl_per_mbit']:9.4g}  "
-                     f"{'yes' if r['promoted'] else ''}")
-    lines.append(f"--bits {report['bits']}: {report['promoted']} of {len(report['sensitivity'])} tensors in "
-                 f"{report['promoted_to']}, {report['base_bits_per_weight']:.4f} -> {report['bits_per_weight']:.4f} "
-                 f"bits per weight ({report['seconds']:.0f} s to measure)")
+        lines.append(
+            f"{r['name']:42} {r['format']:>7} {r['kl']:9.4g} {r['kl_per_mbit']:9.4g}  {'yes' if r['promoted'] else ''}"
+        )
+    lines.append(
+        f"--bits {report['bits']}: {report['promoted']} of {len(report['sensitivity'])} tensors in "
+        f"{report['promoted_to']}, {report['base_bits_per_weight']:.4f} -> {report['bits_per_weight']:.4f} "
+        f"bits per weight ({report['seconds']:.0f} s to measure)"
+    )
     return "\n".join(lines)
 
 

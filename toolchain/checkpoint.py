@@ -12,6 +12,7 @@
 
 The folder is built under a temporary name and renamed into place: it is whole or absent.
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,9 +30,18 @@ from .qlinear import QuantEmbedding, QuantLinear, activation_type, round_activat
 from .quantize import PlanEntry, QuantConfig
 
 CHECKPOINT_VERSION = 1
-BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
-              "slim_edge_source.json")
+BASE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "slim_edge_source.json",
+)
 
 
 def is_ours(folder: Path) -> bool:
@@ -56,8 +66,10 @@ def check_output(out: Path, force: bool, inputs=()) -> None:
     check_output_dir(out, force, is_ours, inputs=inputs)
     partial = Path(out).with_name(Path(out).name + ".partial")
     if partial.exists() and (partial.is_symlink() or not partial.is_dir() or not is_ours(partial)):
-        raise SlimEdgeError(f"{partial} is in the way of this run's training state and is not one slim-edge "
-                            f"wrote; move it away or choose another -o")
+        raise SlimEdgeError(
+            f"{partial} is in the way of this run's training state and is not one slim-edge "
+            f"wrote; move it away or choose another -o"
+        )
 
 
 def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,21 +96,39 @@ def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_quantized(model: nn.Module, plan: list[PlanEntry], config: QuantConfig, base: Path, out: Path,
-                   extra: dict | None = None, force: bool = False, report_md: str = "") -> Path:
-    meta = {"slim_edge_checkpoint": CHECKPOINT_VERSION, "config": config.to_json(),
-            "plan": [e.to_json() for e in plan], "base_model": str(base), **(extra or {})}
+def save_quantized(
+    model: nn.Module,
+    plan: list[PlanEntry],
+    config: QuantConfig,
+    base: Path,
+    out: Path,
+    extra: dict | None = None,
+    force: bool = False,
+    report_md: str = "",
+) -> Path:
+    meta = {
+        "slim_edge_checkpoint": CHECKPOINT_VERSION,
+        "config": config.to_json(),
+        "plan": [e.to_json() for e in plan],
+        "base_model": str(base),
+        **(extra or {}),
+    }
     for name, mod in model.named_modules():
         if isinstance(mod, QuantEmbedding):
             head = model.get_output_embeddings()
-            meta["embedding"] = {"name": name, "shape": [mod.num_embeddings, mod.embedding_dim],
-                                 "format": mod.fmt.name, "type_id": mod.fmt.type_id,
-                                 "tied": head is not None and getattr(head, "_embedding", [None])[0] is mod}
+            meta["embedding"] = {
+                "name": name,
+                "shape": [mod.num_embeddings, mod.embedding_dim],
+                "format": mod.fmt.name,
+                "type_id": mod.fmt.type_id,
+                "tied": head is not None and getattr(head, "_embedding", [None])[0] is mod,
+            }
     return write_checkpoint(quantized_state(model), meta, base, out, force=force, report_md=report_md)
 
 
-def write_checkpoint(tensors: dict[str, torch.Tensor], meta: dict, base: Path, out: Path, force: bool = False,
-                     report_md: str = "") -> Path:
+def write_checkpoint(
+    tensors: dict[str, torch.Tensor], meta: dict, base: Path, out: Path, force: bool = False, report_md: str = ""
+) -> Path:
     """Write a checkpoint folder atomically: the tensors, the base model's config/tokenizer files, meta as
     quant_config.json (and, as report.json, what it holds beyond config, plan and base model)."""
     from safetensors.torch import save_file
@@ -128,18 +158,24 @@ def read_meta(folder: Path) -> dict:
     folder = Path(folder)
     path = folder / "quant_config.json"
     if not path.is_file():
-        raise SlimEdgeError(f"{folder} is not a slim-edge checkpoint (no quant_config.json); "
-                            f"make one with `slim-edge quantize MODEL -o {folder}`")
+        raise SlimEdgeError(
+            f"{folder} is not a slim-edge checkpoint (no quant_config.json); "
+            f"make one with `slim-edge quantize MODEL -o {folder}`"
+        )
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise SlimEdgeError(f"{path} is corrupt ({e}); re-run slim-edge quantize") from None
     if not isinstance(meta, dict):
-        raise SlimEdgeError(f"{path} is damaged: it holds a JSON {type(meta).__name__}, not the checkpoint's "
-                            f"object; re-run slim-edge quantize")
+        raise SlimEdgeError(
+            f"{path} is damaged: it holds a JSON {type(meta).__name__}, not the checkpoint's "
+            f"object; re-run slim-edge quantize"
+        )
     if meta.get("slim_edge_checkpoint") != CHECKPOINT_VERSION:
-        raise SlimEdgeError(f"{path}: checkpoint version {meta.get('slim_edge_checkpoint')!r} is not "
-                            f"supported (expected {CHECKPOINT_VERSION})")
+        raise SlimEdgeError(
+            f"{path}: checkpoint version {meta.get('slim_edge_checkpoint')!r} is not "
+            f"supported (expected {CHECKPOINT_VERSION})"
+        )
     _check_meta(meta, path)
     return meta
 
@@ -147,6 +183,7 @@ def read_meta(folder: Path) -> dict:
 def _check_meta(meta: dict, path: Path) -> None:
     """The shape of quant_config.json that the readers rely on, so that damage is one message, not a
     KeyError deep inside export or eval."""
+
     def bad(what, value):
         return SlimEdgeError(f"{path} is damaged: {what} is {value!r}; re-run slim-edge quantize")
 
@@ -155,12 +192,18 @@ def _check_meta(meta: dict, path: Path) -> None:
     if not isinstance(meta.get("plan"), list) or not meta["plan"]:
         raise bad("plan", meta.get("plan"))
     for i, e in enumerate(meta["plan"]):
-        if (not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in ("name", "format", "mode"))
-                or not isinstance(e.get("type_id"), int)):
+        if (
+            not isinstance(e, dict)
+            or not all(isinstance(e.get(k), str) for k in ("name", "format", "mode"))
+            or not isinstance(e.get("type_id"), int)
+        ):
             raise bad(f"plan entry {i}", e)
         shape = e.get("shape")
-        if (not isinstance(shape, list) or len(shape) != 2
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+        ):
             raise bad(f"the shape of plan entry {i} ({e['name']})", shape)
         if e["mode"] != "keep":
             get_format(e["format"])  # an unknown format is its own SlimEdgeError
@@ -183,14 +226,18 @@ def _quantized_codes(meta: dict, tensors: dict[str, torch.Tensor]):
             continue
         key = f"{e['name']}.qweight"
         if key not in tensors:
-            raise SlimEdgeError(f"checkpoint has no tensor {key} although its plan lists it; "
-                                f"the folder is incomplete: re-run slim-edge quantize")
+            raise SlimEdgeError(
+                f"checkpoint has no tensor {key} although its plan lists it; "
+                f"the folder is incomplete: re-run slim-edge quantize"
+            )
         fmt = get_format(e["format"])
         raw = tensors[key].numpy()
         rows, k = e["shape"]
         if raw.shape != (rows, fmt.row_bytes(k)):
-            raise SlimEdgeError(f"{key}: {raw.shape} bytes do not match the plan ({rows} rows x "
-                                f"{fmt.row_bytes(k)} bytes of {fmt.name}); the checkpoint does not match its config")
+            raise SlimEdgeError(
+                f"{key}: {raw.shape} bytes do not match the plan ({rows} rows x "
+                f"{fmt.row_bytes(k)} bytes of {fmt.name}); the checkpoint does not match its config"
+            )
         yield e, fmt, raw
 
 
@@ -204,15 +251,19 @@ def embedding_codes(meta: dict, tensors: dict[str, torch.Tensor]):
     raw = tensors.get(key)
     rows, k = e["shape"]
     if raw is None or tuple(raw.shape) != (rows, fmt.row_bytes(k)):
-        raise SlimEdgeError(f"{key}: {None if raw is None else tuple(raw.shape)} bytes do not match the embedding "
-                            f"({rows} rows x {fmt.row_bytes(k)} bytes of {fmt.name}); re-run slim-edge quantize")
+        raise SlimEdgeError(
+            f"{key}: {None if raw is None else tuple(raw.shape)} bytes do not match the embedding "
+            f"({rows} rows x {fmt.row_bytes(k)} bytes of {fmt.name}); re-run slim-edge quantize"
+        )
     return e["name"], fmt, raw.numpy()
 
 
 def dequantized_weights(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Float weights of every quantized linear, exactly as the exported GGUF stores them."""
-    return {e["name"]: torch.from_numpy(fmt.dequantize(raw, e["shape"][1]))
-            for e, fmt, raw in _quantized_codes(meta, tensors)}
+    return {
+        e["name"]: torch.from_numpy(fmt.dequantize(raw, e["shape"][1]))
+        for e, fmt, raw in _quantized_codes(meta, tensors)
+    }
 
 
 def is_checkpoint(path) -> bool:
@@ -233,8 +284,10 @@ def refuse_damaged_checkpoint(folder: Path) -> Path:
     except Exception:  # a damaged file is for the loader to report
         return folder
     if ours:
-        raise SlimEdgeError(f"{folder} is a slim-edge checkpoint without its quant_config.json (its weights are "
-                            f"packed codes, not an HF model's); restore the file or re-run slim-edge quantize")
+        raise SlimEdgeError(
+            f"{folder} is a slim-edge checkpoint without its quant_config.json (its weights are "
+            f"packed codes, not an HF model's); restore the file or re-run slim-edge quantize"
+        )
     return folder
 
 
@@ -257,15 +310,19 @@ def init_from_checkpoint(student: nn.Module, folder, seed: int = 0) -> None:
     codes = {e["name"]: (fmt, raw) for e, fmt, raw in _quantized_codes(meta, tensors)}
     qnames = {n for n, m in student.named_modules() if isinstance(m, QuantLinear)}
     if qnames != set(codes):
-        raise SlimEdgeError(f"{folder}: its plan quantizes {len(codes)} linears, this model {len(qnames)}; "
-                            f"continue it with the settings it was made with")
+        raise SlimEdgeError(
+            f"{folder}: its plan quantizes {len(codes)} linears, this model {len(qnames)}; "
+            f"continue it with the settings it was made with"
+        )
     gen = torch.Generator().manual_seed(seed)
     for name in sorted(qnames):
         mod = student.get_submodule(name)
         fmt, raw = codes[name]
         if mod.fmt.name != fmt.name:
-            raise SlimEdgeError(f"{folder}: {name} is {fmt.name} there, {mod.fmt.name} here; continue it "
-                                f"with the settings it was made with")
+            raise SlimEdgeError(
+                f"{folder}: {name} is {fmt.name} there, {mod.fmt.name} here; continue it "
+                f"with the settings it was made with"
+            )
         v, d = mod.fmt.unpack(raw)
         d = torch.from_numpy(d.astype("float32"))
         u = (torch.rand(v.shape, generator=gen) * 2 - 1) * LATENT_SPREAD
@@ -282,8 +339,10 @@ def init_from_checkpoint(student: nn.Module, folder, seed: int = 0) -> None:
         mod = student.get_submodule(name)
         here = mod.fmt.name if isinstance(mod, QuantEmbedding) else "f16"
         if here != fmt.name:
-            raise SlimEdgeError(f"{folder}: its embedding is {fmt.name}, this model's {here}; continue it with "
-                                f"--embedding-type {fmt.name}")
+            raise SlimEdgeError(
+                f"{folder}: its embedding is {fmt.name}, this model's {here}; continue it with "
+                f"--embedding-type {fmt.name}"
+            )
         mod.load_codes(raw)
     _, unexpected = student.load_state_dict(rest, strict=False)
     if unexpected:
@@ -316,22 +375,27 @@ def load_quantized(folder, device: str = "cpu"):
             kind = activation_type(type_ids[name])
             lin.register_forward_pre_hook(lambda m, args, kind=kind: (round_activations(args[0], kind), *args[1:]))
         setattr(parent, child, lin)
-    rest = {k: v for k, v in tensors.items() if not k.endswith(".qweight") and
-            k.rpartition(".")[0] not in weights}
+    rest = {k: v for k, v in tensors.items() if not k.endswith(".qweight") and k.rpartition(".")[0] not in weights}
     emb = embedding_codes(meta, tensors)
     if emb is not None:  # the values the codes hold; a tied head takes them below
         name, fmt, raw = emb
         rest[f"{name}.weight"] = torch.from_numpy(fmt.dequantize(raw, meta["embedding"]["shape"][1]))
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [m for m in missing if m.rpartition(".")[0] not in weights and not
-               (m == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = [
+        m
+        for m in missing
+        if m.rpartition(".")[0] not in weights and not (m == "lm_head.weight" and config.tie_word_embeddings)
+    ]
     if missing or unexpected:
-        raise SlimEdgeError(f"checkpoint does not match its config: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}; re-run slim-edge quantize")
+        raise SlimEdgeError(
+            f"checkpoint does not match its config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}; re-run slim-edge quantize"
+        )
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     if qconfig.runtime_attention:  # trained attending as the runtime does: part of the model too
         from .runtime_patches.runtime_sim import use_runtime_attention
+
         use_runtime_attention(model)
     model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(folder)

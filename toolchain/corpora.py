@@ -43,6 +43,7 @@ The gensim wheel is fetched once with `pip download` (it is never installed) int
 (`$SLIM_EDGE_CACHE` or `$XDG_CACHE_HOME/slim-edge` or `~/.cache/slim-edge`, folder `corpora/`); the
 members we read are pinned by SHA-256.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -78,8 +79,10 @@ PYDOCS_PACKAGE = "python3.11-doc"
 PYDOCS_ROOT = Path("/usr/share/doc/python3.11/html")  # where PYDOCS_PACKAGE puts its HTML
 # pages not read: indexes and tables of contents, and the pages pydoc_data.topics is made from (the
 # language reference, library/stdtypes, string and pdb), so that pydocs and pydoc share no text
-_PYDOCS_EXCLUDE = re.compile(r"(genindex.*|py-modindex|search|contents|reference/.*|"
-                             r"library/(stdtypes|string|pdb))\.html")
+_PYDOCS_EXCLUDE = re.compile(
+    r"(genindex.*|py-modindex|search|contents|reference/.*|"
+    r"library/(stdtypes|string|pdb))\.html"
+)
 # digest of the HTML pages read (see _pydocs_pages), by Debian version of PYDOCS_PACKAGE
 _PYDOCS_SHA256 = {
     "3.11.2-6+deb12u9": "b33d5d08d34ffc935d45d2fa99394f6deb8fa7d7739dfff50aa0fa6cc3fc0a89",
@@ -89,6 +92,7 @@ _PYDOCS_SHA256 = {
 @dataclass(frozen=True)
 class CorpusText:
     """One split of a corpus: its text and where it came from, for reports."""
+
     name: str
     split: str
     text: str
@@ -115,20 +119,25 @@ def get_text(name: str, split: str = "eval") -> CorpusText:
     if name in BUILTIN:
         docs, source = _DOCUMENTS[name]()
         train, held = _split(name, docs)
-        chosen = held if split == "eval" else \
-            _without(_without_lines(train, held), _long_sentences("\n".join(held), 80))
-        rule = {"lee": f"articles at line < {LEE_EVAL_FROM} train, ≥ {LEE_EVAL_FROM} eval, exact duplicates dropped",
-                "wiki": f"articles < {WIKI_EVAL_FROM} train, ≥ {WIKI_EVAL_FROM} eval",
-                "pydoc": f"topics sorted by key, index % {PYDOC_EVAL_EVERY} == {PYDOC_EVAL_EVERY - 1} eval",
-                "pydocs": f"pages sorted by path, index % {PYDOCS_EVAL_EVERY} == {PYDOCS_EVAL_EVERY - 1} eval"}[name]
+        chosen = (
+            held if split == "eval" else _without(_without_lines(train, held), _long_sentences("\n".join(held), 80))
+        )
+        rule = {
+            "lee": f"articles at line < {LEE_EVAL_FROM} train, ≥ {LEE_EVAL_FROM} eval, exact duplicates dropped",
+            "wiki": f"articles < {WIKI_EVAL_FROM} train, ≥ {WIKI_EVAL_FROM} eval",
+            "pydoc": f"topics sorted by key, index % {PYDOC_EVAL_EVERY} == {PYDOC_EVAL_EVERY - 1} eval",
+            "pydocs": f"pages sorted by path, index % {PYDOCS_EVAL_EVERY} == {PYDOCS_EVAL_EVERY - 1} eval",
+        }[name]
         text = "\n".join(chosen) if name == "lee" else "\n\n".join(chosen)
-        return CorpusText(name, split, text, len(chosen),
-                          f"{name}:{split} ({len(chosen)} documents of {len(docs)}; {rule}; {source})")
+        return CorpusText(
+            name, split, text, len(chosen), f"{name}:{split} ({len(chosen)} documents of {len(docs)}; {rule}; {source})"
+        )
     path = Path(name).expanduser()
     if path.exists() or any(c in name for c in "/\\."):
         text = read_text_file(path)
-        return CorpusText(str(path), split, text, 1,
-                          f"file {path} (whole file, {len(text)} chars, sha256 {_sha(text)[:12]})")
+        return CorpusText(
+            str(path), split, text, 1, f"file {path} (whole file, {len(text)} chars, sha256 {_sha(text)[:12]})"
+        )
     raise SlimEdgeError(f"unknown corpus {name!r}; use one of {', '.join(BUILTIN)} or the path of a UTF-8 text file")
 
 
@@ -147,7 +156,8 @@ def read_text_file(path: Path | str) -> str:
     except UnicodeDecodeError as e:
         raise SlimEdgeError(
             f"corpus file {path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-            f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+            f"convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
     if not text.strip():
@@ -162,19 +172,27 @@ def check_disjoint(train: CorpusText | str, held: CorpusText | str, min_chars: i
     e = held.text if isinstance(held, CorpusText) else held
     tname = train.provenance if isinstance(train, CorpusText) else "training text"
     ename = held.provenance if isinstance(held, CorpusText) else "evaluation text"
-    if isinstance(train, CorpusText) and isinstance(held, CorpusText) and train.name == held.name \
-            and train.split == held.split:
-        raise SlimEdgeError(f"the training and evaluation text are the same ({train.name}:{train.split}); "
-                            f"use split 'train' for training and 'eval' for evaluation, or two different files")
+    if (
+        isinstance(train, CorpusText)
+        and isinstance(held, CorpusText)
+        and train.name == held.name
+        and train.split == held.split
+    ):
+        raise SlimEdgeError(
+            f"the training and evaluation text are the same ({train.name}:{train.split}); "
+            f"use split 'train' for training and 'eval' for evaluation, or two different files"
+        )
     if _sha(t) == _sha(e):
-        raise SlimEdgeError(f"the training text ({tname}) and the evaluation text ({ename}) are identical; "
-                            f"evaluate on held-out text")
+        raise SlimEdgeError(
+            f"the training text ({tname}) and the evaluation text ({ename}) are identical; evaluate on held-out text"
+        )
     shared = _long_sentences(t, min_chars) & _long_sentences(e, min_chars)
     if shared:
         example = next(iter(sorted(shared)))
         raise SlimEdgeError(
             f"the training text ({tname}) and the evaluation text ({ename}) share {len(shared)} sentences of "
-            f"≥ {min_chars} characters, e.g. {example[:80]!r}…; evaluate on held-out text")
+            f"≥ {min_chars} characters, e.g. {example[:80]!r}…; evaluate on held-out text"
+        )
 
 
 def _without(docs: list[str], banned: set[str]) -> list[str]:
@@ -216,11 +234,11 @@ def _split(name: str, docs: list[tuple[int, str]]) -> tuple[list[str], list[str]
     if name == "wiki":
         return [d for i, d in docs if i < WIKI_EVAL_FROM], [d for i, d in docs if i >= WIKI_EVAL_FROM]
     every = PYDOCS_EVAL_EVERY if name == "pydocs" else PYDOC_EVAL_EVERY
-    return ([d for i, d in docs if i % every != every - 1],
-            [d for i, d in docs if i % every == every - 1])
+    return ([d for i, d in docs if i % every != every - 1], [d for i, d in docs if i % every == every - 1])
 
 
 # --- sources -----------------------------------------------------------------------------------------
+
 
 def _lee() -> tuple[list[tuple[int, str]], str]:
     text = _gensim_member(_LEE_MEMBER).decode("utf-8")
@@ -245,8 +263,10 @@ def _pydoc() -> tuple[list[tuple[int, str]], str]:
     from pydoc_data import topics
 
     keys = sorted(topics.topics)
-    return ([(i, topics.topics[k].strip()) for i, k in enumerate(keys)],
-            f"pydoc_data.topics of Python {sys.version.split()[0]}")
+    return (
+        [(i, topics.topics[k].strip()) for i, k in enumerate(keys)],
+        f"pydoc_data.topics of Python {sys.version.split()[0]}",
+    )
 
 
 def _pydocs() -> tuple[list[tuple[int, str]], str]:
@@ -256,20 +276,28 @@ def _pydocs() -> tuple[list[tuple[int, str]], str]:
             cached = corpora_cache() / f"pydocs-{pinned[:16]}-v{_PYDOCS_TEXT_VERSION}.txt"
             if cached.is_file():
                 texts = _without(cached.read_text(encoding="utf-8").split("\n\x1e\n"), _pydoc_sentences())
-                return (list(enumerate(texts)), f"Debian {PYDOCS_PACKAGE} {version}, PSF licence, sha256 "
-                        f"{pinned[:12]} (text from the cache {cached}; the package is not installed here)")
-        raise SlimEdgeError(f"the pydocs corpus reads the Debian package {PYDOCS_PACKAGE}, and its HTML folder "
-                            f"{root} is missing; install it: apt-get install {PYDOCS_PACKAGE} "
-                            f"(as root; `make setup` does it)")
+                return (
+                    list(enumerate(texts)),
+                    f"Debian {PYDOCS_PACKAGE} {version}, PSF licence, sha256 "
+                    f"{pinned[:12]} (text from the cache {cached}; the package is not installed here)",
+                )
+        raise SlimEdgeError(
+            f"the pydocs corpus reads the Debian package {PYDOCS_PACKAGE}, and its HTML folder "
+            f"{root} is missing; install it: apt-get install {PYDOCS_PACKAGE} "
+            f"(as root; `make setup` does it)"
+        )
     version = _debian_version(root.parent / "changelog.Debian.gz")
     pages = _pydocs_pages(root)
-    digest = hashlib.sha256(b"".join(rel.encode() + b"\0" + hashlib.sha256(data).digest()
-                                     for rel, data in pages)).hexdigest()
+    digest = hashlib.sha256(
+        b"".join(rel.encode() + b"\0" + hashlib.sha256(data).digest() for rel, data in pages)
+    ).hexdigest()
     pinned = _PYDOCS_SHA256.get(version)
     if pinned and digest != pinned:
-        raise SlimEdgeError(f"the HTML of {PYDOCS_PACKAGE} {version} under {root} has sha256 {digest[:12]}…, "
-                            f"expected {pinned[:12]}… (files changed?); reinstall it: "
-                            f"apt-get install --reinstall {PYDOCS_PACKAGE}")
+        raise SlimEdgeError(
+            f"the HTML of {PYDOCS_PACKAGE} {version} under {root} has sha256 {digest[:12]}…, "
+            f"expected {pinned[:12]}… (files changed?); reinstall it: "
+            f"apt-get install --reinstall {PYDOCS_PACKAGE}"
+        )
     cached = corpora_cache() / f"pydocs-{digest[:16]}-v{_PYDOCS_TEXT_VERSION}.txt"
     if not cached.is_file():
         texts = [t for t in (sphinx_prose(data.decode("utf-8")) for _, data in pages) if t]
@@ -277,16 +305,20 @@ def _pydocs() -> tuple[list[tuple[int, str]], str]:
     texts = cached.read_text(encoding="utf-8").split("\n\x1e\n")
     texts = _without(texts, _pydoc_sentences())  # keep pydocs disjoint from pydoc (both splits)
     pin = "sha256 pinned" if pinned else "version not pinned"
-    return (list(enumerate(texts)),
-            f"Debian {PYDOCS_PACKAGE} {version or '(version unknown)'}, {root}, PSF licence, "
-            f"sha256 {digest[:12]} ({pin})")
+    return (
+        list(enumerate(texts)),
+        f"Debian {PYDOCS_PACKAGE} {version or '(version unknown)'}, {root}, PSF licence, sha256 {digest[:12]} ({pin})",
+    )
 
 
 def _pydocs_pages(root: Path) -> list[tuple[str, bytes]]:
     """(path relative to root, bytes) of the HTML pages pydocs reads, sorted by path."""
     rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.html"))
-    return [(rel, (root / rel).read_bytes()) for rel in rels
-            if not rel.startswith("_") and not _PYDOCS_EXCLUDE.fullmatch(rel)]
+    return [
+        (rel, (root / rel).read_bytes())
+        for rel in rels
+        if not rel.startswith("_") and not _PYDOCS_EXCLUDE.fullmatch(rel)
+    ]
 
 
 def _debian_version(changelog: Path) -> str:
@@ -325,8 +357,9 @@ def _gensim_member(member: str) -> bytes:
         raise SlimEdgeError(f"{wheel} is not a usable gensim {GENSIM_VERSION} wheel ({e}); delete it and retry")
     digest = hashlib.sha256(data).hexdigest()
     if digest != _SHA256[member]:
-        raise SlimEdgeError(f"{member} in {wheel} has sha256 {digest[:12]}…, expected {_SHA256[member][:12]}…; "
-                            f"delete {wheel} and retry")
+        raise SlimEdgeError(
+            f"{member} in {wheel} has sha256 {digest[:12]}…, expected {_SHA256[member][:12]}…; delete {wheel} and retry"
+        )
     atomic_write(out, data)
     return data
 
@@ -337,25 +370,50 @@ def _gensim_wheel() -> Path:
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"slim-edge: fetching the gensim {GENSIM_VERSION} wheel once for its text corpora (not installing it)",
-          file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", f"gensim=={GENSIM_VERSION}", "--no-deps",
-           "--only-binary", ":all:", "-d", str(folder)]
+    print(
+        f"slim-edge: fetching the gensim {GENSIM_VERSION} wheel once for its text corpora (not installing it)",
+        file=sys.stderr,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        f"gensim=={GENSIM_VERSION}",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "-d",
+        str(folder),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(folder.glob(f"gensim-{GENSIM_VERSION}-*.whl"))
     if r.returncode != 0 or not found:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
         raise SlimEdgeError(
             f"could not download the gensim {GENSIM_VERSION} wheel ({tail[0]}); run "
-            f"`{' '.join(cmd[2:])}` by hand with access to PyPI, or copy the wheel into {folder}")
+            f"`{' '.join(cmd[2:])}` by hand with access to PyPI, or copy the wheel into {folder}"
+        )
     return found[0]
 
 
 # --- MediaWiki markup to plain text --------------------------------------------------------------------
 
 _WIKI_TEXT_VERSION = 1  # bump when strip_wiki_markup changes: the plain text is cached
-_SKIP_SECTIONS = ("primary references", "secondary references", "external link", "references", "external links",
-                  "see also", "further reading", "notes", "bibliography", "sources", "footnotes", "citations")
+_SKIP_SECTIONS = (
+    "primary references",
+    "secondary references",
+    "external link",
+    "references",
+    "external links",
+    "see also",
+    "further reading",
+    "notes",
+    "bibliography",
+    "sources",
+    "footnotes",
+    "citations",
+)
 _DROP_LINK = re.compile(r"^\s*:?\s*(file|image|category|media|wikipedia|wp|[a-z]{2,3}(-[a-z]+)?):", re.I)
 
 
@@ -424,12 +482,43 @@ def strip_wiki_markup(text: str) -> str:
 # --- Sphinx HTML (the Python documentation) to plain prose ---------------------------------------------
 
 _PYDOCS_TEXT_VERSION = 1  # bump when SphinxProse changes: the plain text is cached
-_BLOCKS = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dd", "dt", "div", "section", "blockquote", "dl",
-           "ul", "ol", "br", "hr", "figure", "figcaption", "aside", "caption"}
+_BLOCKS = {
+    "p",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "li",
+    "dd",
+    "dt",
+    "div",
+    "section",
+    "blockquote",
+    "dl",
+    "ul",
+    "ol",
+    "br",
+    "hr",
+    "figure",
+    "figcaption",
+    "aside",
+    "caption",
+}
 _VOID = {"br", "hr", "img", "input", "meta", "link", "wbr", "col", "area", "base", "source"}
 _SKIP_TAGS = {"pre", "table", "script", "style", "nav", "form", "math", "svg"}
-_SKIP_CLASSES = {"headerlink", "sig", "toctree-wrapper", "highlight", "doctest", "footnote", "citation",
-                 "admonition-title", "graphviz"}
+_SKIP_CLASSES = {
+    "headerlink",
+    "sig",
+    "toctree-wrapper",
+    "highlight",
+    "doctest",
+    "footnote",
+    "citation",
+    "admonition-title",
+    "graphviz",
+}
 
 
 class SphinxProse(HTMLParser):

@@ -2,6 +2,7 @@
 
 Every stage reuses what an earlier run of the same folder finished, so a re-run after Ctrl-C resumes.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,16 @@ def _log(msg: str) -> None:
     note(msg, prefix="\n== slim-edge demo: ")
 
 
-def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = False, model: str = "smollm2-135m",
-             eval_chunks: int = 8, bench_reps: int = 3, ptq: str = "gptq", ptq_samples: int = 64) -> dict:
+def run_demo(
+    steps: int = 24,
+    out: Path = Path("results/demo"),
+    force: bool = False,
+    model: str = "smollm2-135m",
+    eval_chunks: int = 8,
+    bench_reps: int = 3,
+    ptq: str = "gptq",
+    ptq_samples: int = 64,
+) -> dict:
     from .converters.gguf_export import export_baseline, export_checkpoint
     from .evals.bench import BenchConfig, run_bench, write_results
     from .evals.eval_cmd import evaluate
@@ -32,8 +41,20 @@ def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = Fa
     # CE + KD as the README's measured demo ran: pure distillation (quantize's default since session 16) pays on
     # the GPU budget, and at the demo's 24 steps of 2 x 256 tokens it was no better (201.3 vs 195.7, session 17,
     # qat_smollm2.md). Built first: a bad option is refused before any folder or runtime build
-    configs = {scheme: QuantConfig(scheme=scheme, steps=steps, batch_size=2, seq_len=256, lr=1e-4, calib="wiki",
-                                   ptq=ptq, ptq_samples=ptq_samples, ce_weight=1.0) for scheme in SCHEMES}
+    configs = {
+        scheme: QuantConfig(
+            scheme=scheme,
+            steps=steps,
+            batch_size=2,
+            seq_len=256,
+            lr=1e-4,
+            calib="wiki",
+            ptq=ptq,
+            ptq_samples=ptq_samples,
+            ce_weight=1.0,
+        )
+        for scheme in SCHEMES
+    }
     if (out / "summary.json").exists() and not force:
         raise SlimEdgeError(f"{out} already holds a finished demo; pass --force to run it again, or -o elsewhere")
     kind = path_kind(out)
@@ -72,8 +93,16 @@ def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = Fa
     _log("eval: perplexity and KL divergence against F16 on lee:eval (never trained on)")
     t = time.perf_counter()
     models = [str(ggufs[k]) for k in ("q8_0", "q4_k_m", "q4_0", *SCHEMES)]
-    ev = evaluate(models, reference=str(ggufs["f16"]), corpus="lee", split="eval", ctx=512,
-                  max_chunks=eval_chunks, gen_tokens=32, train_text="wiki")
+    ev = evaluate(
+        models,
+        reference=str(ggufs["f16"]),
+        corpus="lee",
+        split="eval",
+        ctx=512,
+        max_chunks=eval_chunks,
+        gen_tokens=32,
+        train_text="wiki",
+    )
     timings["eval_s"] = time.perf_counter() - t
     atomic_write(out / "eval.json", json.dumps(ev, indent=1, default=str))
 
@@ -86,8 +115,15 @@ def run_demo(steps: int = 24, out: Path = Path("results/demo"), force: bool = Fa
     timings["bench_s"] = time.perf_counter() - t
 
     rows = _summary_rows(ggufs, ev, res.to_json())
-    summary = {"model": model, "steps": steps, "rows": rows, "timings": timings, "runtime": rt.to_json(),
-               "total_s": time.perf_counter() - t0, "bench_files": {k: str(v) for k, v in paths.items()}}
+    summary = {
+        "model": model,
+        "steps": steps,
+        "rows": rows,
+        "timings": timings,
+        "runtime": rt.to_json(),
+        "total_s": time.perf_counter() - t0,
+        "bench_files": {k: str(v) for k, v in paths.items()},
+    }
     md = summary_table(summary)
     atomic_write(out / "summary.md", md)
     atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str))
@@ -107,11 +143,21 @@ def _summary_rows(ggufs: dict[str, Path], ev: dict, bench: dict) -> list[dict]:
         b = bench_by.get(path.stem, {})
         pre = {p["n_prompt"]: p for p in b.get("prefill", [])}
         dec = b.get("decode", [{}])[0] if b.get("decode") else {}
-        rows.append({"model": key, "file": path.name, "mib": path.stat().st_size / 2**20, "linear_bpw": bpw,
-                     "ppl": e.get("ppl"), "mean_kld": e.get("mean_kld"), "same_top_pct": e.get("same_top_pct"),
-                     "loops": e.get("loops"),
-                     "ttft_512_ms": pre.get(512, {}).get("ttft_ms_mean"),
-                     "prefill_512_ts": pre.get(512, {}).get("tps_mean"), "decode_ts": dec.get("tps_mean")})
+        rows.append(
+            {
+                "model": key,
+                "file": path.name,
+                "mib": path.stat().st_size / 2**20,
+                "linear_bpw": bpw,
+                "ppl": e.get("ppl"),
+                "mean_kld": e.get("mean_kld"),
+                "same_top_pct": e.get("same_top_pct"),
+                "loops": e.get("loops"),
+                "ttft_512_ms": pre.get(512, {}).get("ttft_ms_mean"),
+                "prefill_512_ts": pre.get(512, {}).get("tps_mean"),
+                "decode_ts": dec.get("tps_mean"),
+            }
+        )
     return rows
 
 
@@ -119,15 +165,22 @@ def summary_table(summary: dict) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"# slim-edge demo: {summary['model']} ({summary['steps']} QAT steps per scheme, 2 threads)", "",
-             "| model | MiB | bits/weight (linears) | PPL | mean KLD vs F16 | same top-1 % | TTFT 512 (ms) | "
-             "prefill 512 t/s | decode t/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# slim-edge demo: {summary['model']} ({summary['steps']} QAT steps per scheme, 2 threads)",
+        "",
+        "| model | MiB | bits/weight (linears) | PPL | mean KLD vs F16 | same top-1 % | TTFT 512 (ms) | "
+        "prefill 512 t/s | decode t/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in summary["rows"]:
-        lines.append(f"| {r['model']} | {r['mib']:.1f} | {r['linear_bpw']:.2f} | {f(r['ppl'], '.2f')} | "
-                     f"{f(r['mean_kld'], '.4f')} | {f(r['same_top_pct'], '.1f')} | {f(r['ttft_512_ms'], '.0f')} | "
-                     f"{f(r['prefill_512_ts'], '.1f')} | {f(r['decode_ts'], '.1f')} |")
+        lines.append(
+            f"| {r['model']} | {r['mib']:.1f} | {r['linear_bpw']:.2f} | {f(r['ppl'], '.2f')} | "
+            f"{f(r['mean_kld'], '.4f')} | {f(r['same_top_pct'], '.1f')} | {f(r['ttft_512_ms'], '.0f')} | "
+            f"{f(r['prefill_512_ts'], '.1f')} | {f(r['decode_ts'], '.1f')} |"
+        )
     lines.append("")
-    lines.append(f"total {summary['total_s'] / 60:.1f} min; stages: " +
-                 ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items()))
+    lines.append(
+        f"total {summary['total_s'] / 60:.1f} min; stages: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items())
+    )
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ not the teacher). Autograd through log_softmax keeps several fp32 [tokens, vocab
 tokens one is 3.2 GB: 25-40 GB a step); here the gradient is written, chunk by chunk, into one buffer of the logits'
 dtype during the forward pass, and the backward pass only scales it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -81,10 +82,11 @@ class _FusedDistill(torch.autograd.Function):
         ce = torch.zeros((), dtype=torch.float32, device=a.device)
         kd = torch.zeros((), dtype=torch.float32, device=a.device)
         for i in range(0, n, chunk):
-            c, k, g = compiled(_chunk)(a[i:i + chunk], None if b is None else b[i:i + chunk], y[i:i + chunk], kind,
-                                       True, ce_weight)
+            c, k, g = compiled(_chunk)(
+                a[i : i + chunk], None if b is None else b[i : i + chunk], y[i : i + chunk], kind, True, ce_weight
+            )
             ce, kd = ce + c, kd + k
-            grad[i:i + chunk] = g / n
+            grad[i : i + chunk] = g / n
         ctx.save_for_backward(grad)
         ctx.shape = student_logits.shape
         ce, kd = ce / n, kd / n
@@ -116,7 +118,7 @@ def distill_loss(student_logits, teacher_logits, labels, kind: str, chunk: int |
     y = labels.reshape(-1)
     ce = kd = 0.0
     for i in range(0, a.shape[0], chunk):
-        c, k, _ = _chunk(a[i:i + chunk], None if b is None else b[i:i + chunk], y[i:i + chunk], kind, False)
+        c, k, _ = _chunk(a[i : i + chunk], None if b is None else b[i : i + chunk], y[i : i + chunk], kind, False)
         ce, kd = ce + c, kd + k
     ce, kd = ce / a.shape[0], kd / a.shape[0]
     return ce_weight * ce + kd, ce, torch.as_tensor(kd)

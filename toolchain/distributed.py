@@ -13,6 +13,7 @@ that rank 0 writes in one process's layout. A train.pt (the training state befor
 resumed, under FSDP too (load_optimizer). A single process (no WORLD_SIZE in the environment) never makes a process
 group.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,9 +62,11 @@ def world_from_env(environ=os.environ) -> World:
     try:
         world = World(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)))
     except (KeyError, ValueError):
-        raise SlimEdgeError(f"WORLD_SIZE={environ.get('WORLD_SIZE')!r} RANK={environ.get('RANK')!r} "
-                            f"LOCAL_RANK={environ.get('LOCAL_RANK')!r}: expected integers as torchrun sets them; "
-                            f"launch with torchrun, or unset WORLD_SIZE for one process") from None
+        raise SlimEdgeError(
+            f"WORLD_SIZE={environ.get('WORLD_SIZE')!r} RANK={environ.get('RANK')!r} "
+            f"LOCAL_RANK={environ.get('LOCAL_RANK')!r}: expected integers as torchrun sets them; "
+            f"launch with torchrun, or unset WORLD_SIZE for one process"
+        ) from None
     if not 0 <= world.rank < world.size:
         raise SlimEdgeError(f"RANK {world.rank} is outside WORLD_SIZE {world.size}; launch with torchrun")
     return world
@@ -77,12 +80,16 @@ def rank_device(world: World, device: str) -> str:
         return device
     if device == "cuda":
         if world.local_rank >= torch.cuda.device_count():
-            raise SlimEdgeError(f"LOCAL_RANK {world.local_rank} but torch sees {torch.cuda.device_count()} CUDA "
-                                f"devices; pass --nproc-per-node {torch.cuda.device_count()} or fewer")
+            raise SlimEdgeError(
+                f"LOCAL_RANK {world.local_rank} but torch sees {torch.cuda.device_count()} CUDA "
+                f"devices; pass --nproc-per-node {torch.cuda.device_count()} or fewer"
+            )
         torch.cuda.set_device(world.local_rank)
         return f"cuda:{world.local_rank}"
-    raise SlimEdgeError(f"--device {device} under torchrun (WORLD_SIZE {world.size}): each rank takes "
-                        f"cuda:LOCAL_RANK; pass --device cuda or --device cpu")
+    raise SlimEdgeError(
+        f"--device {device} under torchrun (WORLD_SIZE {world.size}): each rank takes "
+        f"cuda:LOCAL_RANK; pass --device cuda or --device cpu"
+    )
 
 
 def backend(device: str) -> str:
@@ -98,8 +105,11 @@ def data_parallel(module: torch.nn.Module, device: str) -> torch.nn.parallel.Dis
     if device.startswith("cuda"):
         index = torch.device(device).index
         index = torch.cuda.current_device() if index is None else index
-    return ddp(module, device_ids=None if index is None else [index],
-               **no_buffer_sync(inspect.signature(ddp.__init__).parameters))
+    return ddp(
+        module,
+        device_ids=None if index is None else [index],
+        **no_buffer_sync(inspect.signature(ddp.__init__).parameters),
+    )
 
 
 def no_buffer_sync(ddp_params) -> dict:
@@ -154,6 +164,7 @@ def _state_dict_api():
     """torch.distributed.checkpoint's state-dict functions, imported when FSDP needs them (at module level they
     would add a second to the start-up of every command that imports QuantConfig)."""
     from torch.distributed.checkpoint import state_dict
+
     return state_dict
 
 
@@ -171,14 +182,18 @@ def by_index(optim_sd: dict, names: list[str]) -> dict:
     """A state dict keyed by parameter names (torch.distributed.checkpoint's) keyed by index, as
     opt.state_dict() of one process keys it."""
     index = {n: i for i, n in enumerate(names)}
-    return {"state": {index[n]: v for n, v in optim_sd["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_sd["param_groups"]]}
+    return {
+        "state": {index[n]: v for n, v in optim_sd["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_sd["param_groups"]],
+    }
 
 
 def by_name(optim_sd: dict, names: list[str]) -> dict:
     """by_index undone."""
-    return {"state": {names[i]: v for i, v in optim_sd["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_sd["param_groups"]]}
+    return {
+        "state": {names[i]: v for i, v in optim_sd["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_sd["param_groups"]],
+    }
 
 
 def full_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -193,8 +208,9 @@ def full_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dic
 def load_optimizer(module: torch.nn.Module, opt: torch.optim.Optimizer, optim_sd: dict) -> None:
     """One process's opt.state_dict() (every rank holds it) into the sharded optimizer of an FSDP module."""
     sd = _state_dict_api()
-    sd.set_optimizer_state_dict(module, opt, by_name(optim_sd, param_names(module, opt)),
-                                options=sd.StateDictOptions(full_state_dict=True))
+    sd.set_optimizer_state_dict(
+        module, opt, by_name(optim_sd, param_names(module, opt)), options=sd.StateDictOptions(full_state_dict=True)
+    )
 
 
 # OUT.partial/train.dcp/, the training state of a run (any world size, any --shard) in torch.distributed.checkpoint's
@@ -233,8 +249,7 @@ def one_process_dcp():
         yield
 
 
-def save_sharded(world: World, module: torch.nn.Module, opt: torch.optim.Optimizer, extra: dict,
-                 folder: Path) -> None:
+def save_sharded(world: World, module: torch.nn.Module, opt: torch.optim.Optimizer, extra: dict, folder: Path) -> None:
     """The training state as a DCP folder (the layout above): every rank writes its own shards (fsdp) or its share
     of the replicated tensors (ddp), nothing is gathered onto one rank. Every rank must call it."""
     import torch.distributed.checkpoint as dcp
@@ -279,9 +294,11 @@ def load_sharded(module: torch.nn.Module, opt: torch.optim.Optimizer, folder: Pa
             dcp.load(state, checkpoint_id=str(folder))
         extra = json.loads((Path(folder) / DCP_META).read_text())
     except (CheckpointException, OSError, ValueError) as e:
-        raise SlimEdgeError(f"{folder}: cannot resume from it ({_reason(e)}): it is damaged, or was saved by another "
-                            f"model or settings; resume with the settings it was made with, or run with --force "
-                            f"instead of --resume to start over") from None
+        raise SlimEdgeError(
+            f"{folder}: cannot resume from it ({_reason(e)}): it is damaged, or was saved by another "
+            f"model or settings; resume with the settings it was made with, or run with --force "
+            f"instead of --resume to start over"
+        ) from None
     sd.set_model_state_dict(module, state["model"])
     sd.set_optimizer_state_dict(module, opt, state["optim"])
     return extra
@@ -300,8 +317,10 @@ def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of `module` whose parameters are on the meta device (no memory) and whose buffers are real: the
     non-persistent ones (rotary tables, quads) are in no state dict. It takes the gathered weights after FSDP
     training (unsharded)."""
-    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            for p in module.parameters()}
+    memo = {
+        id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in module.parameters()
+    }
     return copy.deepcopy(module, memo)
 
 
@@ -363,8 +382,11 @@ def agree(world: World, stop: bool, late: bool, time_frac: float | None, device:
     if world.size == 1:
         return stop, late, time_frac
     main = float(world.main)
-    t = torch.tensor([float(stop), main * late, main * (time_frac or 0.0), main * (time_frac is not None)],
-                     dtype=torch.float64, device=_comm_device(device))
+    t = torch.tensor(
+        [float(stop), main * late, main * (time_frac or 0.0), main * (time_frac is not None)],
+        dtype=torch.float64,
+        device=_comm_device(device),
+    )
     dist.all_reduce(t)
     stop, late, frac, has_frac = t.tolist()
     return stop > 0, late > 0, frac if has_frac > 0 else None

@@ -1,4 +1,5 @@
 """The one user-facing error type, printed by the CLI without a traceback, and the one progress line."""
+
 import sys
 
 

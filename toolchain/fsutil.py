@@ -2,6 +2,7 @@
 did not write, and write atomically (a temporary sibling renamed into place), so that a crash or a full disk
 leaves the old output or none, never half of one and never a temporary file. Also the cache root and a
 file's sha256, the two file facts every part of slim-edge shares."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,10 @@ def cache_dir(*parts: str) -> Path:
     if os.environ.get("SLIM_EDGE_CACHE"):
         root = Path(os.environ["SLIM_EDGE_CACHE"]).expanduser()
         if root.exists() and not root.is_dir():
-            raise SlimEdgeError(f"SLIM_EDGE_CACHE={root} is a file, not a folder; point it at a folder (or unset it "
-                                f"for ~/.cache/slim-edge)")
+            raise SlimEdgeError(
+                f"SLIM_EDGE_CACHE={root} is a file, not a folder; point it at a folder (or unset it "
+                f"for ~/.cache/slim-edge)"
+            )
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "slim-edge"
     return Path(root, *parts)
@@ -55,14 +58,19 @@ def path_kind(path: Path, flag: str = "-o") -> str | None:
         if e.errno == errno.ENOTDIR:
             return None
         shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:120]}...({len(str(path))} characters)"
-        raise SlimEdgeError(f"{flag + ' ' if flag else ''}{shown}: {e.strerror}; "
-                            f"choose a shorter or valid path") from None
+        raise SlimEdgeError(
+            f"{flag + ' ' if flag else ''}{shown}: {e.strerror}; choose a shorter or valid path"
+        ) from None
     if stat.S_ISREG(st.st_mode):
         return "a file"
     if stat.S_ISDIR(st.st_mode):
         return "a folder"
-    return {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
-            stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
+    return {
+        stat.S_IFIFO: "a FIFO",
+        stat.S_IFSOCK: "a socket",
+        stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device",
+    }.get(stat.S_IFMT(st.st_mode), "not a regular file")
 
 
 def check_writable(path: Path, flag: str = "-o") -> None:
@@ -72,8 +80,9 @@ def check_writable(path: Path, flag: str = "-o") -> None:
     try:
         fd, name = tempfile.mkstemp(prefix=".slim-edge-write-test.", dir=folder)
     except OSError as e:
-        raise SlimEdgeError(f"{flag} {path}: cannot write in {folder} ({e.strerror}); choose a folder you can "
-                            f"write to") from None
+        raise SlimEdgeError(
+            f"{flag} {path}: cannot write in {folder} ({e.strerror}); choose a folder you can write to"
+        ) from None
     os.close(fd)
     os.unlink(name)
 
@@ -84,8 +93,10 @@ def check_output_file(path: Path, force: bool, flag: str = "-o") -> None:
     path = Path(path)
     path_kind(path, flag)  # a path too long to look up is named, not a traceback
     if path.is_symlink():
-        raise SlimEdgeError(f"{flag} {path} is a symlink (to {os.readlink(path)}); slim-edge does not write "
-                            f"through links: remove it or choose another path")
+        raise SlimEdgeError(
+            f"{flag} {path} is a symlink (to {os.readlink(path)}); slim-edge does not write "
+            f"through links: remove it or choose another path"
+        )
     if path.is_dir():
         raise SlimEdgeError(f"{flag} {path} is a folder, not a file; choose a file path")
     if path.exists() and not force:
@@ -103,34 +114,44 @@ def check_output_dir(path: Path, force: bool, is_ours, flag: str = "-o", inputs=
         src = Path(src).resolve()
         out = path.resolve()
         if out == src or out in src.parents:
-            raise SlimEdgeError(f"{flag} {path} is the input {src} or a folder that holds it; writing there "
-                                f"would delete the input: choose another {flag}")
+            raise SlimEdgeError(
+                f"{flag} {path} is the input {src} or a folder that holds it; writing there "
+                f"would delete the input: choose another {flag}"
+            )
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         kind = "a symlink" if path.is_symlink() else "a file"
-        raise SlimEdgeError(f"{flag} {path} is {kind}, not a folder slim-edge wrote; it is left alone: "
-                            f"remove it or choose another {flag}")
+        raise SlimEdgeError(
+            f"{flag} {path} is {kind}, not a folder slim-edge wrote; it is left alone: "
+            f"remove it or choose another {flag}"
+        )
     check_writable(path, flag)
     if not path.exists():
         return
     if any(path.iterdir()) and not is_ours(path):
-        raise SlimEdgeError(f"{flag} {path} is a folder slim-edge did not write (even --force only replaces "
-                            f"slim-edge's own output or an empty folder); choose another {flag} or empty it yourself")
+        raise SlimEdgeError(
+            f"{flag} {path} is a folder slim-edge did not write (even --force only replaces "
+            f"slim-edge's own output or an empty folder); choose another {flag} or empty it yourself"
+        )
     if not force:
         raise SlimEdgeError(f"{path} already exists; pass --force to replace it, or choose another {flag}")
 
 
 def _full_disk(e: OSError, path: Path) -> SlimEdgeError | None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SlimEdgeError(f"the disk is full writing {path} ({e.strerror}); nothing was written: free "
-                             f"some space or choose another output path")
+        return SlimEdgeError(
+            f"the disk is full writing {path} ({e.strerror}); nothing was written: free "
+            f"some space or choose another output path"
+        )
     return None
 
 
 def check_free_space(folder: Path, need: int, flag: str = "-o") -> None:
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise SlimEdgeError(f"not enough disk space in {folder}: need {need >> 20} MiB, {free >> 20} MiB free; "
-                            f"free some space or choose another {flag}")
+        raise SlimEdgeError(
+            f"not enough disk space in {folder}: need {need >> 20} MiB, {free >> 20} MiB free; "
+            f"free some space or choose another {flag}"
+        )
 
 
 def fsync_dir(folder: Path) -> None:

@@ -19,6 +19,7 @@ off). Before they are used or kept, sequences that share a DEDUP_NGRAM-token spa
 (DEDUP_AGAINST: the held-out splits slim-edge reports on) are dropped: a model can have memorised its
 benchmark, and its samples would then carry the held-out text into training.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,6 +57,7 @@ class Sampling:
     sequence opening with `prompt` tokens of the text sources (0: one unigram token, then greedy), `batch`
     sequences at once (None: sampling_batch of the free GPU memory; give it when runs share a GPU), `cache`
     whether the draw is kept in and read from the samples cache."""
+
     tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -70,8 +72,13 @@ def _flag(value: str) -> bool:
     return value == "1"
 
 
-_SAMPLING_KEYS = {"temp": ("temperature", float), "top_p": ("top_p", float), "prompt": ("prompt", int),
-                  "batch": ("batch", int), "cache": ("cache", _flag)}
+_SAMPLING_KEYS = {
+    "temp": ("temperature", float),
+    "top_p": ("top_p", float),
+    "prompt": ("prompt", int),
+    "batch": ("batch", int),
+    "cache": ("cache", _flag),
+}
 
 
 def _sampling(spec: str, item: str, n: int, options: str) -> Sampling:
@@ -79,8 +86,10 @@ def _sampling(spec: str, item: str, n: int, options: str) -> Sampling:
     for opt in filter(None, options.split(":")):
         key, _, value = opt.partition("=")
         if key not in _SAMPLING_KEYS:
-            raise SlimEdgeError(f"--calib {spec!r}: unknown teacher option {key!r} in {item!r}; the options are "
-                                f"{', '.join(_SAMPLING_KEYS)} (e.g. teacher:4M:temp=0.7:top_p=0.9:prompt=16)")
+            raise SlimEdgeError(
+                f"--calib {spec!r}: unknown teacher option {key!r} in {item!r}; the options are "
+                f"{', '.join(_SAMPLING_KEYS)} (e.g. teacher:4M:temp=0.7:top_p=0.9:prompt=16)"
+            )
         field, kind = _SAMPLING_KEYS[key]
         try:
             kw[field] = kind(value)
@@ -89,9 +98,11 @@ def _sampling(spec: str, item: str, n: int, options: str) -> Sampling:
             raise SlimEdgeError(f"--calib {spec!r}: {key}={value!r} in {item!r} is not {what}") from None
     s = Sampling(n, **kw)
     if not (s.temperature >= 0 and 0 < s.top_p <= 1 and s.prompt >= 0 and (s.batch is None or s.batch >= 1)):
-        raise SlimEdgeError(f"--calib {spec!r}: {item!r} needs temp >= 0, 0 < top_p <= 1, prompt >= 0 and "
-                            f"batch >= 1 (got temp={s.temperature}, top_p={s.top_p}, prompt={s.prompt}, "
-                            f"batch={s.batch})")
+        raise SlimEdgeError(
+            f"--calib {spec!r}: {item!r} needs temp >= 0, 0 < top_p <= 1, prompt >= 0 and "
+            f"batch >= 1 (got temp={s.temperature}, top_p={s.top_p}, prompt={s.prompt}, "
+            f"batch={s.batch})"
+        )
     return s
 
 
@@ -105,10 +116,15 @@ def parse_calib(spec: str) -> list[tuple[str, Sampling | None]]:
         if item.startswith("teacher"):
             m = TEACHER.match(item)
             if not m:
-                raise SlimEdgeError(f"--calib {spec!r}: cannot read {item!r}; write teacher or teacher:N with N "
-                                    f"tokens, e.g. teacher:500k or teacher:2M:temp=0.7")
-            n = DEFAULT_TEACHER_TOKENS if m.group(1) is None else \
-                int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()])
+                raise SlimEdgeError(
+                    f"--calib {spec!r}: cannot read {item!r}; write teacher or teacher:N with N "
+                    f"tokens, e.g. teacher:500k or teacher:2M:temp=0.7"
+                )
+            n = (
+                DEFAULT_TEACHER_TOKENS
+                if m.group(1) is None
+                else int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()])
+            )
             if n < 1:
                 raise SlimEdgeError(f"--calib {spec!r}: {item} asks for no tokens; give N >= 1")
             out.append(("teacher", _sampling(spec, item, n, m.group(3))))
@@ -118,9 +134,21 @@ def parse_calib(spec: str) -> list[tuple[str, Sampling | None]]:
 
 
 @torch.no_grad()
-def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, device: str, seed: int,
-                   batch: int | None = None, progress: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-                   prompt: int = 0, engine: str = "auto") -> torch.Tensor:
+def teacher_tokens(
+    model,
+    n_tokens: int,
+    seq_len: int,
+    starts: torch.Tensor,
+    *,
+    device: str,
+    seed: int,
+    batch: int | None = None,
+    progress: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    prompt: int = 0,
+    engine: str = "auto",
+) -> torch.Tensor:
     """ceil(n_tokens / seq_len) sequences of seq_len tokens sampled from `model`, flattened (int64, CPU).
 
     starts: a token stream. prompt = 0: each sequence opens with one of its tokens, drawn uniformly (the
@@ -129,8 +157,10 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
     engine: "kv" (KVDecoder), "transformers" (the model's forward with its own cache) or "auto" (KVDecoder
     where the model has its structure and its logits agree with the model's forward, see decoding_engine)."""
     if prompt >= seq_len or (prompt and len(starts) < prompt):
-        raise SlimEdgeError(f"teacher prompt={prompt} needs fewer than --seq-len {seq_len} tokens and a text "
-                            f"source of at least {prompt} tokens (it has {len(starts)})")
+        raise SlimEdgeError(
+            f"teacher prompt={prompt} needs fewer than --seq-len {seq_len} tokens and a text "
+            f"source of at least {prompt} tokens (it has {len(starts)})"
+        )
     from tqdm.auto import tqdm
 
     n_seq = math.ceil(n_tokens / seq_len)
@@ -138,15 +168,25 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
     model.eval()
     kv = decoding_engine(model, seq_len, device, engine) == "kv"
     if batch is None:
-        batch = sampling_batch(model.config, seq_len, torch.cuda.mem_get_info(device)[0], kv=kv) \
-            if device.startswith("cuda") else 16
+        batch = (
+            sampling_batch(model.config, seq_len, torch.cuda.mem_get_info(device)[0], kv=kv)
+            if device.startswith("cuda")
+            else 16
+        )
     gen = torch.Generator(device=device).manual_seed(seed)
     # transformers 5.2x calls the KV cache `cache`; earlier releases (the GPU machine's 5.17) `past_key_values`
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     starts = starts.to(device)
     seqs = []
-    bar = tqdm(total=n_seq * seq_len, disable=not progress, unit="tok", unit_scale=True, file=sys.stderr,
-               desc="sampling training text from the FP model", dynamic_ncols=True)
+    bar = tqdm(
+        total=n_seq * seq_len,
+        disable=not progress,
+        unit="tok",
+        unit_scale=True,
+        file=sys.stderr,
+        desc="sampling training text from the FP model",
+        dynamic_ncols=True,
+    )
     width = max(prompt, 1)  # the tokens each sequence opens with
     dec = None
     try:
@@ -184,7 +224,7 @@ def teacher_tokens(model, n_tokens: int, seq_len: int, starts: torch.Tensor, *, 
 
 
 def decoding_engine(model, seq_len: int, device: str, engine: str = "auto") -> str:
-    """"kv" or "transformers" for teacher_tokens: what `engine` asks, "auto" resolved (KVDecoder where
+    """ "kv" or "transformers" for teacher_tokens: what `engine` asks, "auto" resolved (KVDecoder where
     KVDecoder.supported and its logits agree with the model's forward to SELF_CHECK_TOL, else transformers)."""
     if engine not in ("auto", "kv", "transformers"):
         raise SlimEdgeError(f"teacher sampling engine {engine!r}: give auto, kv or transformers")
@@ -194,9 +234,11 @@ def decoding_engine(model, seq_len: int, device: str, engine: str = "auto") -> s
         return "transformers"
     err = KVDecoder.agrees(model, device)
     if err > SELF_CHECK_TOL:
-        print(f"slim-edge: note: {type(model).__name__} decoded through a preallocated KV cache differs from its "
-              f"forward by {err:.3g} of the largest logit; sampling through transformers' cache (slower)",
-              file=sys.stderr)
+        print(
+            f"slim-edge: note: {type(model).__name__} decoded through a preallocated KV cache differs from its "
+            f"forward by {err:.3g} of the largest logit; sampling through transformers' cache (slower)",
+            file=sys.stderr,
+        )
         return "transformers"
     return "kv"
 
@@ -205,8 +247,9 @@ def decoding_engine(model, seq_len: int, device: str, engine: str = "auto") -> s
 # its head norms before the rotary embedding, HunYuan dense with them after it, Mistral): anything else (other norms,
 # a gate on the attention, a layer of its own) is left to transformers
 DECODER_LAYER = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
-DECODER_ATTENTION = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "query_layernorm",
-                               "key_layernorm", "rotary_emb"})
+DECODER_ATTENTION = frozenset(
+    {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "query_layernorm", "key_layernorm", "rotary_emb"}
+)
 SELF_CHECK_TOKENS = 8
 SELF_CHECK_TOL = 0.02  # decoded vs full-forward logits, largest difference over the largest logit (bf16: ~3e-3)
 
@@ -238,19 +281,27 @@ class KVDecoder:
     def supported(model, seq_len: int) -> bool:
         inner, cfg = getattr(model, "model", None), getattr(model, "config", None)
         layers = getattr(inner, "layers", None)
-        if not all(hasattr(o, a) for o, a in ((inner, "embed_tokens"), (inner, "norm"), (inner, "rotary_emb"),
-                                              (model, "lm_head"))) or not layers:
+        if (
+            not all(
+                hasattr(o, a)
+                for o, a in ((inner, "embed_tokens"), (inner, "norm"), (inner, "rotary_emb"), (model, "lm_head"))
+            )
+            or not layers
+        ):
             return False
         window = getattr(cfg, "sliding_window", None)
         if window and getattr(cfg, "use_sliding_window", True) and window < seq_len:
             return False
-        return all({n for n, _ in layer.named_children()} == DECODER_LAYER
-                   and {n for n, _ in layer.self_attn.named_children()} <= DECODER_ATTENTION
-                   and {"q_proj", "k_proj", "v_proj", "o_proj"} <= {n for n, _ in layer.self_attn.named_children()}
-                   and hasattr(layer.self_attn, "scaling") for layer in layers)
+        return all(
+            {n for n, _ in layer.named_children()} == DECODER_LAYER
+            and {n for n, _ in layer.self_attn.named_children()} <= DECODER_ATTENTION
+            and {"q_proj", "k_proj", "v_proj", "o_proj"} <= {n for n, _ in layer.self_attn.named_children()}
+            and hasattr(layer.self_attn, "scaling")
+            for layer in layers
+        )
 
     def _rope(self, x: torch.Tensor, pos: int) -> torch.Tensor:  # x [B, h, T, hd], rotate-half convention
-        cos, sin = self.cos[:, None, pos:pos + x.shape[2]], self.sin[:, None, pos:pos + x.shape[2]]
+        cos, sin = self.cos[:, None, pos : pos + x.shape[2]], self.sin[:, None, pos : pos + x.shape[2]]
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
@@ -271,11 +322,16 @@ class KVDecoder:
             q, k = self._rope(q.transpose(1, 2), pos), self._rope(k.transpose(1, 2), pos)
             if hasattr(att, "query_layernorm"):
                 q, k = att.query_layernorm(q), att.key_layernorm(k)
-            self.k[i, :b, :, pos:pos + n] = k
-            self.v[i, :b, :, pos:pos + n] = att.v_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            self.k[i, :b, :, pos : pos + n] = k
+            self.v[i, :b, :, pos : pos + n] = att.v_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
             o = torch.nn.functional.scaled_dot_product_attention(
-                q.to(self.k.dtype), self.k[i, :b, :, :pos + n], self.v[i, :b, :, :pos + n], is_causal=n > 1,
-                scale=att.scaling, enable_gqa=self.kv_heads != self.heads)
+                q.to(self.k.dtype),
+                self.k[i, :b, :, : pos + n],
+                self.v[i, :b, :, : pos + n],
+                is_causal=n > 1,
+                scale=att.scaling,
+                enable_gqa=self.kv_heads != self.heads,
+            )
             x = x + att.o_proj(o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.lm_head(self.inner.norm(x[:, -1]))
@@ -290,8 +346,9 @@ class KVDecoder:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             want = model(input_ids=ids).logits[0, 1:].float()
             dec = KVDecoder(model, 1, n, device)
-            got = torch.stack([dec.step(ids[:, :2], 0)[0].float()]
-                              + [dec.step(ids[:, t:t + 1], t)[0].float() for t in range(2, n)])
+            got = torch.stack(
+                [dec.step(ids[:, :2], 0)[0].float()] + [dec.step(ids[:, t : t + 1], t)[0].float() for t in range(2, n)]
+            )
         return float((got - want).abs().max() / want.abs().max())
 
 
@@ -340,8 +397,9 @@ def sampling_batch(config, seq_len: int, free_bytes: int, kv: bool = False) -> i
     return max(16, min(4096, 1 << max(0, fit.bit_length() - 1)))
 
 
-def training_tokens(model, tokenizer, calib: str, seq_len: int, *, device: str, seed: int,
-                    progress: bool = True) -> tuple[torch.Tensor, str]:
+def training_tokens(
+    model, tokenizer, calib: str, seq_len: int, *, device: str, seed: int, progress: bool = True
+) -> tuple[torch.Tensor, str]:
     """Token ids of every --calib source, concatenated (EOS between sources), and a description."""
     sources = parse_calib(calib)
     texts = [calibration_tokens(tokenizer, name) for name, n in sources if n is None]
@@ -356,18 +414,23 @@ def training_tokens(model, tokenizer, calib: str, seq_len: int, *, device: str, 
             ids, source = next(it)
         else:
             if s.prompt and not texts:
-                raise SlimEdgeError(f"--calib {calib!r}: prompt={s.prompt} opens the samples with text, but "
-                                    f"there is no text source; add one (e.g. wiki,teacher:2M:prompt=16)")
-            ids, dropped = cached_samples(model, tokenizer, s, seq_len, starts, device=device, seed=seed + k,
-                                          progress=progress)
+                raise SlimEdgeError(
+                    f"--calib {calib!r}: prompt={s.prompt} opens the samples with text, but "
+                    f"there is no text source; add one (e.g. wiki,teacher:2M:prompt=16)"
+                )
+            ids, dropped = cached_samples(
+                model, tokenizer, s, seq_len, starts, device=device, seed=seed + k, progress=progress
+            )
             plain = Sampling(s.tokens, batch=s.batch, cache=s.cache)
             how = "" if s == plain else f", temp {s.temperature:g}, top-p {s.top_p:g}"
             how += f", {s.prompt}-token text prompts" if s.prompt else ""
             how += f", {s.batch} at once" if s.batch else ""
             source = f"{len(ids):,} tokens sampled from the FP model (seed {seed + k}{how})"
             if dropped:
-                source += (f"; {dropped} of {dropped + len(ids) // seq_len} sequences dropped, sharing a "
-                           f"{DEDUP_NGRAM}-token span with {_against()}")
+                source += (
+                    f"; {dropped} of {dropped + len(ids) // seq_len} sequences dropped, sharing a "
+                    f"{DEDUP_NGRAM}-token span with {_against()}"
+                )
         parts.append(ids)
         names.append(source)
     eos = tokenizer.eos_token_id
@@ -397,14 +460,16 @@ def ngram_keys(ids: torch.Tensor, n: int = DEDUP_NGRAM) -> torch.Tensor:
     return h1 * (1 << 31) + h2
 
 
-def drop_overlapping(seqs: torch.Tensor, banned: torch.Tensor, n: int = DEDUP_NGRAM,
-                     chunk: int = 1024) -> tuple[torch.Tensor, int]:
+def drop_overlapping(
+    seqs: torch.Tensor, banned: torch.Tensor, n: int = DEDUP_NGRAM, chunk: int = 1024
+) -> tuple[torch.Tensor, int]:
     """The rows of `seqs` ([rows, length]) that share no n-token window with the text whose ngram_keys are
     `banned`, and how many rows were dropped."""
     if not len(banned) or not len(seqs):
         return seqs, 0
-    hit = torch.cat([torch.isin(ngram_keys(seqs[i:i + chunk], n), banned).any(-1)
-                     for i in range(0, len(seqs), chunk)])
+    hit = torch.cat(
+        [torch.isin(ngram_keys(seqs[i : i + chunk], n), banned).any(-1) for i in range(0, len(seqs), chunk)]
+    )
     return seqs[~hit], int(hit.sum())
 
 
@@ -418,6 +483,7 @@ def eval_ngram_keys(tokenizer) -> torch.Tensor | None:
     if name not in _EVAL_KEYS:
         from .corpora import get_text
         from .memory import tokenize_in_pieces
+
         keys = []
         try:
             for corpus, split in DEDUP_AGAINST:
@@ -426,8 +492,11 @@ def eval_ngram_keys(tokenizer) -> torch.Tensor | None:
                 keys.append(ngram_keys(torch.from_numpy(ids.astype("int64"))).flatten())
             _EVAL_KEYS[name] = torch.unique(torch.cat(keys))
         except SlimEdgeError as e:
-            print(f"slim-edge: warning: the teacher's samples are not checked against {_against()} (not kept in "
-                  f"the cache either): {e}", file=sys.stderr)
+            print(
+                f"slim-edge: warning: the teacher's samples are not checked against {_against()} (not kept in "
+                f"the cache either): {e}",
+                file=sys.stderr,
+            )
             return None
     return _EVAL_KEYS[name]
 
@@ -437,8 +506,14 @@ def samples_key(model, s: Sampling, seq_len: int, starts: torch.Tensor, *, devic
     sum of every tensor), the opening text, the sampling options, seed, sequence length, device kind (CUDA's
     generator draws differently from the CPU's), the deduplication rule and SAMPLES_VERSION."""
     h = hashlib.sha256()
-    what = {"version": SAMPLES_VERSION, **asdict(s), "seq_len": seq_len, "seed": seed,
-            "device": device.split(":")[0], "dedup": [DEDUP_NGRAM, DEDUP_AGAINST]}
+    what = {
+        "version": SAMPLES_VERSION,
+        **asdict(s),
+        "seq_len": seq_len,
+        "seed": seed,
+        "device": device.split(":")[0],
+        "dedup": [DEDUP_NGRAM, DEDUP_AGAINST],
+    }
     what.pop("cache")
     h.update(json.dumps(what, sort_keys=True).encode())
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -456,18 +531,24 @@ def samples_dir() -> Path:
     if where:
         path = Path(where).expanduser()
         if path.exists() and not path.is_dir():
-            raise SlimEdgeError(f"SLIM_EDGE_SAMPLES={path} is a file, not a folder; point it at a folder (or unset "
-                                f"it for samples/ under the cache)")
+            raise SlimEdgeError(
+                f"SLIM_EDGE_SAMPLES={path} is a file, not a folder; point it at a folder (or unset "
+                f"it for samples/ under the cache)"
+            )
         return path
     return cache_dir("samples")
 
 
-def cached_samples(model, tokenizer, s: Sampling, seq_len: int, starts: torch.Tensor, *, device: str, seed: int,
-                   progress: bool = True) -> tuple[torch.Tensor, int]:
+def cached_samples(
+    model, tokenizer, s: Sampling, seq_len: int, starts: torch.Tensor, *, device: str, seed: int, progress: bool = True
+) -> tuple[torch.Tensor, int]:
     """teacher_tokens' draw for `s`, without the sequences that overlap an evaluation text, and how many were
     dropped; read from the samples cache when the same draw was made before (s.cache), else drawn and kept."""
-    path = samples_dir() / (samples_key(model, s, seq_len, starts, device=device, seed=seed)[:32] + ".pt") \
-        if s.cache else None
+    path = (
+        samples_dir() / (samples_key(model, s, seq_len, starts, device=device, seed=seed)[:32] + ".pt")
+        if s.cache
+        else None
+    )
     if path is not None and path.is_file():
         try:
             blob = torch.load(path, weights_only=True)
@@ -475,14 +556,27 @@ def cached_samples(model, tokenizer, s: Sampling, seq_len: int, starts: torch.Te
             return blob["ids"].to(torch.int64), int(blob["dropped"])
         except Exception as e:  # a damaged cache file is sampled anew and replaced
             print(f"slim-edge: warning: cannot read {path} ({e}); sampling anew", file=sys.stderr)
-    ids = teacher_tokens(model, s.tokens, seq_len, starts, device=device, seed=seed, batch=s.batch,
-                         progress=progress, temperature=s.temperature, top_p=s.top_p, prompt=s.prompt)
+    ids = teacher_tokens(
+        model,
+        s.tokens,
+        seq_len,
+        starts,
+        device=device,
+        seed=seed,
+        batch=s.batch,
+        progress=progress,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        prompt=s.prompt,
+    )
     banned = eval_ngram_keys(tokenizer)
     seqs, dropped = drop_overlapping(ids.view(-1, seq_len), banned if banned is not None else ids[:0])
     if not len(seqs):
-        raise SlimEdgeError(f"all {dropped} sequences sampled from the FP model share a {DEDUP_NGRAM}-token span "
-                            f"with {_against()}: the text that opens them (prompt={s.prompt}) is evaluation "
-                            f"text; give other --calib text")
+        raise SlimEdgeError(
+            f"all {dropped} sequences sampled from the FP model share a {DEDUP_NGRAM}-token span "
+            f"with {_against()}: the text that opens them (prompt={s.prompt}) is evaluation "
+            f"text; give other --calib text"
+        )
     ids = seqs.flatten()
     if path is not None and banned is not None:
         small = torch.int32 if model.config.vocab_size < 2**31 else torch.int64

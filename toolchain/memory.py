@@ -1,6 +1,7 @@
 """Sizes checked before anything is allocated: a model's config.json against the RAM there is, so that a
 hostile or mistyped config (hidden_size 2^20) is one message, not an allocation that takes the machine down;
 and text tokenized in pieces, so that a 100 MB corpus does not need gigabytes in one tokenizer call."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ def check_model_config(folder: Path, copies: int = 1, ram: int | None = None) ->
     except (OSError, ValueError) as e:
         raise SlimEdgeError(f"cannot read {path} ({e}); pass a Hugging Face model folder") from None
     if not isinstance(config, dict):
-        raise SlimEdgeError(f"{path} holds a JSON {type(config).__name__}, not a model config; pass a Hugging "
-                            f"Face model folder")
+        raise SlimEdgeError(
+            f"{path} holds a JSON {type(config).__name__}, not a model config; pass a Hugging Face model folder"
+        )
     for k in SIZE_KEYS:
         value = config.get(k)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -57,9 +59,11 @@ def check_model_config(folder: Path, copies: int = 1, ram: int | None = None) ->
     ram = available_ram() if ram is None else ram
     need = 4 * params * copies
     if ram is not None and need > ram:
-        raise SlimEdgeError(f"{path}: a model of {params / 1e9:.3g} G weights needs {need / 2**30:.1f} GiB in "
-                            f"float32 ({copies} cop{'y' if copies == 1 else 'ies'}), {ram / 2**30:.1f} GiB of RAM "
-                            f"is available; check hidden_size/vocab_size or use a machine with more memory")
+        raise SlimEdgeError(
+            f"{path}: a model of {params / 1e9:.3g} G weights needs {need / 2**30:.1f} GiB in "
+            f"float32 ({copies} cop{'y' if copies == 1 else 'ies'}), {ram / 2**30:.1f} GiB of RAM "
+            f"is available; check hidden_size/vocab_size or use a machine with more memory"
+        )
     return params
 
 

@@ -20,6 +20,7 @@ decoder layer's input (the fp32 residual stream, 4h) and, in the backward, the t
 being recomputed. Per weight of a quantized linear autograd keeps its int8 grid values and the weight F.linear
 multiplies (bf16 under autocast, the fp32 fake-quantized weight otherwise).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,8 +67,16 @@ def _shape(cfg: dict) -> dict:
     kv = (cfg.get("num_key_value_heads") or heads) * hd
     f, layers, vocab = cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     layer = 2 * h * heads * hd + 2 * h * kv + 3 * h * f  # the quantized linears of one decoder layer
-    return dict(h=h, heads=heads, kv=kv, f=f, layers=layers, vocab=vocab, layer=layer,
-                params=config_params(cfg) + (2 * layers + 1) * h)
+    return dict(
+        h=h,
+        heads=heads,
+        kv=kv,
+        f=f,
+        layers=layers,
+        vocab=vocab,
+        layer=layer,
+        params=config_params(cfg) + (2 * layers + 1) * h,
+    )
 
 
 def layer_activation_bytes(cfg: dict, autocast: bool) -> int:
@@ -89,9 +98,19 @@ def activation_bytes(cfg: dict, autocast: bool, checkpointing: bool = False) -> 
     return s["layers"] * layer + 4 * s["h"]
 
 
-def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None = None, *, device: str = "cuda",
-                world: int = 1, shard: str | None = None, compiled: bool | None = None,
-                teacher_copy: int | None = None, reference_loss: bool = False) -> MemoryPlan:
+def plan_memory(
+    cfg: dict,
+    config,
+    batch: int | None = None,
+    seq_len: int | None = None,
+    *,
+    device: str = "cuda",
+    world: int = 1,
+    shard: str | None = None,
+    compiled: bool | None = None,
+    teacher_copy: int | None = None,
+    reference_loss: bool = False,
+) -> MemoryPlan:
     """Per-device bytes of a QAT run of `config` (a QuantConfig) on a model of config.json `cfg`.
 
     device: "cuda" (bf16 autocast, a bf16 copy of the teacher) or "cpu" (fp32). shard: None (one process), "ddp"
@@ -125,8 +144,9 @@ def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None
     c = {
         "teacher fp32 (evaluations)": 4 * s["params"],
         "teacher copy (QAT forward)": teacher_copy * s["params"] // (n if teacher_sharded else 1),
-        "FSDP gathered teacher weights": (teacher_copy * (FSDP_GATHERED_LAYERS * s["layer"] + emb)
-                                          if teacher_sharded else 0),
+        "FSDP gathered teacher weights": (
+            teacher_copy * (FSDP_GATHERED_LAYERS * s["layer"] + emb) if teacher_sharded else 0
+        ),
         "student latent fp32": 4 * s["params"] // n,
         "block scales fp32": 4 * (scales + emb_scales) // n,
         "embedding codes (cached)": 5 * emb if emb_block else 0,
@@ -135,10 +155,11 @@ def plan_memory(cfg: dict, config, batch: int | None = None, seq_len: int | None
         "DDP gradient buckets": 4 * trained if shard == "ddp" else 0,
         "FSDP gathered weights": gathered * (FSDP_GATHERED_LAYERS * s["layer"] + emb) if shard == "fsdp" else 0,
         # checkpointed, a layer's grid values and multiplied weights are kept only while it is recomputed
-        "saved per weight": ((1 + (2 if cuda else 4)) * saved_quant + 4 * saved_quant // block
-                             + (2 * emb if cuda and emb_block else 0)),
-        ("activations (checkpointed: layer inputs + one layer)" if checkpointing else "activations"):
-            tokens * activation_bytes(cfg, autocast=cuda, checkpointing=checkpointing),
+        "saved per weight": (
+            (1 + (2 if cuda else 4)) * saved_quant + 4 * saved_quant // block + (2 * emb if cuda and emb_block else 0)
+        ),
+        ("activations (checkpointed: layer inputs + one layer)" if checkpointing else "activations"): tokens
+        * activation_bytes(cfg, autocast=cuda, checkpointing=checkpointing),
     }
     teacher_logits = config.distill != "none"
     if reference_loss:
@@ -183,8 +204,16 @@ def choose_shard(cfg: dict, config, world: int, available: int, device: str) -> 
     return "ddp"
 
 
-def check_fits(cfg: dict, config, available: int, *, device: str, world: int = 1, shard: str | None = None,
-               ranks: tuple[int, ...] = (2, 4, 8)) -> MemoryPlan:
+def check_fits(
+    cfg: dict,
+    config,
+    available: int,
+    *,
+    device: str,
+    world: int = 1,
+    shard: str | None = None,
+    ranks: tuple[int, ...] = (2, 4, 8),
+) -> MemoryPlan:
     """The plan; refused (SlimEdgeError) when its total exceeds `available`, naming what would fit."""
     plan = plan_memory(cfg, config, device=device, world=world, shard=shard)
     if plan.total <= available:
@@ -197,8 +226,10 @@ def check_fits(cfg: dict, config, available: int, *, device: str, world: int = 1
         g = config.global_batch(world)
         same = next((k for k in range(b, 0, -1) if g % (k * world) == 0), 1)
         need = plan_memory(cfg, config, batch=same, device=device, world=world, shard=shard).total
-        remedies.append(f"--batch-size {same} --global-batch-size {g} (the same {g}-sequence step in "
-                        f"{g // (same * world)} accumulated passes, {need / GIB:.2f} GiB)")
+        remedies.append(
+            f"--batch-size {same} --global-batch-size {g} (the same {g}-sequence step in "
+            f"{g // (same * world)} accumulated passes, {need / GIB:.2f} GiB)"
+        )
     if world > 1 and shard != "fsdp":
         need = plan_memory(cfg, config, device=device, world=world, shard="fsdp").total
         if need <= available:
@@ -213,8 +244,11 @@ def check_fits(cfg: dict, config, available: int, *, device: str, world: int = 1
     raise SlimEdgeError(
         f"the run needs about {plan.total / GIB:.2f} GiB {'per GPU' if what == 'GPU' else 'of RAM'} at --batch-size "
         f"{config.batch_size} x --seq-len {config.seq_len}, and {available / GIB:.2f} GiB of {what} is free on "
-        f"{device}; " + (f"pass {' or '.join(remedies)}" if remedies else "use a larger device or a smaller --seq-len")
-        + " (or --no-memory-check to try anyway)\n" + format_memory_plan(plan, available))
+        f"{device}; "
+        + (f"pass {' or '.join(remedies)}" if remedies else "use a larger device or a smaller --seq-len")
+        + " (or --no-memory-check to try anyway)\n"
+        + format_memory_plan(plan, available)
+    )
 
 
 LIMIT_ENV = "SLIM_EDGE_MEMORY_LIMIT_GIB"  # pretend the device has this much free (tests; a GPU shared with others)

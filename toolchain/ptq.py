@@ -14,6 +14,7 @@ Every value is what the QuantLinear forward computes: `grid_values(latent / fp16
 the compensated weight just before its rounding; Sherry's 3:4 quad decides its zero (smallest |w|) when the
 quad's first column is reached, from the current compensated weights of the whole quad.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,12 +66,14 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
         if int(info) == 0:
             return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
         damp *= 10
-    raise SlimEdgeError(f"GPTQ: the calibration Hessian stays singular with damping {damp:.3g}; "
-                        f"use more --ptq-samples or --ptq rtn")
+    raise SlimEdgeError(
+        f"GPTQ: the calibration Hessian stays singular with damping {damp:.3g}; use more --ptq-samples or --ptq rtn"
+    )
 
 
-def weighted_scale(wb: torch.Tensor, s: torch.Tensor, fmt: Format, mode: str, quads=None,
-                   n_grid: int = 24) -> torch.Tensor:
+def weighted_scale(
+    wb: torch.Tensor, s: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int = 24
+) -> torch.Tensor:
     """`init_scale`'s search (d = c * absmax / top, then a least-squares refit) for one block wb [rows, block],
     each column's squared error weighted by s [block]: GPTQ's cost of an error in column j once the columns
     after it compensate, 1 / [H^-1]_jj. Equal weights give init_scale's scale."""
@@ -99,9 +102,17 @@ def weighted_scale(wb: torch.Tensor, s: torch.Tensor, fmt: Format, mode: str, qu
 
 
 @torch.no_grad()
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quads: torch.Tensor | None = None,
-                  percdamp: float = PERCDAMP, lazy: int = LAZY_BATCH, weighted: bool | None = None,
-                  zero_rule: str | None = None):
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    fmt: Format,
+    mode: str,
+    quads: torch.Tensor | None = None,
+    percdamp: float = PERCDAMP,
+    lazy: int = LAZY_BATCH,
+    weighted: bool | None = None,
+    zero_rule: str | None = None,
+):
     """GPTQ rounding of w [rows, k] on the grid of (fmt, mode) with Hessian h [k, k].
 
     Returns (latent [rows, k] float32, scale [rows, k // block] fp16-exact float32, values [rows, k]):
@@ -135,9 +146,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quad
             col = i1 + j
             p = col % bs  # position inside the block
             if p == 0:
-                blk = WT[col:col + bs].T
-                d = _fp16(weighted_scale(blk, 1.0 / U[col:col + bs, col:col + bs].diagonal() ** 2, fmt, mode, quads)
-                          if weighted else init_scale(blk, fmt, mode, quads)[:, 0])
+                blk = WT[col : col + bs].T
+                d = _fp16(
+                    weighted_scale(blk, 1.0 / U[col : col + bs, col : col + bs].diagonal() ** 2, fmt, mode, quads)
+                    if weighted
+                    else init_scale(blk, fmt, mode, quads)[:, 0]
+                )
                 scale[:, col // bs] = d
                 if sherry:
                     is_zero.zero_()
@@ -157,7 +171,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: Format, mode: str, quad
             else:
                 v = grid_values(z[:, None, None], fmt, mode, None)[:, 0, 0]
             e = (wj - v * d) / U1[j, j]
-            W1[j + 1:].addr_(U1[j, j + 1:], e, alpha=-1.0)
+            W1[j + 1 :].addr_(U1[j, j + 1 :], e, alpha=-1.0)
             err[j] = e
             latent[col], values[col] = wj, v
         WT[i2:] -= U[i1:i2, i2:].T @ err
@@ -208,9 +222,11 @@ def _input_groups(layer, x, kwargs) -> list[list[tuple[str, QuantLinear]]]:
     handles = []
     for name, m in layer.named_modules():
         if isinstance(m, QuantLinear):
+
             def hook(mod, args, name=name):
                 keep.append(args[0])
                 seen.setdefault(id(args[0]), []).append((name, mod))
+
             handles.append(m.register_forward_pre_hook(hook))
     try:
         _layer_out(layer, x, kwargs)
@@ -262,14 +278,17 @@ def calibration_batches(config: QuantConfig) -> int:
 def summary_line(rows: list[dict], seconds: float, config: QuantConfig) -> str:
     n = max(len(rows), 1)
     rtn, gptq = (sum(r[k] for r in rows) / n for k in ("rel_err_rtn", "rel_err_gptq"))
-    return (f"slim-edge: GPTQ on {len(rows)} linears ({calibration_batches(config) * config.batch_size} x "
-            f"{config.seq_len} tokens): mean relative output error RTN {rtn:.4f} -> GPTQ {gptq:.4f}, "
-            f"{sum(r['fallback'] for r in rows):,} weights set to v*d ({seconds:.0f} s)")
+    return (
+        f"slim-edge: GPTQ on {len(rows)} linears ({calibration_batches(config) * config.batch_size} x "
+        f"{config.seq_len} tokens): mean relative output error RTN {rtn:.4f} -> GPTQ {gptq:.4f}, "
+        f"{sum(r['fallback'] for r in rows):,} weights set to v*d ({seconds:.0f} s)"
+    )
 
 
 @torch.no_grad()
-def gptq_(student, ids: torch.Tensor, config: QuantConfig, device: str = "cpu", progress: bool = True,
-          log=None) -> list[dict]:
+def gptq_(
+    student, ids: torch.Tensor, config: QuantConfig, device: str = "cpu", progress: bool = True, log=None
+) -> list[dict]:
     """Rewrite every QuantLinear in the decoder layers of a `quantize_`d student with GPTQ rounding, in place.
 
     Calibration: config.ptq_samples sequences of config.seq_len tokens of `ids`. Returns one row per linear:
@@ -279,14 +298,15 @@ def gptq_(student, ids: torch.Tensor, config: QuantConfig, device: str = "cpu", 
     try:
         layers = decoder_layers(student)
     except SlimEdgeError:
-        raise SlimEdgeError(f"--ptq gptq needs a decoder with model.layers (Llama-like); "
-                            f"{type(student).__name__} has none: use --ptq rtn") from None
+        raise SlimEdgeError(
+            f"--ptq gptq needs a decoder with model.layers (Llama-like); "
+            f"{type(student).__name__} has none: use --ptq rtn"
+        ) from None
     n_batches = calibration_batches(config)
     stream = _batches(ids, config.batch_size, config.seq_len, np.random.default_rng(config.seed + 2))
     xs, kwargs = _layer_inputs(student, [next(stream)[0] for _ in range(n_batches)], device)
     rows = []
-    bar = tqdm(total=len(layers), disable=not progress, unit="layer", file=sys.stderr, dynamic_ncols=True,
-               desc="gptq")
+    bar = tqdm(total=len(layers), disable=not progress, unit="layer", file=sys.stderr, dynamic_ncols=True, desc="gptq")
     try:
         with frozen_quantized(student):  # each layer's forwards reuse its quantized weights until GPTQ sets them
             _gptq_layers(layers, xs, kwargs, rows, bar, log)
@@ -309,8 +329,14 @@ def _gptq_layers(layers, xs, kwargs, rows: list[dict], bar, log) -> None:
                 sizes = [len(w) for w in ws]
                 seconds = round(time.perf_counter() - t0, 2)
                 for (name, m), w, e, parts in zip(mods, ws, rtn, zip(*(t.split(sizes) for t in out))):
-                    row = {"layer": i, "name": name, "format": m.fmt.name, "rel_err_rtn": e,
-                           "fallback": set_quantized(m, *parts), "seconds": seconds}
+                    row = {
+                        "layer": i,
+                        "name": name,
+                        "format": m.fmt.name,
+                        "rel_err_rtn": e,
+                        "fallback": set_quantized(m, *parts),
+                        "seconds": seconds,
+                    }
                     row["rel_err_gptq"] = rel_output_error(w, m.quantized().detach(), h)
                     rows.append(row)
                     if log is not None:

@@ -13,6 +13,7 @@ A weight that Sherry's 3:4 rule zeroes is never clipped (its value comes from th
 `grad_scale` multiplies the scale gradient (LSQ's 1 / sqrt(block_size * hi); Adam cancels a constant factor,
 so it only matters for optimizers that do not normalise).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ from .formats.stq1_0 import quad_layout
 from .runtime_patches.runtime_sim import fake_activation, host_rounding, vec_dot_types
 
 FP16_MAX = 65504.0
-FP16_TINY = 2.0 ** -24
+FP16_TINY = 2.0**-24
 
 
 # a scheme's values (Scheme.values) other than "grid" (every level of the format): the rule that takes the
@@ -114,6 +115,7 @@ def compiled(fn):
         return fn
     if fn not in _COMPILED:
         import torch._dynamo
+
         for knob in ("recompile_limit", "cache_size_limit"):  # one graph per (shape, grid): ~10 for a model
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
@@ -154,8 +156,16 @@ class _FakeQuant(torch.autograd.Function):
         return gw.to(w.dtype), gd.to(d.dtype), None, None, None, None, None, None, None
 
 
-def fake_quant(w: torch.Tensor, d: torch.Tensor, fmt: Format, mode: str, quads=None,
-               return_values: bool = False, ste_clipped: bool = False, grad_scale: float = 1.0):
+def fake_quant(
+    w: torch.Tensor,
+    d: torch.Tensor,
+    fmt: Format,
+    mode: str,
+    quads=None,
+    return_values: bool = False,
+    ste_clipped: bool = False,
+    grad_scale: float = 1.0,
+):
     lo, hi = grid_ends(fmt, mode)
     q, v = _FakeQuant.apply(w, d, fmt.block_size, grid_rule(fmt, mode), lo, hi, quads, ste_clipped, grad_scale)
     return (q, v) if return_values else q
@@ -183,8 +193,9 @@ def init_scale(w: torch.Tensor, fmt: Format, mode: str, quads=None, n_grid: int 
     v = grid_values(wb / best[..., None], fmt, mode, quads)
     num, den = (v * wb).sum(-1), (v * v).sum(-1)
     refit = torch.where(den > 0, num / den.clamp_min(1e-12), best)
-    err_refit = ((grid_values(wb / refit.clamp_min(FP16_TINY)[..., None], fmt, mode, quads)
-                  * refit[..., None] - wb) ** 2).sum(-1)
+    err_refit = (
+        (grid_values(wb / refit.clamp_min(FP16_TINY)[..., None], fmt, mode, quads) * refit[..., None] - wb) ** 2
+    ).sum(-1)
     return torch.where((refit > 0) & (err_refit <= best_err), refit, best).clamp_min(FP16_TINY)
 
 
@@ -219,8 +230,16 @@ def frozen_quantized(model: nn.Module):
 class QuantLinear(nn.Module):
     """nn.Linear whose weight trains on a format's grid; `arenas` is Sherry's residual weight λ_t."""
 
-    def __init__(self, linear: nn.Linear, fmt: str, mode: str, tequila_lambda: float = 0.0,
-                 act: str | None = None, ste_clipped: bool = False, lsq_grad: bool = False):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        fmt: str,
+        mode: str,
+        tequila_lambda: float = 0.0,
+        act: str | None = None,
+        ste_clipped: bool = False,
+        lsq_grad: bool = False,
+    ):
         super().__init__()
         self.ste_clipped = ste_clipped
         self.act = act  # None, or the runtime activation type its input is rounded to (round_activations)
@@ -237,8 +256,9 @@ class QuantLinear(nn.Module):
         self.arenas = 0.0
 
     def quantized(self, return_values: bool = False):
-        return fake_quant(self.weight, self.scale, self.fmt, self.mode, self.quads, return_values,
-                          self.ste_clipped, self.grad_scale)
+        return fake_quant(
+            self.weight, self.scale, self.fmt, self.mode, self.quads, return_values, self.ste_clipped, self.grad_scale
+        )
 
     def tequila_bias(self, values: torch.Tensor) -> torch.Tensor | None:
         if not self.tequila_lambda:
@@ -259,13 +279,23 @@ class QuantLinear(nn.Module):
         if self._qcache is None or torch.is_grad_enabled():
             wq, values = self.quantized(return_values=True)
             return wq, self.effective_bias(values)
-        key = (self.weight._version, self.scale._version, self.weight.data_ptr(), self.scale.data_ptr(),
-               self.tequila_lambda, self.bias._version if self.bias is not None else None)
+        key = (
+            self.weight._version,
+            self.scale._version,
+            self.weight.data_ptr(),
+            self.scale.data_ptr(),
+            self.tequila_lambda,
+            self.bias._version if self.bias is not None else None,
+        )
         if self._qcache.get("key") != key:
             wq, values = self.quantized(return_values=True)
             # the storages are held so that their addresses, part of the key, cannot be reused meanwhile
-            self._qcache.update(key=key, w=wq, b=self.effective_bias(values),
-                                keep=(self.weight.untyped_storage(), self.scale.untyped_storage()))
+            self._qcache.update(
+                key=key,
+                w=wq,
+                b=self.effective_bias(values),
+                keep=(self.weight.untyped_storage(), self.scale.untyped_storage()),
+            )
         return self._qcache["w"], self._qcache["b"]
 
     def forward(self, x):
@@ -290,11 +320,13 @@ class QuantLinear(nn.Module):
         return out
 
     def extra_repr(self):
-        return (f"{self.in_features}, {self.out_features}, format={self.fmt.name}, mode={self.mode}"
-                + (f", act={self.act}" if self.act else ""))
+        return f"{self.in_features}, {self.out_features}, format={self.fmt.name}, mode={self.mode}" + (
+            f", act={self.act}" if self.act else ""
+        )
 
 
 # --- the token embedding and the tied output head ------------------------------------------------------
+
 
 def embedding_scale(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Block scales of an embedding: q8_0 takes its reference's absmax / 127 (what the converter and
@@ -323,8 +355,10 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
         self.padding_idx = embedding.padding_idx
         if self.embedding_dim % self.fmt.block_size:
-            raise SlimEdgeError(f"--embedding-type {fmt}: the embedding's row length {self.embedding_dim} is not a "
-                                f"multiple of {fmt}'s block {self.fmt.block_size}; use --embedding-type f16")
+            raise SlimEdgeError(
+                f"--embedding-type {fmt}: the embedding's row length {self.embedding_dim} is not a "
+                f"multiple of {fmt}'s block {self.fmt.block_size}; use --embedding-type f16"
+            )
         self.weight = nn.Parameter(embedding.weight.detach().clone().float(), requires_grad=False)
         self.scale = nn.Parameter(embedding_scale(self.weight, self.fmt), requires_grad=False)
         self._cache = None
@@ -388,8 +422,10 @@ def quantize_embedding_(model: nn.Module, fmt: str) -> str:
     head is left alone); returns the embedding's module name."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not isinstance(emb, nn.Embedding):
-        raise SlimEdgeError(f"--embedding-type {fmt}: the input embedding is a {type(emb).__name__}, not an "
-                            f"nn.Embedding; use --embedding-type f16")
+        raise SlimEdgeError(
+            f"--embedding-type {fmt}: the input embedding is a {type(emb).__name__}, not an "
+            f"nn.Embedding; use --embedding-type f16"
+        )
     q = QuantEmbedding(emb, fmt).to(emb.weight.device)
     tied = isinstance(head, nn.Linear) and head.weight is emb.weight and head.bias is None
     model.set_input_embeddings(q)

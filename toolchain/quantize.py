@@ -3,6 +3,7 @@
 The plan is decided before training: each weight trains on the exact grid it will be exported in.
 A row length that no format of the scheme divides keeps the tensor in f16, and the plan says so.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,30 +89,41 @@ class QuantConfig:
             fmt = get_format(self.target)
             allowed = scheme.targets()
             if fmt.name not in allowed:
-                raise SlimEdgeError(f"--target {fmt.name} cannot hold scheme {scheme.name}'s values; "
-                                    f"choose one of: {', '.join(allowed)}")
+                raise SlimEdgeError(
+                    f"--target {fmt.name} cannot hold scheme {scheme.name}'s values; "
+                    f"choose one of: {', '.join(allowed)}"
+                )
         for name, low in (("batch_size", 1), ("seq_len", 2), ("steps", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise SlimEdgeError(f"--{name.replace('_', '-')} {value!r}: it must be an integer of at least {low}")
         if not isinstance(self.global_batch_size, int) or self.global_batch_size < 0:
-            raise SlimEdgeError(f"--global-batch-size {self.global_batch_size!r}: it must be a whole number of "
-                                f"sequences (0: --batch-size x ranks, no accumulation)")
+            raise SlimEdgeError(
+                f"--global-batch-size {self.global_batch_size!r}: it must be a whole number of "
+                f"sequences (0: --batch-size x ranks, no accumulation)"
+            )
         if self.global_batch_size and self.global_batch_size % self.batch_size:
-            raise SlimEdgeError(f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size "
-                                f"{self.batch_size}: pass a multiple of it, e.g. "
-                                f"{max(1, round(self.global_batch_size / self.batch_size)) * self.batch_size}")
+            raise SlimEdgeError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size "
+                f"{self.batch_size}: pass a multiple of it, e.g. "
+                f"{max(1, round(self.global_batch_size / self.batch_size)) * self.batch_size}"
+            )
         for name, strict in (("lr", True), ("scale_lr", False), ("arenas_lambda", False), ("tequila_lambda", False)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (strict and value == 0):
-                raise SlimEdgeError(f"--{name.replace('_', '-')} {value!r}: it must be a finite number "
-                                    f"{'> 0' if strict else '>= 0'}")
+                raise SlimEdgeError(
+                    f"--{name.replace('_', '-')} {value!r}: it must be a finite number {'> 0' if strict else '>= 0'}"
+                )
         if not 0 <= self.arenas_warmup <= 1 or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise SlimEdgeError(f"arenas_warmup {self.arenas_warmup!r} / warmup {self.warmup!r}: need a fraction "
-                                f"in [0, 1] and a whole number of steps >= 0")
+            raise SlimEdgeError(
+                f"arenas_warmup {self.arenas_warmup!r} / warmup {self.warmup!r}: need a fraction "
+                f"in [0, 1] and a whole number of steps >= 0"
+            )
         if self.block_steps < 0 or self.block_samples < 1:
-            raise SlimEdgeError(f"--block-steps {self.block_steps} / --block-samples {self.block_samples}: "
-                                f"need block steps >= 0 and at least one sample")
+            raise SlimEdgeError(
+                f"--block-steps {self.block_steps} / --block-samples {self.block_samples}: "
+                f"need block steps >= 0 and at least one sample"
+            )
         if self.ptq not in ("rtn", "gptq"):
             raise SlimEdgeError(f"--ptq {self.ptq!r}: choose rtn (round to nearest) or gptq (error-compensating)")
         if self.ptq_samples < 1:
@@ -121,19 +133,25 @@ class QuantConfig:
         if self.distill not in ("cakld", "kl", "none"):
             raise SlimEdgeError(f"--distill {self.distill!r}: choose cakld, kl or none")
         if self.ce_weight < 0 or (self.distill == "none" and self.ce_weight == 0):
-            raise SlimEdgeError(f"--ce-weight {self.ce_weight} with --distill {self.distill}: the weight of the "
-                                f"cross-entropy must be >= 0, and > 0 without distillation (the loss would be empty)")
+            raise SlimEdgeError(
+                f"--ce-weight {self.ce_weight} with --distill {self.distill}: the weight of the "
+                f"cross-entropy must be >= 0, and > 0 without distillation (the loss would be empty)"
+            )
         if self.shard not in SHARDS:
-            raise SlimEdgeError(f"--shard {self.shard!r}: choose one of {', '.join(SHARDS)} "
-                                f"(auto = ddp or fsdp by what fits)")
+            raise SlimEdgeError(
+                f"--shard {self.shard!r}: choose one of {', '.join(SHARDS)} (auto = ddp or fsdp by what fits)"
+            )
         if self.fsdp_precision not in FSDP_PRECISIONS:
             raise SlimEdgeError(f"--fsdp-precision {self.fsdp_precision!r}: choose one of {', '.join(FSDP_PRECISIONS)}")
         if self.embedding_type not in embedding_types():
-            raise SlimEdgeError(f"--embedding-type {self.embedding_type!r}: choose one of "
-                                f"{', '.join(embedding_types())}")
+            raise SlimEdgeError(
+                f"--embedding-type {self.embedding_type!r}: choose one of {', '.join(embedding_types())}"
+            )
         if self.bits is not None and not 0 < self.bits <= MAX_BITS:
-            raise SlimEdgeError(f"--bits {self.bits}: the budget must lie between the scheme's own bits per weight "
-                                f"and {MAX_BITS} (everything in {PROMOTED})")
+            raise SlimEdgeError(
+                f"--bits {self.bits}: the budget must lie between the scheme's own bits per weight "
+                f"and {MAX_BITS} (everything in {PROMOTED})"
+            )
         self.keep = tuple(self.keep)
 
     def accumulation(self, ranks: int = 1) -> int:
@@ -143,9 +161,11 @@ class QuantConfig:
             return 1
         if self.global_batch_size % per_pass:
             lo = max(1, self.global_batch_size // per_pass) * per_pass
-            raise SlimEdgeError(f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size "
-                                f"{self.batch_size} x {ranks} rank{'s' if ranks > 1 else ''} = {per_pass}: pass "
-                                f"{lo} or {lo + per_pass}")
+            raise SlimEdgeError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size "
+                f"{self.batch_size} x {ranks} rank{'s' if ranks > 1 else ''} = {per_pass}: pass "
+                f"{lo} or {lo + per_pass}"
+            )
         return self.global_batch_size // per_pass
 
     def global_batch(self, ranks: int = 1) -> int:
@@ -174,8 +194,10 @@ class QuantConfig:
     def from_json(cls, data: dict) -> QuantConfig:
         version = data.get("version")
         if version != CONFIG_VERSION:
-            raise SlimEdgeError(f"quantization config version {version!r} is not supported "
-                                f"(this slim-edge reads version {CONFIG_VERSION}); re-run slim-edge quantize")
+            raise SlimEdgeError(
+                f"quantization config version {version!r} is not supported "
+                f"(this slim-edge reads version {CONFIG_VERSION}); re-run slim-edge quantize"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         data = {"embedding_type": "f16", **data}  # checkpoints before embedding_type kept it in float
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -198,12 +220,17 @@ class PlanEntry:
         return get_format(self.format).type_id
 
     def to_json(self):
-        return {**dataclasses.asdict(self), "shape": list(self.shape), "type_id": self.type_id,
-                "bpw": round(self.bits_per_weight, 4)}
+        return {
+            **dataclasses.asdict(self),
+            "shape": list(self.shape),
+            "type_id": self.type_id,
+            "bpw": round(self.bits_per_weight, 4),
+        }
 
 
-def make_plan(model: nn.Module, config: QuantConfig,
-              overrides: dict[str, tuple[str, str]] | None = None) -> list[PlanEntry]:
+def make_plan(
+    model: nn.Module, config: QuantConfig, overrides: dict[str, tuple[str, str]] | None = None
+) -> list[PlanEntry]:
     """One entry per linear layer; `overrides` maps a module name to (format, reason), e.g. the tensors that
     the bit budget promotes to q4_0 (budget.py). A format outside the scheme's trains on its full grid."""
     scheme = get_scheme(config.scheme)
@@ -221,19 +248,28 @@ def make_plan(model: nn.Module, config: QuantConfig,
             continue
         for i, fname in enumerate(config.formats):
             if mod.in_features % get_format(fname).block_size == 0:
-                reason = "" if i == 0 else (f"row length {mod.in_features} is not a multiple of "
-                                            f"{config.formats[0]}'s block {get_format(config.formats[0]).block_size}")
+                reason = (
+                    ""
+                    if i == 0
+                    else (
+                        f"row length {mod.in_features} is not a multiple of "
+                        f"{config.formats[0]}'s block {get_format(config.formats[0]).block_size}"
+                    )
+                )
                 plan.append(PlanEntry(name, shape, fname, scheme.values, reason))
                 break
         else:
-            plan.append(PlanEntry(name, shape, "f16", "keep",
-                                  f"no {scheme.name} format divides row length {mod.in_features}"))
+            plan.append(
+                PlanEntry(name, shape, "f16", "keep", f"no {scheme.name} format divides row length {mod.in_features}")
+            )
     if not plan:
         raise SlimEdgeError("the model has no linear layers to quantize (after --keep); nothing to do")
     unknown = sorted(set(overrides) - {e.name for e in plan})
     if unknown:
-        raise SlimEdgeError(f"the plan's overrides name {unknown[:3]}, which are no quantized linear of this "
-                            f"model; plan with the model they were made for")
+        raise SlimEdgeError(
+            f"the plan's overrides name {unknown[:3]}, which are no quantized linear of this "
+            f"model; plan with the model they were made for"
+        )
     return plan
 
 
@@ -248,15 +284,21 @@ def quantize_(model: nn.Module, config: QuantConfig, plan: list[PlanEntry] | Non
         parent_name, _, child = entry.name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
-        q = QuantLinear(linear, entry.format, entry.mode,
-                        tequila_lambda=config.tequila_lambda if scheme.tequila and entry.mode == scheme.values else 0.0,
-                        act=activation_type(entry.type_id) if config.act_quant else None,
-                        ste_clipped=config.ste_clipped, lsq_grad=config.lsq_grad)
+        q = QuantLinear(
+            linear,
+            entry.format,
+            entry.mode,
+            tequila_lambda=config.tequila_lambda if scheme.tequila and entry.mode == scheme.values else 0.0,
+            act=activation_type(entry.type_id) if config.act_quant else None,
+            ste_clipped=config.ste_clipped,
+            lsq_grad=config.lsq_grad,
+        )
         setattr(parent, child, q.to(linear.weight.device))
     if config.embedding_type != "f16":
         quantize_embedding_(model, config.embedding_type)
     if config.runtime_attention:
         from .runtime_patches.runtime_sim import use_runtime_attention
+
         use_runtime_attention(model)
     return plan
 
@@ -267,24 +309,28 @@ def plan_summary(plan: list[PlanEntry], model: nn.Module | None = None) -> dict:
     by_format: dict[str, int] = {}
     for e in plan:
         by_format[e.format] = by_format.get(e.format, 0) + 1
-    return {"tensors": len(plan), "weights": n, "bits_per_weight": round(bits / max(n, 1), 4),
-            "by_format": by_format}
+    return {"tensors": len(plan), "weights": n, "bits_per_weight": round(bits / max(n, 1), 4), "by_format": by_format}
 
 
 def format_plan(plan: list[PlanEntry]) -> str:
     """A compact table: identical rows (same shape, format, reason) across layers are folded."""
     import re
+
     groups: dict[tuple, list[str]] = {}
     for e in plan:
         key = (re.sub(r"\.\d+\.", ".N.", e.name), e.shape, e.format, e.mode, e.reason)
         groups.setdefault(key, []).append(e.name)
     lines = [f"{'tensor':42} {'shape':>12} {'format':>7} {'bpw':>6} {'n':>4}  note"]
     for (name, shape, fmt, mode, reason), names in groups.items():
-        lines.append(f"{name:42} {shape[0]:>5}x{shape[1]:<6} {fmt:>7} {get_format(fmt).bits_per_weight:6.3f} "
-                     f"{len(names):>4}  {reason}")
+        lines.append(
+            f"{name:42} {shape[0]:>5}x{shape[1]:<6} {fmt:>7} {get_format(fmt).bits_per_weight:6.3f} "
+            f"{len(names):>4}  {reason}"
+        )
     s = plan_summary(plan)
-    lines.append(f"{s['tensors']} tensors, {s['weights'] / 1e6:.1f} M weights, "
-                 f"{s['bits_per_weight']:.3f} bits per weight in the quantized linears")
+    lines.append(
+        f"{s['tensors']} tensors, {s['weights'] / 1e6:.1f} M weights, "
+        f"{s['bits_per_weight']:.3f} bits per weight in the quantized linears"
+    )
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ conf = p_teacher(label); kd = conf * KL(student || teacher) + (1 - conf) * KL(te
 Sherry's Arenas weight λ_t ramps linearly 0 -> λ_max over the warm-up, then cosine-decays to 0 at
 the last step, so the final model has no residual branch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,13 +82,17 @@ def calib_file(calib: str) -> Path | None:
         return None
     kind = path_kind(path, "--calib")
     if kind != "a file":
-        raise SlimEdgeError(f"--calib {calib}: {'no such file' if kind is None else 'it is ' + kind}; pass a UTF-8 "
-                            f"text file or a built-in corpus name (wiki, lee, pydoc, pydocs)")
+        raise SlimEdgeError(
+            f"--calib {calib}: {'no such file' if kind is None else 'it is ' + kind}; pass a UTF-8 "
+            f"text file or a built-in corpus name (wiki, lee, pydoc, pydocs)"
+        )
     size = path.stat().st_size
     # an empty (or blank) file was refused only after the model had loaded, when it came to be tokenized
     if size == 0 or (size < 1 << 16 and not path.read_bytes().strip()):
-        raise SlimEdgeError(f"--calib {calib}: the file is empty ({size} bytes); pass a UTF-8 text file of at "
-                            f"least a few thousand tokens")
+        raise SlimEdgeError(
+            f"--calib {calib}: the file is empty ({size} bytes); pass a UTF-8 text file of at "
+            f"least a few thousand tokens"
+        )
     return path
 
 
@@ -102,10 +107,13 @@ def calibration_tokens(tokenizer, calib: str) -> tuple[torch.Tensor, str]:
         source = f"file {path}"
     else:
         from .corpora import get_text
+
         text, source = get_text(calib, split="train")
     from .memory import tokenize_in_pieces  # a 100 MB --calib file in one tokenizer call needs > 8 GB
-    ids = torch.from_numpy(tokenize_in_pieces(
-        lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], text).astype(np.int64))
+
+    ids = torch.from_numpy(
+        tokenize_in_pieces(lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], text).astype(np.int64)
+    )
     if len(ids) < 64:
         raise SlimEdgeError(f"--calib {calib}: only {len(ids)} tokens; give at least a few thousand")
     return ids, source
@@ -120,8 +128,9 @@ class TrainState:
     last_loss: float | None = None
 
 
-def _batches(ids: torch.Tensor, batch: int, seq: int, rng: np.random.Generator, world: World = World(),
-             accumulation: int = 1):
+def _batches(
+    ids: torch.Tensor, batch: int, seq: int, rng: np.random.Generator, world: World = World(), accumulation: int = 1
+):
     """Steps of `accumulation` micro-batches of `batch` sequences per rank: the global batch of
     world.size * accumulation * batch is drawn on every rank and each takes its own rows, cut into micro-batches, so
     the stream does not depend on how many ranks share it or how many passes each rank makes (accumulation 1: each
@@ -130,9 +139,9 @@ def _batches(ids: torch.Tensor, batch: int, seq: int, rng: np.random.Generator, 
     per_rank = batch * accumulation
     lo = world.rank * per_rank
     while True:
-        starts = rng.integers(0, len(ids) - seq - 1, size=per_rank * world.size)[lo:lo + per_rank]
-        x = torch.stack([ids[s:s + seq + 1] for s in starts])
-        micro = [(x[i:i + batch, :-1], x[i:i + batch, 1:]) for i in range(0, per_rank, batch)]
+        starts = rng.integers(0, len(ids) - seq - 1, size=per_rank * world.size)[lo : lo + per_rank]
+        x = torch.stack([ids[s : s + seq + 1] for s in starts])
+        micro = [(x[i : i + batch, :-1], x[i : i + batch, 1:]) for i in range(0, per_rank, batch)]
         yield micro[0] if accumulation == 1 else micro
 
 
@@ -147,8 +156,9 @@ def _trained(student, qlayers):
     stay frozen)."""
     weights, scales = _quant_params(qlayers)
     qparams = {id(p) for p in weights + scales}
-    others = [p for n, p in student.named_parameters()
-              if id(p) not in qparams and "embed" not in n and "lm_head" not in n]
+    others = [
+        p for n, p in student.named_parameters() if id(p) not in qparams and "embed" not in n and "lm_head" not in n
+    ]
     return weights, scales, others
 
 
@@ -160,21 +170,29 @@ def _checkpoint(ckpt_path: Path | None, device: str) -> dict | None:
         return torch.load(ckpt_path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise SlimEdgeError(f"{ckpt_path}: refusing to resume from it: it holds more than tensors and numbers "
-                            f"({first}); delete it to start over") from None
+        raise SlimEdgeError(
+            f"{ckpt_path}: refusing to resume from it: it holds more than tensors and numbers "
+            f"({first}); delete it to start over"
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated: torch's zip reader fails, or a pickle ends early
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise SlimEdgeError(f"{ckpt_path}: cannot resume from it ({first}): it is damaged; run with --force "
-                            f"instead of --resume to start over") from None
+        raise SlimEdgeError(
+            f"{ckpt_path}: cannot resume from it ({first}): it is damaged; run with --force "
+            f"instead of --resume to start over"
+        ) from None
 
 
 def _optimizer(weights, others, scales, config: QuantConfig, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW with two groups: latent weights (+ other trained parameters) at lr, block scales at scale_lr.
     fused: one CUDA kernel for all parameters (the same update as the default per-tensor loops)."""
-    return torch.optim.AdamW([
-        {"params": weights + others, "lr": config.lr, "weight_decay": 0.0},
-        {"params": scales, "lr": config.scale_lr, "weight_decay": 0.0},
-    ], betas=(0.9, 0.95), fused=fused or None)
+    return torch.optim.AdamW(
+        [
+            {"params": weights + others, "lr": config.lr, "weight_decay": 0.0},
+            {"params": scales, "lr": config.scale_lr, "weight_decay": 0.0},
+        ],
+        betas=(0.9, 0.95),
+        fused=fused or None,
+    )
 
 
 def _step(opt, scales, config: QuantConfig) -> None:
@@ -203,8 +221,19 @@ def _schedule(opt, step: int, total: int, warmup: int, config: QuantConfig) -> N
         g["lr"] = learning_rate(step, total, base, warmup)
 
 
-def train_step(student, teacher, x, y, opt, clipped, scales, config: QuantConfig, device: str, loss_fn=distill_loss,
-               micro: list | None = None):
+def train_step(
+    student,
+    teacher,
+    x,
+    y,
+    opt,
+    clipped,
+    scales,
+    config: QuantConfig,
+    device: str,
+    loss_fn=distill_loss,
+    micro: list | None = None,
+):
     """One QAT step: teacher forward, student forward and backward, clip, optimizer step; (loss, ce, kd).
 
     micro: the step's micro-batches [(x, y), ...] instead of x, y (gradient accumulation): each backward adds
@@ -243,9 +272,20 @@ def _gradient_sync(model, sync: bool):
         yield
 
 
-def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: Path | None = None,
-          every: int = 0, device: str = "cpu", progress: bool = True, log=None,
-          deadline: float | None = None, clock=time.monotonic, world: World = World()) -> TrainState:
+def train(
+    student,
+    teacher,
+    ids: torch.Tensor,
+    config: QuantConfig,
+    ckpt_path: Path | None = None,
+    every: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    log=None,
+    deadline: float | None = None,
+    clock=time.monotonic,
+    world: World = World(),
+) -> TrainState:
     """QAT for config.steps steps; resumes from ckpt_path when it exists. Ctrl-C or SIGTERM saves and stops.
 
     Under torchrun (world.size > 1) DDP (or FSDP2's reduce-scatter, config.shard "fsdp") averages the gradients
@@ -295,9 +335,12 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
         where = ckpt_path if folder is None else folder
         print(f"slim-edge: resumed from {where} at step {state.step}", file=sys.stderr)
         if saved is not None and saved != config.global_batch(world.size):
-            print(f"slim-edge: warning: {where} trained on a global batch of {saved} sequences, this run on "
-                  f"{config.global_batch(world.size)} ({config.batch_text(world.size)}): the data "
-                  f"stream differs from the uninterrupted run's", file=sys.stderr)
+            print(
+                f"slim-edge: warning: {where} trained on a global batch of {saved} sequences, this run on "
+                f"{config.global_batch(world.size)} ({config.batch_text(world.size)}): the data "
+                f"stream differs from the uninterrupted run's",
+                file=sys.stderr,
+            )
     total = config.steps
     warmup = config.warmup or max(1, total // 20)
     accumulation = config.accumulation(world.size)
@@ -318,8 +361,7 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
 
     interrupted = []
     old = {sig: signal.signal(sig, lambda *_: interrupted.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", file=sys.stderr, dynamic_ncols=True)
     t_start, step0 = clock(), state.step
     kernels = compiled_kernels(config.compile and device.startswith("cuda"))
     kernels.__enter__()
@@ -337,8 +379,11 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
             if stop:
                 break
             if late:
-                print(f"slim-edge: time limit reached at step {state.step}/{total}; the lr and Arenas "
-                      f"schedules ran on time and have ended: keeping what is trained", file=sys.stderr)
+                print(
+                    f"slim-edge: time limit reached at step {state.step}/{total}; the lr and Arenas "
+                    f"schedules ran on time and have ended: keeping what is trained",
+                    file=sys.stderr,
+                )
                 break
             pos = schedule_step(state.step, total, step0, time_frac)
             # replay the data stream up to the resumed step is unnecessary: the rng state was saved
@@ -350,23 +395,39 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
                 m.arenas = lam if scheme.arenas and m.mode == scheme.values else 0.0
             _schedule(opt, pos, total, warmup, config)
             t0 = time.perf_counter()
-            loss, ce, kd = train_step(model, teacher, None, None, opt, weights + others, scales, config, device,
-                                      micro=micro)
+            loss, ce, kd = train_step(
+                model, teacher, None, None, opt, weights + others, scales, config, device, micro=micro
+            )
             val, ce, kd = global_mean(world, [loss, ce, kd], device)
             state.seconds += time.perf_counter() - t0
             state.step += 1
             state.tokens += sum(x.numel() for x, _ in micro) * world.size
             if not math.isfinite(val):
-                raise SlimEdgeError(f"training diverged at step {state.step} (loss {val}); "
-                                    f"lower --lr (now {config.lr}) or --scale-lr (now {config.scale_lr})")
+                raise SlimEdgeError(
+                    f"training diverged at step {state.step} (loss {val}); "
+                    f"lower --lr (now {config.lr}) or --scale-lr (now {config.scale_lr})"
+                )
             state.first_loss = val if state.first_loss is None else state.first_loss
             state.last_loss = val
-            bar.set_postfix(loss=f"{val:.3f}", ce=f"{float(ce):.3f}", kd=f"{float(kd):.3f}",
-                            lr=f"{opt.param_groups[0]['lr']:.1e}", tok_s=f"{state.tokens / state.seconds:.0f}")
+            bar.set_postfix(
+                loss=f"{val:.3f}",
+                ce=f"{float(ce):.3f}",
+                kd=f"{float(kd):.3f}",
+                lr=f"{opt.param_groups[0]['lr']:.1e}",
+                tok_s=f"{state.tokens / state.seconds:.0f}",
+            )
             bar.update(1)
             if log is not None:
-                log({"step": state.step, "loss": val, "ce": float(ce), "kd": float(kd), "arenas": lam,
-                     "lr": opt.param_groups[0]["lr"]})
+                log(
+                    {
+                        "step": state.step,
+                        "loss": val,
+                        "ce": float(ce),
+                        "kd": float(kd),
+                        "arenas": lam,
+                        "lr": opt.param_groups[0]["lr"],
+                    }
+                )
             if every and state.step % every == 0:
                 save()
     finally:
@@ -379,9 +440,11 @@ def train(student, teacher, ids: torch.Tensor, config: QuantConfig, ckpt_path: P
     if stop:
         save()
         barrier(world)  # no rank exits (and has torchrun end the others) before rank 0 has saved
-        raise SlimEdgeError(f"interrupted at step {state.step}/{total}; the training state is saved in "
-                            f"{ckpt_path.with_suffix('.dcp')}: run the same "
-                            f"command with --resume to continue")
+        raise SlimEdgeError(
+            f"interrupted at step {state.step}/{total}; the training state is saved in "
+            f"{ckpt_path.with_suffix('.dcp')}: run the same "
+            f"command with --resume to continue"
+        )
     student.eval()
     return state
 
@@ -408,8 +471,10 @@ class _Captured(Exception):
 def decoder_layers(model) -> torch.nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise SlimEdgeError(f"block-wise reconstruction needs a decoder with model.layers (Llama-like); "
-                            f"{type(model).__name__} has none: use --block-steps 0")
+        raise SlimEdgeError(
+            f"block-wise reconstruction needs a decoder with model.layers (Llama-like); "
+            f"{type(model).__name__} has none: use --block-steps 0"
+        )
     return layers
 
 
@@ -441,8 +506,9 @@ def _layer_inputs(model, batches: list[torch.Tensor], device: str):
     return [h.detach() for h, _ in seen], seen[0][1]
 
 
-def reconstruct_blocks(student, teacher, ids: torch.Tensor, config: QuantConfig, device: str = "cpu",
-                       progress: bool = True, log=None) -> list[dict]:
+def reconstruct_blocks(
+    student, teacher, ids: torch.Tensor, config: QuantConfig, device: str = "cpu", progress: bool = True, log=None
+) -> list[dict]:
     """Block-wise reconstruction before end-to-end QAT (EfficientQAT's Block-AP): layer by layer, the
     student's decoder layer learns, from the quantized model's own hidden states, to reproduce the FP
     layer's outputs (MSE); weights, block scales and norms train, config.block_steps steps per layer.
@@ -462,8 +528,14 @@ def reconstruct_blocks(student, teacher, ids: torch.Tensor, config: QuantConfig,
         return num / max(sum(float(t.float().pow(2).sum()) for t in targets), 1e-30)
 
     rows = []
-    bar = tqdm(total=len(s_layers) * config.block_steps, disable=not progress, unit="step", file=sys.stderr,
-               dynamic_ncols=True, desc="blocks")
+    bar = tqdm(
+        total=len(s_layers) * config.block_steps,
+        disable=not progress,
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc="blocks",
+    )
     try:
         for i, (sl, tl) in enumerate(zip(s_layers, t_layers)):
             with torch.no_grad():
@@ -486,8 +558,10 @@ def reconstruct_blocks(student, teacher, ids: torch.Tensor, config: QuantConfig,
                 torch.nn.utils.clip_grad_norm_(weights + others, 1.0)
                 _step(opt, scales, config)
                 if not math.isfinite(loss.item()):
-                    raise SlimEdgeError(f"block-wise reconstruction diverged in layer {i} (loss {loss.item()}); "
-                                        f"lower --lr (now {config.lr}) or --scale-lr (now {config.scale_lr})")
+                    raise SlimEdgeError(
+                        f"block-wise reconstruction diverged in layer {i} (loss {loss.item()}); "
+                        f"lower --lr (now {config.lr}) or --scale-lr (now {config.scale_lr})"
+                    )
                 bar.set_postfix(layer=i, mse=f"{loss.item():.3g}")
                 bar.update(1)
             for p in sl.parameters():

@@ -8,6 +8,7 @@ with the frozen tensors of the same base model here into a complete checkpoint.
     python -m slim_edge.evals.lab.ckpt_parts pack runs/seq2 $OUT/seq2 --part-mb 15
     python -m slim_edge.evals.lab.ckpt_parts unpack FETCHED/seq2 runs/gpu/seq2 [--model smollm2-135m]
 """
+
 from __future__ import annotations
 
 import json
@@ -80,6 +81,7 @@ def unpack(parts: Path, out: Path, model: str = "smollm2-135m", force: bool = Fa
             if embedding_type != "f16" and k.endswith("embed_tokens.weight"):
                 # a quantized embedding trains frozen: its codes are the FP embedding's, rebuilt here exactly
                 from slim_edge.qlinear import QuantEmbedding
+
                 codes = QuantEmbedding(fp.get_input_embeddings(), embedding_type).export()
                 tensors[k.removesuffix("weight") + "qweight"] = torch.from_numpy(codes)
                 continue

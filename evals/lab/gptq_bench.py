@@ -6,6 +6,7 @@ every forward), side by side in one run on the first layers of a model, and whet
 Prints one JSON line: seconds per round of each variant (interleaved), their ratio, and `identical`
 (every latent and scale of the two students equal bit for bit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=2, help="the demo's")
     a = ap.parse_args(argv)
     model, tok, _ = load_model(a.model)
-    model.model.layers = model.model.layers[:a.layers]
+    model.model.layers = model.model.layers[: a.layers]
     model.config.num_hidden_layers = a.layers
     ids, _ = calibration_tokens(tok, "wiki")
-    config = QuantConfig(scheme=a.scheme, steps=0, ptq="gptq", ptq_samples=a.samples, seq_len=256,
-                         batch_size=a.batch_size)
+    config = QuantConfig(
+        scheme=a.scheme, steps=0, ptq="gptq", ptq_samples=a.samples, seq_len=256, batch_size=a.batch_size
+    )
     plan = make_plan(model, config, None)
     frozen = ptq.frozen_quantized
     times = {"frozen": [], "plain": []}
@@ -55,10 +57,18 @@ def main(argv=None) -> dict:
     ptq.frozen_quantized = frozen
     identical = all(torch.equal(states["frozen"][k], states["plain"][k]) for k in states["plain"])
     best = {k: min(v) for k, v in times.items()}
-    report = {"model": a.model, "scheme": a.scheme, "layers": a.layers, "samples": a.samples,
-              "batch_size": a.batch_size, "seconds": times, "best": best,
-              "speedup": best["plain"] / best["frozen"], "identical": identical,
-              "threads": torch.get_num_threads()}
+    report = {
+        "model": a.model,
+        "scheme": a.scheme,
+        "layers": a.layers,
+        "samples": a.samples,
+        "batch_size": a.batch_size,
+        "seconds": times,
+        "best": best,
+        "speedup": best["plain"] / best["frozen"],
+        "identical": identical,
+        "threads": torch.get_num_threads(),
+    }
     print(json.dumps(report))
     return report
 

@@ -15,6 +15,7 @@ GGML_CPU_TILED_MM=0 (STQ1_0 and Q2_0C prefill on the vec_dot kernels, as before 
 GGML_CPU_STQ1_0_LUT=0 (STQ1_0 decode on vec_dot instead of the activation tables of patch 0009) merges
 beside the default one; the GGML_* variables of the environment are recorded in the JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -128,8 +129,12 @@ def quantize(bin_dir: Path | None, f16: Path, kind: str, out: Path, head: str = 
 
 
 def llama_bench(bench: Path, model: Path, threads: int, reps: int) -> dict[str, float]:
-    p = subprocess.run([str(bench), "-m", str(model), "-p", "512", "-n", "128", "-t", str(threads),
-                        "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True)
+    p = subprocess.run(
+        [str(bench), "-m", str(model), "-p", "512", "-n", "128", "-t", str(threads), "-r", str(reps), "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     out = {}
     for row in json.loads(p.stdout):
         key = "pp512" if row["n_prompt"] else "tg128"
@@ -146,8 +151,14 @@ def machine() -> dict:
         isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512vbmi") if f in flags]
     except (OSError, StopIteration):
         isa = []
-    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "machine": platform.machine(),
-            "load_avg_at_start": os.getloadavg(), "env": {k: v for k, v in os.environ.items() if k.startswith("GGML_")}}
+    return {
+        "cpu": cpu,
+        "isa": isa,
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_avg_at_start": os.getloadavg(),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("GGML_")},
+    }
 
 
 def add_ratios(rows: dict, threads: list[int]) -> None:
@@ -167,17 +178,21 @@ def to_markdown(result: dict) -> str:
         threads = sorted({int(k[1:]) for row in rows.values() for k in row if k[:1] == "t" and k[1:].isdigit()})
         add_ratios(rows, threads)
         md.append(f"### {shape} ({SHAPES[shape]})\n")
-        md.append("| type | MiB | threads | pp512 t/s | tg128 t/s | tg/Q4_0 | tg/TQ2_0 | pp/Q4_0 | decode bound t/s "
-                  "| % of bound |")
+        md.append(
+            "| type | MiB | threads | pp512 t/s | tg128 t/s | tg/Q4_0 | tg/TQ2_0 | pp/Q4_0 | decode bound t/s "
+            "| % of bound |"
+        )
         md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for kind in [k for k in TYPES if k in rows] + [k for k in rows if k not in TYPES]:
             row = rows[kind]
             for t in threads:
                 x = row[f"t{t}"]
-                md.append(f"| {kind} | {row['mib']:.0f} | {t} | {x['pp512']:.1f} ± {x['pp512_std']:.1f} | "
-                          f"{x['tg128']:.1f} ± {x['tg128_std']:.1f} | {x.get('tg_vs_Q4_0', float('nan')):.2f} | "
-                          f"{x.get('tg_vs_TQ2_0', float('nan')):.2f} | {x.get('pp_vs_Q4_0', float('nan')):.2f} | "
-                          f"{x['decode_bound']:.1f} | {100 * x['tg128'] / x['decode_bound']:.0f} |")
+                md.append(
+                    f"| {kind} | {row['mib']:.0f} | {t} | {x['pp512']:.1f} ± {x['pp512_std']:.1f} | "
+                    f"{x['tg128']:.1f} ± {x['tg128_std']:.1f} | {x.get('tg_vs_Q4_0', float('nan')):.2f} | "
+                    f"{x.get('tg_vs_TQ2_0', float('nan')):.2f} | {x.get('pp_vs_Q4_0', float('nan')):.2f} | "
+                    f"{x['decode_bound']:.1f} | {100 * x['tg128'] / x['decode_bound']:.0f} |"
+                )
         md.append("")
     return "\n".join(md)
 
@@ -199,9 +214,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "slim-edge" / "kernel-bench")
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--label", help="row names become 'TYPE LABEL' (a variant measured beside the default)")
-    ap.add_argument("--head-type", default="q6_K",
-                    help="type of the output head (default q6_K, llama-quantize's choice); at 1-2 bits the head is "
-                         "a third or more of decode time, so try q4_0 (labels rows 'TYPE head q4_0')")
+    ap.add_argument(
+        "--head-type",
+        default="q6_K",
+        help="type of the output head (default q6_K, llama-quantize's choice); at 1-2 bits the head is "
+        "a third or more of decode time, so try q4_0 (labels rows 'TYPE head q4_0')",
+    )
     ap.add_argument("-t", "--threads", default="1,2")
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--prepare", action="store_true", help="only write the models, measure nothing")
@@ -227,6 +245,7 @@ def main(argv=None) -> int:
 def measure(a) -> dict | None:
     if a.bin_dir is None:
         from slim_edge.runtime_patches import runtime
+
         a.bin_dir = runtime.find_runtime("host", tools=("llama-bench", "llama-quantize")).bin_dir
     bench = a.bin_dir / "llama-bench"
     threads = [int(t) for t in a.threads.split(",")]
@@ -246,12 +265,15 @@ def measure(a) -> dict | None:
         label = a.label or (None if default_head else f"head {a.head_type}")
         for kind in types:
             name = kind.lower() if default_head else f"{kind.lower()}-head-{a.head_type.lower()}"
-            model = quantize(a.bin_dir, f16, kind, d / f"{name}.gguf", a.head_type,
-                             embedding_type(SHAPES[shape]["hidden"]))
+            model = quantize(
+                a.bin_dir, f16, kind, d / f"{name}.gguf", a.head_type, embedding_type(SHAPES[shape]["hidden"])
+            )
             if a.prepare:
                 continue
             row = rows[f"{kind} {label}" if label else kind] = {
-                "mib": model.stat().st_size / 2**20, "decode_bytes": decode_bytes(model)}
+                "mib": model.stat().st_size / 2**20,
+                "decode_bytes": decode_bytes(model),
+            }
             for t in threads:
                 note(f"llama-bench {shape} {kind} t={t} ...")
                 r = llama_bench(bench, model, t, a.reps)

@@ -2,6 +2,7 @@
 all of them alike (evals/reports/onnx_bench_host.md). The timing is `slim-edge bench`'s for one ONNX export
 (evals/bench.py: pp<N> into an empty cache, tg<N> one token at a time), with tg<N>@d<D> after an untimed
 prefill of D tokens."""
+
 from __future__ import annotations
 
 import time
@@ -27,8 +28,15 @@ def _decode_at_ns(lm, n: int, depth: int, rng) -> int:
     return time.perf_counter_ns() - t0
 
 
-def compare(paths: list[Path], prompt_lengths: list[int], n_gen: int, depths: list[int], threads: int,
-            repetitions: int, seed: int = 0) -> dict:
+def compare(
+    paths: list[Path],
+    prompt_lengths: list[int],
+    n_gen: int,
+    depths: list[int],
+    threads: int,
+    repetitions: int,
+    seed: int = 0,
+) -> dict:
     """ONNX models side by side in one run, interleaved: each repetition times every model once per test, the
     model order rotating, so that a shared machine's load falls on all of them alike. Returns per test and model
     the tokens/s of each repetition, and the ratio to the first model paired within each repetition."""
@@ -51,19 +59,31 @@ def compare(paths: list[Path], prompt_lengths: list[int], n_gen: int, depths: li
     out = []
     for (kind, n, d), per in tps.items():
         for j, lm in enumerate(lms):
-            out.append({"test": f"{kind}{n}" + (f"@d{d}" if d else ""), "model": lm.name, "tps": per[j],
-                        "tps_median": float(np.median(per[j])),
-                        "x_first_paired_median": float(np.median(np.asarray(per[j]) / np.asarray(per[0])))})
+            out.append(
+                {
+                    "test": f"{kind}{n}" + (f"@d{d}" if d else ""),
+                    "model": lm.name,
+                    "tps": per[j],
+                    "tps_median": float(np.median(per[j])),
+                    "x_first_paired_median": float(np.median(np.asarray(per[j]) / np.asarray(per[0]))),
+                }
+            )
     return {"threads": threads, "repetitions": repetitions, "rows": out}
 
 
 def compare_markdown(result: dict) -> str:
-    lines = [f"{result['threads']} threads, {result['repetitions']} interleaved repetitions; t/s = median over them, "
-             f"x first = median of the per-repetition ratios to the first model", "",
-             "| test | model | t/s median | t/s min .. max | x first |", "|---|---|---:|---:|---:|"]
+    lines = [
+        f"{result['threads']} threads, {result['repetitions']} interleaved repetitions; t/s = median over them, "
+        f"x first = median of the per-repetition ratios to the first model",
+        "",
+        "| test | model | t/s median | t/s min .. max | x first |",
+        "|---|---|---:|---:|---:|",
+    ]
     for row in result["rows"]:
-        lines.append(f"| {row['test']} | {row['model']} | {row['tps_median']:.1f} | {min(row['tps']):.1f} .. "
-                     f"{max(row['tps']):.1f} | {row['x_first_paired_median']:.2f} |")
+        lines.append(
+            f"| {row['test']} | {row['model']} | {row['tps_median']:.1f} | {min(row['tps']):.1f} .. "
+            f"{max(row['tps']):.1f} | {row['x_first_paired_median']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -86,8 +106,9 @@ def main(argv=None):
         check_output_file(a.json, a.force)
     for m in a.models:
         if not is_onnx_model(m):
-            raise SlimEdgeError(f"{m} is not an ONNX export (no {MARKER}); write one with "
-                                f"slim-edge export CKPT --onnx DIR")
+            raise SlimEdgeError(
+                f"{m} is not an ONNX export (no {MARKER}); write one with slim-edge export CKPT --onnx DIR"
+            )
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     result = compare(a.models, ints(a.prompt_lengths), a.n_gen, ints(a.depths), a.threads, a.repetitions)
     if a.json:

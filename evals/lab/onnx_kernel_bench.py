@@ -8,6 +8,7 @@ points at 2 bits, the q8_0 head as two 4-bit halves, `--onnx-bits 4`); rerun it 
 or machine before changing those choices. The weights are random codes: speed does not depend on the values.
 accuracy_level 4 (int8 activations) is timed for reference only: it changes the numbers, so export never uses it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,17 @@ import time
 import numpy as np
 
 # (bits, zero-point kind, accuracy_level): the representations export can choose, and the int8 reference
-CASES = [(2, "float", 0), (2, "default", 0), (2, "uint8", 0), (4, "default", 0), (4, "uint8", 0), (4, "float", 0),
-         (8, "default", 0), (2, "default", 4), (4, "default", 4)]
+CASES = [
+    (2, "float", 0),
+    (2, "default", 0),
+    (2, "uint8", 0),
+    (4, "default", 0),
+    (4, "uint8", 0),
+    (4, "float", 0),
+    (8, "default", 0),
+    (2, "default", 4),
+    (4, "default", 4),
+]
 
 
 def session(bits: int, zp: str, acc: int, n: int, k: int, block: int, threads: int, seed: int = 0):
@@ -28,18 +38,35 @@ def session(bits: int, zp: str, acc: int, n: int, k: int, block: int, threads: i
 
     rng = np.random.default_rng(seed)
     nb = k // block
-    inits = [numpy_helper.from_array(rng.integers(0, 256, (n, nb, block * bits // 8), dtype=np.uint8), "w"),
-             numpy_helper.from_array(rng.random(n * nb, dtype=np.float32), "s")]
+    inits = [
+        numpy_helper.from_array(rng.integers(0, 256, (n, nb, block * bits // 8), dtype=np.uint8), "w"),
+        numpy_helper.from_array(rng.random(n * nb, dtype=np.float32), "s"),
+    ]
     if zp == "uint8":
         inits.append(numpy_helper.from_array(np.full((n, -(-nb * bits // 8)), 0x55, np.uint8), "z"))
     elif zp == "float":
         inits.append(numpy_helper.from_array(np.full(n * nb, (1 << (bits - 1)) - 0.5, np.float32), "z"))
-    node = helper.make_node("MatMulNBits", ["x"] + [i.name for i in inits], ["y"], domain="com.microsoft", K=k, N=n,
-                            bits=bits, block_size=block, accuracy_level=acc)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", T.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("y", T.FLOAT, [None, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x"] + [i.name for i in inits],
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=acc,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", T.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", T.FLOAT, [None, n])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -81,11 +108,24 @@ def main(argv=None) -> int:
         print(json.dumps(r), file=sys.stderr, flush=True)
     ref = out[0]
     if a.json:
-        print(json.dumps({"onnxruntime": ort.__version__, "n": a.n, "k": a.k, "block": a.block, "threads": a.threads,
-                          "rows": out}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "onnxruntime": ort.__version__,
+                    "n": a.n,
+                    "k": a.k,
+                    "block": a.block,
+                    "threads": a.threads,
+                    "rows": out,
+                },
+                indent=1,
+            )
+        )
         return 0
-    print(f"MatMulNBits {a.n} x {a.k}, block {a.block}, {a.threads} thread(s), onnxruntime {ort.__version__}: "
-          f"best microseconds per call (x = time / the first row's)\n")
+    print(
+        f"MatMulNBits {a.n} x {a.k}, block {a.block}, {a.threads} thread(s), onnxruntime {ort.__version__}: "
+        f"best microseconds per call (x = time / the first row's)\n"
+    )
     print("| bits | zero points | accuracy_level | " + " | ".join(f"M={m} us | x" for m in rows) + " |")
     print("|---:|---|---:|" + "---:|---:|" * len(rows))
     for r in out:

@@ -12,6 +12,7 @@ The exports are named by their folder's name in both steps. Beside each differen
 how far this runtime's cached decoding is from its own full forward (the GroupQueryAttention path's
 seqlens and RoPE offsets are where versions differ).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,10 @@ def run_export(path: Path, n_tokens: int = CHUNKS[-1], seed: int = 0, threads: i
 def _names(paths: list[Path]) -> list[str]:
     names = [Path(p).absolute().name for p in paths]
     if len(set(names)) != len(names):
-        raise SlimEdgeError(f"exports are named by their folder, and these repeat a name: {', '.join(names)}; "
-                            f"give each export its own folder name")
+        raise SlimEdgeError(
+            f"exports are named by their folder, and these repeat a name: {', '.join(names)}; "
+            f"give each export its own folder name"
+        )
     return names
 
 
@@ -69,15 +72,19 @@ def check(paths: list[Path], ref: Path) -> dict:
     import onnxruntime as ort
 
     if not Path(ref).is_file():
-        raise SlimEdgeError(f"--ref {ref} does not exist; write it with `python -m slim_edge.evals."
-                            f"onnx_portability save EXPORT... -o {ref}` on the reference machine")
+        raise SlimEdgeError(
+            f"--ref {ref} does not exist; write it with `python -m slim_edge.evals."
+            f"onnx_portability save EXPORT... -o {ref}` on the reference machine"
+        )
     saved = np.load(ref)
     report = {"onnxruntime": ort.__version__, "reference_onnxruntime": str(saved["onnxruntime"]), "models": {}}
     for name, path in zip(_names(paths), paths):
         if f"{name}/full" not in saved:
             held = sorted({k.split("/")[0] for k in saved.files if "/" in k})
-            raise SlimEdgeError(f"{ref} holds no logits for an export named {name!r} (it has {', '.join(held)}); "
-                                f"save them under the same folder name")
+            raise SlimEdgeError(
+                f"{ref} holds no logits for an export named {name!r} (it has {', '.join(held)}); "
+                f"save them under the same folder name"
+            )
         try:
             got = run_export(path, n_tokens=saved[f"{name}/full"].shape[0])
         except SlimEdgeError as e:  # this runtime refuses the export: its reason is the finding
@@ -87,13 +94,17 @@ def check(paths: list[Path], ref: Path) -> dict:
             "full_vs_reference": float(np.abs(got["full"] - saved[f"{name}/full"]).max()),
             "chunked_vs_reference": float(np.abs(got["chunked"] - saved[f"{name}/chunked"]).max()),
             "chunked_vs_full": float(np.abs(got["chunked"] - got["full"]).max()),
-            "logit_scale": float(np.abs(saved[f"{name}/full"]).max())}
+            "logit_scale": float(np.abs(saved[f"{name}/full"]).max()),
+        }
     return report
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m slim_edge.evals.lab.onnx_portability", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m slim_edge.evals.lab.onnx_portability",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("mode", choices=("save", "check"), help="save: reference logits; check: compare against them")
     ap.add_argument("exports", nargs="+", type=Path, help="folders written by slim-edge export --onnx")
     ap.add_argument("-o", "--output", type=Path, help="save: the .npz to write; check: a JSON report (else stdout)")
@@ -115,8 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(report, indent=1), file=sys.stdout)
     failed = [name for name, r in report["models"].items() if "error" in r] if a.mode == "check" else []
     if failed:
-        raise SlimEdgeError(f"{len(failed)} of {len(report['models'])} exports did not run on onnxruntime "
-                            f"{report['onnxruntime']}: {', '.join(failed)} (their reasons are in the report)")
+        raise SlimEdgeError(
+            f"{len(failed)} of {len(report['models'])} exports did not run on onnxruntime "
+            f"{report['onnxruntime']}: {', '.join(failed)} (their reasons are in the report)"
+        )
     return report
 
 

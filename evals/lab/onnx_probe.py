@@ -6,6 +6,7 @@ compared with a float64 numpy reference of the op's documented meaning (code - z
 prints the first line of onnxruntime's error. `python -m slim_edge.evals.lab.onnx_probe` prints the table
 that converters/onnx_export.py's docstring records.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,7 @@ def _session(graph, opset: int, config: dict | None = None):
     so.log_severity_level = 4
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
-    return ort.InferenceSession(model.SerializeToString(),
-                                so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -79,8 +79,13 @@ def probe_matmulnbits(bits: int, block: int, zp: str, n=64, k=1024, seed=0) -> s
         inits.append(numpy_helper.from_array(zpv.astype(np.float32).reshape(-1), "Z"))
         inputs.append("Z")
     node = helper.make_node("MatMulNBits", inputs, ["Y"], domain=MS, K=k, N=n, bits=bits, block_size=block)
-    g = helper.make_graph([node], "probe", [helper.make_tensor_value_info("A", T.FLOAT, [3, k])],
-                          [helper.make_tensor_value_info("Y", T.FLOAT, [3, n])], inits)
+    g = helper.make_graph(
+        [node],
+        "probe",
+        [helper.make_tensor_value_info("A", T.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("Y", T.FLOAT, [3, n])],
+        inits,
+    )
     try:
         got = _session(g, 21).run(None, {"A": a})[0]
     except Exception as e:  # onnxruntime's own error types: the row records the message
@@ -106,13 +111,22 @@ def probe_dequantize_linear(dtype: str, block: int, n=64, k=512, seed=0, config=
     zpv = rng.integers(lo, lo + (1 << bits), (nb, n))
     w = (q - np.repeat(zpv, block, axis=0)) * np.repeat(scales, block, axis=0)
     ttype = getattr(T, dtype.upper())
-    inits = [helper.make_tensor("Q", ttype, [k, n], q.reshape(-1).tolist()),
-             numpy_helper.from_array(scales, "S"),
-             helper.make_tensor("Z", ttype, [nb, n], zpv.reshape(-1).tolist())]
-    nodes = [helper.make_node("DequantizeLinear", ["Q", "S", "Z"], ["W"], axis=0, block_size=block),
-             helper.make_node("MatMul", ["A", "W"], ["Y"])]
-    g = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("A", T.FLOAT, [3, k])],
-                          [helper.make_tensor_value_info("Y", T.FLOAT, [3, n])], inits)
+    inits = [
+        helper.make_tensor("Q", ttype, [k, n], q.reshape(-1).tolist()),
+        numpy_helper.from_array(scales, "S"),
+        helper.make_tensor("Z", ttype, [nb, n], zpv.reshape(-1).tolist()),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["Q", "S", "Z"], ["W"], axis=0, block_size=block),
+        helper.make_node("MatMul", ["A", "W"], ["Y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "probe",
+        [helper.make_tensor_value_info("A", T.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("Y", T.FLOAT, [3, n])],
+        inits,
+    )
     a = rng.standard_normal((3, k)).astype(np.float32)
     for opset in (21, 23, 25):
         try:
@@ -134,10 +148,16 @@ def probe_gather_block_quantized(bits: int, block: int, zp: str, vocab=64, k=512
     if zp == "uint8":
         inits.append(numpy_helper.from_array(pack_codes(zpv.astype(np.uint8), bits), "Z"))
         inputs.append("Z")
-    node = helper.make_node("GatherBlockQuantized", inputs, ["Y"], domain=MS, gather_axis=0, quantize_axis=1,
-                            block_size=block, bits=bits)
-    g = helper.make_graph([node], "probe", [helper.make_tensor_value_info("I", T.INT64, [5])],
-                          [helper.make_tensor_value_info("Y", T.FLOAT, [5, k])], inits)
+    node = helper.make_node(
+        "GatherBlockQuantized", inputs, ["Y"], domain=MS, gather_axis=0, quantize_axis=1, block_size=block, bits=bits
+    )
+    g = helper.make_graph(
+        [node],
+        "probe",
+        [helper.make_tensor_value_info("I", T.INT64, [5])],
+        [helper.make_tensor_value_info("Y", T.FLOAT, [5, k])],
+        inits,
+    )
     idx = rng.integers(0, vocab, 5)
     try:
         got = _session(g, 21).run(None, {"I": idx})[0]

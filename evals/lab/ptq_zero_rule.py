@@ -12,6 +12,7 @@ the mean relative output error of the linears and the GPTQ fallback count.
 (not the sequential GPTQ's, so a proxy): the relative output error of each rule per linear, in
 OUT/ptq_zero_rule_layers.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,21 +54,35 @@ def main(argv=None) -> None:
     fp, tok, _ = load_model(a.model, device=a.device)
     if a.layers:
         return per_linear(a, fp, tok, [int(x) for x in a.layers.split(",")])
-    result = {"model": a.model, "scheme": a.scheme, "ptq_samples": a.samples, "seq_len": a.seq_len,
-              "chunks": a.chunks, "rules": {}}
+    result = {
+        "model": a.model,
+        "scheme": a.scheme,
+        "ptq_samples": a.samples,
+        "seq_len": a.seq_len,
+        "chunks": a.chunks,
+        "rules": {},
+    }
     for rule in a.rules.split(","):
         ptq.SHERRY_ZERO = rule
         folder = a.out / f"{a.scheme}-{rule}"
         t0 = time.perf_counter()
-        report = run_quantize(a.model, QuantConfig(scheme=a.scheme, steps=0, ptq="gptq", ptq_samples=a.samples,
-                                                   seq_len=a.seq_len), folder, force=True, device=a.device)
+        report = run_quantize(
+            a.model,
+            QuantConfig(scheme=a.scheme, steps=0, ptq="gptq", ptq_samples=a.samples, seq_len=a.seq_len),
+            folder,
+            force=True,
+            device=a.device,
+        )
         seconds = time.perf_counter() - t0
         layers = report["ptq"]["layers"]
         model, _ = load_quantized(folder, device=a.device)
         r = held_out_ppl(model, tok, max_chunks=a.chunks, reference=fp)
-        result["rules"][rule] = {**r, "quantize_seconds": round(seconds, 1),
-                                 "rel_err_gptq_mean": sum(x["rel_err_gptq"] for x in layers) / len(layers),
-                                 "fallback": sum(x["fallback"] for x in layers)}
+        result["rules"][rule] = {
+            **r,
+            "quantize_seconds": round(seconds, 1),
+            "rel_err_gptq_mean": sum(x["rel_err_gptq"] for x in layers) / len(layers),
+            "fallback": sum(x["fallback"] for x in layers),
+        }
         print(json.dumps({rule: result["rules"][rule]}), flush=True)
         atomic_write(a.out / "ptq_zero_rule.json", json.dumps(result, indent=1) + "\n")
 
@@ -77,20 +92,25 @@ def per_linear(a, fp, tok, layers: list[int]) -> None:
     ids, _ = calibration_tokens(tok, "wiki")
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, len(ids) - a.seq_len, (a.samples,), generator=g)
-    batch = torch.stack([ids[s:s + a.seq_len] for s in starts]).to(a.device)
+    batch = torch.stack([ids[s : s + a.seq_len] for s in starts]).to(a.device)
     config = QuantConfig(scheme=a.scheme)
     student = copy.deepcopy(fp)
     quantize_(student, config, make_plan(fp, config, None))
-    linears = {n: m for n, m in student.named_modules() if isinstance(m, QuantLinear)
-               and any(f"layers.{i}." in n for i in layers)}
+    linears = {
+        n: m
+        for n, m in student.named_modules()
+        if isinstance(m, QuantLinear) and any(f"layers.{i}." in n for i in layers)
+    }
     hessians, hooks, modules = {}, [], dict(fp.named_modules())
     for name in linears:
+
         def hook(mod, args, name=name):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             hessians[name] = hessians.get(name, 0) + 2 * x.T @ x / len(x) / math.ceil(a.samples / 8)
+
         hooks.append(modules[name].register_forward_pre_hook(hook))
     for i in range(0, a.samples, 8):
-        fp(batch[i:i + 8])
+        fp(batch[i : i + 8])
     for h in hooks:
         h.remove()
     rows = []
@@ -104,9 +124,22 @@ def per_linear(a, fp, tok, layers: list[int]) -> None:
         print(json.dumps(row), flush=True)
     total = {rule: sum(r[rule] for r in rows) for rule in a.rules.split(",")}
     print(json.dumps({"sum": total}))
-    atomic_write(a.out / "ptq_zero_rule_layers.json", json.dumps(
-        {"model": a.model, "scheme": a.scheme, "samples": a.samples, "seq_len": a.seq_len, "layers": layers,
-         "rows": rows, "sum": total}, indent=1) + "\n")
+    atomic_write(
+        a.out / "ptq_zero_rule_layers.json",
+        json.dumps(
+            {
+                "model": a.model,
+                "scheme": a.scheme,
+                "samples": a.samples,
+                "seq_len": a.seq_len,
+                "layers": layers,
+                "rows": rows,
+                "sum": total,
+            },
+            indent=1,
+        )
+        + "\n",
+    )
 
 
 if __name__ == "__main__":

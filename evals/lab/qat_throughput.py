@@ -19,6 +19,7 @@ Speed does not depend on the values: batches are random token ids (seeded), and 
 with random weights in the named shape (no model file needed, as kernel benchmarks use random weights). Tokens/s counts
 one rank's student tokens (batch x seq_len) per second of wall time, synchronised.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,12 +47,36 @@ from slim_edge.train import _optimizer, _quant_params, train_step
 
 # Llama bodies by name, for --random: SmolLM2-135M's own shape and the 1B-class shape of issue 21
 SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0),
-    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=8192, vocab_size=49152, tie_word_embeddings=True, rope_theta=500000.0),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        vocab_size=512,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
 }
 VARIANTS = ("session10", "loss", "loss+bf16t", "loss+bf16t+kernels", "loss+bf16t+kernels+ddp")
 
@@ -101,8 +126,9 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
         if model is not student:
             agree(world, False, False, 0.5, device)
         with compiled_kernels(kernels):
-            loss, ce, kd = train_step(model, teacher, xy[:, :-1], xy[:, 1:], opt, weights + others, scales, config,
-                                      device, loss_fn=loss_fn)
+            loss, ce, kd = train_step(
+                model, teacher, xy[:, :-1], xy[:, 1:], opt, weights + others, scales, config, device, loss_fn=loss_fn
+            )
         if model is not student:
             loss = global_mean(world, [loss, ce, kd], device)[0]
         losses.append(float(loss))
@@ -113,10 +139,17 @@ def measure(base, scheme: str, variant: str, batch: int, seq: int, steps: int, w
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"scheme": scheme, "variant": variant, "tokens_per_s": round(batch * seq * steps / dt),
-            "step_s": round(dt / steps, 4), "peak_gib": None if peak is None else round(peak, 2),
-            "warmup_s": round(t_first, 1), "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
-            "losses": [round(v, 6) for v in losses]}
+    return {
+        "scheme": scheme,
+        "variant": variant,
+        "tokens_per_s": round(batch * seq * steps / dt),
+        "step_s": round(dt / steps, 4),
+        "peak_gib": None if peak is None else round(peak, 2),
+        "warmup_s": round(t_first, 1),
+        "first_loss": round(losses[0], 4),
+        "last_loss": round(losses[-1], 4),
+        "losses": [round(v, 6) for v in losses],
+    }
 
 
 def _process_group(device: str) -> World:
@@ -132,6 +165,7 @@ def _process_group(device: str) -> World:
 
 def random_model(shape: str, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     if shape not in SHAPES:
         raise typer.BadParameter(f"--random {shape!r}; choose from {', '.join(SHAPES)}")
     torch.manual_seed(0)
@@ -141,12 +175,20 @@ def random_model(shape: str, device: str):
 
 # under torchrun, a rank's traceback goes into torchrun's failure summary (without it only the exit code shows)
 @record
-def main(model: str = "smollm2-135m",
-         random: bool = typer.Option(False, help="random weights in the shape named by --model (smollm2-135m, "
-                                                 "llama-1b, tiny): no model file"),
-         schemes: str = "seq2,sherry", variants: str = ",".join(VARIANTS),
-         batch_size: int = 32, seq_len: int = 512, steps: int = 10, warmup: int = 3, device: str = "auto",
-         output: Path = typer.Option(Path("evals/reports/qat_throughput"), "-o")):
+def main(
+    model: str = "smollm2-135m",
+    random: bool = typer.Option(
+        False, help="random weights in the shape named by --model (smollm2-135m, llama-1b, tiny): no model file"
+    ),
+    schemes: str = "seq2,sherry",
+    variants: str = ",".join(VARIANTS),
+    batch_size: int = 32,
+    seq_len: int = 512,
+    steps: int = 10,
+    warmup: int = 3,
+    device: str = "auto",
+    output: Path = typer.Option(Path("evals/reports/qat_throughput"), "-o"),
+):
     world = world_from_env()
     device = rank_device(world, pick_device(device))
     base = random_model(model, device) if random else load_model(model, device=device)[0]
@@ -172,22 +214,36 @@ def main(model: str = "smollm2-135m",
     if not world.main:
         return
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
-    info = {"command": "python -m slim_edge.evals.lab.qat_throughput " + shlex.join(sys.argv[1:]), "device": gpu,
-            "torch": torch.__version__, "model": model + (" (random weights)" if random else ""),
-            "batch_size": batch_size, "seq_len": seq_len, "world_size": world.size,
-            "steps": steps, "warmup": warmup, "rows": rows}
+    info = {
+        "command": "python -m slim_edge.evals.lab.qat_throughput " + shlex.join(sys.argv[1:]),
+        "device": gpu,
+        "torch": torch.__version__,
+        "model": model + (" (random weights)" if random else ""),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "world_size": world.size,
+        "steps": steps,
+        "warmup": warmup,
+        "rows": rows,
+    }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
-    lines = [f"# QAT step throughput: {info['model']}, {batch_size} x {seq_len} tokens per step, {gpu}", "",
-             f"`{info['command']}` (torch {torch.__version__}; {steps} timed steps after {warmup} warm-up)", "",
-             "| scheme | variant | tokens/s | x session10 | s/step | peak GiB | warm-up s | loss first→last |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# QAT step throughput: {info['model']}, {batch_size} x {seq_len} tokens per step, {gpu}",
+        "",
+        f"`{info['command']}` (torch {torch.__version__}; {steps} timed steps after {warmup} warm-up)",
+        "",
+        "| scheme | variant | tokens/s | x session10 | s/step | peak GiB | warm-up s | loss first→last |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['scheme']} | {r['variant']} | {r['error']} | | | | | |")
             continue
-        lines.append(f"| {r['scheme']} | {r['variant']} | {r['tokens_per_s']:,} | {r['speedup']} | {r['step_s']} | "
-                     f"{r['peak_gib']} | {r['warmup_s']} | {r['first_loss']}→{r['last_loss']} |")
+        lines.append(
+            f"| {r['scheme']} | {r['variant']} | {r['tokens_per_s']:,} | {r['speedup']} | {r['step_s']} | "
+            f"{r['peak_gib']} | {r['warmup_s']} | {r['first_loss']}→{r['last_loss']} |"
+        )
     output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

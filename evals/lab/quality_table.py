@@ -13,6 +13,7 @@ Rows it makes itself (cached in --runs, so a re-run only evaluates):
 Evaluation: lee:eval (never trained on), context 512, `--chunks` chunks, `slim_edge.evals.eval_cmd.evaluate`.
 Writes <out>.md and <out>.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,11 @@ def _log(msg: str) -> None:
 
 def _quantize_cmd(scheme: str, steps: int, out: Path) -> str:
     r = QAT_RECIPE
-    train = (f" --batch-size {r['batch_size']} --seq-len {r['seq_len']} --lr {r['lr']:g} --calib {r['calib']}"
-             if steps else "")
+    train = (
+        f" --batch-size {r['batch_size']} --seq-len {r['seq_len']} --lr {r['lr']:g} --calib {r['calib']}"
+        if steps
+        else ""
+    )
     return f"slim-edge quantize {MODEL} --scheme {scheme} --steps {steps}{train} -o {out}"
 
 
@@ -94,8 +98,9 @@ def baseline_row(type_: str, runs: Path) -> Row:
         _log(f"baseline {type_}")
         export_baseline(MODEL, gguf, type_, force=True)
     how = "converter" if type_ in ("f16", "q8_0") else "llama-quantize from F16"
-    return Row(f"{type_.upper()} ({how})", gguf, f"slim-edge export {MODEL} --gguf {gguf.name} --type {type_}",
-               "baseline")
+    return Row(
+        f"{type_.upper()} ({how})", gguf, f"slim-edge export {MODEL} --gguf {gguf.name} --type {type_}", "baseline"
+    )
 
 
 def parse_extra(spec: str) -> Row:
@@ -113,33 +118,41 @@ def to_markdown(result: dict) -> str:
         return "-" if v is None else format(v, fmt)
 
     ev = result["eval"]
-    lines = ["# Quality of SmolLM2-135M-Instruct by format (slim-edge quality table)", "",
-             f"Every row is a GGUF run by the patched runtime (llama-cpp-python {result['bindings']}), "
-             f"{ev['chunks']} chunks of {ev['ctx']} tokens of `{ev['corpus']}:{ev['split']}` "
-             f"({ev['scored_tokens']} scored tokens; training never sees it), against the F16 file. "
-             f"Machine: {result['machine']}; {result['date']}.", "",
-             "| model | how | QAT steps | bits/weight (linears) | MiB | PPL | ΔPPL vs F16 | mean KLD | "
-             "same top-1 % | greedy loop rate |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Quality of SmolLM2-135M-Instruct by format (slim-edge quality table)",
+        "",
+        f"Every row is a GGUF run by the patched runtime (llama-cpp-python {result['bindings']}), "
+        f"{ev['chunks']} chunks of {ev['ctx']} tokens of `{ev['corpus']}:{ev['split']}` "
+        f"({ev['scored_tokens']} scored tokens; training never sees it), against the F16 file. "
+        f"Machine: {result['machine']}; {result['date']}.",
+        "",
+        "| model | how | QAT steps | bits/weight (linears) | MiB | PPL | ΔPPL vs F16 | mean KLD | "
+        "same top-1 % | greedy loop rate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
         e = r["eval"]
-        lines.append(f"| {r['label']} | {r['kind']} | {r['steps'] or '-'} | {r['bpw']:.3f} | {r['mib']:.1f} | "
-                     f"{f(e.get('ppl'), '.2f')} | {f(e.get('delta_ppl'), '+.2f')} | {f(e.get('mean_kld'), '.4f')} | "
-                     f"{f(e.get('same_top_pct'), '.1f')} | {f(e.get('repeat_rate'), '.2f')} |")
+        lines.append(
+            f"| {r['label']} | {r['kind']} | {r['steps'] or '-'} | {r['bpw']:.3f} | {r['mib']:.1f} | "
+            f"{f(e.get('ppl'), '.2f')} | {f(e.get('delta_ppl'), '+.2f')} | {f(e.get('mean_kld'), '.4f')} | "
+            f"{f(e.get('same_top_pct'), '.1f')} | {f(e.get('repeat_rate'), '.2f')} |"
+        )
     lines += ["", "Commands:", ""]
     lines += [f"- {r['label']} ({r['kind']}): `{r['command']}`" for r in result["rows"]]
     lines += ["", f"Made by `{result['argv']}` in {result['total_s'] / 60:.1f} min.", ""]
     return "\n".join(lines)
 
 
-def main(output: Path = typer.Option(..., "-o", help="report path without suffix (.md and .json are written)"),
-         qat_steps: int = typer.Option(44, help="QAT steps of the 2-core rows (0 = none)"),
-         schemes: str = typer.Option(",".join(SCHEMES), help="slim-edge schemes, comma-separated"),
-         reuse: Path = typer.Option(None, help="a demo folder whose ckpt-<scheme> to reuse when the recipe matches"),
-         extra: list[str] = typer.Option([], help="LABEL=FILE.gguf=COMMAND, a row made elsewhere"),
-         chunks: int = typer.Option(16, help="evaluation chunks of 512 tokens"),
-         runs: Path = typer.Option(Path("runs/quality"), help="where GGUFs and checkpoints are cached"),
-         force: bool = typer.Option(False, "--force", help="overwrite an existing report")):
+def main(
+    output: Path = typer.Option(..., "-o", help="report path without suffix (.md and .json are written)"),
+    qat_steps: int = typer.Option(44, help="QAT steps of the 2-core rows (0 = none)"),
+    schemes: str = typer.Option(",".join(SCHEMES), help="slim-edge schemes, comma-separated"),
+    reuse: Path = typer.Option(None, help="a demo folder whose ckpt-<scheme> to reuse when the recipe matches"),
+    extra: list[str] = typer.Option([], help="LABEL=FILE.gguf=COMMAND, a row made elsewhere"),
+    chunks: int = typer.Option(16, help="evaluation chunks of 512 tokens"),
+    runs: Path = typer.Option(Path("runs/quality"), help="where GGUFs and checkpoints are cached"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing report"),
+):
     from importlib.metadata import version
 
     from slim_edge.converters.inspect import linear_bpw
@@ -158,19 +171,38 @@ def main(output: Path = typer.Option(..., "-o", help="report path without suffix
         rows += [scheme_row(s, qat_steps, runs, reuse) for s in names]
     rows += extras
     _log(f"evaluating {len(rows) - 1} files against F16")
-    ev = evaluate([str(r.gguf) for r in rows[1:]], reference=str(rows[0].gguf), corpus="lee", split="eval",
-                  ctx=512, max_chunks=chunks, gen_tokens=64, train_text="wiki")
+    ev = evaluate(
+        [str(r.gguf) for r in rows[1:]],
+        reference=str(rows[0].gguf),
+        corpus="lee",
+        split="eval",
+        ctx=512,
+        max_chunks=chunks,
+        gen_tokens=64,
+        train_text="wiki",
+    )
     by_model = {m["model"]: m for m in ev["models"]}
     out_rows = []
     for r in rows:
         e = {k: v for k, v in by_model[str(r.gguf)].items() if k != "generation"}
-        out_rows.append({**asdict(r), "gguf": str(r.gguf), "bpw": linear_bpw(r.gguf),
-                         "mib": r.gguf.stat().st_size / 2**20, "eval": e})
-    result = {"rows": out_rows, "eval": {k: v for k, v in ev.items() if k != "models"},
-              "machine": f"{platform.machine()}, {platform.processor() or platform.system()}, 2 threads",
-              "bindings": version("llama_cpp_python"), "date": time.strftime("%Y-%m-%d"),
-              "argv": "python -m slim_edge.evals.lab.quality_table " + " ".join(sys.argv[1:]),
-              "total_s": time.perf_counter() - t0}
+        out_rows.append(
+            {
+                **asdict(r),
+                "gguf": str(r.gguf),
+                "bpw": linear_bpw(r.gguf),
+                "mib": r.gguf.stat().st_size / 2**20,
+                "eval": e,
+            }
+        )
+    result = {
+        "rows": out_rows,
+        "eval": {k: v for k, v in ev.items() if k != "models"},
+        "machine": f"{platform.machine()}, {platform.processor() or platform.system()}, 2 threads",
+        "bindings": version("llama_cpp_python"),
+        "date": time.strftime("%Y-%m-%d"),
+        "argv": "python -m slim_edge.evals.lab.quality_table " + " ".join(sys.argv[1:]),
+        "total_s": time.perf_counter() - t0,
+    }
     output.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((js, json.dumps(result, indent=1, default=str)), (md, to_markdown(result))):
         tmp = path.with_name(path.name + ".tmp")

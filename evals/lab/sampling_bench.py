@@ -12,6 +12,7 @@
    gendata.sampling_batch of the free memory, is added), with peak GPU memory and whether the engines drew the
    same tokens at the same batch.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,13 +47,19 @@ def _time(fn, device: str, repeat: int) -> float:
     return (time.perf_counter() - t) / repeat
 
 
-def main(model: str = "smollm2-135m", device: str = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
-         batches: str = typer.Option("16,64", help="sampling batches to time whole sampling at"),
-         engines: str = typer.Option("kv,transformers", help="decoding engines to time (gendata.teacher_tokens)"),
-         rows: int = typer.Option(256, help="distributions the top-p step is timed on"),
-         tokens: int = typer.Option(4096, help="tokens sampled per whole-sampling measurement"),
-         seq_len: int = 512, temp: float = 0.7, top_p: float = 0.9, prompt: int = 16,
-         output: Path = typer.Option(Path("evals/reports/sampling_bench"), "-o")):
+def main(
+    model: str = "smollm2-135m",
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
+    batches: str = typer.Option("16,64", help="sampling batches to time whole sampling at"),
+    engines: str = typer.Option("kv,transformers", help="decoding engines to time (gendata.teacher_tokens)"),
+    rows: int = typer.Option(256, help="distributions the top-p step is timed on"),
+    tokens: int = typer.Option(4096, help="tokens sampled per whole-sampling measurement"),
+    seq_len: int = 512,
+    temp: float = 0.7,
+    top_p: float = 0.9,
+    prompt: int = 16,
+    output: Path = typer.Option(Path("evals/reports/sampling_bench"), "-o"),
+):
     device = pick_device(device)
     m, tok = load_model(model, device=device)[:2]
     m.eval()
@@ -64,17 +71,25 @@ def main(model: str = "smollm2-135m", device: str = typer.Option(None, help="cpu
     probs = []
     with torch.no_grad():
         for p, c in zip(pos.tolist(), cut.tolist()):
-            x = ids[p:p + c][None].to(device)
+            x = ids[p : p + c][None].to(device)
             probs.append(torch.softmax(m(x).logits[0, -1].float() / temp, -1))
     probs = torch.stack(probs)
     same = torch.equal(nucleus(probs, top_p), full_sort_nucleus(probs, top_p))
     wide = int((probs.topk(NUCLEUS_K, -1).values.sum(-1) < top_p).sum())
     t_new = _time(lambda: nucleus(probs, top_p), device, 20)
     t_old = _time(lambda: full_sort_nucleus(probs, top_p), device, 20)
-    step = {"rows": rows, "vocab": probs.shape[-1], "top_p": top_p, "temperature": temp,
-            "rows_past_top_k": wide, "nucleus_k": NUCLEUS_K, "identical": same,
-            "full_sort_ms": round(t_old * 1e3, 3), "top_k_ms": round(t_new * 1e3, 3),
-            "speedup": round(t_old / t_new, 2)}
+    step = {
+        "rows": rows,
+        "vocab": probs.shape[-1],
+        "top_p": top_p,
+        "temperature": temp,
+        "rows_past_top_k": wide,
+        "nucleus_k": NUCLEUS_K,
+        "identical": same,
+        "full_sort_ms": round(t_old * 1e3, 3),
+        "top_k_ms": round(t_new * 1e3, 3),
+        "speedup": round(t_old / t_new, 2),
+    }
     print(json.dumps(step), file=sys.stderr, flush=True)
     runs, drawn = [], {}
     cuda = device.startswith("cuda")
@@ -89,32 +104,68 @@ def main(model: str = "smollm2-135m", device: str = typer.Option(None, help="cpu
                 torch.cuda.reset_peak_memory_stats()
             _sync(device)
             t = time.perf_counter()
-            out = teacher_tokens(m, n, seq_len, ids, device=device, seed=0, batch=b, progress=False,
-                                 temperature=temp, top_p=top_p, prompt=prompt, engine=engine)
+            out = teacher_tokens(
+                m,
+                n,
+                seq_len,
+                ids,
+                device=device,
+                seed=0,
+                batch=b,
+                progress=False,
+                temperature=temp,
+                top_p=top_p,
+                prompt=prompt,
+                engine=engine,
+            )
             _sync(device)
             dt = time.perf_counter() - t
             first = drawn.setdefault((b, n), out)
-            r = {"engine": engine, "batch": b, "tokens": len(out), "seconds": round(dt, 2),
-                 "tokens_per_s": round(len(out) / dt), "same_tokens_as_first_engine_pct":
-                 round(100 * float((first == out).double().mean()), 1),
-                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None}
+            r = {
+                "engine": engine,
+                "batch": b,
+                "tokens": len(out),
+                "seconds": round(dt, 2),
+                "tokens_per_s": round(len(out) / dt),
+                "same_tokens_as_first_engine_pct": round(100 * float((first == out).double().mean()), 1),
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
+            }
             runs.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
-    where = torch.cuda.get_device_name() if device.startswith("cuda") else \
-        f"{platform.processor() or platform.machine()}, " \
-        f"{torch.get_num_threads()} threads"
-    info = {"model": model, "device": where, "torch": torch.__version__, "text": source, "seq_len": seq_len,
-            "prompt": prompt, "top_p_step": step, "sampling": runs, "command": " ".join(sys.argv)}
-    lines = [f"# teacher:N sampling speed: {model}, {where}", "",
-             f"`{info['command']}`", "",
-             f"Top-p step on {rows} of the model's next-token distributions (temperature {temp}, top-p {top_p}, "
-             f"vocabulary {step['vocab']}; {wide} rows need more than the top {NUCLEUS_K}): full sort "
-             f"{step['full_sort_ms']} ms, top-{NUCLEUS_K} first {step['top_k_ms']} ms = {step['speedup']}x; "
-             f"the same distribution bit for bit: {same}.", "",
-             "| engine | sampling batch | tokens | seconds | tokens/s | peak GiB | same tokens as the first engine % |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['engine']} | {r['batch']} | {r['tokens']:,} | {r['seconds']} | {r['tokens_per_s']:,} | "
-              f"{r['peak_gib'] or '-'} | {r['same_tokens_as_first_engine_pct']} |" for r in runs]
+    where = (
+        torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    info = {
+        "model": model,
+        "device": where,
+        "torch": torch.__version__,
+        "text": source,
+        "seq_len": seq_len,
+        "prompt": prompt,
+        "top_p_step": step,
+        "sampling": runs,
+        "command": " ".join(sys.argv),
+    }
+    lines = [
+        f"# teacher:N sampling speed: {model}, {where}",
+        "",
+        f"`{info['command']}`",
+        "",
+        f"Top-p step on {rows} of the model's next-token distributions (temperature {temp}, top-p {top_p}, "
+        f"vocabulary {step['vocab']}; {wide} rows need more than the top {NUCLEUS_K}): full sort "
+        f"{step['full_sort_ms']} ms, top-{NUCLEUS_K} first {step['top_k_ms']} ms = {step['speedup']}x; "
+        f"the same distribution bit for bit: {same}.",
+        "",
+        "| engine | sampling batch | tokens | seconds | tokens/s | peak GiB | same tokens as the first engine % |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['engine']} | {r['batch']} | {r['tokens']:,} | {r['seconds']} | {r['tokens_per_s']:,} | "
+        f"{r['peak_gib'] or '-'} | {r['same_tokens_as_first_engine_pct']} |"
+        for r in runs
+    ]
     output.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(info, indent=1) + "\n"), (".md", "\n".join(lines) + "\n")):
         with atomic_path(output.with_suffix(suffix)) as tmp:

@@ -1,4 +1,5 @@
 """export --gguf: the GGUF holds exactly the trained codes; its metadata; inspect; clean errors."""
+
 import json
 import struct
 
@@ -50,8 +51,9 @@ def test_export_is_bit_exact(scheme, tiny_exports):
 def test_export_says_what_runtime_roundings_the_model_was_trained_through(tiny_smol, tiny_text, tmp_path):
     from slim_edge.converters.model_card import write_card
 
-    config = QuantConfig(scheme="sherry", steps=1, batch_size=1, seq_len=32, calib=str(tiny_text), act_quant=True,
-                         runtime_attention=True)
+    config = QuantConfig(
+        scheme="sherry", steps=1, batch_size=1, seq_len=32, calib=str(tiny_text), act_quant=True, runtime_attention=True
+    )
     run_quantize(str(tiny_smol), config, tmp_path / "ckpt", progress=False)
     summary = export_checkpoint(tmp_path / "ckpt", tmp_path / "m.gguf")
     assert summary["trained_for"] == {"act_quant": True, "runtime_attention": True}
@@ -91,11 +93,12 @@ def test_metadata_of_custom_ids_reads_back(scheme, type_id, tiny_exports, tiny_s
     by_id = {i: tok for tok, i in vocab["vocab"].items()}
     assert all(meta["tokenizer.ggml.tokens"][i] == by_id[i] for i in (0, 1, 2, 100, 49151))
     # every key and value, against gguf-py on a copy of the header that declares no tensors
-    header = bytearray(out.read_bytes()[:table.info_start])
+    header = bytearray(out.read_bytes()[: table.info_start])
     struct.pack_into("<Q", header, 8, 0)
     (tmp_path / "header.gguf").write_bytes(header)
-    fields = {f.name: f for f in gguf.GGUFReader(tmp_path / "header.gguf").fields.values()
-              if not f.name.startswith("GGUF.")}
+    fields = {
+        f.name: f for f in gguf.GGUFReader(tmp_path / "header.gguf").fields.values() if not f.name.startswith("GGUF.")
+    }
     assert list(fields) == list(meta)
     assert all(fields[k].contents() == v for k, v in meta.items())
     # named after the base model's folder, as the converter names a baseline (not the export's temp folder)
@@ -107,8 +110,9 @@ def test_metadata_of_custom_ids_reads_back(scheme, type_id, tiny_exports, tiny_s
 def test_export_says_when_the_embedding_type_is_not_exact(smol_ptq, tmp_path):
     """An embedding type that cannot hold the checkpoint's embedding is exported, with a note naming one that can."""
     ckpt = smol_ptq("sherry")[0]
-    r = CliRunner().invoke(app, ["export", str(ckpt), "--gguf", str(tmp_path / "f16.gguf"),
-                                 "--token-embedding-type", "f16", "--json"])
+    r = CliRunner().invoke(
+        app, ["export", str(ckpt), "--gguf", str(tmp_path / "f16.gguf"), "--token-embedding-type", "f16", "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert "token_embd.weight in f16 differs from the checkpoint" in r.stderr and "q8_0 holds it exactly" in r.stderr
     k = json.loads(r.stdout)["kept"]["token_embd.weight"]
@@ -118,8 +122,12 @@ def test_export_says_when_the_embedding_type_is_not_exact(smol_ptq, tmp_path):
 
 def test_export_refuses_to_overwrite(tiny_smol, tiny_text, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run_quantize(str(tiny_smol), QuantConfig(scheme="q2", steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
-                 ckpt, progress=False)
+    run_quantize(
+        str(tiny_smol),
+        QuantConfig(scheme="q2", steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
+        ckpt,
+        progress=False,
+    )
     out = tmp_path / "m.gguf"
     out.write_bytes(b"keep me")
     with pytest.raises(SlimEdgeError, match="already exists.*--force"):
@@ -150,15 +158,21 @@ def test_stock_type_export_runs_in_unpatched_bindings(tiny_smol, tiny_text, tmp_
     assert stock.key != ensure_runtime("host").key
 
     ckpt = tmp_path / "ckpt"
-    run_quantize(str(tiny_smol), QuantConfig(scheme="ternary", steps=0, batch_size=1, seq_len=32,
-                                             calib=str(tiny_text)), ckpt, progress=False)
+    run_quantize(
+        str(tiny_smol),
+        QuantConfig(scheme="ternary", steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
+        ckpt,
+        progress=False,
+    )
     out = tmp_path / "t.gguf"
     assert export_checkpoint(ckpt, out)["needs_patched_runtime"] is False
     env = {**{k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}, **stock.env()}
-    code = ("import json, sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, verbose=False); "
-            "toks = llm.tokenize(b'The capital of France is'); "
-            "out = [int(t) for t, _ in zip(llm.generate(toks, temp=0.0, reset=True), range(8))]; "
-            "print(json.dumps({'n': len(out), 'vocab': llm.n_vocab()}))")
+    code = (
+        "import json, sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, verbose=False); "
+        "toks = llm.tokenize(b'The capital of France is'); "
+        "out = [int(t) for t, _ in zip(llm.generate(toks, temp=0.0, reset=True), range(8))]; "
+        "print(json.dumps({'n': len(out), 'vocab': llm.n_vocab()}))"
+    )
     p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -175,8 +189,12 @@ def test_rows_of_576_export_to_the_64_blocks_and_run_as_trained(scheme, types, t
 
     folder = make_tiny_smol(tmp_path / "m", layers=1, hidden=576, intermediate=1536)
     ckpt, out = tmp_path / "ckpt", tmp_path / "m.gguf"
-    run_quantize(str(folder), QuantConfig(scheme=scheme, steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
-                 ckpt, progress=False)
+    run_quantize(
+        str(folder),
+        QuantConfig(scheme=scheme, steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
+        ckpt,
+        progress=False,
+    )
     summary = export_checkpoint(ckpt, out)
     assert check_bit_exact(ckpt, out) == 7
     linear = {t.type_id for t in read_tensor_table(out).tensors if t.name.split(".")[-2] in GGUF_NAMES.values()}
@@ -189,13 +207,33 @@ def test_rows_of_576_export_to_the_64_blocks_and_run_as_trained(scheme, types, t
 
 # --- llama-quantize: the one helper for stock types (export --type, bench --baselines, kernel_bench) -----
 def test_llama_quantize_argv():
-    assert llama_quantize_argv(["/b/llama-quantize"], "f16.gguf", "q.gguf.tmp", "q4_k_m",
-                               token_embedding_type="q6_K", output_tensor_type="q6_K") == [
-        "/b/llama-quantize", "--token-embedding-type", "q6_K", "--output-tensor-type", "q6_K",
-        "f16.gguf", "q.gguf.tmp", "Q4_K_M"]
+    assert llama_quantize_argv(
+        ["/b/llama-quantize"],
+        "f16.gguf",
+        "q.gguf.tmp",
+        "q4_k_m",
+        token_embedding_type="q6_K",
+        output_tensor_type="q6_K",
+    ) == [
+        "/b/llama-quantize",
+        "--token-embedding-type",
+        "q6_K",
+        "--output-tensor-type",
+        "q6_K",
+        "f16.gguf",
+        "q.gguf.tmp",
+        "Q4_K_M",
+    ]
     # the type alone (export --type, bench --baselines); the prefix may be several words (qemu for arm64)
     assert llama_quantize_argv(["qemu-aarch64", "-cpu", "cortex-a76", "/rt/llama-quantize"], "a", "b", "Q4_0") == [
-        "qemu-aarch64", "-cpu", "cortex-a76", "/rt/llama-quantize", "a", "b", "Q4_0"]
+        "qemu-aarch64",
+        "-cpu",
+        "cortex-a76",
+        "/rt/llama-quantize",
+        "a",
+        "b",
+        "Q4_0",
+    ]
 
 
 def test_bin_dir_without_llama_quantize(tmp_path):
@@ -242,6 +280,7 @@ def smol_ptq(tiny_text, tmp_path_factory):
                     weights[e["name"]] = (w.numpy(), None if b is None else b.numpy())
             made[scheme] = (d / "ckpt", d / "m.gguf", weights, summary)
         return made[scheme]
+
     return get
 
 
@@ -250,11 +289,23 @@ def smol_ptq(tiny_text, tmp_path_factory):
 def test_smollm2_ptq_export_is_bit_exact(scheme, smol_ptq):
     ckpt, out, weights, summary = smol_ptq(scheme)
     # the shipped SmolLM2 keeps token_embd in Q8_0, so the default Q8_0 embedding is the checkpoint's exactly
-    assert summary["kept"]["token_embd.weight"] == {"type": "q8_0", "exact": True, "max_abs_err": 0.0,
-                                                   "rel_rms_err": 0.0}
+    assert summary["kept"]["token_embd.weight"] == {
+        "type": "q8_0",
+        "exact": True,
+        "max_abs_err": 0.0,
+        "rel_rms_err": 0.0,
+    }
     plan = read_meta(ckpt)["plan"]
     assert {e["name"].split(".")[2] for e in plan} == {"0", "29"} and len(plan) == 14
     assert check_bit_exact(ckpt, out, weights) == 14
     formats = {e["format"] for e in plan}
-    assert formats == {"seq2": {"q2_0c", "q2_0c_64"}, "sherry": {"stq1_0", "stq1_0_64"}, "tequila": {"tq2_0", "q2_0"},
-                       "ternary": {"tq2_0", "q2_0"}, "q2": {"q2_0"}}[scheme]
+    assert (
+        formats
+        == {
+            "seq2": {"q2_0c", "q2_0c_64"},
+            "sherry": {"stq1_0", "stq1_0_64"},
+            "tequila": {"tq2_0", "q2_0"},
+            "ternary": {"tq2_0", "q2_0"},
+            "q2": {"q2_0"},
+        }[scheme]
+    )

@@ -1,4 +1,5 @@
 """slim-edge's own GGUF reader: every KV value type, custom tensor type ids, and clean errors on bad files."""
+
 import struct
 
 import gguf
@@ -13,12 +14,18 @@ from slim_edge.formats import get_format
 
 PLACEHOLDER = gguf.GGMLQuantizationType.TQ2_0  # a stock id gguf-py accepts; patched to the real id afterwards
 WRITTEN = {  # key -> (writer method, value, type name the reader reports)
-    "t.u8": ("add_uint8", 255, "uint8"), "t.i8": ("add_int8", -128, "int8"),
-    "t.u16": ("add_uint16", 65535, "uint16"), "t.i16": ("add_int16", -32768, "int16"),
-    "t.u32": ("add_uint32", 2**32 - 1, "uint32"), "t.i32": ("add_int32", -2**31, "int32"),
-    "t.u64": ("add_uint64", 2**64 - 1, "uint64"), "t.i64": ("add_int64", -2**63, "int64"),
-    "t.f32": ("add_float32", 0.1, "float32"), "t.f64": ("add_float64", 0.1, "float64"),
-    "t.bool": ("add_bool", True, "bool"), "t.str": ("add_string", "héllo ✓", "string"),
+    "t.u8": ("add_uint8", 255, "uint8"),
+    "t.i8": ("add_int8", -128, "int8"),
+    "t.u16": ("add_uint16", 65535, "uint16"),
+    "t.i16": ("add_int16", -32768, "int16"),
+    "t.u32": ("add_uint32", 2**32 - 1, "uint32"),
+    "t.i32": ("add_int32", -(2**31), "int32"),
+    "t.u64": ("add_uint64", 2**64 - 1, "uint64"),
+    "t.i64": ("add_int64", -(2**63), "int64"),
+    "t.f32": ("add_float32", 0.1, "float32"),
+    "t.f64": ("add_float64", 0.1, "float64"),
+    "t.bool": ("add_bool", True, "bool"),
+    "t.str": ("add_string", "héllo ✓", "string"),
     "t.ints": ("add_array", [3, -1, 7], "array[int32]"),
     "t.floats": ("add_array", [0.5, -2.25], "array[float32]"),
     "t.bools": ("add_array", [True, False, True], "array[bool]"),
@@ -132,7 +139,7 @@ def test_header_cuts_say_where(tmp_path):
     data = path.read_bytes()
     strs = data.index(b"t.strs")
     bad = tmp_path / "cut.gguf"
-    bad.write_bytes(data[:strs + 20])  # inside the string array's header
+    bad.write_bytes(data[: strs + 20])  # inside the string array's header
     with pytest.raises(SlimEdgeError, match=r"cut\.gguf: truncated or corrupt GGUF: .*'t\.strs'.*file ends at"):
         read_metadata(bad)
 
@@ -150,9 +157,12 @@ def test_wrong_magic_and_other_faults(tmp_path):
     # a string length far beyond the file: an error, not a huge allocation
     key = b"t.str"
     pos = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4
-    cases["strlen"] = (data[:pos] + struct.pack("<Q", 2**60) + data[pos + 8:], r"strlen\.gguf: truncated or corrupt")
+    cases["strlen"] = (data[:pos] + struct.pack("<Q", 2**60) + data[pos + 8 :], r"strlen\.gguf: truncated or corrupt")
     pos = data.index(struct.pack("<Q", 4) + b"t.u8") + 8 + 4
-    cases["vtype"] = (data[:pos] + struct.pack("<I", 77) + data[pos + 4:], r"vtype\.gguf: .*unknown GGUF value type 77")
+    cases["vtype"] = (
+        data[:pos] + struct.pack("<I", 77) + data[pos + 4 :],
+        r"vtype\.gguf: .*unknown GGUF value type 77",
+    )
     for name, (content, pattern) in cases.items():
         bad = tmp_path / f"{name}.gguf"
         bad.write_bytes(bytes(content))

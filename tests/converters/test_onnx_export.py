@@ -1,4 +1,5 @@
 """`slim-edge export --onnx`: the checkpoint's codes in MatMulNBits, run by the real onnxruntime."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,11 @@ def onnx_initializers(path: Path) -> tuple[dict, dict]:
     for n in model.graph.node:  # the embedding's gather reads the head's codes through a Reshape
         if n.op_type == "Reshape" and n.input[0] in inits:
             inits[n.output[0]] = inits[n.input[0]].reshape(inits[n.input[1]])
-    nodes = {(n.op_type, n.input[1 if n.op_type == "MatMulNBits" else 0]): n for n in model.graph.node
-             if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    nodes = {
+        (n.op_type, n.input[1 if n.op_type == "MatMulNBits" else 0]): n
+        for n in model.graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
     return inits, nodes
 
 
@@ -55,8 +59,9 @@ def decode_node(node, inits: dict) -> np.ndarray:
     zp = np.full((n, nb), 1 << (bits - 1), np.float32)
     if zp_name:
         z = inits[zp_name]
-        zp = (unpack_codes(z.reshape(n, -1), bits)[:, :nb].astype(np.float32) if z.dtype == np.uint8
-              else z.reshape(n, nb))
+        zp = (
+            unpack_codes(z.reshape(n, -1), bits)[:, :nb].astype(np.float32) if z.dtype == np.uint8 else z.reshape(n, nb)
+        )
     return ((codes.reshape(n, nb, block) - zp[:, :, None]) * scales.reshape(n, nb, 1)).reshape(n, k)
 
 
@@ -137,12 +142,26 @@ def test_every_format_runs_exactly_in_matmulnbits(name):
     inits = [numpy_helper.from_array(pw.codes, "B"), numpy_helper.from_array(pw.scales, "S")]
     if pw.zero_points is not None:
         inits.append(numpy_helper.from_array(pw.zero_points, "Z"))
-    node = helper.make_node("MatMulNBits", ["A"] + [i.name for i in inits], ["Y"], domain="com.microsoft", K=k, N=n,
-                            bits=pw.grid.bits, block_size=pw.grid.block)
-    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("A", T.FLOAT, [4, k])],
-                              [helper.make_tensor_value_info("Y", T.FLOAT, [4, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A"] + [i.name for i in inits],
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=pw.grid.bits,
+        block_size=pw.grid.block,
+    )
+    graph = helper.make_graph(
+        [node],
+        "t",
+        [helper.make_tensor_value_info("A", T.FLOAT, [4, k])],
+        [helper.make_tensor_value_info("Y", T.FLOAT, [4, n])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     a = rng.standard_normal((4, k)).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
     ref = a.astype(np.float64) @ fmt.dequantize(raw, k).astype(np.float64).T
@@ -153,6 +172,7 @@ def _kld(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     def logsm(x):
         x = x.astype(np.float64) - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
     lp, lq = logsm(p_logits), logsm(q_logits)
     return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
@@ -183,7 +203,7 @@ def test_kv_cache_decoding_equals_a_full_forward(onnx_exports):
     logits, cache = lm.step(ids[:8], lm.empty_cache(), 0)
     rows = [logits]
     for pos in range(8, len(ids)):
-        logits, cache = lm.step(ids[pos:pos + 1], cache, pos)
+        logits, cache = lm.step(ids[pos : pos + 1], cache, pos)
         rows.append(logits)
     assert cache["past_key_values.1.value"].shape == (1, 2, 24, 128)
     assert np.abs(np.concatenate(rows) - full).max() < 1e-4
@@ -199,8 +219,13 @@ def test_genai_config_and_tokenizer_are_written(onnx_exports):
     assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    assert [i.name for i in model.graph.input][:5] == ["input_ids", "attention_mask", "position_ids",
-                                                       "past_key_values.0.key", "past_key_values.0.value"]
+    assert [i.name for i in model.graph.input][:5] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+    ]
     assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
     assert not summary["external_data"] and not (out / "model.onnx.data").exists()
 
@@ -230,8 +255,12 @@ def test_unmapped_formats_and_architectures_are_clear_errors(tiny_text, tmp_path
     with pytest.raises(SlimEdgeError, match="f16 .block 1. has no ONNX MatMulNBits mapping"):
         onnx_grid(FORMATS["f16"])
     qwen = make_tiny_model(tmp_path / "qwen", "qwen2", layers=1)
-    run_quantize(str(qwen), QuantConfig(scheme="q2", steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
-                 tmp_path / "ckpt", progress=False)
+    run_quantize(
+        str(qwen),
+        QuantConfig(scheme="q2", steps=0, batch_size=1, seq_len=32, calib=str(tiny_text)),
+        tmp_path / "ckpt",
+        progress=False,
+    )
     with pytest.raises(SlimEdgeError, match="this checkpoint is Qwen2ForCausalLM: export it with --gguf"):
         export_onnx(tmp_path / "ckpt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -254,11 +283,17 @@ def test_inspect_reads_ops_bits_and_size_from_the_file(onnx_exports):
     assert (up["bits"], up["block_size"], up["bytes"]) == (2, 256, 1024 * 512 // 4 + 1024 * 2 * 8)
     assert r["linear_bits_per_weight"] == 2.25 and r["bytes"] == summary["bytes"]
     assert "2.250 bits per weight" in format_onnx_report(r)
-    assert r["attention"] == {"kind": "gqa", "num_heads": 4, "kv_num_heads": 2, "rotary_inside": True,
-                              "ops": {"com.microsoft.GroupQueryAttention": 2,
-                                      "com.microsoft.SkipSimplifiedLayerNormalization": 4}}
-    assert ("attention: gqa, 4 query / 2 KV heads, RoPE inside (com.microsoft.GroupQueryAttention x2, "
-            "com.microsoft.SkipSimplifiedLayerNormalization x4)") in format_onnx_report(r)
+    assert r["attention"] == {
+        "kind": "gqa",
+        "num_heads": 4,
+        "kv_num_heads": 2,
+        "rotary_inside": True,
+        "ops": {"com.microsoft.GroupQueryAttention": 2, "com.microsoft.SkipSimplifiedLayerNormalization": 4},
+    }
+    assert (
+        "attention: gqa, 4 query / 2 KV heads, RoPE inside (com.microsoft.GroupQueryAttention x2, "
+        "com.microsoft.SkipSimplifiedLayerNormalization x4)"
+    ) in format_onnx_report(r)
 
 
 def test_inspect_names_the_plain_attention(both_attentions):
@@ -273,8 +308,9 @@ def test_eval_scores_an_onnx_export_against_its_checkpoint(onnx_exports):
     from slim_edge.evals.eval_cmd import evaluate
 
     ckpt, out, _ = onnx_exports("sherry")
-    result = evaluate([str(out)], reference=str(ckpt), corpus="pydoc", ctx=128, max_chunks=2, gen_tokens=0,
-                      progress=False)
+    result = evaluate(
+        [str(out)], reference=str(ckpt), corpus="pydoc", ctx=128, max_chunks=2, gen_tokens=0, progress=False
+    )
     ref, row = result["models"]
     assert row["backend"] == "onnx" and ref["backend"] == "torch"
     assert row["mean_kld"] < 1e-6 and abs(row["ppl"] / ref["ppl"] - 1) < 1e-4
@@ -298,6 +334,7 @@ def test_bench_times_onnxruntime_in_llama_bench_rows(onnx_exports):
 
 # --- the real model -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smol_onnx(tiny_text, tmp_path_factory):
     """scheme -> (checkpoint, ONNX folder) of SmolLM2-135M at PTQ (`slim-edge quantize --steps 0`), with only
@@ -319,6 +356,7 @@ def smol_onnx(tiny_text, tmp_path_factory):
             export_onnx(d / "ckpt", d / "onnx")
             made[scheme] = (d / "ckpt", d / "onnx")
         return made[scheme]
+
     return get
 
 
@@ -366,6 +404,7 @@ def test_a_float_model_exports_as_the_fp32_baseline(tiny2, tmp_path):
 
 
 # --- attention: onnxruntime's fused GroupQueryAttention (the default) and the plain-op graph ------------------
+
 
 def test_gqa_is_the_default_and_replaces_the_attention_ops(both_attentions):
     _, exports = both_attentions
@@ -421,8 +460,11 @@ def test_gqa_positions_past_the_rope_caches_are_a_clear_error(both_attentions):
     assert (gqa.max_positions, plain.max_positions) == (512, None)
     ids = np.random.default_rng(4).integers(0, gqa.n_vocab, 512)
     _, cache = gqa.step(ids, gqa.empty_cache(), 0)  # all 512 positions
-    with pytest.raises(SlimEdgeError, match=r"3 token\(s\) at position 512 reach position 514, past the 512 "
-                                            r"positions .* --onnx-attention plain"):
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"3 token\(s\) at position 512 reach position 514, past the 512 "
+        r"positions .* --onnx-attention plain",
+    ):
         gqa.step(ids[:3], cache, 512)
     with pytest.raises(SlimEdgeError, match=r"past the 512 positions"):
         gqa.logits(np.concatenate([ids, ids[:1]]))
@@ -441,7 +483,6 @@ def test_exports_carry_the_ir_version_of_their_opset(both_attentions):
         assert sorted((o.domain, o.version) for o in model.opset_import) == [("", 21), ("com.microsoft", 1)]
 
 
-
 def test_an_export_onnxruntime_refuses_names_the_reason(both_attentions, tmp_path):
     """What the GPU machine's onnxruntime said of an IR-14 file, as OnnxLM reports it: the reason, not the C++
     signature onnxruntime wraps it in (which filled the first 300 characters the message kept)."""
@@ -450,8 +491,11 @@ def test_an_export_onnxruntime_refuses_names_the_reason(both_attentions, tmp_pat
     model = onnx.load(str(both_attentions[1]["gqa"][0] / "model.onnx"))
     model.ir_version = 99
     onnx.save(model, str(tmp_path / "model.onnx"))
-    with pytest.raises(SlimEdgeError, match=r"could not load .*model.onnx \(.*failed: Unsupported model IR version: "
-                                            r"99, max supported IR version: \d+\); re-export"):
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"could not load .*model.onnx \(.*failed: Unsupported model IR version: "
+        r"99, max supported IR version: \d+\); re-export",
+    ):
         OnnxLM(tmp_path / "model.onnx")
 
 
@@ -464,8 +508,9 @@ def test_onnx_attention_option_is_checked(onnx_exports, tmp_path):
     with pytest.raises(SlimEdgeError, match="--onnx-attention flash: choose one of gqa, plain"):
         export_onnx(ckpt, tmp_path / "bad", attention="flash")
     assert not (tmp_path / "bad").exists()
-    r = CliRunner().invoke(app, ["export", str(ckpt), "--onnx", str(tmp_path / "p"), "--onnx-attention", "plain",
-                                 "--json"])
+    r = CliRunner().invoke(
+        app, ["export", str(ckpt), "--onnx", str(tmp_path / "p"), "--onnx-attention", "plain", "--json"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["attention"] == "plain"
     assert json.loads((tmp_path / "p" / "slim_edge_onnx.json").read_text())["ops"]["Softmax"] == 2
@@ -483,16 +528,22 @@ def test_exports_name_the_oldest_onnxruntime_that_runs_them(both_attentions, onn
 
     _, exports = both_attentions
     folder, summary = exports["gqa"]
-    assert summary["min_onnxruntime"] == "1.27" == json.loads((folder / "slim_edge_onnx.json").read_text())[
-        "min_onnxruntime"]
+    assert (
+        summary["min_onnxruntime"]
+        == "1.27"
+        == json.loads((folder / "slim_edge_onnx.json").read_text())["min_onnxruntime"]
+    )
     assert version_tuple("1.27.0") == (1, 27, 0) and version_tuple("1.28.0.dev20260101+cu12") == (1, 28, 0)
     assert version_tuple("1.9.0") < version_tuple("1.27") < version_tuple("1.32.0")
     future = tmp_path / "future"
     shutil.copytree(folder, future)
     info = json.loads((future / "slim_edge_onnx.json").read_text())
     (future / "slim_edge_onnx.json").write_text(json.dumps({**info, "min_onnxruntime": "99.1"}))
-    with pytest.raises(SlimEdgeError, match=r"onnxruntime [0-9.]+ is older than 99.1, the first that runs this "
-                                            r"export.*pip install -U 'onnxruntime>=99.1'"):
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"onnxruntime [0-9.]+ is older than 99.1, the first that runs this "
+        r"export.*pip install -U 'onnxruntime>=99.1'",
+    ):
         OnnxLM(future)
     lm = OnnxLM(folder)
     bad = {name: np.zeros((1, shape[1], 2, shape[3] + 1), np.float32) for name, shape in lm.past}

@@ -1,4 +1,5 @@
 """`slim-edge gguf retag`: STQ1_0 tensors stored under type 42 (older AngelSlim files) become 43."""
+
 import struct
 
 import gguf

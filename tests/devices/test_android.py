@@ -32,9 +32,19 @@ def test_adb_argv():
     assert adb_shell_argv(None, "getprop") == ["adb", "shell", "getprop"]
     assert adb_shell_argv("R58M41XYZ12", "uname -m") == ["adb", "-s", "R58M41XYZ12", "shell", "uname -m"]
     assert adb_push_argv("R58M41XYZ12", "/tmp/m.gguf", f"{WORKDIR}/models/m.gguf") == [
-        "adb", "-s", "R58M41XYZ12", "push", "/tmp/m.gguf", "/data/local/tmp/slim-edge/models/m.gguf"]
+        "adb",
+        "-s",
+        "R58M41XYZ12",
+        "push",
+        "/tmp/m.gguf",
+        "/data/local/tmp/slim-edge/models/m.gguf",
+    ]
     assert adb_pull_argv(None, f"{WORKDIR}/out.json", "/tmp/out.json") == [
-        "adb", "pull", "/data/local/tmp/slim-edge/out.json", "/tmp/out.json"]
+        "adb",
+        "pull",
+        "/data/local/tmp/slim-edge/out.json",
+        "/tmp/out.json",
+    ]
 
 
 class Recorder(AndroidDevice):
@@ -51,12 +61,21 @@ class Recorder(AndroidDevice):
 
 def test_measured_run_command_line():
     dev = Recorder("R58M41XYZ12")
-    res = dev.run_measured(["/data/local/tmp/slim-edge/bin/llama-bench", "-m", "models/m.gguf", "-t", "2"],
-                           env={"LD_LIBRARY_PATH": "/data/local/tmp/slim-edge/bin"})
-    assert dev.lines == [["adb", "-s", "R58M41XYZ12", "shell",
-                          "cd /data/local/tmp/slim-edge && LD_LIBRARY_PATH=/data/local/tmp/slim-edge/bin "
-                          f"sh -c {shlex.quote(VMHWM_WRAPPER)} "
-                          "slim-edge /data/local/tmp/slim-edge/bin/llama-bench -m models/m.gguf -t 2"]]
+    res = dev.run_measured(
+        ["/data/local/tmp/slim-edge/bin/llama-bench", "-m", "models/m.gguf", "-t", "2"],
+        env={"LD_LIBRARY_PATH": "/data/local/tmp/slim-edge/bin"},
+    )
+    assert dev.lines == [
+        [
+            "adb",
+            "-s",
+            "R58M41XYZ12",
+            "shell",
+            "cd /data/local/tmp/slim-edge && LD_LIBRARY_PATH=/data/local/tmp/slim-edge/bin "
+            f"sh -c {shlex.quote(VMHWM_WRAPPER)} "
+            "slim-edge /data/local/tmp/slim-edge/bin/llama-bench -m models/m.gguf -t 2",
+        ]
+    ]
     assert (res.peak_rss_kb, res.peak_rss_method) == (2048, "VmHWM")
 
 
@@ -65,8 +84,11 @@ def test_cleanup_and_hash_command_lines():
     dev.remote_hashes(["models/a.gguf", "models/b c.gguf"])
     dev.cleanup()
     assert dev.lines == [
-        ["adb", "shell", "sha256sum /data/local/tmp/slim-edge/models/a.gguf "
-                         "'/data/local/tmp/slim-edge/models/b c.gguf' 2>/dev/null"],
+        [
+            "adb",
+            "shell",
+            "sha256sum /data/local/tmp/slim-edge/models/a.gguf '/data/local/tmp/slim-edge/models/b c.gguf' 2>/dev/null",
+        ],
         ["adb", "shell", "rm -rf /data/local/tmp/slim-edge"],
     ]
 
@@ -84,10 +106,15 @@ def test_probe_and_thermal_command_lines(captured):
     assert dev.lines[0][:4] == ["adb", "-s", "R58M41XYZ12", "shell"]
     assert "echo @@df; d=/data/local/tmp; while" in probe and f"echo @@thermal; {THERMAL_COMMAND}\n" in probe
     zones = dev.thermal()
-    assert dev.lines[1] == ["adb", "-s", "R58M41XYZ12", "shell",
-                            'for z in /sys/class/thermal/thermal_zone*; do [ -d "$z" ] || continue; '
-                            'echo "${z##*thermal_zone} $(cat "$z/type" 2>/dev/null) '
-                            '$(cat "$z/temp" 2>/dev/null)"; done']
+    assert dev.lines[1] == [
+        "adb",
+        "-s",
+        "R58M41XYZ12",
+        "shell",
+        'for z in /sys/class/thermal/thermal_zone*; do [ -d "$z" ] || continue; '
+        'echo "${z##*thermal_zone} $(cat "$z/type" 2>/dev/null) '
+        '$(cat "$z/temp" 2>/dev/null)"; done',
+    ]
     assert len(zones) == 77 and zones["thermal_zone36 cpu-1-0-usr"] == 42.6
 
 
@@ -110,10 +137,19 @@ def test_push_skips_same_hash_and_pull(monkeypatch, tmp_path):
     dev.pull("results/b-t2.jsonl", tmp_path / "out.jsonl")
     assert [ln[4] for ln in dev.lines] == [
         "mkdir -p /data/local/tmp/slim-edge/models",
-        "sha256sum /data/local/tmp/slim-edge/models/a.gguf /data/local/tmp/slim-edge/models/b.gguf 2>/dev/null"]
-    assert local == [["adb", "-s", "R58M41XYZ12", "push", str(b), "/data/local/tmp/slim-edge/models/b.gguf"],
-                     ["adb", "-s", "R58M41XYZ12", "pull", "/data/local/tmp/slim-edge/results/b-t2.jsonl",
-                      str(tmp_path / "out.jsonl")]]
+        "sha256sum /data/local/tmp/slim-edge/models/a.gguf /data/local/tmp/slim-edge/models/b.gguf 2>/dev/null",
+    ]
+    assert local == [
+        ["adb", "-s", "R58M41XYZ12", "push", str(b), "/data/local/tmp/slim-edge/models/b.gguf"],
+        [
+            "adb",
+            "-s",
+            "R58M41XYZ12",
+            "pull",
+            "/data/local/tmp/slim-edge/results/b-t2.jsonl",
+            str(tmp_path / "out.jsonl"),
+        ],
+    ]
 
 
 def test_choose_serial(captured):
@@ -146,9 +182,12 @@ def test_arm64_check_on_captured_getprop(captured):
 def test_arm64_check_32bit_cases_synthetic():
     """Synthetic (abi, uname -m) pairs: the kernel decides, the userland only matters to the NDK build."""
     # 32-bit kernel, whatever the CPU: nothing arm64 can run
-    with pytest.raises(SlimEdgeError, match=r"32-bit ARM kernel \(uname -m 'armv7l', ro.product.cpu.abi "
-                                            r"'armeabi-v7a'\).*CPU itself is 64-bit.*static arm64 build of the "
-                                            r"runtime cannot run there.*arm64-v8a"):
+    with pytest.raises(
+        SlimEdgeError,
+        match=r"32-bit ARM kernel \(uname -m 'armv7l', ro.product.cpu.abi "
+        r"'armeabi-v7a'\).*CPU itself is 64-bit.*static arm64 build of the "
+        r"runtime cannot run there.*arm64-v8a",
+    ):
         check_arm64("R58M41XYZ12", "armeabi-v7a", "armv7l")
     # 32-bit Android on a 64-bit kernel (its shell reads armv8l; some kernels say aarch64): the static build runs
     for machine in ("armv8l", "aarch64"):
@@ -269,8 +308,9 @@ def real_adb(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen(["adb", "-P", str(port), "nodaemon", "server"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["adb", "-P", str(port), "nodaemon", "server"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         for _ in range(100):
             try:
@@ -296,8 +336,11 @@ def test_real_adb_without_a_phone(real_adb):
     assert res.returncode == 1
     assert "device 'R58M41XYZ12' not found" in res.stderr
     assert "did not run to its end on Android device R58M41XYZ12: adb exited with 1" in res.stderr
-    with pytest.raises(SlimEdgeError, match="(?s)exit code 1: mkdir -p /data/local/tmp/slim-edge.*"
-                                            "device 'R58M41XYZ12' not found.*Check `adb devices`"):
+    with pytest.raises(
+        SlimEdgeError,
+        match="(?s)exit code 1: mkdir -p /data/local/tmp/slim-edge.*"
+        "device 'R58M41XYZ12' not found.*Check `adb devices`",
+    ):
         AndroidDevice("R58M41XYZ12").ensure_workdir()
 
 
@@ -315,12 +358,16 @@ def test_runtime_that_does_not_start_is_refused(monkeypatch, tmp_path):
             res = super().shell(command, timeout=timeout)
             if command.endswith("--help >/dev/null"):
                 res.returncode = 126
-                res.stderr = ("/system/bin/sh: /data/local/tmp/slim-edge/bin/llama-bench: not executable: "
-                              "64-bit ELF file\n")
+                res.stderr = (
+                    "/system/bin/sh: /data/local/tmp/slim-edge/bin/llama-bench: not executable: 64-bit ELF file\n"
+                )
             return res
 
-    with pytest.raises(SlimEdgeError, match="llama-bench does not start on Android device R58M41XYZ12 \\(exit 126\\)"
-                                            ".*64-bit ELF file.*cannot run arm64 programs"):
+    with pytest.raises(
+        SlimEdgeError,
+        match="llama-bench does not start on Android device R58M41XYZ12 \\(exit 126\\)"
+        ".*64-bit ELF file.*cannot run arm64 programs",
+    ):
         Phone("R58M41XYZ12").stage_runtime()
     ok = Recorder("R58M41XYZ12")
     ok.runtime_dirs = lambda tools=None: (tmp_path / "bin", tmp_path / "lib")

@@ -1,4 +1,5 @@
 """The host device's measured run."""
+
 import sys
 
 import numpy as np
@@ -23,8 +24,13 @@ def test_isa_picks_the_host_build(monkeypatch):
     from slim_edge.devices import base, get_device
 
     asked = []
-    monkeypatch.setattr(base, "find_runtime", lambda target, tools=None, isa="avx2": asked.append((target, isa)) or
-                        type("Rt", (), {"bin_dir": f"/{isa}/bin", "lib_dir": f"/{isa}/lib"})())
+    monkeypatch.setattr(
+        base,
+        "find_runtime",
+        lambda target, tools=None, isa="avx2": (
+            asked.append((target, isa)) or type("Rt", (), {"bin_dir": f"/{isa}/bin", "lib_dir": f"/{isa}/lib"})()
+        ),
+    )
     assert get_device("host", isa="avx512").runtime_dirs(("llama-bench",)) == ("/avx512/bin", "/avx512/lib")
     assert get_device("host").runtime_dirs() == ("/avx2/bin", "/avx2/lib")
     assert asked == [("host", "avx512"), ("host", "avx2")]

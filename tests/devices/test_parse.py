@@ -57,8 +57,17 @@ def test_cpuinfo_sdm845_has_no_dotprod(captured):
 
 def test_max_freqs_and_big_core_mask_pixel8(captured):
     freqs = parse.parse_max_freqs(captured("cpufreq_pixel8_tensor_g3.txt"))
-    assert freqs == {0: 1704000, 1: 1704000, 2: 1704000, 3: 1704000,
-                     4: 2367000, 5: 2367000, 6: 2367000, 7: 2367000, 8: 2914000}
+    assert freqs == {
+        0: 1704000,
+        1: 1704000,
+        2: 1704000,
+        3: 1704000,
+        4: 2367000,
+        5: 2367000,
+        6: 2367000,
+        7: 2367000,
+        8: 2914000,
+    }
     assert parse.big_cores(freqs, 1) == [8]
     assert parse.cpu_mask(parse.big_cores(freqs, 1)) == "0x100"
     assert parse.big_cores(freqs, 2) == [4, 5, 6, 7, 8]
@@ -81,15 +90,31 @@ def test_thermal_zones_motorola_sm4375(captured):
     assert len(zones) == 77
     assert max(zones.items(), key=lambda kv: kv[1]) == ("thermal_zone36 cpu-1-0-usr", 42.6)
     assert [v for k, v in zones.items() if "-usr" in k and " cpu-" in k] == [
-        39.1, 38.7, 38.0, 38.4, 38.0, 38.7, 42.6, 41.1, 42.2, 40.7]  # 6 little-core sensors, 4 on the 2 big cores
+        39.1,
+        38.7,
+        38.0,
+        38.4,
+        38.0,
+        38.7,
+        42.6,
+        41.1,
+        42.2,
+        40.7,
+    ]  # 6 little-core sensors, 4 on the 2 big cores
     assert zones["thermal_zone3 modem-lte-sub6-pa1"] == 27.0
     assert zones["thermal_zone67 pm7250b_tz"] == 30.7
     assert zones["thermal_zone89 qcom_battery"] == zones["thermal_zone92 battery"] == 29.7
     assert zones["thermal_zone90 front_temp"] == 32.4 and zones["thermal_zone91 back_temp"] == 32.5
-    for gone in ("thermal_zone0 modem-mmw-pa1-step", "thermal_zone20 modem-mmw-pa1-usr",  # no reading
-                 "thermal_zone68 pm7250b-ibat-lvl0", "thermal_zone70 pm7250b-bcl-lvl0",  # mA, trip level
-                 "thermal_zone73 socd", "thermal_zone88 vbat",  # state of charge, mV
-                 "thermal_zone74 conn-therm-usr", "thermal_zone85 qtm_n_therm"):  # -40000, -40960
+    for gone in (
+        "thermal_zone0 modem-mmw-pa1-step",
+        "thermal_zone20 modem-mmw-pa1-usr",  # no reading
+        "thermal_zone68 pm7250b-ibat-lvl0",
+        "thermal_zone70 pm7250b-bcl-lvl0",  # mA, trip level
+        "thermal_zone73 socd",
+        "thermal_zone88 vbat",  # state of charge, mV
+        "thermal_zone74 conn-therm-usr",
+        "thermal_zone85 qtm_n_therm",
+    ):  # -40000, -40960
         assert gone not in zones
 
 
@@ -110,7 +135,22 @@ def test_thermal_zones_msm8953_three_scales(captured):
     assert len(zones) == 23  # 24 zones; pa_therm1 reads -40, a disconnected thermistor
     # tenths of a degree (tsens), whole degrees (ADC thermistors), millidegrees (PMIC, battery, charger)
     assert [v for k, v in zones.items() if "tsens_tz_sensor" in k] == [  # sensors 1-15 in zones 6-20
-        30.6, 30.6, 30.6, 32.2, 30.9, 30.9, 31.3, 32.2, 30.9, 30.6, 30.9, 31.9, 31.3, 30.3, 30.6]
+        30.6,
+        30.6,
+        30.6,
+        32.2,
+        30.9,
+        30.9,
+        31.3,
+        32.2,
+        30.9,
+        30.6,
+        30.9,
+        31.9,
+        31.3,
+        30.3,
+        30.6,
+    ]
     assert zones["thermal_zone20 tsens_tz_sensor15"] == 30.6 and zones["thermal_zone9 tsens_tz_sensor4"] == 32.2
     assert zones["thermal_zone2 xo_therm"] == 31.0 and zones["thermal_zone22 pa_therm0"] == 30.0
     assert zones["thermal_zone4 case_therm"] == 7.0
@@ -119,38 +159,65 @@ def test_thermal_zones_msm8953_three_scales(captured):
     assert "thermal_zone1 pa_therm1" not in zones
     # the unit guessed from each reading is the one the driver declares in sensor_info
     raw = {kind: int(t) for _, kind, t in (ln.split() for ln in lines.splitlines())}
-    assert {name: parse.thermal_scale(raw[name]) for name in units if name in raw} == \
-        {name: u for name, u in units.items() if name in raw}
+    assert {name: parse.thermal_scale(raw[name]) for name in units if name in raw} == {
+        name: u for name, u in units.items() if name in raw
+    }
     assert len([n for n in units if n in raw]) == 21  # tsens 1-15, pm8953_tz, 5 ADC thermistors
 
 
 def test_thermal_scale_edges_synthetic():
     """Synthetic readings (not captured) for the cases the rule has to settle."""
     assert [parse.thermal_scale(r) for r in (42600, 1000, 999, 309, 101, 100, 31, 0, -40, -400, -40000)] == [
-        1000, 1000, 10, 10, 10, 1, 1, 1, 1, 10, 1000]
+        1000,
+        1000,
+        10,
+        10,
+        10,
+        1,
+        1,
+        1,
+        1,
+        10,
+        1000,
+    ]
     zones = parse.parse_thermal(
         "0 tsens_tz_sensor0 309\n1 tsens_tz_sensor1 95\n"  # a cold sensor beside a warm one: both tenths
         "2 cpu-0-0-usr 38000\n3 cpu-0-1-usr 500\n"  # separate families: 500 alone reads as tenths
         "4 pa_therm0 95\n"  # whole degrees when nothing says otherwise
-        "5 tsens_tz_sensor2 -400\n6 skin-therm 1520\n")  # -40.0 in tenths: disconnected; 1.5 C in millidegrees
-    assert zones == {"thermal_zone0 tsens_tz_sensor0": 30.9, "thermal_zone1 tsens_tz_sensor1": 9.5,
-                     "thermal_zone2 cpu-0-0-usr": 38.0, "thermal_zone3 cpu-0-1-usr": 50.0,
-                     "thermal_zone4 pa_therm0": 95.0, "thermal_zone6 skin-therm": 1.5}
+        "5 tsens_tz_sensor2 -400\n6 skin-therm 1520\n"
+    )  # -40.0 in tenths: disconnected; 1.5 C in millidegrees
+    assert zones == {
+        "thermal_zone0 tsens_tz_sensor0": 30.9,
+        "thermal_zone1 tsens_tz_sensor1": 9.5,
+        "thermal_zone2 cpu-0-0-usr": 38.0,
+        "thermal_zone3 cpu-0-1-usr": 50.0,
+        "thermal_zone4 pa_therm0": 95.0,
+        "thermal_zone6 skin-therm": 1.5,
+    }
     # a family reading in millidegrees keeps a sub-degree sibling in millidegrees
     assert parse.parse_thermal("7 xo-therm0 27000\n8 xo-therm1 500\n") == {
-        "thermal_zone7 xo-therm0": 27.0, "thermal_zone8 xo-therm1": 0.5}
+        "thermal_zone7 xo-therm0": 27.0,
+        "thermal_zone8 xo-therm1": 0.5,
+    }
 
 
 def test_meminfo(captured):
     mem = parse.parse_meminfo(captured("meminfo_devvm.txt"))
-    assert mem == {"MemTotal": 24683656, "MemFree": 19792532, "MemAvailable": 22144068,
-                   "Buffers": 93624, "Cached": 2319236}
+    assert mem == {
+        "MemTotal": 24683656,
+        "MemFree": 19792532,
+        "MemAvailable": 22144068,
+        "Buffers": 93624,
+        "Cached": 2319236,
+    }
 
 
 def test_df(captured):
     assert parse.parse_df_available_kb(captured("df_devvm.txt")) == 80215684
-    wrapped = ("Filesystem     1K-blocks     Used Available Use% Mounted on\n/dev/block/dm-50\n"
-               "               230481612 61236408 169114132  27% /data\n")
+    wrapped = (
+        "Filesystem     1K-blocks     Used Available Use% Mounted on\n/dev/block/dm-50\n"
+        "               230481612 61236408 169114132  27% /data\n"
+    )
     assert parse.parse_df_available_kb(wrapped) == 169114132
     with pytest.raises(SlimEdgeError, match="df output"):
         parse.parse_df_available_kb("df: /nowhere: No such file or directory\n")
@@ -159,18 +226,25 @@ def test_df(captured):
 def test_adb_devices(captured):
     assert parse.parse_adb_devices(captured("adb_devices_unauthorized.txt")) == [("R58M41XYZ12", "unauthorized")]
     assert parse.parse_adb_devices(captured("adb_devices_none.txt")) == []
-    assert parse.parse_adb_devices(captured("adb_devices_two.txt")) == [("R58M41XYZ12", "device"),
-                                                                       ("emulator-5554", "device")]
-    assert parse.parse_adb_devices("* daemon not running; starting now at tcp:5037\n* daemon started successfully\n"
-                                   "List of devices attached\n") == []
+    assert parse.parse_adb_devices(captured("adb_devices_two.txt")) == [
+        ("R58M41XYZ12", "device"),
+        ("emulator-5554", "device"),
+    ]
+    assert (
+        parse.parse_adb_devices(
+            "* daemon not running; starting now at tcp:5037\n* daemon started successfully\nList of devices attached\n"
+        )
+        == []
+    )
 
 
 def test_sha256sum():
-    text = ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855  "
-            "/data/local/tmp/slim-edge/models/a.gguf\n"
-            "sha256sum: /data/local/tmp/slim-edge/models/b.gguf: No such file or directory\n")
-    assert parse.parse_sha256sum(text) == {
-        "a.gguf": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
+    text = (
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855  "
+        "/data/local/tmp/slim-edge/models/a.gguf\n"
+        "sha256sum: /data/local/tmp/slim-edge/models/b.gguf: No such file or directory\n"
+    )
+    assert parse.parse_sha256sum(text) == {"a.gguf": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}
 
 
 def test_peak_rss():
@@ -201,16 +275,28 @@ def test_llama_bench_cut_short(captured):
 
 
 def test_sections_and_probe_on_captured_phone(captured):
-    text = "\n".join([
-        "@@uname", "aarch64",
-        "@@getprop", captured("getprop_sm8650_oneplus12.txt"),
-        "@@cpuinfo", captured("cpuinfo_pixel8_tensor_g3.txt"),
-        "@@maxfreq", captured("cpufreq_pixel8_tensor_g3.txt"),
-        "@@thermal", captured("thermal_moto_sm4375.txt"),
-        "@@meminfo", captured("meminfo_devvm.txt"),
-        "@@df", captured("df_devvm.txt"),
-        "@@time", "", "@@nproc", "9",
-    ])
+    text = "\n".join(
+        [
+            "@@uname",
+            "aarch64",
+            "@@getprop",
+            captured("getprop_sm8650_oneplus12.txt"),
+            "@@cpuinfo",
+            captured("cpuinfo_pixel8_tensor_g3.txt"),
+            "@@maxfreq",
+            captured("cpufreq_pixel8_tensor_g3.txt"),
+            "@@thermal",
+            captured("thermal_moto_sm4375.txt"),
+            "@@meminfo",
+            captured("meminfo_devvm.txt"),
+            "@@df",
+            captured("df_devvm.txt"),
+            "@@time",
+            "",
+            "@@nproc",
+            "9",
+        ]
+    )
     info = info_from_probe("android", text)
     assert info.arch == "aarch64"
     assert info.soc == "QTI SM8650"

@@ -12,7 +12,13 @@ from slim_edge.errors import SlimEdgeError
 
 def test_qemu_argv():
     assert qemu_argv(["/rt/bin/llama-bench", "-m", "m.gguf"]) == [
-        "qemu-aarch64", "-cpu", "cortex-a76", "/rt/bin/llama-bench", "-m", "m.gguf"]
+        "qemu-aarch64",
+        "-cpu",
+        "cortex-a76",
+        "/rt/bin/llama-bench",
+        "-m",
+        "m.gguf",
+    ]
 
 
 def test_missing_qemu_is_a_clear_error(monkeypatch, tmp_path):

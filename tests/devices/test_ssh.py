@@ -13,19 +13,56 @@ from slim_edge.devices.base import safe_name
 from slim_edge.devices.ssh import SshDevice, scp_from_argv, scp_protocol, scp_to_argv, ssh_argv
 from slim_edge.errors import SlimEdgeError
 
-OPTS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=15",
-        "-o", "UserKnownHostsFile=/k/known_hosts", "-i", "/k/id", "-o", "IdentitiesOnly=yes"]
+OPTS = [
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "StrictHostKeyChecking=yes",
+    "-o",
+    "ConnectTimeout=15",
+    "-o",
+    "UserKnownHostsFile=/k/known_hosts",
+    "-i",
+    "/k/id",
+    "-o",
+    "IdentitiesOnly=yes",
+]
 
 
 def test_ssh_argv():
     kw = {"port": 2222, "identity": "/k/id", "strict": "yes", "known_hosts": "/k/known_hosts"}
     assert ssh_argv("pi@10.0.0.2", "uname -m", **kw) == ["ssh", "-p", "2222", *OPTS, "pi@10.0.0.2", "uname -m"]
     assert scp_to_argv("pi@10.0.0.2", "/m/a.gguf", "/tmp/slim-edge/models/a.gguf", **kw) == [
-        "scp", "-q", "-P", "2222", *OPTS, "/m/a.gguf", "pi@10.0.0.2:/tmp/slim-edge/models/a.gguf"]
+        "scp",
+        "-q",
+        "-P",
+        "2222",
+        *OPTS,
+        "/m/a.gguf",
+        "pi@10.0.0.2:/tmp/slim-edge/models/a.gguf",
+    ]
     assert scp_from_argv("pi@10.0.0.2", "/tmp/slim-edge/x", "/tmp/x", **kw) == [
-        "scp", "-q", "-P", "2222", *OPTS, "pi@10.0.0.2:/tmp/slim-edge/x", "/tmp/x"]
-    assert ssh_argv("b", "true") == ["ssh", "-p", "22", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new",
-                                     "-o", "ConnectTimeout=15", "b", "true"]
+        "scp",
+        "-q",
+        "-P",
+        "2222",
+        *OPTS,
+        "pi@10.0.0.2:/tmp/slim-edge/x",
+        "/tmp/x",
+    ]
+    assert ssh_argv("b", "true") == [
+        "ssh",
+        "-p",
+        "22",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+        "-o",
+        "ConnectTimeout=15",
+        "b",
+        "true",
+    ]
 
 
 def test_scp_protocol_and_safe_names():
@@ -35,8 +72,10 @@ def test_scp_protocol_and_safe_names():
     assert scp_to_argv("b", "/m/a", "/r/a", protocol="sftp")[:3] == ["scp", "-q", "-s"]
     assert scp_from_argv("b", "/r/a", "/m/a", protocol="legacy")[:3] == ["scp", "-q", "-O"]
     assert safe_name("model-q4_0.gguf") == "model-q4_0.gguf"
-    assert (safe_name("$(touch X).gguf")
-            == "touch_X-" + __import__("hashlib").sha256(b"$(touch X).gguf").hexdigest()[:8] + ".gguf")
+    assert (
+        safe_name("$(touch X).gguf")
+        == "touch_X-" + __import__("hashlib").sha256(b"$(touch X).gguf").hexdigest()[:8] + ".gguf"
+    )
     assert safe_name("a b.gguf") != safe_name("a;b.gguf") and safe_name("-rf") != "-rf"
 
 
@@ -67,16 +106,23 @@ def sshd(tmp_path_factory):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
     (d / "authorized_keys").write_text((d / "id.pub").read_text())
     port = _free_port()
-    sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server") if Path(p).exists()),
-                "internal-sftp")
+    sftp = next(
+        (p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server") if Path(p).exists()),
+        "internal-sftp",
+    )
     (d / "sshd_config").write_text(
         f"ListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
         f"PidFile {d / 'sshd.pid'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         f"PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
-        f"Subsystem sftp {sftp}\n")
+        f"Subsystem sftp {sftp}\n"
+    )
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config"), "-p", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config"), "-p", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     host_pub = (d / "host_key.pub").read_text().split()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
     for _ in range(100):
@@ -87,9 +133,14 @@ def sshd(tmp_path_factory):
             if proc.poll() is not None:
                 pytest.fail(f"sshd exited: {proc.stdout.read()}")
             time.sleep(0.1)
-    yield {"host": "root@127.0.0.1", "port": port, "identity": str(d / "id"),
-           "strict_host_key_checking": "yes", "known_hosts": str(d / "known_hosts"),
-           "workdir": str(d / "board" / "slim-edge")}
+    yield {
+        "host": "root@127.0.0.1",
+        "port": port,
+        "identity": str(d / "id"),
+        "strict_host_key_checking": "yes",
+        "known_hosts": str(d / "known_hosts"),
+        "workdir": str(d / "board" / "slim-edge"),
+    }
     proc.terminate()
     proc.wait(timeout=10)
 

@@ -31,10 +31,41 @@ def _jsonl(name):
 def test_llama_bench_argv():
     cfg = BenchConfig(prompt_lengths=[128, 512], n_gen=64, threads=[1, 4], repetitions=3, delay=5)
     assert llama_bench_argv("/w/bin/llama-bench", "/w/models/m.gguf", cfg, 4, "0xf0") == [
-        "/w/bin/llama-bench", "-m", "/w/models/m.gguf", "-p", "128,512", "-n", "64", "-t", "4", "-r", "3",
-        "-o", "jsonl", "--delay", "5", "-C", "0xf0", "--cpu-strict", "1"]
+        "/w/bin/llama-bench",
+        "-m",
+        "/w/models/m.gguf",
+        "-p",
+        "128,512",
+        "-n",
+        "64",
+        "-t",
+        "4",
+        "-r",
+        "3",
+        "-o",
+        "jsonl",
+        "--delay",
+        "5",
+        "-C",
+        "0xf0",
+        "--cpu-strict",
+        "1",
+    ]
     assert llama_bench_argv("lb", "m", BenchConfig(), 2, None) == [
-        "lb", "-m", "m", "-p", "128,256,512,1024", "-n", "128", "-t", "2", "-r", "5", "-o", "jsonl"]
+        "lb",
+        "-m",
+        "m",
+        "-p",
+        "128,256,512,1024",
+        "-n",
+        "128",
+        "-t",
+        "2",
+        "-r",
+        "5",
+        "-o",
+        "jsonl",
+    ]
 
 
 def test_pin_masks_are_exactly_the_fastest_cores():
@@ -59,17 +90,23 @@ def test_pinned_llama_bench_takes_the_strict_mask(tmp_path):
     bench = str(ensure_runtime("host").tool("llama-bench"))
     model = write_tiny_llama_gguf(tmp_path / "tiny-f16.gguf", n_layers=1)
     cfg = BenchConfig(prompt_lengths=[16], n_gen=4, threads=[1], repetitions=1)
-    p = subprocess.run(llama_bench_argv(bench, str(model), cfg, 1, "0x1"), capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(llama_bench_argv(bench, str(model), cfg, 1, "0x1"), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = parse.parse_llama_bench(p.stdout)
     assert [(r["n_prompt"], r["n_gen"]) for r in rows] == [(16, 0), (0, 4)]
     assert {(r["cpu_mask"], r["cpu_strict"], r["n_threads"]) for r in rows} == {("0x1", True, 1)}
 
 
-@pytest.mark.parametrize("kw, msg", [({"prompt_lengths": [0]}, "Prompt lengths"), ({"threads": []}, "Thread counts"),
-                                     ({"repetitions": 0}, "repetitions"), ({"delay": -1}, "delay"),
-                                     ({"cool_to": 400.0}, "cool-to")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"prompt_lengths": [0]}, "Prompt lengths"),
+        ({"threads": []}, "Thread counts"),
+        ({"repetitions": 0}, "repetitions"),
+        ({"delay": -1}, "delay"),
+        ({"cool_to": 400.0}, "cool-to"),
+    ],
+)
 def test_config_refuses_bad_values(kw, msg):
     with pytest.raises(SlimEdgeError, match=msg):
         BenchConfig(**kw)
@@ -85,14 +122,21 @@ def _result_from_capture(emulated=False):
     for m in models.values():
         m.prefill, m.decode = summarize_rows(m.rows)
     info = DeviceInfo(device="host", arch="x86_64", soc="test", emulated=emulated)
-    return BenchResult(device=info, config=BenchConfig(), models=list(models.values()),
-                       runtime={"target": "host", "build_commit": rows[0]["build_commit"]})
+    return BenchResult(
+        device=info,
+        config=BenchConfig(),
+        models=list(models.values()),
+        runtime={"target": "host", "build_commit": rows[0]["build_commit"]},
+    )
 
 
 def test_parse_and_summarize_captured_llama_bench():
     rows = parse.parse_llama_bench(_jsonl("llama_bench_host_tiny.jsonl"))
     assert [(Path(r["model_filename"]).name, r["n_prompt"], r["n_gen"]) for r in rows] == [
-        ("tiny-q4_0.gguf", 16, 0), ("tiny-q4_0.gguf", 32, 0), ("tiny-q4_0.gguf", 0, 8)]
+        ("tiny-q4_0.gguf", 16, 0),
+        ("tiny-q4_0.gguf", 32, 0),
+        ("tiny-q4_0.gguf", 0, 8),
+    ]
     assert all(len(r["samples_ns"]) == 3 for r in rows)
     prefill, decode = summarize_rows(rows)
     p16 = prefill[0]
@@ -160,8 +204,25 @@ def test_host_end_to_end_through_the_command(tmp_path):
     app = typer.Typer()
     app.command()(bench)
     out = tmp_path / "results"
-    args = [str(models["q4_0"]), "--baselines", "q8_0,f16", "--fp-model", str(models["f16"]),
-            "-p", "16,64", "-n", "8", "-t", "1,2", "-r", "2", "--compare", "f16", "-o", str(out)]
+    args = [
+        str(models["q4_0"]),
+        "--baselines",
+        "q8_0,f16",
+        "--fp-model",
+        str(models["f16"]),
+        "-p",
+        "16,64",
+        "-n",
+        "8",
+        "-t",
+        "1,2",
+        "-r",
+        "2",
+        "--compare",
+        "f16",
+        "-o",
+        str(out),
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     names = ["tiny-q4_0", "tiny-q8_0", "tiny-f16"]
@@ -216,6 +277,7 @@ def test_bench_baselines_are_the_types_export_writes(tmp_path):
     # issue 19: bench kept its own list, so `export --type q2_k` worked and `bench --baselines q2_k` was refused
     from slim_edge.converters.gguf_export import BASELINE_TYPES
     from slim_edge.evals.bench import build_baselines
+
     for kind in BASELINE_TYPES:  # past the type check: refused for the missing model, not for the kind
         with pytest.raises(SlimEdgeError, match="FP model .* does not exist"):
             build_baselines(tmp_path / "none.gguf", [kind])
@@ -229,6 +291,7 @@ def test_a_wrong_baseline_name_is_named_before_the_fp_model_is_asked_for(tmp_pat
     from typer.testing import CliRunner
 
     from slim_edge.cli import bench
+
     app = typer.Typer()
     app.command()(bench)
     (tmp_path / "q.gguf").write_bytes(b"GGUF")

@@ -10,8 +10,15 @@ from slim_edge.evals.eval_cmd import evaluate, format_table
 
 
 def test_evaluate_model_against_itself(tiny_llama, tiny_text):
-    r = evaluate([str(tiny_llama)], reference=str(tiny_llama), corpus=str(tiny_text), ctx=64, max_chunks=3,
-                 gen_tokens=8, progress=False)
+    r = evaluate(
+        [str(tiny_llama)],
+        reference=str(tiny_llama),
+        corpus=str(tiny_text),
+        ctx=64,
+        max_chunks=3,
+        gen_tokens=8,
+        progress=False,
+    )
     assert (r["chunks"], r["scored_tokens"], r["ctx"]) == (3, 3 * 31, 64)
     assert r["provenance"].startswith(f"file {tiny_text}")
     ref, model = r["models"]
@@ -74,8 +81,9 @@ def test_checkpoint_folder_against_its_base(tiny_llama, tiny_text, tmp_path):
 
     out = tmp_path / "q"
     run_quantize(str(tiny_llama), QuantConfig(scheme="sherry", steps=0, calib=str(tiny_text)), out, progress=False)
-    r = evaluate([str(out)], reference=str(tiny_llama), corpus=str(tiny_text), ctx=64, max_chunks=2, gen_tokens=0,
-                 progress=False)
+    r = evaluate(
+        [str(out)], reference=str(tiny_llama), corpus=str(tiny_text), ctx=64, max_chunks=2, gen_tokens=0, progress=False
+    )
     q = r["models"][1]
     assert q["name"] == "q" and q["backend"] == "torch"
     assert q["mean_kld"] > 1e-4  # 1.25-bit weights do change the distribution

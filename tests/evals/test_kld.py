@@ -58,15 +58,23 @@ def test_kld_matches_torch():
 
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(30, 50)) * 3, rng.normal(size=(30, 50)) * 3
-    want = torch.nn.functional.kl_div(torch.log_softmax(torch.tensor(b), -1), torch.log_softmax(torch.tensor(a), -1),
-                                      log_target=True, reduction="none").sum(-1).numpy()
+    want = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(torch.tensor(b), -1),
+            torch.log_softmax(torch.tensor(a), -1),
+            log_target=True,
+            reduction="none",
+        )
+        .sum(-1)
+        .numpy()
+    )
     np.testing.assert_allclose(token_stats(a, b)["kld"], want, rtol=1e-10)
 
 
 def test_mean_and_uncertainty_matches_llama_cpp():
     v = np.arange(20, dtype=np.float64)
     m, e = mean_and_uncertainty(v)
-    assert m == 9.5 and e == pytest.approx(math.sqrt((np.mean(v * v) - 9.5 ** 2) / 19))
+    assert m == 9.5 and e == pytest.approx(math.sqrt((np.mean(v * v) - 9.5**2) / 19))
 
 
 def test_shape_mismatch_is_a_clear_error():

@@ -1,5 +1,6 @@
 """Parity's PyTorch references: the GGUF's own weights loaded back in HF order, and the runtime simulation
 closing the gap to the runtime on a tiny model."""
+
 import shutil
 
 import gguf
@@ -14,9 +15,15 @@ from slim_edge.formats import get_format
 from tiny_models import make_tiny_model
 
 Q8 = get_format("q8_0")
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def write_llama_gguf(path, model, skip=()):
@@ -114,8 +121,7 @@ def test_simulation_closes_the_gap_to_the_runtime(tmp_path):
     with pytest.raises(SlimEdgeError, match=r"do not fit lee:eval .* ask for at most \d+"):
         parity(str(folder), tmp_path / "q8_0.gguf", n_tokens=512, variants=("weights",), floor=False, windows=10**4)
     # --kv-cache f32: the runtime keeps K and V in F32, so on the F32 file only the rope angles remain
-    kv32 = parity(str(folder), tmp_path / "f32.gguf", n_tokens=128, variants=("weights",), floor=False,
-                  kv_cache="f32")
+    kv32 = parity(str(folder), tmp_path / "f32.gguf", n_tokens=128, variants=("weights",), floor=False, kv_cache="f32")
     assert kv32["kv_cache"] == "f32" and r["f32"]["kv_cache"] == "f16"
     assert kv32["variants"]["weights"]["mean_kld"] < f32["weights"]["mean_kld"] / 1000  # 8e-12 against 3e-7
     with pytest.raises(SlimEdgeError, match="act\\+kv model the runtime's F16 KV cache"):

@@ -25,8 +25,15 @@ def tiny():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -35,12 +42,12 @@ def test_chunking_counts_and_bos():
     c = make_chunks(toks, ctx=64)
     assert (c.n_chunk, c.first, c.n_scored, c.n_text_tokens) == (15, 32, 15 * 31, 1000)
     np.testing.assert_array_equal(c.tokens[1], toks[64:128])
-    np.testing.assert_array_equal(c.targets[1], toks[64 + 33:128])
+    np.testing.assert_array_equal(c.targets[1], toks[64 + 33 : 128])
     b = make_chunks(toks, ctx=64, max_chunks=4, add_bos=True, bos_id=1)
     # BOS goes in front of the text, and replaces the first token of every chunk (llama-perplexity)
     assert b.n_chunk == 4 and b.n_text_tokens == 1001 and (b.tokens[:, 0] == 1).all()
     np.testing.assert_array_equal(b.tokens[1, 1:], toks[64:127])
-    np.testing.assert_array_equal(b.targets[1], toks[63 + 33:127])
+    np.testing.assert_array_equal(b.targets[1], toks[63 + 33 : 127])
 
 
 def test_too_short_and_bad_ctx():
@@ -65,7 +72,7 @@ def test_ppl_matches_direct_computation(tiny, add_bos):
     nll, n = 0.0, 0
     ids = ([1] if add_bos else []) + toks.tolist()
     for i in range(len(ids) // 32):
-        x = torch.tensor(ids[i * 32:(i + 1) * 32])
+        x = torch.tensor(ids[i * 32 : (i + 1) * 32])
         if add_bos:
             x[0] = 1
         with torch.no_grad():
@@ -93,4 +100,4 @@ def test_greedy_with_cache_matches_full_recompute(tiny):
     for _ in range(12):
         with torch.no_grad():
             ids.append(int(torch.argmax(tiny(torch.tensor([ids])).logits[0, -1])))
-    assert got == ids[len(prompt):]
+    assert got == ids[len(prompt) :]

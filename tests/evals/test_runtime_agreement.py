@@ -5,6 +5,7 @@ the dequantized HF folder, and cached. Differences come from F16 weights, the ru
 and its F16 activations in F16 matmuls. Measured on 3 chunks of lee:eval (765 scored tokens):
 PPL 26.9828 (torch, f32) vs 26.9833 (runtime, F16), relative 2e-5; mean KLD 3.8e-6; same top-1 99.74 %.
 """
+
 import subprocess
 import sys
 
@@ -33,15 +34,25 @@ def smollm2_f16(tmp_path_factory):
         tree = runtime.extract_tree(tmp_path_factory.mktemp("tree") / "llama.cpp")
         out.parent.mkdir(parents=True, exist_ok=True)
         part = out.with_name(out.name + ".part")
-        subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f16",
-                        "--outfile", str(part)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(tree / "convert_hf_to_gguf.py"),
+                str(folder),
+                "--outtype",
+                "f16",
+                "--outfile",
+                str(part),
+            ],
+            check=True,
+            capture_output=True,
+        )
         part.replace(out)
     return out
 
 
 def test_torch_and_runtime_agree_on_f16(smollm2_f16):
-    r = evaluate([str(smollm2_f16)], reference="smollm2-135m", corpus="lee", max_chunks=3, gen_tokens=0,
-                 progress=False)
+    r = evaluate([str(smollm2_f16)], reference="smollm2-135m", corpus="lee", max_chunks=3, gen_tokens=0, progress=False)
     assert (r["chunks"], r["scored_tokens"]) == (3, 3 * 255)
     ref, gguf = r["models"]
     assert (ref["backend"], gguf["backend"]) == ("torch", "gguf")

@@ -1,4 +1,5 @@
 """Formats: bit-exact numpy packing, gguf-py agreement, golden bytes, and torch == unpack(pack(w))."""
+
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,9 @@ def test_encode_decode_roundtrip(name):
     values, d = fmt.unpack(raw)
     assert set(np.unique(values)) <= set(fmt.levels)
     assert fmt.pack(values, d).tobytes() == raw.tobytes()
-    assert np.array_equal(fmt.dequantize(raw), values.astype(np.float32) * np.repeat(
-        d.astype(np.float32), fmt.block_size, axis=1))
+    assert np.array_equal(
+        fmt.dequantize(raw), values.astype(np.float32) * np.repeat(d.astype(np.float32), fmt.block_size, axis=1)
+    )
 
 
 def test_stq1_0_codebook_layout():
@@ -118,8 +120,8 @@ def test_stq1_0_64_is_one_stq1_0_chunk():
     big, small = FORMATS["stq1_0"].quantize(x), FORMATS["stq1_0_64"].quantize(x.reshape(12, 64))
     assert small.shape == (12, 12)
     for c in range(4):
-        assert small[c::4, :8].tobytes() == big[:, 8 * c:8 * c + 8].tobytes()
-        assert small[c::4, 8:10].tobytes() == big[:, 32 + 2 * c:34 + 2 * c].tobytes()
+        assert small[c::4, :8].tobytes() == big[:, 8 * c : 8 * c + 8].tobytes()
+        assert small[c::4, 8:10].tobytes() == big[:, 32 + 2 * c : 34 + 2 * c].tobytes()
     kept = np.abs(x.reshape(12, 64))[FORMATS["stq1_0_64"].unpack(small)[0] != 0].reshape(12, 48)
     assert small[:, 10:12].view(np.float16)[:, 0].tolist() == kept.mean(1).astype(np.float16).tolist()
 
@@ -144,8 +146,10 @@ def test_q2_0c_64_levels_and_bytes():
     # the same codes as Q2_0C, a scale per 64 instead of per 512
     x = np.random.default_rng(2).standard_normal((1, 512)).astype(np.float32)
     v, _ = FORMATS["q2_0c"].unpack(FORMATS["q2_0c"].quantize(x))
-    assert fmt.pack(v, np.ones((1, 8), np.float16)).reshape(8, 18)[:, 2:].tobytes() == \
-        FORMATS["q2_0c"].pack(v, np.ones((1, 1), np.float16))[0, 2:].tobytes()
+    assert (
+        fmt.pack(v, np.ones((1, 8), np.float16)).reshape(8, 18)[:, 2:].tobytes()
+        == FORMATS["q2_0c"].pack(v, np.ones((1, 1), np.float16))[0, 2:].tobytes()
+    )
 
 
 def test_block_64_beats_its_wide_block_when_magnitudes_vary():
@@ -153,10 +157,13 @@ def test_block_64_beats_its_wide_block_when_magnitudes_vary():
     error drops (measured relative RMS: q2_0c 0.614 -> q2_0c_64 0.340, stq1_0 0.804 -> stq1_0_64 0.512)."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((16, 512)).astype(np.float32) * np.exp(rng.standard_normal((16, 8, 1))).astype(
-        np.float32).repeat(64, 2).reshape(16, 512)
+        np.float32
+    ).repeat(64, 2).reshape(16, 512)
+
     def rel(name):
         fmt = FORMATS[name]
         return float(np.linalg.norm(fmt.dequantize(fmt.quantize(x)) - x) / np.linalg.norm(x))
+
     assert rel("q2_0c_64") < 0.6 * rel("q2_0c") and rel("stq1_0_64") < 0.7 * rel("stq1_0")
 
 
@@ -170,9 +177,19 @@ def test_weighted_quantize_changes_scale():
         assert fmt.quantize(x, w).tobytes() != fmt.quantize(x).tobytes()
 
 
-MODES = [("q2_0c", "grid"), ("q2_0c_64", "grid"), ("stq1_0_64", "sherry"), ("q2_0", "grid"), ("stq1_0", "sherry"),
-         ("q2_0", "sherry"), ("tq2_0", "ternary"), ("tq1_0", "ternary"), ("q2_0", "ternary"), ("q4_0", "grid"),
-         ("q8_0", "grid")]
+MODES = [
+    ("q2_0c", "grid"),
+    ("q2_0c_64", "grid"),
+    ("stq1_0_64", "sherry"),
+    ("q2_0", "grid"),
+    ("stq1_0", "sherry"),
+    ("q2_0", "sherry"),
+    ("tq2_0", "ternary"),
+    ("tq1_0", "ternary"),
+    ("q2_0", "ternary"),
+    ("q4_0", "grid"),
+    ("q8_0", "grid"),
+]
 
 
 @pytest.mark.parametrize("name,mode", MODES)
@@ -191,8 +208,10 @@ def test_torch_fake_quant_equals_unpack_pack(name, mode):
     assert rel < bound
 
 
-@pytest.mark.parametrize("name,mode", [("q2_0c", "grid"), ("stq1_0", "sherry"), ("tq2_0", "ternary"),
-                                       ("q2_0c_64", "grid"), ("stq1_0_64", "sherry")])
+@pytest.mark.parametrize(
+    "name,mode",
+    [("q2_0c", "grid"), ("stq1_0", "sherry"), ("tq2_0", "ternary"), ("q2_0c_64", "grid"), ("stq1_0_64", "sherry")],
+)
 def test_ptq_init_beats_absmax(name, mode):
     fmt = get_format(name)
     w = torch.randn(8, 1024)

@@ -1,5 +1,6 @@
 """The format registry: a format registered in one call shows up wherever a format fact is read, and a
 name, type id or llama_ftype that is already taken is refused."""
+
 import gguf
 import numpy as np
 import pytest
@@ -26,8 +27,17 @@ class T8_32(Format):
         return raw[:, 2:].view(np.int8), fp16_from(raw[:, :2])
 
 
-DUMMY = T8_32("t8_32", type_id=99, block_size=32, type_size=2 + 32, levels=(-1, 0, 1), stock=False,
-              file_type=98, vec_dot="q8_0", holds=("ternary",))
+DUMMY = T8_32(
+    "t8_32",
+    type_id=99,
+    block_size=32,
+    type_size=2 + 32,
+    levels=(-1, 0, 1),
+    stock=False,
+    file_type=98,
+    vec_dot="q8_0",
+    holds=("ternary",),
+)
 
 
 @pytest.fixture
@@ -79,12 +89,19 @@ def test_an_unregistered_format_is_gone(dummy):
         register(dummy)
 
 
-@pytest.mark.parametrize("clash, what", [(dict(type_id=43), "GGML type id 43, which format 'stq1_0'"),
-                                         (dict(name="q2_0c"), "name 'q2_0c', which format 'q2_0c'"),
-                                         (dict(file_type=7), "llama_ftype 7, which format 'q8_0'")])
+@pytest.mark.parametrize(
+    "clash, what",
+    [
+        (dict(type_id=43), "GGML type id 43, which format 'stq1_0'"),
+        (dict(name="q2_0c"), "name 'q2_0c', which format 'q2_0c'"),
+        (dict(file_type=7), "llama_ftype 7, which format 'q8_0'"),
+    ],
+)
 def test_a_taken_name_id_or_ftype_is_refused(clash, what):
-    fields = dict(name="t8_32", type_id=99, block_size=32, type_size=34, levels=(-1, 0, 1), file_type=98,
-                  vec_dot="q8_0") | clash
+    fields = (
+        dict(name="t8_32", type_id=99, block_size=32, type_size=34, levels=(-1, 0, 1), file_type=98, vec_dot="q8_0")
+        | clash
+    )
     before = (dict(FORMATS), len(vec_dot_types()))
     with pytest.raises(SlimEdgeError) as e:
         register(T8_32(**fields))

@@ -11,6 +11,7 @@ touches and that hold ISA-specific code (ISA_SOURCES) are compiled, with that fl
 that they compile; its tests are then skipped. evals/lab/device_kernels.sh builds and runs every flavor on
 another machine.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,13 +28,28 @@ from slim_edge.fsutil import cache_dir
 from slim_edge.runtime_patches import runtime
 
 KERNEL_CHECK = Path(__file__).resolve().parents[2] / "runtime_patches" / "kernel_check.c"
-COMMON = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_OPENMP=OFF", "-DGGML_NATIVE=OFF",
-          "-DGGML_CPU_KLEIDIAI=OFF", "-DGGML_BACKEND_DL=OFF", "-DGGML_LLAMAFILE=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-          "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-          "-DLLAMA_OPENSSL=OFF"]
-AARCH64 = ["-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
-           "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
-           "-DCMAKE_FIND_ROOT_PATH=/usr/aarch64-linux-gnu", "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER"]
+COMMON = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_OPENMP=OFF",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_CPU_KLEIDIAI=OFF",
+    "-DGGML_BACKEND_DL=OFF",
+    "-DGGML_LLAMAFILE=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+]
+AARCH64 = [
+    "-DCMAKE_SYSTEM_NAME=Linux",
+    "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+    "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc",
+    "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
+    "-DCMAKE_FIND_ROOT_PATH=/usr/aarch64-linux-gnu",
+    "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER",
+]
 
 
 @dataclass(frozen=True)
@@ -70,17 +86,31 @@ X86_AVX2 = ("-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"
 X86_AVX2_FLAGS = ("avx2", "fma", "f16c", "bmi2")
 FLAVORS = {
     # no SIMD beyond x86-64's SSE2: every new type runs its generic C kernels
-    "host-generic": Flavor("host-generic", ("-DGGML_SSE42=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF",
-                                            "-DGGML_F16C=OFF", "-DGGML_BMI2=OFF", "-DGGML_AVX512=OFF"), "c++"),
+    "host-generic": Flavor(
+        "host-generic",
+        (
+            "-DGGML_SSE42=OFF",
+            "-DGGML_AVX=OFF",
+            "-DGGML_AVX2=OFF",
+            "-DGGML_FMA=OFF",
+            "-DGGML_F16C=OFF",
+            "-DGGML_BMI2=OFF",
+            "-DGGML_AVX512=OFF",
+        ),
+        "c++",
+    ),
     "host-avx2": Flavor("host-avx2", (*X86_AVX2, "-DGGML_AVX512=OFF"), "c++", cpu_flags=X86_AVX2_FLAGS),
     # GGML_AVX512 compiles with -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw
-    "host-avx512": Flavor("host-avx512", (*X86_AVX2, "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=OFF",
-                                          "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=OFF"), "c++",
-                          cpu_flags=(*X86_AVX2_FLAGS, "avx512f", "avx512cd", "avx512dq", "avx512bw", "avx512vl",
-                                     "avx512_vnni")),
+    "host-avx512": Flavor(
+        "host-avx512",
+        (*X86_AVX2, "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=OFF"),
+        "c++",
+        cpu_flags=(*X86_AVX2_FLAGS, "avx512f", "avx512cd", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni"),
+    ),
     # -cpu cortex-a76 has dotprod (sdot); cortex-a53 has not and must take the plain NEON path
-    "arm64-dotprod": Flavor("arm64-dotprod", (*AARCH64, "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod"),
-                            "aarch64-linux-gnu-g++", "cortex-a76"),
+    "arm64-dotprod": Flavor(
+        "arm64-dotprod", (*AARCH64, "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod"), "aarch64-linux-gnu-g++", "cortex-a76"
+    ),
     "arm64-v8": Flavor("arm64-v8", (*AARCH64, "-DGGML_CPU_ARM_ARCH=armv8-a"), "aarch64-linux-gnu-g++", "cortex-a53"),
 }
 
@@ -111,7 +141,7 @@ def touched_isa_sources(patches: list[Path], arch: str) -> list[str]:
     for p in patches:
         for line in p.read_text(errors="replace").splitlines():
             if line.startswith("+++ b/" + prefix):
-                rel = line[len("+++ b/" + prefix):].strip()
+                rel = line[len("+++ b/" + prefix) :].strip()
                 if rel.endswith((".c", ".cpp")) and rel.startswith(ISA_SOURCES) and not rel.startswith(other):
                     out.add(rel)
     return sorted(out)
@@ -160,16 +190,25 @@ def compile_isa_sources(flavor: Flavor) -> list[str]:
     src, bld = _patched_tree(root, patches)
     log = root / "build.log"
     with open(log, "w") as f:
-        _step(["cmake", "-S", str(src), "-B", str(bld), "-G", "Ninja", *COMMON, *flavor.cmake, "-DGGML_CCACHE=OFF"],
-              f, f"configuring ggml ({flavor.name})", log)
-        targets = subprocess.run(["ninja", "-C", str(bld), "-t", "targets", "all"], capture_output=True,
-                                 text=True, check=True).stdout.splitlines()
+        _step(
+            ["cmake", "-S", str(src), "-B", str(bld), "-G", "Ninja", *COMMON, *flavor.cmake, "-DGGML_CCACHE=OFF"],
+            f,
+            f"configuring ggml ({flavor.name})",
+            log,
+        )
+        targets = subprocess.run(
+            ["ninja", "-C", str(bld), "-t", "targets", "all"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
         wanted = tuple(f"ggml-cpu/{s}.o" for s in sources)
         objects = [name for name in (t.split(":")[0] for t in targets) if name.endswith(wanted)]
         if len(objects) != len(sources):
             pytest.fail(f"{flavor.name}: found {len(objects)} object targets for {len(sources)} sources {sources}")
-        _step(["cmake", "--build", str(bld), "-j", str(min(2, os.cpu_count() or 1)), "--target", *objects],
-              f, f"compiling {', '.join(sources)} for {flavor.name}", log)
+        _step(
+            ["cmake", "--build", str(bld), "-j", str(min(2, os.cpu_count() or 1)), "--target", *objects],
+            f,
+            f"compiling {', '.join(sources)} for {flavor.name}",
+            log,
+        )
     shutil.rmtree(bld, ignore_errors=True)
     shutil.rmtree(src, ignore_errors=True)
     done.write_text("\n".join(sources) + "\n")
@@ -187,12 +226,27 @@ def build_kernel_check(flavor: Flavor) -> Path:
     jobs = str(min(2, os.cpu_count() or 1))
     log = root / "build.log"
     with open(log, "w") as f:
-        for cmd in (["cmake", "-S", str(src), "-B", str(bld), *COMMON, *flavor.cmake, *launcher],
-                    ["cmake", "--build", str(bld), "-j", jobs, "--target", "ggml-base", "ggml-cpu", "ggml"]):
+        for cmd in (
+            ["cmake", "-S", str(src), "-B", str(bld), *COMMON, *flavor.cmake, *launcher],
+            ["cmake", "--build", str(bld), "-j", jobs, "--target", "ggml-base", "ggml-cpu", "ggml"],
+        ):
             _step(cmd, f, f"building ggml ({flavor.name})", log)
         libs = [next(bld.rglob(f"libggml{s}.a")) for s in ("", "-cpu", "-base")]
-        cmd = [flavor.cc, "-O2", "-x", "c", str(KERNEL_CHECK), "-x", "none", f"-I{src / 'ggml' / 'include'}",
-               *map(str, libs), "-lm", "-lpthread", "-o", str(exe) + ".tmp"]
+        cmd = [
+            flavor.cc,
+            "-O2",
+            "-x",
+            "c",
+            str(KERNEL_CHECK),
+            "-x",
+            "none",
+            f"-I{src / 'ggml' / 'include'}",
+            *map(str, libs),
+            "-lm",
+            "-lpthread",
+            "-o",
+            str(exe) + ".tmp",
+        ]
         if flavor.qemu_cpu:
             cmd.insert(1, "-static")
         _step(cmd, f, f"compiling kernel_check ({flavor.name})", log)
@@ -212,8 +266,13 @@ class KernelCheck:
     def run(self, *args, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> str:
         """`env`: extra environment variables, e.g. GGML_CPU_TILED_MM=0 (qemu-aarch64 passes them on); `ok`: the
         exit statuses that are not a failure (self.returncode holds the last one)."""
-        proc = subprocess.run([*self.argv, *map(str, args)], capture_output=True, text=True, timeout=900,
-                              env=dict(os.environ, **env) if env else None)
+        proc = subprocess.run(
+            [*self.argv, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=dict(os.environ, **env) if env else None,
+        )
         assert proc.returncode in ok, f"kernel_check {' '.join(map(str, args))} failed:\n{proc.stdout}{proc.stderr}"
         self.returncode = proc.returncode
         return proc.stdout
@@ -248,27 +307,47 @@ class KernelCheck:
         self.run("getrows", type_name, n, pw, pi, self.tmp / "out.f32", threads)
         return np.fromfile(self.tmp / "out.f32", np.float32).reshape(len(ids), n)
 
-    def mulmatid(self, type_name: str, raw: np.ndarray, n_experts: int, x: np.ndarray, ids: np.ndarray,
-                 threads: int = 2) -> np.ndarray:
+    def mulmatid(
+        self, type_name: str, raw: np.ndarray, n_experts: int, x: np.ndarray, ids: np.ndarray, threads: int = 2
+    ) -> np.ndarray:
         """ggml_mul_mat_id: `raw` holds n_experts equal blocks of rows; token t goes to experts ids[t]."""
         pw, px, pi = self._files(raw, x.astype(np.float32), np.asarray(ids, np.int32))
         self.run("mulmatid", type_name, x.shape[1], pw, px, pi, self.tmp / "out.f32", n_experts, threads)
         return np.fromfile(self.tmp / "out.f32", np.float32).reshape(x.shape[0], ids.shape[1], -1)
 
-    def mulmat(self, type_name: str, raw: np.ndarray, x: np.ndarray, threads: int = 2,
-               env: dict[str, str] | None = None, repack: bool = False) -> np.ndarray | None:
+    def mulmat(
+        self,
+        type_name: str,
+        raw: np.ndarray,
+        x: np.ndarray,
+        threads: int = 2,
+        env: dict[str, str] | None = None,
+        repack: bool = False,
+    ) -> np.ndarray | None:
         """`repack`: the weights in the CPU backend's repack buffer (llama.cpp's --repack 1); None where that
         buffer does not take the type (kernel_check exits 3)."""
         pw, px = self._files(raw, x.astype(np.float32))
-        self.run("mulmat", type_name, x.shape[1], pw, px, self.tmp / "out.f32", threads,
-                 *(["repack"] if repack else []), env=env, ok=(0, 3) if repack else (0,))
+        self.run(
+            "mulmat",
+            type_name,
+            x.shape[1],
+            pw,
+            px,
+            self.tmp / "out.f32",
+            threads,
+            *(["repack"] if repack else []),
+            env=env,
+            ok=(0, 3) if repack else (0,),
+        )
         if self.returncode == 3:
             return None
         return np.fromfile(self.tmp / "out.f32", np.float32).reshape(x.shape[0], raw.shape[0])
 
 
-@pytest.fixture(scope="session",
-                params=[pytest.param(n, marks=[pytest.mark.cross] if f.qemu_cpu else []) for n, f in FLAVORS.items()])
+@pytest.fixture(
+    scope="session",
+    params=[pytest.param(n, marks=[pytest.mark.cross] if f.qemu_cpu else []) for n, f in FLAVORS.items()],
+)
 def kernel_check(request, tmp_path_factory):
     flavor = FLAVORS[request.param]
     missing = [p for p in flavor.programs if not shutil.which(p)]
@@ -277,7 +356,9 @@ def kernel_check(request, tmp_path_factory):
     lacking = missing_cpu_flags(flavor)
     if lacking:  # the CPU cannot run it: prove that its ISA code compiles
         compiled = compile_isa_sources(flavor)
-        pytest.skip(f"{flavor.name}: compiled {len(compiled)} ISA-specific sources of the series "
-                    f"({', '.join(compiled)}), but this CPU lacks {' '.join(lacking)} (/proc/cpuinfo flags)")
+        pytest.skip(
+            f"{flavor.name}: compiled {len(compiled)} ISA-specific sources of the series "
+            f"({', '.join(compiled)}), but this CPU lacks {' '.join(lacking)} (/proc/cpuinfo flags)"
+        )
     exe = build_kernel_check(flavor)
     return KernelCheck(exe, flavor, tmp_path_factory.mktemp(flavor.name))

@@ -5,6 +5,7 @@ Flavors (conftest.py): host-generic (x86-64 without AVX: the generic C kernels);
 are compiled with its flags and the tests skipped: evals/lab/device_kernels.sh runs it on another host);
 arm64-dotprod under qemu -cpu cortex-a76 (sdot path); arm64-v8 under qemu -cpu cortex-a53 (plain NEON path).
 """
+
 import numpy as np
 import pytest
 
@@ -20,13 +21,13 @@ K_64 = 576  # SmolLM2's hidden size: 9 blocks of 64, not whole blocks of 256 (no
 
 def edge_rows(n: int, rng) -> np.ndarray:
     rows = [
-        np.zeros(n),                                    # all zero
-        np.full(n, 3.5),                                # all +max
-        np.full(n, -3.5),                               # all -max
-        np.where(np.arange(n) % 2, -2.0, 2.0),          # +-max alternating
+        np.zeros(n),  # all zero
+        np.full(n, 3.5),  # all +max
+        np.full(n, -3.5),  # all -max
+        np.where(np.arange(n) % 2, -2.0, 2.0),  # +-max alternating
         np.where(np.arange(n) == n // 3, 50.0, 0.01 * rng.standard_normal(n)),  # one outlier
-        np.round(rng.standard_normal(n)),               # many exact ties in |x|
-        rng.standard_normal(n) * 1e-6,                  # tiny scale (fp16 subnormal d)
+        np.round(rng.standard_normal(n)),  # many exact ties in |x|
+        rng.standard_normal(n) * 1e-6,  # tiny scale (fp16 subnormal d)
     ]
     return np.stack(rows).astype(np.float32)
 
@@ -206,8 +207,9 @@ def test_block_64_repacked_mul_mat(kernel_check, name, n, rows):
     activations, so within the Q8_0 bound of the float reference, as the plain mul_mat. Flavors without the
     repack (not AVX2) must refuse the type."""
     random_rows = max(rows - 6, 1)
-    raw, w, acts, kern, mag = _mul_mat_columns(kernel_check, name, n, 400 + n + rows, random_rows,
-                                               rows - random_rows + 1, 37, (1, 3))
+    raw, w, acts, kern, mag = _mul_mat_columns(
+        kernel_check, name, n, 400 + n + rows, random_rows, rows - random_rows + 1, 37, (1, 3)
+    )
     ref = acts.astype(np.float64) @ w.astype(np.float64).T
     bound = q8_0_bound(w, acts) * (1 + 1e-4) + 1e-5 * mag + 1e-6
     for cols in (1, 2, 3, 4, 5, 7, 21, 37):
@@ -330,9 +332,9 @@ def test_mul_mat_id_routes_each_token_to_its_experts(kernel_check, name):
     n_exp, m = 4, raw.shape[0] // 4
     ids = np.array([[0, 3], [2, 2], [1, 0], [3, 1], [0, 0], [2, 3]], np.int32)
     got = kernel_check.mulmatid(name, raw, n_exp, acts, ids, threads=3)
-    per_expert = [kernel_check.mulmat(name, raw[e*m:(e + 1)*m], acts) for e in range(n_exp)]
+    per_expert = [kernel_check.mulmat(name, raw[e * m : (e + 1) * m], acts) for e in range(n_exp)]
     want = np.stack([np.stack([per_expert[e][t] for e in ids[t]]) for t in range(len(ids))])
-    scale = np.stack([np.stack([mag[t, e*m:(e + 1)*m] for e in ids[t]]) for t in range(len(ids))])
+    scale = np.stack([np.stack([mag[t, e * m : (e + 1) * m] for e in ids[t]]) for t in range(len(ids))])
     assert got.shape == (6, 2, m)
     assert_same_sums(got, want, scale, 6)
     assert np.abs(got).max() > 0
@@ -352,8 +354,9 @@ def test_stq1_0_decode_tables(kernel_check, threads):
         np.testing.assert_array_equal(on1, on)
         if n == 1:  # the prefetch distance (tiles ahead; 0: none) moves no result bit
             for pf in ("0", "3"):
-                got = kernel_check.mulmat("stq1_0", raw, acts[:n], threads=threads,
-                                          env={"GGML_CPU_STQ1_0_LUT_PREFETCH": pf})
+                got = kernel_check.mulmat(
+                    "stq1_0", raw, acts[:n], threads=threads, env={"GGML_CPU_STQ1_0_LUT_PREFETCH": pf}
+                )
                 np.testing.assert_array_equal(got, on)
         for got, want in ((on, kern[:n]), (on, exact[:n]), (off, kern[:n])):
             assert_same_sums(got, want, mag[:n], n)

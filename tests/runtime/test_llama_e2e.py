@@ -4,6 +4,7 @@ A tiny random-weight llama (hidden 512, FFN 1024: multiples of both block sizes,
 quantized by the runtime's own llama-quantize; the tensor table is read back with slim-edge's own GGUF
 reader (PyPI gguf 0.19 rejects ids 43/44), then the model generates a few tokens.
 """
+
 import json
 import re
 import subprocess
@@ -32,8 +33,15 @@ def host():
 
 @pytest.fixture(scope="module")
 def f16(tmp_path_factory):
-    return write_tiny_llama_gguf(tmp_path_factory.mktemp("e2e") / "tiny-f16.gguf", hidden=512, n_heads=4,
-                                 n_kv_heads=2, ffn=1024, n_layers=2, vocab_size=512)
+    return write_tiny_llama_gguf(
+        tmp_path_factory.mktemp("e2e") / "tiny-f16.gguf",
+        hidden=512,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn=1024,
+        n_layers=2,
+        vocab_size=512,
+    )
 
 
 def run(argv, timeout=600):
@@ -45,8 +53,26 @@ def run(argv, timeout=600):
 def complete(host, model, n: int, prompt="the small model is"):
     """llama-completion's whole output: the echoed prompt and n generated tokens on stdout (their text is
     not checked: random weights), the perf summary, its last lines, on stderr."""
-    proc = run([*host.argv("llama-completion"), "-m", model, "-p", prompt, "-n", str(n), "-no-cnv",
-                "--ignore-eos", "--temp", "0", "-t", "2", "-c", "256", "--no-warmup"])
+    proc = run(
+        [
+            *host.argv("llama-completion"),
+            "-m",
+            model,
+            "-p",
+            prompt,
+            "-n",
+            str(n),
+            "-no-cnv",
+            "--ignore-eos",
+            "--temp",
+            "0",
+            "-t",
+            "2",
+            "-c",
+            "256",
+            "--no-warmup",
+        ]
+    )
     assert proc.stdout.lstrip().startswith(prompt) and len(proc.stdout.strip()) > len(prompt), proc.stdout
     assert "eval time =" in proc.stderr and f"/ {n - 1:5d} runs" in proc.stderr, proc.stderr[-2000:]
     assert "total time =" in proc.stderr, proc.stderr[-2000:]
@@ -114,8 +140,15 @@ def test_llama_quantize_writes_the_reference_bytes(host, f16, tmp_path, source, 
 @pytest.fixture(scope="module")
 def f16_576(tmp_path_factory):
     """SmolLM2's widths: rows of 576 (no whole 256/512 blocks) and an FFN of 1536."""
-    return write_tiny_llama_gguf(tmp_path_factory.mktemp("e2e576") / "tiny576-f16.gguf", hidden=576, n_heads=4,
-                                 n_kv_heads=2, ffn=1536, n_layers=1, vocab_size=512)
+    return write_tiny_llama_gguf(
+        tmp_path_factory.mktemp("e2e576") / "tiny576-f16.gguf",
+        hidden=576,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn=1536,
+        n_layers=1,
+        vocab_size=512,
+    )
 
 
 @pytest.mark.parametrize("source", ["F16", "BF16"])
@@ -128,15 +161,20 @@ def test_llama_quantize_64_blocks_on_rows_of_576(host, f16_576, tmp_path, source
         src = tmp_path / "tiny576-bf16.gguf"
         run([*host.argv("llama-quantize"), f16_576, src, "BF16", "2"])
     src_table = read_tensor_table(src)
-    for ftype, wide_ftype, narrow, wide in (("Q2_0C_64", "Q2_0C", Q2_0C_64, Q2_0C_64),
-                                            ("STQ1_0_64", "STQ1_0", STQ1_0_64, STQ1_0_64),
-                                            ("Q2_0C", "Q2_0C", Q2_0C_64, Q2_0C),
-                                            ("STQ1_0", "STQ1_0", STQ1_0_64, STQ1_0)):
+    for ftype, wide_ftype, narrow, wide in (
+        ("Q2_0C_64", "Q2_0C", Q2_0C_64, Q2_0C_64),
+        ("STQ1_0_64", "STQ1_0", STQ1_0_64, STQ1_0_64),
+        ("Q2_0C", "Q2_0C", Q2_0C_64, Q2_0C),
+        ("STQ1_0", "STQ1_0", STQ1_0_64, STQ1_0),
+    ):
         out = tmp_path / f"tiny576-{source}-{ftype}.gguf"
         run([*host.argv("llama-quantize"), src, out, ftype, "2"])
         out_table = read_tensor_table(out)
-        for name, want_id in (("blk.0.attn_q.weight", narrow), ("blk.0.attn_k.weight", narrow),
-                              ("blk.0.ffn_down.weight", wide)):
+        for name, want_id in (
+            ("blk.0.attn_q.weight", narrow),
+            ("blk.0.attn_k.weight", narrow),
+            ("blk.0.ffn_down.weight", wide),
+        ):
             got_id, shape, raw = tensor_bytes(out, name, out_table)
             assert got_id == want_id, (ftype, name, got_id)
             fmt = get_format({Q2_0C_64: "q2_0c_64", STQ1_0_64: "stq1_0_64"}.get(got_id, wide_ftype))
@@ -153,8 +191,24 @@ def test_llama_quantize_weighs_by_the_imatrix_as_the_reference_does(host, f16, l
     import gguf
 
     imatrix = tmp_path / "imatrix.gguf"
-    run([*host.argv("llama-imatrix"), "-m", f16, "-f", lee_text, "-o", imatrix, "-c", "128", "--chunks", "3",
-         "-t", "2", "--no-ppl"])
+    run(
+        [
+            *host.argv("llama-imatrix"),
+            "-m",
+            f16,
+            "-f",
+            lee_text,
+            "-o",
+            imatrix,
+            "-c",
+            "128",
+            "--chunks",
+            "3",
+            "-t",
+            "2",
+            "--no-ppl",
+        ]
+    )
     stats = {t.name: np.asarray(t.data, np.float32).ravel() for t in gguf.GGUFReader(imatrix).tensors}
     src_table = read_tensor_table(f16)
     for ftype, type_id in (("STQ1_0", STQ1_0), ("Q2_0C", Q2_0C)):
@@ -185,12 +239,17 @@ def test_check_tensors_rejects_a_nan_scale(host, f16, tmp_path, ftype, d_offset)
     table = read_tensor_table(good)
     t = next(t for t in table.tensors if t.name == "blk.0.attn_q.weight")
     at = table.data_start + t.offset + d_offset
-    data[at:at + 2] = np.float16(np.nan).tobytes()
+    data[at : at + 2] = np.float16(np.nan).tobytes()
     bad.write_bytes(bytes(data))
     argv = ["-p", "hi", "-n", "1", "-no-cnv", "-c", "64", "-t", "2", "--no-warmup", "--check-tensors"]
     run([*host.argv("llama-completion"), "-m", good, *argv])
-    proc = subprocess.run([str(a) for a in [*host.argv("llama-completion"), "-m", bad, *argv]],
-                          capture_output=True, text=True, errors="replace", timeout=600)
+    proc = subprocess.run(
+        [str(a) for a in [*host.argv("llama-completion"), "-m", bad, *argv]],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
+    )
     assert proc.returncode != 0
     assert "tensor 'blk.0.attn_q.weight' has invalid data" in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
@@ -240,8 +299,20 @@ def test_64_block_repack_keeps_the_perplexity(host, f16_576, lee_text, tmp_path,
     kernels sum floats in other orders and the 8-bit activations between layers amplify the last bits)."""
     out = tmp_path / f"tiny576-{ftype}.gguf"
     run([*host.argv("llama-quantize"), f16_576, out, ftype, "2"])
-    args = [*host.argv("llama-perplexity"), "-m", out, "-f", lee_text, "-c", "128", "--chunks", "4", "-t", "2",
-            "-v"]  # -v: the load log names each buffer type
+    args = [
+        *host.argv("llama-perplexity"),
+        "-m",
+        out,
+        "-f",
+        lee_text,
+        "-c",
+        "128",
+        "--chunks",
+        "4",
+        "-t",
+        "2",
+        "-v",
+    ]  # -v: the load log names each buffer type
     on, off = run(args), run([*args, "-nr"])
     assert "CPU_REPACK model buffer size" in on.stderr, on.stderr[-2000:]
     assert "CPU_REPACK" not in off.stderr, off.stderr[-2000:]

@@ -1,5 +1,6 @@
 """The torch model of the runtime's activation rounding: bytes equal to gguf-py / the C reference / the
 built library, and the simulation hooks leave the model as they found it."""
+
 import ctypes
 
 import numpy as np
@@ -125,8 +126,9 @@ def test_rope_angles_are_ggmls():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    hf_cos, hf_sin = LlamaRotaryEmbedding(LlamaConfig(head_dim=64, hidden_size=576, num_attention_heads=9,
-                                                      rope_theta=100000.0))(torch.zeros(1), pos[None])
+    hf_cos, hf_sin = LlamaRotaryEmbedding(
+        LlamaConfig(head_dim=64, hidden_size=576, num_attention_heads=9, rope_theta=100000.0)
+    )(torch.zeros(1), pos[None])
     assert 0 < (cos - hf_cos).abs().max() < 1e-4 and 0 < (sin - hf_sin).abs().max() < 1e-4
 
 
@@ -152,8 +154,12 @@ def test_torch_quantizers_equal_the_runtime_library():
     lib = ctypes.CDLL(str(ensure_runtime("host").lib_dir / "libggml-cpu.so"))
 
     class Traits(ctypes.Structure):
-        _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
-                    ("nrows", ctypes.c_int64)]
+        _fields_ = [
+            ("from_float", ctypes.c_void_p),
+            ("vec_dot", ctypes.c_void_p),
+            ("vec_dot_type", ctypes.c_int),
+            ("nrows", ctypes.c_int64),
+        ]
 
     lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(Traits)
     lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
@@ -164,8 +170,10 @@ def test_torch_quantizers_equal_the_runtime_library():
 
     x = activation_rows()
     from_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-    for type_id, size, ours in ((8, 34 * 32, q8_0_bytes(*quantize_q8_0(torch.from_numpy(x), "x86"))),
-                                (15, 292 * 4, q8_k_bytes(*quantize_q8_k(torch.from_numpy(x))))):
+    for type_id, size, ours in (
+        (8, 34 * 32, q8_0_bytes(*quantize_q8_0(torch.from_numpy(x), "x86"))),
+        (15, 292 * 4, q8_k_bytes(*quantize_q8_k(torch.from_numpy(x)))),
+    ):
         out = ctypes.create_string_buffer(size * x.shape[0])
         fn = from_float(lib.ggml_get_type_traits_cpu(type_id).contents.from_float)
         for r in range(x.shape[0]):

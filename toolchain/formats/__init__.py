@@ -4,6 +4,7 @@ Adding a GGUF type is one new module here (its `FORMAT` holds every fact about i
 llama_ftype, activation type, the torch grid, the schemes' values it holds exactly) and one entry in
 NAMES. Everything else reads the registry: FORMATS / BY_ID are the live tables that `register` fills.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,11 +22,15 @@ def register(fmt: Format) -> Format:
     for what, mine in (("name", "name"), ("GGML type id", "type_id"), ("llama_ftype", "file_type")):
         clash = next((f for f in FORMATS.values() if getattr(f, mine) == getattr(fmt, mine)), None)
         if clash is not None:
-            raise SlimEdgeError(f"format {fmt.name!r} has {what} {getattr(fmt, mine)!r}, which format "
-                                f"{clash.name!r} already has; give {fmt.name!r} an unused {what}")
+            raise SlimEdgeError(
+                f"format {fmt.name!r} has {what} {getattr(fmt, mine)!r}, which format "
+                f"{clash.name!r} already has; give {fmt.name!r} an unused {what}"
+            )
     if fmt.file_type < 0 or not fmt.vec_dot:
-        raise SlimEdgeError(f"format {fmt.name!r}: file_type {fmt.file_type!r} / vec_dot {fmt.vec_dot!r} are not "
-                            f"set; give its FORMAT the llama_ftype and the runtime's activation type")
+        raise SlimEdgeError(
+            f"format {fmt.name!r}: file_type {fmt.file_type!r} / vec_dot {fmt.vec_dot!r} are not "
+            f"set; give its FORMAT the llama_ftype and the runtime's activation type"
+        )
     FORMATS[fmt.name] = fmt
     BY_ID[fmt.type_id] = fmt
     return fmt

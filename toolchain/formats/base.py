@@ -6,6 +6,7 @@ block scale `d`, an fp16) and `d` itself. The float weight is `float32(value) * 
 `quantize` is the reference float -> bytes quantizer (the one the C runtime mirrors);
 `fake_quant` is the torch path whose output equals `dequantize(encode(...))` exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,8 +68,11 @@ class Format:
         x = np.ascontiguousarray(x, dtype=np.float32)
         self.check_row(x.shape[-1])
         blocks = x.reshape(-1, self.block_size)
-        w = None if weights is None else np.broadcast_to(
-            np.asarray(weights, np.float32), x.shape).reshape(-1, self.block_size)
+        w = (
+            None
+            if weights is None
+            else np.broadcast_to(np.asarray(weights, np.float32), x.shape).reshape(-1, self.block_size)
+        )
         raw = self.quantize_blocks(blocks, w)
         return raw.reshape(*x.shape[:-1], -1)
 
@@ -83,8 +87,7 @@ class Format:
         """values int [rows, n], d [rows, n / block_size] -> uint8 [rows, row_bytes]."""
         rows, n = values.shape
         self.check_row(n)
-        raw = self.encode(values.reshape(-1, self.block_size).astype(np.int8),
-                          np.asarray(d, np.float16).reshape(-1))
+        raw = self.encode(values.reshape(-1, self.block_size).astype(np.int8), np.asarray(d, np.float16).reshape(-1))
         return raw.reshape(rows, -1)
 
     def unpack(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +139,7 @@ def pack_2bit(codes: np.ndarray, lanes: int) -> np.ndarray:
     c = codes.reshape(n, k // (4 * lanes), 4, lanes).astype(np.uint8)
     if lanes == 1:
         c = codes.reshape(n, k // 4, 4, 1).astype(np.uint8)
-        return (c[:, :, 0, 0] | c[:, :, 1, 0] << 2 | c[:, :, 2, 0] << 4 | c[:, :, 3, 0] << 6)
+        return c[:, :, 0, 0] | c[:, :, 1, 0] << 2 | c[:, :, 2, 0] << 4 | c[:, :, 3, 0] << 6
     out = c[:, :, 0] | c[:, :, 1] << 2 | c[:, :, 2] << 4 | c[:, :, 3] << 6
     return out.reshape(n, -1)
 

@@ -6,6 +6,7 @@
 Ternary {-1, 0, +1} (Sherry, Tequila, absmean ternary) is a subset of this grid, so ternary-trained
 tensors export to it bit-exactly and run on the unpatched runtime.
 """
+
 import numpy as np
 
 from .base import Format, absmax_roundf, fp16_bytes, fp16_from, pack_2bit, unpack_2bit
@@ -22,5 +23,14 @@ class Q2_0(Format):
         # quantize_row_q2_0_ref: d = absmax, roundf(x / d) (clamped to [-1, 2], so +2 never occurs)
         return self.encode(*absmax_roundf(blocks))
 
-FORMAT = Q2_0("q2_0", type_id=42, block_size=64, type_size=2 + 64 // 4, levels=(-1, 0, 1, 2),
-              file_type=41, vec_dot="q8_0", holds=("ternary", "sherry"))
+
+FORMAT = Q2_0(
+    "q2_0",
+    type_id=42,
+    block_size=64,
+    type_size=2 + 64 // 4,
+    levels=(-1, 0, 1, 2),
+    file_type=41,
+    vec_dot="q8_0",
+    holds=("ternary", "sherry"),
+)

@@ -10,6 +10,7 @@ the id map is written into every file's metadata.
 Reference quantizer: d0 = absmax / 3, then two Lloyd steps — codes = nearest odd level of x/d,
 d = sum(w*x*v) / sum(w*v*v) (fp32, summed in weight order) — and final codes against the fp16 d.
 """
+
 import numpy as np
 
 from .base import Format, fp16_bytes, fp16_from, pack_2bit, unpack_2bit
@@ -46,5 +47,13 @@ def _odd_levels(x: np.ndarray, d: np.ndarray) -> np.ndarray:
     return (2 * k + 1).astype(np.int8)
 
 
-FORMAT = Q2_0C("q2_0c", type_id=44, block_size=512, type_size=2 + 512 // 4, levels=(-3, -1, 1, 3),
-               stock=False, file_type=43, vec_dot="q8_k")
+FORMAT = Q2_0C(
+    "q2_0c",
+    type_id=44,
+    block_size=512,
+    type_size=2 + 512 // 4,
+    levels=(-3, -1, 1, 3),
+    stock=False,
+    file_type=43,
+    vec_dot="q8_k",
+)

@@ -13,7 +13,16 @@ this reference leaves a relative RMS error of 0.3933 per 512, 0.3816 per 64 and 
 3.4 % less error for 11 % more bits (2.5 bpw), less than those bits buy spent on Q4_0 tensors (--bits). Stock
 Q2_0's absmax reference leaves 0.7229 on the same rows.
 """
+
 from .q2_0c import Q2_0C
 
-FORMAT = Q2_0C("q2_0c_64", type_id=45, block_size=64, type_size=2 + 64 // 4, levels=(-3, -1, 1, 3),
-               stock=False, file_type=44, vec_dot="q8_0")
+FORMAT = Q2_0C(
+    "q2_0c_64",
+    type_id=45,
+    block_size=64,
+    type_size=2 + 64 // 4,
+    levels=(-3, -1, 1, 3),
+    stock=False,
+    file_type=44,
+    vec_dot="q8_0",
+)

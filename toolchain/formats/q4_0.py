@@ -1,8 +1,9 @@
 """Q4_0: 4-bit baseline, block 32.
 
-    | d: fp16 | qs[16]: byte j = code j (low nibble) | code j+16 (high nibble) |   18 bytes = 4.5 bpw
-    weight = (code - 8) * d, code in 0..15
+| d: fp16 | qs[16]: byte j = code j (low nibble) | code j+16 (high nibble) |   18 bytes = 4.5 bpw
+weight = (code - 8) * d, code in 0..15
 """
+
 import numpy as np
 
 from .base import Format, fp16_bytes, fp16_from
@@ -28,5 +29,13 @@ class Q4_0(Format):
         return self.encode((c - 8).astype(np.int8), d.astype(np.float16))
 
 
-FORMAT = Q4_0("q4_0", type_id=2, block_size=32, type_size=2 + 16, levels=tuple(range(-8, 8)),
-              file_type=2, vec_dot="q8_0", embedding=True)
+FORMAT = Q4_0(
+    "q4_0",
+    type_id=2,
+    block_size=32,
+    type_size=2 + 16,
+    levels=tuple(range(-8, 8)),
+    file_type=2,
+    vec_dot="q8_0",
+    embedding=True,
+)

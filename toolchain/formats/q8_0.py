@@ -1,8 +1,9 @@
 """Q8_0: 8-bit baseline, block 32.
 
-    | d: fp16 | qs[32]: int8 |      34 bytes / 32 weights = 8.5 bpw
-    weight j = qs[j] * d
+| d: fp16 | qs[32]: int8 |      34 bytes / 32 weights = 8.5 bpw
+weight j = qs[j] * d
 """
+
 import numpy as np
 
 from .base import Format, fp16_bytes, fp16_from
@@ -25,5 +26,13 @@ class Q8_0(Format):
         return self.encode(q.astype(np.int8), d.astype(np.float16))
 
 
-FORMAT = Q8_0("q8_0", type_id=8, block_size=32, type_size=2 + 32, levels=tuple(range(-127, 128)),
-              file_type=7, vec_dot="q8_0", embedding=True)
+FORMAT = Q8_0(
+    "q8_0",
+    type_id=8,
+    block_size=32,
+    type_size=2 + 32,
+    levels=tuple(range(-127, 128)),
+    file_type=7,
+    vec_dot="q8_0",
+    embedding=True,
+)

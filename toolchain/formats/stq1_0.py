@@ -1,31 +1,65 @@
 """STQ1_0: Sherry 1.25-bit — ternary with exactly one zero in every group of four, block 256.
 
-    | qs[32]: 64 four-bit slot codes | sign[8]: 64 sign bits | d: fp16 |   32 + 8 + 2 = 42 bytes = 1.3125 bpw
+| qs[32]: 64 four-bit slot codes | sign[8]: 64 sign bits | d: fp16 |   32 + 8 + 2 = 42 bytes = 1.3125 bpw
 
-    Group g (0..63) = weights {64*(g // 16) + (g % 16) + 16*p : p = 0..3}: quads are strided by 16
-    inside each 64-weight chunk, so SIMD kernels load activations at offsets 0/16/32/48.
-    slot(g) = nibble (g & 1) of qs[g // 2] (low nibble first); sign(g) = bit (g % 8) of sign[g // 8].
-    CODEBOOK[(sign << 4) | slot] is a byte whose bits 2p..2p+1 hold lane p as (value + 1):
+Group g (0..63) = weights {64*(g // 16) + (g % 16) + 16*p : p = 0..3}: quads are strided by 16
+inside each 64-weight chunk, so SIMD kernels load activations at offsets 0/16/32/48.
+slot(g) = nibble (g & 1) of qs[g // 2] (low nibble first); sign(g) = bit (g % 8) of sign[g // 8].
+CODEBOOK[(sign << 4) | slot] is a byte whose bits 2p..2p+1 hold lane p as (value + 1):
 
-        sign 0: A9 89 29 09 A6 86 26 06 9A 92 1A 12 6A 62 4A 42
-        sign 1: 01 21 81 A1 04 24 84 A4 10 18 90 98 40 48 60 68   (= 0xAA - sign-0 byte: negation)
+    sign 0: A9 89 29 09 A6 86 26 06 9A 92 1A 12 6A 62 4A 42
+    sign 1: 01 21 81 A1 04 24 84 A4 10 18 90 98 40 48 60 68   (= 0xAA - sign-0 byte: negation)
 
-    slot = (zero_lane << 2) | b: bit 0 of b makes the 2nd non-zero lane negative, bit 1 the 3rd;
-    the 1st non-zero lane is +1 when sign = 0. Type id 43 as in llama.cpp PR #22836
-    (older AngelSlim files carry 42: see `slim-edge gguf retag`).
+slot = (zero_lane << 2) | b: bit 0 of b makes the 2nd non-zero lane negative, bit 1 the 3rd;
+the 1st non-zero lane is +1 when sign = 0. Type id 43 as in llama.cpp PR #22836
+(older AngelSlim files carry 42: see `slim-edge gguf retag`).
 
-    Reference quantizer: zero the smallest |x| of each quad (first one on ties), keep the signs of the
-    other three (+ for x >= 0), d = L2-optimal = sum(w*|x|) / sum(w) over the kept weights
-    (w = importance, 1 without an imatrix), summed in weight order in fp32.
+Reference quantizer: zero the smallest |x| of each quad (first one on ties), keep the signs of the
+other three (+ for x >= 0), d = L2-optimal = sum(w*|x|) / sum(w) over the kept weights
+(w = importance, 1 without an imatrix), summed in weight order in fp32.
 """
+
 import numpy as np
 
 from .base import Format, fp16_bytes, fp16_from
 
-CODEBOOK = np.array([
-    0xA9, 0x89, 0x29, 0x09, 0xA6, 0x86, 0x26, 0x06, 0x9A, 0x92, 0x1A, 0x12, 0x6A, 0x62, 0x4A, 0x42,
-    0x01, 0x21, 0x81, 0xA1, 0x04, 0x24, 0x84, 0xA4, 0x10, 0x18, 0x90, 0x98, 0x40, 0x48, 0x60, 0x68,
-], np.uint8)
+CODEBOOK = np.array(
+    [
+        0xA9,
+        0x89,
+        0x29,
+        0x09,
+        0xA6,
+        0x86,
+        0x26,
+        0x06,
+        0x9A,
+        0x92,
+        0x1A,
+        0x12,
+        0x6A,
+        0x62,
+        0x4A,
+        0x42,
+        0x01,
+        0x21,
+        0x81,
+        0xA1,
+        0x04,
+        0x24,
+        0x84,
+        0xA4,
+        0x10,
+        0x18,
+        0x90,
+        0x98,
+        0x40,
+        0x48,
+        0x60,
+        0x68,
+    ],
+    np.uint8,
+)
 _INDEX = np.full(256, -1, np.int16)
 _INDEX[CODEBOOK] = np.arange(32)
 
@@ -62,7 +96,7 @@ class STQ1_0(Format):
 
     def decode(self, raw):
         groups = self.block_size // 4
-        qs, signs = raw[:, :groups // 2], raw[:, groups // 2:groups // 2 + groups // 8]
+        qs, signs = raw[:, : groups // 2], raw[:, groups // 2 : groups // 2 + groups // 8]
         slot = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, groups)
         sign = ((signs[:, :, None] >> np.arange(8, dtype=np.uint8)) & 1).reshape(-1, groups)
         byte = CODEBOOK[(sign << 4) | slot]  # [n, groups]
@@ -93,5 +127,14 @@ def sherry_values(blocks: np.ndarray, quads: np.ndarray) -> np.ndarray:
     return out
 
 
-FORMAT = STQ1_0("stq1_0", type_id=43, block_size=256, type_size=32 + 8 + 2, levels=(-1, 0, 1),
-                stock=False, file_type=42, vec_dot="q8_k", holds=("sherry",))
+FORMAT = STQ1_0(
+    "stq1_0",
+    type_id=43,
+    block_size=256,
+    type_size=32 + 8 + 2,
+    levels=(-1, 0, 1),
+    stock=False,
+    file_type=42,
+    vec_dot="q8_k",
+    holds=("sherry",),
+)

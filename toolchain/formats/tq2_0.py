@@ -1,9 +1,10 @@
 """TQ2_0: stock llama.cpp ternary, 2 bits per weight, block 256.
 
-    | qs[64] | d: fp16 |   66 bytes / 256 weights = 2.0625 bpw
-    within each 128-weight half h, byte 32*h + m holds weights 128*h + m + 32*i at bits 2*i (i = 0..3)
-    weight = (code - 1) * d, code in 0..2
+| qs[64] | d: fp16 |   66 bytes / 256 weights = 2.0625 bpw
+within each 128-weight half h, byte 32*h + m holds weights 128*h + m + 32*i at bits 2*i (i = 0..3)
+weight = (code - 1) * d, code in 0..2
 """
+
 import numpy as np
 
 from .base import Format, absmax_roundf, fp16_bytes, fp16_from, pack_2bit, unpack_2bit
@@ -21,5 +22,13 @@ class TQ2_0(Format):
         return self.encode(*absmax_roundf(blocks))
 
 
-FORMAT = TQ2_0("tq2_0", type_id=35, block_size=256, type_size=64 + 2, levels=(-1, 0, 1),
-               file_type=37, vec_dot="q8_k", holds=("ternary",))
+FORMAT = TQ2_0(
+    "tq2_0",
+    type_id=35,
+    block_size=256,
+    type_size=64 + 2,
+    levels=(-1, 0, 1),
+    file_type=37,
+    vec_dot="q8_k",
+    holds=("ternary",),
+)

@@ -2,6 +2,7 @@
 
 One module per scheme; the module name is the `--scheme` value.
 """
+
 from __future__ import annotations
 
 import importlib

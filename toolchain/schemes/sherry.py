@@ -5,7 +5,13 @@ trained model). The largest block that divides the row: stq1_0 (256, 1.31 bpw), 
 stride-16 chunk with its own scale, 1.5 bpw). Stock q2_0 (block 64, holds {-1,0,1} exactly) only when
 asked (--target q2_0).
 """
+
 from . import Scheme
 
-SCHEME = Scheme("sherry", formats=("stq1_0", "stq1_0_64", "q2_0"), values="sherry", arenas=True,
-                doc="3:4 ternary -> stq1_0 (1.31 bpw); stq1_0_64 (1.5 bpw) where rows are not a multiple of 256")
+SCHEME = Scheme(
+    "sherry",
+    formats=("stq1_0", "stq1_0_64", "q2_0"),
+    values="sherry",
+    arenas=True,
+    doc="3:4 ternary -> stq1_0 (1.31 bpw); stq1_0_64 (1.5 bpw) where rows are not a multiple of 256",
+)

@@ -1,4 +1,5 @@
 """ckpt_parts: a checkpoint split into small parts and joined again is the same checkpoint."""
+
 import torch
 from safetensors.torch import load_file
 
@@ -10,8 +11,12 @@ from slim_edge.quantize import QuantConfig
 
 def test_pack_unpack_roundtrip(tiny_llama, tiny_text, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run_quantize(str(tiny_llama), QuantConfig(scheme="sherry", steps=2, batch_size=2, seq_len=32,
-                                              calib=str(tiny_text)), ckpt, progress=False)
+    run_quantize(
+        str(tiny_llama),
+        QuantConfig(scheme="sherry", steps=2, batch_size=2, seq_len=32, calib=str(tiny_text)),
+        ckpt,
+        progress=False,
+    )
     pack(ckpt, tmp_path / "parts", part_mb=0.15)
     parts = sorted((tmp_path / "parts").glob("part*.safetensors"))
     assert len(parts) >= 2 and all(p.stat().st_size <= 0.15 * (1 << 20) for p in parts)

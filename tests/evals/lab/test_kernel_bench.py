@@ -19,15 +19,18 @@ def test_quantize_pins_embedding_and_output_to_q6_k(tmp_path):
     from slim_edge.runtime_patches.runtime import ensure_runtime
 
     bin_dir = ensure_runtime("host").bin_dir
-    f16 = kernel_bench.write_random_f16(tmp_path / "f16.gguf", hidden=256, n_layers=1, n_heads=4, n_kv_heads=2,
-                                        ffn=512, vocab=512)
+    f16 = kernel_bench.write_random_f16(
+        tmp_path / "f16.gguf", hidden=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn=512, vocab=512
+    )
     assert kernel_bench.quantize(bin_dir, f16, "F16", tmp_path / "f16-again.gguf") == f16
     out = kernel_bench.quantize(bin_dir, f16, "Q4_0", tmp_path / "q4_0.gguf")
     types = {t.name: t.type_id for t in read_tensor_table(out).tensors}
     q4_0, q6_k, f32 = 2, 14, 0  # ggml type ids
     assert types["token_embd.weight"] == types["output.weight"] == q6_k
-    assert {types[f"blk.0.{n}.weight"] for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                                                  "ffn_down")} == {q4_0}
+    assert {
+        types[f"blk.0.{n}.weight"]
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    } == {q4_0}
     assert types["blk.0.attn_norm.weight"] == f32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f16.gguf", "q4_0.gguf"]  # no .tmp left behind
     stamp = out.stat().st_mtime_ns

@@ -1,4 +1,5 @@
 """onnx_portability: logits saved on one onnxruntime, checked on another (evals/reports/onnx_portability.md)."""
+
 import json
 
 import numpy as np

@@ -1,4 +1,5 @@
 """held_out_ppl: PyTorch PPL on lee:eval, and with a reference model the KLD the device runs report."""
+
 import numpy as np
 import pytest
 
@@ -9,8 +10,10 @@ def _load(folder):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(folder))
+    return (
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
+        AutoTokenizer.from_pretrained(folder),
+    )
 
 
 def test_held_out_kld_matches_direct_computation(tmp_path):
@@ -32,8 +35,9 @@ def test_held_out_kld_matches_direct_computation(tmp_path):
 
     r = held_out_ppl(model, tok, max_chunks=2, ctx=128, reference=ref)
     lm, lm_ref = TorchLM(model, tok), TorchLM(ref, tok)
-    chunks = make_chunks(lm.tokenize(get_text("lee", split="eval").text), ctx=128, max_chunks=2,
-                         add_bos=lm.add_bos, bos_id=lm.bos_id)
+    chunks = make_chunks(
+        lm.tokenize(get_text("lee", split="eval").text), ctx=128, max_chunks=2, add_bos=lm.add_bos, bos_id=lm.bos_id
+    )
     base = np.concatenate([scored_logits(lm_ref, c, chunks.first) for c in chunks.tokens])
     ours = np.concatenate([scored_logits(lm, c, chunks.first) for c in chunks.tokens])
     direct = kl_divergence(base, ours, chunks.targets.reshape(-1))
