@@ -222,6 +222,31 @@ def _stop_rank_1(tiny_llama, tiny_text, out: Path, *extra: str) -> tuple[Path, i
     return out, rc, stderr
 
 
+def test_two_ranks_sample_half_the_teacher_batches_each_and_draw_what_one_process_draws(
+    tiny_llama, tiny_text, tmp_path, monkeypatch
+):
+    from slim_edge.gendata import teacher_tokens
+    from slim_edge.models import load_model
+    from slim_edge.train import calibration_tokens
+
+    samples, probe = tmp_path / "samples", tmp_path / "probe"
+    monkeypatch.setenv("SLIM_EDGE_SAMPLES", str(samples))
+    L = OPTS["seq_len"]
+    # 5 sequences in sampling batches of 2: batches 0 and 2 (3 sequences) on rank 0, batch 1 (2) on rank 1
+    calib = f"{tiny_text},teacher:{5 * L}:batch=2"
+    proc = _torchrun(tiny_llama, tiny_text, tmp_path / "out", "--calib", calib, "--steps", "1", probe=probe)
+    rc, _, stderr = _finish(proc)
+    assert rc == 0, stderr[-3000:]
+    drawn = [json.loads((probe / f"rank{r}.json").read_text())["teacher_tokens"] for r in (0, 1)]
+    assert drawn == [[3 * L], [2 * L]]
+    (kept,) = samples.glob("*.pt")
+    blob = torch.load(kept, weights_only=True)
+    model, tok = load_model(str(tiny_llama))[:2]
+    starts = calibration_tokens(tok, str(tiny_text))[0]
+    one = teacher_tokens(model, 5 * L, L, starts, device="cpu", seed=1, batch=2, progress=False)  # seed 0 + source 1
+    assert blob["dropped"] == 0 and torch.equal(blob["ids"].to(torch.int64), one)
+
+
 def test_world_from_env():
     assert world_from_env({}) == World()
     assert world_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1)

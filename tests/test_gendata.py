@@ -16,9 +16,11 @@ from slim_edge.gendata import (
     KVDecoder,
     Sampling,
     _sample,
+    batch_seed,
     cached_samples,
     decoding_engine,
     drop_overlapping,
+    interleave_batches,
     ngram_keys,
     nucleus,
     parse_calib,
@@ -77,6 +79,22 @@ def test_teacher_tokens_are_the_models_own_seeded_samples(tiny_llama):
     assert torch.equal(seqs[:, 1 : 1 + GREEDY_PREFIX], greedy)
     # and after them, sampling: not the argmax everywhere
     assert not torch.equal(seqs[:, 1 + GREEDY_PREFIX :], logits[:, GREEDY_PREFIX:-1].argmax(-1))
+
+
+def test_shards_of_the_sampling_batches_join_into_the_one_process_draw(tiny_llama):
+    model = load_model(str(tiny_llama))[0]
+    starts, kw = torch.arange(10, 250), dict(device="cpu", seed=5, batch=2, progress=False, prompt=4)
+    one = teacher_tokens(model, 7 * 24, 24, starts, **kw)  # 7 sequences: batches of 2, 2, 2, 1
+    for ranks in (2, 3):
+        shards = [teacher_tokens(model, 7 * 24, 24, starts, shard=(r, ranks), **kw) for r in range(ranks)]
+        assert [len(x) // 24 for x in shards] == ([4, 3] if ranks == 2 else [3, 2, 2])
+        assert torch.equal(interleave_batches(shards, 7, 24, 2), one)
+    assert len(teacher_tokens(model, 7 * 24, 24, starts, shard=(4, 5), **kw)) == 0  # 4 batches, 5 ranks
+    with pytest.raises(ValueError, match="not a draw of 7 in batches of 2"):
+        interleave_batches(shards[:2], 7, 24, 2)
+    # batch k's generator is its own: the first batch is the same whatever follows it
+    assert torch.equal(teacher_tokens(model, 2 * 24, 24, starts, **kw), one[: 2 * 24])
+    assert batch_seed(5, 1) not in (batch_seed(5, 0), batch_seed(6, 0), batch_seed(6, 1))
 
 
 def test_sample_keeps_the_top_p_nucleus():

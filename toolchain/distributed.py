@@ -372,6 +372,15 @@ def broadcast(world: World, obj):
     return box[0]
 
 
+def all_gather(world: World, obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _comm_device(device: str) -> str:
     return device if device.startswith("cuda") else "cpu"
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import World, all_gather, broadcast
 from .errors import SlimEdgeError
 from .fsutil import atomic_path, cache_dir
 from .train import calibration_tokens
@@ -148,6 +149,7 @@ def teacher_tokens(
     top_p: float = 1.0,
     prompt: int = 0,
     engine: str = "auto",
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """ceil(n_tokens / seq_len) sequences of seq_len tokens sampled from `model`, flattened (int64, CPU).
 
@@ -155,7 +157,10 @@ def teacher_tokens(
     stream's unigram distribution), then GREEDY_PREFIX greedy tokens; prompt = K: with K consecutive tokens
     of it from a uniformly drawn offset. Then samples at `temperature` (0: argmax) from the top-p nucleus.
     engine: "kv" (KVDecoder), "transformers" (the model's forward with its own cache) or "auto" (KVDecoder
-    where the model has its structure and its logits agree with the model's forward, see decoding_engine)."""
+    where the model has its structure and its logits agree with the model's forward, see decoding_engine).
+    The sequences come in sampling batches of `batch`, batch k drawn with a generator of its own (batch_seed):
+    shard (rank, ranks) draws batches rank, rank + ranks, ... only, and interleave_batches joins the ranks'
+    shards into the one-process draw."""
     if prompt >= seq_len or (prompt and len(starts) < prompt):
         raise SlimEdgeError(
             f"teacher prompt={prompt} needs fewer than --seq-len {seq_len} tokens and a text "
@@ -173,13 +178,14 @@ def teacher_tokens(
             if device.startswith("cuda")
             else 16
         )
-    gen = torch.Generator(device=device).manual_seed(seed)
+    rank, ranks = shard
+    mine = range(rank, math.ceil(n_seq / batch), ranks)
     # transformers 5.2x calls the KV cache `cache`; earlier releases (the GPU machine's 5.17) `past_key_values`
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     starts = starts.to(device)
     seqs = []
     bar = tqdm(
-        total=n_seq * seq_len,
+        total=sum(min(batch, n_seq - k * batch) for k in mine) * seq_len,
         disable=not progress,
         unit="tok",
         unit_scale=True,
@@ -192,8 +198,9 @@ def teacher_tokens(
     try:
         if kv:
             dec = KVDecoder(model, min(batch, n_seq), seq_len, device)
-        for b0 in range(0, n_seq, batch):
-            nb = min(batch, n_seq - b0)
+        for k in mine:
+            nb = min(batch, n_seq - k * batch)
+            gen = torch.Generator(device=device).manual_seed(batch_seed(seed, k))
             pick = torch.randint(len(starts) - width + 1, (nb,), generator=gen, device=device)
             tok = starts[pick[:, None] + torch.arange(width, device=device)]
             out, past = [tok], None
@@ -220,7 +227,28 @@ def teacher_tokens(
         model.train(was_training)
         if device.startswith("cuda"):  # the KV caches' blocks would stay reserved and starve a second run
             torch.cuda.empty_cache()
-    return torch.cat(seqs).flatten()
+    return torch.cat(seqs).flatten() if seqs else torch.zeros(0, dtype=torch.long)
+
+
+def batch_seed(seed: int, k: int) -> int:
+    """The seed of sampling batch k of a draw seeded `seed`: distinct for every (seed, k)."""
+    return int.from_bytes(hashlib.sha256(f"teacher {seed} {k}".encode()).digest()[:8], "little") >> 1
+
+
+def interleave_batches(shards: list[torch.Tensor], n_seq: int, seq_len: int, batch: int) -> torch.Tensor:
+    """The one-process draw from the ranks' teacher_tokens(shard=(rank, len(shards))): batch k is shard k % ranks'."""
+    ranks, rows = len(shards), [s.view(-1, seq_len) for s in shards]
+    taken, out = [0] * ranks, []
+    for k in range(math.ceil(n_seq / batch)):
+        nb = min(batch, n_seq - k * batch)
+        r = k % ranks
+        out.append(rows[r][taken[r] : taken[r] + nb])
+        taken[r] += nb
+    if taken != [len(r) for r in rows]:
+        raise ValueError(
+            f"shards of {[len(r) for r in rows]} sequences are not a draw of {n_seq} in batches of {batch}"
+        )
+    return torch.cat(out).flatten()
 
 
 def decoding_engine(model, seq_len: int, device: str, engine: str = "auto") -> str:
@@ -398,9 +426,18 @@ def sampling_batch(config, seq_len: int, free_bytes: int, kv: bool = False) -> i
 
 
 def training_tokens(
-    model, tokenizer, calib: str, seq_len: int, *, device: str, seed: int, progress: bool = True
+    model,
+    tokenizer,
+    calib: str,
+    seq_len: int,
+    *,
+    device: str,
+    seed: int,
+    progress: bool = True,
+    world: World = World(),
 ) -> tuple[torch.Tensor, str]:
-    """Token ids of every --calib source, concatenated (EOS between sources), and a description."""
+    """Token ids of every --calib source, concatenated (EOS between sources), and a description. Under torchrun
+    every rank draws its share of the teacher's samples (cached_samples); the result is rank 0's."""
     sources = parse_calib(calib)
     texts = [calibration_tokens(tokenizer, name) for name, n in sources if n is None]
     if texts:
@@ -419,7 +456,7 @@ def training_tokens(
                     f"there is no text source; add one (e.g. wiki,teacher:2M:prompt=16)"
                 )
             ids, dropped = cached_samples(
-                model, tokenizer, s, seq_len, starts, device=device, seed=seed + k, progress=progress
+                model, tokenizer, s, seq_len, starts, device=device, seed=seed + k, progress=progress, world=world
             )
             plain = Sampling(s.tokens, batch=s.batch, cache=s.cache)
             how = "" if s == plain else f", temp {s.temperature:g}, top-p {s.top_p:g}"
@@ -540,22 +577,42 @@ def samples_dir() -> Path:
 
 
 def cached_samples(
-    model, tokenizer, s: Sampling, seq_len: int, starts: torch.Tensor, *, device: str, seed: int, progress: bool = True
+    model,
+    tokenizer,
+    s: Sampling,
+    seq_len: int,
+    starts: torch.Tensor,
+    *,
+    device: str,
+    seed: int,
+    progress: bool = True,
+    world: World = World(),
 ) -> tuple[torch.Tensor, int]:
     """teacher_tokens' draw for `s`, without the sequences that overlap an evaluation text, and how many were
-    dropped; read from the samples cache when the same draw was made before (s.cache), else drawn and kept."""
+    dropped; read from the samples cache when the same draw was made before (s.cache), else drawn and kept.
+    Under torchrun every rank draws its share of the sampling batches (the same draw as one process's at that
+    batch: rank 0's batch size, teacher_tokens' shard) and rank 0 joins, checks and keeps them; the result is rank
+    0's (the other ranks get an empty draw: the caller hands rank 0's to them)."""
     path = (
         samples_dir() / (samples_key(model, s, seq_len, starts, device=device, seed=seed)[:32] + ".pt")
         if s.cache
         else None
     )
-    if path is not None and path.is_file():
+    kept = None
+    if world.main and path is not None and path.is_file():
         try:
             blob = torch.load(path, weights_only=True)
             print(f"slim-edge: teacher samples read from the cache: {path} (cache=0 samples anew)", file=sys.stderr)
-            return blob["ids"].to(torch.int64), int(blob["dropped"])
+            kept = blob["ids"].to(torch.int64), int(blob["dropped"])
         except Exception as e:  # a damaged cache file is sampled anew and replaced
             print(f"slim-edge: warning: cannot read {path} ({e}); sampling anew", file=sys.stderr)
+    if broadcast(world, kept is not None):
+        return kept if world.main else (torch.zeros(0, dtype=torch.long), 0)
+    batch = s.batch
+    if world.size > 1 and batch is None:  # the draw follows the batch size: every rank takes rank 0's
+        kv = decoding_engine(model, seq_len, device) == "kv"
+        free = torch.cuda.mem_get_info(device)[0] if device.startswith("cuda") else 0
+        batch = broadcast(world, sampling_batch(model.config, seq_len, free, kv=kv) if free else 16)
     ids = teacher_tokens(
         model,
         s.tokens,
@@ -563,12 +620,18 @@ def cached_samples(
         starts,
         device=device,
         seed=seed,
-        batch=s.batch,
+        batch=batch,
         progress=progress,
         temperature=s.temperature,
         top_p=s.top_p,
         prompt=s.prompt,
+        shard=(world.rank, world.size),
     )
+    if world.size > 1:
+        shards = all_gather(world, ids)
+        if not world.main:
+            return torch.zeros(0, dtype=torch.long), 0
+        ids = interleave_batches(shards, math.ceil(s.tokens / seq_len), seq_len, batch)
     banned = eval_ngram_keys(tokenizer)
     seqs, dropped = drop_overlapping(ids.view(-1, seq_len), banned if banned is not None else ids[:0])
     if not len(seqs):

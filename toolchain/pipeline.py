@@ -108,11 +108,8 @@ def _training_tokens(
     teacher, tok, config: QuantConfig, partial: Path, device: str, progress: bool, world: World = World()
 ):
     """The training tokens; sampled ones are kept in the .partial folder so that --resume trains on the same.
-    Under torchrun rank 0 reads or samples them and hands them to the others."""
-    if world.size > 1:
-        return broadcast(
-            world, _training_tokens(teacher, tok, config, partial, device, progress) if world.main else None
-        )
+    Under torchrun rank 0 reads the kept tokens and the text; with teacher samples every rank reads the text that
+    opens them and samples its share (gendata.cached_samples); rank 0's result goes to all."""
     cache = partial / "tokens.pt"
     key = {
         "calib": config.calib,
@@ -120,17 +117,23 @@ def _training_tokens(
         "seed": config.seed,
         "model": getattr(teacher.config, "name_or_path", ""),
     }
-    if cache.is_file():
+    kept = None
+    if world.main and cache.is_file():
         blob = torch.load(cache, weights_only=True)
         if [blob.get(k) for k in key] == list(key.values()):
-            return blob["ids"], blob["source"]
-    ids, source = training_tokens(
-        teacher, tok, config.calib, config.seq_len, device=device, seed=config.seed, progress=progress
-    )
-    if any(n is not None for _, n in parse_calib(config.calib)):  # sampled: not reproducible for free
+            kept = blob["ids"], blob["source"]
+    if broadcast(world, kept is not None):
+        return broadcast(world, kept)
+    sampled = any(n is not None for _, n in parse_calib(config.calib))
+    args = (teacher, tok, config.calib, config.seq_len)
+    kw = dict(device=device, seed=config.seed, progress=progress)
+    if not sampled:  # text alone: rank 0 reads it
+        return broadcast(world, training_tokens(*args, **kw) if world.main else None)
+    ids, source = training_tokens(*args, **kw, world=world)  # every rank reads the text that opens the samples
+    if world.main:  # sampled: not reproducible for free
         with atomic_path(cache) as tmp:
             torch.save({**key, "ids": ids, "source": source}, tmp)
-    return ids, source
+    return broadcast(world, (ids, source))
 
 
 def disk_need(model, config: QuantConfig) -> int:
