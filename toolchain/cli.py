@@ -832,6 +832,9 @@ def bench(
             "avx512, native: `slim-edge runtime build --isa`).",
         ),
     ] = "avx2",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the results as JSON on stdout (bench.json's) instead of the table")
+    ] = False,
 ):
     """Measure time to first token and decode speed of GGUF models on a device.
 
@@ -850,7 +853,8 @@ def bench(
         slim-edge bench seq2.gguf q4_0.gguf --isa avx512 --compare q4_0   # the AVX-512 (VNNI) build
 
     Writes bench.md (table), bench.json (every sample, device info, runtime commit, CPU features)
-    and ttft.png / decode.png into the results folder; prints the table to stdout.
+    and ttft.png / decode.png into the results folder; prints the table to stdout (--json: bench.json's
+    content).
     """
     from .evals.bench import BenchConfig, bench_models
 
@@ -898,7 +902,7 @@ def bench(
         force=force,
         cleanup=cleanup,
     )
-    print(result.markdown())
+    print(json.dumps(result.to_json(), indent=1) if as_json else result.markdown())
     print(f"results: {', '.join(str(p) for p in files.values())}", file=sys.stderr)
 
 

@@ -248,6 +248,12 @@ def test_host_end_to_end_through_the_command(tmp_path):
     # a second run into the same folder is refused before measuring anything
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and "already exists" in str(again.exception)
+    # --json: bench.json's content on stdout, the table nowhere there
+    small = [str(models["q4_0"]), "-p", "16", "-n", "4", "-t", "1", "-r", "1", "--no-chat-ttft"]
+    r = CliRunner().invoke(app, [*small, "-o", str(tmp_path / "j"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == json.loads((tmp_path / "j" / "bench.json").read_text())
+    assert json.loads(r.stdout)["models"][0]["name"] == "tiny-q4_0" and "| tiny" not in r.stdout
 
 
 def test_wait_cool_polls_the_real_motorola_zones_until_below_the_limit():
