@@ -1,7 +1,7 @@
 """`slim-edge export --onnx`: a checkpoint's trained codes as an ONNX Runtime decoder with a KV cache.
 
 What the installed onnxruntime (1.32.0, CPUExecutionProvider, float32 activations) runs, measured by
-`python -m slim_edge.evals.lab.onnx_probe` (one-node models against a float64 numpy reference):
+`python -m slim_edge.evals.onnx_probe` (one-node models against a float64 numpy reference):
 
     | op                                         | blocks          | result                                  |
     |--------------------------------------------|-----------------|-----------------------------------------|

@@ -3,7 +3,7 @@
 Each row is a one-node model built with onnx.helper, fed random codes, scales and activations, and
 compared with a float64 numpy reference of the op's documented meaning (code - zero point) * scale.
 "exact" means the outputs agree to float32 rounding of the dot products (rel. err < 1e-5); a failure
-prints the first line of onnxruntime's error. `python -m slim_edge.evals.lab.onnx_probe` prints the table
+prints the first line of onnxruntime's error. `python -m slim_edge.evals.onnx_probe` prints the table
 that converters/onnx_export.py's docstring records.
 """
 
