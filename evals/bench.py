@@ -321,8 +321,9 @@ def markdown_table(result: BenchResult) -> str:
             else ""
         )
         + (f" · hottest zone at start {max(d.thermal_c.values()):.1f} °C" if d.thermal_c else ""),
-        f"runtime: {result.runtime.get('target')} · build {result.runtime.get('build_commit')} "
-        f"({result.runtime.get('build_number')})"
+        f"runtime: {result.runtime.get('target')}"
+        + (f" ({result.runtime['isa']} build)" if result.runtime.get("isa") else "")
+        + f" · build {result.runtime.get('build_commit')} ({result.runtime.get('build_number')})"
         + (f" · {result.runtime['onnxruntime']} (CPU EP)" if result.runtime.get("onnxruntime") else "")
         + f" · peak memory by {', '.join(methods) or 'n/a'}",
     ]
@@ -576,6 +577,8 @@ def run_bench(
         )
 
     results, runtime = [], {"target": dev.runtime_target}
+    if getattr(dev, "isa", None):  # the host build that runs (`--isa`): its kernels set the speeds
+        runtime["isa"] = dev.isa
     jobs = [(p, n, t) for p, n in zip(paths, names) for t in cfg.threads]
     bar = tqdm(total=len(jobs), desc="bench", unit="run", file=sys.stderr, disable=not progress)
     by_name: dict[str, ModelResult] = {}

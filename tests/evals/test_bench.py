@@ -238,6 +238,7 @@ def test_host_end_to_end_through_the_command(tmp_path):
             assert all(c["wall_ms_mean"] > 0 and c["n_prompt_tokens"] > 16 for c in m["chat_ttft"])
     assert data["label"] is None and data["device"]["device"] == "host"
     assert data["runtime"]["build_commit"] and data["device"]["cpu_features"]
+    assert data["runtime"]["isa"] == "avx2" and "runtime: host (avx2 build) · build" in r.output  # the default build
     assert data["compare"]["baseline"] == "tiny-f16"
     table = (out / "bench.md").read_text()
     rows = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| tiny")]
