@@ -372,12 +372,12 @@ def broadcast(world: World, obj):
     return box[0]
 
 
-def all_gather(world: World, obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank."""
+def gather(world: World, obj) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0; None on the others."""
     if world.size == 1:
         return [obj]
-    out = [None] * world.size
-    dist.all_gather_object(out, obj)
+    out = [None] * world.size if world.main else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 

@@ -19,16 +19,21 @@ from .errors import SlimEdgeError
 
 def cache_dir(*parts: str) -> Path:
     """A path under slim-edge's cache: $SLIM_EDGE_CACHE, else $XDG_CACHE_HOME/slim-edge, else ~/.cache/slim-edge."""
-    if os.environ.get("SLIM_EDGE_CACHE"):
-        root = Path(os.environ["SLIM_EDGE_CACHE"]).expanduser()
-        if root.exists() and not root.is_dir():
-            raise SlimEdgeError(
-                f"SLIM_EDGE_CACHE={root} is a file, not a folder; point it at a folder (or unset it "
-                f"for ~/.cache/slim-edge)"
-            )
-    else:
+    root = env_folder("SLIM_EDGE_CACHE", "~/.cache/slim-edge")
+    if root is None:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "slim-edge"
     return Path(root, *parts)
+
+
+def env_folder(var: str, unset: str) -> Path | None:
+    """The folder environment variable `var` names, None when it is unset or empty; a file there is refused
+    (`unset`: where things go without the variable, for the message)."""
+    if not os.environ.get(var):
+        return None
+    path = Path(os.environ[var]).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SlimEdgeError(f"{var}={path} is a file, not a folder; point it at a folder (or unset it for {unset})")
+    return path
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

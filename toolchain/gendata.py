@@ -26,7 +26,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -34,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from .distributed import World, all_gather, broadcast
+from .distributed import World, broadcast, gather
 from .errors import SlimEdgeError
-from .fsutil import atomic_path, cache_dir
+from .fsutil import atomic_path, cache_dir, env_folder
 from .train import calibration_tokens
 
 TEACHER = re.compile(r"teacher(?::(\d+(?:\.\d+)?)([kKmM]?))?((?::[a-z_]+=[^:,]*)*)$")
@@ -173,11 +172,7 @@ def teacher_tokens(
     model.eval()
     kv = decoding_engine(model, seq_len, device, engine) == "kv"
     if batch is None:
-        batch = (
-            sampling_batch(model.config, seq_len, torch.cuda.mem_get_info(device)[0], kv=kv)
-            if device.startswith("cuda")
-            else 16
-        )
+        batch = default_batch(model, seq_len, device, kv)
     rank, ranks = shard
     mine = range(rank, math.ceil(n_seq / batch), ranks)
     # transformers 5.2x calls the KV cache `cache`; earlier releases (the GPU machine's 5.17) `past_key_values`
@@ -228,6 +223,13 @@ def teacher_tokens(
         if device.startswith("cuda"):  # the KV caches' blocks would stay reserved and starve a second run
             torch.cuda.empty_cache()
     return torch.cat(seqs).flatten() if seqs else torch.zeros(0, dtype=torch.long)
+
+
+def default_batch(model, seq_len: int, device: str, kv: bool) -> int:
+    """teacher_tokens' sampling batch when none is given: sampling_batch of the free GPU memory, 16 elsewhere."""
+    if not device.startswith("cuda"):
+        return 16
+    return sampling_batch(model.config, seq_len, torch.cuda.mem_get_info(device)[0], kv=kv)
 
 
 def batch_seed(seed: int, k: int) -> int:
@@ -294,7 +296,7 @@ class KVDecoder:
 
     def __init__(self, model, batch: int, seq_len: int, device: str):
         inner, cfg = model.model, model.config
-        self.model, self.inner, self.seq_len = model, inner, seq_len
+        self.model, self.inner = model, inner
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -564,16 +566,7 @@ def samples_key(model, s: Sampling, seq_len: int, starts: torch.Tensor, *, devic
 
 def samples_dir() -> Path:
     """Where teacher samples are kept: $SLIM_EDGE_SAMPLES, else samples/ under the cache (fsutil.cache_dir)."""
-    where = os.environ.get("SLIM_EDGE_SAMPLES")
-    if where:
-        path = Path(where).expanduser()
-        if path.exists() and not path.is_dir():
-            raise SlimEdgeError(
-                f"SLIM_EDGE_SAMPLES={path} is a file, not a folder; point it at a folder (or unset "
-                f"it for samples/ under the cache)"
-            )
-        return path
-    return cache_dir("samples")
+    return env_folder("SLIM_EDGE_SAMPLES", "samples/ under the cache") or cache_dir("samples")
 
 
 def cached_samples(
@@ -593,13 +586,13 @@ def cached_samples(
     Under torchrun every rank draws its share of the sampling batches (the same draw as one process's at that
     batch: rank 0's batch size, teacher_tokens' shard) and rank 0 joins, checks and keeps them; the result is rank
     0's (the other ranks get an empty draw: the caller hands rank 0's to them)."""
-    path = (
+    path = (  # rank 0 reads and keeps the draw: the key hashes every weight, the other ranks need none
         samples_dir() / (samples_key(model, s, seq_len, starts, device=device, seed=seed)[:32] + ".pt")
-        if s.cache
+        if s.cache and world.main
         else None
     )
     kept = None
-    if world.main and path is not None and path.is_file():
+    if path is not None and path.is_file():
         try:
             blob = torch.load(path, weights_only=True)
             print(f"slim-edge: teacher samples read from the cache: {path} (cache=0 samples anew)", file=sys.stderr)
@@ -608,11 +601,12 @@ def cached_samples(
             print(f"slim-edge: warning: cannot read {path} ({e}); sampling anew", file=sys.stderr)
     if broadcast(world, kept is not None):
         return kept if world.main else (torch.zeros(0, dtype=torch.long), 0)
-    batch = s.batch
-    if world.size > 1 and batch is None:  # the draw follows the batch size: every rank takes rank 0's
-        kv = decoding_engine(model, seq_len, device) == "kv"
-        free = torch.cuda.mem_get_info(device)[0] if device.startswith("cuda") else 0
-        batch = broadcast(world, sampling_batch(model.config, seq_len, free, kv=kv) if free else 16)
+    engine, batch = "auto", s.batch
+    if world.size > 1:  # the draw follows the engine and the batch size: every rank takes rank 0's
+        if world.main:
+            engine = decoding_engine(model, seq_len, device)
+            batch = batch or default_batch(model, seq_len, device, engine == "kv")
+        engine, batch = broadcast(world, (engine, batch))
     ids = teacher_tokens(
         model,
         s.tokens,
@@ -625,10 +619,11 @@ def cached_samples(
         temperature=s.temperature,
         top_p=s.top_p,
         prompt=s.prompt,
+        engine=engine,
         shard=(world.rank, world.size),
     )
     if world.size > 1:
-        shards = all_gather(world, ids)
+        shards = gather(world, ids)
         if not world.main:
             return torch.zeros(0, dtype=torch.long), 0
         ids = interleave_batches(shards, math.ceil(s.tokens / seq_len), seq_len, batch)

@@ -122,8 +122,9 @@ def _training_tokens(
         blob = torch.load(cache, weights_only=True)
         if [blob.get(k) for k in key] == list(key.values()):
             kept = blob["ids"], blob["source"]
-    if broadcast(world, kept is not None):
-        return broadcast(world, kept)
+    kept = broadcast(world, kept)
+    if kept is not None:
+        return kept
     sampled = any(n is not None for _, n in parse_calib(config.calib))
     args = (teacher, tok, config.calib, config.seq_len)
     kw = dict(device=device, seed=config.seed, progress=progress)
